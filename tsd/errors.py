@@ -1,0 +1,112 @@
+"""The TsdError tree: every failure a user can cause, with a stable wire code.
+
+The daemon raises these; the server turns them into `{"ok": false, "code",
+"error"}`; the client turns that back into the same class and the CLI prints
+`ts: <message>` and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class TsdError(Exception):
+    """Base of every error tsd reports to a user. `code` is stable on the wire."""
+
+    code = "error"
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(TsdError):
+    """A malformed, oversized or otherwise unreadable request or response."""
+
+    code = "protocol"
+
+
+class VersionMismatch(ProtocolError):
+    """Client and daemon speak different protocol versions."""
+
+    code = "version"
+
+
+class BadRequest(TsdError):
+    """A well-formed request whose values make no sense (bad id, bad flag value)."""
+
+    code = "bad_request"
+
+
+class NoSuchJob(TsdError):
+    """The job id is unknown (never existed, or cleared)."""
+
+    code = "no_such_job"
+
+
+class NotOwner(TsdError):
+    """The caller tried to act on another user's job."""
+
+    code = "not_owner"
+
+
+class PermissionDenied(TsdError):
+    """The caller may not do this at all (not in group tsd, not an admin)."""
+
+    code = "permission"
+
+
+class WrongState(TsdError):
+    """The job is in a state where this action does not apply (e.g. removing a running job)."""
+
+    code = "wrong_state"
+
+
+class NeverFits(TsdError):
+    """The job asks for more slots or GPUs than the server or the user's quota allows."""
+
+    code = "never_fits"
+
+
+class QueueFull(TsdError):
+    """The user's queue is full; with -B the client exits 2 instead of waiting."""
+
+    code = "queue_full"
+    exit_code = 2
+
+
+class ConfigError(TsdError):
+    """The config file is broken; the message names the file, key path and line."""
+
+    code = "config"
+
+
+class ServerUnavailable(TsdError):
+    """The client cannot reach (or start) a daemon."""
+
+    code = "unavailable"
+
+
+class Internal(TsdError):
+    """A bug in tsd: reported as one line; the daemon keeps serving others."""
+
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[TsdError]] = {}
+
+
+def _register(cls: type[TsdError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(TsdError)
+
+
+def from_wire(code: str, message: str) -> TsdError:
+    """Rebuild the error a daemon reported; unknown codes become a plain TsdError."""
+    return _BY_CODE.get(code, TsdError)(message)

@@ -1,0 +1,185 @@
+"""Records and states shared by every part of tsd.
+
+Everything here is a frozen dataclass or an enum: the core passes these values
+around and the adapters (store, server, launcher) turn them into rows, frames
+and processes. Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class JobState(enum.StrEnum):
+    """A job's life: queued -> (allocating) -> running -> finished, or skipped."""
+
+    QUEUED = "queued"
+    ALLOCATING = "allocating"  # dependencies met, waiting for GPUs
+    RUNNING = "running"
+    FINISHED = "finished"
+    SKIPPED = "skipped"  # a -W dependency failed; never ran
+
+    @property
+    def pending(self) -> bool:
+        """True while the job has not started yet."""
+        return self in (JobState.QUEUED, JobState.ALLOCATING)
+
+    @property
+    def done(self) -> bool:
+        """True once the job can never run again."""
+        return self in (JobState.FINISHED, JobState.SKIPPED)
+
+
+class DependMode(enum.StrEnum):
+    """How a job's dependencies gate it (task-spooler's -d/-D versus -W)."""
+
+    AFTER = "after"  # -d / -D: run once they end, whatever their exit
+    SUCCESS = "success"  # -W: run only if all exited 0, else skip
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a client asks to run. Validated by the protocol layer before it gets here."""
+
+    command: tuple[str, ...]
+    cwd: str
+    env: tuple[tuple[str, str], ...]
+    umask: int = 0o022
+    label: str | None = None
+    slots: int = 1
+    gpus: int = 0
+    gpu_indices: tuple[int, ...] | None = None  # -g: pinned, implies gpus=len(...)
+    depends: tuple[int, ...] = ()
+    depend_mode: DependMode = DependMode.AFTER
+    store_output: bool = True  # False for -n
+    gzip: bool = False  # -z
+    stderr_apart: bool = False  # -E
+    output_name: str | None = None  # -O: file name inside the log dir
+    mail: bool = False  # -m
+    timeout: float | None = None  # --timeout SECONDS
+    env_info: str | None = None  # TS_ENV's output, shown by -i
+
+    @property
+    def gpus_wanted(self) -> int:
+        """How many GPUs this job occupies while it runs."""
+        return len(self.gpu_indices) if self.gpu_indices is not None else self.gpus
+
+    @property
+    def command_line(self) -> str:
+        """The command as one line, as task-spooler shows and runs it (through sh -c)."""
+        return " ".join(self.command)
+
+    def env_dict(self) -> dict[str, str]:
+        """The submit-time environment as a dict."""
+        return dict(self.env)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a finished job ended. Exactly one of code/signal is set unless it was lost."""
+
+    code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    lost: bool = False  # the job's supervisor vanished without a word (host reboot, kill -9)
+    cpu_seconds: float | None = None
+    max_rss: int | None = None  # bytes
+    note: str = ""
+
+    @property
+    def success(self) -> bool:
+        """True when the job exited 0 by itself."""
+        return self.code == 0 and not self.timed_out and not self.lost
+
+    @property
+    def elevel(self) -> int:
+        """task-spooler's E-Level: the exit code, or -1 when killed by a signal or lost."""
+        return self.code if self.code is not None else -1
+
+    @property
+    def wait_code(self) -> int:
+        """What ts -w/-c/-t/-f exit with: the job's code, 255 when killed or lost."""
+        return self.code if self.code is not None and not self.timed_out else 255
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job as the daemon knows it: the spec plus everything that happened to it."""
+
+    id: int
+    uid: int
+    user: str
+    spec: JobSpec
+    state: JobState
+    order: int  # queue position key within the queue; -u/-U change it
+    enqueue_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    exit: ExitInfo | None = None
+    pid: int | None = None  # the job's command process
+    supervisor_pid: int | None = None
+    supervisor_start: int | None = None  # /proc starttime, guards against pid reuse
+    gpu_ids: tuple[int, ...] = ()  # indices allocated when it started
+    gpu_uuids: tuple[str, ...] = ()
+    output_path: str | None = None
+    unit: str | None = None  # systemd scope name on the system service
+    wait_reason: str = ""  # why a pending job is not running, for -i
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """One user's quota on the system service. None means unlimited."""
+
+    max_running_slots: int | None = None
+    max_gpus: int | None = None
+    max_queued: int | None = None
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """systemd resource properties set on every job scope. None leaves systemd's default."""
+
+    memory_max: int | None = None  # bytes
+    cpu_quota_percent: int | None = None  # 400 means four CPUs
+    tasks_max: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process NVML reports on a GPU."""
+
+    pid: int
+    used_memory: int | None  # bytes; None when NVML does not know
+    user: str | None = None  # owner, resolved by the adapter when it can
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU as seen by NVML at one moment."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    memory_used: int  # bytes
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def free_percent(self) -> float:
+        """Free memory as a percentage of total (task-spooler's rule compares this)."""
+        if self.memory_total <= 0:
+            return 0.0
+        return 100.0 * (self.memory_total - self.memory_used) / self.memory_total
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection, from SO_PEERCRED only."""
+
+    pid: int
+    uid: int
+    gid: int
+    user: str
+    groups: tuple[int, ...] = field(default=())
+    admin: bool = False
