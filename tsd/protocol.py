@@ -1,0 +1,561 @@
+"""The wire protocol: framing, typed requests, and job records on the wire.
+
+A frame is a 4-byte big-endian length and a UTF-8 JSON object. Every byte
+from a socket is hostile until `parse_request` has turned it into one of the
+request dataclasses below; nothing else in the daemon looks at raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from tsd.errors import BadRequest, ProtocolError, VersionMismatch
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20  # 1 MiB: frames above this are refused and the connection closed
+HEADER = struct.Struct(">I")
+
+MAX_ID = 2**53  # ids travel as JSON numbers
+MAX_ARGS = 65536
+MAX_ENV = 16384
+MAX_TEXT = 1 << 16
+MAX_DEPENDS = 4096
+MAX_SLOTS = 65536
+MAX_GPUS = 1024
+MAX_TIMEOUT = 10 * 365 * 86400.0
+
+Default = Literal["added", "run"]
+
+
+# ---------------------------------------------------------------- framing
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """Length announced by a header; refuses oversized frames before reading them."""
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    return int(length)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Parse a frame body into a JSON object, or raise ProtocolError."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed frame: expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Queue a job. `block` False is ts -B: a full queue is an error, not a wait."""
+
+    spec: JobSpec
+    depend_last: bool = False
+    block: bool = True
+
+
+@dataclass(frozen=True)
+class ListJobs:
+    """ts -l; `all_users` is -A."""
+
+    all_users: bool = False
+
+
+@dataclass(frozen=True)
+class GetJob:
+    """One job's record (-i -s -p -o -a -F -q). id None picks the last added or last run."""
+
+    id: int | None = None
+    default: Default = "added"
+
+
+@dataclass(frozen=True)
+class Remove:
+    """ts -r: remove a job that is not running."""
+
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Urgent:
+    """ts -u: move a queued job to the front of its owner's queue."""
+
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Swap:
+    """ts -U a-b: swap two queued jobs."""
+
+    a: int
+    b: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    """ts -k: end a running job's whole tree (id None: the caller's last run job)."""
+
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class KillAll:
+    """ts -T: end every running job the caller may end."""
+
+
+@dataclass(frozen=True)
+class Clear:
+    """ts -C: forget the caller's finished jobs."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """ts -K: stop the daemon (admin only on the system service)."""
+
+
+@dataclass(frozen=True)
+class Slots:
+    """ts -S [N]: read, or set (admin), the server's slot count."""
+
+    value: int | None = None
+
+
+@dataclass(frozen=True)
+class CountRunning:
+    """ts -R: how many jobs are running."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """ts -w/-t/-c/-f: a stream that ends when the job does.
+
+    With `notify_start` the daemon first sends a `started` event carrying the job
+    record (with its output path) as soon as it runs, so -t/-c can follow the file.
+    """
+
+    id: int | None = None
+    default: Default = "added"
+    notify_start: bool = False
+
+
+@dataclass(frozen=True)
+class Env:
+    """--getenv/--setenv/--unsetenv: variables added to the caller's future jobs."""
+
+    action: Literal["get", "set", "unset"]
+    name: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class LogDir:
+    """--get_logdir/--set_logdir: where the caller's output files go."""
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuFreePerc:
+    """--get_gpu_free_perc/--set_gpu_free_perc."""
+
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """ts -g: the GPUs and the running GPU jobs."""
+
+
+Request = (
+    Submit
+    | ListJobs
+    | GetJob
+    | Remove
+    | Urgent
+    | Swap
+    | Kill
+    | KillAll
+    | Clear
+    | Shutdown
+    | Slots
+    | CountRunning
+    | Wait
+    | Env
+    | LogDir
+    | GpuFreePerc
+    | GpuStatus
+)
+
+OPS: dict[str, type[Any]] = {
+    "submit": Submit,
+    "list": ListJobs,
+    "get": GetJob,
+    "remove": Remove,
+    "urgent": Urgent,
+    "swap": Swap,
+    "kill": Kill,
+    "kill_all": KillAll,
+    "clear": Clear,
+    "shutdown": Shutdown,
+    "slots": Slots,
+    "count_running": CountRunning,
+    "wait": Wait,
+    "env": Env,
+    "logdir": LogDir,
+    "gpu_free_perc": GpuFreePerc,
+    "gpu_status": GpuStatus,
+}
+OP_NAMES = {cls: name for name, cls in OPS.items()}
+
+
+def request_to_wire(req: Request) -> dict[str, Any]:
+    """The JSON object a client sends for `req`, version included."""
+    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": OP_NAMES[type(req)]}
+    for key, value in req.__dict__.items():
+        out[key] = spec_to_wire(value) if isinstance(value, JobSpec) else value
+    return out
+
+
+def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
+    """A JobSpec as a JSON object."""
+    return {
+        "command": list(spec.command),
+        "cwd": spec.cwd,
+        "env": [list(kv) for kv in spec.env] if include_env else [],
+        "umask": spec.umask,
+        "label": spec.label,
+        "slots": spec.slots,
+        "gpus": spec.gpus,
+        "gpu_indices": list(spec.gpu_indices) if spec.gpu_indices is not None else None,
+        "depends": list(spec.depends),
+        "depend_mode": spec.depend_mode.value,
+        "store_output": spec.store_output,
+        "gzip": spec.gzip,
+        "stderr_apart": spec.stderr_apart,
+        "output_name": spec.output_name,
+        "mail": spec.mail,
+        "timeout": spec.timeout,
+        "env_info": spec.env_info,
+    }
+
+
+# ------------------------------------------------------------- validation
+
+T = TypeVar("T")
+
+
+class _Fields:
+    """Typed, bounded access to one JSON object; every failure is a BadRequest naming the key."""
+
+    def __init__(self, obj: Mapping[str, Any], where: str) -> None:
+        self.obj = obj
+        self.where = where
+
+    def _bad(self, key: str, what: str) -> BadRequest:
+        return BadRequest(f"bad request: {self.where}{key}: {what}")
+
+    def _get(self, key: str, default: T, check: Callable[[Any], bool], what: str) -> Any:
+        if key not in self.obj or self.obj[key] is None:
+            return default
+        value = self.obj[key]
+        if not check(value):
+            raise self._bad(key, f"expected {what}")
+        return value
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
+
+    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int | None:
+        value = self._get(key, default, _is_int, "an integer")
+        if value is not None and not lo <= value <= hi:
+            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
+        return None if value is None else int(value)
+
+    def req_integer(self, key: str, lo: int, hi: int) -> int:
+        value = self.integer(key, lo, hi)
+        if value is None:
+            raise self._bad(key, "missing")
+        return value
+
+    def number(self, key: str, lo: float, hi: float) -> float | None:
+        value = self._get(key, None, _is_num, "a number")
+        if value is not None and not lo <= value <= hi:
+            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
+        return None if value is None else float(value)
+
+    def text(self, key: str, max_len: int = MAX_TEXT, default: str | None = None) -> str | None:
+        value = self._get(key, default, lambda v: isinstance(v, str), "a string")
+        if value is not None:
+            _check_text(value, max_len, lambda what: self._bad(key, what))
+        return None if value is None else str(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(key, 64, default)
+        if value not in choices:
+            raise self._bad(key, f"expected one of {', '.join(choices)}")
+        return str(value)
+
+    def int_list(self, key: str, lo: int, hi: int, max_items: int) -> tuple[int, ...] | None:
+        value = self._get(key, None, lambda v: isinstance(v, list), "a list")
+        if value is None:
+            return None
+        if len(value) > max_items:
+            raise self._bad(key, f"more than {max_items} items")
+        if not all(_is_int(v) and lo <= v <= hi for v in value):
+            raise self._bad(key, f"expected integers in {lo}..{hi}")
+        return tuple(int(v) for v in value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_text(value: str, max_len: int, bad: Callable[[str], BadRequest]) -> None:
+    if len(value) > max_len:
+        raise bad(f"longer than {max_len} characters")
+    if "\0" in value:
+        raise bad("contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("is not valid UTF-8") from None
+
+
+def parse_spec(obj: Any) -> JobSpec:
+    """Validate a job spec from the wire. Nothing from it is trusted beyond its shape."""
+    if not isinstance(obj, dict):
+        raise BadRequest("bad request: spec: expected an object")
+    f = _Fields(obj, "spec.")
+    command = obj.get("command")
+    if not isinstance(command, list) or not command:
+        raise BadRequest("bad request: no command given")
+    if len(command) > MAX_ARGS or not all(isinstance(a, str) for a in command):
+        raise BadRequest("bad request: spec.command: expected a list of strings")
+    for arg in command:
+        _check_text(arg, MAX_FRAME, lambda what: BadRequest(f"bad request: spec.command: {what}"))
+    if not "".join(command).strip():
+        raise BadRequest("bad request: the command is empty")
+    cwd = f.text("cwd", 4096)
+    if cwd is None or not cwd.startswith("/"):
+        raise BadRequest("bad request: spec.cwd: expected an absolute path")
+    env_raw = obj.get("env", [])
+    if not isinstance(env_raw, list) or len(env_raw) > MAX_ENV:
+        raise BadRequest("bad request: spec.env: expected a list of [name, value] pairs")
+    env: list[tuple[str, str]] = []
+    for pair in env_raw:
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(p, str) for p in pair)
+            and pair[0]
+            and "=" not in pair[0]
+        ):
+            raise BadRequest("bad request: spec.env: expected a list of [name, value] pairs")
+        for p in pair:
+            _check_text(p, MAX_FRAME, lambda what: BadRequest(f"bad request: spec.env: {what}"))
+        env.append((pair[0], pair[1]))
+    gpu_indices = f.int_list("gpu_indices", 0, MAX_GPUS - 1, MAX_GPUS)
+    if gpu_indices is not None:
+        if not gpu_indices:
+            raise BadRequest("bad request: spec.gpu_indices: empty list")
+        if len(set(gpu_indices)) != len(gpu_indices):
+            raise BadRequest("bad request: spec.gpu_indices: an index is repeated")
+    depends = f.int_list("depends", 1, MAX_ID, MAX_DEPENDS) or ()
+    output_name = f.text("output_name", 255)
+    if output_name is not None and (
+        "/" in output_name or output_name in ("", ".", "..")
+    ):
+        raise BadRequest("bad request: -O takes a file name without any path")
+    timeout = f.number("timeout", 0.0, MAX_TIMEOUT)
+    if timeout is not None and timeout <= 0:
+        raise BadRequest("bad request: spec.timeout: must be positive")
+    gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
+    if gpu_indices is not None:
+        gpus = len(gpu_indices)
+    return JobSpec(
+        command=tuple(command),
+        cwd=cwd,
+        env=tuple(env),
+        umask=f.integer("umask", 0, 0o777, 0o022) or 0,
+        label=f.text("label", 1024),
+        slots=f.integer("slots", 1, MAX_SLOTS, 1) or 1,
+        gpus=gpus,
+        gpu_indices=gpu_indices,
+        depends=depends,
+        depend_mode=DependMode(f.choice("depend_mode", ("after", "success"), "after")),
+        store_output=f.flag("store_output", True),
+        gzip=f.flag("gzip"),
+        stderr_apart=f.flag("stderr_apart"),
+        output_name=output_name,
+        mail=f.flag("mail"),
+        timeout=timeout,
+        env_info=f.text("env_info", MAX_TEXT),
+    )
+
+
+def parse_request(obj: dict[str, Any]) -> Request:
+    """Turn a decoded frame into a typed request, or raise a one-line error."""
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"protocol version mismatch: client speaks {version!r}, "
+            f"daemon speaks {PROTOCOL_VERSION} (restart the daemon or update ts)"
+        )
+    op = obj.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise BadRequest(f"bad request: unknown operation {str(op)[:40]!r}")
+    f = _Fields(obj, "")
+    default: Default = "run" if f.choice("default", ("added", "run"), "added") == "run" else "added"
+    match op:
+        case "submit":
+            return Submit(
+                spec=parse_spec(obj.get("spec")),
+                depend_last=f.flag("depend_last"),
+                block=f.flag("block", True),
+            )
+        case "list":
+            return ListJobs(all_users=f.flag("all_users"))
+        case "get":
+            return GetJob(id=f.integer("id", 0, MAX_ID), default=default)
+        case "remove":
+            return Remove(id=f.integer("id", 0, MAX_ID))
+        case "urgent":
+            return Urgent(id=f.integer("id", 0, MAX_ID))
+        case "swap":
+            return Swap(a=f.req_integer("a", 0, MAX_ID), b=f.req_integer("b", 0, MAX_ID))
+        case "kill":
+            return Kill(id=f.integer("id", 0, MAX_ID))
+        case "slots":
+            return Slots(value=f.integer("value", 0, MAX_SLOTS))
+        case "wait":
+            return Wait(
+                id=f.integer("id", 0, MAX_ID),
+                default=default,
+                notify_start=f.flag("notify_start"),
+            )
+        case "env":
+            action = f.choice("action", ("get", "set", "unset"), "get")
+            name = f.text("name", 1024) or ""
+            if not name or "=" in name:
+                raise BadRequest("bad request: env: a variable name without '=' is needed")
+            value = f.text("value", MAX_TEXT)
+            if action == "set" and value is None:
+                raise BadRequest("bad request: env: --setenv needs NAME=VALUE")
+            return Env(
+                action="set" if action == "set" else "unset" if action == "unset" else "get",
+                name=name,
+                value=value,
+            )
+        case "logdir":
+            path = f.text("path", 4096)
+            if path is not None and not path.startswith("/"):
+                raise BadRequest("bad request: the log directory must be an absolute path")
+            return LogDir(path=path)
+        case "gpu_free_perc":
+            return GpuFreePerc(value=f.number("value", 0.0, 100.0))
+    simple: dict[str, Request] = {
+        "kill_all": KillAll(),
+        "clear": Clear(),
+        "shutdown": Shutdown(),
+        "count_running": CountRunning(),
+        "gpu_status": GpuStatus(),
+    }
+    return simple[op]
+
+
+# ------------------------------------------------------------ job records
+
+
+def job_to_wire(job: Job, include_env: bool = False) -> dict[str, Any]:
+    """A job as the daemon reports it. The environment stays home unless asked for."""
+    ex = job.exit
+    return {
+        "id": job.id,
+        "uid": job.uid,
+        "user": job.user,
+        "spec": spec_to_wire(job.spec, include_env=include_env),
+        "state": job.state.value,
+        "order": job.order,
+        "enqueue": job.enqueue_time,
+        "start": job.start_time,
+        "end": job.end_time,
+        "exit": None
+        if ex is None
+        else {
+            "code": ex.code,
+            "signal": ex.signal,
+            "timed_out": ex.timed_out,
+            "lost": ex.lost,
+            "cpu_seconds": ex.cpu_seconds,
+            "max_rss": ex.max_rss,
+            "note": ex.note,
+        },
+        "pid": job.pid,
+        "gpu_ids": list(job.gpu_ids),
+        "gpu_uuids": list(job.gpu_uuids),
+        "output": job.output_path,
+        "unit": job.unit,
+        "wait_reason": job.wait_reason,
+    }
+
+
+def job_from_wire(obj: Mapping[str, Any]) -> Job:
+    """Rebuild a Job from the daemon's report (the client trusts its daemon's shape)."""
+    try:
+        spec = parse_spec(obj["spec"] | {"env": obj["spec"].get("env") or []})
+        ex = obj.get("exit")
+        return Job(
+            id=int(obj["id"]),
+            uid=int(obj["uid"]),
+            user=str(obj["user"]),
+            spec=spec,
+            state=JobState(obj["state"]),
+            order=int(obj["order"]),
+            enqueue_time=float(obj["enqueue"]),
+            start_time=obj.get("start"),
+            end_time=obj.get("end"),
+            exit=None
+            if ex is None
+            else ExitInfo(
+                code=ex.get("code"),
+                signal=ex.get("signal"),
+                timed_out=bool(ex.get("timed_out")),
+                lost=bool(ex.get("lost")),
+                cpu_seconds=ex.get("cpu_seconds"),
+                max_rss=ex.get("max_rss"),
+                note=str(ex.get("note") or ""),
+            ),
+            pid=obj.get("pid"),
+            gpu_ids=tuple(obj.get("gpu_ids") or ()),
+            gpu_uuids=tuple(obj.get("gpu_uuids") or ()),
+            output_path=obj.get("output"),
+            unit=obj.get("unit"),
+            wait_reason=str(obj.get("wait_reason") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed job record from the daemon: {exc}") from None
