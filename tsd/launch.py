@@ -1,0 +1,553 @@
+"""Start a job: fork its supervisor, drop privileges, redirect output, exec.
+
+Every job gets a supervisor: a process forked from the daemon that stays root
+(on the system service), becomes a child subreaper, forks the job's command as
+the user and waits for it. The supervisor, not the daemon, is the job's parent,
+so a daemon restart or crash never loses a job's exit status: the supervisor
+writes it to `<state>/exits/<id>.json` and exits, and whichever daemon is
+running (the old one, or the new one that re-adopted it) records it.
+
+The supervisor also owns ending the job: on SIGTERM (ts -k, which on the
+system service is systemd's KillUnit on the whole scope) or when --timeout is
+due, it sends SIGTERM to the whole tree, waits the grace period and sends
+SIGKILL. When the job's main process exits, whatever it left running is ended
+the same way, so a finished job holds no slot, GPU or process.
+
+The code after fork() runs in a copy of the daemon: it only makes system calls,
+never touches the event loop, the database or logging, and always leaves
+through os._exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PR_SET_CHILD_SUBREAPER = 36
+OUTPUT_PREFIX = "ts-out."
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything the supervisor needs; decided by the daemon, never by the client."""
+
+    job_id: int
+    uid: int
+    gid: int
+    user: str
+    command_line: str
+    cwd: str
+    env: Mapping[str, str]
+    umask: int
+    log_dir: str
+    exits_dir: str
+    store_output: bool = True
+    output_name: str | None = None
+    gzip: bool = False
+    stderr_apart: bool = False
+    timeout: float | None = None
+    grace: float = 10.0
+    on_finish: str | None = None  # TS_ONFINISH: run as the user when the job ends
+    mail_to: str | None = None  # -m: mail the output to this address
+    drop_privileges: bool = True
+    extra_groups: Sequence[int] = field(default=())
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What the daemon learns right after fork."""
+
+    supervisor_pid: int
+    supervisor_start: int | None
+    go: Callable[[], None]
+    abort: Callable[[], None]
+    report_fd: int
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Kernel start time of a pid (clock ticks since boot): with the pid, a unique identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses; fields resume after the last ')'
+    rest = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def exit_file(exits_dir: str, job_id: int) -> Path:
+    """Where the supervisor of job `job_id` leaves its status."""
+    return Path(exits_dir) / f"{job_id}.json"
+
+
+def spawn(plan: LaunchPlan) -> Launched:
+    """Fork the supervisor. It waits until `go()` (after the daemon made the job durable
+    and, on the system service, moved it into its scope) and runs nothing if `abort()`."""
+    go_r, go_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # supervisor
+        code = 70
+        try:
+            os.close(go_w)
+            os.close(rep_r)
+            code = _supervise(plan, go_r, rep_w)
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    os.close(rep_w)
+    os.set_blocking(rep_r, False)
+
+    def go() -> None:
+        try:
+            os.write(go_w, b"g")
+        finally:
+            os.close(go_w)
+
+    def abort() -> None:
+        os.close(go_w)
+
+    return Launched(pid, proc_start_time(pid), go, abort, rep_r)
+
+
+# ------------------------------------------------------------ supervisor side
+
+
+def _reset_process_state(keep: Sequence[int]) -> None:
+    """Forget the daemon: default signal handlers, no wakeup fd, no inherited fds."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.setsid()
+    fds = sorted(keep)
+    low = 3
+    for fd in fds:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+
+
+def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
+    _reset_process_state([go_r, rep_w])
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    if os.read(go_r, 1) != b"g":
+        # The daemon died (or gave up) before the job was recorded as running: run nothing
+        # and say so, so that a restarted daemon puts the job back in the queue.
+        _write_status(plan, {"aborted": True})
+        return 0
+    os.close(go_r)
+
+    start = time.time()
+    status_r, status_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(status_r)
+            os.close(rep_w)
+            _exec_job(plan, status_w)
+        finally:
+            os._exit(127)
+    os.close(status_w)
+    # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
+    started = dict(line.partition(" ")[::2] for line in _read_all(status_r).splitlines())
+    failure = started.get("err", "")
+    _report(rep_w, f"pid {child}")
+    _report(rep_w, f"out {started.get('out', '-')}")
+    os.close(rep_w)
+
+    timed_out = False
+    killing_since: float | None = None
+    sent_kill = False
+    main_status: int | None = None
+    rusage: object | None = None
+    deadline = start + plan.timeout if plan.timeout else None
+    while main_status is None:
+        main_status, rusage = _reap(child)
+        if main_status is not None:
+            break
+        now = time.time()
+        if deadline is not None and now >= deadline and killing_since is None:
+            timed_out = True
+            killing_since = now
+            _signal_tree(signal.SIGTERM)
+        if killing_since is not None and not sent_kill and now >= killing_since + plan.grace:
+            sent_kill = True
+            _signal_tree(signal.SIGKILL)
+        wake = [60.0]
+        if deadline is not None and killing_since is None:
+            wake.append(deadline - now)
+        if killing_since is not None and not sent_kill:
+            wake.append(killing_since + plan.grace - now)
+        info = signal.sigtimedwait(watched, max(0.0, min(wake)))
+        if info is not None and info.si_signo != signal.SIGCHLD and killing_since is None:
+            killing_since = time.time()
+            _signal_tree(signal.SIGTERM)
+
+    end = time.time()
+    # Whatever the job left behind goes too: a finished job holds nothing.
+    _end_leftovers(min(plan.grace, 5.0))
+    cpu, peak = _cgroup_usage()
+    if cpu is None and rusage is not None:
+        cpu = float(rusage.ru_utime + rusage.ru_stime)  # type: ignore[attr-defined]
+    if peak is None and rusage is not None:
+        peak = int(rusage.ru_maxrss) * 1024  # type: ignore[attr-defined]
+    status: dict[str, object] = {
+        "start": start,
+        "end": end,
+        "timed_out": timed_out,
+        "killed": killing_since is not None and not timed_out,
+        "cpu_seconds": cpu,
+        "max_rss": peak,
+        "note": failure,
+        "output": started.get("out", "-"),
+    }
+    if os.WIFEXITED(main_status):
+        status["code"] = os.WEXITSTATUS(main_status)
+    else:
+        status["signal"] = os.WTERMSIG(main_status)
+    _write_status(plan, status)
+    _after_job(plan, status)
+    return 0
+
+
+def _reap(main: int) -> tuple[int | None, object | None]:
+    """Reap every exited descendant (we are their subreaper); report the main one."""
+    found: tuple[int | None, object | None] = (None, None)
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if pid == 0:
+            return found
+        if pid == main:
+            found = (status, usage)
+
+
+def _descendants() -> list[int]:
+    """Every process below us, by walking /proc (our tree stays ours: we are a subreaper)."""
+    me = os.getpid()
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        try:
+            children.setdefault(int(rest[1]), []).append(int(name))
+        except (IndexError, ValueError):
+            continue
+    out: list[int] = []
+    todo = [me]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def _own_cgroup_dir() -> str | None:
+    """Our cgroup2 directory when we live in a tsd job scope, else None."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    path = line[3:].strip()
+                    if path.endswith(".scope") and "/tsd-job-" in path:
+                        return "/sys/fs/cgroup" + path
+    except OSError:
+        pass
+    return None
+
+
+def _tree() -> set[int]:
+    pids = set(_descendants())
+    cg = _own_cgroup_dir()
+    if cg:
+        try:
+            with open(os.path.join(cg, "cgroup.procs")) as fh:
+                pids.update(int(x) for x in fh.read().split())
+        except (OSError, ValueError):
+            pass
+    pids.discard(os.getpid())
+    return pids
+
+
+def _signal_tree(sig: int) -> None:
+    for pid in _tree():
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def _end_leftovers(grace: float) -> None:
+    if not _tree():
+        return
+    _signal_tree(signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        _reap(-1)
+        if not _tree():
+            return
+        time.sleep(0.02)
+    _signal_tree(signal.SIGKILL)
+    for _ in range(100):
+        _reap(-1)
+        if not _tree():
+            return
+        time.sleep(0.01)
+
+
+def _cgroup_usage() -> tuple[float | None, int | None]:
+    """CPU time and peak memory from our scope's cgroup, where the kernel keeps them."""
+    cg = _own_cgroup_dir()
+    if not cg:
+        return None, None
+    cpu: float | None = None
+    peak: int | None = None
+    try:
+        with open(os.path.join(cg, "cpu.stat")) as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    cpu = int(value) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(cg, "memory.peak")) as fh:
+            peak = int(fh.read().strip())
+    except (OSError, ValueError):
+        pass
+    return cpu, peak
+
+
+def _write_status(plan: LaunchPlan, status: Mapping[str, object]) -> None:
+    final = exit_file(plan.exits_dir, plan.job_id)
+    tmp = final.with_suffix(".tmp")
+    data = json.dumps(status).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(plan.exits_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _report(fd: int, line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (line + "\n").encode())
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+# ------------------------------------------------------------- job side
+
+
+def drop_privileges(uid: int, gid: int, user: str) -> None:
+    """Become the user for good: supplementary groups, then gid, then uid (that order)."""
+    if os.getuid() == 0 and uid != 0:
+        os.initgroups(user, gid)
+    elif os.getuid() == 0:
+        os.setgroups(os.getgrouplist(user, gid))
+    os.setgid(gid)
+    os.setuid(uid)
+    if uid != 0 and (os.geteuid() == 0 or os.getegid() != gid):
+        raise PermissionError("privileges were not dropped")
+
+
+def _exec_job(plan: LaunchPlan, status_w: int) -> None:
+    """Runs as the job process: never returns."""
+    os.setpgid(0, 0)
+    try:
+        if plan.drop_privileges:
+            drop_privileges(plan.uid, plan.gid, plan.user)
+        os.umask(plan.umask)
+        out_fd, err_fd, path = _open_outputs(plan, status_w)
+        _report(status_w, f"out {path}" if path else "out -")
+        os.chdir(plan.cwd)
+    except Exception as exc:
+        _report(status_w, f"err could not start: {exc}")
+        os._exit(127)
+    os.close(status_w)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    for fd in {null, out_fd, err_fd}:
+        if fd > 2:
+            os.close(fd)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.execve("/bin/sh", ["/bin/sh", "-c", plan.command_line], dict(plan.env))
+
+
+def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None]:
+    """Open stdout/stderr targets as the user (privileges already dropped)."""
+    if not plan.store_output:
+        null = os.open(os.devnull, os.O_WRONLY)
+        return null, null, None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if plan.output_name:
+        path = os.path.join(plan.log_dir, plan.output_name)
+        fd = os.open(path, flags | os.O_TRUNC, 0o600)
+    else:
+        fd, path = _mkstemp(plan.log_dir, f"{OUTPUT_PREFIX}{plan.job_id}.")
+    err_fd = fd
+    if plan.stderr_apart:
+        err_fd = os.open(path + ".e", flags | os.O_TRUNC, 0o600)
+    if plan.gzip:
+        fd = _gzip_pipe(fd, status_w)
+        err_fd = _gzip_pipe(err_fd, status_w) if plan.stderr_apart else fd
+    return fd, err_fd, path
+
+
+def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        suffix = "".join(alphabet[b % len(alphabet)] for b in os.urandom(6))
+        path = os.path.join(directory, prefix + suffix)
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free output file name in {directory}")
+
+
+def _gzip_pipe(target: int, status_w: int) -> int:
+    """A pipe whose reader, a child of the job (same user), gzips into `target`.
+
+    It ignores SIGTERM so that ending the job's tree lets it flush a complete
+    gzip file once its writers are gone.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            os.close(w)
+            os.close(status_w)
+            comp = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: gzip container
+            while True:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                _write_all(target, comp.compress(chunk))
+            _write_all(target, comp.flush())
+        finally:
+            os._exit(0)
+    os.close(r)
+    os.close(target)
+    return w
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+# ------------------------------------------------------------ after the job
+
+
+def _after_job(plan: LaunchPlan, status: Mapping[str, object]) -> None:
+    """TS_ONFINISH and -m mail, run as the user with the job's environment."""
+    if not plan.on_finish and not plan.mail_to:
+        return
+    elevel = status.get("code", -1)
+    output = str(status.get("output") or "-")
+    output = "/dev/null" if output == "-" else output
+    if plan.on_finish:
+        _run_as_user(
+            plan, [plan.on_finish, str(plan.job_id), str(elevel), output, plan.command_line]
+        )
+    if plan.mail_to:
+        body = (
+            f"Subject: Task Spooler: task {plan.job_id} finished, error {elevel}\n"
+            f"To: {plan.mail_to}\n\n"
+            f"Command: {plan.command_line}\nOutput: {output}\n"
+        )
+        _run_as_user(plan, ["/usr/sbin/sendmail", "-oi", plan.mail_to], stdin=body.encode())
+
+
+def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            if plan.drop_privileges:
+                drop_privileges(plan.uid, plan.gid, plan.user)
+            os.dup2(r, 0)
+            os.chdir(plan.cwd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execve(argv[0], argv, dict(plan.env))
+        finally:
+            os._exit(127)
+    os.close(r)
+    with contextlib.suppress(OSError):
+        _write_all(w, stdin)
+    os.close(w)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def read_report(fd: int) -> dict[str, str]:
+    """Parse what the supervisor and the job wrote on the report pipe so far."""
+    out: dict[str, str] = {}
+    try:
+        data = os.read(fd, 65536)
+    except BlockingIOError:
+        return out
+    for line in data.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        out[key] = value
+    return out
