@@ -1,0 +1,498 @@
+"""The daemon's configuration: YAML text -> a frozen `Config`.
+
+Parsing walks the composed YAML node tree (not the constructed Python objects)
+so that every error can name the file, the line and the key path, in one line:
+
+    /etc/tsd/tsd.yaml: line 7: defaults.max_gpus: expected a non-negative integer, got 'lots'
+
+Unknown keys are errors, with a did-you-mean hint, because a misspelt quota key
+that is silently ignored leaves a shared server without the limit its admin
+believes it has. The only I/O here is `load_config`, a convenience that reads a
+file and hands its text to `parse_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, NoReturn
+
+import yaml
+
+from tsd.errors import ConfigError
+from tsd.model import JobLimits, UserLimits
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "LIMIT_KEYS",
+    "UNSET",
+    "Config",
+    "GpuConfig",
+    "LimitOverride",
+    "Unset",
+    "load_config",
+    "parse_config",
+]
+
+
+class Unset(enum.Enum):
+    """Marks a quota key that a group or user entry does not set (None means unlimited)."""
+
+    UNSET = "unset"
+
+
+UNSET: Final = Unset.UNSET
+
+# The quota keys, shared by `defaults`, every `groups` entry and every `users` entry.
+LIMIT_KEYS: Final = ("max_running_slots", "max_gpus", "max_queued")
+
+
+@dataclass(frozen=True)
+class LimitOverride:
+    """A `groups:` or `users:` entry: the quota keys it sets. UNSET keys fall through."""
+
+    max_running_slots: int | Unset | None = UNSET
+    max_gpus: int | Unset | None = UNSET
+    max_queued: int | Unset | None = UNSET
+
+    def items(self) -> Iterator[tuple[str, int | None]]:
+        """The (key, value) pairs this entry sets; a None value means unlimited."""
+        for key in LIMIT_KEYS:
+            value: int | Unset | None = getattr(self, key)
+            if value is not UNSET:
+                assert not isinstance(value, Unset)
+                yield key, value
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """The `gpus:` section: which GPUs tsd hands out and when one counts as busy."""
+
+    visible: tuple[int, ...] | None = None  # None: every GPU NVML reports; sorted otherwise
+    free_memory_percent: float = 90.0  # a GPU with less free memory than this is busy
+    poll_seconds: float = 5.0  # how often NVML is polled while jobs wait for GPUs
+
+
+def _empty_overrides() -> Mapping[str, LimitOverride]:
+    return MappingProxyType({})
+
+
+# Unlimited slots and GPUs per user by default: the server's own slots and the fair
+# share between users already keep one user from starving the others.
+DEFAULT_LIMITS: Final = UserLimits(max_running_slots=None, max_gpus=None, max_queued=1000)
+_NO_JOB_LIMITS: Final = JobLimits()
+_DEFAULT_GPUS: Final = GpuConfig()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole parsed configuration. Every field has the default documented in etc/tsd.yaml."""
+
+    slots: int = 4  # job slots running at once on the whole server; 0 drains it
+    gpus: GpuConfig = _DEFAULT_GPUS
+    admins: tuple[str, ...] = ("root",)  # user names, and "@group" for groups
+    defaults: UserLimits = DEFAULT_LIMITS
+    # Read-only mappings; left out of the hash so that a Config stays hashable.
+    groups: Mapping[str, LimitOverride] = field(default_factory=_empty_overrides, hash=False)
+    users: Mapping[str, LimitOverride] = field(default_factory=_empty_overrides, hash=False)
+    job: JobLimits = _NO_JOB_LIMITS  # None everywhere: systemd's own defaults
+    max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
+    kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
+
+    def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
+        """The quota of `user`, a member of `groups` (group names, without '@').
+
+        Start from `defaults`; every group entry that matches overrides key by key,
+        and when several matching groups set the same key the most generous value
+        wins (None, unlimited, beats any number); the user's own entry then wins
+        outright for the keys it sets.
+        """
+        merged: dict[str, int | None] = {key: getattr(self.defaults, key) for key in LIMIT_KEYS}
+        from_groups: dict[str, list[int | None]] = {}
+        for group in dict.fromkeys(groups):
+            entry = self.groups.get(group)
+            if entry is not None:
+                for key, value in entry.items():
+                    from_groups.setdefault(key, []).append(value)
+        for key, values in from_groups.items():
+            numbers = [v for v in values if v is not None]
+            merged[key] = None if len(numbers) < len(values) else max(numbers)
+        own = self.users.get(user)
+        if own is not None:
+            merged.update(own.items())
+        return UserLimits(**merged)
+
+    def is_admin(self, user: str, groups: Iterable[str]) -> bool:
+        """True for root, users listed under `admins`, and members of a listed `@group`."""
+        if user == "root" or user in self.admins:
+            return True
+        return any(f"@{group}" in self.admins for group in groups)
+
+
+# --- parsing -------------------------------------------------------------------
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_NULL = "tag:yaml.org,2002:null"
+
+_TOP_KEYS = (
+    "slots",
+    "gpus",
+    "admins",
+    "defaults",
+    "groups",
+    "users",
+    "job",
+    "max_finished",
+    "kill_grace_seconds",
+)
+_GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
+_JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
+
+# systemd's size suffixes: powers of 1024. "64G", "512M", "1.5T", "100KiB", "4096".
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    unit: 1 << (10 * power) for power, unit in enumerate(("", "K", "M", "G", "T", "P", "E"))
+}
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*%\s*$")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _Parser:
+    """Walks the node tree of one file; every failure becomes a one-line ConfigError."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        # Scalar constructors only; mappings and sequences are walked by hand so
+        # that aliases can never expand beyond what the schema itself visits.
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    # -- errors
+
+    def fail(self, node: yaml.Node, path: str, message: str) -> NoReturn:
+        line = node.start_mark.line + 1
+        where = f"{path}: " if path else ""
+        raise ConfigError(_one_line(f"{self.source}: line {line}: {where}{message}"))
+
+    @staticmethod
+    def got(node: yaml.Node) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        assert isinstance(node, yaml.ScalarNode)
+        if node.tag == _NULL and node.value in ("", "~"):
+            return "nothing"
+        if node.tag == _STR or not node.tag.startswith("tag:yaml.org,2002:"):
+            return repr(node.value)
+        return str(node.value)
+
+    # -- scalars
+
+    def construct(self, node: yaml.ScalarNode, path: str) -> object:
+        """The Python value of a scalar; unknown or local tags give their raw text."""
+        if node.tag == _STR:
+            return str(node.value)
+        if node.tag not in (_INT, _FLOAT, _NULL, "tag:yaml.org,2002:bool"):
+            return _Opaque(str(node.value))
+        try:
+            return self.constructor.construct_object(node)
+        # An explicitly tagged malformed scalar (`!!int ""`, `!!float x`) makes
+        # PyYAML's scalar constructors raise assorted built-in exceptions.
+        except (yaml.YAMLError, ValueError, TypeError, IndexError, AttributeError):
+            self.fail(node, path, f"cannot read the value {node.value!r} as {node.tag}")
+
+    def count(self, node: yaml.Node, path: str, *, minimum: int = 0) -> int:
+        """An int >= minimum, never unlimited."""
+        value = self.integer(node, path, minimum=minimum)
+        assert value is not None
+        return value
+
+    def is_null(self, node: yaml.Node) -> bool:
+        return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
+
+    def integer(
+        self, node: yaml.Node, path: str, *, minimum: int = 0, unlimited: bool = False
+    ) -> int | None:
+        """An int >= minimum; with `unlimited`, also null or `unlimited` -> None."""
+        if minimum == 0:
+            want = "a non-negative integer"
+        elif minimum == 1:
+            want = "a positive integer"
+        else:
+            want = f"an integer >= {minimum}"
+        if unlimited:
+            want += " or unlimited"
+        if isinstance(node, yaml.ScalarNode):
+            if unlimited and (
+                self.is_null(node) or (node.tag == _STR and node.value == "unlimited")
+            ):
+                return None
+            if node.tag == _INT:
+                value = self.construct(node, path)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+                    return value
+        self.fail(node, path, f"expected {want}, got {self.got(node)}")
+
+    def number(
+        self,
+        node: yaml.Node,
+        path: str,
+        *,
+        positive: bool = False,
+        percent: bool = False,
+    ) -> float:
+        """A finite float >= 0 (> 0 with `positive`); `percent` also takes '90%', at most 100."""
+        if percent:
+            want = "a percentage from 0 to 100"
+        elif positive:
+            want = "a positive number"
+        else:
+            want = "a non-negative number"
+        value: float | None = None
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in (_INT, _FLOAT):
+                raw = self.construct(node, path)
+                if isinstance(raw, int | float) and not isinstance(raw, bool):
+                    value = float(raw)
+            elif percent and node.tag == _STR:
+                match = _PERCENT_RE.match(node.value)
+                if match:
+                    value = float(match.group(1))
+        if value is None or not math.isfinite(value) or value < 0:
+            self.fail(node, path, f"expected {want}, got {self.got(node)}")
+        if (positive and value <= 0) or (percent and value > 100):
+            self.fail(node, path, f"expected {want}, got {self.got(node)}")
+        return value
+
+    def name(self, node: yaml.Node, path: str, what: str) -> str:
+        """A non-empty string without whitespace (user, group or @group name)."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            text = str(node.value)
+            if text and not any(c.isspace() for c in text) and text != "@":
+                return text
+        self.fail(node, path, f"expected {what}, got {self.got(node)}")
+
+    # -- collections
+
+    def mapping(
+        self, node: yaml.Node, path: str, known: tuple[str, ...] | None
+    ) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """(key, key node, value node) of a mapping; null counts as empty.
+
+        With `known`, keys outside it are errors with a did-you-mean hint; with
+        None the keys are names (users, groups) and any non-empty scalar is taken
+        as written, so that a user called `1234` or `yes` keeps their name.
+        """
+        if self.is_null(node):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, path, f"expected a mapping, got {self.got(node)}")
+        seen: set[str] = set()
+        out: list[tuple[str, yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "":
+                self.fail(key_node, path or "top level", "expected a plain key name")
+            key = str(key_node.value)
+            key_path = f"{path}.{key}" if path else key
+            if known is not None and (key_node.tag != _STR or key not in known):
+                hint = difflib.get_close_matches(key, known, n=1)
+                extra = f" (did you mean {hint[0]}?)" if hint else ""
+                self.fail(key_node, key_path, f"unknown key{extra}")
+            if key in seen:
+                self.fail(key_node, key_path, "duplicate key")
+            seen.add(key)
+            out.append((key, key_node, value_node))
+        return out
+
+    def sequence(self, node: yaml.Node, path: str, want: str) -> list[yaml.Node]:
+        if self.is_null(node):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, f"expected {want}, got {self.got(node)}")
+        return list(node.value)
+
+    # -- sections
+
+    def gpus(self, node: yaml.Node) -> GpuConfig:
+        gpus = GpuConfig()
+        for key, _, value in self.mapping(node, "gpus", _GPU_KEYS):
+            path = f"gpus.{key}"
+            if key == "visible":
+                gpus = dataclasses.replace(gpus, visible=self.visible(value, path))
+            elif key == "free_memory_percent":
+                percent = self.number(value, path, percent=True)
+                gpus = dataclasses.replace(gpus, free_memory_percent=percent)
+            else:
+                seconds = self.number(value, path, positive=True)
+                gpus = dataclasses.replace(gpus, poll_seconds=seconds)
+        return gpus
+
+    def visible(self, node: yaml.Node, path: str) -> tuple[int, ...] | None:
+        want = "'all' or a list of GPU indices"
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _STR and node.value == "all":
+                return None
+            self.fail(node, path, f"expected {want}, got {self.got(node)}")
+        indices: list[int] = []
+        for i, item in enumerate(self.sequence(node, path, want)):
+            index = self.count(item, f"{path}[{i}]")
+            if index in indices:
+                self.fail(item, f"{path}[{i}]", f"GPU {index} is listed twice")
+            indices.append(index)
+        return tuple(sorted(indices))
+
+    def limits(self, node: yaml.Node, path: str) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for key, _, value in self.mapping(node, path, LIMIT_KEYS):
+            out[key] = self.integer(value, f"{path}.{key}", unlimited=True)
+        return out
+
+    def overrides(self, node: yaml.Node, section: str, noun: str) -> Mapping[str, LimitOverride]:
+        out: dict[str, LimitOverride] = {}
+        for name, key_node, value in self.mapping(node, section, None):
+            path = f"{section}.{name}"
+            if any(c.isspace() for c in name):
+                self.fail(key_node, path, f"expected a {noun} name, got {name!r}")
+            if name.startswith("@"):
+                self.fail(key_node, path, f"write {noun} names without '@' here ({name[1:]!r})")
+            out[name] = LimitOverride(**self.limits(value, path))
+        return MappingProxyType(out)
+
+    def admins(self, node: yaml.Node) -> tuple[str, ...]:
+        want = "a list of user names and @groups"
+        if isinstance(node, yaml.ScalarNode) and not self.is_null(node):
+            self.fail(node, "admins", f"expected {want}, got {self.got(node)}")
+        return tuple(
+            self.name(item, f"admins[{i}]", "a user name or @group")
+            for i, item in enumerate(self.sequence(node, "admins", want))
+        )
+
+    def job(self, node: yaml.Node) -> JobLimits:
+        values: dict[str, int | None] = {}
+        for key, _, value in self.mapping(node, "job", _JOB_KEYS):
+            path = f"job.{key}"
+            if key == "memory_max":
+                values["memory_max"] = self.size(value, path)
+            elif key == "cpu_quota":
+                values["cpu_quota_percent"] = self.cpu_quota(value, path)
+            elif not self.is_null(value):
+                values["tasks_max"] = self.count(value, path, minimum=1)
+        return JobLimits(**values)
+
+    def size(self, node: yaml.Node, path: str) -> int | None:
+        """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
+        if self.is_null(node):
+            return None
+        want = "a size such as 64G, 512M or a number of bytes"
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _INT:
+                value = self.construct(node, path)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+            elif node.tag == _STR:
+                match = _SIZE_RE.match(node.value)
+                if match:
+                    bytes_ = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+                    if bytes_ > 0:
+                        return bytes_
+        self.fail(node, path, f"expected {want}, got {self.got(node)}")
+
+    def cpu_quota(self, node: yaml.Node, path: str) -> int | None:
+        """Whole percent of one CPU: '400%' or 400 -> 400 (four CPUs)."""
+        if self.is_null(node):
+            return None
+        want = "a whole percentage above 0 such as 400%"
+        if isinstance(node, yaml.ScalarNode):
+            value: object = None
+            if node.tag == _INT:
+                value = self.construct(node, path)
+            elif node.tag == _STR:
+                match = re.fullmatch(r"\s*(\d+)\s*%\s*", node.value)
+                value = int(match.group(1)) if match else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        self.fail(node, path, f"expected {want}, got {self.got(node)}")
+
+    def config(self, root: yaml.Node | None) -> Config:
+        if root is None or self.is_null(root):
+            return Config()
+        if not isinstance(root, yaml.MappingNode):
+            self.fail(root, "top level", f"expected a mapping of settings, got {self.got(root)}")
+        cfg = Config()
+        for key, _, value in self.mapping(root, "", _TOP_KEYS):
+            if key == "slots":
+                cfg = dataclasses.replace(cfg, slots=self.count(value, key))
+            elif key == "gpus":
+                cfg = dataclasses.replace(cfg, gpus=self.gpus(value))
+            elif key == "admins":
+                cfg = dataclasses.replace(cfg, admins=self.admins(value))
+            elif key == "defaults":
+                limits = dataclasses.replace(DEFAULT_LIMITS, **self.limits(value, key))
+                cfg = dataclasses.replace(cfg, defaults=limits)
+            elif key == "groups":
+                cfg = dataclasses.replace(cfg, groups=self.overrides(value, key, "group"))
+            elif key == "users":
+                cfg = dataclasses.replace(cfg, users=self.overrides(value, key, "user"))
+            elif key == "job":
+                cfg = dataclasses.replace(cfg, job=self.job(value))
+            elif key == "max_finished":
+                cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
+            else:
+                grace = self.number(value, key)
+                cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)
+        return cfg
+
+
+class _Opaque(str):
+    """A scalar with a tag tsd does not interpret; it matches no expected type."""
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse config text; `source` names the file in errors. Raises ConfigError.
+
+    An empty file (or one with only comments) gives every default.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "unreadable"
+        raise ConfigError(_one_line(f"{source}: {line}YAML syntax error: {problem}")) from None
+    except yaml.reader.ReaderError as exc:
+        line_no = text.count("\n", 0, max(exc.position, 0)) + 1
+        if isinstance(exc.character, int):
+            problem = f"unacceptable character #x{exc.character:04x}"
+        else:
+            problem = _one_line(str(exc.reason))
+        raise ConfigError(f"{source}: line {line_no}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_one_line(f"{source}: YAML syntax error: {exc}")) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML syntax error: nested too deeply") from None
+    return _Parser(source).config(root)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a config file; read errors are ConfigErrors naming the file too."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    return parse_config(text, name)
