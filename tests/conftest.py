@@ -1,0 +1,28 @@
+"""Fixtures for every test: the NVML stand-in library and a GPU picture writer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Make tests/fixtures importable as `fixtures` whatever pytest's import mode.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from fixtures.nvml.build import build  # noqa: E402
+from fixtures.nvml.picture import PictureFile  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the NVML stand-in, built once per session as .../libnvidia-ml.so.1."""
+    return build(tmp_path_factory.mktemp("nvml"))
+
+
+@pytest.fixture
+def nvml_picture(tmp_path: Path, fake_nvml: Path) -> PictureFile:
+    """This test's picture file (not written yet): .write() it; .env() points tsd at it."""
+    return PictureFile(path=tmp_path / "nvml-picture.txt", library=fake_nvml)
