@@ -1,0 +1,103 @@
+"""Who is calling, from SO_PEERCRED only, and what they may do.
+
+A uid or user name inside a request is never looked at: the kernel tells us
+who connected. Group membership comes from the group database (what the
+socket's 0660 root:tsd mode also relies on).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Callable, Iterable
+
+from tsd.errors import NotOwner, PermissionDenied
+from tsd.model import Job, Peer
+
+SUBMIT_GROUP = "tsd"
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def user_name(uid: int) -> str:
+    """The user's name, or the uid as text for a uid without a passwd entry."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_ids(user: str, gid: int) -> tuple[int, ...]:
+    """The user's primary and supplementary groups from the group database."""
+    try:
+        return tuple(sorted(set(os.getgrouplist(user, gid))))
+    except (KeyError, OSError):
+        return (gid,)
+
+
+def group_names(gids: Iterable[int]) -> tuple[str, ...]:
+    """Names of these groups (unknown ones are skipped)."""
+    names = []
+    for gid in gids:
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return tuple(names)
+
+
+def make_peer(
+    pid: int, uid: int, gid: int, is_admin: Callable[[str, tuple[str, ...]], bool]
+) -> Peer:
+    """Resolve a connection's credentials into a Peer."""
+    user = user_name(uid)
+    groups = group_ids(user, gid)
+    return Peer(
+        pid=pid,
+        uid=uid,
+        gid=gid,
+        user=user,
+        groups=groups,
+        admin=uid == 0 or is_admin(user, group_names(groups)),
+    )
+
+
+def check_may_connect(peer: Peer, system: bool, daemon_uid: int) -> None:
+    """Refuse callers who may not use this daemon at all."""
+    if system:
+        if peer.uid == 0 or peer.admin:
+            return
+        try:
+            tsd_gid = grp.getgrnam(SUBMIT_GROUP).gr_gid
+        except KeyError:
+            raise PermissionDenied(
+                f"group {SUBMIT_GROUP} does not exist; ask an admin to install tsd properly"
+            ) from None
+        if tsd_gid not in peer.groups:
+            raise PermissionDenied(
+                f"user {peer.user} is not in group {SUBMIT_GROUP}; "
+                f"ask an admin to add you (usermod -aG {SUBMIT_GROUP} {peer.user})"
+            )
+    elif peer.uid != daemon_uid and peer.uid != 0:
+        raise PermissionDenied(f"this personal tsd belongs to {user_name(daemon_uid)}")
+
+
+def check_owner(peer: Peer, job: Job) -> None:
+    """A user acts only on their own jobs; admins on all."""
+    if job.uid != peer.uid and not peer.admin:
+        raise NotOwner(f"job {job.id} belongs to {job.user}")
+
+
+def check_admin(peer: Peer, what: str) -> None:
+    """Server-wide actions are for admins."""
+    if not peer.admin:
+        raise PermissionDenied(f"{what} is for admins (root or admins: in the config)")

@@ -1,0 +1,163 @@
+"""The asyncio unix-socket server: framing, identity, limits; one task per connection.
+
+It knows nothing of jobs. It reads one request frame, identifies the caller by
+SO_PEERCRED, hands the typed request to the daemon's handler and writes back
+its events and final response. A malformed, oversized or missing frame costs
+the daemon one log line and that one connection, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tsd import protocol
+from tsd.auth import peer_credentials
+from tsd.errors import Internal, ProtocolError, TsdError
+
+log = logging.getLogger("tsd.server")
+
+READ_TIMEOUT = 30.0  # a client that connects and says nothing is dropped after this
+SD_LISTEN_FDS_START = 3
+
+SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[tuple[int, int, int], protocol.Request, SendEvent], Awaitable[dict[str, Any]]]
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    sock.set_inheritable(False)
+    return sock
+
+
+def bind_personal(path: str) -> socket.socket:
+    """Bind the personal socket in a 0700 directory, recovering a stale socket file.
+
+    Raises FileExistsError when a live daemon already answers on `path`.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(directory, 0o700) if st.st_uid == os.getuid() else None
+        if os.lstat(directory).st_uid != os.getuid():
+            raise PermissionError(f"{directory} is not ours")
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: its daemon is gone
+        else:
+            raise FileExistsError(f"a daemon already listens on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return sock
+
+
+class Server:
+    """Serves requests on a listening unix socket."""
+
+    def __init__(self, sock: socket.socket, handler: Handler, max_connections: int) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.slots = asyncio.Semaphore(max(1, max_connections))
+        self.server: asyncio.base_events.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Start accepting connections."""
+        self.sock.setblocking(False)
+        self.server = await asyncio.start_unix_server(self._connection, sock=self.sock)
+
+    async def close(self) -> None:
+        """Stop accepting and drop open connections."""
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            # TS_MAXCONN: callers beyond the limit wait, as task-spooler's do.
+            async with self.slots:
+                await self._serve(reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if task is not None:
+                self.tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        creds = peer_credentials(sock)
+
+        async def send(frame: dict[str, Any]) -> None:
+            writer.write(protocol.encode(frame))
+            await writer.drain()
+
+        try:
+            header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), READ_TIMEOUT)
+            length = protocol.frame_length(header)
+            body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+            request = protocol.parse_request(protocol.decode(body))
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return  # said nothing, or hung up mid-frame: nobody to answer
+        except TsdError as exc:
+            log.info("pid %d uid %d: %s", creds[0], creds[1], exc)
+            await _reply_error(send, exc)
+            return
+
+        # The caller may hang up while we wait for a job: stop waiting then.
+        handling = asyncio.ensure_future(self.handler(creds, request, send))
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            done, _ = await asyncio.wait({handling, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if handling not in done:
+                handling.cancel()
+                return
+            try:
+                response = handling.result()
+            except TsdError as exc:
+                await _reply_error(send, exc)
+                return
+            except Exception:
+                log.exception("internal error serving %s", type(request).__name__)
+                await _reply_error(send, Internal("internal error in the daemon (see its log)"))
+                return
+            await send({"ok": True, **response})
+        finally:
+            hangup.cancel()
+            if not handling.done():
+                handling.cancel()
+
+
+async def _reply_error(send: SendEvent, exc: TsdError) -> None:
+    with contextlib.suppress(ConnectionError, ProtocolError):
+        await send({"ok": False, "code": exc.code, "error": exc.message})

@@ -1,0 +1,262 @@
+"""SQLite state: jobs, settings, per-user settings, schema version.
+
+The only SQL in the tree. Every write is its own committed transaction in WAL
+mode with synchronous=FULL, so once a method returns the change survives a
+crash of the daemon or the machine. Jobs are kept in memory by the daemon
+without their environment (which can be large); `env_of` fetches it at launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.protocol import spec_to_wire
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    env TEXT NOT NULL,
+    state TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    enqueue REAL NOT NULL,
+    start REAL,
+    end_ REAL,
+    exit TEXT,
+    pid INTEGER,
+    sup_pid INTEGER,
+    sup_start INTEGER,
+    gpu_ids TEXT NOT NULL DEFAULT '[]',
+    gpu_uuids TEXT NOT NULL DEFAULT '[]',
+    output TEXT,
+    unit TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS user_settings (
+    uid INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (uid, key)
+);
+"""
+
+
+class StoreError(Exception):
+    """The state database is unusable (wrong schema version, corrupt)."""
+
+
+class Store:
+    """The daemon's durable state."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        for stmt in _SCHEMA.strip().split(";"):
+            if stmt.strip():
+                self.db.execute(stmt)
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: state schema version {row[0]}, this tsd understands {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    # ------------------------------------------------------------ jobs
+
+    def next_order(self, front: bool = False) -> int:
+        """An order key behind (or in front of) every pending job."""
+        agg = "MIN(ord) - 1" if front else "MAX(ord) + 1"
+        row = self.db.execute(f"SELECT {agg} FROM jobs").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def add_job(
+        self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float
+    ) -> Job:
+        """Insert a queued job and return it with its new, never reused id."""
+        with self._tx():
+            cur = self.db.execute(
+                "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uid,
+                    user,
+                    json.dumps(spec_to_wire(spec, include_env=False)),
+                    json.dumps(spec.env),
+                    JobState.QUEUED.value,
+                    order,
+                    enqueue_time,
+                ),
+            )
+        job_id = cur.lastrowid
+        assert job_id is not None
+        return Job(
+            id=job_id,
+            uid=uid,
+            user=user,
+            spec=_without_env(spec),
+            state=JobState.QUEUED,
+            order=order,
+            enqueue_time=enqueue_time,
+        )
+
+    def save(self, *jobs: Job) -> None:
+        """Write the mutable fields of these jobs in one transaction."""
+        with self._tx():
+            self.db.executemany(
+                "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
+                " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=? WHERE id=?",
+                [
+                    (
+                        j.state.value,
+                        j.order,
+                        j.start_time,
+                        j.end_time,
+                        None if j.exit is None else json.dumps(j.exit.__dict__),
+                        j.pid,
+                        j.supervisor_pid,
+                        j.supervisor_start,
+                        json.dumps(j.gpu_ids),
+                        json.dumps(j.gpu_uuids),
+                        j.output_path,
+                        j.unit,
+                        j.id,
+                    )
+                    for j in jobs
+                ],
+            )
+
+    def delete(self, ids: Iterable[int]) -> None:
+        """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
+        with self._tx():
+            self.db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+
+    def load_all(self) -> list[Job]:
+        """Every job, without environments, in id order."""
+        rows = self.db.execute(
+            "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid, sup_pid,"
+            " sup_start, gpu_ids, gpu_uuids, output, unit FROM jobs ORDER BY id"
+        ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
+        """A job's submit-time environment."""
+        row = self.db.execute("SELECT env FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return ()
+        return tuple((str(k), str(v)) for k, v in json.loads(row[0]))
+
+    def last_id(self) -> int:
+        """The highest id ever handed out (0 if none)."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -------------------------------------------------------- settings
+
+    def get_setting(self, key: str) -> str | None:
+        """A server-wide setting (slots override, GPU threshold)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", ("s:" + key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Set or (with None) clear a server-wide setting."""
+        with self._tx():
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key=?", ("s:" + key,))
+            else:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", ("s:" + key, value)
+                )
+
+    def user_settings(self, uid: int) -> dict[str, str]:
+        """All of one user's settings (env:NAME, logdir)."""
+        rows = self.db.execute("SELECT key, value FROM user_settings WHERE uid=?", (uid,))
+        return {str(k): str(v) for k, v in rows}
+
+    def set_user_setting(self, uid: int, key: str, value: str | None) -> None:
+        """Set or (with None) clear one of a user's settings."""
+        with self._tx():
+            if value is None:
+                self.db.execute("DELETE FROM user_settings WHERE uid=? AND key=?", (uid, key))
+            else:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO user_settings VALUES (?, ?, ?)", (uid, key, value)
+                )
+
+
+def _without_env(spec: JobSpec) -> JobSpec:
+    return replace(spec, env=())
+
+
+def _row_to_job(r: tuple[Any, ...]) -> Job:
+    spec_obj = json.loads(r[3])
+    ex = json.loads(r[9]) if r[9] else None
+    return Job(
+        id=int(r[0]),
+        uid=int(r[1]),
+        user=str(r[2]),
+        spec=_spec_from_row(spec_obj),
+        state=JobState(r[4]),
+        order=int(r[5]),
+        enqueue_time=float(r[6]),
+        start_time=r[7],
+        end_time=r[8],
+        exit=None if ex is None else ExitInfo(**ex),
+        pid=r[10],
+        supervisor_pid=r[11],
+        supervisor_start=r[12],
+        gpu_ids=tuple(json.loads(r[13])),
+        gpu_uuids=tuple(json.loads(r[14])),
+        output_path=r[15],
+        unit=r[16],
+    )
+
+
+def _spec_from_row(o: dict[str, Any]) -> JobSpec:
+    gi = o.get("gpu_indices")
+    return JobSpec(
+        command=tuple(o["command"]),
+        cwd=o["cwd"],
+        env=(),
+        umask=o["umask"],
+        label=o.get("label"),
+        slots=o["slots"],
+        gpus=o["gpus"],
+        gpu_indices=None if gi is None else tuple(gi),
+        depends=tuple(o["depends"]),
+        depend_mode=DependMode(o["depend_mode"]),
+        store_output=o["store_output"],
+        gzip=o["gzip"],
+        stderr_apart=o["stderr_apart"],
+        output_name=o.get("output_name"),
+        mail=o["mail"],
+        timeout=o.get("timeout"),
+        env_info=o.get("env_info"),
+    )
