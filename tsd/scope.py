@@ -1,0 +1,337 @@
+"""Job scopes through systemd's D-Bus API: the only module that imports pydbus.
+
+Every job on the system service runs in its own transient scope
+`tsd-job-<id>.scope`, inside the per-user slice `tsd-u<uid>.slice`. systemd's
+dash rule makes that slice a child of `tsd.slice` without any unit file, so the
+cgroup path is `/tsd.slice/tsd-u<uid>.slice/tsd-job-<id>.scope`. A scope (not a
+service) is used because the daemon forks the job itself: the job keeps the
+daemon's fork as its parent, and systemd only takes over its cgroup, its
+resource limits and the right to kill everything in it.
+
+pydbus (and PyGObject under it) is imported on first use so that `import
+tsd.scope` stays cheap for the client and the personal daemon, which never
+talk to systemd.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tsd.model import JobLimits
+
+_SYSTEMD = "org.freedesktop.systemd1"
+_SYSTEMD_PATH = "/org/freedesktop/systemd1"
+_UNIT_RE = re.compile(r"^tsd-job-(\d+)\.scope$")
+_UINT64_MAX = 2**64 - 1  # systemd's "not known" for t-typed counters
+# Scopes being torn down still hold processes; they still count as the job's.
+_LIVE_STATES = ["active", "activating", "deactivating"]
+
+# D-Bus error names that mean "this unit or its processes are gone".
+_GONE_ERRORS = (
+    "org.freedesktop.systemd1.NoSuchUnit",
+    "org.freedesktop.systemd1.NoSuchProcess",
+    "org.freedesktop.systemd1.LoadFailed",
+)
+
+
+class ScopeError(Exception):
+    """systemd refused or failed to create, find or signal a job scope."""
+
+
+@dataclass(frozen=True)
+class ScopeUsage:
+    """Resources a scope has used so far; None where systemd or the kernel does not know."""
+
+    cpu_seconds: float | None
+    memory_peak: int | None  # bytes
+
+
+class SystemdScopes:
+    """Creates, lists, signals and measures job scopes on the system bus.
+
+    The connection is made on first use. Calls are synchronous; the daemon runs
+    them in a worker thread. A lock serialises them because one pydbus proxy is
+    shared.
+    """
+
+    # How long start() waits for the pids to appear in the scope's cgroup.
+    start_timeout = 10.0
+
+    def __init__(self) -> None:
+        self._bus: Any = None
+        self._manager: Any = None
+        self._lock = threading.RLock()
+
+    # ---- names -----------------------------------------------------------------
+
+    @staticmethod
+    def unit_name(job_id: int) -> str:
+        """The scope unit of job `job_id`."""
+        return f"tsd-job-{job_id}.scope"
+
+    @staticmethod
+    def slice_name(uid: int) -> str:
+        """The slice holding all of user `uid`'s job scopes (a child of tsd.slice)."""
+        return f"tsd-u{uid}.slice"
+
+    @staticmethod
+    def job_id_of(unit: str) -> int | None:
+        """The job id in a scope name, or None when it is not a job scope."""
+        m = _UNIT_RE.match(unit)
+        return int(m.group(1)) if m else None
+
+    # ---- connection ------------------------------------------------------------
+
+    def _mgr(self) -> Any:
+        if self._manager is None:
+            try:
+                import pydbus
+
+                self._bus = pydbus.SystemBus()
+                self._manager = self._bus.get(_SYSTEMD, _SYSTEMD_PATH)[
+                    "org.freedesktop.systemd1.Manager"
+                ]
+            except Exception as e:
+                raise ScopeError(f"cannot reach systemd on the system bus: {_message(e)}") from e
+        return self._manager
+
+    # ---- operations ------------------------------------------------------------
+
+    def start(
+        self,
+        job_id: int,
+        uid: int,
+        pids: Sequence[int],
+        limits: JobLimits,
+        devices: Sequence[str] | None = None,
+        description: str = "",
+    ) -> str:
+        """Put `pids` into a new scope for job `job_id` of user `uid`; return the unit name.
+
+        Returns once every pid is in the scope's cgroup, so a child waiting on a
+        pipe may exec right after. `devices` None leaves device access alone;
+        a list (even empty) closes it down to the standard pseudo devices
+        (/dev/null, zero, full, random, urandom, tty, ptmx, pts) plus the listed
+        device nodes, read-write. For an NVIDIA job the caller lists the GPUs'
+        /dev/nvidiaN and the shared nodes (/dev/nvidiactl, /dev/nvidia-uvm,
+        /dev/nvidia-uvm-tools).
+        """
+        from gi.repository import GLib
+
+        if not pids:
+            raise ScopeError(f"job {job_id}: no process to put in a scope")
+        unit = self.unit_name(job_id)
+        props: list[tuple[str, Any]] = [
+            ("Description", GLib.Variant("s", description or f"tsd job {job_id}")),
+            ("Slice", GLib.Variant("s", self.slice_name(uid))),
+            ("PIDs", GLib.Variant("au", [int(p) for p in pids])),
+            # A failed scope would otherwise stay loaded and block reusing the name
+            # and the unit listing; the daemon records the outcome itself.
+            ("CollectMode", GLib.Variant("s", "inactive-or-failed")),
+            # Accounting makes systemd read cpu.stat and memory figures for usage().
+            ("CPUAccounting", GLib.Variant("b", True)),
+            ("MemoryAccounting", GLib.Variant("b", True)),
+            ("TasksAccounting", GLib.Variant("b", True)),
+        ]
+        if limits.memory_max is not None:
+            props.append(("MemoryMax", GLib.Variant("t", limits.memory_max)))
+        if limits.cpu_quota_percent is not None:
+            # systemd counts CPU time per second of wall time, in microseconds.
+            props.append(
+                ("CPUQuotaPerSecUSec", GLib.Variant("t", limits.cpu_quota_percent * 10_000))
+            )
+        if limits.tasks_max is not None:
+            props.append(("TasksMax", GLib.Variant("t", limits.tasks_max)))
+        if devices is not None:
+            props.append(("DevicePolicy", GLib.Variant("s", "closed")))
+            props.append(("DeviceAllow", GLib.Variant("a(ss)", [(d, "rw") for d in devices])))
+        with self._lock:
+            mgr = self._mgr()
+            try:
+                # "fail": if a unit of that name is somehow queued, refuse instead of replacing it.
+                mgr.StartTransientUnit(unit, "fail", props, [])
+            except Exception as e:
+                if _dbus_error_name(e) == "org.freedesktop.systemd1.UnitExists":
+                    raise ScopeError(f"cannot start {unit}: it already exists") from e
+                raise ScopeError(f"cannot start {unit}: {_message(e)}") from e
+            self._wait_for_pids(unit, pids)
+        return unit
+
+    def _wait_for_pids(self, unit: str, pids: Sequence[int]) -> str:
+        """Poll /proc until every pid's cgroup is the scope's; return that cgroup path."""
+        deadline = time.monotonic() + self.start_timeout
+        cgroup: str | None = None
+        while True:
+            if cgroup is None:
+                cgroup = self._property(unit, "Scope", "ControlGroup") or None
+                state = self._property(unit, "Unit", "ActiveState")
+                if state == "failed":
+                    raise ScopeError(f"systemd could not start {unit} (it failed)")
+            if cgroup is not None and all(_in_cgroup(p, cgroup) for p in pids):
+                return cgroup
+            if time.monotonic() > deadline:
+                raise ScopeError(
+                    f"{unit}: pids {list(pids)} not in its cgroup after {self.start_timeout}s"
+                )
+            time.sleep(0.005)
+
+    def kill(self, unit: str, sig: int) -> bool:
+        """Send `sig` to every process in `unit`; False when the unit (or every process) is gone."""
+        with self._lock:
+            mgr = self._mgr()
+            try:
+                mgr.KillUnit(unit, "all", int(sig))
+            except Exception as e:
+                if _dbus_error_name(e) in _GONE_ERRORS:
+                    return False
+                raise ScopeError(f"cannot signal {unit}: {_message(e)}") from e
+        return True
+
+    def stop(self, unit: str) -> None:
+        """Ask systemd to stop `unit` (SIGTERM, then SIGKILL); no error when it is gone.
+
+        Returns once the stop job is queued, not when the processes are gone.
+        """
+        with self._lock:
+            mgr = self._mgr()
+            try:
+                mgr.StopUnit(unit, "replace")
+            except Exception as e:
+                if _dbus_error_name(e) in _GONE_ERRORS:
+                    return
+                raise ScopeError(f"cannot stop {unit}: {_message(e)}") from e
+
+    def list_jobs(self) -> dict[int, str]:
+        """Job scopes that still hold processes: job id -> unit name."""
+        with self._lock:
+            mgr = self._mgr()
+            try:
+                units = mgr.ListUnitsByPatterns(_LIVE_STATES, ["tsd-job-*.scope"])
+            except Exception as e:
+                raise ScopeError(f"cannot list units: {_message(e)}") from e
+        found: dict[int, str] = {}
+        for row in units:
+            name = str(row[0])
+            job_id = self.job_id_of(name)
+            if job_id is not None:
+                found[job_id] = name
+        return found
+
+    def usage(self, unit: str) -> ScopeUsage:
+        """CPU time and peak memory of `unit` so far (both None when it is gone)."""
+        with self._lock:
+            cpu = self._property(unit, "Scope", "CPUUsageNSec")
+            peak = self._property(unit, "Scope", "MemoryPeak")  # systemd >= 254 only
+            cgroup = self._property(unit, "Scope", "ControlGroup")
+        cpu_seconds = cpu / 1e9 if isinstance(cpu, int) and cpu != _UINT64_MAX else None
+        memory_peak = peak if isinstance(peak, int) and peak != _UINT64_MAX else None
+        if memory_peak is None and isinstance(cgroup, str) and cgroup:
+            memory_peak = _read_memory_peak(cgroup)
+        return ScopeUsage(cpu_seconds=cpu_seconds, memory_peak=memory_peak)
+
+    def cgroup_path(self, unit: str) -> str | None:
+        """The scope's cgroup as systemd names it (e.g. /tsd.slice/...); None when gone."""
+        with self._lock:
+            cg = self._property(unit, "Scope", "ControlGroup")
+        return cg if isinstance(cg, str) and cg else None
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def _property(self, unit: str, interface: str, name: str) -> Any:
+        """One property of a loaded unit; None when the unit or the property does not exist."""
+        mgr = self._mgr()
+        try:
+            path = mgr.GetUnit(unit)
+        except Exception as e:
+            if _dbus_error_name(e) in _GONE_ERRORS:
+                return None
+            raise ScopeError(f"cannot look up {unit}: {_message(e)}") from e
+        try:
+            from gi.repository import GLib
+
+            # A raw call: a pydbus proxy would introspect the unit object first.
+            reply = self._bus.con.call_sync(
+                _SYSTEMD,
+                path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                GLib.Variant("(ss)", (f"org.freedesktop.systemd1.{interface}", name)),
+                GLib.VariantType.new("(v)"),
+                0,
+                5000,
+                None,
+            )
+            return reply.unpack()[0]
+        except Exception as e:
+            name_ = _dbus_error_name(e)
+            if name_ in _GONE_ERRORS or name_ in (
+                "org.freedesktop.DBus.Error.UnknownProperty",
+                "org.freedesktop.DBus.Error.InvalidArgs",
+                "org.freedesktop.DBus.Error.UnknownObject",
+                "org.freedesktop.DBus.Error.UnknownInterface",
+            ):
+                return None
+            raise ScopeError(f"cannot read {name} of {unit}: {_message(e)}") from e
+
+
+def _in_cgroup(pid: int, cgroup: str) -> bool:
+    """Whether `pid`'s cgroup2 path is `cgroup` (systemd's name for it)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    path = line[3:].strip()
+                    # Outside systemd's cgroup namespace the path has a prefix.
+                    return path == cgroup or path.endswith(cgroup)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ScopeError(f"process {pid} exited before it reached its scope") from None
+    return False
+
+
+def _cgroup2_root() -> Path | None:
+    """Where the cgroup2 hierarchy is mounted here (unified or hybrid layout)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if right.split()[:1] == ["cgroup2"] and len(fields) > 4 and fields[3] == "/":
+                    return Path(fields[4])
+    except OSError:
+        return None
+    return None
+
+
+def _read_memory_peak(cgroup: str) -> int | None:
+    """memory.peak of a cgroup (kernel >= 5.19, memory controller on), else None."""
+    root = _cgroup2_root()
+    if root is None:
+        return None
+    try:
+        return int((root / cgroup.lstrip("/") / "memory.peak").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _dbus_error_name(e: BaseException) -> str | None:
+    """The D-Bus error name of a GLib error from a remote call, if it is one."""
+    try:
+        from gi.repository import Gio
+    except ImportError:
+        return None
+    name = Gio.DBusError.get_remote_error(e) if hasattr(e, "domain") else None
+    return str(name) if name else None
+
+
+def _message(e: BaseException) -> str:
+    """One line: the remote error's own message, without GLib's and GDBus's prefixes."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = re.sub(r"^\S+-quark: ", "", msg)
+    msg = re.sub(r"^GDBus\.Error:[\w.]+: ", "", msg)
+    return re.sub(r"\s+\(\d+\)$", "", msg)
