@@ -229,7 +229,9 @@ class Daemon:
             case protocol.Shutdown():
                 if self.settings.system:
                     auth.check_admin(peer, "stopping the daemon (-K)")
-                self.stopping.set()
+                assert self.loop is not None
+                # Stop just after this answer is on its way, not before.
+                self.loop.call_later(0.05, self.stopping.set)
                 return {}
             case protocol.Slots():
                 return self.slots(peer, req.value)
@@ -633,7 +635,7 @@ class Daemon:
             uid=job.uid,
             gid=gid,
             user=pw.pw_name,
-            command_line=job.spec.command_line,
+            command=job.spec.command,
             cwd=job.spec.cwd,
             env=env,
             umask=job.spec.umask,
@@ -961,6 +963,9 @@ class Daemon:
         sd_notify("STOPPING=1")
         self.save_list()
         await self.server.close()
+        if not self.settings.system and self.settings.socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.socket_path)
         self.store.close()
         log.info("tsd stopped; %d running jobs keep running", len(self.running))
 
@@ -1055,6 +1060,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         print("tsd: another daemon already runs on this state", file=sys.stderr)
         return 0
     _setup_logging(system, settings.state_dir)
+    (settings.state_dir / "tsd.pid").write_text(f"{os.getpid()}\n")
     sock = inherited_socket()
     if sock is None:
         assert settings.socket_path is not None

@@ -43,7 +43,7 @@ class LaunchPlan:
     uid: int
     gid: int
     user: str
-    command_line: str
+    command: tuple[str, ...]
     cwd: str
     env: Mapping[str, str]
     umask: int
@@ -424,7 +424,12 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
         if fd > 2:
             os.close(fd)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    os.execve("/bin/sh", ["/bin/sh", "-c", plan.command_line], dict(plan.env))
+    # Like task-spooler: the words are exec'd as given (execvp), no shell in between.
+    try:
+        os.execvpe(plan.command[0], list(plan.command), dict(plan.env))
+    except OSError as exc:
+        os.write(2, f"tsd: cannot run {plan.command[0]!r}: {exc.strerror}\n".encode())
+        os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
 
 
 def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None]:
@@ -507,13 +512,13 @@ def _after_job(plan: LaunchPlan, status: Mapping[str, object]) -> None:
     output = "/dev/null" if output == "-" else output
     if plan.on_finish:
         _run_as_user(
-            plan, [plan.on_finish, str(plan.job_id), str(elevel), output, plan.command_line]
+            plan, [plan.on_finish, str(plan.job_id), str(elevel), output, " ".join(plan.command)]
         )
     if plan.mail_to:
         body = (
             f"Subject: Task Spooler: task {plan.job_id} finished, error {elevel}\n"
             f"To: {plan.mail_to}\n\n"
-            f"Command: {plan.command_line}\nOutput: {output}\n"
+            f"Command: {' '.join(plan.command)}\nOutput: {output}\n"
         )
         _run_as_user(plan, ["/usr/sbin/sendmail", "-oi", plan.mail_to], stdin=body.encode())
 
