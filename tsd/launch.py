@@ -215,8 +215,8 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
     cpu, peak = _cgroup_usage()
     if cpu is None and rusage is not None:
         cpu = float(rusage.ru_utime + rusage.ru_stime)  # type: ignore[attr-defined]
-    if peak is None and rusage is not None:
-        peak = int(rusage.ru_maxrss) * 1024  # type: ignore[attr-defined]
+    # No rusage fallback for memory: ru_maxrss would count the forked launcher's own
+    # image from before exec, so only the scope's cgroup gives an honest peak.
     status: dict[str, object] = {
         "start": start,
         "end": end,
