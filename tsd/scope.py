@@ -115,7 +115,8 @@ class SystemdScopes:
         """Put `pids` into a new scope for job `job_id` of user `uid`; return the unit name.
 
         Returns once every pid is in the scope's cgroup, so a child waiting on a
-        pipe may exec right after. `devices` None leaves device access alone;
+        pipe may exec right after. On ScopeError no scope is left behind and the
+        caller should kill its child. `devices` None leaves device access alone;
         a list (even empty) closes it down to the standard pseudo devices
         (/dev/null, zero, full, random, urandom, tty, ptmx, pts) plus the listed
         device nodes, read-write. For an NVIDIA job the caller lists the GPUs'
@@ -160,26 +161,37 @@ class SystemdScopes:
                 if _dbus_error_name(e) == "org.freedesktop.systemd1.UnitExists":
                     raise ScopeError(f"cannot start {unit}: it already exists") from e
                 raise ScopeError(f"cannot start {unit}: {_message(e)}") from e
-            self._wait_for_pids(unit, pids)
+            try:
+                self._wait_for_pids(unit, pids)
+            except ScopeError:
+                # Leave no half-made scope behind; the caller kills its child.
+                self.stop(unit)
+                raise
         return unit
 
     def _wait_for_pids(self, unit: str, pids: Sequence[int]) -> str:
-        """Poll /proc until every pid's cgroup is the scope's; return that cgroup path."""
+        """Poll /proc until every pid's cgroup is the scope's; return that cgroup path.
+
+        The scope's start job runs after StartTransientUnit returns; its cgroup
+        is known only once it ran. Polling /proc is cheap and needs no D-Bus
+        signal subscription (and so no GLib main loop in the daemon).
+        """
         deadline = time.monotonic() + self.start_timeout
         cgroup: str | None = None
         while True:
             if cgroup is None:
-                cgroup = self._property(unit, "Scope", "ControlGroup") or None
                 state = self._property(unit, "Unit", "ActiveState")
-                if state == "failed":
-                    raise ScopeError(f"systemd could not start {unit} (it failed)")
+                if state is None or state == "failed":
+                    # CollectMode unloads a failed scope at once: gone means failed.
+                    raise ScopeError(f"systemd could not start {unit}: see its journal")
+                cgroup = self._property(unit, "Scope", "ControlGroup") or None
             if cgroup is not None and all(_in_cgroup(p, cgroup) for p in pids):
                 return cgroup
             if time.monotonic() > deadline:
                 raise ScopeError(
                     f"{unit}: pids {list(pids)} not in its cgroup after {self.start_timeout}s"
                 )
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     def kill(self, unit: str, sig: int) -> bool:
         """Send `sig` to every process in `unit`; False when the unit (or every process) is gone."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fnmatch
 import os
 import shlex
@@ -267,6 +268,7 @@ class Box:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=dict(_BASE_ENV),
+            preexec_fn=_die_with_parent,
         )
         log.close()
         repo = src
@@ -493,6 +495,16 @@ class Box:
             else:
                 result[k] = v
         return result
+
+
+def _die_with_parent() -> None:
+    """In the launcher, before exec: SIGKILL it if the test runner dies.
+
+    atexit covers a normal exit; this covers a killed pytest. unshare passes the
+    signal on to the box's PID 1 (--kill-child), which takes the box down.
+    """
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _show(cmd: Sequence[str] | str) -> str:

@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import pwd
+import signal
 import sys
+import time
 
 from tsd.model import JobLimits
 from tsd.scope import ScopeError, SystemdScopes
@@ -59,6 +61,39 @@ def start(args: argparse.Namespace) -> None:
     print(json.dumps({"unit": unit, "pid": pid, "cgroup": scopes.cgroup_path(unit)}))
 
 
+def start_pid(args: argparse.Namespace) -> None:
+    """start() on a pid the caller names (e.g. one that does not exist)."""
+    try:
+        unit = SystemdScopes().start(args.job_id, args.uid, [args.pid], JobLimits())
+    except ScopeError as e:
+        print(json.dumps({"error": str(e)}))
+        sys.exit(3)
+    print(json.dumps({"unit": unit}))
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Time start() + kill() for N children that exit when killed; print the timings."""
+    scopes = SystemdScopes()
+    starts: list[float] = []
+    for i in range(args.n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)
+            os.read(r, 1)  # blocks until killed
+            os._exit(0)
+        t = time.perf_counter()
+        unit = scopes.start(args.first + i, 0, [pid], JobLimits())
+        starts.append(time.perf_counter() - t)
+        scopes.kill(unit, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(w)
+        os.close(r)
+    starts.sort()
+    print(json.dumps({"n": args.n, "median_s": starts[len(starts) // 2], "max_s": starts[-1]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -78,10 +113,21 @@ def main() -> None:
     for name in ("stop", "usage", "cgroup"):
         sub.add_parser(name).add_argument("unit")
     sub.add_parser("list")
+    sp = sub.add_parser("start-pid")
+    sp.add_argument("job_id", type=int)
+    sp.add_argument("uid", type=int)
+    sp.add_argument("pid", type=int)
+    b = sub.add_parser("bench")
+    b.add_argument("first", type=int)
+    b.add_argument("n", type=int)
     args = p.parse_args()
     scopes = SystemdScopes()
     if args.cmd == "start":
         start(args)
+    elif args.cmd == "start-pid":
+        start_pid(args)
+    elif args.cmd == "bench":
+        bench(args)
     elif args.cmd == "kill":
         print(json.dumps({"ok": scopes.kill(args.unit, args.sig)}))
     elif args.cmd == "stop":

@@ -358,3 +358,17 @@ def test_device_policy_closes_unlisted_devices_but_keeps_dev_null(
     probe(box, "start", str(job), "root", *devices, "--", f"({script}) > {out}")
     wait_until(lambda: box.exists(out) and box.read_file(out).count("\n") == 2, "the job's report")
     assert box.read_file(out).split() == [expect, "null-ok"]
+
+
+def test_start_with_a_vanished_pid_fails_and_leaves_no_scope(box: Box) -> None:
+    err = probe(box, "start-pid", "15", "0", "999999", expect_rc=3)["error"]
+    assert "tsd-job-15.scope" in err and "\n" not in err
+    assert "15" not in probe(box, "list")
+    assert box.show("tsd-job-15.scope", "LoadState")["LoadState"] == "not-found"
+
+
+def test_starting_a_scope_takes_well_under_a_second(box: Box) -> None:
+    timing = probe(box, "bench", "100", "20")
+    median, worst = timing["median_s"] * 1000, timing["max_s"] * 1000
+    print(f"scope start: median {median:.1f} ms, max {worst:.1f} ms")
+    assert timing["median_s"] < 0.5
