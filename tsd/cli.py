@@ -1,0 +1,1168 @@
+"""`ts`: GPU Task Spooler's command line on top of the tsd daemon.
+
+Option parsing follows task-spooler (POSIX getopt with "+"): options come
+first and the first word that is not an option starts the command, so
+`ts -L x python train.py --lr 3` queues `python train.py --lr 3`. Options
+whose value is optional (`-t [id]`, `-S [num]`, `-G [num]`, `-g [id,...]`)
+take the next word only when it has the value's shape (an integer, a list
+of integers); anything else is left alone.
+
+click is the framework: `parse_argv` first scans argv the getopt way (click
+cannot express "take the next word only if it is an id"), rewrites it into a
+canonical argv that click parses and type-checks, and then turns click's
+values into one protocol request. The same click command gives the man page
+(tsd.manpage) and shell completion (`_TS_COMPLETE=bash_source ts`).
+
+Kept fast to start: only the standard library, click and tsd's light
+modules are imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, NoReturn
+
+import click
+from click.shell_completion import CompletionItem
+
+from tsd import __version__, protocol, render
+from tsd.client import Client, Connection, choose_socket
+from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire
+from tsd.model import DependMode, Job, JobSpec, JobState
+
+PROG = "ts"
+TAIL_LINES = 10
+POLL_SECONDS = 0.2
+TS_ENV_TIMEOUT = 30.0
+
+VERSION_TEXT = (
+    f"Task Spooler v{__version__} (tsd) - a task queue system for the unix user.\n"
+    "Compatible with GPU Task Spooler v2 by Duc Nguyen and Lluis Batlle i Rossell.\n"
+)
+
+SYNOPSIS = "[action] [-ngfmdEBz] [-L <lab>] [-D <id,...>] [-N <num>] [-G [num]] [command...]"
+
+ENV_VARS: tuple[tuple[str, str], ...] = (
+    (
+        "TS_VISIBLE_DEVICES",
+        "the GPU IDs that are visible to ts. Jobs will be run on these GPUs only.",
+    ),
+    ("TS_SOCKET", "the path to the unix socket used by the ts command."),
+    ("TS_MAILTO", "where to mail the result (on -m). Local user by default."),
+    ("TS_MAXFINISHED", "maximum finished jobs in the queue."),
+    ("TS_MAXCONN", "maximum number of ts connections at once."),
+    ("TS_ONFINISH", "binary called on job end (passes jobid, error, outfile, command)."),
+    ("TS_ENV", "command called on enqueue. Its output determines the job information."),
+    ("TS_SAVELIST", "filename which will store the list, if the server dies."),
+    ("TS_SLOTS", "amount of jobs which can run at once, read on server start."),
+    ("TMPDIR", "directory where to place the output files and the default socket."),
+)
+
+
+class UsageError(Exception):
+    """A bad command line; printed as one `ts: ...` line, exit 1."""
+
+
+# ------------------------------------------------------------ option table
+
+
+class Kind(enum.Enum):
+    """How an option takes its value."""
+
+    FLAG = "flag"  # no value
+    VALUE = "value"  # a value is required: attached or the next word
+    OPT_INT = "opt_int"  # optional; the next word only if it is an integer
+    OPT_IDS = "opt_ids"  # optional; the next word only if it is `int[,int...]`
+    OPT_WORD = "opt_word"  # optional; the next word unless it looks like an option
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One ts option: how it is spelled, parsed, documented and what it selects."""
+
+    dest: str
+    short: str | None
+    long: str | None
+    kind: Kind
+    section: str  # where ts -h and the man page list it
+    action: str | None  # the action it selects, if any
+    metavar: str
+    help: str
+
+    @property
+    def spelled(self) -> str:
+        """The name used in messages: `-t` or `--getenv`."""
+        return f"-{self.short}" if self.short else f"--{self.long}"
+
+
+SECTION_LONG_ACTIONS = "Long option actions"
+SECTION_LONG_JOB = "Long option adding jobs"
+SECTION_ACTIONS = "Actions (can be performed only one at a time)"
+SECTION_JOB = "Options adding jobs"
+SECTIONS = (SECTION_LONG_ACTIONS, SECTION_LONG_JOB, SECTION_ACTIONS, SECTION_JOB)
+
+FL, VAL, OI, IDS, OW = Kind.FLAG, Kind.VALUE, Kind.OPT_INT, Kind.OPT_IDS, Kind.OPT_WORD
+LA, LJ, A, J = SECTION_LONG_ACTIONS, SECTION_LONG_JOB, SECTION_ACTIONS, SECTION_JOB
+
+OPTIONS: tuple[Opt, ...] = (
+    # long option actions
+    Opt("getenv", None, "getenv", VAL, LA, "getenv", "<var>",
+        "get the value of the specified variable in server environment."),
+    Opt("setenv", None, "setenv", VAL, LA, "setenv", "<var=value>",
+        "set the specified flag to server environment (VAR=VALUE); your next jobs get it."),
+    Opt("unsetenv", None, "unsetenv", VAL, LA, "unsetenv", "<var>",
+        "remove the specified flag from server environment."),
+    Opt("get_label", "a", "get_label", OI, LA, "get_label", "[id]",
+        "show the job label. Of the last added, if not specified."),
+    Opt("full_cmd", "F", "full_cmd", OI, LA, "full_cmd", "[id]",
+        "show full command. Of the last added, if not specified."),
+    Opt("count_running", "R", "count_running", FL, LA, "count_running", "",
+        "return the number of running jobs"),
+    Opt("last_queue_id", "q", "last_queue_id", FL, LA, "last_queue_id", "",
+        "show the job ID of the last added."),
+    Opt("get_logdir", None, "get_logdir", FL, LA, "get_logdir", "",
+        "get the path containing log files."),
+    Opt("set_logdir", None, "set_logdir", VAL, LA, "set_logdir", "<path>",
+        "set the path containing log files."),
+    Opt("serialize", "M", "serialize", OW, LA, "list", "[format]",
+        "serialize the job list to the specified format. Choices: {default, json, tab}."),
+    Opt("set_gpu_free_perc", None, "set_gpu_free_perc", VAL, LA, "set_gpu_free_perc", "<num>",
+        "set the value of GPU memory threshold above which GPUs are considered available "
+        "(90 by default)."),
+    Opt("get_gpu_free_perc", None, "get_gpu_free_perc", FL, LA, "get_gpu_free_perc", "",
+        "get the value of GPU memory threshold above which GPUs are considered available."),
+    # long option adding jobs
+    Opt("gpus", "G", "gpus", OI, LJ, None, "[num]",
+        "number of GPUs required by the job (1 if no number is given)."),
+    Opt("gpu_indices", "g", "gpu_indices", IDS, LJ, None, "[id,...]",
+        "the job will be on these GPU indices without checking whether they are free. "
+        "Without ids and without a command: list all jobs running on GPUs and the "
+        "corresponding GPU IDs, and the GPUs."),
+    Opt("timeout", None, "timeout", VAL, LJ, None, "<seconds>",
+        "kill the job if it runs longer than this (seconds, or with a unit: 90s, 30m, 2h,"
+        " 1d)."),
+    # actions
+    Opt("shutdown", "K", None, FL, A, "shutdown", "",
+        "kill the task spooler server"),
+    Opt("clear", "C", None, FL, A, "clear", "",
+        "clear the list of finished jobs"),
+    Opt("list", "l", None, FL, A, "list", "",
+        "show the job list (default action)"),
+    Opt("all_users", "A", None, FL, A, "list", "",
+        "show the job list of every user, with a User column."),
+    Opt("slots", "S", None, OI, A, "slots", "[num]",
+        "get/set the number of max simultaneous jobs of the server (0 drains the queue)."),
+    Opt("tail", "t", None, OI, A, "tail", "[id]",
+        '"tail -n 10 -f" the output of the job. Last run if not specified.'),
+    Opt("cat", "c", None, OI, A, "cat", "[id]",
+        "like -t, but shows all the lines. Last run if not specified."),
+    Opt("pid", "p", None, OI, A, "pid", "[id]",
+        "show the PID of the job. Last run if not specified."),
+    Opt("output", "o", None, OI, A, "output", "[id]",
+        "show the output file. Of last job run, if not specified."),
+    Opt("info", "i", None, OI, A, "info", "[id]",
+        "show job information. Of last job run, if not specified."),
+    Opt("state", "s", None, OI, A, "state", "[id]",
+        "show the job state. Of the last added, if not specified."),
+    Opt("remove", "r", None, OI, A, "remove", "[id]",
+        "remove a job. The last added, if not specified."),
+    Opt("wait", "w", None, OI, A, "wait", "[id]",
+        "wait for a job. The last added, if not specified."),
+    Opt("kill", "k", None, OI, A, "kill", "[id]",
+        "kill the job and everything it started. The last run, if not specified."),
+    Opt("kill_all", "T", None, FL, A, "kill_all", "",
+        "kill all running jobs."),
+    Opt("urgent", "u", None, OI, A, "urgent", "[id]",
+        "put that job first. The last added, if not specified."),
+    Opt("swap", "U", None, VAL, A, "swap", "<id-id>",
+        "swap two jobs in the queue."),
+    Opt("help", "h", "help", FL, A, "help", "",
+        "show this help"),
+    Opt("version", "V", "version", FL, A, "version", "",
+        "show the program version"),
+    # options adding jobs
+    Opt("no_block", "B", None, FL, J, None, "",
+        "in case of full queue on the server, quit (2) instead of waiting."),
+    Opt("no_output", "n", None, FL, J, None, "",
+        "don't store the output of the command."),
+    Opt("stderr_apart", "E", None, FL, J, None, "",
+        "Keep stderr apart, in a name like the output file, but adding '.e'."),
+    Opt("gzip", "z", None, FL, J, None, "",
+        "gzip the stored output (if not -n)."),
+    Opt("foreground", "f", None, FL, J, None, "",
+        "don't fork into background: wait for the job and exit with its exit code."),
+    Opt("mail", "m", None, FL, J, None, "",
+        "send the output by e-mail (uses sendmail)."),
+    Opt("depend_last", "d", None, FL, J, None, "",
+        "the job will be run after the last job ends."),
+    Opt("output_name", "O", None, VAL, J, None, "<name>",
+        "set name of the log file (without any path)."),
+    Opt("depend", "D", None, VAL, J, None, "<id,...>",
+        "the job will be run after the job of given IDs ends."),
+    Opt("depend_ok", "W", None, VAL, J, None, "<id,...>",
+        "the job will be run after the job of given IDs ends well (exit code 0)."),
+    Opt("label", "L", None, VAL, J, None, "<lab>",
+        "name this task with a label, to be distinguished on listing."),
+    Opt("num_slots", "N", None, VAL, J, None, "<num>",
+        "number of slots required by the job (1 default)."),
+)
+
+BY_SHORT = {o.short: o for o in OPTIONS if o.short}
+BY_LONG = {o.long: o for o in OPTIONS if o.long}
+BY_DEST = {o.dest: o for o in OPTIONS}
+
+# ts -h lists `-g` twice in task-spooler: as a job option and as an action.
+GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs.")
+
+_INT_RE = re.compile(r"[0-9]+\Z")
+_IDS_RE = re.compile(r"[0-9]+(,[0-9]+)*\Z")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\Z")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+ABSENT = -1  # an optional id or number given without one (task-spooler's "-1")
+
+
+# ---------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class Given:
+    """One option occurrence on the command line, with its value if it had one."""
+
+    opt: Opt
+    value: str | None
+
+
+def _find_long(name: str) -> Opt:
+    key = name.replace("-", "_")
+    if key in BY_LONG:
+        return BY_LONG[key]
+    # getopt_long accepts any unambiguous prefix.
+    hits = [o for n, o in BY_LONG.items() if n.startswith(key)] if key else []
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        names = ", ".join("--" + str(o.long) for o in hits)
+        raise UsageError(f"option --{name} is ambiguous ({names})")
+    raise UsageError(f"unknown option --{name} (see ts -h)")
+
+
+def _takes(kind: Kind, word: str) -> bool:
+    """Whether an optional value may be `word` (the word after the option)."""
+    if kind is Kind.OPT_INT:
+        return bool(_INT_RE.match(word))
+    if kind is Kind.OPT_IDS:
+        return bool(_IDS_RE.match(word))
+    if kind is Kind.OPT_WORD:
+        return not word.startswith("-")
+    return False
+
+
+def scan(argv: Sequence[str]) -> tuple[list[Given], list[str]]:
+    """Split argv getopt-style ("+": stop at the first non-option) into options and command."""
+    given: list[Given] = []
+    i = 0
+    n = len(argv)
+
+    def next_word(opt: Opt) -> str:
+        nonlocal i
+        if i + 1 >= n:
+            raise UsageError(f"option {opt.spelled} requires a value {opt.metavar}".rstrip())
+        i += 1
+        return argv[i]
+
+    def peek(opt: Opt) -> str | None:
+        nonlocal i
+        if i + 1 < n and _takes(opt.kind, argv[i + 1]):
+            i += 1
+            return argv[i]
+        return None
+
+    while i < n:
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg.startswith("--"):
+            name, eq, val = arg[2:].partition("=")
+            opt = _find_long(name)
+            if opt.kind is Kind.FLAG:
+                if eq:
+                    raise UsageError(f"option --{opt.long} takes no value")
+                given.append(Given(opt, None))
+            elif opt.kind is Kind.VALUE:
+                given.append(Given(opt, val if eq else next_word(opt)))
+            else:
+                given.append(Given(opt, val if eq else peek(opt)))
+            i += 1
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            j = 1
+            while j < len(arg):
+                ch = arg[j]
+                opt_or_none = BY_SHORT.get(ch)
+                if opt_or_none is None:
+                    raise UsageError(f"unknown option -{ch} (see ts -h)")
+                opt = opt_or_none
+                rest = arg[j + 1 :]
+                if opt.kind is Kind.FLAG:
+                    given.append(Given(opt, None))
+                    j += 1
+                    continue
+                if opt.kind is Kind.VALUE:
+                    given.append(Given(opt, rest if rest else next_word(opt)))
+                elif rest:
+                    # Attached (`-t5`): it must be the value, so it must have its shape.
+                    given.append(Given(opt, rest))
+                else:
+                    given.append(Given(opt, peek(opt)))
+                break
+            i += 1
+            continue
+        break
+    return given, list(argv[i:])
+
+
+# ------------------------------------------------------------ click layer
+
+
+class _JobIdType(click.ParamType):
+    """A job id; empty (the option given without one) is ABSENT: 'the default job'."""
+
+    name = "id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if value == "":
+            return ABSENT
+        if not _INT_RE.match(str(value)):
+            self.fail(f"{value!r} is not a job id", param, ctx)
+        number = int(value)
+        if number > protocol.MAX_ID:
+            self.fail(f"{value} is too large for a job id", param, ctx)
+        return number
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        """Complete with the ids of the caller's jobs, when a daemon is up."""
+        try:
+            resp = Client(may_start=False).call(protocol.ListJobs())
+        except (TsdError, OSError):
+            return []
+        items = []
+        for rec in resp.get("jobs", []):
+            ident = str(rec.get("id"))
+            if ident.startswith(incomplete):
+                command = " ".join((rec.get("spec") or {}).get("command") or [])
+                items.append(CompletionItem(ident, help=f"{rec.get('state')}: {command}"[:60]))
+        return items
+
+
+class _IdListType(click.ParamType):
+    """Comma-separated integers; empty (given without a value) is the empty tuple."""
+
+    name = "id,..."
+
+    def __init__(self, lo: int = 0) -> None:
+        self.lo = lo
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        if value == "":
+            return ()
+        if not _IDS_RE.match(str(value)):
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+        ids = tuple(int(v) for v in str(value).split(","))
+        if any(v < self.lo or v > protocol.MAX_ID for v in ids):
+            self.fail(f"{value!r}: numbers must be at least {self.lo}", param, ctx)
+        return ids
+
+
+class _SwapType(click.ParamType):
+    """`a-b`: two different job ids."""
+
+    name = "id-id"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"([0-9]+)-([0-9]+)", str(value))
+        if not match:
+            self.fail(f"{value!r} is not of the form <id-id>", param, ctx)
+        a, b = int(match.group(1)), int(match.group(2))
+        if a == b:
+            self.fail("use two different ids", param, ctx)
+        return a, b
+
+
+class _DurationType(click.ParamType):
+    """A positive duration in seconds, optionally with a unit s, m, h or d."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        match = _DURATION_RE.match(str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d)", param, ctx)
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if not 0 < seconds <= protocol.MAX_TIMEOUT:
+            self.fail(f"{value!r} is out of range", param, ctx)
+        return seconds
+
+
+def _click_type(opt: Opt) -> Any:
+    types: dict[str, Any] = {
+        "serialize": click.Choice(["default", "json", "tab"]),
+        "gpus": click.IntRange(0, protocol.MAX_GPUS),
+        "gpu_indices": _IdListType(0),
+        "timeout": _DurationType(),
+        "slots": _JobIdType(),
+        "swap": _SwapType(),
+        "set_gpu_free_perc": click.FloatRange(0.0, 100.0),
+        "depend": _IdListType(1),
+        "depend_ok": _IdListType(1),
+        "num_slots": click.IntRange(1, protocol.MAX_SLOTS),
+    }
+    if opt.dest in types:
+        return types[opt.dest]
+    if opt.kind is Kind.OPT_INT:
+        return _JobIdType()
+    return click.STRING
+
+
+_FLAG_VALUES: dict[str, Any] = {"serialize": "default", "gpus": "1", "gpu_indices": ""}
+
+
+class TsOption(click.Option):
+    """A click option that remembers its ts table entry (for help and the man page)."""
+
+    def __init__(self, opt: Opt) -> None:
+        decls = [f"-{opt.short}"] if opt.short else []
+        if opt.long:
+            decls.append(f"--{opt.long}")
+        decls.append(opt.dest)
+        kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar or None}
+        if opt.kind is Kind.FLAG:
+            kwargs["is_flag"] = True
+            kwargs["default"] = False
+        else:
+            kwargs["type"] = _click_type(opt)
+            kwargs["default"] = None
+            if opt.kind is not Kind.VALUE:
+                kwargs["is_flag"] = False
+                kwargs["flag_value"] = _FLAG_VALUES.get(opt.dest, "")
+        super().__init__(decls, **kwargs)
+        self.ts_opt = opt
+
+
+class TsCommand(click.Command):
+    """The `ts` command; its help is task-spooler's layout."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Write task-spooler's help text (ts -h) instead of click's layout."""
+        formatter.write(help_text())
+
+
+def _build_command() -> TsCommand:
+    params: list[click.Parameter] = [TsOption(o) for o in OPTIONS]
+    params.append(click.Argument(["command"], nargs=-1, required=False, metavar="[command...]"))
+    return TsCommand(
+        PROG,
+        params=params,
+        add_help_option=False,
+        help="Queue jobs and manage the tsd job queue (GPU Task Spooler compatible).",
+        context_settings={"help_option_names": []},
+    )
+
+
+COMMAND = _build_command()
+
+
+def help_text() -> str:
+    """`ts -h`: task-spooler's help, sections in its order, built from the option table."""
+
+    def left(opt: Opt) -> str:
+        if opt.short and opt.section in (SECTION_ACTIONS, SECTION_JOB):
+            return f"-{opt.short} {opt.metavar}"
+        if opt.long and opt.short:
+            return f"--{opt.long:<20} || -{opt.short} {opt.metavar}"
+        if opt.long:
+            return f"--{opt.long} {opt.metavar}"
+        return f"-{opt.short} {opt.metavar}"
+
+    out = [VERSION_TEXT.rstrip("\n"), f"usage: {PROG} {SYNOPSIS}"]
+    out.append("Env vars:")
+    out += [f"  {name:<19} {text}" for name, text in ENV_VARS]
+    for section in SECTIONS:
+        out.append(f"{section}:")
+        rows = [(left(o), o.help) for o in OPTIONS if o.section == section]
+        if section == SECTION_ACTIONS:
+            rows.insert(3, GPU_LIST_HELP)
+        width = max(len(r[0]) for r in rows) + 2
+        out += [f"  {a:<{width}} {b}" for a, b in rows]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------ invocation
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What a command line asks for: an action, the request it sends, and display options."""
+
+    action: str
+    request: protocol.Request | None = None
+    list_format: str = "default"
+    all_users: bool = False
+    foreground: bool = False
+    print_id: bool = True
+    option: str = ""  # how the action was spelled, for messages
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+GET_DEFAULTS: dict[str, protocol.Default] = {
+    "info": "run",
+    "pid": "run",
+    "output": "run",
+    "state": "added",
+    "get_label": "added",
+    "full_cmd": "added",
+    "last_queue_id": "added",
+}
+
+
+def _job_id(value: Any) -> int | None:
+    return None if value is None or value == ABSENT else int(value)
+
+
+def _click_parse(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any]:
+    """Hand the scanned options to click in canonical form; it converts and checks values."""
+    canonical: list[str] = []
+    for g in given:
+        decl = f"--{g.opt.long}" if g.opt.long else f"-{g.opt.short}"
+        canonical.append(decl)
+        if g.value is not None:
+            canonical.append(g.value)
+        elif g.opt.kind is Kind.VALUE:
+            raise UsageError(f"option {g.opt.spelled} requires a value")
+    canonical.append("--")
+    canonical += command
+    try:
+        ctx = COMMAND.make_context(PROG, canonical, resilient_parsing=False)
+    except click.BadParameter as exc:
+        where = exc.param.opts[0] if exc.param is not None and exc.param.opts else "value"
+        raise UsageError(f"invalid value for {where}: {exc.message}") from None
+    except click.ClickException as exc:
+        raise UsageError(exc.format_message()) from None
+    return dict(ctx.params)
+
+
+def parse_argv(
+    argv: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    umask: int = 0o022,
+) -> Invocation:
+    """Turn ts's argv into an Invocation. Pure: the environment, cwd and umask are arguments.
+
+    Raises UsageError for anything wrong with the command line.
+    """
+    environ = {} if environ is None else environ
+    given, command = scan(argv)
+    params = _click_parse(given, command)
+    present = {g.opt.dest for g in given}
+
+    # Which action? -l, -A and -M all mean "list"; -g without ids and without a
+    # command is the GPU listing; help wins over everything else.
+    actions: dict[str, str] = {}
+    for g in given:
+        if g.opt.action:
+            actions.setdefault(g.opt.action, g.opt.spelled)
+        elif g.opt.dest == "gpu_indices" and g.value is None and not command:
+            actions.setdefault("gpu_status", "-g")
+    if "help" in actions:
+        return Invocation("help", option=actions["help"], params=params)
+    if len(actions) > 1:
+        spelled = ", ".join(actions.values())
+        raise UsageError(f"only one action at a time ({spelled} given)")
+    action, option = next(iter(actions.items()), ("list", ""))
+
+    if command:
+        if action != "list":
+            raise UsageError(
+                f"{option} takes no command (got {command[0]!r}; job ids are numbers)"
+            )
+        return _submit(params, present, command, environ, cwd, umask)
+    return _action(action, option, params)
+
+
+def _action(action: str, option: str, params: Mapping[str, Any]) -> Invocation:
+    """The Invocation of an action that queues nothing."""
+    inv = Invocation(action, option=option, params=params)
+    req: protocol.Request | None
+    value = params.get(action)
+    match action:
+        case "version":
+            req = None
+        case "list":
+            return replace(
+                inv,
+                request=protocol.ListJobs(all_users=bool(params.get("all_users"))),
+                list_format=params.get("serialize") or "default",
+                all_users=bool(params.get("all_users")),
+            )
+        case "gpu_status":
+            req = protocol.GpuStatus()
+        case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
+            req = protocol.GetJob(id=_job_id(value), default=GET_DEFAULTS[action])
+        case "last_queue_id":
+            req = protocol.GetJob(id=None, default="added")
+        case "remove":
+            req = protocol.Remove(id=_job_id(value))
+        case "urgent":
+            req = protocol.Urgent(id=_job_id(value))
+        case "swap":
+            a, b = value or (0, 0)
+            req = protocol.Swap(a=a, b=b)
+        case "kill":
+            req = protocol.Kill(id=_job_id(value))
+        case "kill_all":
+            req = protocol.KillAll()
+        case "clear":
+            req = protocol.Clear()
+        case "shutdown":
+            req = protocol.Shutdown()
+        case "slots":
+            req = protocol.Slots(value=_job_id(value))
+        case "count_running":
+            req = protocol.CountRunning()
+        case "wait":
+            req = protocol.Wait(id=_job_id(value), default="added")
+        case "tail" | "cat":
+            req = protocol.Wait(id=_job_id(value), default="run", notify_start=True)
+        case "getenv" | "unsetenv":
+            name = str(value)
+            if not name or "=" in name:
+                raise UsageError(f"{option} needs a variable name without '='")
+            req = protocol.Env(action="get" if action == "getenv" else "unset", name=name)
+        case "setenv":
+            name, eq, val = str(value).partition("=")
+            if not name or not eq:
+                raise UsageError("--setenv needs VAR=VALUE")
+            req = protocol.Env(action="set", name=name, value=val)
+        case "get_logdir":
+            req = protocol.LogDir(path=None)
+        case "set_logdir":
+            path = str(value)
+            if not path:
+                raise UsageError("--set_logdir needs a directory")
+            req = protocol.LogDir(path=path)
+        case "get_gpu_free_perc":
+            req = protocol.GpuFreePerc(value=None)
+        case "set_gpu_free_perc":
+            req = protocol.GpuFreePerc(value=float(value or 0))
+        case _:
+            raise AssertionError(f"unhandled action {action}")
+    return replace(inv, request=req)
+
+
+def _clean_env(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    # Variables that cannot travel as UTF-8 JSON (undecodable bytes, odd names)
+    # are left out rather than refusing the whole job.
+    out = []
+    for name, value in environ.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            continue
+        try:
+            name.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        out.append((name, value))
+    return tuple(out)
+
+
+def _submit(
+    params: Mapping[str, Any],
+    present: set[str],
+    command: Sequence[str],
+    environ: Mapping[str, str],
+    cwd: str | None,
+    umask: int,
+) -> Invocation:
+    """The Invocation that queues `command` with the job options given."""
+    if cwd is None:
+        raise UsageError("cannot queue a job: the current directory cannot be read")
+    for word in command:
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"the command word {word!r} is not valid UTF-8") from None
+    if "depend" in present and "depend_ok" in present:
+        raise UsageError("use either -D or -W, not both")
+    no_output = bool(params.get("no_output"))
+    gzip = bool(params.get("gzip"))
+    if params.get("mail") and (no_output or gzip):
+        raise UsageError("for e-mail (-m), you should store the output (not -n, not -z)")
+    gpu_indices = params.get("gpu_indices")
+    if "gpu_indices" in present and not gpu_indices:
+        raise UsageError("-g needs GPU indices (e.g. -g 0,1) to queue a command")
+    gpus = params.get("gpus")
+    if gpu_indices and gpus is not None and gpus != len(gpu_indices):
+        raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
+    depends = params.get("depend_ok") or params.get("depend") or ()
+    spec = JobSpec(
+        command=tuple(command),
+        cwd=cwd,
+        env=_clean_env(environ),
+        umask=umask,
+        label=params.get("label"),
+        slots=params.get("num_slots") or 1,
+        gpus=len(gpu_indices) if gpu_indices else (gpus or 0),
+        gpu_indices=tuple(gpu_indices) if gpu_indices else None,
+        depends=tuple(depends),
+        depend_mode=DependMode.SUCCESS if "depend_ok" in present else DependMode.AFTER,
+        store_output=not no_output,
+        gzip=gzip,
+        stderr_apart=bool(params.get("stderr_apart")),
+        output_name=params.get("output_name"),
+        mail=bool(params.get("mail")),
+        timeout=params.get("timeout"),
+    )
+    try:
+        # The daemon checks the same way; checking here gives the message before connecting.
+        protocol.parse_spec(protocol.spec_to_wire(spec))
+    except BadRequest as exc:
+        raise UsageError(exc.message.removeprefix("bad request: ")) from None
+    foreground = bool(params.get("foreground"))
+    return Invocation(
+        "submit",
+        request=protocol.Submit(
+            spec=spec,
+            depend_last=bool(params.get("depend_last")),
+            block=not params.get("no_block"),
+        ),
+        foreground=foreground,
+        # -nf is task-spooler's "transparent" mode: nothing but the job's exit code.
+        print_id=not (foreground and no_output),
+        params=params,
+    )
+
+
+# ------------------------------------------------------------------ output
+
+
+class _StdoutGone(Exception):
+    """stdout was closed under us (`ts -c | head`)."""
+
+
+def _emit(text: str | bytes) -> None:
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise _StdoutGone() from None
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _terminal_width() -> int | None:
+    try:
+        if sys.stdout.isatty():
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+    except OSError:
+        pass
+    return None
+
+
+def wait_code(job: Job) -> int:
+    """What -w/-t/-c/-f exit with: the job's code; 255 when skipped, killed or lost."""
+    if job.state is JobState.FINISHED and job.exit is not None:
+        return job.exit.wait_code
+    return 255
+
+
+def _check(frame: Mapping[str, Any]) -> dict[str, Any]:
+    if frame.get("ok") is True:
+        return dict(frame)
+    if frame.get("ok") is False:
+        raise from_wire(str(frame.get("code", "error")), str(frame.get("error", "unknown error")))
+    raise TsdError("malformed response from the daemon")
+
+
+def _job(resp: Mapping[str, Any]) -> Job:
+    rec = resp.get("job")
+    if not isinstance(rec, dict):
+        raise TsdError("malformed response from the daemon: no job record")
+    return protocol.job_from_wire(rec)
+
+
+def _ts_env_info(environ: Mapping[str, str]) -> str | None:
+    """TS_ENV: run it with sh at submit time; its output is the job's information (-i)."""
+    script = environ.get("TS_ENV")
+    if not script:
+        return None
+    try:
+        proc = subprocess.run(
+            ["/bin/sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            timeout=TS_ENV_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise TsdError(f"TS_ENV did not finish within {TS_ENV_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise TsdError(f"cannot run TS_ENV: {exc.strerror}") from None
+    text = proc.stdout.decode("utf-8", "replace").replace("\0", "")
+    return text[: protocol.MAX_TEXT] or None
+
+
+# ------------------------------------------------------------ -t and -c
+
+
+class OutputFollower:
+    """Copies a job's output file to a stream as it grows; gunzips -z output on the fly."""
+
+    def __init__(self, path: str, gzipped: bool, out: IO[bytes], tail_lines: int | None) -> None:
+        self.path = path
+        self.gzipped = gzipped
+        self.out = out
+        self.tail_lines = tail_lines  # None: everything (-c); N: start with the last N lines (-t)
+        self.file: IO[bytes] | None = None
+        self.inflater = zlib.decompressobj(wbits=31) if gzipped else None
+
+    def _open(self) -> bool:
+        if self.file is not None:
+            return True
+        try:
+            self.file = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
+        except FileNotFoundError:
+            return False
+        if self.tail_lines is not None:
+            self._start_at_tail(self.tail_lines)
+        return True
+
+    def _start_at_tail(self, lines: int) -> None:
+        assert self.file is not None
+        if self.gzipped:
+            data = self._inflate(self.file.read())
+            self._write(_last_lines(data, lines))
+            return
+        # Plain file: read backwards from the end only as far as needed.
+        end = self.file.seek(0, os.SEEK_END)
+        pos, chunk, buf = end, 1 << 16, b""
+        while pos > 0 and buf.count(b"\n") <= lines:
+            step = min(chunk, pos)
+            pos -= step
+            self.file.seek(pos)
+            buf = self.file.read(step) + buf
+        self.file.seek(end)
+        self._write(_last_lines(buf, lines))
+
+    def _inflate(self, data: bytes) -> bytes:
+        assert self.inflater is not None
+        out = []
+        while data:
+            try:
+                out.append(self.inflater.decompress(data))
+            except zlib.error as exc:
+                raise TsdError(f"{self.path}: not readable as gzip: {exc}") from None
+            if self.inflater.eof:
+                # gzip files may hold several members; start the next one.
+                data = self.inflater.unused_data
+                self.inflater = zlib.decompressobj(wbits=31)
+            else:
+                data = b""
+        return b"".join(out)
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except BrokenPipeError:
+                raise _StdoutGone() from None
+
+    def poll(self) -> bool:
+        """Copy whatever is new. False while the file does not exist yet."""
+        if not self._open():
+            return False
+        assert self.file is not None
+        while True:
+            data = self.file.read(1 << 16)
+            if not data:
+                return True
+            self._write(self._inflate(data) if self.gzipped else data)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self.file is not None:
+            self.file.close()
+
+
+def _last_lines(data: bytes, n: int) -> bytes:
+    """The last n lines of `data`, as `tail -n` prints them."""
+    lines = data.splitlines(keepends=True)
+    return b"".join(lines[-n:]) if n > 0 else b""
+
+
+def follow_output(
+    conn: Connection, inv: Invocation, out: IO[bytes], poll: float = POLL_SECONDS
+) -> int:
+    """-t/-c: copy the job's output until the daemon's final frame; the job's wait code."""
+    tail = TAIL_LINES if inv.action == "tail" else None
+    follower: OutputFollower | None = None
+    started = False
+    try:
+        while True:
+            if follower is not None:
+                follower.poll()
+            ready, _, _ = select.select([conn.fileno()], [], [], poll)
+            if not ready:
+                continue
+            frame = conn.recv()
+            if frame.get("event") == "started":
+                started = True
+                follower = _follower_for(_job(frame), out, tail)
+                continue
+            if "event" in frame:
+                continue
+            job = _job(_check(frame))
+            break
+        if not started:
+            # It ended before it could be followed (or never ran): show what it left.
+            follower = _follower_for(job, out, tail)
+        if follower is not None and not follower.poll():
+            _warn(f"job {job.id}: output file {follower.path} does not exist")
+        return wait_code(job)
+    finally:
+        if follower is not None:
+            follower.close()
+
+
+def _follower_for(job: Job, out: IO[bytes], tail: int | None) -> OutputFollower | None:
+    if not job.spec.store_output:
+        _warn(f"job {job.id} does not store its output (-n)")
+        return None
+    if not job.output_path:
+        if job.state is not JobState.SKIPPED:
+            _warn(f"job {job.id} has no output file")
+        return None
+    return OutputFollower(job.output_path, job.spec.gzip, out, tail)
+
+
+# ------------------------------------------------------------------ running
+
+
+def _print_list(inv: Invocation, resp: Mapping[str, Any]) -> None:
+    jobs = [protocol.job_from_wire(r) for r in resp.get("jobs", [])]
+    now = time.time()
+    if inv.list_format == "json":
+        _emit(render.list_json(jobs, now=now))
+    elif inv.list_format == "tab":
+        _emit(render.list_tab(jobs, show_user=inv.all_users, now=now))
+    else:
+        _emit(
+            render.list_text(
+                jobs,
+                int(resp.get("slots", 0)),
+                int(resp.get("running", 0)),
+                show_user=inv.all_users,
+                now=now,
+                width=_terminal_width(),
+            )
+        )
+
+
+def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+    for frame in client.stream(req):
+        if "event" not in frame:
+            final = frame
+    return final
+
+
+def _submit_run(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
+    req = inv.request
+    assert isinstance(req, protocol.Submit)
+    info = _ts_env_info(environ)
+    if info is not None:
+        req = replace(req, spec=replace(req.spec, env_info=info))
+    resp = client.call(req)
+    job_id = int(resp["id"])
+    if inv.print_id:
+        _emit(f"{job_id}\n")
+    if not inv.foreground:
+        return 0
+    try:
+        return wait_code(_job(_stream_final(client, protocol.Wait(id=job_id))))
+    except KeyboardInterrupt:
+        # task-spooler's -f runs the job in the foreground: Ctrl-C ends it.
+        with contextlib.suppress(TsdError, OSError):
+            client.call(protocol.Kill(id=job_id))
+        return 130
+
+
+def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
+    """Carry out an Invocation against the daemon; returns the exit code."""
+    environ = os.environ if environ is None else environ
+    if inv.action == "help":
+        _emit(help_text())
+        return 0
+    if inv.action == "version":
+        _emit(VERSION_TEXT)
+        return 0
+    if inv.action == "shutdown":
+        client = Client(may_start=False)
+        try:
+            client.call(protocol.Shutdown())
+        except ServerUnavailable:
+            if choose_socket(environ)[1]:
+                return 0  # no personal daemon running: nothing to shut down
+            raise
+        return 0
+    client = Client()
+    if inv.action == "submit":
+        return _submit_run(client, inv, environ)
+    assert inv.request is not None
+    if inv.action in ("tail", "cat"):
+        conn = client.connect()
+        try:
+            conn.send(inv.request)
+            return follow_output(conn, inv, sys.stdout.buffer)
+        finally:
+            conn.close()
+    if inv.action == "wait":
+        return wait_code(_job(_stream_final(client, inv.request)))
+    resp = client.call(inv.request)
+    return _show(inv, resp)
+
+
+def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
+    """Print the answer to a one-shot request; the exit code."""
+    action = inv.action
+    if action == "list":
+        _print_list(inv, resp)
+    elif action == "gpu_status":
+        jobs = [protocol.job_from_wire(r) for r in resp.get("jobs", [])]
+        _emit(render.gpu_status_text(resp, jobs))
+    elif action in GET_DEFAULTS:
+        return _show_job(action, _job(resp))
+    elif action == "slots":
+        if inv.params.get("slots") in (None, ABSENT):
+            _emit(f"{resp.get('slots')}\n")
+    elif action == "count_running":
+        _emit(f"{resp.get('count')}\n")
+    elif action == "getenv":
+        value = resp.get("value")
+        if value is not None:
+            _emit(f"{value}\n")
+    elif action == "get_logdir":
+        _emit(f"{resp.get('path')}\n")
+    elif action == "get_gpu_free_perc":
+        _emit(f"{float(resp.get('value', 0)):g}\n")
+    return 0
+
+
+def _show_job(action: str, job: Job) -> int:
+    if action == "info":
+        _emit(render.info_text(job, time.time()))
+    elif action == "state":
+        _emit(f"{job.state.value}\n")
+    elif action == "last_queue_id":
+        _emit(f"{job.id}\n")
+    elif action == "get_label":
+        _emit(f"{job.spec.label or ''}\n")
+    elif action == "full_cmd":
+        _emit(f"{job.spec.command_line}\n")
+    elif action == "pid":
+        if job.pid is None:
+            raise TsdError(f"job {job.id} has no process ({job.state.value})")
+        _emit(f"{job.pid}\n")
+    elif action == "output":
+        if not job.spec.store_output:
+            raise TsdError(f"job {job.id} does not store its output (-n)")
+        if not job.output_path:
+            raise TsdError(f"job {job.id} has no output file yet ({job.state.value})")
+        _emit(f"{job.output_path}\n")
+    return 0
+
+
+def _current_umask() -> int:
+    # Reading the umask means setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _edge() -> Iterator[None]:
+    """Where every failure becomes one `ts: ...` line and an exit code."""
+    try:
+        yield
+    except UsageError as exc:
+        _warn(str(exc))
+        sys.exit(1)
+    except TsdError as exc:
+        _warn(exc.message)
+        sys.exit(exc.exit_code)
+    except _StdoutGone:
+        # Like any filter whose reader went away: stop quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        _warn(f"lost the connection to the daemon: {exc.strerror or exc}")
+        sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of `ts`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "_TS_COMPLETE" in os.environ:
+        # Shell completion is click's: it reads the words from the environment.
+        COMMAND.main(args=args, prog_name=PROG, complete_var="_TS_COMPLETE")
+    code = 1
+    with _edge():
+        inv = parse_argv(args, os.environ, _cwd(), _current_umask())
+        code = run(inv)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""What `ts` prints: job lists, job info and GPU status, as plain strings.
+
+Pure functions only: they take job records (and the current time where a
+running job's age matters) and return text. The layouts follow GPU Task
+Spooler's so that scripts parsing `ts -l`, `ts -i` or `ts -M json|tab` keep
+working; where task-spooler is broken (milliseconds that are not
+milliseconds, tab rows with a varying number of columns, output names cut
+to uselessness) the format here is the fixed one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tsd.model import Job, JobState
+
+# task-spooler's fixed minimum column widths (`%-4s %-10s %-20s %-8s %-6s`).
+ID_WIDTH = 4
+STATE_WIDTH = 10
+OUTPUT_WIDTH = 20
+ELEVEL_WIDTH = 8
+TIME_WIDTH = 6
+USER_WIDTH = 8
+LABEL_WIDTH = 20  # task-spooler shortens labels to this in `ts -l`
+MIN_COMMAND_WIDTH = 20
+
+TAB_COLUMNS = (
+    "ID",
+    "State",
+    "Output",
+    "E-Level",
+    "Time",
+    "Unit",
+    "GPUs",
+    "Depends",
+    "Label",
+    "Command",
+)
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def time_rep(seconds: float) -> tuple[float, str]:
+    """task-spooler's time_rep: seconds scaled to s, m, h or d."""
+    value, unit = seconds, "s"
+    if value > 60:
+        value, unit = value / 60, "m"
+        if value > 60:
+            value, unit = value / 60, "h"
+            if value > 24:
+                value, unit = value / 24, "d"
+    return value, unit
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as `ts -l` shows it: `%5.2f` plus the unit, e.g. ` 0.01s`."""
+    value, unit = time_rep(seconds)
+    return f"{value:5.2f}{unit}"
+
+
+def run_seconds(job: Job, now: float | None) -> float | None:
+    """How long the job ran (finished) or has been running (running, given `now`)."""
+    if job.start_time is None:
+        return None
+    if job.end_time is not None:
+        return max(0.0, job.end_time - job.start_time)
+    if job.state is JobState.RUNNING and now is not None:
+        return max(0.0, now - job.start_time)
+    return None
+
+
+def output_shown(job: Job) -> str:
+    """The Output column: the file, or task-spooler's placeholder for it."""
+    if job.state is JobState.SKIPPED:
+        return "(no output)"
+    if not job.spec.store_output:
+        return "stdout"
+    if job.state.pending:
+        return "(file)"
+    return job.output_path or "(...)"
+
+
+def elevel(job: Job) -> int | None:
+    """E-Level of a finished job (-1 when killed by a signal or lost); None otherwise."""
+    if job.state is not JobState.FINISHED or job.exit is None:
+        return None
+    return job.exit.elevel
+
+
+def depend_str(job: Job) -> str:
+    """task-spooler's dependency prefix, e.g. `[3,4]&& `; empty without dependencies."""
+    if not job.spec.depends:
+        return ""
+    return "[" + ",".join(str(d) for d in job.spec.depends) + "]&& "
+
+
+def gpu_str(job: Job) -> str:
+    """GPU prefix for the command column: the GPUs held, or how many are wanted."""
+    if job.gpu_ids:
+        return "[GPU " + ",".join(str(g) for g in job.gpu_ids) + "] "
+    wanted = job.spec.gpus_wanted
+    if wanted and not job.state.done:
+        return f"[{wanted} GPU{'s' if wanted > 1 else ''}] "
+    return ""
+
+
+def shorten(text: str, width: int) -> str:
+    """Cut `text` to `width` characters, ending in `...` when cut."""
+    if len(text) <= width:
+        return text
+    if width <= 3:
+        return text[:width]
+    return text[: width - 3] + "..."
+
+
+def ordered(jobs: Iterable[Job]) -> list[Job]:
+    """task-spooler's listing order: ended jobs first, then running, then the queue."""
+
+    def key(job: Job) -> tuple[int, float, int, int]:
+        if job.state.done:
+            return (0, job.end_time or job.enqueue_time, 0, job.id)
+        if job.state is JobState.RUNNING:
+            return (1, job.start_time or job.enqueue_time, 0, job.id)
+        return (2, 0.0, job.order, job.id)
+
+    return sorted(jobs, key=key)
+
+
+# ------------------------------------------------------------------- ts -l
+
+
+def list_text(
+    jobs: Sequence[Job],
+    slots: int,
+    running: int,
+    show_user: bool = False,
+    now: float | None = None,
+    width: int | None = None,
+) -> str:
+    """`ts -l`: task-spooler's table. `width` (a terminal's) shortens long commands.
+
+    Columns widen past task-spooler's minimums only when a value needs it, so
+    they always line up; the header is exactly task-spooler's when they don't.
+    """
+    rows = ordered(jobs)
+    outputs = [output_shown(j) for j in rows]
+    times = []
+    for job in rows:
+        secs = run_seconds(job, now)
+        times.append("" if secs is None else format_duration(secs))
+    id_w = max([ID_WIDTH, *(len(str(j.id)) for j in rows)])
+    out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs)])
+    time_w = max([TIME_WIDTH, *(len(t) for t in times)])
+    user_w = max([USER_WIDTH, *(len(j.user) for j in rows)])
+
+    def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str) -> str:
+        head = f"{ident:<{id_w}} "
+        if show_user:
+            head += f"{user:<{user_w}} "
+        return (
+            head
+            + f"{state:<{STATE_WIDTH}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
+        )
+
+    header = cells("ID", "User", "State", "Output", "E-Level", "Time")
+    lines = [header + f"Command [run={running}/{slots}]"]
+    for job, out, tim in zip(rows, outputs, times, strict=True):
+        lvl = elevel(job)
+        prefix = cells(
+            str(job.id),
+            job.user,
+            job.state.value,
+            out,
+            "" if lvl is None else str(lvl),
+            tim.rjust(TIME_WIDTH),
+        )
+        label = f"[{shorten(job.spec.label, LABEL_WIDTH)}]" if job.spec.label else ""
+        command = job.spec.command_line
+        if width is not None:
+            room = width - len(prefix) - len(depend_str(job)) - len(gpu_str(job)) - len(label)
+            command = shorten(command, max(room, MIN_COMMAND_WIDTH))
+        lines.append(prefix + depend_str(job) + gpu_str(job) + label + command)
+    return "\n".join(lines) + "\n"
+
+
+def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
+    """One job as an object of `ts -M json`: task-spooler's keys plus tsd's."""
+    secs = run_seconds(job, now)
+    return {
+        "ID": job.id,
+        "State": job.state.value,
+        "Output": output_shown(job),
+        "E-Level": elevel(job),
+        "Time_ms": None if secs is None else round(secs * 1000),
+        "Command": job.spec.command_line,
+        "GPUs": job.spec.gpus_wanted,
+        "User": job.user,
+        "Label": job.spec.label,
+        "Cwd": job.spec.cwd,
+        "Depends": list(job.spec.depends),
+        "GPU_IDs": list(job.gpu_ids),
+        "Slots": job.spec.slots,
+        "Enqueue": job.enqueue_time,
+        "Start": job.start_time,
+        "End": job.end_time,
+        "Unit": job.unit,
+    }
+
+
+def list_json(jobs: Sequence[Job], now: float | None = None) -> str:
+    """`ts -M json`: a JSON array of job objects, in listing order."""
+    return json.dumps([job_dict(j, now) for j in ordered(jobs)], ensure_ascii=False) + "\n"
+
+
+def _tab_field(text: str) -> str:
+    # A tab or newline inside a command would shift every later column.
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = None) -> str:
+    """`ts -M tab`: task-spooler's tab-separated fields, the same columns on every row.
+
+    Columns: ID, [User,] State, Output, E-Level, Time, Unit, GPUs, Depends,
+    Label, Command. Empty fields stay as empty strings; tabs, newlines and
+    backslashes inside values are escaped as `\\t`, `\\n`, `\\\\`.
+    """
+    lines = []
+    for job in ordered(jobs):
+        secs = run_seconds(job, now)
+        value, unit = ("", "") if secs is None else (f"{time_rep(secs)[0]:.2f}", time_rep(secs)[1])
+        lvl = elevel(job)
+        fields = [str(job.id)]
+        if show_user:
+            fields.append(job.user)
+        fields += [
+            job.state.value,
+            output_shown(job),
+            "" if lvl is None else str(lvl),
+            value,
+            unit,
+            str(job.spec.gpus_wanted),
+            depend_str(job),
+            f"[{job.spec.label}]" if job.spec.label else "",
+            job.spec.command_line,
+        ]
+        lines.append("\t".join(_tab_field(f) for f in fields))
+    return "".join(line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------- ts -i
+
+
+def _ctime(t: float) -> str:
+    return time.ctime(t)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def exit_status(job: Job) -> str | None:
+    """task-spooler's `Exit status:` wording; None while the job has not ended."""
+    if job.state is JobState.SKIPPED:
+        return "skipped (a -W dependency failed)"
+    ex = job.exit
+    if ex is None:
+        return None
+    if ex.timed_out:
+        how = f"killed by signal {ex.signal}" if ex.signal else "killed"
+        return f"{how} (time limit reached)"
+    if ex.lost:
+        return "lost (the job ended without a recorded status)"
+    if ex.signal is not None:
+        return f"killed by signal {ex.signal}"
+    return f"died with exit code {ex.code}"
+
+
+def info_text(job: Job, now: float) -> str:
+    """`ts -i`: task-spooler's lines (Exit status, Command, Slots required, times)
+    plus what tsd knows besides: user, GPUs, output files, CPU time, peak memory,
+    why a pending job waits, and TS_ENV's output.
+    """
+    lines: list[str] = []
+    if job.spec.env_info:
+        lines.append(job.spec.env_info.rstrip("\n"))
+    status = exit_status(job)
+    if status is not None:
+        lines.append(f"Exit status: {status}")
+    if job.exit is not None and job.exit.note:
+        lines.append(f"Note: {job.exit.note}")
+    lines.append(f"Command: {depend_str(job)}{job.spec.command_line}")
+    if job.spec.label:
+        lines.append(f"Label: {job.spec.label}")
+    lines.append(f"State: {job.state.value}")
+    if job.state.pending and job.wait_reason:
+        lines.append(f"Waiting for: {job.wait_reason}")
+    lines.append(f"User: {job.user} (uid {job.uid})")
+    lines.append(f"Working directory: {job.spec.cwd}")
+    lines.append(f"Slots required: {job.spec.slots}")
+    lines.append(f"GPUs required: {job.spec.gpus_wanted}")
+    if job.spec.gpu_indices is not None:
+        lines.append("GPUs requested: " + ",".join(str(g) for g in job.spec.gpu_indices))
+    if job.gpu_ids:
+        lines.append("GPU IDs: " + ",".join(str(g) for g in job.gpu_ids))
+    if job.spec.timeout is not None:
+        lines.append(f"Time limit: {job.spec.timeout:g}s")
+    if not job.spec.store_output:
+        lines.append("Output: not stored (-n)")
+    elif job.output_path:
+        lines.append(f"Output: {job.output_path}")
+        if job.spec.stderr_apart:
+            lines.append(f"Stderr: {job.output_path}.e")
+    if job.pid is not None and job.state is JobState.RUNNING:
+        lines.append(f"PID: {job.pid}")
+    if job.unit:
+        lines.append(f"Unit: {job.unit}")
+    lines.append(f"Enqueue time: {_ctime(job.enqueue_time)}")
+    if job.start_time is not None:
+        lines.append(f"Start time: {_ctime(job.start_time)}")
+    if job.end_time is not None:
+        lines.append(f"End time: {_ctime(job.end_time)}")
+    secs = run_seconds(job, now)
+    if secs is not None:
+        value, unit = time_rep(secs)
+        word = "Time run" if job.end_time is not None else "Time running"
+        lines.append(f"{word}: {value:f}{unit}")
+    if job.exit is not None and job.exit.cpu_seconds is not None:
+        lines.append(f"CPU time: {job.exit.cpu_seconds:.2f}s")
+    if job.exit is not None and job.exit.max_rss is not None:
+        lines.append(f"Peak memory: {_bytes(job.exit.max_rss)}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------- ts -g
+
+
+def _gpu_ids_text(job: Job) -> str:
+    return " ".join(str(g) for g in job.gpu_ids)
+
+
+def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
+    """`ts -g`: task-spooler's `ID   GPU-IDs` list of running GPU jobs, then the GPUs.
+
+    `resp` is the daemon's GpuStatus answer; `jobs` its `jobs` already rebuilt
+    as Job records (the caller does that so this stays free of wire parsing).
+    """
+    lines = [f"{'ID':<{ID_WIDTH}} GPU-IDs"]
+    for job in ordered(jobs):
+        lines.append(f"{job.id:<{ID_WIDTH}} {_gpu_ids_text(job)}")
+    gpus = resp.get("gpus") or []
+    if gpus:
+        lines.append("")
+        name_w = max([20, *(len(str(g.get("name", ""))) for g in gpus)])
+        lines.append(f"{'GPU':<4} {'Name':<{name_w}} {'Memory used/total':<21} {'Free':>6}  Status")
+        for gpu in gpus:
+            total = float(gpu.get("memory_total") or 0)
+            used = float(gpu.get("memory_used") or 0)
+            mem = f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB"
+            free = gpu.get("free_percent")
+            free_s = "" if free is None else f"{float(free):.1f}%"
+            busy = gpu.get("busy")
+            status = "free" if not busy else f"busy: {busy}"
+            lines.append(
+                f"{gpu.get('index', '?')!s:<4} {gpu.get('name', '')!s:<{name_w}} "
+                f"{mem:<21} {free_s:>6}  {status}"
+            )
+            for proc in gpu.get("processes") or []:
+                used_mem = proc.get("used_memory")
+                mem_s = "" if used_mem is None else " " + _bytes(float(used_mem))
+                user = proc.get("user") or "?"
+                lines.append(f"     pid {proc.get('pid')} ({user}){mem_s}")
+    problem = resp.get("problem")
+    if problem:
+        lines.append("")
+        lines.append(f"GPU status: {problem}")
+    return "\n".join(lines) + "\n"
