@@ -213,6 +213,7 @@ class Box:
     python: str  # interpreter for the project inside the box (repo's venv if any)
     boot_seconds: float = 0.0
     _stopped: bool = field(default=False, repr=False)
+    _homes: dict[str, str] = field(default_factory=dict, repr=False)
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -435,10 +436,12 @@ class Box:
         return r
 
     def _home(self, user: str) -> str:
-        r = self.run(["getent", "passwd", user], check=False)
-        if r.returncode != 0:
-            raise BoxError(f"no user {user!r} in the box")
-        return r.stdout.strip().split(":")[5]
+        if user not in self._homes:
+            r = self.run(["getent", "passwd", user], check=False)
+            if r.returncode != 0:
+                raise BoxError(f"no user {user!r} in the box")
+            self._homes[user] = r.stdout.strip().split(":")[5]
+        return self._homes[user]
 
     def write_file(self, path: str, text: str, mode: int = 0o644, owner: str | None = None) -> None:
         """Create or replace `path` in the box (parents made as needed)."""

@@ -105,6 +105,13 @@ def test_box_runs_commands_as_a_user_with_a_login_environment(box: Box, alice: i
     assert r.stdout == "in\nx\n"
 
 
+def test_add_user_creates_missing_groups_and_joins_them(box: Box) -> None:
+    uid = box.add_user("bob", groups=["tsdtest-a", "tsdtest-b"])
+    assert box.uid("bob") == uid >= 1000
+    groups = box.run(["id", "-nG"], user="bob").stdout.split()
+    assert sorted(groups) == ["bob", "tsdtest-a", "tsdtest-b"]
+
+
 def test_box_run_failure_names_command_code_and_output(box: Box) -> None:
     with pytest.raises(BoxError) as err:
         box.run("echo out; echo err >&2; exit 3")
