@@ -123,7 +123,10 @@ class SystemdScopes:
         /dev/nvidiaN and the shared nodes (/dev/nvidiactl, /dev/nvidia-uvm,
         /dev/nvidia-uvm-tools).
         """
-        from gi.repository import GLib
+        try:
+            from gi.repository import GLib
+        except ImportError as e:
+            raise ScopeError(f"cannot talk to systemd: PyGObject is missing ({e})") from e
 
         if not pids:
             raise ScopeError(f"job {job_id}: no process to put in a scope")
