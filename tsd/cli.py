@@ -504,7 +504,8 @@ def help_text() -> str:
 
     def left(opt: Opt) -> str:
         if opt.short and opt.section in (SECTION_ACTIONS, SECTION_JOB):
-            return f"-{opt.short} {opt.metavar}"
+            also = f", --{opt.long}" if opt.long else ""
+            return f"-{opt.short}{also} {opt.metavar}"
         if opt.long and opt.short:
             return f"--{opt.long:<20} || -{opt.short} {opt.metavar}"
         if opt.long:

@@ -1,0 +1,458 @@
+"""ts's argv -> request mapping, for every flag, without a daemon.
+
+Also the client-side pieces that need no daemon: following a (gzipped)
+output file for -t/-c, the help text and the generated man page.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsd import __version__, cli, manpage, protocol
+from tsd.cli import Invocation, UsageError, parse_argv
+from tsd.model import DependMode
+
+ENV = {"HOME": "/home/alice", "PATH": "/usr/bin"}
+
+
+def parse(*argv: str) -> Invocation:
+    return parse_argv(list(argv), ENV, "/work/dir", 0o027)
+
+
+def submit(*argv: str) -> protocol.Submit:
+    inv = parse(*argv)
+    assert inv.action == "submit"
+    assert isinstance(inv.request, protocol.Submit)
+    return inv.request
+
+
+def usage_error(*argv: str) -> str:
+    with pytest.raises(UsageError) as info:
+        parse(*argv)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- submit
+
+
+def test_bare_command_is_queued_with_cwd_env_umask_and_defaults() -> None:
+    req = submit("python", "train.py")
+    spec = req.spec
+    assert spec.command == ("python", "train.py")
+    assert spec.cwd == "/work/dir"
+    assert dict(spec.env) == ENV
+    assert spec.umask == 0o027
+    assert (spec.slots, spec.gpus, spec.gpu_indices, spec.depends) == (1, 0, None, ())
+    assert spec.store_output and not spec.gzip and not spec.stderr_apart and not spec.mail
+    assert spec.label is None and spec.output_name is None and spec.timeout is None
+    assert req.block and not req.depend_last
+
+
+def test_parsing_stops_at_the_first_non_option_word() -> None:
+    spec = submit("-L", "x", "python", "train.py", "--lr", "3", "-n").spec
+    assert spec.command == ("python", "train.py", "--lr", "3", "-n")
+    assert spec.label == "x"
+    assert spec.store_output
+
+
+def test_double_dash_ends_options() -> None:
+    assert submit("--", "-weird").spec.command == ("-weird",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["-n"], "store_output", False),
+        (["-E"], "stderr_apart", True),
+        (["-z"], "gzip", True),
+        (["-m"], "mail", True),
+        (["-O", "run.log"], "output_name", "run.log"),
+        (["-Orun.log"], "output_name", "run.log"),
+        (["-L", "exp 1"], "label", "exp 1"),
+        (["-L", "-dash"], "label", "-dash"),
+        (["-N", "3"], "slots", 3),
+        (["-N3"], "slots", 3),
+        (["-G", "2"], "gpus", 2),
+        (["--gpus", "2"], "gpus", 2),
+        (["--gpus=2"], "gpus", 2),
+        (["-G"], "gpus", 1),
+        (["-G0"], "gpus", 0),
+        (["--timeout", "90"], "timeout", 90.0),
+        (["--timeout", "30m"], "timeout", 1800.0),
+        (["--timeout=1.5h"], "timeout", 5400.0),
+        (["--timeout", "2d"], "timeout", 172800.0),
+    ],
+)
+def test_job_option_sets_spec_field(argv: list[str], field: str, value: object) -> None:
+    spec = submit(*argv, "true").spec
+    assert getattr(spec, field) == value
+
+
+def test_gpu_indices_pin_gpus_and_imply_the_count() -> None:
+    for argv in (["-g", "0,2"], ["-g0,2"], ["--gpu_indices", "0,2"], ["--gpu_indices=0,2"]):
+        spec = submit(*argv, "python", "x.py").spec
+        assert spec.gpu_indices == (0, 2)
+        assert spec.gpus == 2
+
+
+def test_optional_gpu_count_does_not_swallow_the_command() -> None:
+    spec = submit("-G", "python", "x.py").spec
+    assert spec.gpus == 1
+    assert spec.command == ("python", "x.py")
+
+
+def test_dependencies_after_and_success() -> None:
+    after = submit("-D", "3,4", "true")
+    assert after.spec.depends == (3, 4) and after.spec.depend_mode is DependMode.AFTER
+    ok = submit("-W", "5", "true")
+    assert ok.spec.depends == (5,) and ok.spec.depend_mode is DependMode.SUCCESS
+    last = submit("-d", "true")
+    assert last.depend_last and last.spec.depends == ()
+    both = submit("-d", "-D", "1", "true")
+    assert both.depend_last and both.spec.depends == (1,)
+
+
+def test_no_block_and_foreground_flags() -> None:
+    assert submit("-B", "true").block is False
+    inv = parse("-f", "true")
+    assert inv.foreground and inv.print_id
+    transparent = parse("-nf", "true")
+    assert transparent.foreground and not transparent.print_id
+    assert parse("-n", "true").print_id
+
+
+def test_clustered_short_flags_with_a_trailing_value() -> None:
+    spec = submit("-nzEL", "lab", "true").spec
+    flags = (spec.store_output, spec.gzip, spec.stderr_apart, spec.label)
+    assert flags == (False, True, True, "lab")
+
+
+def test_list_flags_followed_by_a_command_queue_it_like_task_spooler() -> None:
+    assert submit("-l", "echo", "hi").spec.command == ("echo", "hi")
+
+
+def test_undecodable_environment_variables_are_left_out() -> None:
+    env = {"GOOD": "1", "BAD": "\udcff", "": "x"}
+    inv = parse_argv(["true"], env, "/w", 0o022)
+    assert isinstance(inv.request, protocol.Submit)
+    assert dict(inv.request.spec.env) == {"GOOD": "1"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-N", "0", "true"], "-N"),
+        (["-N", "x", "true"], "-N"),
+        (["-D", "a,b", "true"], "-D"),
+        (["-D", "0", "true"], "-D"),
+        (["-W", "1", "-D", "2", "true"], "either -D or -W"),
+        (["-O", "a/b", "true"], "without any path"),
+        (["-m", "-n", "true"], "e-mail"),
+        (["-m", "-z", "true"], "e-mail"),
+        (["-g", "python"], "-g needs GPU indices"),
+        (["-G", "3", "-g", "0,1", "true"], "disagrees"),
+        (["--timeout", "0", "true"], "--timeout"),
+        (["--timeout", "soon", "true"], "--timeout"),
+        (["-L"], "requires a value"),
+        (["-x", "true"], "unknown option -x"),
+        (["--bogus", "true"], "unknown option --bogus"),
+        (["--gpu", "1", "true"], "ambiguous"),
+        (["--count_running=3"], "takes no value"),
+    ],
+)
+def test_bad_job_options_are_usage_errors(argv: list[str], message: str) -> None:
+    assert message in usage_error(*argv)
+
+
+def test_unreadable_cwd_refuses_to_queue() -> None:
+    with pytest.raises(UsageError, match="current directory"):
+        parse_argv(["true"], ENV, None, 0o022)
+
+
+def test_command_words_that_are_not_utf8_are_refused() -> None:
+    assert "UTF-8" in usage_error("echo", "\udcff")
+
+
+# --------------------------------------------------------------- actions
+
+
+def test_no_arguments_lists_own_jobs() -> None:
+    inv = parse()
+    assert inv.action == "list"
+    assert inv.request == protocol.ListJobs(all_users=False)
+    assert inv.list_format == "default"
+
+
+def test_list_variants() -> None:
+    assert parse("-l").request == protocol.ListJobs()
+    every = parse("-A")
+    assert every.request == protocol.ListJobs(all_users=True) and every.all_users
+    assert parse("-M", "json").list_format == "json"
+    assert parse("--serialize", "tab").list_format == "tab"
+    assert parse("--serialize=json").list_format == "json"
+    assert parse("-Mtab").list_format == "tab"
+    assert parse("-M").list_format == "default"
+    combined = parse("-l", "-A", "-M", "json")
+    assert combined.list_format == "json" and combined.all_users
+    assert "-M" in usage_error("-M", "yaml")
+
+
+@pytest.mark.parametrize(
+    ("flag", "action", "default"),
+    [
+        ("-i", "info", "run"),
+        ("-p", "pid", "run"),
+        ("-o", "output", "run"),
+        ("-s", "state", "added"),
+        ("-a", "get_label", "added"),
+        ("--get_label", "get_label", "added"),
+        ("-F", "full_cmd", "added"),
+        ("--full_cmd", "full_cmd", "added"),
+    ],
+)
+def test_job_queries_with_and_without_id(flag: str, action: str, default: str) -> None:
+    bare = parse(flag)
+    assert bare.action == action
+    assert bare.request == protocol.GetJob(id=None, default=default)  # type: ignore[arg-type]
+    assert parse(flag, "12").request == protocol.GetJob(id=12, default=default)  # type: ignore[arg-type]
+    if flag.startswith("--"):
+        assert parse(f"{flag}=12").request == protocol.GetJob(id=12, default=default)  # type: ignore[arg-type]
+    else:
+        assert parse(f"{flag}12").request == protocol.GetJob(id=12, default=default)  # type: ignore[arg-type]
+
+
+def test_last_queue_id() -> None:
+    for flag in ("-q", "--last_queue_id"):
+        inv = parse(flag)
+        assert inv.action == "last_queue_id"
+        assert inv.request == protocol.GetJob(id=None, default="added")
+
+
+@pytest.mark.parametrize(
+    ("flag", "cls"),
+    [("-r", protocol.Remove), ("-u", protocol.Urgent), ("-k", protocol.Kill)],
+)
+def test_queue_edits_take_an_optional_id(flag: str, cls: type) -> None:
+    assert parse(flag).request == cls(id=None)
+    assert parse(flag, "4").request == cls(id=4)
+
+
+def test_wait_tail_and_cat() -> None:
+    assert parse("-w").request == protocol.Wait(id=None, default="added")
+    assert parse("-w", "3").request == protocol.Wait(id=3, default="added")
+    for flag, action in (("-t", "tail"), ("-c", "cat")):
+        inv = parse(flag)
+        assert inv.action == action
+        assert inv.request == protocol.Wait(id=None, default="run", notify_start=True)
+        assert parse(flag, "9").request == protocol.Wait(id=9, default="run", notify_start=True)
+
+
+def test_optional_id_takes_only_an_integer() -> None:
+    assert "job ids are numbers" in usage_error("-t", "abc")
+    assert "-t" in usage_error("-tx")
+    assert "only one action" in usage_error("-i", "-l")
+
+
+def test_swap() -> None:
+    assert parse("-U", "2-5").request == protocol.Swap(a=2, b=5)
+    assert "-U" in usage_error("-U", "2")
+    assert "different" in usage_error("-U", "3-3")
+    assert "requires a value" in usage_error("-U")
+
+
+def test_simple_actions() -> None:
+    assert parse("-T").request == protocol.KillAll()
+    assert parse("-C").request == protocol.Clear()
+    assert parse("-K").request == protocol.Shutdown()
+    assert parse("-R").request == protocol.CountRunning()
+    assert parse("--count_running").request == protocol.CountRunning()
+
+
+def test_slots_get_set_and_drain() -> None:
+    assert parse("-S").request == protocol.Slots(value=None)
+    assert parse("-S", "4").request == protocol.Slots(value=4)
+    assert parse("-S", "0").request == protocol.Slots(value=0)
+
+
+def test_env_actions() -> None:
+    assert parse("--getenv", "FOO").request == protocol.Env(action="get", name="FOO")
+    assert parse("--setenv", "FOO=a=b").request == protocol.Env(
+        action="set", name="FOO", value="a=b"
+    )
+    assert parse("--setenv=FOO=").request == protocol.Env(action="set", name="FOO", value="")
+    assert parse("--unsetenv", "FOO").request == protocol.Env(action="unset", name="FOO")
+    assert "VAR=VALUE" in usage_error("--setenv", "FOO")
+    assert "without '='" in usage_error("--getenv", "A=B")
+
+
+def test_logdir_and_gpu_free_percentage() -> None:
+    assert parse("--get_logdir").request == protocol.LogDir(path=None)
+    assert parse("--set_logdir", "/data/logs").request == protocol.LogDir(path="/data/logs")
+    assert parse("--get_gpu_free_perc").request == protocol.GpuFreePerc(value=None)
+    assert parse("--set_gpu_free_perc", "80").request == protocol.GpuFreePerc(value=80.0)
+    assert "--set_gpu_free_perc" in usage_error("--set_gpu_free_perc", "101")
+
+
+def test_gpu_listing_is_bare_g_without_a_command() -> None:
+    inv = parse("-g")
+    assert inv.action == "gpu_status"
+    assert inv.request == protocol.GpuStatus()
+    assert parse("--gpu_indices").action == "gpu_status"
+
+
+def test_help_and_version() -> None:
+    assert parse("-h").action == "help"
+    assert parse("--help").action == "help"
+    assert parse("-l", "-h").action == "help"
+    assert parse("-V").action == "version"
+    assert parse("--version").action == "version"
+
+
+def test_actions_take_no_command() -> None:
+    assert "-k takes no command" in usage_error("-k", "echo", "hi")
+
+
+def test_every_option_in_the_table_parses() -> None:
+    # A guard for the table itself: each option, spelled each way it can be, parses.
+    samples = {
+        cli.Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
+                         "depend": "1", "depend_ok": "1", "num_slots": "2",
+                         "timeout": "5"},
+    }  # fmt: skip
+    for opt in cli.OPTIONS:
+        value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind is cli.Kind.VALUE else None)
+        spellings = [f"-{opt.short}"] if opt.short else []
+        if opt.long:
+            spellings.append(f"--{opt.long}")
+        for spelled in spellings:
+            argv = [spelled] + ([value] if value is not None else [])
+            if opt.action is None and opt.dest != "gpu_indices":
+                argv.append("true")
+            parse(*argv)
+
+
+# ------------------------------------------------------------ followers
+
+
+def test_follower_cat_copies_everything_as_the_file_grows(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    out = io.BytesIO()
+    follower = cli.OutputFollower(str(path), gzipped=False, out=out, tail_lines=None)
+    assert follower.poll() is False  # not created yet
+    path.write_bytes(b"a\nb\n")
+    assert follower.poll() is True
+    with path.open("ab") as f:
+        f.write(b"c\n")
+    follower.poll()
+    follower.close()
+    assert out.getvalue() == b"a\nb\nc\n"
+
+
+def test_follower_tail_starts_with_the_last_ten_lines(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    path.write_bytes(b"".join(b"line%d\n" % i for i in range(200_000)))
+    out = io.BytesIO()
+    follower = cli.OutputFollower(str(path), gzipped=False, out=out, tail_lines=10)
+    follower.poll()
+    with path.open("ab") as f:
+        f.write(b"new\n")
+    follower.poll()
+    follower.close()
+    expected = b"".join(b"line%d\n" % i for i in range(199_990, 200_000)) + b"new\n"
+    assert out.getvalue() == expected
+
+
+def test_follower_gunzips_partial_and_multi_member_output(tmp_path: Path) -> None:
+    path = tmp_path / "out.gz"
+    whole = gzip.compress(b"".join(b"row %d\n" % i for i in range(50))) + gzip.compress(b"end\n")
+    out = io.BytesIO()
+    follower = cli.OutputFollower(str(path), gzipped=True, out=out, tail_lines=3)
+    half = len(whole) // 2
+    path.write_bytes(whole[:half])
+    follower.poll()
+    with path.open("ab") as f:
+        f.write(whole[half:])
+    follower.poll()
+    follower.close()
+    text = out.getvalue()
+    assert text.endswith(b"row 49\nend\n")
+    assert b"row 10\n" not in text  # started near the end, not at the beginning
+
+
+def test_follower_reports_a_broken_gzip_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.gz"
+    path.write_bytes(b"this is not gzip at all")
+    follower = cli.OutputFollower(str(path), gzipped=True, out=io.BytesIO(), tail_lines=None)
+    with pytest.raises(cli.TsdError, match="not readable as gzip"):
+        follower.poll()
+    follower.close()
+
+
+def test_last_lines_like_tail() -> None:
+    assert cli._last_lines(b"a\nb\nc", 2) == b"b\nc"
+    assert cli._last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
+    assert cli._last_lines(b"", 10) == b""
+
+
+# -------------------------------------------------------- help and man
+
+
+def test_help_has_task_spoolers_sections_and_every_option() -> None:
+    text = cli.help_text()
+    assert text.startswith(f"Task Spooler v{__version__} (tsd)")
+    for section in ("Env vars:", "Long option actions:", "Long option adding jobs:",
+                    "Actions (can be performed only one at a time):", "Options adding jobs:"):
+        assert section in text
+    for opt in cli.OPTIONS:
+        assert (f"--{opt.long}" if opt.long else f"-{opt.short}") in text
+    for name, _ in cli.ENV_VARS:
+        assert f"  {name} " in text
+
+
+def test_version_string_contains_the_package_version() -> None:
+    assert __version__ in cli.VERSION_TEXT
+
+
+def test_man_page_has_the_sections_and_every_option() -> None:
+    page = manpage.render(cli.COMMAND)
+    assert "\n.TH TS 1 " in page
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "ACTIONS", "OPTIONS ADDING JOBS",
+                    "ENVIRONMENT", "EXIT STATUS", "FILES"):
+        assert f'.SH "{section}"' in page or f".SH {section}" in page
+    assert "/run/tsd/tsd.sock" in page and "/etc/tsd/tsd.yaml" in page
+    for opt in cli.OPTIONS:
+        assert manpage.escape(f"-{opt.short}" if opt.short else f"--{opt.long}") in page
+    for name, _ in cli.ENV_VARS:
+        assert name in page
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
+    page = tmp_path / "ts.1"
+    page.write_text(manpage.render(cli.COMMAND))
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    out = subprocess.run(
+        ["groff", "-man", "-Tascii", "-P-cbou", str(page)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "TS_SOCKET" in out and "EXIT STATUS" in out
+
+
+def test_man_page_module_prints_the_page() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tsd.manpage"], capture_output=True, text=True, check=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+    )
+    assert '\n.TH TS 1 "1970-01-01" ' in proc.stdout
