@@ -484,9 +484,24 @@ class TsCommand(click.Command):
         formatter.write(help_text())
 
 
+def _complete_command(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    # The queued command is any program and its files: let the shell complete those.
+    return [CompletionItem(incomplete, type="file")]
+
+
 def _build_command() -> TsCommand:
     params: list[click.Parameter] = [TsOption(o) for o in OPTIONS]
-    params.append(click.Argument(["command"], nargs=-1, required=False, metavar="[command...]"))
+    params.append(
+        click.Argument(
+            ["command"],
+            nargs=-1,
+            required=False,
+            metavar="[command...]",
+            shell_complete=_complete_command,
+        )
+    )
     return TsCommand(
         PROG,
         params=params,

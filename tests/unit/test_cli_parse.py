@@ -456,3 +456,31 @@ def test_man_page_module_prints_the_page() -> None:
         env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
     )
     assert '\n.TH TS 1 "1970-01-01" ' in proc.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_files_are_what_ts_generates(shell: str) -> None:
+    shipped = Path(__file__).parents[2] / "packaging" / "completion" / f"ts.{shell}"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from tsd.cli import main; main()"],
+        capture_output=True, text=True, env={**os.environ, "_TS_COMPLETE": f"{shell}_source"},
+    )
+    assert proc.returncode == 0
+    body, generated_by = shipped.read_text().rstrip("\n").rsplit("\n", 1)
+    assert generated_by.startswith("# ts completion")
+    assert body + "\n" == proc.stdout
+
+
+def test_completion_offers_options_and_formats() -> None:
+    def complete(words: str, cword: int) -> list[str]:
+        env = {**os.environ, "_TS_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(cword), "TS_SOCKET": "/nonexistent/tsd.sock"}
+        proc = subprocess.run(
+            [sys.executable, "-c", "from tsd.cli import main; main()"],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        return proc.stdout.split()
+
+    assert "plain,--get_label" in complete("ts --get", 1)
+    assert complete("ts -M ", 2) == ["plain,default", "plain,json", "plain,tab"]
+    assert complete("ts -L x py", 3) == ["file,py"]
