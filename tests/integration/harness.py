@@ -1,0 +1,103 @@
+"""Helpers to run a real personal daemon in a temp dir and drive it with the real `ts`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+TS = str(Path(sys.executable).parent / "ts")
+TSD = str(Path(sys.executable).parent / "tsd")
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+class Env(dict[str, str]):
+    """The environment a test's `ts` calls run in, plus where things live."""
+
+    root: Path
+    state: Path
+    tmp: Path
+    socket: Path
+
+    def daemon_pid(self) -> int | None:
+        """The personal daemon's pid, if one is running."""
+        try:
+            pid = int((self.state / "tsd" / "tsd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+
+def make_env(root: Path, **extra: str) -> Env:
+    """A private TMPDIR, state dir and socket under `root` (short: unix paths are limited)."""
+    env = Env(
+        {k: v for k, v in os.environ.items() if not k.startswith(("TS_", "XDG_", "TSD_"))}
+    )
+    env.root = root
+    env.state = root / "state"
+    env.tmp = root / "tmp"
+    env.socket = root / "run" / "tsd.sock"
+    env.tmp.mkdir(parents=True, exist_ok=True)
+    env.update(
+        TMPDIR=str(env.tmp),
+        XDG_STATE_HOME=str(env.state),
+        TS_SOCKET=str(env.socket),
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_ts(
+    env: Env, *args: str, check: bool = True, input: str | None = None, timeout: float = 30,
+    cwd: str | None = None, extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `ts` once; on check failure the message has everything."""
+    run_env = dict(env)
+    if extra_env:
+        run_env.update(extra_env)
+    proc = subprocess.run(
+        [TS, *args], env=run_env, input=input, capture_output=True, text=True,
+        timeout=timeout, cwd=cwd or str(env.tmp),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"ts {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc
+
+
+def stop_daemon(env: Env) -> None:
+    """End every job this test's daemon runs, then the daemon, by pid."""
+    pid = env.daemon_pid()
+    if pid is None:
+        return
+    run_ts(env, "-T", check=False, timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        out = run_ts(env, "-R", check=False, timeout=10).stdout.strip()
+        if out in ("0", ""):
+            break
+        time.sleep(0.1)
+    run_ts(env, "-K", check=False, timeout=10)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+

@@ -1,0 +1,228 @@
+"""Nothing is lost: daemon crashes and restarts keep queued, running and finished jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from integration.harness import Env, Runner, make_env, run_ts, stop_daemon
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def jobs(ts: Runner) -> dict[int, dict[str, object]]:
+    return {j["ID"]: j for j in json.loads(ts("-M", "json").stdout)}
+
+
+def kill9_daemon(env: Env) -> int:
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: env.daemon_pid() is None)
+    return pid
+
+
+def test_kill9_keeps_queued_running_and_finished_jobs(ts: Runner, tsd_env: Env) -> None:
+    flag = tsd_env.tmp / "go"
+    assert ts("sh", "-c", "exit 3").stdout.strip() == "1"
+    ts("-w", "1", check=False)
+    # job 2 runs until we create the flag, then exits 7; job 3 waits behind it (1 slot)
+    ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 7")
+    ts("sh", "-c", "exit 0")
+    wait_for(lambda: jobs(ts)[2]["State"] == "running")
+    old = kill9_daemon(tsd_env)
+
+    listed = jobs(ts)  # the next ts call starts a new daemon
+    assert tsd_env.daemon_pid() not in (None, old)
+    assert listed[1]["State"] == "finished" and listed[1]["E-Level"] == 3
+    assert listed[2]["State"] == "running"
+    assert listed[3]["State"] == "queued"
+
+    flag.touch()
+    assert ts("-w", "2", check=False).returncode == 7
+    assert ts("-w", "3", check=False).returncode == 0
+    after = jobs(ts)
+    assert after[2]["E-Level"] == 7 and after[3]["E-Level"] == 0
+
+
+def test_job_that_ends_while_no_daemon_runs_keeps_its_exit_code(ts: Runner, tsd_env: Env) -> None:
+    flag = tsd_env.tmp / "go"
+    ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 5")
+    wait_for(lambda: jobs(ts)[1]["State"] == "running")
+    kill9_daemon(tsd_env)
+    flag.touch()
+    time.sleep(0.5)  # the job ends with nobody listening
+    assert ts("-w", "1", check=False).returncode == 5
+    assert jobs(ts)[1]["E-Level"] == 5
+
+
+def test_clean_shutdown_leaves_running_jobs_running(ts: Runner, tsd_env: Env) -> None:
+    flag = tsd_env.tmp / "go"
+    ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 0")
+    wait_for(lambda: jobs(ts)[1]["State"] == "running")
+    pid = int(ts("-p", "1").stdout)
+    ts("-K")
+    wait_for(lambda: tsd_env.daemon_pid() is None)
+    os.kill(pid, 0)  # still alive
+    assert jobs(ts)[1]["State"] == "running"
+    flag.touch()
+    assert ts("-w", "1", check=False).returncode == 0
+
+
+def test_kill9_at_random_moments_loses_no_acknowledged_job_and_runs_each_once(
+    tsd_env: Env, ts: Runner
+) -> None:
+    log = tsd_env.tmp / "ran.log"
+    acknowledged: list[int] = []
+    rng = random.Random(7)
+    ts("-S", "2")
+    for _round in range(6):
+        for _ in range(8):
+            proc = run_ts(
+                tsd_env, "-n", "sh", "-c", f'echo "$TS_JOBID" >> {log}', check=False
+            )
+            if proc.returncode == 0:
+                acknowledged.append(int(proc.stdout))
+        time.sleep(rng.random() * 0.2)
+        pid = tsd_env.daemon_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: tsd_env.daemon_pid() is None)
+    assert len(acknowledged) == 48
+    assert ts("-S").stdout.strip() == "2"  # a setting survives too
+    for job_id in acknowledged:
+        ts("-w", str(job_id), check=False)
+    listed = jobs(ts)
+    assert set(acknowledged) <= set(listed)
+    assert all(listed[i]["State"] == "finished" and listed[i]["E-Level"] == 0 for i in acknowledged)
+    ran = [int(x) for x in log.read_text().split()]
+    assert sorted(ran) == sorted(acknowledged), "every job ran exactly once"
+
+
+def test_ts_maxfinished_drops_oldest_finished_jobs() -> None:
+    env = make_env(_short_root(), TS_MAXFINISHED="3")
+    try:
+        for _ in range(5):
+            run_ts(env, "true")
+        run_ts(env, "-w", "5")
+        time.sleep(0.2)
+        listed = json.loads(run_ts(env, "-M", "json").stdout)
+        assert [j["ID"] for j in listed] == [3, 4, 5]
+    finally:
+        stop_daemon(env)
+
+
+def test_ts_savelist_exports_the_list_when_the_daemon_stops() -> None:
+    root = _short_root()
+    env = make_env(root, TS_SAVELIST=str(root / "saved.txt"))
+    try:
+        run_ts(env, "-L", "mylabel", "true")
+        run_ts(env, "-w")
+        run_ts(env, "-K")
+        saved = (root / "saved.txt").read_text() if _wait_file(root / "saved.txt") else ""
+        assert "[mylabel]true" in saved.replace(" ", "") or "mylabel" in saved
+        assert saved.splitlines()[0].startswith("ID")
+    finally:
+        stop_daemon(env)
+
+
+def test_stale_socket_from_a_dead_daemon_is_recovered(ts: Runner, tsd_env: Env) -> None:
+    ts("true")
+    kill9_daemon(tsd_env)
+    assert tsd_env.socket.exists()  # left behind by the dead daemon
+    assert ts("echo", "again").stdout.strip() == "2"
+
+
+def _short_root() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="tsd-it-", dir="/tmp"))
+
+
+def _wait_file(path: Path, timeout: float = 5.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.stat().st_size:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_daemon_does_not_poll_when_idle(ts: Runner, tsd_env: Env) -> None:
+    ts("true")
+    ts("-w")
+    pid = tsd_env.daemon_pid()
+    assert pid is not None
+    before = _ctx_switches(pid)
+    time.sleep(2.0)
+    after = _ctx_switches(pid)
+    assert after - before <= 2, f"idle daemon woke {after - before} times in 2 s"
+
+
+def _ctx_switches(pid: int) -> int:
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+            total += int(line.split()[1])
+    return total
+
+
+def test_many_concurrent_submitters_lose_nothing(tsd_env: Env, ts: Runner) -> None:
+    ts("-S", "4")
+    log = tsd_env.tmp / "ran.log"
+    script = (
+        "import os, sys\n"
+        "from tsd.client import Client\n"
+        "from tsd import protocol\n"
+        "from tsd.model import JobSpec\n"
+        "c = Client()\n"
+        "ids = []\n"
+        "for _ in range(100):\n"
+        f"    spec = JobSpec(command=('sh', '-c', 'echo $TS_JOBID >> {log}'), cwd='/',"
+        " env=tuple(os.environ.items()), store_output=False)\n"
+        "    ids.append(c.call(protocol.Submit(spec=spec))['id'])\n"
+        "print(' '.join(map(str, ids)))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [_python(), "-c", script],
+            env=dict(tsd_env), stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(50)
+    ]
+    ids: list[int] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        ids.extend(int(x) for x in out.split())
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    wait_for(lambda: ts("-R").stdout.strip() == "0" and _count(log) == 5000, timeout=240,
+             interval=0.5)
+    ran = [int(x) for x in log.read_text().split()]
+    assert sorted(ran) == sorted(ids)
+
+
+def _count(path: Path) -> int:
+    try:
+        return len(path.read_text().split())
+    except OSError:
+        return 0
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
