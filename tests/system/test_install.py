@@ -1,0 +1,323 @@
+"""packaging/install.sh and uninstall.sh, run in a booted box as an admin would.
+
+The box starts as a copy of this machine without tsd: no /opt/tsd, no group
+tsd. The tests run in file order on one box and build on each other: install,
+a multi-user session, a second run that must change nothing, an edited
+config, an upgrade from a changed checkout with jobs running and queued,
+uninstall, and finally an install where systemd is not running.
+
+`run_session` is the short multi-user session that test_deb.py runs against
+the .deb as well.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from box import Box
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = re.search(
+    r'^__version__ = "(.*)"$', (REPO / "tsd" / "__init__.py").read_text(), re.M
+).group(1)  # type: ignore[union-attr]
+
+# Everything install.sh writes outside /var/lib/tsd (the daemon's state).
+INSTALLED_PATHS = (
+    "/opt/tsd",
+    "/usr/local/bin/ts",
+    "/usr/local/bin/tsd",
+    "/usr/local/lib/systemd/system",
+    "/usr/local/lib/sysusers.d",
+    "/usr/local/lib/tmpfiles.d",
+    "/usr/local/share/man/man1",
+    "/usr/local/share/bash-completion",
+    "/usr/local/share/fish",
+    "/usr/local/share/zsh",
+    "/etc/tsd",
+    "/etc/systemd/system/multi-user.target.wants",
+    "/etc/systemd/system/sockets.target.wants",
+)
+
+
+# ---------------------------------------------------------------- helpers (shared)
+
+
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """Print a measurement on the terminal, around pytest's output capture."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n[measure] {line}")
+
+
+def ts(
+    box: Box, user: str | None, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`ts ARGS` in the box as `user` (None: root)."""
+    return box.run(["ts", *args], user=user, check=check)
+
+
+def submit(box: Box, user: str | None, *cmd: str) -> int:
+    """Queue `cmd` as `user`; the job id ts printed."""
+    out = ts(box, user, *cmd).stdout.strip()
+    assert out.isdigit(), f"ts {cmd} printed {out!r}, not a job id"
+    return int(out)
+
+
+def jobs(box: Box) -> dict[int, dict[str, Any]]:
+    """Every user's jobs, as root sees them (`ts -A -M json`), by id."""
+    return {j["ID"]: j for j in json.loads(ts(box, None, "-A", "-M", "json").stdout)}
+
+
+def wait_state(box: Box, user: str, job: int, state: str, timeout: float = 20.0) -> None:
+    """Poll `ts -s JOB` until it says `state`."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        seen = ts(box, user, "-s", str(job)).stdout.strip()
+        if seen == state:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"job {job} is {seen!r}, not {state!r}, after {timeout}s")
+
+
+def socket_owner_and_mode(box: Box) -> str:
+    """`user:group mode` of the system socket."""
+    return box.run(["stat", "-c", "%U:%G %a %F", "/run/tsd/tsd.sock"]).stdout.strip()
+
+
+def versions(box: Box) -> tuple[str, str]:
+    """The versions `ts -V` and `tsd --version` print."""
+    ts_v = re.search(r"v(\S+) \(tsd\)", ts(box, "alice", "-V").stdout)
+    tsd_v = re.search(r"version (\S+)", box.run(["tsd", "--version"]).stdout)
+    assert ts_v and tsd_v, "no version in ts -V or tsd --version"
+    return ts_v.group(1), tsd_v.group(1)
+
+
+def run_session(box: Box) -> None:
+    """The short multi-user session: alice and bob (both in group tsd) share the server."""
+    first = submit(box, "alice", "echo", "hi")
+    assert ts(box, "alice", "-w").returncode == 0  # waits for her last job
+    assert ts(box, "alice", "-c", str(first)).stdout == "hi\n"
+    listing = ts(box, "alice", "-l").stdout.splitlines()
+    assert listing[0].startswith("ID   State      Output")
+    assert any(re.match(rf"{first}\s+finished\s.*echo hi$", row) for row in listing), listing
+
+    long = submit(box, "alice", "sleep", "60")
+    bobs = submit(box, "bob", "echo", "from bob")
+    ts(box, "bob", "-w", str(bobs))
+    wait_state(box, "alice", long, "running")
+
+    # Her own list shows her jobs only; -A shows everyone's, with a User column.
+    assert f"{bobs} " not in "\n".join(r[:6] for r in ts(box, "alice", "-l").stdout.splitlines())
+    everyone = ts(box, "alice", "-A", "-l").stdout.splitlines()
+    assert "User" in everyone[0].split()
+    assert any(re.match(rf"{bobs}\s+bob\s+finished\s", r) for r in everyone), everyone
+    assert any(re.match(rf"{long}\s+alice\s+running\s", r) for r in everyone), everyone
+
+    # bob cannot kill alice's job; she can.
+    r = ts(box, "bob", "-k", str(long), check=False)
+    assert (r.returncode, r.stderr.strip()) == (1, f"ts: job {long} belongs to alice")
+    assert ts(box, "alice", "-s", str(long)).stdout.strip() == "running"
+    ts(box, "alice", "-k", str(long))
+    assert ts(box, "alice", "-w", str(long), check=False).returncode == 255  # killed
+
+
+def snapshot(box: Box) -> str:
+    """Path, type, mode, owner, mtime, link target and checksum of every installed file."""
+    paths = " ".join(INSTALLED_PATHS)
+    script = (
+        f"find {paths} -printf '%p %y %m %u:%g %T@ %l\\n' 2>/dev/null | LC_ALL=C sort; "
+        f"find {paths} -type f -exec sha256sum {{}} + 2>/dev/null | LC_ALL=C sort; "
+        "getent group tsd"
+    )
+    return box.run(script, check=False).stdout
+
+
+def main_pid(box: Box) -> int:
+    """tsd.service's MainPID (0 when it is not running)."""
+    return int(box.show("tsd.service", "MainPID")["MainPID"])
+
+
+def running_and_queued(box: Box, user: str, code: int) -> tuple[int, int, int]:
+    """A job that runs 8 s then exits `code`, and one queued behind it (-d): ids, and the pid."""
+    running = submit(box, user, "sh", "-c", f"sleep 8; exit {code}")
+    wait_state(box, user, running, "running")
+    queued = submit(box, user, "-d", "echo", "after")
+    assert ts(box, user, "-s", str(queued)).stdout.strip() == "queued"
+    pid = int(ts(box, user, "-p", str(running)).stdout.strip())
+    return running, queued, pid
+
+
+def check_jobs_survived(
+    box: Box, user: str, running: int, queued: int, pid: int, code: int
+) -> None:
+    """The running job kept its pid and ends with its own code; the queued one runs after."""
+    assert ts(box, user, "-s", str(running)).stdout.strip() == "running"
+    assert int(ts(box, user, "-p", str(running)).stdout.strip()) == pid
+    assert ts(box, user, "-s", str(queued)).stdout.strip() == "queued"
+    assert ts(box, user, "-w", str(running), check=False).returncode == code
+    assert ts(box, user, "-w", str(queued), check=False).returncode == 0
+    assert ts(box, user, "-c", str(queued)).stdout == "after\n"
+    listed = jobs(box)
+    assert listed[running]["E-Level"] == code
+    assert listed[running]["End"] <= listed[queued]["Start"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def first_install(box: Box, request: pytest.FixtureRequest) -> subprocess.CompletedProcess[str]:
+    """install.sh run once, as the README says, on a box without tsd."""
+    assert not box.exists("/opt/tsd") and not box.exists("/usr/local/bin/ts")
+    assert box.run(["getent", "group", "tsd"], check=False).returncode == 2
+    t0 = time.monotonic()
+    # README: `sudo packaging/install.sh` from the checkout (we are root already).
+    r = box.run("cd /src && packaging/install.sh", check=False, timeout=300)
+    report(request, f"install.sh, first run: {time.monotonic() - t0:.1f}s")
+    assert r.returncode == 0, f"install.sh failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def users(box: Box, first_install: subprocess.CompletedProcess[str]) -> None:
+    """alice and bob, members of group tsd."""
+    box.add_user("alice", ["tsd"])
+    box.add_user("bob", ["tsd"])
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_install_sh_sets_up_the_socket_root_tsd_0660_and_enables_the_units(
+    box: Box, first_install: subprocess.CompletedProcess[str]
+) -> None:
+    assert "listening on /run/tsd/tsd.sock" in first_install.stdout
+    assert socket_owner_and_mode(box) == "root:tsd 660 socket"
+    assert box.run(["systemctl", "is-enabled", "tsd.socket", "tsd.service"]).stdout.split() == [
+        "enabled",
+        "enabled",
+    ]
+    unit = box.read_file("/usr/local/lib/systemd/system/tsd.service")
+    assert "\nExecStart=/opt/tsd/bin/tsd --system\n" in unit
+    assert box.read_file("/etc/tsd/tsd.yaml") == (REPO / "etc" / "tsd.yaml").read_text()
+    # The venv sees Debian's gi/pydbus, and has pynvml.
+    box.run(["/opt/tsd/bin/python", "-c", "import gi, pydbus, pynvml, tsd.daemon"])
+    assert box.run(["readlink", "/usr/local/bin/ts"]).stdout.strip() == "/opt/tsd/bin/ts"
+    if (REPO / "tsd" / "manpage.py").exists():
+        assert ".TH TS 1" in box.read_file("/usr/local/share/man/man1/ts.1").upper()
+
+
+def test_users_in_group_tsd_share_the_server_and_cannot_kill_each_others_jobs(
+    box: Box, users: None
+) -> None:
+    run_session(box)
+
+
+def test_ts_and_tsd_report_the_installed_version(box: Box, users: None) -> None:
+    assert versions(box) == (VERSION, VERSION)
+
+
+def test_second_run_changes_nothing_and_keeps_running_and_queued_jobs(
+    box: Box, users: None, request: pytest.FixtureRequest
+) -> None:
+    running, queued, pid = running_and_queued(box, "alice", 3)
+    before, daemon = snapshot(box), main_pid(box)
+    assert daemon != 0
+    assert re.search(r"^[0-9a-f]{64}  /usr/local/lib/systemd/system/tsd.service$", before, re.M)
+    assert "\n/usr/local/bin/ts l 777 root:root " in before
+    t0 = time.monotonic()
+    r = box.run("cd /src && packaging/install.sh", timeout=300)
+    report(request, f"install.sh, second run (nothing to do): {time.monotonic() - t0:.1f}s")
+    assert "nothing changed: left alone" in r.stdout
+    assert "tsd install: installed " not in r.stdout
+    assert "tsd install: linked " not in r.stdout
+    assert snapshot(box) == before
+    assert main_pid(box) == daemon
+    check_jobs_survived(box, "alice", running, queued, pid, 3)
+
+
+def test_an_edited_config_is_kept_and_the_new_example_goes_to_dist(box: Box, users: None) -> None:
+    edited = box.read_file("/etc/tsd/tsd.yaml").replace("\nslots: 4\n", "\nslots: 3\n")
+    assert "\nslots: 3\n" in edited
+    box.write_file("/etc/tsd/tsd.yaml", edited)
+    r = box.run("cd /src && packaging/install.sh", timeout=300)
+    assert "kept your edited /etc/tsd/tsd.yaml" in r.stdout
+    assert box.read_file("/etc/tsd/tsd.yaml") == edited
+    assert box.read_file("/etc/tsd/tsd.yaml.dist") == (REPO / "etc" / "tsd.yaml").read_text()
+
+
+def test_install_from_a_newer_checkout_restarts_the_daemon_and_jobs_survive(
+    box: Box, users: None, request: pytest.FixtureRequest
+) -> None:
+    new = f"{VERSION}+next1"
+    box.run(
+        "set -e; mkdir /root/next; cd /src; "
+        "cp -r pyproject.toml tsd systemd etc packaging /root/next/; "
+        "[ ! -f README.md ] || cp README.md /root/next/; "
+        "rm -rf /root/next/packaging/out /root/next/tsd/__pycache__; "
+        f"sed -i 's/^__version__ = .*/__version__ = \"{new}\"/' /root/next/tsd/__init__.py; "
+        f"sed -i 's/^version = .*/version = \"{new}\"/' /root/next/pyproject.toml"
+    )
+    running, queued, pid = running_and_queued(box, "bob", 4)
+    daemon = main_pid(box)
+    t0 = time.monotonic()
+    r = box.run("/root/next/packaging/install.sh", timeout=300)
+    report(request, f"install.sh, upgrade with jobs running: {time.monotonic() - t0:.1f}s")
+    assert "restarted tsd.service" in r.stdout
+    assert main_pid(box) not in (0, daemon)
+    assert versions(box) == (new, new)
+    check_jobs_survived(box, "bob", running, queued, pid, 4)
+
+
+def test_uninstall_removes_the_program_and_keeps_config_and_state(box: Box, users: None) -> None:
+    queued_before = set(jobs(box))
+    box.run("cd /src && packaging/uninstall.sh", timeout=120)
+    for gone in (
+        "/opt/tsd",
+        "/usr/local/bin/ts",
+        "/usr/local/bin/tsd",
+        "/usr/local/lib/systemd/system/tsd.service",
+        "/usr/local/lib/systemd/system/tsd.socket",
+        "/usr/local/share/man/man1/ts.1",
+        "/usr/local/share/bash-completion/completions/ts",
+        "/run/tsd/tsd.sock",
+        "/etc/systemd/system/sockets.target.wants/tsd.socket",
+    ):
+        assert not box.exists(gone), f"{gone} is still there"
+    assert box.systemctl("is-active", "tsd.service", check=False).stdout.strip() == "inactive"
+    assert box.exists("/etc/tsd/tsd.yaml") and box.exists("/var/lib/tsd/state.db")
+    assert queued_before  # the jobs of the earlier tests are in that state.db
+
+    box.run("cd /src && packaging/uninstall.sh --purge", timeout=120)
+    assert not box.exists("/etc/tsd") and not box.exists("/var/lib/tsd")
+
+
+def test_without_systemd_install_sh_says_so_and_ts_runs_in_personal_mode(
+    box: Box, users: None
+) -> None:
+    # Hide the running systemd from install.sh: what it checks, /run/systemd/system,
+    # is gone in this mount namespace (as in a container or chroot).
+    r = box.run(
+        "unshare --mount sh -c 'mount -t tmpfs none /run/systemd && "
+        "cd /src && exec packaging/install.sh'",
+        timeout=300,
+    )
+    assert "the system service could NOT be started" in r.stdout
+    assert box.systemctl("is-active", "tsd.socket", check=False).stdout.strip() == "inactive"
+    assert not box.exists("/run/tsd/tsd.sock")
+    # Still installed and enabled for the next boot.
+    assert box.exists("/etc/systemd/system/sockets.target.wants/tsd.socket")
+    # alice's first ts call starts her own daemon.
+    job = submit(box, "alice", "echo", "personal")
+    assert ts(box, "alice", "-w", str(job)).returncode == 0
+    assert ts(box, "alice", "-c", str(job)).stdout == "personal\n"
+    ts(box, "alice", "-K")  # her personal daemon; the box goes anyway
