@@ -630,10 +630,12 @@ def parse_argv(
                 f"{option} takes no command (got {command[0]!r}; job ids are numbers)"
             )
         return _submit(params, present, command, environ, cwd, umask)
-    return _action(action, option, params)
+    return _action(action, option, params, cwd)
 
 
-def _action(action: str, option: str, params: Mapping[str, Any]) -> Invocation:
+def _action(
+    action: str, option: str, params: Mapping[str, Any], cwd: str | None = None
+) -> Invocation:
     """The Invocation of an action that queues nothing."""
     inv = Invocation(action, option=option, params=params)
     req: protocol.Request | None
@@ -693,6 +695,11 @@ def _action(action: str, option: str, params: Mapping[str, Any]) -> Invocation:
             path = str(value)
             if not path:
                 raise UsageError("--set_logdir needs a directory")
+            if not path.startswith("/"):
+                # The daemon has its own cwd: a relative path means the caller's.
+                if cwd is None:
+                    raise UsageError("--set_logdir: the current directory cannot be read")
+                path = os.path.normpath(os.path.join(cwd, path))
             req = protocol.LogDir(path=path)
         case "get_gpu_free_perc":
             req = protocol.GpuFreePerc(value=None)
@@ -1031,7 +1038,9 @@ def _submit_run(client: Client, inv: Invocation, environ: Mapping[str, str]) -> 
     if info is not None:
         req = replace(req, spec=replace(req.spec, env_info=info))
     resp = client.call(req)
-    job_id = int(resp["id"])
+    job_id = resp.get("id")
+    if not isinstance(job_id, int):
+        raise TsdError("malformed response from the daemon: no job id")
     if inv.print_id:
         _emit(f"{job_id}\n")
     if not inv.foreground:

@@ -296,6 +296,7 @@ def test_env_actions() -> None:
 def test_logdir_and_gpu_free_percentage() -> None:
     assert parse("--get_logdir").request == protocol.LogDir(path=None)
     assert parse("--set_logdir", "/data/logs").request == protocol.LogDir(path="/data/logs")
+    assert parse("--set_logdir", "logs/../out").request == protocol.LogDir(path="/work/dir/out")
     assert parse("--get_gpu_free_perc").request == protocol.GpuFreePerc(value=None)
     assert parse("--set_gpu_free_perc", "80").request == protocol.GpuFreePerc(value=80.0)
     assert "--set_gpu_free_perc" in usage_error("--set_gpu_free_perc", "101")
