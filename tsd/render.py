@@ -301,7 +301,7 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Label: {job.spec.label}")
     lines.append(f"State: {job.state.value}")
     if job.state.pending and job.wait_reason:
-        lines.append(f"Waiting for: {job.wait_reason}")
+        lines.append(f"Wait reason: {job.wait_reason}")
     lines.append(f"User: {job.user} (uid {job.uid})")
     lines.append(f"Working directory: {job.spec.cwd}")
     lines.append(f"Slots required: {job.spec.slots}")

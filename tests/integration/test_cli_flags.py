@@ -367,11 +367,25 @@ def test_i_shows_task_spoolers_fields_and_tsds(ts: Runner) -> None:
 
 
 def test_i_of_a_queued_job_says_why_it_waits(ts: Runner) -> None:
+    ts("-S", "2")
+    first = queue(ts, "sleep", "30")
+    wait_state(ts, first, "running")
+    dependent = queue(ts, "-D", str(first), "true")
+    big = queue(ts, "-N", "2", "true")
+    for job, needle in ((dependent, str(first)), (big, "slot")):
+        text = ts("-i", str(job)).stdout
+        assert "Exit status" not in text
+        assert "State: queued" in text
+        reason = [ln for ln in text.splitlines() if ln.startswith("Wait reason: ")]
+        assert reason and needle in reason[0], text
+    ts("-k", str(first))
+
+
+def test_i_of_a_job_in_a_drained_queue_says_why_it_waits(ts: Runner) -> None:
     ts("-S", "0")
     job = queue(ts, "true")
     text = ts("-i", str(job)).stdout
-    assert "Exit status" not in text
-    assert "State: queued" in text
+    assert any(ln.startswith("Wait reason: ") for ln in text.splitlines()), text
 
 
 # ------------------------------------------------------------- -t and -c

@@ -235,7 +235,7 @@ def test_info_of_pending_job_says_why_it_waits_and_has_no_exit_status() -> None:
     job = make_job(2, JobState.ALLOCATING, gpus=2, wait_reason="waiting for 2 free GPUs")
     text = render.info_text(job, now=T0 + 1)
     assert "Exit status" not in text
-    assert "Waiting for: waiting for 2 free GPUs" in text
+    assert "Wait reason: waiting for 2 free GPUs" in text
     assert "GPUs required: 2" in text
     assert "Start time" not in text
 
