@@ -1,0 +1,509 @@
+"""Pure scheduling decisions: which pending jobs start now, and with which GPUs.
+
+The daemon calls `decide` after every submit, every job end and every GPU poll
+that changed something, with the whole queue (up to 100,000 jobs) in global
+order. Nothing here does I/O; everything the decision needs comes in as values
+(`Resources`) or callbacks (`dep_outcome`, `Resources.limits`).
+
+The rules, which are the product's semantics:
+
+* Dependencies: -d/-D (`DependMode.AFTER`) wait until every dependency ended,
+  however it ended; -W (`DependMode.SUCCESS`) also waits, but a failed or skipped
+  dependency skips the job. A job whose dependencies are not ready does not hold
+  up its user's later jobs.
+* Within a user, queue order. The user's first ready job is their head. A head
+  short of slots (server or the user's `max_running_slots`) holds back all of
+  the user's later jobs. A head that has its slots but is short of GPUs goes to
+  `allocating`; the user's later jobs that need no GPU may still start (a GPU
+  shortage or a broken NVML never stalls CPU jobs), later GPU jobs stay behind it.
+  The allocating head is still checked first: once the CPU jobs that passed it
+  leave it too few slots, it holds its user back like any head short of slots.
+* Between users, fairness: of the users that can start something, the one with
+  the fewest running slots (counting starts made in this same decision) goes
+  first; ties go to the earlier job.
+* GPUs: the lowest free indices, or exactly the pinned ones (`-g`); never one
+  GPU to two jobs.
+
+Cost: a decision reads the queue lazily and stops as soon as no server slot is
+left, so on a full server it costs in proportion to the jobs it starts, not to
+the queue. While slots are free it may read the whole queue, because a user
+whose only job is last in the queue may be the one that should start.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from tsd.errors import NeverFits
+from tsd.model import DependMode, Job, JobSpec, UserLimits
+
+__all__ = [
+    "Decision",
+    "DepOutcome",
+    "Resources",
+    "Start",
+    "check_fits",
+    "decide",
+    "dep_ready",
+    "fits_problem",
+    "job_slots",
+]
+
+
+class DepOutcome(enum.Enum):
+    """What became of a job another job depends on."""
+
+    PENDING = "pending"  # queued, allocating or running: not ended yet
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # ended with a non-zero code, a signal, a timeout or lost
+    SKIPPED = "skipped"
+    GONE = "gone"  # id not known any more (cleared): treated as ended well
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start job `job_id` now, with these GPU indices (empty for a CPU job)."""
+
+    job_id: int
+    gpu_ids: tuple[int, ...]
+
+
+def _no_reasons() -> Mapping[int, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one `decide` call.
+
+    `start`: jobs to start, in the order they were picked. `skip`: jobs to mark
+    skipped (a -W dependency failed); only jobs this call visited, the daemon
+    cascades further. `allocating`: jobs whose dependencies and slots are fine
+    but that wait for GPUs; the other visited pending jobs are (back to) queued.
+    `reasons`: one short line per visited job that does not start, for `ts -i`.
+    `unvisited_reason`: why the pending jobs this call did not read wait (the
+    server is full); empty when it read them all.
+    """
+
+    start: tuple[Start, ...] = ()
+    skip: tuple[int, ...] = ()
+    allocating: tuple[int, ...] = ()
+    reasons: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
+    unvisited_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the server has to give right now."""
+
+    total_slots: int  # config `slots`; 0 drains the server
+    limits: Callable[[int], UserLimits]  # a user's quota, by uid
+    # Free GPU indices now, already without GPUs held by running tsd jobs and
+    # without busy ones; None when GPU information is unavailable.
+    free_gpus: tuple[int, ...] | None
+    gpu_problem: str = ""  # why free_gpus is None, shown in reasons
+    visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+
+
+def job_slots(spec: JobSpec) -> int:
+    """Slots a job occupies while it runs: `-N`, and never less than one."""
+    return max(1, spec.slots)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _over_quota(n: int, noun: str, key: str, limit: int) -> str:
+    return f"job needs {_count(n, noun)} but your quota ({key}) is {limit}"
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ",".join(str(i) for i in ids)
+
+
+def _not_visible(pinned: Iterable[int], pool: Sequence[int]) -> str | None:
+    for index in pinned:
+        if index not in pool:
+            return f"GPU {index} is not in the visible set ({_ids(pool)})"
+    return None
+
+
+def fits_problem(
+    spec: JobSpec,
+    limits: UserLimits,
+    total_slots: int,
+    pool_size: int | None,
+    visible: tuple[int, ...] | None,
+) -> str | None:
+    """Why `spec` can never start on this server under this quota, or None if it can.
+
+    A draining server (`total_slots` 0) refuses nothing: jobs queue until it
+    reopens. With `pool_size` None (GPU information unavailable) nothing is
+    refused for the GPU pool, only for the user's GPU quota. `visible` is the
+    configured GPU set; None means the indices 0 .. pool_size-1.
+    """
+    slots = job_slots(spec)
+    if 0 < total_slots < slots:
+        return f"job needs {_count(slots, 'slot')} but the server has {total_slots}"
+    max_slots = limits.max_running_slots
+    if max_slots is not None and slots > max_slots:
+        return _over_quota(slots, "slot", "max_running_slots", max_slots)
+    wanted = spec.gpus_wanted
+    if wanted == 0:
+        return None
+    if limits.max_gpus is not None and wanted > limits.max_gpus:
+        return _over_quota(wanted, "GPU", "max_gpus", limits.max_gpus)
+    if pool_size is None:
+        return None
+    if spec.gpu_indices is not None:
+        pool = visible if visible is not None else tuple(range(pool_size))
+        return _not_visible(spec.gpu_indices, pool)
+    if wanted > pool_size:
+        return f"job needs {_count(wanted, 'GPU')} but the server has {pool_size}"
+    return None
+
+
+def check_fits(
+    spec: JobSpec,
+    limits: UserLimits,
+    total_slots: int,
+    pool_size: int | None,
+    visible: tuple[int, ...] | None,
+) -> None:
+    """Refuse at submit time a job that can never start: raises NeverFits naming the limit."""
+    problem = fits_problem(spec, limits, total_slots, pool_size, visible)
+    if problem is not None:
+        raise NeverFits(problem)
+
+
+def dep_ready(spec: JobSpec, dep_outcome: Callable[[int], DepOutcome]) -> tuple[bool | None, str]:
+    """Whether the dependencies let the job run.
+
+    (True, "") ready; (None, why) it waits; (False, why) it must be skipped.
+    """
+    waiting: list[int] = []
+    for dep in spec.depends:
+        outcome = dep_outcome(dep)
+        if outcome is DepOutcome.PENDING:
+            waiting.append(dep)
+        elif spec.depend_mode is DependMode.SUCCESS and outcome is DepOutcome.FAILED:
+            return False, f"dependency job {dep} failed"
+        elif spec.depend_mode is DependMode.SUCCESS and outcome is DepOutcome.SKIPPED:
+            return False, f"dependency job {dep} was skipped"
+    if waiting:
+        noun = "job" if len(waiting) == 1 else "jobs"
+        return None, f"waiting for {noun} {', '.join(map(str, waiting))}"
+    return True, ""
+
+
+class _User:
+    """One user's state during a decision."""
+
+    __slots__ = ("blocker", "cand", "gpu_head", "gpus", "limits", "ready", "slots", "uid")
+
+    def __init__(self, uid: int, limits: UserLimits, slots: int, gpus: int) -> None:
+        self.uid = uid
+        self.limits = limits
+        self.slots = slots  # held by running jobs and jobs started in this decision
+        self.gpus = gpus
+        self.ready: deque[Job] = deque()  # read, dependencies met, not examined yet
+        self.cand: Job | None = None  # the job this user would start next
+        self.blocker: Job | None = None  # head short of slots: all later jobs wait
+        self.gpu_head: Job | None = None  # first job short of GPUs: later GPU jobs wait
+
+
+class _Decider:
+    """The mutable state of one `decide` call.
+
+    Resources only shrink during a decision (free slots and GPUs go down, a
+    user's usage goes up, dependency outcomes are fixed), so a job found unable
+    to start stays unable for the rest of the decision. That is what lets each
+    job be examined once and the queue be read lazily. The one thing that can
+    change is why: an allocating head (short of GPUs) may stop fitting in the
+    slots later jobs took, and then it blocks its user (`head_blocks`), so the
+    outcome is the same as deciding one start at a time.
+    """
+
+    def __init__(
+        self,
+        running: Sequence[Job],
+        dep_outcome: Callable[[int], DepOutcome],
+        res: Resources,
+    ) -> None:
+        self.res = res
+        self.dep_outcome = dep_outcome
+        self.running_ids: set[int] = set()
+        self.seen: set[int] = set()
+        self.used_slots = 0
+        self.run_slots: dict[int, int] = {}
+        self.run_gpus: dict[int, int] = {}
+        held: set[int] = set()
+        for job in running:
+            self.running_ids.add(job.id)
+            slots = job_slots(job.spec)
+            gpus = len(job.gpu_ids) if job.gpu_ids else job.spec.gpus_wanted
+            self.used_slots += slots
+            self.run_slots[job.uid] = self.run_slots.get(job.uid, 0) + slots
+            self.run_gpus[job.uid] = self.run_gpus.get(job.uid, 0) + gpus
+            held.update(job.gpu_ids)
+        self.free_slots = res.total_slots - self.used_slots
+        self.free_gpus: list[int] | None = None
+        if res.free_gpus is not None:
+            # Defensive: never hand out a GPU a running job holds or one outside the pool.
+            pool = None if res.visible_gpus is None else set(res.visible_gpus)
+            self.free_gpus = sorted(
+                {g for g in res.free_gpus if g not in held and (pool is None or g in pool)}
+            )
+        self.users: dict[int, _User] = {}
+        self.heap: list[tuple[int, int, int, int]] = []  # (user slots, order, uid, job id)
+        self.starts: list[Start] = []
+        self.skips: list[int] = []
+        self.allocating: dict[int, None] = {}  # ordered set
+        self.reasons: dict[int, str] = {}
+
+    # -- reading the queue
+
+    def user(self, uid: int) -> _User:
+        user = self.users.get(uid)
+        if user is None:
+            limits = self.res.limits(uid)
+            user = _User(uid, limits, self.run_slots.get(uid, 0), self.run_gpus.get(uid, 0))
+            self.users[uid] = user
+        return user
+
+    def ingest(self, job: Job) -> None:
+        """Take in the next pending job of the queue."""
+        if job.id in self.running_ids or job.id in self.seen:
+            return
+        self.seen.add(job.id)
+        ready, why = dep_ready(job.spec, self.dep_outcome)
+        if ready is None:
+            self.reasons[job.id] = why
+            return
+        if ready is False:
+            self.skips.append(job.id)
+            self.reasons[job.id] = why
+            return
+        user = self.user(job.uid)
+        if user.blocker is not None:
+            self.reasons[job.id] = f"queued behind job {user.blocker.id}"
+            return
+        user.ready.append(job)
+        if user.cand is None:
+            self.search(user)
+
+    # -- one user's next candidate
+
+    def search(self, user: _User) -> None:
+        """Examine the user's ready jobs in order until one could start now, or none can."""
+        while user.cand is None and user.blocker is None and user.ready:
+            self.examine(user, user.ready.popleft())
+
+    def examine(self, user: _User, job: Job) -> None:
+        spec = job.spec
+        wanted = spec.gpus_wanted
+        head = user.gpu_head
+        if head is not None and (wanted or self.head_blocks(user)):
+            self.reasons[job.id] = f"queued behind job {head.id}"
+            return
+        why = self.slot_problem(user, spec)
+        if why is not None:
+            self.block(user, job, why)
+            return
+        if wanted:
+            why = self.gpu_problem(user, spec)
+            if why is not None:
+                user.gpu_head = job
+                self.allocating[job.id] = None
+                self.reasons[job.id] = why
+                return
+        user.cand = job
+        heapq.heappush(self.heap, (user.slots, job.order, user.uid, job.id))
+
+    def block(self, user: _User, job: Job, why: str) -> None:
+        """`job`, the user's head, is short of slots: it and all their later jobs wait."""
+        if user.blocker is not None:  # a later job blocked first; the head now does
+            self.reasons[user.blocker.id] = f"queued behind job {job.id}"
+        user.blocker = job
+        self.reasons[job.id] = why
+        self.allocating.pop(job.id, None)
+        behind = f"queued behind job {job.id}"
+        if user.cand is not None:
+            self.reasons[user.cand.id] = behind
+            user.cand = None  # its heap entry goes stale
+        for later in user.ready:
+            self.reasons[later.id] = behind
+        user.ready.clear()
+
+    def head_blocks(self, user: _User) -> bool:
+        """Whether the user's allocating head stopped fitting in the slots; if so, block on it.
+
+        The head waits for GPUs but is still the head: the user's CPU jobs may
+        pass it only while it would itself fit in the free slots, exactly as if
+        each start were decided on its own.
+        """
+        head = user.gpu_head
+        if head is None or user.blocker is head:
+            return False
+        why = self.slot_problem(user, head.spec)
+        if why is None:
+            return False
+        self.block(user, head, why)
+        return True
+
+    def slot_problem(self, user: _User, spec: JobSpec) -> str | None:
+        slots = job_slots(spec)
+        total = self.res.total_slots
+        if slots > total:
+            return f"job needs {_count(slots, 'slot')} but the server has {total}"
+        if slots > self.free_slots:
+            return (
+                f"waiting for {_count(slots, 'free slot')}"
+                f" ({max(self.free_slots, 0)} of {total} free)"
+            )
+        limit = user.limits.max_running_slots
+        if limit is not None and user.slots + slots > limit:
+            if slots > limit:
+                return _over_quota(slots, "slot", "max_running_slots", limit)
+            return f"user quota: {user.slots} of {limit} slots in use (max_running_slots)"
+        return None
+
+    def gpu_problem(self, user: _User, spec: JobSpec) -> str | None:
+        wanted = spec.gpus_wanted
+        free = self.free_gpus
+        if free is None:
+            problem = self.res.gpu_problem
+            return "GPU information unavailable" + (f": {problem}" if problem else "")
+        limit = user.limits.max_gpus
+        if limit is not None and user.gpus + wanted > limit:
+            if wanted > limit:
+                return _over_quota(wanted, "GPU", "max_gpus", limit)
+            return f"user quota: {user.gpus} of {limit} GPUs in use (max_gpus)"
+        visible = self.res.visible_gpus
+        if spec.gpu_indices is not None:
+            if visible is not None:
+                why = _not_visible(spec.gpu_indices, visible)
+                if why is not None:
+                    return why
+            busy = [i for i in dict.fromkeys(spec.gpu_indices) if i not in free]
+            if busy:
+                return f"waiting for {'GPU' if len(busy) == 1 else 'GPUs'} {_ids(busy)} (in use)"
+            return None
+        if visible is not None and wanted > len(visible):
+            return f"job needs {_count(wanted, 'GPU')} but the server has {len(visible)}"
+        if wanted > len(free):
+            return f"waiting for {_count(wanted, 'free GPU')} ({len(free)} free)"
+        return None
+
+    # -- picking between users
+
+    def best(self) -> _User | None:
+        """The user whose candidate goes first, its candidate still able to start."""
+        while self.heap:
+            slots, _, uid, job_id = self.heap[0]
+            user = self.users[uid]
+            cand = user.cand
+            if cand is None or cand.id != job_id or user.slots != slots:
+                heapq.heappop(self.heap)  # stale entry
+                continue
+            if self.head_blocks(user):
+                heapq.heappop(self.heap)
+                continue
+            if self.slot_problem(user, cand.spec) is None and (
+                not cand.spec.gpus_wanted or self.gpu_problem(user, cand.spec) is None
+            ):
+                return user
+            # Others' starts took what it needed: examine it again as a head.
+            heapq.heappop(self.heap)
+            user.cand = None
+            user.ready.appendleft(cand)
+            self.search(user)
+        return None
+
+    def start(self, user: _User) -> None:
+        heapq.heappop(self.heap)
+        job = user.cand
+        assert job is not None
+        user.cand = None
+        spec = job.spec
+        gpu_ids: tuple[int, ...] = ()
+        if spec.gpus_wanted:
+            assert self.free_gpus is not None
+            if spec.gpu_indices is not None:
+                gpu_ids = tuple(spec.gpu_indices)
+                taken = set(gpu_ids)
+                self.free_gpus = [g for g in self.free_gpus if g not in taken]
+            else:
+                gpu_ids = tuple(self.free_gpus[: spec.gpus_wanted])
+                del self.free_gpus[: spec.gpus_wanted]
+        slots = job_slots(spec)
+        self.free_slots -= slots
+        self.used_slots += slots
+        user.slots += slots
+        user.gpus += spec.gpus_wanted
+        self.starts.append(Start(job.id, gpu_ids))
+        self.search(user)
+
+    # -- the whole decision
+
+    def full_reason(self) -> str:
+        total = self.res.total_slots
+        if total <= 0:
+            return "the server is draining (slots: 0)"
+        return f"waiting for a free slot ({self.used_slots} of {total} in use)"
+
+    def run(self, pending: Iterable[Job]) -> Decision:
+        queue = iter(pending)
+        read_all = False
+        while self.free_slots > 0:
+            user = self.best()
+            # A candidate of a user with no running slot cannot be beaten by a job
+            # not read yet (it would tie on slots and lose on order); any other
+            # may be, by an unread user with fewer running slots.
+            if user is not None and (user.slots == 0 or read_all):
+                self.start(user)
+                continue
+            if read_all:
+                break
+            job = next(queue, None)
+            if job is None:
+                read_all = True
+            else:
+                self.ingest(job)
+        for user in self.users.values():
+            self.head_blocks(user)  # classify allocating heads as of the final state
+        if self.free_slots <= 0:
+            # Read but cut short by the full server: they wait for a slot.
+            for user in self.users.values():
+                for job in [user.cand, *user.ready]:
+                    if job is not None:
+                        self.reasons[job.id] = self.full_reason()
+        return Decision(
+            start=tuple(self.starts),
+            skip=tuple(self.skips),
+            allocating=tuple(self.allocating),
+            reasons=MappingProxyType(self.reasons),
+            unvisited_reason="" if read_all else self.full_reason(),
+        )
+
+
+def decide(
+    pending: Iterable[Job],
+    running: Sequence[Job],
+    dep_outcome: Callable[[int], DepOutcome],
+    res: Resources,
+) -> Decision:
+    """Decide which pending jobs start now (see the module docstring for the rules).
+
+    `pending`: every queued and allocating job, in global queue order (ascending
+    `Job.order`); it is read lazily and only as far as needed. `running`: every
+    running job, with its slots and `gpu_ids`. `dep_outcome`: what became of a
+    job id. Jobs in `pending` that are also in `running`, or repeated, are ignored.
+    """
+    return _Decider(running, dep_outcome, res).run(pending)
