@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,29 +147,53 @@ def main_pid(box: Box) -> int:
     return int(box.show("tsd.service", "MainPID")["MainPID"])
 
 
-def running_and_queued(box: Box, user: str, code: int) -> tuple[int, int, int]:
-    """A job that runs 8 s then exits `code`, and one queued behind it (-d): ids, and the pid."""
-    running = submit(box, user, "sh", "-c", f"sleep 8; exit {code}")
+@dataclass(frozen=True)
+class HeldJobs:
+    """A job that runs until released, then exits `code`, and one queued behind it (-d)."""
+
+    user: str
+    running: int
+    queued: int
+    pid: int  # of the running job, as `ts -p` says
+    code: int
+    release: str  # the file whose creation lets the running job end
+
+
+def running_and_queued(box: Box, user: str, code: int) -> HeldJobs:
+    """Start a held job for `user` and queue one behind it."""
+    release = f"/tmp/release-{user}-{time.time_ns()}"
+    running = submit(
+        box, user, "sh", "-c", f"while [ ! -e {release} ]; do sleep 0.1; done; exit {code}"
+    )
     wait_state(box, user, running, "running")
     queued = submit(box, user, "-d", "echo", "after")
     assert ts(box, user, "-s", str(queued)).stdout.strip() == "queued"
     pid = int(ts(box, user, "-p", str(running)).stdout.strip())
-    return running, queued, pid
+    return HeldJobs(user, running, queued, pid, code, release)
 
 
-def check_jobs_survived(
-    box: Box, user: str, running: int, queued: int, pid: int, code: int
-) -> None:
-    """The running job kept its pid and ends with its own code; the queued one runs after."""
-    assert ts(box, user, "-s", str(running)).stdout.strip() == "running"
-    assert int(ts(box, user, "-p", str(running)).stdout.strip()) == pid
-    assert ts(box, user, "-s", str(queued)).stdout.strip() == "queued"
-    assert ts(box, user, "-w", str(running), check=False).returncode == code
-    assert ts(box, user, "-w", str(queued), check=False).returncode == 0
-    assert ts(box, user, "-c", str(queued)).stdout == "after\n"
+def diagnose(box: Box) -> str:
+    """Every job and the daemon's recent log, for a failure message."""
+    listing = ts(box, None, "-A", "-M", "json", check=False).stdout
+    log = box.run("journalctl -u tsd --no-pager | tail -n 40", check=False).stdout
+    return f"\n--- ts -A -M json:\n{listing}\n--- journalctl -u tsd:\n{log}"
+
+
+def check_jobs_survived(box: Box, held: HeldJobs) -> None:
+    """The held job kept its pid and ends with its own code once released; the queued one
+    runs after it."""
+    user = held.user
+    assert ts(box, user, "-s", str(held.running)).stdout.strip() == "running", diagnose(box)
+    assert int(ts(box, user, "-p", str(held.running)).stdout.strip()) == held.pid, diagnose(box)
+    assert ts(box, user, "-s", str(held.queued)).stdout.strip() == "queued", diagnose(box)
+    box.run(["touch", held.release])
+    r = ts(box, user, "-w", str(held.running), check=False)
+    assert r.returncode == held.code, diagnose(box)
+    assert ts(box, user, "-w", str(held.queued), check=False).returncode == 0
+    assert ts(box, user, "-c", str(held.queued)).stdout == "after\n"
     listed = jobs(box)
-    assert listed[running]["E-Level"] == code
-    assert listed[running]["End"] <= listed[queued]["Start"]
+    assert listed[held.running]["E-Level"] == held.code
+    assert listed[held.running]["End"] <= listed[held.queued]["Start"]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -229,7 +254,7 @@ def test_ts_and_tsd_report_the_installed_version(box: Box, users: None) -> None:
 def test_second_run_changes_nothing_and_keeps_running_and_queued_jobs(
     box: Box, users: None, request: pytest.FixtureRequest
 ) -> None:
-    running, queued, pid = running_and_queued(box, "alice", 3)
+    held = running_and_queued(box, "alice", 3)
     before, daemon = snapshot(box), main_pid(box)
     assert daemon != 0
     assert re.search(r"^[0-9a-f]{64}  /usr/local/lib/systemd/system/tsd.service$", before, re.M)
@@ -242,7 +267,7 @@ def test_second_run_changes_nothing_and_keeps_running_and_queued_jobs(
     assert "tsd install: linked " not in r.stdout
     assert snapshot(box) == before
     assert main_pid(box) == daemon
-    check_jobs_survived(box, "alice", running, queued, pid, 3)
+    check_jobs_survived(box, held)
 
 
 def test_an_edited_config_is_kept_and_the_new_example_goes_to_dist(box: Box, users: None) -> None:
@@ -267,7 +292,7 @@ def test_install_from_a_newer_checkout_restarts_the_daemon_and_jobs_survive(
         f"sed -i 's/^__version__ = .*/__version__ = \"{new}\"/' /root/next/tsd/__init__.py; "
         f"sed -i 's/^version = .*/version = \"{new}\"/' /root/next/pyproject.toml"
     )
-    running, queued, pid = running_and_queued(box, "bob", 4)
+    held = running_and_queued(box, "bob", 4)
     daemon = main_pid(box)
     t0 = time.monotonic()
     r = box.run("/root/next/packaging/install.sh", timeout=300)
@@ -275,7 +300,7 @@ def test_install_from_a_newer_checkout_restarts_the_daemon_and_jobs_survive(
     assert "restarted tsd.service" in r.stdout
     assert main_pid(box) not in (0, daemon)
     assert versions(box) == (new, new)
-    check_jobs_survived(box, "bob", running, queued, pid, 4)
+    check_jobs_survived(box, held)
 
 
 def test_uninstall_removes_the_program_and_keeps_config_and_state(box: Box, users: None) -> None:
