@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -111,6 +111,9 @@ class Daemon:
         self.last_run: dict[int, int] = {}
         self.pending_count: dict[int, int] = defaultdict(int)
         self.pending_gpu_jobs = 0
+        self.unvisited_reason = ""
+        self.order_range = (0, -1)  # lowest and highest queue order keys handed out
+        self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)  # oldest first
         self.waiters: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self.start_waiters: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self.room: asyncio.Condition | None = None
@@ -158,6 +161,13 @@ class Daemon:
             if job.start_time is not None:
                 self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
         self.pending.sort(key=lambda i: self.jobs[i].order)
+        if self.jobs:
+            orders = [j.order for j in self.jobs.values()]
+            self.order_range = (min(orders), max(orders))
+        for job in sorted(
+            (j for j in self.jobs.values() if j.state.done), key=lambda j: (j.end_time or 0, j.id)
+        ):
+            self.finished_by_user[job.uid].append(job.id)
         for job in [j for j in self.jobs.values() if j.state is JobState.RUNNING]:
             self.running[job.id] = job
             if self._supervisor_alive(job):
@@ -173,6 +183,15 @@ class Daemon:
             known = self.jobs.get(job_id)
             if known is None or known.state is not JobState.RUNNING:
                 leftover.unlink(missing_ok=True)
+
+    def _next_order(self, front: bool = False) -> int:
+        """A queue order key behind (or, for -u, in front of) every job; O(1)."""
+        low, high = self.order_range
+        if front:
+            self.order_range = (low - 1, high)
+            return low - 1
+        self.order_range = (low, high + 1)
+        return high + 1
 
     def _supervisor_alive(self, job: Job) -> bool:
         if job.supervisor_pid is None:
@@ -208,7 +227,7 @@ class Daemon:
                 return self.list_jobs(peer, req.all_users)
             case protocol.GetJob():
                 job = self._pick(peer, req.id, req.default)
-                return {"job": protocol.job_to_wire(job)}
+                return {"job": protocol.job_to_wire(self._with_reason(job))}
             case protocol.Remove():
                 return self.remove(peer, req.id)
             case protocol.Urgent():
@@ -275,7 +294,7 @@ class Daemon:
                 async with self.room:
                     await self.room.wait()
         job = self.store.add_job(
-            peer.uid, peer.user, spec, self.store.next_order(), time.time()
+            peer.uid, peer.user, spec, self._next_order(), time.time()
         )
         self.jobs[job.id] = job
         self._enqueue_index(job)
@@ -323,12 +342,19 @@ class Daemon:
     def list_jobs(self, peer: Peer, all_users: bool) -> dict[str, Any]:
         """ts -l (-A: everyone's)."""
         rows = [
-            protocol.job_to_wire(j)
+            protocol.job_to_wire(self._with_reason(j))
             for j in self._listing_order()
             if all_users or j.uid == peer.uid
         ]
         used = sum(j.spec.slots for j in self.running.values())
         return {"jobs": rows, "slots": self.total_slots(), "running": used}
+
+    def _with_reason(self, job: Job) -> Job:
+        # The scheduler stops reading the queue once the server is full; jobs it did
+        # not reach wait for that one reason.
+        if job.state.pending and not job.wait_reason and self.unvisited_reason:
+            return replace(job, wait_reason=self.unvisited_reason)
+        return job
 
     def _listing_order(self) -> Iterator[Job]:
         # task-spooler lists running first, then queued in queue order, then finished.
@@ -347,6 +373,8 @@ class Daemon:
         if job.state is JobState.RUNNING:
             raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
         self.store.delete([job.id])
+        if job.state.done:
+            self.finished_by_user[job.uid].remove(job.id)
         if job.state.pending:
             self._unqueue_index(job)
             self._room_changed()
@@ -360,7 +388,7 @@ class Daemon:
         job = self._pick(peer, job_id, "added")
         if not job.state.pending:
             raise WrongState(f"job {job.id} is {job.state.value}, not queued")
-        job = replace(job, order=self.store.next_order(front=True))
+        job = replace(job, order=self._next_order(front=True))
         self.store.save(job)
         self.jobs[job.id] = job
         self.pending.remove(job.id)
@@ -388,6 +416,7 @@ class Daemon:
         self.store.delete(gone)
         for job_id in gone:
             del self.jobs[job_id]
+        self.finished_by_user[peer.uid].clear()
         return {"count": len(gone)}
 
     def slots(self, peer: Peer, value: int | None) -> dict[str, Any]:
@@ -436,12 +465,18 @@ class Daemon:
             return gpus, problem
         from tsd.gpu import GpuUnavailable
 
+        before = self.gpu_cache[2]
         try:
             gpus, problem = self.gpus.snapshot(), ""
         except GpuUnavailable as exc:
-            if exc.args and str(exc) != self.gpu_cache[2]:
-                log.warning("GPUs unavailable: %s", exc)
-            gpus, problem = None, f"GPU information unavailable: {exc}"
+            # The bare reason: the scheduler's wait reason and `ts -g` add their own prefix.
+            gpus, problem = None, str(exc) or "NVML failed"
+            # Once per distinct reason, not once per poll.
+            if problem != before:
+                log.warning("GPUs unavailable: %s", problem)
+        else:
+            if before:
+                log.info("GPUs available again: NVML reports %d GPUs", len(gpus))
         self.gpu_cache = (time.monotonic(), gpus, problem)
         return gpus, problem
 
@@ -526,6 +561,7 @@ class Daemon:
             self._dep_outcome,
             res,
         )
+        self.unvisited_reason = decision.unvisited_reason
         changed: list[Job] = []
         for job_id in decision.allocating:
             job = self.jobs[job_id]
@@ -543,10 +579,7 @@ class Daemon:
             self._skip(job_id, decision.reasons.get(job_id, "a dependency failed"))
         for start in decision.start:
             self._start(self.jobs[start.job_id], start.gpu_ids)
-        waiting_for_gpus = any(
-            self.jobs[i].state is JobState.ALLOCATING for i in self.pending[:1000]
-        )
-        if waiting_for_gpus:
+        if decision.allocating:
             self._arm_gpu_poll()
         else:
             self._stop_gpu_poll()
@@ -563,7 +596,8 @@ class Daemon:
 
     def _gpu_tick(self) -> None:
         self.gpu_timer = None
-        self.gpu_cache = (0.0, None, "")
+        # Expire the snapshot, but keep its problem so a failure is not logged at every poll.
+        self.gpu_cache = (0.0, None, self.gpu_cache[2])
         self.schedule()
 
     def _dep_outcome(self, job_id: int) -> DepOutcome:
@@ -593,6 +627,7 @@ class Daemon:
         self._unqueue_index(job)
         self.jobs[job.id] = job
         log.info("job %d skipped: %s", job.id, reason)
+        self._finished(job)
         self._room_changed()
         self._notify_end(job.id)
         self._cascade(job)
@@ -707,6 +742,7 @@ class Daemon:
         self.store.save(job)
         self._unqueue_index(job)
         self.jobs[job.id] = job
+        self._finished(job)
         self._room_changed()
         self._notify_end(job.id)
         self._cascade(job)
@@ -826,19 +862,20 @@ class Daemon:
         path.unlink(missing_ok=True)
         self.jobs[job_id] = job
         log.info("job %d finished: %s", job_id, exit_info)
-        self._trim_finished(job.uid)
+        self._finished(job)
         self._notify_start(job_id)
         self._notify_end(job_id)
         self._cascade(job)
         self.schedule()
 
-    def _trim_finished(self, uid: int) -> None:
-        keep = self.config.max_finished
-        done = sorted(
-            (j for j in self.jobs.values() if j.uid == uid and j.state.done),
-            key=lambda j: (j.end_time or 0, j.id),
-        )
-        drop = [j.id for j in done[: max(0, len(done) - keep)]]
+    def _finished(self, job: Job) -> None:
+        """Account a job that just became finished or skipped; drop the oldest beyond the cap."""
+        done = self.finished_by_user[job.uid]
+        done.append(job.id)
+        drop: list[int] = []
+        while len(done) > self.config.max_finished:
+            drop.append(done.popleft())
+        drop = [i for i in drop if i in self.jobs]
         if drop:
             self.store.delete(drop)
             for job_id in drop:

@@ -58,11 +58,16 @@ class StoreError(Exception):
 class Store:
     """The daemon's durable state."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], durable: bool = True) -> None:
+        """Open (creating if needed) the state database at `path`.
+
+        `durable=False` skips fsync; only tools that seed a database in bulk
+        (the benchmarks) use it, never the daemon.
+        """
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
         self.db.execute("PRAGMA busy_timeout=5000")
         for stmt in _SCHEMA.strip().split(";"):
             if stmt.strip():

@@ -30,11 +30,16 @@ class Env(dict[str, str]):
             pid = int((self.state / "tsd" / "tsd.pid").read_text())
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return pid if alive(pid) else None
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting for its reaper counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def make_env(root: Path, **extra: str) -> Env:
@@ -89,15 +94,13 @@ def stop_daemon(env: Env) -> None:
         out = run_ts(env, "-R", check=False, timeout=10).stdout.strip()
         if out in ("0", ""):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     run_ts(env, "-K", check=False, timeout=10)
     deadline = time.time() + 5
     while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not alive(pid):
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
 
 
