@@ -326,17 +326,24 @@ def test_uninstall_removes_the_program_and_keeps_config_and_state(box: Box, user
     assert not box.exists("/etc/tsd") and not box.exists("/var/lib/tsd")
 
 
-def test_without_systemd_install_sh_says_so_and_ts_runs_in_personal_mode(
+def test_air_gapped_without_systemd_install_sh_installs_and_ts_runs_in_personal_mode(
     box: Box, users: None
 ) -> None:
-    # Hide the running systemd from install.sh: what it checks, /run/systemd/system,
-    # is gone in this mount namespace (as in a container or chroot).
+    # An nvidia-ml-py wheel fetched "elsewhere", then no index at all: pip's
+    # config is ignored and its index is a closed port.
+    box.run("python3 -m pip download -q --no-deps -d /root/wheels nvidia-ml-py", timeout=120)
+    offline = {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    # What install.sh checks to tell whether systemd runs, /run/systemd/system,
+    # is hidden in this mount namespace (as in a container or chroot).
     r = box.run(
         "unshare --mount sh -c 'mount -t tmpfs none /run/systemd && "
-        "cd /src && exec packaging/install.sh'",
+        "cd /src && exec packaging/install.sh --no-apt --wheels /root/wheels'",
+        env=offline,
         timeout=300,
     )
     assert "the system service could NOT be started" in r.stdout
+    assert "installed nvidia-ml-py" in r.stdout
+    box.run(["/opt/tsd/bin/python", "-c", "import pynvml"])
     assert box.systemctl("is-active", "tsd.socket", check=False).stdout.strip() == "inactive"
     assert not box.exists("/run/tsd/tsd.sock")
     # Still installed and enabled for the next boot.
@@ -346,3 +353,18 @@ def test_without_systemd_install_sh_says_so_and_ts_runs_in_personal_mode(
     assert ts(box, "alice", "-w", str(job)).returncode == 0
     assert ts(box, "alice", "-c", str(job)).stdout == "personal\n"
     ts(box, "alice", "-K")  # her personal daemon; the box goes anyway
+
+
+def test_without_an_index_or_wheel_install_sh_warns_and_installs_without_gpus(
+    box: Box, users: None
+) -> None:
+    box.run("cd /src && packaging/uninstall.sh --purge", timeout=120)
+    offline = {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    t0 = time.monotonic()
+    r = box.run("cd /src && packaging/install.sh --no-apt", env=offline, timeout=300)
+    assert time.monotonic() - t0 < 60  # no long waits on an unreachable index
+    assert "WARNING: nvidia-ml-py could not be installed" in r.stdout
+    assert box.run(["/opt/tsd/bin/python", "-c", "import pynvml"], check=False).returncode == 1
+    assert "listening on /run/tsd/tsd.sock" in r.stdout
+    job = submit(box, "alice", "echo", "no gpus")
+    assert ts(box, "alice", "-w", str(job)).returncode == 0
