@@ -25,8 +25,9 @@
 # and enabled but nothing is started; `ts` then runs in personal mode.
 #
 # Options:
-#   --no-apt       do not call apt-get (air-gapped machines): the Debian packages
-#                  below must already be installed.
+#   --no-apt       do not call apt-get (air-gapped machines): python3-venv,
+#                  python3-gi, python3-pydbus, python3-psutil, python3-click,
+#                  python3-yaml and dbus must be installed already.
 #   --wheels DIR   a directory with an nvidia-ml-py wheel, used before any index
 #                  (packaging/wheels/ in the checkout is used when it exists).
 set -euo pipefail

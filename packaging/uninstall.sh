@@ -5,8 +5,8 @@
 #
 # Stops and disables tsd.socket and tsd.service, then removes the units, the
 # sysusers/tmpfiles files, the venv /opt/tsd, the links in /usr/local/bin, the
-# man page and the bash completion. Jobs that are running when the service
-# stops keep running to their end (KillMode=process); nobody records their exit.
+# man page and the shell completions. Jobs that are running when the service
+# stops keep running to their end (KillMode=process).
 #
 # Kept unless --purge: /etc/tsd (the config) and /var/lib/tsd (the queue and
 # the finished jobs). Always kept: group tsd, because files may belong to it
