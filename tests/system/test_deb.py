@@ -51,8 +51,9 @@ def debs(box: Box, request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="module")
 def installed(box: Box, debs: None, request: pytest.FixtureRequest) -> str:
     """The package installed with apt, as the README says; apt's output."""
-    assert not box.exists("/usr/bin/ts")
-    assert box.run(["getent", "group", "tsd"], check=False).returncode == 2
+    # The box's root is an overlay of this machine's: tsd must not be installed here.
+    assert not box.exists("/usr/bin/ts"), "/usr/bin/ts exists on this machine already"
+    assert box.run(["getent", "group", "tsd"], check=False).returncode == 2, "group tsd exists"
     # A Docker image's policy-rc.d (this machine's root may be one) forbids
     # maintainer scripts to start services; a real server has none.
     box.run(["rm", "-f", "/usr/sbin/policy-rc.d"])

@@ -202,8 +202,10 @@ def check_jobs_survived(box: Box, held: HeldJobs) -> None:
 @pytest.fixture(scope="module")
 def first_install(box: Box, request: pytest.FixtureRequest) -> subprocess.CompletedProcess[str]:
     """install.sh run once, as the README says, on a box without tsd."""
-    assert not box.exists("/opt/tsd") and not box.exists("/usr/local/bin/ts")
-    assert box.run(["getent", "group", "tsd"], check=False).returncode == 2
+    # The box's root is an overlay of this machine's: tsd must not be installed here.
+    assert not box.exists("/opt/tsd"), "/opt/tsd exists on this machine already"
+    assert not box.exists("/usr/local/bin/ts"), "/usr/local/bin/ts exists on this machine already"
+    assert box.run(["getent", "group", "tsd"], check=False).returncode == 2, "group tsd exists"
     t0 = time.monotonic()
     # README: `sudo packaging/install.sh` from the checkout (we are root already).
     r = box.run("cd /src && packaging/install.sh", check=False, timeout=300)
