@@ -131,7 +131,7 @@ class Config:
 
     def is_admin(self, user: str, groups: Iterable[str]) -> bool:
         """True for root, users listed under `admins`, and members of a listed `@group`."""
-        if user == "root" or user in self.admins:
+        if user == "root" or (user in self.admins and not user.startswith("@")):
             return True
         return any(f"@{group}" in self.admins for group in groups)
 
@@ -142,6 +142,7 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _NULL = "tag:yaml.org,2002:null"
+_MERGE = "tag:yaml.org,2002:merge"
 
 _TOP_KEYS = (
     "slots",
@@ -177,6 +178,7 @@ class _Parser:
         # Scalar constructors only; mappings and sequences are walked by hand so
         # that aliases can never expand beyond what the schema itself visits.
         self.constructor = yaml.constructor.SafeConstructor()
+        self.merging: set[int] = set()  # ids of mappings whose merge keys are being read
 
     # -- errors
 
@@ -211,7 +213,8 @@ class _Parser:
         # An explicitly tagged malformed scalar (`!!int ""`, `!!float x`) makes
         # PyYAML's scalar constructors raise assorted built-in exceptions.
         except (yaml.YAMLError, ValueError, TypeError, IndexError, AttributeError):
-            self.fail(node, path, f"cannot read the value {node.value!r} as {node.tag}")
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.fail(node, path, f"cannot read the value {node.value!r} as {tag}")
 
     def count(self, node: yaml.Node, path: str, *, minimum: int = 0) -> int:
         """An int >= minimum, never unlimited."""
@@ -299,9 +302,26 @@ class _Parser:
             return []
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping, got {self.got(node)}")
+        if id(node) in self.merging:
+            self.fail(node, path, "a merge key (<<) refers to the mapping it is in")
         seen: set[str] = set()
-        out: list[tuple[str, yaml.Node, yaml.Node]] = []
+        out: dict[str, tuple[str, yaml.Node, yaml.Node]] = {}
+        merged: dict[str, tuple[str, yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE:
+                # `<<: *anchor` or `<<: [*a, *b]`: YAML merge keys; earlier
+                # mappings win over later ones, the mapping's own keys over all.
+                sources = (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                self.merging.add(id(node))
+                try:
+                    for source in sources:
+                        for entry in self.mapping(source, path, known):
+                            merged.setdefault(entry[0], entry)
+                finally:
+                    self.merging.discard(id(node))
+                continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "":
                 self.fail(key_node, path or "top level", "expected a plain key name")
             key = str(key_node.value)
@@ -313,8 +333,8 @@ class _Parser:
             if key in seen:
                 self.fail(key_node, key_path, "duplicate key")
             seen.add(key)
-            out.append((key, key_node, value_node))
-        return out
+            out[key] = (key, key_node, value_node)
+        return [*(e for k, e in merged.items() if k not in out), *out.values()]
 
     def sequence(self, node: yaml.Node, path: str, want: str) -> list[yaml.Node]:
         if self.is_null(node):
@@ -470,6 +490,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = exc.problem or exc.context or "unreadable"
+        if exc.context and problem.startswith("but "):  # "expected X" ... "but found Y"
+            problem = f"{exc.context}, {problem}"
         raise ConfigError(_one_line(f"{source}: {line}YAML syntax error: {problem}")) from None
     except yaml.reader.ReaderError as exc:
         line_no = text.count("\n", 0, max(exc.position, 0)) + 1
@@ -489,10 +511,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a config file; read errors are ConfigErrors naming the file too."""
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
+        with open(name, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{name}: line {line}: not UTF-8 text") from None
     return parse_config(text, name)
