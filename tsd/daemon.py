@@ -690,9 +690,11 @@ class Daemon:
         unit = None
         if self.settings.system:
             try:
-                devices = self.gpus.device_nodes(gpu_ids) if gpu_ids else None
-                if devices is not None and not any(os.path.exists(d) for d in devices):
-                    devices = None  # no NVIDIA device nodes here: nothing to fence
+                devices: list[str] | None = None  # no NVIDIA device nodes here: no fence
+                if any(Path("/dev").glob("nvidia[0-9]*")):
+                    # Every job is fenced off the GPUs it was not given, a CPU job off
+                    # all of them: CUDA_VISIBLE_DEVICES alone is only a convention.
+                    devices = self.gpus.device_nodes(gpu_ids) if gpu_ids else []
                 unit = self.scopes.start(
                     job.id,
                     job.uid,
