@@ -179,6 +179,8 @@ class _Parser:
         # that aliases can never expand beyond what the schema itself visits.
         self.constructor = yaml.constructor.SafeConstructor()
         self.merging: set[int] = set()  # ids of mappings whose merge keys are being read
+        # Nested merges of aliases can expand exponentially (a "billion laughs").
+        self.merge_budget = 100_000
 
     # -- errors
 
@@ -318,6 +320,9 @@ class _Parser:
                 try:
                     for source in sources:
                         for entry in self.mapping(source, path, known):
+                            self.merge_budget -= 1
+                            if self.merge_budget < 0:
+                                self.fail(key_node, path, "merge keys (<<) expand too much")
                             merged.setdefault(entry[0], entry)
                 finally:
                     self.merging.discard(id(node))
