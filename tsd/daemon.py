@@ -49,6 +49,7 @@ log = logging.getLogger("tsd")
 
 SYSTEM_CONFIG = "/etc/tsd/tsd.yaml"
 SYSTEM_STATE = "/var/lib/tsd"
+LIMITS_TTL = 60.0  # seconds a user's resolved quota is reused
 KILL_BACKSTOP = 10.0  # seconds past the grace before the daemon SIGKILLs a stuck job itself
 
 
@@ -112,6 +113,7 @@ class Daemon:
         self.pending_count: dict[int, int] = defaultdict(int)
         self.pending_gpu_jobs = 0
         self.unvisited_reason = ""
+        self.limits_cache: dict[int, tuple[float, UserLimits]] = {}
         self.order_range = (0, -1)  # lowest and highest queue order keys handed out
         self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)  # oldest first
         self.waiters: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
@@ -306,9 +308,22 @@ class Daemon:
         return {"id": job.id}
 
     def limits(self, uid: int) -> UserLimits:
-        """A user's quota under the current config."""
+        """A user's quota under the current config.
+
+        Cached for a minute: the scheduler asks for it on every decision, and
+        group membership (the group database) changes rarely.
+        """
         if not self.settings.system:
             return self.config.defaults
+        now = time.monotonic()
+        cached = self.limits_cache.get(uid)
+        if cached is not None and now - cached[0] < LIMITS_TTL:
+            return cached[1]
+        limits = self._limits_uncached(uid)
+        self.limits_cache[uid] = (now, limits)
+        return limits
+
+    def _limits_uncached(self, uid: int) -> UserLimits:
         user = auth.user_name(uid)
         try:
             gid = pwd.getpwuid(uid).pw_gid
@@ -968,6 +983,7 @@ class Daemon:
             log.error("config not reloaded, keeping the previous one: %s", exc)
             return
         self.config = config
+        self.limits_cache.clear()
         self.store.set_setting("slots", None)
         self.gpu_cache = (0.0, None, "")
         log.info("config reloaded from %s", self.settings.config_path)

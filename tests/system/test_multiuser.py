@@ -55,6 +55,9 @@ def test_user_outside_group_tsd_cannot_submit(sbox: Box) -> None:
 def test_other_users_job_cannot_be_touched(sbox: Box) -> None:
     jid = job_id(ts(sbox, "alice", "sleep", "30"))
     wait_for(lambda: jobs(sbox)[jid]["State"] == "running")
+    # the config's job limits are on the scope
+    props = sbox.show(f"tsd-job-{jid}.scope", "TasksMax", "MemoryMax", "CPUQuotaPerSecUSec")
+    assert props == {"TasksMax": "512", "MemoryMax": str(2 << 30), "CPUQuotaPerSecUSec": "2s"}
     for args in (["-k"], ["-r"], ["-c"], ["-t"], ["-i"], ["-o"], ["-w"], ["-u"], ["-p"]):
         r = ts(sbox, "bob", *args, str(jid), check=False)
         assert r.returncode == 1, args
