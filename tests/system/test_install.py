@@ -207,7 +207,7 @@ def first_install(box: Box, request: pytest.FixtureRequest) -> subprocess.Comple
     assert not box.exists("/usr/local/bin/ts"), "/usr/local/bin/ts exists on this machine already"
     assert box.run(["getent", "group", "tsd"], check=False).returncode == 2, "group tsd exists"
     t0 = time.monotonic()
-    # README: `sudo packaging/install.sh` from the checkout (we are root already).
+    # README: `packaging/install.sh` as root, from the checkout.
     r = box.run("cd /src && packaging/install.sh", check=False, timeout=300)
     report(request, f"install.sh, first run: {time.monotonic() - t0:.1f}s")
     assert r.returncode == 0, f"install.sh failed:\n{r.stdout}\n{r.stderr}"
