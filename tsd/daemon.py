@@ -578,10 +578,17 @@ class Daemon:
         )
         self.unvisited_reason = decision.unvisited_reason
         changed: list[Job] = []
+        allocating = set(decision.allocating)
         for job_id in decision.allocating:
             job = self.jobs[job_id]
             if job.state is not JobState.ALLOCATING:
                 changed.append(replace(job, state=JobState.ALLOCATING))
+        for job_id in decision.reasons:
+            # A job read again that no longer waits for GPUs (it now waits for a slot
+            # or a dependency) is back to plain queued.
+            seen = self.jobs.get(job_id)
+            if seen is not None and seen.state is JobState.ALLOCATING and job_id not in allocating:
+                changed.append(replace(seen, state=JobState.QUEUED))
         for job_id, reason in decision.reasons.items():
             seen = self.jobs.get(job_id)
             if seen is not None and seen.wait_reason != reason:
