@@ -361,3 +361,56 @@ def test_a_missing_nvml_library_holds_gpu_jobs_until_it_appears(
     wait_state(ts, gpu_job, "running", "finished", timeout=POLL_SECONDS + 5)
     assert ts("-w", str(gpu_job), check=False).returncode == 0
     assert first_line(ts, gpu_job) == "0"
+
+
+def test_gpus_of_running_jobs_stay_theirs_across_a_daemon_restart(
+    ts: Runner, tsd_env: Env, nvml_picture: PictureFile, gates: Callable[[str], Gate]
+) -> None:
+    nvml_picture.write(simple_gpus(2))
+    start_daemon(ts, tsd_env, nvml_picture, 3)
+    g = gates("restart")
+    before = queue(ts, "-G", "1", *g.hold("$CUDA_VISIBLE_DEVICES"))
+    wait_state(ts, before, "running")
+    old_pid = tsd_env.daemon_pid()
+    ts("-K")  # the job keeps running; the next ts call starts a new daemon
+    wait_until(lambda: tsd_env.daemon_pid() != old_pid, what="the old daemon to exit")
+    after = queue(ts, "-G", "1", *g.hold("$CUDA_VISIBLE_DEVICES"))
+    assert tsd_env.daemon_pid() not in (None, old_pid)
+    wait_state(ts, after, "running")
+    assert {first_line(ts, before), first_line(ts, after)} == {"0", "1"}
+    third = queue(ts, "-G", "1", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES")
+    wait_state(ts, third, "allocating")
+    g.open()
+    assert ts("-w", str(third), check=False).returncode == 0
+
+
+def _read_since_written(path: Path) -> bool:
+    """Whether anyone read `path` since it was written (relatime moves atime past mtime)."""
+    st = path.stat()
+    return st.st_atime_ns > st.st_mtime_ns
+
+
+def test_nvml_is_polled_while_a_job_waits_for_a_gpu_and_not_after(
+    ts: Runner, tsd_env: Env, nvml_picture: PictureFile, gates: Callable[[str], Gate]
+) -> None:
+    # The stand-in reads the picture on every NVML call: its atime tells whether NVML was used.
+    probe = tsd_env.root / "atime-probe"
+    probe.write_text("x")
+    time.sleep(0.01)
+    probe.read_text()
+    if not _read_since_written(probe):
+        pytest.skip(f"{tsd_env.root} is mounted without atime updates")
+    nvml_picture.write(simple_gpus(1))
+    start_daemon(ts, tsd_env, nvml_picture, 2)
+    g = gates("poll")
+    holder = queue(ts, "-G", "1", *g.hold())
+    wait_state(ts, holder, "running")
+    waiter = queue(ts, "-G", "1", "true")
+    wait_state(ts, waiter, "allocating")
+    nvml_picture.write(simple_gpus(1))  # unread so far; only a poll will read it
+    wait_until(lambda: _read_since_written(nvml_picture.path), POLL_SECONDS + 2, "an NVML poll")
+    g.open()
+    assert ts("-w", str(waiter), check=False).returncode == 0
+    nvml_picture.write(simple_gpus(1))
+    time.sleep(POLL_SECONDS + 1)  # nothing waits for a GPU: the daemon must not poll
+    assert not _read_since_written(nvml_picture.path)
