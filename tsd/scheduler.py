@@ -308,6 +308,12 @@ class _Decider:
     def examine(self, user: _User, job: Job) -> None:
         spec = job.spec
         wanted = spec.gpus_wanted
+        never = self.never_fits(user, spec)
+        if never is not None:
+            # It was accepted when the server or the quota was bigger (or NVML was down):
+            # it waits, with the reason, but holds nobody else back.
+            self.reasons[job.id] = never
+            return
         head = user.gpu_head
         if head is not None and (wanted or self.head_blocks(user)):
             self.reasons[job.id] = f"queued behind job {head.id}"
@@ -325,6 +331,13 @@ class _Decider:
                 return
         user.cand = job
         heapq.heappush(self.heap, (user.slots, job.order, user.uid, job.id))
+
+    def never_fits(self, user: _User, spec: JobSpec) -> str | None:
+        """Why the job could not start even on an idle server, as configured now."""
+        pool = self.res.visible_gpus if self.res.free_gpus is not None else None
+        return fits_problem(
+            spec, user.limits, self.res.total_slots, None if pool is None else len(pool), pool
+        )
 
     def block(self, user: _User, job: Job, why: str) -> None:
         """`job`, the user's head, is short of slots: it and all their later jobs wait."""

@@ -120,6 +120,14 @@ mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mkdir -p $R/src
 mount --bind {src} $R/src
 mount -o remount,bind,ro $R/src
+# A checkout under a path the box mounts afresh (CI may clone into /tmp) stays
+# visible at its own path too, read-only, so its venv's absolute paths work.
+case {src} in
+    /tmp/*|/run/*|/dev/shm/*)
+        mkdir -p "$R"{src}
+        mount --bind {src} "$R"{src}
+        mount -o remount,bind,ro "$R"{src};;
+esac
 mkdir -p $R/etc/systemd/system
 for u in {masked}; do
     rm -f "$R/etc/systemd/system/$u"

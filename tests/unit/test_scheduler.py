@@ -24,6 +24,7 @@ from tsd.scheduler import (
     check_fits,
     decide,
     dep_ready,
+    fits_problem,
 )
 
 AFTER = DependMode.AFTER
@@ -268,10 +269,13 @@ def test_pinned_job_waits_for_a_busy_index() -> None:
     assert d.reasons[1] == "waiting for GPU 2 (in use)"
 
 
-def test_pinned_job_on_an_index_outside_the_visible_set_says_so() -> None:
-    d = run([job(1, pinned=(5,))], res(free_gpus=(0, 1), visible=(0, 1, 2, 3)))
-    assert d.allocating == (1,)
+def test_pinned_job_on_an_index_outside_the_visible_set_says_so_and_holds_nobody_back() -> None:
+    d = run(
+        [job(1, pinned=(5,)), job(2, gpus=1)], res(free_gpus=(0, 1), visible=(0, 1, 2, 3))
+    )
+    assert d.allocating == ()  # it is not waiting for GPUs: it can never have GPU 5
     assert d.reasons[1] == "GPU 5 is not in the visible set (0,1,2,3)"
+    assert d.start == (Start(2, (0,)),)
 
 
 def test_gpus_held_by_running_jobs_are_never_handed_out() -> None:
@@ -656,12 +660,19 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
             return not set(j.spec.gpu_indices) <= set(free)
         return want > len(free)
 
+    known_pool = sc.visible if sc.free_gpus is not None else None
+
+    def never_fits(j: Job) -> bool:
+        pool_size = None if known_pool is None else len(known_pool)
+        problem = fits_problem(j.spec, sc.limits[j.uid], sc.total_slots, pool_size, known_pool)
+        return problem is not None
+
     def heads() -> tuple[list[Job], set[int]]:
         cands: list[Job] = []
         allocating: set[int] = set()
         for uid in sorted({j.uid for j in ready}):
             gpu_blocked = False
-            for j in (j for j in ready if j.uid == uid and j.id not in done):
+            for j in (j for j in ready if j.uid == uid and j.id not in done and not never_fits(j)):
                 wants_gpu = j.spec.gpus_wanted > 0
                 if wants_gpu and gpu_blocked:
                     continue
@@ -786,9 +797,16 @@ def test_order_is_kept_within_a_user_except_cpu_jobs_passing_gpu_waiters(sc: Sce
     d = sc.decide()
     begun = set(started(d))
     ready = [j for j in sc.pending if dep_ready(j.spec, sc.dep)[0] is True]
+    res = sc.resources()
+    pool = res.visible_gpus if res.free_gpus is not None else None
+
+    def never_fits(j: Job) -> bool:
+        size = None if pool is None else len(pool)
+        return fits_problem(j.spec, res.limits(j.uid), res.total_slots, size, pool) is not None
+
     for b in (j for j in ready if j.id in begun):
         for a in ready:
-            if a.uid == b.uid and a.order < b.order and a.id not in begun:
+            if a.uid == b.uid and a.order < b.order and a.id not in begun and not never_fits(a):
                 assert a.spec.gpus_wanted > 0
                 assert b.spec.gpus_wanted == 0
 
