@@ -286,8 +286,10 @@ class Daemon:
             auth.check_owner(peer, other)
         spec = replace(spec, depends=tuple(dict.fromkeys(depends)))
         limits = self.limits(peer.uid)
-        pool = self._pool_size() if spec.gpus_wanted else None
-        check_fits(spec, limits, self.total_slots(), pool, self.config.gpus.visible)
+        pool = self._known_pool() if spec.gpus_wanted else None
+        check_fits(
+            spec, limits, self.total_slots(), None if pool is None else len(pool), pool
+        )
         if limits.max_queued is not None:
             while self.pending_count[peer.uid] >= limits.max_queued:
                 if not req.block:
@@ -369,7 +371,26 @@ class Daemon:
         # not reach wait for that one reason.
         if job.state.pending and not job.wait_reason and self.unvisited_reason:
             return replace(job, wait_reason=self.unvisited_reason)
+        if job.state is JobState.ALLOCATING:
+            outside = self._outside_gpu_users()
+            if outside:
+                return replace(job, wait_reason=f"{job.wait_reason}; {outside}")
         return job
+
+    def _outside_gpu_users(self) -> str:
+        """Whose processes outside tsd keep GPUs busy, from the last NVML picture."""
+        from tsd.gpupool import busy_reasons
+
+        gpus = self.gpu_cache[1]
+        if not gpus:
+            return ""
+        held, tsd_pids = self._gpu_holders()
+        reasons = busy_reasons(
+            gpus, held, self.free_threshold(), tsd_pids, self.config.gpus.visible
+        )
+        return "; ".join(
+            f"GPU {i} {why}" for i, why in sorted(reasons.items()) if why.startswith("used by")
+        )
 
     def _listing_order(self) -> Iterator[Job]:
         # task-spooler lists running first, then queued in queue order, then finished.
@@ -499,9 +520,16 @@ class Daemon:
         visible = self.config.gpus.visible
         return tuple(g.index for g in gpus if visible is None or g.index in visible)
 
-    def _pool_size(self) -> int | None:
+    def _gpu_holders(self) -> tuple[dict[int, int], set[int]]:
+        """GPU index -> the running tsd job holding it, and the pids of tsd's jobs."""
+        held = {i: j.id for j in self.running.values() for i in j.gpu_ids}
+        pids = {p for j in self.running.values() for p in (j.pid, j.supervisor_pid) if p}
+        return held, pids
+
+    def _known_pool(self) -> tuple[int, ...] | None:
+        """The GPUs tsd may hand out (visible and present), None while NVML is down."""
         gpus, _ = self._snapshot(max_age=1.0)
-        return None if gpus is None else len(self._pool(gpus))
+        return None if gpus is None else self._pool(gpus)
 
     def _free_gpus(self) -> tuple[tuple[int, ...] | None, str, tuple[int, ...] | None]:
         from tsd.gpupool import free_gpus
@@ -509,8 +537,7 @@ class Daemon:
         gpus, problem = self._snapshot(max_age=0.2)
         if gpus is None:
             return None, problem, None
-        held = {i for j in self.running.values() for i in j.gpu_ids}
-        tsd_pids = {p for j in self.running.values() for p in (j.pid, j.supervisor_pid) if p}
+        held, tsd_pids = self._gpu_holders()
         free = free_gpus(gpus, held, self.free_threshold(), self.config.gpus.visible, tsd_pids)
         return free, "", self._pool(gpus)
 
@@ -519,8 +546,7 @@ class Daemon:
         from tsd.gpupool import busy_reasons
 
         gpus, problem = self._snapshot()
-        held = {i: j.id for j in self.running.values() for i in j.gpu_ids}
-        tsd_pids = {p for j in self.running.values() for p in (j.pid, j.supervisor_pid) if p}
+        held, tsd_pids = self._gpu_holders()
         reasons = (
             busy_reasons(gpus, held, self.free_threshold(), tsd_pids, self.config.gpus.visible)
             if gpus
@@ -708,15 +734,23 @@ class Daemon:
             mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
             drop_privileges=os.getuid() == 0,
         )
+        devices: list[str] | None = None  # no NVIDIA device nodes here: no fence
+        if self.settings.system and any(Path("/dev").glob("nvidia[0-9]*")):
+            # Every job is fenced off the GPUs it was not given, a CPU job off
+            # all of them: CUDA_VISIBLE_DEVICES alone is only a convention.
+            from tsd.gpu import GpuUnavailable
+
+            try:
+                devices = self.gpus.device_nodes(gpu_ids) if gpu_ids else []
+            except GpuUnavailable as exc:
+                # NVML failed just now: the job stays queued and waits for it like any other.
+                self.gpu_cache = (time.monotonic(), None, str(exc))
+                log.warning("job %d not started, GPUs unavailable: %s", job.id, exc)
+                return
         launched = launch.spawn(plan)
         unit = None
         if self.settings.system:
             try:
-                devices: list[str] | None = None  # no NVIDIA device nodes here: no fence
-                if any(Path("/dev").glob("nvidia[0-9]*")):
-                    # Every job is fenced off the GPUs it was not given, a CPU job off
-                    # all of them: CUDA_VISIBLE_DEVICES alone is only a convention.
-                    devices = self.gpus.device_nodes(gpu_ids) if gpu_ids else []
                 unit = self.scopes.start(
                     job.id,
                     job.uid,

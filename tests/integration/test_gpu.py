@@ -276,7 +276,9 @@ def test_a_gpu_used_by_an_outside_process_is_skipped_and_ts_g_names_the_process(
     # With both GPUs taken, a waiting job says why GPU 0 will not do.
     waiting = queue(ts, "-G", "1", "true")
     wait_state(ts, waiting, "allocating")
-    assert wait_reason(ts, waiting) == "waiting for 1 free GPU (0 free)"
+    assert wait_reason(ts, waiting) == (
+        f"waiting for 1 free GPU (0 free); GPU 0 used by pid {outsider} ({me}), 40.0 GiB"
+    )
     # A lower threshold does not make a stranger's GPU free: a process is a process.
     ts("--set_gpu_free_perc", "10")
     time.sleep(0.3)
