@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,35 @@ class Env(dict[str, str]):
         except (OSError, ValueError):
             return None
         return pid if alive(pid) else None
+
+
+def queue(ts: Runner, *args: str, **kw: object) -> int:
+    """Queue a job; ts must print exactly its id."""
+    proc = ts(*args, **kw)
+    assert re.fullmatch(r"[0-9]+\n", proc.stdout), proc.stdout
+    return int(proc.stdout)
+
+
+def wait_until(
+    check: Callable[[], object], timeout: float = 15.0, what: str = "condition",
+    interval: float = 0.05,
+) -> None:
+    """Poll `check` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def state(ts: Runner, job: int) -> str:
+    """The job's state word (ts -s)."""
+    return str(ts("-s", str(job)).stdout.strip())
+
+
+def wait_state(ts: Runner, job: int, *states: str, timeout: float = 15.0) -> None:
+    """Poll until the job is in one of `states`."""
+    wait_until(lambda: state(ts, job) in states, timeout, f"job {job} to be {'/'.join(states)}")
 
 
 def alive(pid: int) -> bool:

@@ -14,12 +14,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from integration.harness import Runner, alive, queue, state, wait_state, wait_until
 
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 TS = str(Path(sys.executable).parent / "ts")
 
 HEADER_RE = re.compile(r"^ID   State      Output {8,}E-Level  Time   Command \[run=(\d+)/(\d+)\]$")
@@ -28,28 +27,6 @@ HEADER_RE = re.compile(r"^ID   State      Output {8,}E-Level  Time   Command \[r
 # ----------------------------------------------------------------- helpers
 
 
-def queue(ts: Runner, *args: str, **kw: object) -> int:
-    """Queue a job; ts must print exactly its id."""
-    proc = ts(*args, **kw)
-    assert re.fullmatch(r"[0-9]+\n", proc.stdout), proc.stdout
-    return int(proc.stdout)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `check` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def state(ts: Runner, job: int) -> str:
-    return str(ts("-s", str(job)).stdout.strip())
-
-
-def wait_state(ts: Runner, job: int, *states: str, timeout: float = 15.0) -> None:
-    wait_until(lambda: state(ts, job) in states, timeout, f"job {job} to be {'/'.join(states)}")
 
 
 def finish(ts: Runner, job: int) -> int:
@@ -59,18 +36,6 @@ def finish(ts: Runner, job: int) -> int:
 
 def output_path(ts: Runner, job: int) -> Path:
     return Path(ts("-o", str(job)).stdout.strip())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def list_rows(ts: Runner, *args: str) -> dict[int, str]:

@@ -10,17 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from integration.harness import Env, Runner, make_env, run_ts, stop_daemon
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+from integration.harness import Env, Runner, make_env, run_ts, stop_daemon, wait_until
 
 
 def jobs(ts: Runner) -> dict[int, dict[str, object]]:
@@ -31,7 +21,7 @@ def kill9_daemon(env: Env) -> int:
     pid = env.daemon_pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: env.daemon_pid() is None)
+    wait_until(lambda: env.daemon_pid() is None)
     return pid
 
 
@@ -42,7 +32,7 @@ def test_kill9_keeps_queued_running_and_finished_jobs(ts: Runner, tsd_env: Env) 
     # job 2 runs until we create the flag, then exits 7; job 3 waits behind it (1 slot)
     ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 7")
     ts("sh", "-c", "exit 0")
-    wait_for(lambda: jobs(ts)[2]["State"] == "running")
+    wait_until(lambda: jobs(ts)[2]["State"] == "running")
     old = kill9_daemon(tsd_env)
 
     listed = jobs(ts)  # the next ts call starts a new daemon
@@ -61,7 +51,7 @@ def test_kill9_keeps_queued_running_and_finished_jobs(ts: Runner, tsd_env: Env) 
 def test_job_that_ends_while_no_daemon_runs_keeps_its_exit_code(ts: Runner, tsd_env: Env) -> None:
     flag = tsd_env.tmp / "go"
     ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 5")
-    wait_for(lambda: jobs(ts)[1]["State"] == "running")
+    wait_until(lambda: jobs(ts)[1]["State"] == "running")
     kill9_daemon(tsd_env)
     flag.touch()
     time.sleep(0.5)  # the job ends with nobody listening
@@ -72,10 +62,10 @@ def test_job_that_ends_while_no_daemon_runs_keeps_its_exit_code(ts: Runner, tsd_
 def test_clean_shutdown_leaves_running_jobs_running(ts: Runner, tsd_env: Env) -> None:
     flag = tsd_env.tmp / "go"
     ts("sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 0")
-    wait_for(lambda: jobs(ts)[1]["State"] == "running")
+    wait_until(lambda: jobs(ts)[1]["State"] == "running")
     pid = int(ts("-p", "1").stdout)
     ts("-K")
-    wait_for(lambda: tsd_env.daemon_pid() is None)
+    wait_until(lambda: tsd_env.daemon_pid() is None)
     os.kill(pid, 0)  # still alive
     assert jobs(ts)[1]["State"] == "running"
     flag.touch()
@@ -100,7 +90,7 @@ def test_kill9_at_random_moments_loses_no_acknowledged_job_and_runs_each_once(
         pid = tsd_env.daemon_pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: tsd_env.daemon_pid() is None)
+            wait_until(lambda: tsd_env.daemon_pid() is None)
     assert len(acknowledged) == 48
     assert ts("-S").stdout.strip() == "2"  # a setting survives too
     for job_id in acknowledged:
@@ -209,8 +199,8 @@ def test_many_concurrent_submitters_lose_nothing(tsd_env: Env, ts: Runner) -> No
         assert p.returncode == 0
         ids.extend(int(x) for x in out.split())
     assert len(ids) == 5000 and len(set(ids)) == 5000
-    wait_for(lambda: ts("-R").stdout.strip() == "0" and _count(log) == 5000, timeout=240,
-             interval=0.5)
+    wait_until(lambda: ts("-R").stdout.strip() == "0" and _count(log) == 5000, timeout=240,
+               interval=0.5)
     ran = [int(x) for x in log.read_text().split()]
     assert sorted(ran) == sorted(ids)
 

@@ -22,9 +22,7 @@ from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, FakeProc, PictureFile, simple_gpus, uuid_for
-from integration.harness import Env
-
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+from integration.harness import Env, Runner, queue, state, wait_state, wait_until
 
 # The personal daemon's default gpus.poll_seconds: how late, at worst, it notices
 # a change that no job end or submit announces (NVML back, an outside process gone).
@@ -34,28 +32,6 @@ POLL_SECONDS = 5.0
 # ----------------------------------------------------------------- helpers
 
 
-def queue(ts: Runner, *args: str) -> int:
-    """Queue a job; ts must print exactly its id."""
-    proc = ts(*args)
-    assert re.fullmatch(r"[0-9]+\n", proc.stdout), proc.stdout
-    return int(proc.stdout)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll `check` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def state(ts: Runner, job: int) -> str:
-    return str(ts("-s", str(job)).stdout.strip())
-
-
-def wait_state(ts: Runner, job: int, *states: str, timeout: float = 15.0) -> None:
-    wait_until(lambda: state(ts, job) in states, timeout, f"job {job} to be {'/'.join(states)}")
 
 
 def records(ts: Runner) -> dict[int, dict[str, Any]]:
