@@ -79,8 +79,12 @@ def personal_config(env: dict[str, str]) -> Config:
     if env.get("TS_VISIBLE_DEVICES", "").strip():
         from tsd.gpupool import parse_indices
 
-        with contextlib.suppress(ValueError):
+        try:
             visible = tuple(sorted(parse_indices(env["TS_VISIBLE_DEVICES"])))
+        except ValueError as exc:
+            # Not "all GPUs": a typo must not hand out GPUs the user meant to keep free.
+            logging.getLogger("tsd").error("TS_VISIBLE_DEVICES ignored, no GPUs used: %s", exc)
+            visible = ()
     return Config(
         slots=number("TS_SLOTS", 1),
         gpus=GpuConfig(visible=visible),
@@ -1141,7 +1145,11 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
     else:
         from tsd.client import personal_socket_path
 
-        config = load_config(config_path) if config_path else personal_config(env)
+        try:
+            config = load_config(config_path) if config_path else Config()
+        except ConfigError as exc:
+            print(f"tsd: {exc}", file=sys.stderr)
+            return 1
         settings = Settings(
             system=False,
             state_dir=personal_state_dir(env),
@@ -1156,6 +1164,8 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         print("tsd: another daemon already runs on this state", file=sys.stderr)
         return 0
     _setup_logging(system, settings.state_dir)
+    if not system and not config_path:
+        config = personal_config(env)  # after logging is set up: it may complain
     (settings.state_dir / "tsd.pid").write_text(f"{os.getpid()}\n")
     sock = inherited_socket()
     if sock is None:

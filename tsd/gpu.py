@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from tsd.model import Gpu, GpuProcess
@@ -89,7 +90,14 @@ class NvmlGpus:
                     handle,
                 )
                 nodes.append(f"/dev/nvidia{minor}")
-            return nodes + list(CONTROL_NODES)
+            # MIG capability nodes and RDMA devices (NCCL, GPUDirect) where they exist:
+            # without them such jobs break under DevicePolicy=closed.
+            extra = sorted(
+                str(p)
+                for pattern in ("nvidia-caps/*", "infiniband/*")
+                for p in Path("/dev").glob(pattern)
+            )
+            return nodes + list(CONTROL_NODES) + extra
 
     def close(self) -> None:
         """Shut NVML down if this object initialised it. Safe to call twice."""
