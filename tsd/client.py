@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -143,6 +142,8 @@ class Client:
     def _start_daemon(self) -> None:
         # The daemon locks its state dir, so racing clients starting two daemons is harmless:
         # the loser exits and everyone connects to the winner.
+        import subprocess  # only on the first call: keep it off every other start
+
         env = dict(os.environ)
         subprocess.Popen(
             [sys.executable, "-m", "tsd.daemon", "--user", "--socket", self.path],
