@@ -7,14 +7,20 @@ whose value is optional (`-t [id]`, `-S [num]`, `-G [num]`, `-g [id,...]`)
 take the next word only when it has the value's shape (an integer, a list
 of integers); anything else is left alone.
 
-click is the framework: `parse_argv` first scans argv the getopt way (click
-cannot express "take the next word only if it is an id"), rewrites it into a
-canonical argv that click parses and type-checks, and then turns click's
-values into one protocol request. The same click command gives the man page
-(tsd.manpage) and shell completion (`_TS_COMPLETE=bash_source ts`).
+click is the framework: the click command in tsd.cli_click gives `ts -h`,
+the man page (tsd.manpage) and shell completion (`_TS_COMPLETE=bash_source
+ts`), and its types are the reference for what each value may be. But `ts`
+must start fast (the issue asks for at most about 3x `python -c pass`), and
+importing click and building that command costs more than all the rest of a
+call. So `parse_argv` first scans argv the getopt way (click cannot express
+"take the next word only if it is an id"), then converts the values itself
+(`fast_params`, which mirrors the click types for well-formed values; a unit
+test checks that the two agree) and hands anything it is unsure of, every bad
+value included, to click (`tsd.cli_click.click_parse`), whose conversions and
+messages stay the reference. The values then become one protocol request.
 
-Kept fast to start: only the standard library, click and tsd's light
-modules are imported here.
+Kept fast to start: only the standard library and tsd's light modules are
+imported here, and nothing from `typing` at run time.
 """
 
 from __future__ import annotations
@@ -22,22 +28,21 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import re
 import select
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import IO, Any, NoReturn
-
-import click
-from click.shell_completion import CompletionItem
 
 from tsd import __version__, protocol, render
 from tsd.client import Client, Connection, choose_socket
 from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire
 from tsd.model import DependMode, Job, JobSpec, JobState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    from typing import IO, Any, NoReturn
 
 PROG = "ts"
 TAIL_LINES = 10
@@ -223,9 +228,7 @@ BY_DEST = {o.dest: o for o in OPTIONS}
 # ts -h lists `-g` twice in task-spooler: as a job option and as an action.
 GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs.")
 
-_INT_RE = re.compile(r"[0-9]+\Z")
-_IDS_RE = re.compile(r"[0-9]+(,[0-9]+)*\Z")
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\Z")
+_DURATION_PATTERN = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)\Z"
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 ABSENT = -1  # an optional id or number given without one (task-spooler's "-1")
@@ -259,9 +262,9 @@ def _find_long(name: str) -> Opt:
 def _takes(kind: Kind, word: str) -> bool:
     """Whether an optional value may be `word` (the word after the option)."""
     if kind is Kind.OPT_INT:
-        return bool(_INT_RE.match(word))
+        return _is_int(word)
     if kind is Kind.OPT_IDS:
-        return bool(_IDS_RE.match(word))
+        return _is_ids(word)
     if kind is Kind.OPT_WORD:
         return not word.startswith("-")
     return False
@@ -332,185 +335,153 @@ def scan(argv: Sequence[str]) -> tuple[list[Given], list[str]]:
     return given, list(argv[i:])
 
 
-# ------------------------------------------------------------ click layer
+# ------------------------------------------------------------ values
 
 
-class _JobIdType(click.ParamType):
+class BadValue(ValueError):
+    """An option's value has the wrong shape; the message is the one click reports."""
+
+
+def _is_int(word: str) -> bool:
+    """`[0-9]+`: ASCII digits only (str.isdigit alone also takes other scripts' digits)."""
+    return word.isascii() and word.isdigit()
+
+
+def _is_ids(word: str) -> bool:
+    """`int[,int...]`."""
+    return all(_is_int(part) for part in word.split(","))
+
+
+def job_id_value(value: str) -> int:
     """A job id; empty (the option given without one) is ABSENT: 'the default job'."""
-
-    name = "id"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        if value == "":
-            return ABSENT
-        if not _INT_RE.match(str(value)):
-            self.fail(f"{value!r} is not a job id", param, ctx)
-        number = int(value)
-        if number > protocol.MAX_ID:
-            self.fail(f"{value} is too large for a job id", param, ctx)
-        return number
-
-    def shell_complete(
-        self, ctx: click.Context, param: click.Parameter, incomplete: str
-    ) -> list[CompletionItem]:
-        """Complete with the ids of the caller's jobs, when a daemon is up."""
-        try:
-            resp = Client(may_start=False).call(protocol.ListJobs())
-        except (TsdError, OSError):
-            return []
-        items = []
-        for rec in resp.get("jobs", []):
-            ident = str(rec.get("id"))
-            if ident.startswith(incomplete):
-                command = " ".join((rec.get("spec") or {}).get("command") or [])
-                items.append(CompletionItem(ident, help=f"{rec.get('state')}: {command}"[:60]))
-        return items
+    if value == "":
+        return ABSENT
+    if not _is_int(value):
+        raise BadValue(f"{value!r} is not a job id")
+    number = int(value)
+    if number > protocol.MAX_ID:
+        raise BadValue(f"{value} is too large for a job id")
+    return number
 
 
-class _IdListType(click.ParamType):
-    """Comma-separated integers; empty (given without a value) is the empty tuple."""
-
-    name = "id,..."
-
-    def __init__(self, lo: int = 0) -> None:
-        self.lo = lo
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        if value == "":
-            return ()
-        if not _IDS_RE.match(str(value)):
-            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
-        ids = tuple(int(v) for v in str(value).split(","))
-        if any(v < self.lo or v > protocol.MAX_ID for v in ids):
-            self.fail(f"{value!r}: numbers must be at least {self.lo}", param, ctx)
-        return ids
+def id_list_value(value: str, lo: int) -> tuple[int, ...]:
+    """Comma-separated integers, each at least `lo`; empty is the empty tuple."""
+    if value == "":
+        return ()
+    if not _is_ids(value):
+        raise BadValue(f"{value!r} is not a comma-separated list of numbers")
+    ids = tuple(int(v) for v in value.split(","))
+    if any(v < lo or v > protocol.MAX_ID for v in ids):
+        raise BadValue(f"{value!r}: numbers must be at least {lo}")
+    return ids
 
 
-class _SwapType(click.ParamType):
+def swap_value(value: str) -> tuple[int, int]:
     """`a-b`: two different job ids."""
-
-    name = "id-id"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, int]:
-        if isinstance(value, tuple):
-            return value
-        match = re.fullmatch(r"([0-9]+)-([0-9]+)", str(value))
-        if not match:
-            self.fail(f"{value!r} is not of the form <id-id>", param, ctx)
-        a, b = int(match.group(1)), int(match.group(2))
-        if a == b:
-            self.fail("use two different ids", param, ctx)
-        return a, b
+    first, dash, second = value.partition("-")
+    if not (dash and _is_int(first) and _is_int(second)):
+        raise BadValue(f"{value!r} is not of the form <id-id>")
+    a, b = int(first), int(second)
+    if a == b:
+        raise BadValue("use two different ids")
+    return a, b
 
 
-class _DurationType(click.ParamType):
+def duration_value(value: str) -> float:
     """A positive duration in seconds, optionally with a unit s, m, h or d."""
+    import re  # only for --timeout
 
-    name = "seconds"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, float):
-            return value
-        match = _DURATION_RE.match(str(value).strip())
-        if not match:
-            self.fail(f"{value!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d)", param, ctx)
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        if not 0 < seconds <= protocol.MAX_TIMEOUT:
-            self.fail(f"{value!r} is out of range", param, ctx)
-        return seconds
+    match = re.match(_DURATION_PATTERN, value.strip())
+    if not match:
+        raise BadValue(f"{value!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds <= protocol.MAX_TIMEOUT:
+        raise BadValue(f"{value!r} is out of range")
+    return seconds
 
 
-def _click_type(opt: Opt) -> Any:
-    types: dict[str, Any] = {
-        "serialize": click.Choice(["default", "json", "tab"]),
-        "gpus": click.IntRange(0, protocol.MAX_GPUS),
-        "gpu_indices": _IdListType(0),
-        "timeout": _DurationType(),
-        "slots": _JobIdType(),
-        "swap": _SwapType(),
-        "set_gpu_free_perc": click.FloatRange(0.0, 100.0),
-        "depend": _IdListType(1),
-        "depend_ok": _IdListType(1),
-        "num_slots": click.IntRange(1, protocol.MAX_SLOTS),
+def _int_in(value: str, lo: int, hi: int) -> int:
+    # click.IntRange, for plain digits; anything else goes to click itself.
+    if not _is_int(value) or not lo <= int(value) <= hi:
+        raise BadValue(value)
+    return int(value)
+
+
+def _float_in(value: str, lo: float, hi: float) -> float:
+    # click.FloatRange, for plain decimals; anything else goes to click itself.
+    whole, _, frac = value.partition(".")
+    if not (_is_int(whole) and (not frac or _is_int(frac))) or not lo <= float(value) <= hi:
+        raise BadValue(value)
+    return float(value)
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise BadValue(value)
+    return value
+
+
+# How the fast path converts each option's value, mirroring tsd.cli_click.click_type.
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    "serialize": lambda v: _choice(v, ("default", "json", "tab")),
+    "gpus": lambda v: _int_in(v, 0, protocol.MAX_GPUS),
+    "gpu_indices": lambda v: id_list_value(v, 0),
+    "timeout": duration_value,
+    "slots": job_id_value,
+    "swap": swap_value,
+    "set_gpu_free_perc": lambda v: _float_in(v, 0.0, 100.0),
+    "depend": lambda v: id_list_value(v, 1),
+    "depend_ok": lambda v: id_list_value(v, 1),
+    "num_slots": lambda v: _int_in(v, 1, protocol.MAX_SLOTS),
+}
+
+# The value an optional-value option stands for when given without one (click's flag_value).
+FLAG_VALUES: dict[str, str] = {"serialize": "default", "gpus": "1", "gpu_indices": ""}
+
+
+def fast_params(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any] | None:
+    """click's `ctx.params` for this command line, without click; None if unsure.
+
+    Covers every well-formed command line; anything else (a bad value, a
+    number click would read but that is not plain digits, an optional value
+    that click would take for an option) is None, and the caller asks click,
+    so click's conversions and messages stay the reference.
+    """
+    raw: dict[str, str | None] = {}
+    for g in given:
+        # click keeps the last occurrence of an option and converts only that one.
+        raw[g.opt.dest] = g.value
+    params: dict[str, Any] = {
+        o.dest: False if o.kind is Kind.FLAG else None for o in OPTIONS
     }
-    if opt.dest in types:
-        return types[opt.dest]
-    if opt.kind is Kind.OPT_INT:
-        return _JobIdType()
-    return click.STRING
-
-
-_FLAG_VALUES: dict[str, Any] = {"serialize": "default", "gpus": "1", "gpu_indices": ""}
-
-
-class TsOption(click.Option):
-    """A click option that remembers its ts table entry (for help and the man page)."""
-
-    def __init__(self, opt: Opt) -> None:
-        decls = [f"-{opt.short}"] if opt.short else []
-        if opt.long:
-            decls.append(f"--{opt.long}")
-        decls.append(opt.dest)
-        kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar or None}
+    for dest, value in raw.items():
+        opt = BY_DEST[dest]
         if opt.kind is Kind.FLAG:
-            kwargs["is_flag"] = True
-            kwargs["default"] = False
-        else:
-            kwargs["type"] = _click_type(opt)
-            kwargs["default"] = None
-            if opt.kind is not Kind.VALUE:
-                kwargs["is_flag"] = False
-                kwargs["flag_value"] = _FLAG_VALUES.get(opt.dest, "")
-        super().__init__(decls, **kwargs)
-        self.ts_opt = opt
+            params[dest] = True
+            continue
+        if value is None:
+            if opt.kind is Kind.VALUE:
+                return None
+            value = FLAG_VALUES.get(dest, "")
+        elif opt.kind is not Kind.VALUE and value[:1] == "-" and len(value) > 1:
+            # click's parser would read an option there and use the flag value.
+            return None
+        convert = _CONVERT.get(dest) or (job_id_value if opt.kind is Kind.OPT_INT else str)
+        try:
+            params[dest] = convert(value)
+        except BadValue:
+            return None
+    params["command"] = tuple(command)
+    return params
 
 
-class TsCommand(click.Command):
-    """The `ts` command; its help is task-spooler's layout."""
+def _parse_params(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any]:
+    params = fast_params(given, command)
+    if params is None:
+        from tsd.cli_click import click_parse  # click only when the fast path is unsure
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """Write task-spooler's help text (ts -h) instead of click's layout."""
-        formatter.write(help_text())
-
-
-def _complete_command(
-    ctx: click.Context, param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
-    # The queued command is any program and its files: let the shell complete those.
-    return [CompletionItem(incomplete, type="file")]
-
-
-def _build_command() -> TsCommand:
-    params: list[click.Parameter] = [TsOption(o) for o in OPTIONS]
-    params.append(
-        click.Argument(
-            ["command"],
-            nargs=-1,
-            required=False,
-            metavar="[command...]",
-            shell_complete=_complete_command,
-        )
-    )
-    return TsCommand(
-        PROG,
-        params=params,
-        add_help_option=False,
-        help="Queue jobs and manage the tsd job queue (GPU Task Spooler compatible).",
-        context_settings={"help_option_names": []},
-    )
-
-
-COMMAND = _build_command()
+        params = click_parse(given, command)
+    return params
 
 
 def help_text() -> str:
@@ -571,28 +542,6 @@ def _job_id(value: Any) -> int | None:
     return None if value is None or value == ABSENT else int(value)
 
 
-def _click_parse(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any]:
-    """Hand the scanned options to click in canonical form; it converts and checks values."""
-    canonical: list[str] = []
-    for g in given:
-        decl = f"--{g.opt.long}" if g.opt.long else f"-{g.opt.short}"
-        canonical.append(decl)
-        if g.value is not None:
-            canonical.append(g.value)
-        elif g.opt.kind is Kind.VALUE:
-            raise UsageError(f"option {g.opt.spelled} requires a value")
-    canonical.append("--")
-    canonical += command
-    try:
-        ctx = COMMAND.make_context(PROG, canonical, resilient_parsing=False)
-    except click.BadParameter as exc:
-        where = exc.param.opts[0] if exc.param is not None and exc.param.opts else "value"
-        raise UsageError(f"invalid value for {where}: {exc.message}") from None
-    except click.ClickException as exc:
-        raise UsageError(exc.format_message()) from None
-    return dict(ctx.params)
-
-
 def parse_argv(
     argv: Sequence[str],
     environ: Mapping[str, str] | None = None,
@@ -605,7 +554,7 @@ def parse_argv(
     """
     environ = {} if environ is None else environ
     given, command = scan(argv)
-    params = _click_parse(given, command)
+    params = _parse_params(given, command)
     present = {g.opt.dest for g in given}
 
     # Which action? -l, -A and -M all mean "list"; -g without ids and without a
@@ -1059,7 +1008,9 @@ def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
     """Carry out an Invocation against the daemon; returns the exit code."""
     environ = os.environ if environ is None else environ
     if inv.action == "help":
-        _emit(help_text())
+        from tsd.cli_click import help_page  # click renders the help
+
+        _emit(help_page())
         return 0
     if inv.action == "version":
         _emit(VERSION_TEXT)
@@ -1182,7 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     if "_TS_COMPLETE" in os.environ:
         # Shell completion is click's: it reads the words from the environment.
-        COMMAND.main(args=args, prog_name=PROG, complete_var="_TS_COMPLETE")
+        from tsd.cli_click import complete
+
+        complete(args)
     code = 1
     with _edge():
         inv = parse_argv(args, os.environ, _cwd(), _current_umask())

@@ -1,7 +1,7 @@
 """Generate the `ts(1)` man page (roff) from the click command.
 
 Run `python -m tsd.manpage > ts.1`. The options, their value shapes and help
-texts come from the click command `tsd.cli.COMMAND`, so the page cannot
+texts come from the click command `tsd.cli_click.COMMAND`, so the page cannot
 drift from what `ts` accepts. SOURCE_DATE_EPOCH, when set, fixes the date
 for reproducible builds.
 """
@@ -15,7 +15,6 @@ import time
 import click
 
 from tsd import __version__
-from tsd.cli import COMMAND as TS_COMMAND
 from tsd.cli import (
     ENV_VARS,
     GPU_LIST_HELP,
@@ -24,8 +23,9 @@ from tsd.cli import (
     SECTION_LONG_ACTIONS,
     SECTION_LONG_JOB,
     SYNOPSIS,
-    TsOption,
 )
+from tsd.cli_click import COMMAND as TS_COMMAND
+from tsd.cli_click import TsOption
 
 SYSTEM_SOCKET = "/run/tsd/tsd.sock"
 CONFIG = "/etc/tsd/tsd.yaml"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tsd import __version__, cli, manpage, protocol
+from tsd import __version__, cli, cli_click, manpage, protocol
 from tsd.cli import Invocation, UsageError, parse_argv
 from tsd.model import DependMode
 
@@ -423,7 +423,7 @@ def test_version_string_contains_the_package_version() -> None:
 
 
 def test_man_page_has_the_sections_and_every_option() -> None:
-    page = manpage.render(cli.COMMAND)
+    page = manpage.render(cli_click.COMMAND)
     assert "\n.TH TS 1 " in page
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "ACTIONS", "OPTIONS ADDING JOBS",
                     "ENVIRONMENT", "EXIT STATUS", "FILES"):
@@ -438,7 +438,7 @@ def test_man_page_has_the_sections_and_every_option() -> None:
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
     page = tmp_path / "ts.1"
-    page.write_text(manpage.render(cli.COMMAND))
+    page.write_text(manpage.render(cli_click.COMMAND))
     proc = subprocess.run(
         ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True
     )
