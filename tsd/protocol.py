@@ -12,10 +12,16 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
 
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from typing import Any, Literal, TypeVar
+
+    Default = Literal["added", "run"]
+    T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # 1 MiB: frames above this are refused and the connection closed
@@ -29,8 +35,6 @@ MAX_DEPENDS = 4096
 MAX_SLOTS = 65536
 MAX_GPUS = 1024
 MAX_TIMEOUT = 10 * 365 * 86400.0
-
-Default = Literal["added", "run"]
 
 
 # ---------------------------------------------------------------- framing
@@ -261,8 +265,6 @@ def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------- validation
-
-T = TypeVar("T")
 
 
 class _Fields:

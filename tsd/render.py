@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from tsd.model import Job, JobState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from typing import Any
 
 # task-spooler's fixed minimum column widths (`%-4s %-10s %-20s %-8s %-6s`).
 ID_WIDTH = 4
