@@ -31,18 +31,41 @@ import os
 import select
 import sys
 import time
+import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-
-from tsd import __version__, protocol, render
-from tsd.client import Client, Connection, choose_socket
-from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire
-from tsd.model import DependMode, Job, JobSpec, JobState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import IO, Any, NoReturn
+
+
+class _DeferredInspect(types.ModuleType):
+    """Stands in for `inspect` until someone uses it, then forwards to the real module.
+
+    dataclasses imports inspect (a quarter of ts's start: ast, dis, tokenize...)
+    but uses it only to describe classes that lack a docstring, and every class
+    ts loads has one. Anything that does use inspect (click, for -h) gets the
+    real module on first use, so this changes when inspect loads, never what it does.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get("inspect") is self:
+            del sys.modules["inspect"]
+        import inspect
+
+        return getattr(inspect, name)
+
+
+if "inspect" not in sys.modules:
+    sys.modules["inspect"] = _DeferredInspect("inspect")
+
+from dataclasses import dataclass, field, replace  # noqa: E402 (after the stand-in)
+
+from tsd import __version__, protocol, render  # noqa: E402
+from tsd.client import Client, Connection, choose_socket  # noqa: E402
+from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire  # noqa: E402
+from tsd.model import DependMode, Job, JobSpec, JobState  # noqa: E402
 
 PROG = "ts"
 TAIL_LINES = 10
