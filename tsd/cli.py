@@ -472,6 +472,10 @@ def fast_params(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any
     """
     raw: dict[str, str | None] = {}
     for g in given:
+        optional = g.opt.kind not in (Kind.FLAG, Kind.VALUE)
+        if optional and g.value is not None and len(g.value) > 1 and g.value[0] == "-":
+            # click's parser would read an option there and use the flag value.
+            return None
         # click keeps the last occurrence of an option and converts only that one.
         raw[g.opt.dest] = g.value
     params: dict[str, Any] = {
@@ -486,9 +490,6 @@ def fast_params(given: Sequence[Given], command: Sequence[str]) -> dict[str, Any
             if opt.kind is Kind.VALUE:
                 return None
             value = FLAG_VALUES.get(dest, "")
-        elif opt.kind is not Kind.VALUE and value[:1] == "-" and len(value) > 1:
-            # click's parser would read an option there and use the flag value.
-            return None
         convert = _CONVERT.get(dest) or (job_id_value if opt.kind is Kind.OPT_INT else str)
         try:
             params[dest] = convert(value)

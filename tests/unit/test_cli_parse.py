@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tsd import __version__, cli, cli_click, manpage, protocol
 from tsd.cli import Invocation, UsageError, parse_argv
@@ -338,6 +340,142 @@ def test_every_option_in_the_table_parses() -> None:
             if opt.action is None and opt.dest != "gpu_indices":
                 argv.append("true")
             parse(*argv)
+
+
+# ------------------------------------------- fast path versus click path
+
+# Values that have the right shape for some option, the wrong shape for others,
+# or a shape only click reads (signs, spaces, other scripts' digits, exponents).
+VALUES = (
+    "", "0", "1", "2", "5", "007", "+3", "-1", "-5", " 3", "3 ", "\u0663", "1_0", "1e2",
+    "1,2", "0,1", "1,,2", ",1", "1,", "a", "x1", "json", "tab", "default", "yaml", "JSON",
+    "-x", "--", "-", "-M", "1-2", "3-3", "2-", "-2", "90", "30m", "1.5h", "2d", " 2 h ",
+    ".5", "5.", "50.5", "nan", "inf", "100", "101", "100.0", "1024", "1025", "65536",
+    "65537", "9007199254740992", "9007199254740993", "A=1", "x y", "a/b",
+)
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    argv: list[str] = []
+    for _ in range(draw(st.integers(0, 5))):
+        opt = draw(st.sampled_from(cli.OPTIONS))
+        value = draw(st.none() | st.sampled_from(VALUES) | st.text(max_size=6))
+        spellings = []
+        if opt.short:
+            spellings.append([f"-{opt.short}"] + ([value] if value is not None else []))
+            if value:
+                spellings.append([f"-{opt.short}{value}"])
+        if opt.long:
+            spellings.append([f"--{opt.long}"] + ([value] if value is not None else []))
+            if value is not None:
+                spellings.append([f"--{opt.long}={value}"])
+        argv += draw(st.sampled_from(spellings))
+    argv += draw(st.lists(st.sampled_from(["true", "echo", "-n", "--", "5", "x"]), max_size=3))
+    return argv
+
+
+def _both_ways(argv: list[str]) -> tuple[dict[str, object] | None, dict[str, object] | str]:
+    """The fast path's params (None: it defers to click) and click's params or message."""
+    scanned, command = cli.scan(argv)
+    fast = cli.fast_params(scanned, command)
+    try:
+        return fast, cli_click.click_parse(scanned, command)
+    except UsageError as exc:
+        return fast, str(exc)
+
+
+def _single_option_lines() -> list[list[str]]:
+    lines = []
+    for opt in cli.OPTIONS:
+        for value in (None, *VALUES):
+            if opt.short:
+                lines.append([f"-{opt.short}"] + ([value] if value is not None else []))
+                if value:
+                    lines.append([f"-{opt.short}{value}"])
+            if opt.long:
+                lines.append([f"--{opt.long}"] + ([value] if value is not None else []))
+                if value is not None:
+                    lines.append([f"--{opt.long}={value}"])
+    return lines
+
+
+def test_fast_path_agrees_with_click_on_every_option_and_value() -> None:
+    deferred = 0
+    for argv in _single_option_lines():
+        for line in (argv, [*argv, "true"]):
+            try:
+                fast, slow = _both_ways(line)
+            except UsageError:
+                continue
+            if fast is None:
+                deferred += 1
+            else:
+                assert fast == slow, line
+    assert deferred > 0  # the table has bad values: those must go to click
+
+
+@settings(max_examples=400, deadline=None)
+@given(command_lines())
+def test_fast_path_agrees_with_click_or_defers_to_it(argv: list[str]) -> None:
+    try:
+        fast, slow = _both_ways(argv)
+    except UsageError:
+        return  # refused by the scan itself, before either path
+    if fast is not None:
+        assert fast == slow
+    # Whichever path ran, parse_argv gives click's verdict.
+    if isinstance(slow, str):
+        assert usage_error(*argv) == slow
+
+
+COMMON_COMMAND_LINES = [
+    [], ["-l"], ["-A"], ["-l", "-A"], ["-M", "json"], ["-Mtab"], ["-M"], ["--serialize=json"],
+    ["-s"], ["-s", "4"], ["-p", "3"], ["-o"], ["-i", "12"], ["-w"], ["-w", "7"], ["-k"],
+    ["-r", "2"], ["-c"], ["-t", "9"], ["-t"], ["-q"], ["-R"], ["-S"], ["-S", "4"], ["-S0"],
+    ["-T"], ["-C"], ["-K"], ["-u", "3"], ["-U", "2-5"], ["-a"], ["-F", "4"], ["-g"], ["-V"],
+    ["--getenv", "FOO"], ["--setenv", "A=1"], ["--set_gpu_free_perc", "80"],
+    ["--set_gpu_free_perc", "12.5"], ["--get_gpu_free_perc"], ["--set_logdir", "/tmp"],
+    ["true"], ["-n", "true"], ["-L", "x", "python", "t.py", "--lr", "3"], ["-N", "2", "true"],
+    ["-N2", "true"], ["-G", "true"], ["-G", "2", "true"], ["-G0", "true"], ["--gpus=3", "true"],
+    ["-g", "0,1", "true"], ["-g0", "true"], ["-d", "true"], ["-D", "1,2", "true"],
+    ["-W", "3", "true"], ["-O", "log", "true"], ["-zEB", "true"], ["-nf", "true"], ["-m", "x"],
+    ["--timeout", "90", "true"], ["--timeout=1.5h", "true"], ["--timeout", "30m", "true"],
+    ["-n", "-L", "lab", "-N", "1", "-G", "1", "-D", "4", "-O", "o", "-z", "-E", "-B", "true"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMON_COMMAND_LINES, ids=" ".join)
+def test_common_command_lines_take_the_fast_path_with_clicks_values(argv: list[str]) -> None:
+    fast, slow = _both_ways(argv)
+    assert fast is not None
+    assert fast == slow
+
+
+def test_common_command_lines_import_neither_click_nor_typing() -> None:
+    script = (
+        "import sys\n"
+        "from tsd.cli import parse_argv\n"
+        f"for argv in {COMMON_COMMAND_LINES!r}:\n"
+        "    parse_argv(argv, {}, '/w')\n"
+        "real = type(sys.modules.get('inspect')) is type(sys)\n"
+        "print(sorted(m for m in ('click', 'typing') if m in sys.modules), real)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[] False"
+
+
+def test_a_bad_value_gets_clicks_message() -> None:
+    assert usage_error("-N", "x", "true") == (
+        "invalid value for -N: 'x' is not a valid integer range."
+    )
+    assert usage_error("-M", "yaml") == (
+        "invalid value for -M: 'yaml' is not one of 'default', 'json', 'tab'."
+    )
+    assert usage_error("-t-5") == "No such option: -5"
+    assert submit("-N", "+2", "true").spec.slots == 2  # click reads it; so does ts
 
 
 # ------------------------------------------------------------ followers
