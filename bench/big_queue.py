@@ -14,12 +14,15 @@ import time
 import psutil
 from common import TS, PersonalDaemon, med_ms, time_command
 
+from tsd import protocol
+from tsd.client import Client
 from tsd.model import JobSpec
 from tsd.store import Store
 
 
 def main(n: int = 100_000) -> None:
-    d = PersonalDaemon(TS_SLOTS="0")
+    # TS_MAXCONN: task-spooler's queue limit (default 1000) must not make submits wait here.
+    d = PersonalDaemon(TS_SLOTS="0", TS_MAXCONN=str(2 * n))
     try:
         env = tuple((k, v) for k, v in d.env.items())
         store = Store(d.state_dir / "state.db", durable=False)
@@ -39,6 +42,11 @@ def main(n: int = 100_000) -> None:
         print(f"submit with {n} queued: median {med_ms(submit):.1f} ms")
         listing = time_command([TS, "-l"], d.env, 5)
         print(f"ts -l with {n} queued: median {med_ms(listing):.0f} ms")
+        os.environ.update(d.env)
+        t0 = time.perf_counter()
+        jobs = Client().call(protocol.ListJobs())["jobs"]
+        print(f"  of which the daemon's answer ({len(jobs)} records, received and decoded): "
+              f"{(time.perf_counter() - t0) * 1000:.0f} ms")
         rss = psutil.Process(d.pid()).memory_info().rss
         print(f"daemon RSS after: {rss / 2**20:.0f} MiB")
     finally:

@@ -1,7 +1,9 @@
 """Connect to a daemon and call it; start the personal daemon when needed.
 
 Kept light on purpose: `ts` imports this on every call, so it pulls in only
-the standard library, the protocol and the error tree.
+the standard library and the error tree; the protocol (thirty dataclasses)
+loads when a request is first sent, since queueing a job (tsd.cli's quick
+submit) sends its frame without it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 
-from tsd import protocol
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
     from typing import Any
+
+    from tsd import protocol
 
 SYSTEM_SOCKET = "/run/tsd/tsd.sock"
 START_TIMEOUT = 10.0
@@ -63,10 +66,14 @@ class Connection:
 
     def send(self, req: protocol.Request) -> None:
         """Send one request frame."""
+        from tsd import protocol
+
         self.sock.sendall(protocol.encode(protocol.request_to_wire(req)))
 
     def recv(self) -> dict[str, Any]:
         """Read one frame; a closed connection is ServerUnavailable."""
+        from tsd import protocol
+
         header = self._read_exact(protocol.HEADER.size)
         body = self._read_exact(protocol.frame_length(header))
         return protocol.decode(body)
@@ -160,14 +167,24 @@ class Client:
         )
 
     def call(self, req: protocol.Request) -> dict[str, Any]:
-        """One request, one final response; errors come back as TsdError."""
+        """One request, one final response; errors come back as TsdError.
+
+        A long job list arrives in pieces (`jobs` events, each under the frame
+        limit) before the final frame; they are put back together here.
+        """
         conn = self.connect()
+        pieces: list[Any] = []
         try:
             conn.send(req)
             while True:
                 frame = conn.recv()
-                if "event" not in frame:
-                    return _check(frame)
+                if frame.get("event") == "jobs":
+                    pieces.extend(frame.get("jobs") or [])
+                elif "event" not in frame:
+                    final = _check(frame)
+                    if pieces:
+                        final["jobs"] = pieces + list(final.get("jobs") or [])
+                    return final
         finally:
             conn.close()
 

@@ -230,7 +230,7 @@ class Daemon:
             case protocol.Submit():
                 return await self.submit(peer, req)
             case protocol.ListJobs():
-                return self.list_jobs(peer, req.all_users)
+                return await self.list_jobs(peer, req.all_users, send)
             case protocol.GetJob():
                 job = self._pick(peer, req.id, req.default)
                 return {"job": protocol.job_to_wire(self._with_reason(job))}
@@ -360,13 +360,20 @@ class Daemon:
             raise NoSuchJob(f"job {job_id} does not exist")
         return self._visible(peer, job)
 
-    def list_jobs(self, peer: Peer, all_users: bool) -> dict[str, Any]:
-        """ts -l (-A: everyone's)."""
-        rows = [
-            protocol.job_to_wire(self._with_reason(j))
-            for j in self._listing_order()
-            if all_users or j.uid == peer.uid
+    async def list_jobs(self, peer: Peer, all_users: bool, send: SendEvent) -> dict[str, Any]:
+        """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
+        # One snapshot first: the queue may change while a piece is being sent.
+        shown = [
+            self._with_reason(j) for j in self._listing_order() if all_users or j.uid == peer.uid
         ]
+        rows: list[dict[str, Any]] = []
+        size = 0
+        for job in shown:
+            if size > protocol.LIST_CHUNK:
+                await send({"event": "jobs", "jobs": rows})
+                rows, size = [], 0
+            rows.append(protocol.job_to_wire(job))
+            size += 1024 + len(job.spec.command_line) + len(job.spec.label or "")
         used = sum(j.spec.slots for j in self.running.values())
         return {"jobs": rows, "slots": self.total_slots(), "running": used}
 

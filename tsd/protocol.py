@@ -29,6 +29,8 @@ HEADER = struct.Struct(">I")
 
 MAX_ID = 2**53  # ids travel as JSON numbers
 MAX_ARGS = 65536
+MAX_COMMAND = 131072  # characters in all of a command's words (Linux: one argument's limit)
+LIST_CHUNK = 512 * 1024  # rough bytes of job records per frame of a long list
 MAX_ENV = 16384
 MAX_TEXT = 1 << 16
 MAX_DEPENDS = 4096
@@ -362,6 +364,9 @@ def parse_spec(obj: Any) -> JobSpec:
         _check_text(arg, MAX_FRAME, lambda what: BadRequest(f"bad request: spec.command: {what}"))
     if not "".join(command).strip():
         raise BadRequest("bad request: the command is empty")
+    if sum(len(a) + 1 for a in command) > MAX_COMMAND:
+        # Keeps every job's record well under the frame limit when it is listed.
+        raise BadRequest(f"bad request: the command is longer than {MAX_COMMAND} characters")
     cwd = f.text("cwd", 4096)
     if cwd is None or not cwd.startswith("/"):
         raise BadRequest("bad request: spec.cwd: expected an absolute path")

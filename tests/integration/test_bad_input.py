@@ -157,3 +157,18 @@ def test_removing_a_running_job_is_refused(ts: Runner, started: object) -> None:
     r = ts("-r", jid, check=False)
     assert r.returncode == 1 and "running" in r.stderr
     ts("-k", jid)
+
+
+def test_a_list_longer_than_one_frame_arrives_whole(ts: Runner, tsd_env: Env) -> None:
+    ts("-S", "0")  # nothing runs: the queue only grows
+    word = "x" * 100_000
+    ids = [int(ts("echo", word, str(i)).stdout) for i in range(15)]  # ~1.5 MB of records
+    listed = json.loads(ts("-M", "json").stdout)
+    assert [j["ID"] for j in listed] == ids
+    assert all(j["Command"].startswith("echo x") for j in listed)
+    assert len(ts("-l").stdout.splitlines()) == 16
+
+
+def test_a_command_over_the_length_limit_is_refused(ts: Runner, started: object) -> None:
+    r = ts("echo", "y" * 100_000, "z" * 100_000, check=False)
+    assert r.returncode == 1 and "longer than" in r.stderr
