@@ -17,7 +17,9 @@ call. So `parse_argv` first scans argv the getopt way (click cannot express
 (`fast_params`, which mirrors the click types for well-formed values; a unit
 test checks that the two agree) and hands anything it is unsure of, every bad
 value included, to click (`tsd.cli_click.click_parse`), whose conversions and
-messages stay the reference. The values then become one protocol request.
+messages stay the reference. The values then become one protocol request;
+queueing a job, the call that must start fastest, builds that request as it
+travels without loading the typed protocol at all (see "quick submit").
 
 Kept fast to start: only the standard library and tsd's light modules are
 imported here, and nothing from `typing` at run time.
@@ -40,32 +42,55 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import IO, Any, NoReturn
 
 
-class _DeferredInspect(types.ModuleType):
-    """Stands in for `inspect` until someone uses it, then forwards to the real module.
+class _Deferred(types.ModuleType):
+    """Stands in for a module until something uses it, then forwards to the real one.
 
-    dataclasses imports inspect (a quarter of ts's start: ast, dis, tokenize...)
-    but uses it only to describe classes that lack a docstring, and every class
-    ts loads has one. Anything that does use inspect (click, for -h) gets the
-    real module on first use, so this changes when inspect loads, never what it does.
+    Importing is most of what a `ts` call costs. The typed protocol, the job
+    model and the renderers (some thirty dataclasses, created at import) are
+    needed by most actions but not to queue a job, so they load on first use.
+    dataclasses imports inspect (ast, dis, tokenize...) but uses it only to
+    describe classes that lack a docstring, and every class ts loads has one.
+    This changes when a module loads, never what it does.
     """
 
     def __getattr__(self, name: str) -> Any:
-        if sys.modules.get("inspect") is self:
-            del sys.modules["inspect"]
-        import inspect
-
-        return getattr(inspect, name)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]  # the stand-in for inspect: load the real one
+        __import__(self.__name__)
+        real = sys.modules[self.__name__]
+        self.__dict__.update(real.__dict__)
+        return getattr(real, name)
 
 
 if "inspect" not in sys.modules:
-    sys.modules["inspect"] = _DeferredInspect("inspect")
+    sys.modules["inspect"] = _Deferred("inspect")
 
 from dataclasses import dataclass, field, replace  # noqa: E402 (after the stand-in)
 
-from tsd import __version__, protocol, render  # noqa: E402
+from tsd import __version__  # noqa: E402
 from tsd.client import Client, Connection, choose_socket  # noqa: E402
-from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire  # noqa: E402
-from tsd.model import DependMode, Job, JobSpec, JobState  # noqa: E402
+from tsd.errors import BadRequest, ProtocolError, ServerUnavailable, TsdError, from_wire  # noqa: E402
+
+if TYPE_CHECKING:
+    from tsd import model, protocol, render
+    from tsd.model import Job
+else:
+    model = _Deferred("tsd.model")
+    protocol = _Deferred("tsd.protocol")
+    render = _Deferred("tsd.render")
+
+# tsd.protocol's limits and version, here too so that queueing a job need not
+# import it (tests check that they are the same).
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20
+MAX_ID = 2**53
+MAX_ARGS = 65536
+MAX_ENV = 16384
+MAX_TEXT = 1 << 16
+MAX_DEPENDS = 4096
+MAX_SLOTS = 65536
+MAX_GPUS = 1024
+MAX_TIMEOUT = 10 * 365 * 86400.0
 
 PROG = "ts"
 TAIL_LINES = 10
@@ -382,7 +407,7 @@ def job_id_value(value: str) -> int:
     if not _is_int(value):
         raise BadValue(f"{value!r} is not a job id")
     number = int(value)
-    if number > protocol.MAX_ID:
+    if number > MAX_ID:
         raise BadValue(f"{value} is too large for a job id")
     return number
 
@@ -394,7 +419,7 @@ def id_list_value(value: str, lo: int) -> tuple[int, ...]:
     if not _is_ids(value):
         raise BadValue(f"{value!r} is not a comma-separated list of numbers")
     ids = tuple(int(v) for v in value.split(","))
-    if any(v < lo or v > protocol.MAX_ID for v in ids):
+    if any(v < lo or v > MAX_ID for v in ids):
         raise BadValue(f"{value!r}: numbers must be at least {lo}")
     return ids
 
@@ -418,7 +443,7 @@ def duration_value(value: str) -> float:
     if not match:
         raise BadValue(f"{value!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d)")
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not 0 < seconds <= protocol.MAX_TIMEOUT:
+    if not 0 < seconds <= MAX_TIMEOUT:
         raise BadValue(f"{value!r} is out of range")
     return seconds
 
@@ -447,7 +472,7 @@ def _choice(value: str, choices: tuple[str, ...]) -> str:
 # How the fast path converts each option's value, mirroring tsd.cli_click.click_type.
 _CONVERT: dict[str, Callable[[str], Any]] = {
     "serialize": lambda v: _choice(v, ("default", "json", "tab")),
-    "gpus": lambda v: _int_in(v, 0, protocol.MAX_GPUS),
+    "gpus": lambda v: _int_in(v, 0, MAX_GPUS),
     "gpu_indices": lambda v: id_list_value(v, 0),
     "timeout": duration_value,
     "slots": job_id_value,
@@ -455,7 +480,7 @@ _CONVERT: dict[str, Callable[[str], Any]] = {
     "set_gpu_free_perc": lambda v: _float_in(v, 0.0, 100.0),
     "depend": lambda v: id_list_value(v, 1),
     "depend_ok": lambda v: id_list_value(v, 1),
-    "num_slots": lambda v: _int_in(v, 1, protocol.MAX_SLOTS),
+    "num_slots": lambda v: _int_in(v, 1, MAX_SLOTS),
 }
 
 # The value an optional-value option stands for when given without one (click's flag_value).
@@ -577,6 +602,19 @@ def parse_argv(
     Raises UsageError for anything wrong with the command line.
     """
     environ = {} if environ is None else environ
+    action, option, params, present, command = _classify(argv)
+    if action == "help":
+        return Invocation("help", option=option, params=params)
+    if action == "submit":
+        return _submit(params, present, command, environ, cwd, umask)
+    return _action(action, option, params, cwd)
+
+
+def _classify(
+    argv: Sequence[str],
+) -> tuple[str, str, dict[str, Any], set[str], list[str]]:
+    """The action (`submit` when a command is queued), how it was spelled, the values,
+    which options were given, and the command."""
     given, command = scan(argv)
     params = _parse_params(given, command)
     present = {g.opt.dest for g in given}
@@ -590,7 +628,7 @@ def parse_argv(
         elif g.opt.dest == "gpu_indices" and g.value is None and not command:
             actions.setdefault("gpu_status", "-g")
     if "help" in actions:
-        return Invocation("help", option=actions["help"], params=params)
+        return "help", actions["help"], params, present, command
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")
@@ -601,8 +639,8 @@ def parse_argv(
             raise UsageError(
                 f"{option} takes no command (got {command[0]!r}; job ids are numbers)"
             )
-        return _submit(params, present, command, environ, cwd, umask)
-    return _action(action, option, params, cwd)
+        return "submit", option, params, present, command
+    return action, option, params, present, command
 
 
 def _action(
@@ -698,15 +736,19 @@ def _clean_env(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _submit(
+def _spec_fields(
     params: Mapping[str, Any],
     present: set[str],
     command: Sequence[str],
     environ: Mapping[str, str],
     cwd: str | None,
     umask: int,
-) -> Invocation:
-    """The Invocation that queues `command` with the job options given."""
+) -> dict[str, Any]:
+    """The job spec to queue, as it travels (tsd.protocol.spec_to_wire's shape and order).
+
+    Checks what only the command line can get wrong; the spec's own rules are
+    tsd.protocol.parse_spec's.
+    """
     if cwd is None:
         raise UsageError("cannot queue a job: the current directory cannot be read")
     for word in command:
@@ -727,27 +769,40 @@ def _submit(
     if gpu_indices and gpus is not None and gpus != len(gpu_indices):
         raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
     depends = params.get("depend_ok") or params.get("depend") or ()
-    spec = JobSpec(
-        command=tuple(command),
-        cwd=cwd,
-        env=_clean_env(environ),
-        umask=umask,
-        label=params.get("label"),
-        slots=params.get("num_slots") or 1,
-        gpus=len(gpu_indices) if gpu_indices else (gpus or 0),
-        gpu_indices=tuple(gpu_indices) if gpu_indices else None,
-        depends=tuple(depends),
-        depend_mode=DependMode.SUCCESS if "depend_ok" in present else DependMode.AFTER,
-        store_output=not no_output,
-        gzip=gzip,
-        stderr_apart=bool(params.get("stderr_apart")),
-        output_name=params.get("output_name"),
-        mail=bool(params.get("mail")),
-        timeout=params.get("timeout"),
-    )
+    return {
+        "command": list(command),
+        "cwd": cwd,
+        "env": [list(kv) for kv in _clean_env(environ)],
+        "umask": umask,
+        "label": params.get("label"),
+        "slots": params.get("num_slots") or 1,
+        "gpus": len(gpu_indices) if gpu_indices else (gpus or 0),
+        "gpu_indices": list(gpu_indices) if gpu_indices else None,
+        "depends": list(depends),
+        "depend_mode": "success" if "depend_ok" in present else "after",
+        "store_output": not no_output,
+        "gzip": gzip,
+        "stderr_apart": bool(params.get("stderr_apart")),
+        "output_name": params.get("output_name"),
+        "mail": bool(params.get("mail")),
+        "timeout": params.get("timeout"),
+        "env_info": None,
+    }
+
+
+def _submit(
+    params: Mapping[str, Any],
+    present: set[str],
+    command: Sequence[str],
+    environ: Mapping[str, str],
+    cwd: str | None,
+    umask: int,
+) -> Invocation:
+    """The Invocation that queues `command` with the job options given."""
+    fields = _spec_fields(params, present, command, environ, cwd, umask)
     try:
         # The daemon checks the same way; checking here gives the message before connecting.
-        protocol.parse_spec(protocol.spec_to_wire(spec))
+        spec = protocol.parse_spec(fields)
     except BadRequest as exc:
         raise UsageError(exc.message.removeprefix("bad request: ")) from None
     foreground = bool(params.get("foreground"))
@@ -760,9 +815,147 @@ def _submit(
         ),
         foreground=foreground,
         # -nf is task-spooler's "transparent" mode: nothing but the job's exit code.
-        print_id=not (foreground and no_output),
+        print_id=not (foreground and bool(params.get("no_output"))),
         params=params,
     )
+
+
+# ------------------------------------------------------------ quick submit
+#
+# Queueing a job is what `ts` does most and what must start fastest, so it
+# skips the typed protocol: the request is built as it travels, framed here,
+# and sent. Only specs that tsd.protocol.parse_spec surely accepts go this way
+# (`surely_valid`); any other goes through parse_argv, which gives the exact
+# message (and should the daemon still refuse the spec, its message is shown
+# the way parse_argv shows it). Tests check that both ways send the same request.
+
+
+QUICK_COMMAND_CHARS = 1 << 16
+
+
+def _text_ok(value: Any, max_len: int) -> bool:
+    if not isinstance(value, str) or len(value) > max_len or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def surely_valid(spec: Mapping[str, Any]) -> bool:
+    """A sufficient (not necessary) condition for tsd.protocol.parse_spec to accept `spec`."""
+    command, env = spec["command"], spec["env"]
+    label, name, timeout = spec["label"], spec["output_name"], spec["timeout"]
+    indices, depends = spec["gpu_indices"], spec["depends"]
+    return (
+        0 < len(command) <= MAX_ARGS
+        # Well under any limit on a command's length, the frame's included.
+        and sum(len(arg) + 1 for arg in command) <= QUICK_COMMAND_CHARS
+        and all(_text_ok(arg, MAX_FRAME) for arg in command)
+        and bool("".join(command).strip())
+        and _text_ok(spec["cwd"], 4096)
+        and spec["cwd"].startswith("/")
+        and len(env) <= MAX_ENV
+        and all(n and "=" not in n and _text_ok(n, MAX_FRAME) and _text_ok(v, MAX_FRAME)
+                for n, v in env)
+        and 0 <= spec["umask"] <= 0o777
+        and (label is None or _text_ok(label, 1024))
+        and 1 <= spec["slots"] <= MAX_SLOTS
+        and 0 <= spec["gpus"] <= MAX_GPUS
+        and (indices is None or (0 < len(indices) == len(set(indices)) <= MAX_GPUS
+                                 and all(0 <= i < MAX_GPUS for i in indices)))
+        and len(depends) <= MAX_DEPENDS
+        and all(1 <= d <= MAX_ID for d in depends)
+        and (name is None or (_text_ok(name, 255) and "/" not in name
+                              and name not in ("", ".", "..")))
+        and (timeout is None or 0 < timeout <= MAX_TIMEOUT)
+        and (spec["env_info"] is None or _text_ok(spec["env_info"], MAX_TEXT))
+    )  # fmt: skip
+
+
+def quick_submit_request(
+    argv: Sequence[str], environ: Mapping[str, str], cwd: str | None, umask: int
+) -> dict[str, Any] | None:
+    """The submit request for argv as it travels, if it can skip the typed protocol.
+
+    None when argv is not a plain submit (an action, -f) or its spec is not
+    surely valid: parse_argv and run then handle it.
+    """
+    action, _, params, present, command = _classify(argv)
+    if action != "submit" or params.get("foreground"):
+        return None
+    spec = _spec_fields(params, present, command, environ, cwd, umask)
+    if not surely_valid(spec):
+        return None
+    return {
+        "v": PROTOCOL_VERSION,
+        "op": "submit",
+        "spec": spec,
+        "depend_last": bool(params.get("depend_last")),
+        "block": not params.get("no_block"),
+    }
+
+
+def encode_frame(obj: Mapping[str, Any]) -> bytes:
+    """tsd.protocol.encode: a 4-byte big-endian length, then compact UTF-8 JSON."""
+    import json
+
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
+    return len(body).to_bytes(4, "big") + body
+
+
+def _read_exact(conn: Connection, n: int) -> bytes:
+    chunks: list[bytes] = []
+    while n:
+        chunk = conn.sock.recv(min(n, 1 << 16))
+        if not chunk:
+            raise ServerUnavailable("the daemon closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(conn: Connection) -> dict[str, Any]:
+    """Connection.recv without tsd.protocol: one frame, checked as tsd.protocol checks it."""
+    import json
+
+    length = int.from_bytes(_read_exact(conn, 4), "big")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    body = _read_exact(conn, length)
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed frame: expected a JSON object")
+    return obj
+
+
+def quick_submit(request: dict[str, Any], environ: Mapping[str, str]) -> int:
+    """run() for a quick_submit_request: queue it and print the job id."""
+    request["spec"]["env_info"] = _ts_env_info(environ)
+    conn = Client().connect()
+    try:
+        conn.sock.sendall(encode_frame(request))
+        while True:
+            frame = read_frame(conn)
+            if "event" not in frame:
+                break
+    finally:
+        conn.close()
+    try:
+        job_id = _check(frame).get("id")
+    except BadRequest as exc:
+        # A spec rule newer than surely_valid: the message parse_argv would have given.
+        raise UsageError(exc.message.removeprefix("bad request: ")) from None
+    if not isinstance(job_id, int):
+        raise TsdError("malformed response from the daemon: no job id")
+    _emit(f"{job_id}\n")
+    return 0
 
 
 # ------------------------------------------------------------------ output
@@ -797,7 +990,7 @@ def _terminal_width() -> int | None:
 
 def wait_code(job: Job) -> int:
     """What -w/-t/-c/-f exit with: the job's code; 255 when skipped, killed or lost."""
-    if job.state is JobState.FINISHED and job.exit is not None:
+    if job.state is model.JobState.FINISHED and job.exit is not None:
         return job.exit.wait_code
     return 255
 
@@ -837,7 +1030,7 @@ def _ts_env_info(environ: Mapping[str, str]) -> str | None:
     except OSError as exc:
         raise TsdError(f"cannot run TS_ENV: {exc.strerror}") from None
     text = proc.stdout.decode("utf-8", "replace").replace("\0", "")
-    return text[: protocol.MAX_TEXT] or None
+    return text[: MAX_TEXT] or None
 
 
 # ------------------------------------------------------------ -t and -c
@@ -968,7 +1161,7 @@ def _follower_for(job: Job, out: IO[bytes], tail: int | None) -> OutputFollower 
         _warn(f"job {job.id} does not store its output (-n)")
         return None
     if not job.output_path:
-        if job.state is not JobState.SKIPPED:
+        if job.state is not model.JobState.SKIPPED:
             _warn(f"job {job.id} has no output file")
         return None
     return OutputFollower(job.output_path, job.spec.gzip, out, tail)
@@ -1162,8 +1355,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         complete(args)
     code = 1
     with _edge():
-        inv = parse_argv(args, os.environ, _cwd(), _current_umask())
-        code = run(inv)
+        cwd, umask = _cwd(), _current_umask()
+        quick = quick_submit_request(args, os.environ, cwd, umask)
+        if quick is not None:
+            code = quick_submit(quick, os.environ)
+        else:
+            code = run(parse_argv(args, os.environ, cwd, umask))
     sys.exit(code)
 
 

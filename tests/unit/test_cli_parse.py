@@ -478,6 +478,120 @@ def test_a_bad_value_gets_clicks_message() -> None:
     assert submit("-N", "+2", "true").spec.slots == 2  # click reads it; so does ts
 
 
+# ------------------------------------------------------------ quick submit
+
+QUICK_LINES = [line for line in COMMON_COMMAND_LINES if line and "-nf" not in line and (
+    line[-1] in ("true", "x") or "python" in line)]
+
+
+def _typed_wire(argv: list[str], env: dict[str, str] = ENV, cwd: str = "/work/dir") -> object:
+    inv = parse_argv(argv, env, cwd, 0o027)
+    assert inv.request is not None
+    return protocol.request_to_wire(inv.request)
+
+
+def test_cli_limits_are_the_protocols() -> None:
+    for name in ("PROTOCOL_VERSION", "MAX_FRAME", "MAX_ID", "MAX_ARGS", "MAX_ENV", "MAX_TEXT",
+                 "MAX_DEPENDS", "MAX_SLOTS", "MAX_GPUS", "MAX_TIMEOUT"):
+        assert getattr(cli, name) == getattr(protocol, name), name
+
+
+@pytest.mark.parametrize("argv", QUICK_LINES, ids=" ".join)
+def test_quick_submit_sends_what_the_typed_protocol_sends(argv: list[str]) -> None:
+    quick = cli.quick_submit_request(argv, ENV, "/work/dir", 0o027)
+    assert quick is not None
+    assert quick == _typed_wire(argv)
+    assert cli.encode_frame(quick) == protocol.encode(_typed_wire(argv))  # type: ignore[arg-type]
+
+
+def test_actions_and_foreground_jobs_do_not_take_the_quick_submit() -> None:
+    for argv in (["-l"], ["-t", "3"], ["-f", "true"], ["-nf", "true"], ["-h", "true"]):
+        assert cli.quick_submit_request(argv, ENV, "/work/dir", 0o027) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "cwd"),
+    [
+        (["", " "], ENV, "/w"),  # an empty command
+        (["-O", "a/b", "true"], ENV, "/w"),
+        (["-O", "..", "true"], ENV, "/w"),
+        (["-L", "x" * 1025, "true"], ENV, "/w"),
+        (["-L", "\udcff", "true"], ENV, "/w"),
+        (["-g", "1024", "true"], ENV, "/w"),
+        (["-g", "1,1", "true"], ENV, "/w"),
+        (["true"], ENV, "relative"),
+        (["true"], ENV, "/\udcff"),
+        (["echo", "x" * 200_000], ENV, "/w"),
+    ],
+)
+def test_specs_the_protocol_refuses_leave_the_quick_submit_for_parse_argv(
+    argv: list[str], env: dict[str, str], cwd: str
+) -> None:
+    assert cli.quick_submit_request(argv, env, cwd, 0o022) is None
+    with pytest.raises(UsageError):
+        parse_argv(argv, env, cwd, 0o022)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    command_lines(),
+    st.dictionaries(st.text(max_size=4), st.text(max_size=8), max_size=3),
+    st.sampled_from(["/w", "/work/dir", "rel", "/\udcff", "/" + "d" * 5000]),
+)
+def test_quick_submit_agrees_with_parse_argv(
+    argv: list[str], env: dict[str, str], cwd: str
+) -> None:
+    try:
+        typed = _typed_wire(argv, env, cwd)
+    except (UsageError, AssertionError):
+        typed = None
+    try:
+        quick = cli.quick_submit_request(argv, env, cwd, 0o027)
+    except UsageError:
+        assert typed is None  # the same command-line error either way
+        return
+    if quick is not None:
+        assert quick == typed
+
+
+def test_quick_frames_read_back_like_the_protocols() -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        conn = cli.Connection(b)
+        obj = {"ok": True, "id": 7, "text": "é\u2603"}
+        a.sendall(protocol.encode(obj))
+        assert cli.read_frame(conn) == obj
+        a.sendall((cli.MAX_FRAME + 1).to_bytes(4, "big"))
+        with pytest.raises(protocol.ProtocolError, match="over the"):
+            cli.read_frame(conn)
+        a.sendall((2).to_bytes(4, "big") + b"[]")
+        with pytest.raises(protocol.ProtocolError, match="expected a JSON object"):
+            cli.read_frame(conn)
+        a.sendall((1).to_bytes(4, "big") + b"{")
+        with pytest.raises(protocol.ProtocolError, match="malformed frame"):
+            cli.read_frame(conn)
+        a.close()
+        with pytest.raises(cli.ServerUnavailable):
+            cli.read_frame(conn)
+
+
+def test_queueing_a_job_imports_no_protocol_model_click_or_typing() -> None:
+    script = (
+        "import sys\n"
+        "from tsd import cli\n"
+        f"for argv in {QUICK_LINES!r}:\n"
+        "    assert cli.quick_submit_request(argv, {'A': '1'}, '/w', 18) is not None\n"
+        "loaded = ('click', 'typing', 'tsd.protocol', 'tsd.model', 'tsd.render', 'ast')\n"
+        "print(sorted(m for m in loaded if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
 # ------------------------------------------------------------ followers
 
 
