@@ -48,24 +48,17 @@ class _Deferred(types.ModuleType):
     Importing is most of what a `ts` call costs. The typed protocol, the job
     model and the renderers (some thirty dataclasses, created at import) are
     needed by most actions but not to queue a job, so they load on first use.
-    dataclasses imports inspect (ast, dis, tokenize...) but uses it only to
-    describe classes that lack a docstring, and every class ts loads has one.
     This changes when a module loads, never what it does.
     """
 
     def __getattr__(self, name: str) -> Any:
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]  # the stand-in for inspect: load the real one
         __import__(self.__name__)
         real = sys.modules[self.__name__]
         self.__dict__.update(real.__dict__)
         return getattr(real, name)
 
 
-if "inspect" not in sys.modules:
-    sys.modules["inspect"] = _Deferred("inspect")
-
-from dataclasses import dataclass, field, replace  # noqa: E402 (after the stand-in)
+from dataclasses import dataclass, field, replace  # noqa: E402
 
 from tsd import __version__  # noqa: E402
 from tsd.client import Client, Connection, choose_socket  # noqa: E402
