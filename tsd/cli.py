@@ -62,7 +62,7 @@ from dataclasses import dataclass, field, replace  # noqa: E402
 
 from tsd import __version__  # noqa: E402
 from tsd.client import Client, Connection, choose_socket  # noqa: E402
-from tsd.errors import BadRequest, ProtocolError, ServerUnavailable, TsdError, from_wire  # noqa: E402
+from tsd.errors import BadRequest, ServerUnavailable, TsdError, from_wire  # noqa: E402
 
 if TYPE_CHECKING:
     from tsd import model, protocol, render
@@ -74,16 +74,18 @@ else:
 
 # tsd.protocol's limits and version, here too so that queueing a job need not
 # import it (tests check that they are the same).
-PROTOCOL_VERSION = 1
-MAX_FRAME = 1 << 20
-MAX_ID = 2**53
-MAX_ARGS = 65536
-MAX_ENV = 16384
-MAX_TEXT = 1 << 16
-MAX_DEPENDS = 4096
-MAX_SLOTS = 65536
-MAX_GPUS = 1024
-MAX_TIMEOUT = 10 * 365 * 86400.0
+from tsd.framing import (  # noqa: E402
+    MAX_ARGS,
+    MAX_DEPENDS,
+    MAX_ENV,
+    MAX_FRAME,
+    MAX_GPUS,
+    MAX_ID,
+    MAX_SLOTS,
+    MAX_TEXT,
+    MAX_TIMEOUT,
+    PROTOCOL_VERSION,
+)
 
 PROG = "ts"
 TAIL_LINES = 10
@@ -890,52 +892,14 @@ def quick_submit_request(
     }
 
 
-def encode_frame(obj: Mapping[str, Any]) -> bytes:
-    """tsd.protocol.encode: a 4-byte big-endian length, then compact UTF-8 JSON."""
-    import json
-
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
-    return len(body).to_bytes(4, "big") + body
-
-
-def _read_exact(conn: Connection, n: int) -> bytes:
-    chunks: list[bytes] = []
-    while n:
-        chunk = conn.sock.recv(min(n, 1 << 16))
-        if not chunk:
-            raise ServerUnavailable("the daemon closed the connection")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(conn: Connection) -> dict[str, Any]:
-    """Connection.recv without tsd.protocol: one frame, checked as tsd.protocol checks it."""
-    import json
-
-    length = int.from_bytes(_read_exact(conn, 4), "big")
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
-    body = _read_exact(conn, length)
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("malformed frame: expected a JSON object")
-    return obj
-
-
 def quick_submit(request: dict[str, Any], environ: Mapping[str, str]) -> int:
     """run() for a quick_submit_request: queue it and print the job id."""
     request["spec"]["env_info"] = _ts_env_info(environ)
     conn = Client().connect()
     try:
-        conn.sock.sendall(encode_frame(request))
+        conn.send_wire(request)
         while True:
-            frame = read_frame(conn)
+            frame = conn.recv()
             if "event" not in frame:
                 break
     finally:

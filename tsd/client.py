@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 
+from tsd import framing
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
 
 TYPE_CHECKING = False
@@ -68,15 +69,17 @@ class Connection:
         """Send one request frame."""
         from tsd import protocol
 
-        self.sock.sendall(protocol.encode(protocol.request_to_wire(req)))
+        self.send_wire(protocol.request_to_wire(req))
+
+    def send_wire(self, obj: Mapping[str, Any]) -> None:
+        """Send a request already in its wire form (ts's quick submit)."""
+        self.sock.sendall(framing.encode(obj))
 
     def recv(self) -> dict[str, Any]:
         """Read one frame; a closed connection is ServerUnavailable."""
-        from tsd import protocol
-
-        header = self._read_exact(protocol.HEADER.size)
-        body = self._read_exact(protocol.frame_length(header))
-        return protocol.decode(body)
+        header = self._read_exact(framing.HEADER.size)
+        body = self._read_exact(framing.frame_length(header))
+        return framing.decode(body)
 
     def _read_exact(self, n: int) -> bytes:
         chunks: list[bytes] = []

@@ -7,13 +7,30 @@ request dataclasses below; nothing else in the daemon looks at raw JSON.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
+
+# Framing and limits live in tsd.framing (light enough for every `ts` call);
+# they are part of this module's interface too.
+from tsd.framing import HEADER as HEADER
+from tsd.framing import LIST_CHUNK as LIST_CHUNK
+from tsd.framing import MAX_ARGS as MAX_ARGS
+from tsd.framing import MAX_COMMAND as MAX_COMMAND
+from tsd.framing import MAX_DEPENDS as MAX_DEPENDS
+from tsd.framing import MAX_ENV as MAX_ENV
+from tsd.framing import MAX_FRAME as MAX_FRAME
+from tsd.framing import MAX_GPUS as MAX_GPUS
+from tsd.framing import MAX_ID as MAX_ID
+from tsd.framing import MAX_SLOTS as MAX_SLOTS
+from tsd.framing import MAX_TEXT as MAX_TEXT
+from tsd.framing import MAX_TIMEOUT as MAX_TIMEOUT
+from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
+from tsd.framing import decode as decode
+from tsd.framing import encode as encode
+from tsd.framing import frame_length as frame_length
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 
 TYPE_CHECKING = False
@@ -22,51 +39,6 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
 
     Default = Literal["added", "run"]
     T = TypeVar("T")
-
-PROTOCOL_VERSION = 1
-MAX_FRAME = 1 << 20  # 1 MiB: frames above this are refused and the connection closed
-HEADER = struct.Struct(">I")
-
-MAX_ID = 2**53  # ids travel as JSON numbers
-MAX_ARGS = 65536
-MAX_COMMAND = 131072  # characters in all of a command's words (Linux: one argument's limit)
-LIST_CHUNK = 512 * 1024  # rough bytes of job records per frame of a long list
-MAX_ENV = 16384
-MAX_TEXT = 1 << 16
-MAX_DEPENDS = 4096
-MAX_SLOTS = 65536
-MAX_GPUS = 1024
-MAX_TIMEOUT = 10 * 365 * 86400.0
-
-
-# ---------------------------------------------------------------- framing
-
-
-def encode(obj: Mapping[str, Any]) -> bytes:
-    """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
-    return HEADER.pack(len(body)) + body
-
-
-def frame_length(header: bytes) -> int:
-    """Length announced by a header; refuses oversized frames before reading them."""
-    (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
-    return int(length)
-
-
-def decode(body: bytes) -> dict[str, Any]:
-    """Parse a frame body into a JSON object, or raise ProtocolError."""
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("malformed frame: expected a JSON object")
-    return obj
 
 
 # ---------------------------------------------------------------- requests

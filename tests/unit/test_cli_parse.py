@@ -492,18 +492,11 @@ def _typed_wire(
 QUICK_LINES = [line for line in COMMON_COMMAND_LINES if _typed_wire(line) is not None]
 
 
-def test_cli_limits_are_the_protocols() -> None:
-    for name in ("PROTOCOL_VERSION", "MAX_FRAME", "MAX_ID", "MAX_ARGS", "MAX_ENV", "MAX_TEXT",
-                 "MAX_DEPENDS", "MAX_SLOTS", "MAX_GPUS", "MAX_TIMEOUT"):
-        assert getattr(cli, name) == getattr(protocol, name), name
-
-
 @pytest.mark.parametrize("argv", QUICK_LINES, ids=" ".join)
 def test_quick_submit_sends_what_the_typed_protocol_sends(argv: list[str]) -> None:
     quick = cli.quick_submit_request(argv, ENV, "/work/dir", 0o027)
     assert quick is not None
     assert quick == _typed_wire(argv)
-    assert cli.encode_frame(quick) == protocol.encode(quick)
 
 
 def test_actions_and_foreground_jobs_do_not_take_the_quick_submit() -> None:
@@ -556,7 +549,7 @@ def test_quick_submit_agrees_with_parse_argv(
         assert quick == typed
 
 
-def test_quick_frames_read_back_like_the_protocols() -> None:
+def test_connections_read_frames_and_refuse_bad_ones() -> None:
     import socket
 
     a, b = socket.socketpair()
@@ -564,19 +557,19 @@ def test_quick_frames_read_back_like_the_protocols() -> None:
         conn = cli.Connection(b)
         obj = {"ok": True, "id": 7, "text": "é\u2603"}
         a.sendall(protocol.encode(obj))
-        assert cli.read_frame(conn) == obj
-        a.sendall((cli.MAX_FRAME + 1).to_bytes(4, "big"))
+        assert conn.recv() == obj
+        a.sendall((protocol.MAX_FRAME + 1).to_bytes(4, "big"))
         with pytest.raises(protocol.ProtocolError, match="over the"):
-            cli.read_frame(conn)
+            conn.recv()
         a.sendall((2).to_bytes(4, "big") + b"[]")
         with pytest.raises(protocol.ProtocolError, match="expected a JSON object"):
-            cli.read_frame(conn)
+            conn.recv()
         a.sendall((1).to_bytes(4, "big") + b"{")
         with pytest.raises(protocol.ProtocolError, match="malformed frame"):
-            cli.read_frame(conn)
+            conn.recv()
         a.close()
         with pytest.raises(cli.ServerUnavailable):
-            cli.read_frame(conn)
+            conn.recv()
 
 
 def test_queueing_a_job_imports_no_protocol_model_click_or_typing() -> None:

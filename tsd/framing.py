@@ -1,0 +1,60 @@
+"""Frames on the wire, and the protocol's limits: the light half of the protocol.
+
+A frame is a 4-byte big-endian length and a UTF-8 JSON object. This module
+needs only json and struct, so the `ts` client can queue a job without
+loading the typed requests (tsd.protocol, which re-exports all of this).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+from tsd.errors import ProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20  # 1 MiB: frames above this are refused and the connection closed
+HEADER = struct.Struct(">I")
+
+MAX_ID = 2**53  # ids travel as JSON numbers
+MAX_ARGS = 65536
+MAX_COMMAND = 131072  # characters in all of a command's words (Linux: one argument's limit)
+LIST_CHUNK = 512 * 1024  # rough bytes of job records per frame of a long list
+MAX_ENV = 16384
+MAX_TEXT = 1 << 16
+MAX_DEPENDS = 4096
+MAX_SLOTS = 65536
+MAX_GPUS = 1024
+MAX_TIMEOUT = 10 * 365 * 86400.0
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """Length announced by a header; refuses oversized frames before reading them."""
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    return int(length)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Parse a frame body into a JSON object, or raise ProtocolError."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("malformed frame: expected a JSON object")
+    return obj
