@@ -682,10 +682,14 @@ class Daemon:
             exit=ExitInfo(note=reason),
             wait_reason=reason,
         )
+        log.info("job %d skipped: %s", job.id, reason)
+        self._end_pending(job)
+
+    def _end_pending(self, job: Job) -> None:
+        """A pending job that ends without running (skipped, or no scope): record it."""
         self.store.save(job)
         self._unqueue_index(job)
         self.jobs[job.id] = job
-        log.info("job %d skipped: %s", job.id, reason)
         self._finished(job)
         self._room_changed()
         self._notify_end(job.id)
@@ -808,13 +812,7 @@ class Daemon:
             end_time=time.time(),
             exit=ExitInfo(code=None, lost=True, note=note),
         )
-        self.store.save(job)
-        self._unqueue_index(job)
-        self.jobs[job.id] = job
-        self._finished(job)
-        self._room_changed()
-        self._notify_end(job.id)
-        self._cascade(job)
+        self._end_pending(job)
 
     # ------------------------------------------------------------ job ends
 
