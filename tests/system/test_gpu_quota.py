@@ -244,6 +244,8 @@ def test_an_outside_process_makes_its_gpu_busy_and_ts_g_names_its_user(
         gpus = simple_gpus(4)
         gpus[0] = FakeGpu(0, uuid_for(0), gpus[0].name, 80 * GIB, 20 * GIB)
         set_picture(gbox, gpus, [FakeProc(gpu=0, pid=pid, used=20 * GIB)])
+        # NVML pictures are reused for a moment (0.2 s); ts -g takes a fresh one.
+        wait_for(lambda: f"used by pid {pid}" in ts(gbox, "bob", "-g").stdout)
         job = submit(gbox, "bob", "-G", "1", *held(gate, "$CUDA_VISIBLE_DEVICES"))
         wait_state(gbox, job, "running")
         assert gpu_ids(gbox, job) == [1]
