@@ -715,8 +715,7 @@ class Daemon:
         env["TS_JOBID"] = str(job.id)
         uuids: tuple[str, ...] = ()
         if gpu_ids:
-            gpus, _ = self.gpu_cache[1], None
-            by_index = {g.index: g.uuid for g in gpus or ()}
+            by_index = {g.index: g.uuid for g in self.gpu_cache[1] or ()}
             uuids = tuple(by_index.get(i, "") for i in gpu_ids)
         try:
             pw = pwd.getpwuid(job.uid)
@@ -1183,6 +1182,10 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         except FileExistsError as exc:
             print(f"tsd: {exc}", file=sys.stderr)
             return 0
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", settings.socket_path, exc)
+            print(f"tsd: cannot listen on {settings.socket_path}: {exc}", file=sys.stderr)
+            return 1
     daemon = Daemon(settings, config)
     asyncio.run(daemon.run(sock))
     return 0

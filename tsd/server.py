@@ -51,10 +51,11 @@ def bind_personal(path: str) -> socket.socket:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.lstat(directory)
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(directory, 0o700) if st.st_uid == os.getuid() else None
-        if os.lstat(directory).st_uid != os.getuid():
-            raise PermissionError(f"{directory} is not ours")
+    # Someone else's directory (or a symlink planted in /tmp) must not get our socket.
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{directory} is not a directory of ours")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
