@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -113,6 +114,7 @@ def test_ts_maxfinished_drops_oldest_finished_jobs() -> None:
         assert [j["ID"] for j in listed] == [3, 4, 5]
     finally:
         stop_daemon(env)
+        shutil.rmtree(env.root, ignore_errors=True)
 
 
 def test_ts_savelist_exports_the_list_when_the_daemon_stops() -> None:
@@ -127,6 +129,7 @@ def test_ts_savelist_exports_the_list_when_the_daemon_stops() -> None:
         assert saved.splitlines()[0].startswith("ID")
     finally:
         stop_daemon(env)
+        shutil.rmtree(env.root, ignore_errors=True)
 
 
 def test_stale_socket_from_a_dead_daemon_is_recovered(ts: Runner, tsd_env: Env) -> None:
