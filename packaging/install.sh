@@ -32,13 +32,9 @@
 #                  (packaging/wheels/ in the checkout is used when it exists).
 set -euo pipefail
 
-VENV=/opt/tsd
-BIN_DIR=/usr/local/bin
-UNIT_DIR=/usr/local/lib/systemd/system
-SYSUSERS_CONF=/usr/local/lib/sysusers.d/tsd.conf
-TMPFILES_CONF=/usr/local/lib/tmpfiles.d/tsd.conf
+# shellcheck source=packaging/paths.sh
+. "$(dirname "${BASH_SOURCE[0]}")/paths.sh"
 CONF_DIR=/etc/tsd
-MAN_PAGE=/usr/local/share/man/man1/ts.1
 COMPLETION_DIR=/usr/local/share/bash-completion/completions
 FISH_COMPLETION_DIR=/usr/local/share/fish/vendor_completions.d
 ZSH_COMPLETION_DIR=/usr/local/share/zsh/site-functions

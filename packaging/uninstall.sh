@@ -13,12 +13,8 @@
 # (remove it with `groupdel tsd`).
 set -euo pipefail
 
-VENV=/opt/tsd
-BIN_DIR=/usr/local/bin
-UNIT_DIR=/usr/local/lib/systemd/system
-SYSUSERS_CONF=/usr/local/lib/sysusers.d/tsd.conf
-TMPFILES_CONF=/usr/local/lib/tmpfiles.d/tsd.conf
-MAN_PAGE=/usr/local/share/man/man1/ts.1
+# shellcheck source=packaging/paths.sh
+. "$(dirname "${BASH_SOURCE[0]}")/paths.sh"
 
 PURGE=0
 say() { printf 'tsd uninstall: %s\n' "$*"; }
