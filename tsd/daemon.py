@@ -43,7 +43,7 @@ from tsd.errors import (
 )
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, Peer, UserLimits
 from tsd.scheduler import DepOutcome, Resources, check_fits, decide
-from tsd.server import SendEvent, Server, bind_personal, inherited_socket
+from tsd.server import SendEvent, Server, bind_personal, bind_system, inherited_socket
 
 log = logging.getLogger("tsd")
 
@@ -108,6 +108,12 @@ class Daemon:
         from tsd.store import Store
 
         self.store = Store(state / "state.db")
+        # -S and --set_gpu_free_perc overrides, kept in memory too: the scheduler reads
+        # them on every decision, the database only when they change.
+        slots = self.store.get_setting("slots")
+        self.slots_override = None if slots is None else int(slots)
+        perc = self.store.get_setting("gpu_free_perc")
+        self.free_perc_override = None if perc is None else float(perc)
         self.jobs: dict[int, Job] = {}
         self.pending: list[int] = []  # ids of queued/allocating jobs in queue order
         self.running: dict[int, Job] = {}
@@ -272,7 +278,7 @@ class Daemon:
             case protocol.GpuFreePerc():
                 return self.gpu_free_perc(peer, req.value)
             case protocol.GpuStatus():
-                return self.gpu_status(peer)
+                return self.gpu_status()
         raise BadRequest("bad request: unsupported operation")
 
     # -- submit
@@ -339,8 +345,7 @@ class Daemon:
 
     def total_slots(self) -> int:
         """The server's slot count: -S's override if set, else the config's."""
-        override = self.store.get_setting("slots")
-        return int(override) if override is not None else self.config.slots
+        return self.slots_override if self.slots_override is not None else self.config.slots
 
     # -- queries
 
@@ -472,6 +477,7 @@ class Daemon:
             if self.settings.system:
                 auth.check_admin(peer, "setting the slot count (-S)")
             self.store.set_setting("slots", str(value))
+            self.slots_override = value
             self.schedule()
         return {"slots": self.total_slots()}
 
@@ -495,14 +501,16 @@ class Daemon:
             if self.settings.system:
                 auth.check_admin(peer, "setting the GPU free-memory threshold")
             self.store.set_setting("gpu_free_perc", str(value))
+            self.free_perc_override = value
             self.gpu_cache = (0.0, None, "")
             self.schedule()
         return {"value": self.free_threshold()}
 
     def free_threshold(self) -> float:
         """The free-memory percentage above which a GPU counts as free."""
-        override = self.store.get_setting("gpu_free_perc")
-        return float(override) if override is not None else self.config.gpus.free_memory_percent
+        if self.free_perc_override is not None:
+            return self.free_perc_override
+        return self.config.gpus.free_memory_percent
 
     # -- GPUs
 
@@ -552,8 +560,8 @@ class Daemon:
         free = free_gpus(gpus, held, self.free_threshold(), self.config.gpus.visible, tsd_pids)
         return free, "", self._pool(gpus)
 
-    def gpu_status(self, peer: Peer) -> dict[str, Any]:
-        """ts -g: the GPUs, why busy ones are busy, and the running GPU jobs."""
+    def gpu_status(self) -> dict[str, Any]:
+        """ts -g: the GPUs, why busy ones are busy, and every running GPU job (like ts -A)."""
         from tsd.gpupool import busy_reasons
 
         gpus, problem = self._snapshot()
@@ -583,7 +591,7 @@ class Daemon:
             "jobs": [
                 protocol.job_to_wire(j)
                 for j in sorted(self.running.values(), key=lambda j: j.id)
-                if j.gpu_ids and (peer.admin or j.uid == peer.uid or self.settings.system)
+                if j.gpu_ids
             ],
             "problem": problem,
         }
@@ -614,26 +622,23 @@ class Daemon:
             res,
         )
         self.unvisited_reason = decision.unvisited_reason
-        changed: list[Job] = []
         allocating = set(decision.allocating)
-        for job_id in decision.allocating:
-            job = self.jobs[job_id]
-            if job.state is not JobState.ALLOCATING:
-                changed.append(replace(job, state=JobState.ALLOCATING))
-        for job_id in decision.reasons:
+        changed: list[Job] = []
+        for job_id in allocating | decision.reasons.keys():
+            job = self.jobs.get(job_id)
+            if job is None or not job.state.pending:
+                continue
             # A job read again that no longer waits for GPUs (it now waits for a slot
             # or a dependency) is back to plain queued.
-            seen = self.jobs.get(job_id)
-            if seen is not None and seen.state is JobState.ALLOCATING and job_id not in allocating:
-                changed.append(replace(seen, state=JobState.QUEUED))
-        for job_id, reason in decision.reasons.items():
-            seen = self.jobs.get(job_id)
-            if seen is not None and seen.wait_reason != reason:
-                self.jobs[job_id] = replace(seen, wait_reason=reason)
+            state = JobState.ALLOCATING if job_id in allocating else JobState.QUEUED
+            updated = replace(
+                job, state=state, wait_reason=decision.reasons.get(job_id, job.wait_reason)
+            )
+            if updated.state is not job.state:
+                changed.append(updated)
+            self.jobs[job_id] = updated
         if changed:
             self.store.save(*changed)
-            for job in changed:
-                self.jobs[job.id] = replace(job, wait_reason=self.jobs[job.id].wait_reason)
         for job_id in decision.skip:
             self._skip(job_id, decision.reasons.get(job_id, "a dependency failed"))
         for start in decision.start:
@@ -840,7 +845,7 @@ class Daemon:
             data = b""
         job = self.jobs.get(job_id)
         if job is not None and data:
-            fields = dict(line.partition(" ")[::2] for line in data.decode().splitlines())
+            fields = launch.parse_report(data.decode(errors="replace"))
             pid = fields.get("pid")
             out = fields.get("out")
             updated = replace(
@@ -1034,6 +1039,7 @@ class Daemon:
         self.config = config
         self.limits_cache.clear()
         self.store.set_setting("slots", None)
+        self.slots_override = None
         self.gpu_cache = (0.0, None, "")
         log.info("config reloaded from %s", self.settings.config_path)
         self.schedule()
@@ -1176,7 +1182,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         assert settings.socket_path is not None
         try:
             if system:
-                sock = _bind_system(settings.socket_path)
+                sock = bind_system(settings.socket_path, auth.SUBMIT_GROUP)
             else:
                 sock = bind_personal(settings.socket_path)
         except FileExistsError as exc:
@@ -1189,27 +1195,6 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
     daemon = Daemon(settings, config)
     asyncio.run(daemon.run(sock))
     return 0
-
-
-def _bind_system(path: str) -> socket.socket:
-    """Without socket activation: make /run/tsd/tsd.sock root:tsd 0660 ourselves."""
-    import grp
-
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o117)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    try:
-        os.chown(path, 0, grp.getgrnam(auth.SUBMIT_GROUP).gr_gid)
-    except KeyError:
-        os.chmod(path, 0o600)
-    sock.listen(128)
-    return sock
 
 
 def check_config(path: str) -> int:

@@ -175,7 +175,7 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
             os._exit(127)
     os.close(status_w)
     # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
-    started = dict(line.partition(" ")[::2] for line in _read_all(status_r).splitlines())
+    started = parse_report(_read_all(status_r))
     failure = started.get("err", "")
     _report(rep_w, f"pid {child}")
     _report(rep_w, f"out {started.get('out', '-')}")
@@ -552,14 +552,6 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
         os.waitpid(pid, 0)
 
 
-def read_report(fd: int) -> dict[str, str]:
-    """Parse what the supervisor and the job wrote on the report pipe so far."""
-    out: dict[str, str] = {}
-    try:
-        data = os.read(fd, 65536)
-    except BlockingIOError:
-        return out
-    for line in data.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        out[key] = value
-    return out
+def parse_report(text: str) -> dict[str, str]:
+    """The "key value" lines a job tells its supervisor, and a supervisor its daemon."""
+    return dict(line.partition(" ")[::2] for line in text.splitlines())

@@ -70,10 +70,6 @@ class JobSpec:
         """The command as one line, as task-spooler shows and runs it (through sh -c)."""
         return " ".join(self.command)
 
-    def env_dict(self) -> dict[str, str]:
-        """The submit-time environment as a dict."""
-        return dict(self.env)
-
 
 @dataclass(frozen=True)
 class ExitInfo:

@@ -66,8 +66,28 @@ def bind_personal(path: str) -> socket.socket:
             raise FileExistsError(f"a daemon already listens on {path}")
         finally:
             probe.close()
+    return _listen(path, 0o077)
+
+
+def bind_system(path: str, group: str) -> socket.socket:
+    """Without socket activation: make the system socket root:`group` 0660 ourselves."""
+    import grp
+
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = _listen(path, 0o117)
+    try:
+        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        os.chmod(path, 0o600)
+    return sock
+
+
+def _listen(path: str, umask: int) -> socket.socket:
+    # The umask makes the socket file's mode right from the start, not after a chmod.
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
+    old = os.umask(umask)
     try:
         sock.bind(path)
     finally:

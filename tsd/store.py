@@ -96,12 +96,6 @@ class Store:
 
     # ------------------------------------------------------------ jobs
 
-    def next_order(self, front: bool = False) -> int:
-        """An order key behind (or in front of) every pending job."""
-        agg = "MIN(ord) - 1" if front else "MAX(ord) + 1"
-        row = self.db.execute(f"SELECT {agg} FROM jobs").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
     def add_job(
         self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float
     ) -> Job:
@@ -177,11 +171,6 @@ class Store:
         if row is None:
             return ()
         return tuple((str(k), str(v)) for k, v in json.loads(row[0]))
-
-    def last_id(self) -> int:
-        """The highest id ever handed out (0 if none)."""
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
-        return int(row[0]) if row else 0
 
     # -------------------------------------------------------- settings
 
