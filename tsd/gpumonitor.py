@@ -120,6 +120,9 @@ class GpuMonitor:
         except GpuUnavailable as exc:
             # The bare reason: the scheduler's wait reason and `ts -g` add their own prefix.
             gpus, problem = None, str(exc) or "NVML failed"
+        except Exception as exc:  # a surprise from pynvml or psutil must not stall GPU jobs
+            log.exception("reading the GPUs failed")
+            gpus, problem = None, f"reading the GPUs failed: {exc}"
         finally:
             self._inflight = None
         if problem and problem != before:
