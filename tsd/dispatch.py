@@ -23,7 +23,6 @@ class Table(Protocol):
     """The job table as the dispatcher uses it (tsd.jobtable.JobTable)."""
 
     pending: list[int]
-    running: dict[int, Job]
     pending_gpu_jobs: int
 
     def get(self, job_id: int) -> Job | None: ...
@@ -33,6 +32,10 @@ class Table(Protocol):
     def dep_outcome(self, job_id: int) -> DepOutcome: ...
 
     def gpu_holders(self) -> tuple[dict[int, int], set[int]]: ...
+
+    def holding(self) -> list[Job]: ...
+
+    def is_queued(self, job: Job) -> bool: ...
 
     def set_waiting(self, updates: list[tuple[int, JobState, str]]) -> None: ...
 
@@ -122,7 +125,7 @@ class Dispatcher:
         )
         decision = decide(
             table.queue(),
-            list(table.running.values()),
+            table.holding(),
             table.dep_outcome,
             res,
         )
@@ -142,7 +145,7 @@ class Dispatcher:
             self.skip(job_id, decision.reasons.get(job_id, "a dependency failed"))
         for start in decision.start:
             job = table.get(start.job_id)
-            if job is not None and job.state.pending:
+            if job is not None and table.is_queued(job):
                 self._start(job, start.gpu_ids)
         if decision.allocating:
             self.gpus.arm_poll(self._poll_seconds())

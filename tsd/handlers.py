@@ -161,22 +161,23 @@ def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
 def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
     """ts -r: drop a job that is not running (queued, allocating or finished)."""
     job = p.table.pick(peer, req.id, "added")
-    if job.state is JobState.RUNNING:
+    if job.state is JobState.RUNNING or job.id in p.table.launching:
         raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
     p.table.remove(job)
     p.dispatcher.schedule()
     return protocol.JobId(job.id)
 
 
-def _pending(job: Job) -> Job:
-    if not job.state.pending:
-        raise WrongState(f"job {job.id} is {job.state.value}, not queued")
+def _queued(p: Parts, job: Job) -> Job:
+    if not p.table.is_queued(job):
+        state = "starting" if job.id in p.table.launching else job.state.value
+        raise WrongState(f"job {job.id} is {state}, not queued")
     return job
 
 
 def urgent(p: Parts, peer: Peer, req: protocol.Urgent) -> protocol.JobId:
     """ts -u: move a pending job to the front of the queue."""
-    job = p.table.move_front(_pending(p.table.pick(peer, req.id, "added")))
+    job = p.table.move_front(_queued(p, p.table.pick(peer, req.id, "added")))
     p.dispatcher.schedule()
     return protocol.JobId(job.id)
 
@@ -184,7 +185,7 @@ def urgent(p: Parts, peer: Peer, req: protocol.Urgent) -> protocol.JobId:
 def swap(p: Parts, peer: Peer, req: protocol.Swap) -> protocol.Done:
     """ts -U a-b: swap two pending jobs' places."""
     a, b = p.table.pick(peer, req.a, "added"), p.table.pick(peer, req.b, "added")
-    p.table.swap(_pending(a), _pending(b))
+    p.table.swap(_queued(p, a), _queued(p, b))
     p.dispatcher.schedule()
     return protocol.Done()
 

@@ -6,7 +6,10 @@ state change goes through one method here, which keeps the indexes true:
 
 * `pending`: ids of queued and allocating jobs, in queue order;
   `pending_count` and `pending_gpu_jobs` count them per user and GPU-wanting;
-* `running`: the running jobs by id (including one whose launch is under way);
+* `running`: the running jobs by id;
+* `launching`: jobs whose launch is under way (their supervisor and scope are
+  being made): out of the queue, holding their slots and GPUs, still shown in
+  their pending state until they run;
 * `finished_by_user`: finished and skipped ids per user, oldest first, capped
   at `max_finished` (the oldest beyond the cap are forgotten);
 * `dependents`: for a job, the pending jobs that depend on it. Only pending
@@ -67,6 +70,7 @@ class JobTable:
         self.jobs: dict[int, Job] = {}
         self.pending: list[int] = []
         self.running: dict[int, Job] = {}
+        self.launching: dict[int, Job] = {}
         self.dependents: dict[int, set[int]] = {}
         self.last_added: dict[int, int] = {}
         self.last_run: dict[int, int] = {}
@@ -122,20 +126,28 @@ class JobTable:
         return (self.jobs[i] for i in self.pending)
 
     def listing(self) -> Iterator[Job]:
-        """What ts -l shows: running by id, then pending in queue order, then done by end."""
-        yield from sorted(self.running.values(), key=lambda j: j.id)
+        """What ts -l shows: running (and starting) by id, then the queue, then done by end."""
+        yield from sorted(self.holding(), key=lambda j: j.id)
         yield from self.queue()
         yield from sorted(self._done(), key=_end_key)
 
+    def holding(self) -> list[Job]:
+        """Jobs that hold slots and GPUs: the running ones and those being launched."""
+        return [*self.running.values(), *self.launching.values()]
+
     def used_slots(self) -> int:
-        """Slots held by running jobs."""
-        return sum(j.spec.slots for j in self.running.values())
+        """Slots held by running jobs (and jobs being launched)."""
+        return sum(j.spec.slots for j in self.holding())
 
     def gpu_holders(self) -> tuple[dict[int, int], set[int]]:
-        """GPU index -> the running job holding it, and the pids of tsd's jobs."""
-        held = {i: j.id for j in self.running.values() for i in j.gpu_ids}
+        """GPU index -> the job holding it, and the pids of tsd's jobs."""
+        held = {i: j.id for j in self.holding() for i in j.gpu_ids}
         pids = {p for j in self.running.values() for p in (j.pid, j.supervisor_pid) if p}
         return held, pids
+
+    def is_queued(self, job: Job) -> bool:
+        """Pending and in the queue (not being launched): it may be moved or removed."""
+        return job.state.pending and job.id not in self.launching
 
     def dep_outcome(self, job_id: int) -> DepOutcome:
         """How a dependency stands, for the scheduler."""
@@ -220,36 +232,44 @@ class JobTable:
     # ------------------------------------------------------------ running jobs
 
     def begin_run(self, job: Job, gpu_ids: tuple[int, ...], uuids: tuple[str, ...]) -> Job:
-        """A pending job's launch begins: it holds its slots and GPUs from now on.
+        """A pending job's launch begins: it leaves the queue and holds its slots and GPUs.
 
-        In memory only until `launched`: a crash before that leaves it queued.
+        In memory only: a crash before `launched` leaves it queued.
         """
-        job = replace(
-            job, state=JobState.RUNNING, start_time=time.time(), gpu_ids=gpu_ids,
-            gpu_uuids=uuids, wait_reason="",
-        )
+        job = replace(job, gpu_ids=gpu_ids, gpu_uuids=uuids)
         self._unindex_pending(job)
-        self.jobs[job.id] = job
-        self.running[job.id] = job
-        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        self.jobs[job.id] = self.launching[job.id] = job
         self.events.room()
         return job
 
     def launched(
         self, job_id: int, supervisor_pid: int, supervisor_start: int | None, unit: str | None
     ) -> Job:
-        """Its supervisor exists: record it, durably, before the job may run."""
+        """Its supervisor (and scope) exist: running, durably, before the job may run."""
         job = replace(
-            self.running[job_id], supervisor_pid=supervisor_pid,
-            supervisor_start=supervisor_start, unit=unit,
+            self.launching.pop(job_id), state=JobState.RUNNING, start_time=time.time(),
+            supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
+            wait_reason="",
         )
         self.store.save(job)
         self.jobs[job_id] = self.running[job_id] = job
+        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        return job
+
+    def end_launch(self, job_id: int, exit: ExitInfo) -> Job:
+        """A launch that failed for good (no scope): the job ends without having run."""
+        job = replace(
+            self.launching.pop(job_id), state=JobState.FINISHED, end_time=time.time(), exit=exit
+        )
+        self.store.save(job)
+        self.jobs[job_id] = job
+        self._account_done(job)
+        self.events.ended(job_id)
         return job
 
     def requeue(self, job_id: int) -> Job:
         """A launch that never ran its command: back to the queue at its old place."""
-        job = self.running.pop(job_id)
+        job = self.running.pop(job_id, None) or self.launching.pop(job_id)
         job = replace(
             job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
             supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,

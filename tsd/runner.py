@@ -9,9 +9,9 @@ path), reads the exit report the supervisor leaves, and ends jobs on request
 D-Bus and NVML calls block (starting a scope waits up to 10 s for systemd), so
 they run in the daemon's worker threads; their results are applied on the loop.
 A job whose launch is under way already holds its slots and GPUs in the job
-table; it is recorded as running (with its supervisor) before it may run, and
-a supervisor that is never told to go leaves an "aborted" report, which puts
-the job back in the queue.
+table. It is recorded as running (with its supervisor, in its scope) before it
+may run; a supervisor that is never told to go (the daemon died first) leaves
+an "aborted" report, and the job goes back to the queue.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ _T = TypeVar("_T")
 
 class ScopeManager(Protocol):
     """systemd job scopes (tsd.scope.SystemdScopes); blocking calls."""
-
-    def unit_name(self, job_id: int) -> str: ...
 
     def start(
         self,
@@ -91,6 +89,8 @@ class JobTableView(Protocol):
     def launched(
         self, job_id: int, supervisor_pid: int, supervisor_start: int | None, unit: str | None
     ) -> Job: ...
+
+    def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
     def requeue(self, job_id: int) -> Job: ...
 
@@ -328,12 +328,10 @@ class Runner:
             self.table.requeue(job.id)
             self._requeued()
             return
-        unit = self.scopes.unit_name(job.id)
         launched = self.launcher.spawn(plan)
-        job = self.table.launched(job.id, launched.supervisor_pid, launched.supervisor_start, unit)
         description = f"tsd job {job.id} of {job.user}: {job.spec.command_line[:100]}"
         try:
-            await self._offload(
+            unit = await self._offload(
                 self.scopes.start, job.id, job.uid, [launched.supervisor_pid],
                 self._config().job, devices, description,
             )
@@ -344,14 +342,11 @@ class Runner:
             exitreport.discard(self.settings.exits_dir, job.id)
             os.close(launched.report_fd)
             log.error("job %d: %s", job.id, exc)
-            ended = self.table.finish(
-                job.id, ExitInfo(code=None, lost=True, note=f"could not start its scope: {exc}"),
-                None, None,
-            )
-            if ended is not None:
-                self._ended(ended)
+            note = f"could not start its scope: {exc}"
+            self._ended(self.table.end_launch(job.id, ExitInfo(code=None, lost=True, note=note)))
             return
-        launched.go()
+        job = self.table.launched(job.id, launched.supervisor_pid, launched.supervisor_start, unit)
+        launched.go()  # durable and in its scope: now it may run
         self._watch(job, launched.report_fd)
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 

@@ -59,6 +59,7 @@ class Rig:
     def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
         self.started.append((job.id, gpu_ids))
         self.table.begin_run(job, gpu_ids, ())
+        self.table.launched(job.id, 4000 + job.id, 1, None)
 
     def finish(self, job_id: int, code: int) -> None:
         ended = self.table.finish(job_id, ExitInfo(code=code), None, None)

@@ -32,6 +32,7 @@ class FakeRunner:
 
     def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
         self.table.begin_run(job, gpu_ids, ())
+        self.table.launched(job.id, 4000 + job.id, 1, None)
 
     def kill(self, job: Job) -> None:
         self.killed.append(job.id)
@@ -243,5 +244,20 @@ def test_shutdown_stops_after_answering() -> None:
         rig = Rig(Config())
         assert await rig.call(protocol.Shutdown()) == {}
         assert rig.stopped == 1
+
+    run(body)
+
+
+def test_a_job_being_launched_is_listed_and_cannot_be_removed_or_moved() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        rig.runner.start = lambda job, gpu_ids: rig.table.begin_run(job, gpu_ids, ()) and None
+        rig.dispatcher._start = rig.runner.start
+        job = await rig.submit()
+        assert job in rig.table.launching
+        assert [j["id"] for j in (await rig.call(protocol.ListJobs()))["jobs"]] == [job]
+        for req in (protocol.Remove(id=job), protocol.Urgent(id=job)):
+            with pytest.raises(WrongState):
+                await rig.call(req)
 
     run(body)

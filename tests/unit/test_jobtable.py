@@ -7,7 +7,7 @@ from unit.daemon_fakes import Events, FakeStore, spec
 
 from tsd.errors import NoSuchJob, NotOwner
 from tsd.jobtable import JobTable
-from tsd.model import DependMode, ExitInfo, JobState, Peer
+from tsd.model import DependMode, ExitInfo, Job, JobState, Peer
 from tsd.scheduler import DepOutcome
 
 
@@ -17,6 +17,12 @@ def make(
     store = store or FakeStore()
     events = Events()
     return JobTable(store, events, lambda: max_finished), store, events
+
+
+def run(table: JobTable, job: Job, gpu_ids: tuple[int, ...] = ()) -> Job:
+    """Launch a pending job as the runner does: reserve, then record its supervisor."""
+    table.begin_run(job, gpu_ids, tuple(f"GPU-{i}" for i in gpu_ids))
+    return table.launched(job.id, 4000 + job.id, 1, None)
 
 
 def peer(uid: int = 1000, admin: bool = False) -> Peer:
@@ -35,24 +41,34 @@ def test_add_queues_behind_every_job_and_counts_pending_per_user_and_gpu() -> No
     assert store.rows[b.id].state is JobState.QUEUED
 
 
-def test_begin_run_takes_the_job_out_of_the_queue_and_announces_room() -> None:
+def test_begin_run_reserves_the_job_out_of_the_queue_until_launched_makes_it_run() -> None:
     table, store, events = make()
     job = table.add(1000, "alice", spec(gpus=1))
-    running = table.begin_run(job, (0,), ("GPU-0",))
+    table.begin_run(job, (0,), ("GPU-0",))
     assert table.pending == [] and table.pending_count[1000] == 0
-    assert table.pending_gpu_jobs == 0
-    assert table.running[job.id] is running and running.state is JobState.RUNNING
-    assert events.rooms == 1
-    assert table.last_run[1000] == job.id
-    # Not durable until the supervisor exists: a crash now leaves it queued.
+    assert table.pending_gpu_jobs == 0 and events.rooms == 1
+    # It holds its GPU and slot, but is not running (nor durable) before its supervisor is.
+    assert table.gpu_holders()[0] == {0: job.id} and table.used_slots() == 1
+    assert table.running == {} and not table.is_queued(table.jobs[job.id])
     assert store.rows[job.id].state is JobState.QUEUED
     launched = table.launched(job.id, 4242, 77, "tsd-job-1.scope")
-    assert store.rows[job.id] == launched and launched.supervisor_pid == 4242
+    assert launched.state is JobState.RUNNING and launched.supervisor_pid == 4242
+    assert store.rows[job.id] == launched and table.running[job.id] == launched
+    assert table.launching == {} and table.last_run[1000] == job.id
+
+
+def test_a_failed_launch_ends_the_job_without_it_having_run() -> None:
+    table, store, events = make()
+    job = table.add(1000, "alice", spec())
+    table.begin_run(job, (), ())
+    ended = table.end_launch(job.id, ExitInfo(lost=True, note="could not start its scope: x"))
+    assert ended.state is JobState.FINISHED and store.rows[job.id] == ended
+    assert table.launching == {} and events.ends == [job.id]
 
 
 def test_finish_records_the_exit_and_wakes_waiters() -> None:
     table, store, events = make()
-    job = table.begin_run(table.add(1000, "alice", spec()), (), ())
+    job = run(table, table.add(1000, "alice", spec()))
     done = table.finish(job.id, ExitInfo(code=3), 12.5, "/tmp/out")
     assert done is not None and done.state is JobState.FINISHED
     assert done.exit == ExitInfo(code=3) and done.end_time == 12.5
@@ -67,8 +83,7 @@ def test_requeue_puts_a_never_started_job_back_at_its_place() -> None:
     table, store, _ = make()
     first = table.add(1000, "alice", spec())
     second = table.add(1000, "alice", spec())
-    table.begin_run(first, (0,), ("GPU-0",))
-    table.launched(first.id, 4242, 1, None)
+    run(table, first, (0,))
     again = table.requeue(first.id)
     assert table.pending == [first.id, second.id]
     assert again.state is JobState.QUEUED and again.supervisor_pid is None
@@ -83,7 +98,7 @@ def test_dependents_lists_only_pending_jobs_and_is_pruned_as_they_leave() -> Non
     assert table.dependents == {dep.id: {waiter.id, other.id}}
     table.remove(table.jobs[other.id])
     assert table.dependents == {dep.id: {waiter.id}}
-    table.begin_run(table.jobs[waiter.id], (), ())
+    run(table, table.jobs[waiter.id])
     assert table.dependents == {}
 
 
@@ -158,7 +173,7 @@ def test_listing_shows_running_then_queue_order_then_done_by_end() -> None:
     table, _, _ = make()
     a, b, c, d = (table.add(1000, "alice", spec()) for _ in range(4))
     table.end_pending(a, JobState.SKIPPED, ExitInfo(note="x"))
-    table.begin_run(table.jobs[c.id], (), ())
+    run(table, table.jobs[c.id])
     table.move_front(table.jobs[d.id])
     assert [j.id for j in table.listing()] == [c.id, d.id, b.id, a.id]
 
@@ -167,8 +182,7 @@ def test_load_rebuilds_the_indexes_and_returns_the_running_jobs() -> None:
     table, store, _ = make()
     a = table.add(1000, "alice", spec())
     b = table.add(1000, "alice", spec(depends=(a.id,)))
-    table.begin_run(a, (), ())
-    table.launched(a.id, 4242, 1, None)
+    run(table, a)
     again, _, _ = make(store=store)
     running = again.load()
     assert [j.id for j in running] == [a.id]
@@ -184,7 +198,7 @@ def test_pick_defaults_to_the_last_added_or_run_and_refuses_others_jobs() -> Non
         table.pick(peer(), None, "added")
     a = table.add(1000, "alice", spec())
     b = table.add(1000, "alice", spec())
-    table.begin_run(a, (), ())
+    run(table, a)
     assert table.pick(peer(), None, "added").id == b.id
     assert table.pick(peer(), None, "run").id == a.id
     with pytest.raises(NotOwner):
@@ -198,7 +212,7 @@ def test_dep_outcome_follows_the_dependency_state() -> None:
     table, _, _ = make()
     ok, bad, skipped, pending = (table.add(1000, "alice", spec()) for _ in range(4))
     for job, code in ((ok, 0), (bad, 1)):
-        table.begin_run(table.jobs[job.id], (), ())
+        run(table, table.jobs[job.id])
         table.finish(job.id, ExitInfo(code=code), None, None)
     table.end_pending(skipped, JobState.SKIPPED, ExitInfo(note="x"))
     assert table.dep_outcome(ok.id) is DepOutcome.SUCCEEDED
@@ -210,8 +224,7 @@ def test_dep_outcome_follows_the_dependency_state() -> None:
 
 def test_report_saves_pid_and_output_and_announces_the_start() -> None:
     table, store, events = make()
-    job = table.begin_run(table.add(1000, "alice", spec()), (), ())
-    table.launched(job.id, 4242, 1, None)
+    job = run(table, table.add(1000, "alice", spec()))
     table.report(job.id, 777, None, out_seen=False)
     assert store.rows[job.id].pid == 777 and events.starts == []
     table.report(job.id, None, "/tmp/ts-out.1.abc", out_seen=True)

@@ -165,10 +165,11 @@ def test_system_start_runs_the_scope_call_off_the_loop_then_says_go(tmp_path: Pa
         rig = Rig(tmp_path, system=True)
         job = rig.queue()
         rig.runner.start(job, ())
-        # The launch is under way: the job already holds its slot.
-        assert job.id in rig.table.running
+        # The launch is under way: the job holds its slot, and runs only once in its scope.
+        assert job.id in rig.table.launching and rig.store.rows[job.id].state is JobState.QUEUED
         await until(lambda: rig.launcher.gone == [job.id])
         assert rig.store.rows[job.id].unit == f"tsd-job-{job.id}.scope"
+        assert rig.store.rows[job.id].state is JobState.RUNNING
         assert rig.scopes.started[0][:3] == (job.id, ME, [rig.launcher.pid_of(job.id)])
         assert rig.scopes.start_threads != [threading.current_thread().name]
         rig.launcher.close_all()
