@@ -4,8 +4,9 @@ Every job gets a supervisor: a process forked from the daemon that stays root
 (on the system service), becomes a child subreaper, forks the job's command as
 the user and waits for it. The supervisor, not the daemon, is the job's parent,
 so a daemon restart or crash never loses a job's exit status: the supervisor
-writes it to `<state>/exits/<id>.json` and exits, and whichever daemon is
-running (the old one, or the new one that re-adopted it) records it.
+writes its exit report (tsd.exitreport) and exits, and whichever daemon is
+running (the old one, or the new one that re-adopted the supervisor by its
+pid and start time) records it.
 
 The supervisor also owns ending the job: on SIGTERM (ts -k, which on the
 system service is systemd's KillUnit on the whole scope) or when --timeout is
@@ -22,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+
+from tsd import exitreport
+from tsd.model import ExitInfo
 
 PR_SET_CHILD_SUBREAPER = 36
 OUTPUT_PREFIX = "ts-out."
@@ -58,7 +60,6 @@ class LaunchPlan:
     on_finish: str | None = None  # TS_ONFINISH: run as the user when the job ends
     mail_to: str | None = None  # -m: mail the output to this address
     drop_privileges: bool = True
-    extra_groups: Sequence[int] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,6 @@ def proc_start_time(pid: int) -> int | None:
         return int(rest[19])
     except (IndexError, ValueError):
         return None
-
-
-def exit_file(exits_dir: str, job_id: int) -> Path:
-    """Where the supervisor of job `job_id` leaves its status."""
-    return Path(exits_dir) / f"{job_id}.json"
 
 
 def spawn(plan: LaunchPlan) -> Launched:
@@ -159,7 +155,8 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
     if os.read(go_r, 1) != b"g":
         # The daemon died (or gave up) before the job was recorded as running: run nothing
         # and say so, so that a restarted daemon puts the job back in the queue.
-        _write_status(plan, {"aborted": True})
+        aborted = exitreport.ExitReport(ExitInfo(), aborted=True)
+        exitreport.write(plan.exits_dir, plan.job_id, aborted)
         return 0
     os.close(go_r)
 
@@ -217,22 +214,21 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         cpu = float(rusage.ru_utime + rusage.ru_stime)  # type: ignore[attr-defined]
     # No rusage fallback for memory: ru_maxrss would count the forked launcher's own
     # image from before exec, so only the scope's cgroup gives an honest peak.
-    status: dict[str, object] = {
-        "start": start,
-        "end": end,
-        "timed_out": timed_out,
-        "killed": killing_since is not None and not timed_out,
-        "cpu_seconds": cpu,
-        "max_rss": peak,
-        "note": failure,
-        "output": started.get("out", "-"),
-    }
-    if os.WIFEXITED(main_status):
-        status["code"] = os.WEXITSTATUS(main_status)
-    else:
-        status["signal"] = os.WTERMSIG(main_status)
-    _write_status(plan, status)
-    _after_job(plan, status)
+    code = os.WEXITSTATUS(main_status) if os.WIFEXITED(main_status) else None
+    report = exitreport.ExitReport(
+        exit=ExitInfo(
+            code=code,
+            signal=None if code is not None else os.WTERMSIG(main_status),
+            timed_out=timed_out,
+            cpu_seconds=cpu,
+            max_rss=peak,
+            note=failure,
+        ),
+        end=end,
+        output=None if started.get("out", "-") == "-" else started["out"],
+    )
+    exitreport.write(plan.exits_dir, plan.job_id, report)
+    _after_job(plan, report)
     return 0
 
 
@@ -355,24 +351,6 @@ def _cgroup_usage() -> tuple[float | None, int | None]:
     except (OSError, ValueError):
         pass
     return cpu, peak
-
-
-def _write_status(plan: LaunchPlan, status: Mapping[str, object]) -> None:
-    final = exit_file(plan.exits_dir, plan.job_id)
-    tmp = final.with_suffix(".tmp")
-    data = json.dumps(status).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(plan.exits_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _report(fd: int, line: str) -> None:
@@ -510,13 +488,12 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------ after the job
 
 
-def _after_job(plan: LaunchPlan, status: Mapping[str, object]) -> None:
+def _after_job(plan: LaunchPlan, report: exitreport.ExitReport) -> None:
     """TS_ONFINISH and -m mail, run as the user with the job's environment."""
     if not plan.on_finish and not plan.mail_to:
         return
-    elevel = status.get("code", -1)
-    output = str(status.get("output") or "-")
-    output = "/dev/null" if output == "-" else output
+    elevel = report.exit.code if report.exit.code is not None else -1
+    output = report.output or "/dev/null"
     if plan.on_finish:
         _run_as_user(
             plan, [plan.on_finish, str(plan.job_id), str(elevel), output, " ".join(plan.command)]

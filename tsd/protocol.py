@@ -1,4 +1,4 @@
-"""The wire protocol: framing, typed requests, and job records on the wire.
+"""The wire protocol: framing, typed requests and responses, job records on the wire.
 
 A frame is a 4-byte big-endian length and a UTF-8 JSON object. Every byte
 from a socket is hostile until `parse_request` has turned it into one of the
@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from tsd import codec
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
 
 # Framing and limits live in tsd.framing (light enough for every `ts` call);
@@ -31,7 +32,7 @@ from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.model import DependMode, Gpu, Job, JobSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -217,25 +218,7 @@ def request_to_wire(req: Request) -> dict[str, Any]:
 
 def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
     """A JobSpec as a JSON object."""
-    return {
-        "command": list(spec.command),
-        "cwd": spec.cwd,
-        "env": [list(kv) for kv in spec.env] if include_env else [],
-        "umask": spec.umask,
-        "label": spec.label,
-        "slots": spec.slots,
-        "gpus": spec.gpus,
-        "gpu_indices": list(spec.gpu_indices) if spec.gpu_indices is not None else None,
-        "depends": list(spec.depends),
-        "depend_mode": spec.depend_mode.value,
-        "store_output": spec.store_output,
-        "gzip": spec.gzip,
-        "stderr_apart": spec.stderr_apart,
-        "output_name": spec.output_name,
-        "mail": spec.mail,
-        "timeout": spec.timeout,
-        "env_info": spec.env_info,
-    }
+    return codec.spec_to_dict(spec, include_env)
 
 
 # ------------------------------------------------------------- validation
@@ -472,69 +455,185 @@ def parse_request(obj: dict[str, Any]) -> Request:
 
 def job_to_wire(job: Job, include_env: bool = False) -> dict[str, Any]:
     """A job as the daemon reports it. The environment stays home unless asked for."""
-    ex = job.exit
-    return {
-        "id": job.id,
-        "uid": job.uid,
-        "user": job.user,
-        "spec": spec_to_wire(job.spec, include_env=include_env),
-        "state": job.state.value,
-        "order": job.order,
-        "enqueue": job.enqueue_time,
-        "start": job.start_time,
-        "end": job.end_time,
-        "exit": None
-        if ex is None
-        else {
-            "code": ex.code,
-            "signal": ex.signal,
-            "timed_out": ex.timed_out,
-            "lost": ex.lost,
-            "cpu_seconds": ex.cpu_seconds,
-            "max_rss": ex.max_rss,
-            "note": ex.note,
-        },
-        "pid": job.pid,
-        "gpu_ids": list(job.gpu_ids),
-        "gpu_uuids": list(job.gpu_uuids),
-        "output": job.output_path,
-        "unit": job.unit,
-        "wait_reason": job.wait_reason,
-    }
+    return codec.job_to_dict(job, include_env)
 
 
 def job_from_wire(obj: Mapping[str, Any]) -> Job:
     """Rebuild a Job from the daemon's report (the client trusts its daemon's shape)."""
     try:
         spec = parse_spec(obj["spec"] | {"env": obj["spec"].get("env") or []})
-        ex = obj.get("exit")
-        return Job(
-            id=int(obj["id"]),
-            uid=int(obj["uid"]),
-            user=str(obj["user"]),
-            spec=spec,
-            state=JobState(obj["state"]),
-            order=int(obj["order"]),
-            enqueue_time=float(obj["enqueue"]),
-            start_time=obj.get("start"),
-            end_time=obj.get("end"),
-            exit=None
-            if ex is None
-            else ExitInfo(
-                code=ex.get("code"),
-                signal=ex.get("signal"),
-                timed_out=bool(ex.get("timed_out")),
-                lost=bool(ex.get("lost")),
-                cpu_seconds=ex.get("cpu_seconds"),
-                max_rss=ex.get("max_rss"),
-                note=str(ex.get("note") or ""),
-            ),
-            pid=obj.get("pid"),
-            gpu_ids=tuple(obj.get("gpu_ids") or ()),
-            gpu_uuids=tuple(obj.get("gpu_uuids") or ()),
-            output_path=obj.get("output"),
-            unit=obj.get("unit"),
-            wait_reason=str(obj.get("wait_reason") or ""),
-        )
+        return codec.job_from_dict(obj, spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed job record from the daemon: {exc}") from None
+
+
+# ------------------------------------------------------------- responses
+# What the daemon answers, one dataclass per shape. `to_wire` gives the JSON
+# object the client reads; the server adds {"ok": true} around it.
+
+
+@dataclass(frozen=True)
+class JobId:
+    """submit, remove, urgent, kill: the job the request acted on."""
+
+    id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"id": self.id}
+
+
+@dataclass(frozen=True)
+class Count:
+    """kill_all, clear, count_running: how many jobs."""
+
+    count: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"count": self.count}
+
+
+@dataclass(frozen=True)
+class Done:
+    """swap, shutdown: nothing to say beyond ok."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """get, wait: one job's record (the final frame of a wait stream)."""
+
+    job: Job
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"job": job_to_wire(self.job)}
+
+
+@dataclass(frozen=True)
+class JobList:
+    """list: the last piece of the listing, with the server's slot use."""
+
+    jobs: tuple[Job, ...]
+    slots: int
+    running: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {
+            "jobs": [job_to_wire(j) for j in self.jobs],
+            "slots": self.slots,
+            "running": self.running,
+        }
+
+
+@dataclass(frozen=True)
+class SlotCount:
+    """slots: the server's slot count."""
+
+    slots: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"slots": self.slots}
+
+
+@dataclass(frozen=True)
+class EnvValue:
+    """env: the variable's value for the caller's future jobs (None: unset)."""
+
+    value: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"value": self.value}
+
+
+@dataclass(frozen=True)
+class LogDirPath:
+    """logdir: where the caller's output files go."""
+
+    path: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"path": self.path}
+
+
+@dataclass(frozen=True)
+class GpuThreshold:
+    """gpu_free_perc: the free-memory percentage above which a GPU is free."""
+
+    value: float
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"value": self.value}
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem."""
+
+    gpus: tuple[Gpu, ...]
+    busy: Mapping[int, str]
+    jobs: tuple[Job, ...]
+    problem: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {
+            "gpus": [
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "memory_total": g.memory_total,
+                    "memory_used": g.memory_used,
+                    "free_percent": g.free_percent,
+                    "busy": self.busy.get(g.index),
+                    "processes": [
+                        {"pid": p.pid, "user": p.user, "used_memory": p.used_memory}
+                        for p in g.processes
+                    ],
+                }
+                for g in self.gpus
+            ],
+            "jobs": [job_to_wire(j) for j in self.jobs],
+            "problem": self.problem,
+        }
+
+
+Response = (
+    JobId | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
+    | GpuThreshold | GpuReport
+)
+
+
+@dataclass(frozen=True)
+class JobsChunk:
+    """An event of a list stream: a piece of a listing too long for one frame."""
+
+    jobs: tuple[Job, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event frame."""
+        return {"event": "jobs", "jobs": [job_to_wire(j) for j in self.jobs]}
+
+
+@dataclass(frozen=True)
+class Started:
+    """An event of a wait stream with notify_start: the job runs (its output path known)."""
+
+    job: Job
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event frame."""
+        return {"event": "started", "job": job_to_wire(self.job)}
+
+
+Event = JobsChunk | Started

@@ -19,18 +19,12 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tsd.model import JobLimits
 
 _SYSTEMD = "org.freedesktop.systemd1"
 _SYSTEMD_PATH = "/org/freedesktop/systemd1"
-_UNIT_RE = re.compile(r"^tsd-job-(\d+)\.scope$")
-_UINT64_MAX = 2**64 - 1  # systemd's "not known" for t-typed counters
-# Scopes being torn down still hold processes; they still count as the job's.
-_LIVE_STATES = ["active", "activating", "deactivating"]
 
 # D-Bus error names that mean "this unit or its processes are gone".
 _GONE_ERRORS = (
@@ -44,20 +38,12 @@ class ScopeError(Exception):
     """systemd refused or failed to create, find or signal a job scope."""
 
 
-@dataclass(frozen=True)
-class ScopeUsage:
-    """Resources a scope has used so far; None where systemd or the kernel does not know."""
-
-    cpu_seconds: float | None
-    memory_peak: int | None  # bytes
-
-
 class SystemdScopes:
-    """Creates, lists, signals and measures job scopes on the system bus.
+    """Creates, signals and stops job scopes on the system bus.
 
     The connection is made on first use. Calls are synchronous; the daemon runs
-    them in a worker thread. A lock serialises them because one pydbus proxy is
-    shared.
+    them in its worker threads (tsd.runner). A lock serialises them because one
+    pydbus proxy is shared.
     """
 
     # How long start() waits for the pids to appear in the scope's cgroup.
@@ -79,12 +65,6 @@ class SystemdScopes:
     def slice_name(uid: int) -> str:
         """The slice holding all of user `uid`'s job scopes (a child of tsd.slice)."""
         return f"tsd-u{uid}.slice"
-
-    @staticmethod
-    def job_id_of(unit: str) -> int | None:
-        """The job id in a scope name, or None when it is not a job scope."""
-        m = _UNIT_RE.match(unit)
-        return int(m.group(1)) if m else None
 
     # ---- connection ------------------------------------------------------------
 
@@ -222,40 +202,6 @@ class SystemdScopes:
                     return
                 raise ScopeError(f"cannot stop {unit}: {_message(e)}") from e
 
-    def list_jobs(self) -> dict[int, str]:
-        """Job scopes that still hold processes: job id -> unit name."""
-        with self._lock:
-            mgr = self._mgr()
-            try:
-                units = mgr.ListUnitsByPatterns(_LIVE_STATES, ["tsd-job-*.scope"])
-            except Exception as e:
-                raise ScopeError(f"cannot list units: {_message(e)}") from e
-        found: dict[int, str] = {}
-        for row in units:
-            name = str(row[0])
-            job_id = self.job_id_of(name)
-            if job_id is not None:
-                found[job_id] = name
-        return found
-
-    def usage(self, unit: str) -> ScopeUsage:
-        """CPU time and peak memory of `unit` so far (both None when it is gone)."""
-        with self._lock:
-            cpu = self._property(unit, "Scope", "CPUUsageNSec")
-            peak = self._property(unit, "Scope", "MemoryPeak")  # systemd >= 254 only
-            cgroup = self._property(unit, "Scope", "ControlGroup")
-        cpu_seconds = cpu / 1e9 if isinstance(cpu, int) and cpu != _UINT64_MAX else None
-        memory_peak = peak if isinstance(peak, int) and peak != _UINT64_MAX else None
-        if memory_peak is None and isinstance(cgroup, str) and cgroup:
-            memory_peak = _read_memory_peak(cgroup)
-        return ScopeUsage(cpu_seconds=cpu_seconds, memory_peak=memory_peak)
-
-    def cgroup_path(self, unit: str) -> str | None:
-        """The scope's cgroup as systemd names it (e.g. /tsd.slice/...); None when gone."""
-        with self._lock:
-            cg = self._property(unit, "Scope", "ControlGroup")
-        return cg if isinstance(cg, str) and cg else None
-
     # ---- helpers ---------------------------------------------------------------
 
     def _property(self, unit: str, interface: str, name: str) -> Any:
@@ -307,31 +253,6 @@ def _in_cgroup(pid: int, cgroup: str) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         raise ScopeError(f"process {pid} exited before it reached its scope") from None
     return False
-
-
-def _cgroup2_root() -> Path | None:
-    """Where the cgroup2 hierarchy is mounted here (unified or hybrid layout)."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if right.split()[:1] == ["cgroup2"] and len(fields) > 4 and fields[3] == "/":
-                    return Path(fields[4])
-    except OSError:
-        return None
-    return None
-
-
-def _read_memory_peak(cgroup: str) -> int | None:
-    """memory.peak of a cgroup (kernel >= 5.19, memory controller on), else None."""
-    root = _cgroup2_root()
-    if root is None:
-        return None
-    try:
-        return int((root / cgroup.lstrip("/") / "memory.peak").read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _dbus_error_name(e: BaseException) -> str | None:

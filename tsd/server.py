@@ -2,8 +2,9 @@
 
 It knows nothing of jobs. It reads one request frame, identifies the caller by
 SO_PEERCRED, hands the typed request to the daemon's handler and writes back
-its events and final response. A malformed, oversized or missing frame costs
-the daemon one log line and that one connection, nothing else.
+its events and final response (tsd.protocol's dataclasses, encoded here).
+A malformed, oversized or missing frame costs the daemon one log line and
+that one connection, nothing else.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ log = logging.getLogger("tsd.server")
 READ_TIMEOUT = 30.0  # a client that connects and says nothing is dropped after this
 SD_LISTEN_FDS_START = 3
 
-SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[[tuple[int, int, int], protocol.Request, SendEvent], Awaitable[dict[str, Any]]]
+SendEvent = Callable[[protocol.Event], Awaitable[None]]
+Handler = Callable[
+    [tuple[int, int, int], protocol.Request, SendEvent], Awaitable[protocol.Response]
+]
+_Write = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def inherited_socket() -> socket.socket | None:
@@ -139,9 +143,12 @@ class Server:
         sock = writer.get_extra_info("socket")
         creds = peer_credentials(sock)
 
-        async def send(frame: dict[str, Any]) -> None:
+        async def write(frame: dict[str, Any]) -> None:
             writer.write(protocol.encode(frame))
             await writer.drain()
+
+        async def send(event: protocol.Event) -> None:
+            await write(event.to_wire())
 
         try:
             header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), READ_TIMEOUT)
@@ -152,7 +159,7 @@ class Server:
             return  # said nothing, or hung up mid-frame: nobody to answer
         except TsdError as exc:
             log.info("pid %d uid %d: %s", creds[0], creds[1], exc)
-            await _reply_error(send, exc)
+            await _reply_error(write, exc)
             return
 
         # The caller may hang up while we wait for a job: stop waiting then.
@@ -166,19 +173,19 @@ class Server:
             try:
                 response = handling.result()
             except TsdError as exc:
-                await _reply_error(send, exc)
+                await _reply_error(write, exc)
                 return
             except Exception:
                 log.exception("internal error serving %s", type(request).__name__)
-                await _reply_error(send, Internal("internal error in the daemon (see its log)"))
+                await _reply_error(write, Internal("internal error in the daemon (see its log)"))
                 return
-            await send({"ok": True, **response})
+            await write({"ok": True, **response.to_wire()})
         finally:
             hangup.cancel()
             if not handling.done():
                 handling.cancel()
 
 
-async def _reply_error(send: SendEvent, exc: TsdError) -> None:
+async def _reply_error(write: _Write, exc: TsdError) -> None:
     with contextlib.suppress(ConnectionError, ProtocolError):
-        await send({"ok": False, "code": exc.code, "error": exc.message})
+        await write({"ok": False, "code": exc.code, "error": exc.message})

@@ -17,8 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
-from tsd.protocol import spec_to_wire
+from tsd.codec import exit_from_dict, exit_to_dict, spec_from_dict, spec_to_dict
+from tsd.model import Job, JobSpec, JobState
 
 SCHEMA_VERSION = 1
 
@@ -107,7 +107,7 @@ class Store:
                 (
                     uid,
                     user,
-                    json.dumps(spec_to_wire(spec, include_env=False)),
+                    json.dumps(spec_to_dict(spec, include_env=False)),
                     json.dumps(spec.env),
                     JobState.QUEUED.value,
                     order,
@@ -138,7 +138,7 @@ class Store:
                         j.order,
                         j.start_time,
                         j.end_time,
-                        None if j.exit is None else json.dumps(j.exit.__dict__),
+                        None if j.exit is None else json.dumps(exit_to_dict(j.exit)),
                         j.pid,
                         j.supervisor_pid,
                         j.supervisor_start,
@@ -216,13 +216,13 @@ def _row_to_job(r: tuple[Any, ...]) -> Job:
         id=int(r[0]),
         uid=int(r[1]),
         user=str(r[2]),
-        spec=_spec_from_row(spec_obj),
+        spec=spec_from_dict(spec_obj),
         state=JobState(r[4]),
         order=int(r[5]),
         enqueue_time=float(r[6]),
         start_time=r[7],
         end_time=r[8],
-        exit=None if ex is None else ExitInfo(**ex),
+        exit=None if ex is None else exit_from_dict(ex),
         pid=r[10],
         supervisor_pid=r[11],
         supervisor_start=r[12],
@@ -230,27 +230,4 @@ def _row_to_job(r: tuple[Any, ...]) -> Job:
         gpu_uuids=tuple(json.loads(r[14])),
         output_path=r[15],
         unit=r[16],
-    )
-
-
-def _spec_from_row(o: dict[str, Any]) -> JobSpec:
-    gi = o.get("gpu_indices")
-    return JobSpec(
-        command=tuple(o["command"]),
-        cwd=o["cwd"],
-        env=(),
-        umask=o["umask"],
-        label=o.get("label"),
-        slots=o["slots"],
-        gpus=o["gpus"],
-        gpu_indices=None if gi is None else tuple(gi),
-        depends=tuple(o["depends"]),
-        depend_mode=DependMode(o["depend_mode"]),
-        store_output=o["store_output"],
-        gzip=o["gzip"],
-        stderr_apart=o["stderr_apart"],
-        output_name=o.get("output_name"),
-        mail=o["mail"],
-        timeout=o.get("timeout"),
-        env_info=o.get("env_info"),
     )

@@ -17,12 +17,82 @@ import argparse
 import json
 import os
 import pwd
+import re
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from tsd.model import JobLimits
-from tsd.scope import ScopeError, SystemdScopes
+from tsd.scope import ScopeError, SystemdScopes, _message
+
+_UNIT_RE = re.compile(r"^tsd-job-(\d+)\.scope$")
+_UINT64_MAX = 2**64 - 1  # systemd's "not known" for t-typed counters
+# Scopes being torn down still hold processes; they still count as the job's.
+_LIVE_STATES = ["active", "activating", "deactivating"]
+
+
+class ProbeScopes(SystemdScopes):
+    """SystemdScopes plus what only the tests ask of systemd: listing and measuring scopes."""
+
+    def list_jobs(self) -> dict[int, str]:
+        """Job scopes that still hold processes: job id -> unit name."""
+        with self._lock:
+            mgr = self._mgr()
+            try:
+                units = mgr.ListUnitsByPatterns(_LIVE_STATES, ["tsd-job-*.scope"])
+            except Exception as e:
+                raise ScopeError(f"cannot list units: {_message(e)}") from e
+        found: dict[int, str] = {}
+        for row in units:
+            m = _UNIT_RE.match(str(row[0]))
+            if m:
+                found[int(m.group(1))] = str(row[0])
+        return found
+
+    def usage(self, unit: str) -> dict[str, Any]:
+        """CPU time and peak memory of `unit` so far (both None when it is gone)."""
+        with self._lock:
+            cpu = self._property(unit, "Scope", "CPUUsageNSec")
+            peak = self._property(unit, "Scope", "MemoryPeak")  # systemd >= 254 only
+            cgroup = self._property(unit, "Scope", "ControlGroup")
+        cpu_seconds = cpu / 1e9 if isinstance(cpu, int) and cpu != _UINT64_MAX else None
+        memory_peak = peak if isinstance(peak, int) and peak != _UINT64_MAX else None
+        if memory_peak is None and isinstance(cgroup, str) and cgroup:
+            memory_peak = _read_memory_peak(cgroup)
+        return {"cpu_seconds": cpu_seconds, "memory_peak": memory_peak}
+
+    def cgroup_path(self, unit: str) -> str | None:
+        """The scope's cgroup as systemd names it (e.g. /tsd.slice/...); None when gone."""
+        with self._lock:
+            cg = self._property(unit, "Scope", "ControlGroup")
+        return cg if isinstance(cg, str) and cg else None
+
+
+def _cgroup2_root() -> Path | None:
+    """Where the cgroup2 hierarchy is mounted here (unified or hybrid layout)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if right.split()[:1] == ["cgroup2"] and len(fields) > 4 and fields[3] == "/":
+                    return Path(fields[4])
+    except OSError:
+        return None
+    return None
+
+
+def _read_memory_peak(cgroup: str) -> int | None:
+    """memory.peak of a cgroup (kernel >= 5.19, memory controller on), else None."""
+    root = _cgroup2_root()
+    if root is None:
+        return None
+    try:
+        return int((root / cgroup.lstrip("/") / "memory.peak").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def start(args: argparse.Namespace) -> None:
@@ -47,7 +117,7 @@ def start(args: argparse.Namespace) -> None:
         memory_max=args.memory_max, cpu_quota_percent=args.cpu_quota, tasks_max=args.tasks_max
     )
     devices = args.device if args.device else ([] if args.close_devices else None)
-    scopes = SystemdScopes()
+    scopes = ProbeScopes()
     try:
         unit = scopes.start(
             args.job_id, pw.pw_uid, [pid], limits, devices=devices, description=args.desc
@@ -64,7 +134,7 @@ def start(args: argparse.Namespace) -> None:
 def start_pid(args: argparse.Namespace) -> None:
     """start() on a pid the caller names (e.g. one that does not exist)."""
     try:
-        unit = SystemdScopes().start(args.job_id, args.uid, [args.pid], JobLimits())
+        unit = ProbeScopes().start(args.job_id, args.uid, [args.pid], JobLimits())
     except ScopeError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(3)
@@ -73,7 +143,7 @@ def start_pid(args: argparse.Namespace) -> None:
 
 def bench(args: argparse.Namespace) -> None:
     """Time start() + kill() for N children that exit when killed; print the timings."""
-    scopes = SystemdScopes()
+    scopes = ProbeScopes()
     starts: list[float] = []
     for i in range(args.n):
         r, w = os.pipe()
@@ -121,7 +191,7 @@ def main() -> None:
     b.add_argument("first", type=int)
     b.add_argument("n", type=int)
     args = p.parse_args()
-    scopes = SystemdScopes()
+    scopes = ProbeScopes()
     if args.cmd == "start":
         start(args)
     elif args.cmd == "start-pid":
@@ -136,8 +206,7 @@ def main() -> None:
     elif args.cmd == "list":
         print(json.dumps({str(k): v for k, v in scopes.list_jobs().items()}))
     elif args.cmd == "usage":
-        u = scopes.usage(args.unit)
-        print(json.dumps({"cpu_seconds": u.cpu_seconds, "memory_peak": u.memory_peak}))
+        print(json.dumps(scopes.usage(args.unit)))
     elif args.cmd == "cgroup":
         print(json.dumps({"cgroup": scopes.cgroup_path(args.unit)}))
 

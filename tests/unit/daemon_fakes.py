@@ -1,0 +1,229 @@
+"""Hand-written fakes of the daemon's adapters, for unit tests of its parts.
+
+Each fake implements one of the `typing.Protocol`s the parts declare (named in
+its docstring); none forks, talks to systemd or NVML, or touches a database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+
+from tsd import launch
+from tsd.gpu import GpuUnavailable
+from tsd.model import Gpu, Job, JobLimits, JobSpec, JobState
+
+# Pids no fake process has: far above any pid this machine hands out in a test run.
+FAKE_PID_BASE = 3_900_000
+
+
+def spec(*command: str, **kw: object) -> JobSpec:
+    """A job spec with sensible defaults for tests."""
+    return JobSpec(command=command or ("true",), cwd="/", env=(), **kw)  # type: ignore[arg-type]
+
+
+class FakeStore:
+    """tsd.jobtable.JobStore, policy.SettingStore, runner.EnvSource, handlers.UserSettings."""
+
+    def __init__(self, jobs: Iterable[Job] = ()) -> None:
+        self.rows: dict[int, Job] = {j.id: j for j in jobs}
+        self.next_id = max(self.rows, default=0) + 1
+        self.settings: dict[str, str] = {}
+        self.users: dict[int, dict[str, str]] = {}
+        self.envs: dict[int, tuple[tuple[str, str], ...]] = {}
+        self.writes = 0
+
+    def add_job(self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float) -> Job:
+        job = Job(
+            id=self.next_id, uid=uid, user=user, spec=replace(spec, env=()),
+            state=JobState.QUEUED, order=order, enqueue_time=enqueue_time,
+        )
+        self.envs[job.id] = spec.env
+        self.next_id += 1
+        self.rows[job.id] = job
+        self.writes += 1
+        return job
+
+    def save(self, *jobs: Job) -> None:
+        for job in jobs:
+            assert job.id in self.rows, f"save of unknown job {job.id}"
+            self.rows[job.id] = job
+        self.writes += 1
+
+    def delete(self, ids: Iterable[int]) -> None:
+        for job_id in ids:
+            self.rows.pop(job_id, None)
+        self.writes += 1
+
+    def load_all(self) -> list[Job]:
+        return [self.rows[i] for i in sorted(self.rows)]
+
+    def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
+        return self.envs.get(job_id, ())
+
+    def get_setting(self, key: str) -> str | None:
+        return self.settings.get(key)
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.settings.pop(key, None)
+        else:
+            self.settings[key] = value
+
+    def user_settings(self, uid: int) -> dict[str, str]:
+        return dict(self.users.get(uid, {}))
+
+    def set_user_setting(self, uid: int, key: str, value: str | None) -> None:
+        mine = self.users.setdefault(uid, {})
+        if value is None:
+            mine.pop(key, None)
+        else:
+            mine[key] = value
+
+
+class Events:
+    """tsd.jobtable.JobEvents: records what the table announced."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.rooms = 0
+
+    def started(self, job_id: int) -> None:
+        self.starts.append(job_id)
+
+    def ended(self, job_id: int) -> None:
+        self.ends.append(job_id)
+
+    def room(self) -> None:
+        self.rooms += 1
+
+
+class FakeScopes:
+    """tsd.runner.ScopeManager: remembers scopes; `fail` makes start() raise."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail
+        self.started: list[tuple[int, int, list[int], list[str] | None]] = []
+        self.killed: list[tuple[str, int]] = []
+        self.stopped: list[str] = []
+        self.start_threads: list[str] = []
+        self.kill_answer = True
+
+    def unit_name(self, job_id: int) -> str:
+        return f"tsd-job-{job_id}.scope"
+
+    def start(
+        self,
+        job_id: int,
+        uid: int,
+        pids: Sequence[int],
+        limits: JobLimits,
+        devices: Sequence[str] | None = None,
+        description: str = "",
+    ) -> str:
+        self.start_threads.append(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.started.append((job_id, uid, list(pids), None if devices is None else list(devices)))
+        return self.unit_name(job_id)
+
+    def kill(self, unit: str, sig: int) -> bool:
+        self.killed.append((unit, sig))
+        return self.kill_answer
+
+    def stop(self, unit: str) -> None:
+        self.stopped.append(unit)
+
+
+class FakeLauncher:
+    """tsd.runner.Launcher: a "supervisor" per job with a real report pipe and a fake pid.
+
+    No process is forked. `start_time` answers None (gone) unless `alive` holds the pid,
+    so the runner never signals a fake pid.
+    """
+
+    def __init__(self) -> None:
+        self.plans: dict[int, launch.LaunchPlan] = {}
+        self.gone: list[int] = []
+        self.aborted: list[int] = []
+        self.report_w: dict[int, int] = {}  # job id -> write end of its report pipe
+        self.alive: dict[int, int] = {}  # pid -> start time
+
+    def pid_of(self, job_id: int) -> int:
+        return FAKE_PID_BASE + job_id
+
+    def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
+        self.plans[plan.job_id] = plan
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.report_w[plan.job_id] = w
+        job_id = plan.job_id
+        return launch.Launched(
+            self.pid_of(job_id), 1234,
+            lambda: self.gone.append(job_id), lambda: self.aborted.append(job_id), r,
+        )
+
+    def start_time(self, pid: int) -> int | None:
+        return self.alive.get(pid)
+
+    def say(self, job_id: int, text: str) -> None:
+        """The supervisor writes to its report pipe."""
+        os.write(self.report_w[job_id], text.encode())
+
+    def close_all(self) -> None:
+        for fd in self.report_w.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.report_w.clear()
+
+
+class FakeProcs:
+    """tsd.runner.ProcessWatch: the test decides when a process exits."""
+
+    def __init__(self) -> None:
+        self.watched: dict[int, Callable[[], None]] = {}
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        self.watched[pid] = on_exit
+        return True
+
+    def forget(self, pid: int) -> None:
+        self.watched.pop(pid, None)
+
+    def exit(self, pid: int) -> None:
+        """The process `pid` exits."""
+        self.watched[pid]()
+
+
+class FakeNvml:
+    """tsd.gpumonitor.GpuReader: a fixed picture, or a failure; counts reads and threads."""
+
+    def __init__(self, gpus: Sequence[Gpu] = (), problem: str = "") -> None:
+        self.gpus = tuple(gpus)
+        self.problem = problem
+        self.reads = 0
+        self.threads: list[str] = []
+
+    def snapshot(self) -> tuple[Gpu, ...]:
+        self.reads += 1
+        self.threads.append(threading.current_thread().name)
+        if self.problem:
+            raise GpuUnavailable(self.problem)
+        return self.gpus
+
+    def device_nodes(self, indices: Sequence[int]) -> list[str]:
+        if self.problem:
+            raise GpuUnavailable(self.problem)
+        return [f"/dev/nvidia{i}" for i in indices]
+
+
+def gpu(index: int, used_gib: int = 0) -> Gpu:
+    """A 16 GiB GPU with `used_gib` in use."""
+    return Gpu(
+        index=index, uuid=f"GPU-{index}", name="Fake", memory_total=16 << 30,
+        memory_used=used_gib << 30,
+    )

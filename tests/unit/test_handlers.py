@@ -1,0 +1,263 @@
+"""Request handlers answer typed responses that encode to the wire shapes `ts` reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from unit.daemon_fakes import FakeNvml, FakeStore, gpu, spec
+
+from tsd import handlers, protocol
+from tsd.config import Config
+from tsd.dispatch import Dispatcher
+from tsd.errors import PermissionDenied, QueueFull, WrongState
+from tsd.gpumonitor import GpuMonitor
+from tsd.jobtable import JobTable
+from tsd.model import ExitInfo, Job, UserLimits
+from tsd.policy import Policy
+from tsd.waiters import Waiters
+
+ALICE = (1, 1000, 1000)  # SO_PEERCRED: pid, uid, gid
+BOB = (2, 2000, 2000)
+
+
+class FakeRunner:
+    """tsd.handlers.Killer, and a stand-in for the runner's start: jobs just run."""
+
+    def __init__(self, table: JobTable) -> None:
+        self.table = table
+        self.killed: list[int] = []
+
+    def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
+        self.table.begin_run(job, gpu_ids, ())
+        self.table.launched(job.id, 4000 + job.id, 1, None)
+
+    def kill(self, job: Job) -> None:
+        self.killed.append(job.id)
+
+
+class Rig:
+    def __init__(self, config: Config, system: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.store = FakeStore()
+        self.waiters = Waiters(loop)
+        self.table = JobTable(self.store, self.waiters, lambda: 1000)
+        self.policy = Policy(config, self.store, system, resolve=lambda c, uid: c.defaults)
+        self.nvml = FakeNvml([gpu(0), gpu(1, used_gib=15)])
+        self.gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: self.nvml)
+        self.runner = FakeRunner(self.table)
+        self.dispatcher = Dispatcher(
+            self.table, self.policy, self.gpus, self.runner.start, lambda: 5.0
+        )
+        self.stopped = 0
+        self.events: list[dict[str, Any]] = []
+        self.parts = handlers.Parts(
+            system=system, my_uid=1000, table=self.table, policy=self.policy, gpus=self.gpus,
+            dispatcher=self.dispatcher, runner=self.runner, waiters=self.waiters,
+            settings=self.store, stop=self.stop,
+        )
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    async def send(self, event: protocol.Event) -> None:
+        self.events.append(event.to_wire())
+
+    async def call(self, req: protocol.Request, creds: tuple[int, int, int] = ALICE) -> Any:
+        response = await handlers.handle(self.parts, creds, req, self.send)
+        return response.to_wire()
+
+    async def submit(self, *command: str, creds: tuple[int, int, int] = ALICE, **kw: Any) -> int:
+        answer = await self.call(protocol.Submit(spec=spec(*command, **kw)), creds)
+        return int(answer["id"])
+
+
+def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(body())
+
+
+def test_submit_answers_the_new_id_and_the_job_starts_when_a_slot_is_free() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        first = await rig.submit("echo", "1")
+        second = await rig.submit("echo", "2")
+        assert (first, second) == (1, 2)
+        assert list(rig.table.running) == [first] and rig.table.pending == [second]
+
+    run(body)
+
+
+def test_submit_on_a_full_queue_with_B_is_refused() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0, defaults=UserLimits(max_queued=1)))
+        await rig.submit()
+        with pytest.raises(QueueFull):
+            await rig.call(protocol.Submit(spec=spec(), block=False))
+
+    run(body)
+
+
+def test_submit_on_a_full_queue_waits_until_room_is_made() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0, defaults=UserLimits(max_queued=1)))
+        first = await rig.submit()
+        blocked = asyncio.ensure_future(rig.submit())
+        await asyncio.sleep(0)  # let it reach its wait
+        assert not blocked.done()
+        await rig.call(protocol.Remove(id=first))
+        assert await asyncio.wait_for(blocked, 5) == first + 1
+
+    run(body)
+
+
+def test_submit_of_a_gpu_job_reads_nvml_off_the_loop_once() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=2))
+        job = await rig.submit(gpus=1)
+        assert rig.nvml.reads == 1 and rig.nvml.threads[0] != "MainThread"
+        assert rig.table.running[job].gpu_ids == (0,)  # GPU 1 has too little memory free
+
+    run(body)
+
+
+def test_list_streams_long_listings_in_pieces_and_ends_with_the_slot_use() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        long = "x" * 20_000
+        for _ in range(60):
+            await rig.submit("echo", long)
+        final = await rig.call(protocol.ListJobs())
+        assert rig.events and all(e["event"] == "jobs" for e in rig.events)
+        shown = [j["id"] for e in rig.events for j in e["jobs"]] + [j["id"] for j in final["jobs"]]
+        assert shown == list(range(1, 61))
+        assert final["slots"] == 1 and final["running"] == 1
+
+    run(body)
+
+
+@pytest.fixture
+def anyone_may_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several users on one daemon without a `tsd` group on this machine."""
+    monkeypatch.setattr(handlers.auth, "check_may_connect", lambda *args: None)
+
+
+@pytest.mark.usefixtures("anyone_may_connect")
+def test_list_shows_only_the_callers_jobs_unless_A() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        await rig.submit(creds=ALICE)
+        await rig.submit(creds=BOB)
+        mine = await rig.call(protocol.ListJobs())
+        assert [j["uid"] for j in mine["jobs"]] == [1000]
+        everyone = await rig.call(protocol.ListJobs(all_users=True))
+        assert sorted(j["uid"] for j in everyone["jobs"]) == [1000, 2000]
+
+    run(body)
+
+
+def test_remove_of_a_running_job_is_refused_with_a_hint() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        job = await rig.submit()
+        with pytest.raises(WrongState, match=f"ts -k {job}"):
+            await rig.call(protocol.Remove(id=job))
+
+    run(body)
+
+
+@pytest.mark.usefixtures("anyone_may_connect")
+def test_kill_all_ends_only_the_callers_running_jobs() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=2))
+        mine = await rig.submit(creds=ALICE)
+        await rig.submit(creds=BOB)
+        assert await rig.call(protocol.KillAll()) == {"count": 1}
+        assert rig.runner.killed == [mine]
+
+    run(body)
+
+
+def test_wait_streams_started_then_answers_the_final_record() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        job = await rig.submit(store_output=False)
+        waiting = asyncio.ensure_future(rig.call(protocol.Wait(id=job, notify_start=True)))
+        await asyncio.sleep(0)
+        assert [e["event"] for e in rig.events] == ["started"]
+        rig.table.finish(job, ExitInfo(code=7), None, None)
+        final = await asyncio.wait_for(waiting, 5)
+        assert final["job"]["exit"]["code"] == 7 and final["job"]["state"] == "finished"
+        assert rig.waiters.parked() == 0
+
+    run(body)
+
+
+@pytest.mark.usefixtures("anyone_may_connect")
+def test_setting_slots_on_the_system_service_is_for_admins() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1), system=True)
+        with pytest.raises(PermissionDenied):
+            await rig.call(protocol.Slots(value=4), creds=BOB)
+        assert await rig.call(protocol.Slots()) == {"slots": 1}
+
+    run(body)
+
+
+def test_slots_and_threshold_overrides_answer_their_new_values() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        assert await rig.call(protocol.Slots(value=3)) == {"slots": 3}
+        assert rig.store.settings["slots"] == "3"
+        assert await rig.call(protocol.GpuFreePerc(value=50.0)) == {"value": 50.0}
+
+    run(body)
+
+
+def test_env_and_logdir_settings_answer_what_is_stored() -> None:
+    async def body() -> None:
+        rig = Rig(Config())
+        assert await rig.call(protocol.Env("set", "A", "1")) == {"value": "1"}
+        assert await rig.call(protocol.Env("get", "A")) == {"value": "1"}
+        assert await rig.call(protocol.Env("unset", "A")) == {"value": None}
+        assert await rig.call(protocol.LogDir("/tmp/logs")) == {"path": "/tmp/logs"}
+
+    run(body)
+
+
+def test_gpu_status_reports_every_gpu_and_why_busy_ones_are_busy() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=2))
+        job = await rig.submit(gpus=1)
+        report = await rig.call(protocol.GpuStatus())
+        assert [g["index"] for g in report["gpus"]] == [0, 1]
+        assert report["gpus"][0]["busy"] == f"held by tsd job {job}"
+        assert report["gpus"][1]["busy"].startswith("only 6% memory free")
+        assert [j["id"] for j in report["jobs"]] == [job] and report["problem"] == ""
+
+    run(body)
+
+
+def test_shutdown_stops_after_answering() -> None:
+    async def body() -> None:
+        rig = Rig(Config())
+        assert await rig.call(protocol.Shutdown()) == {}
+        assert rig.stopped == 1
+
+    run(body)
+
+
+def test_a_job_being_launched_is_listed_and_cannot_be_removed_or_moved() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        rig.runner.start = lambda job, gpu_ids: rig.table.begin_run(job, gpu_ids, ()) and None
+        rig.dispatcher._start = rig.runner.start
+        job = await rig.submit()
+        assert job in rig.table.launching
+        assert [j["id"] for j in (await rig.call(protocol.ListJobs()))["jobs"]] == [job]
+        for req in (protocol.Remove(id=job), protocol.Urgent(id=job)):
+            with pytest.raises(WrongState):
+                await rig.call(req)
+
+    run(body)

@@ -1,0 +1,232 @@
+"""The job table's transitions keep its indexes true and write through the store first."""
+
+from __future__ import annotations
+
+import pytest
+from unit.daemon_fakes import Events, FakeStore, spec
+
+from tsd.errors import NoSuchJob, NotOwner
+from tsd.jobtable import JobTable
+from tsd.model import DependMode, ExitInfo, Job, JobState, Peer
+from tsd.scheduler import DepOutcome
+
+
+def make(
+    max_finished: int = 1000, store: FakeStore | None = None
+) -> tuple[JobTable, FakeStore, Events]:
+    store = store or FakeStore()
+    events = Events()
+    return JobTable(store, events, lambda: max_finished), store, events
+
+
+def run(table: JobTable, job: Job, gpu_ids: tuple[int, ...] = ()) -> Job:
+    """Launch a pending job as the runner does: reserve, then record its supervisor."""
+    table.begin_run(job, gpu_ids, tuple(f"GPU-{i}" for i in gpu_ids))
+    return table.launched(job.id, 4000 + job.id, 1, None)
+
+
+def peer(uid: int = 1000, admin: bool = False) -> Peer:
+    return Peer(pid=1, uid=uid, gid=uid, user=f"u{uid}", admin=admin)
+
+
+def test_add_queues_behind_every_job_and_counts_pending_per_user_and_gpu() -> None:
+    table, store, _ = make()
+    a = table.add(1000, "alice", spec())
+    b = table.add(1000, "alice", spec(gpus=1))
+    c = table.add(2000, "bob", spec())
+    assert table.pending == [a.id, b.id, c.id]
+    assert a.order < b.order < c.order
+    assert table.pending_count[1000] == 2 and table.pending_count[2000] == 1
+    assert table.pending_gpu_jobs == 1
+    assert store.rows[b.id].state is JobState.QUEUED
+
+
+def test_begin_run_reserves_the_job_out_of_the_queue_until_launched_makes_it_run() -> None:
+    table, store, events = make()
+    job = table.add(1000, "alice", spec(gpus=1))
+    table.begin_run(job, (0,), ("GPU-0",))
+    assert table.pending == [] and table.pending_count[1000] == 0
+    assert table.pending_gpu_jobs == 0 and events.rooms == 1
+    # It holds its GPU and slot, but is not running (nor durable) before its supervisor is.
+    assert table.gpu_holders()[0] == {0: job.id} and table.used_slots() == 1
+    assert table.running == {} and not table.is_queued(table.jobs[job.id])
+    assert store.rows[job.id].state is JobState.QUEUED
+    launched = table.launched(job.id, 4242, 77, "tsd-job-1.scope")
+    assert launched.state is JobState.RUNNING and launched.supervisor_pid == 4242
+    assert store.rows[job.id] == launched and table.running[job.id] == launched
+    assert table.launching == {} and table.last_run[1000] == job.id
+
+
+def test_a_failed_launch_ends_the_job_without_it_having_run() -> None:
+    table, store, events = make()
+    job = table.add(1000, "alice", spec())
+    table.begin_run(job, (), ())
+    ended = table.end_launch(job.id, ExitInfo(lost=True, note="could not start its scope: x"))
+    assert ended.state is JobState.FINISHED and store.rows[job.id] == ended
+    assert table.launching == {} and events.ends == [job.id]
+
+
+def test_finish_records_the_exit_and_wakes_waiters() -> None:
+    table, store, events = make()
+    job = run(table, table.add(1000, "alice", spec()))
+    done = table.finish(job.id, ExitInfo(code=3), 12.5, "/tmp/out")
+    assert done is not None and done.state is JobState.FINISHED
+    assert done.exit == ExitInfo(code=3) and done.end_time == 12.5
+    assert done.output_path == "/tmp/out"
+    assert store.rows[job.id] == done
+    assert job.id not in table.running and events.ends == [job.id]
+    assert list(table.finished_by_user[1000]) == [job.id]
+    assert table.finish(job.id, ExitInfo(code=0), None, None) is None  # only once
+
+
+def test_requeue_puts_a_never_started_job_back_at_its_place() -> None:
+    table, store, _ = make()
+    first = table.add(1000, "alice", spec())
+    second = table.add(1000, "alice", spec())
+    run(table, first, (0,))
+    again = table.requeue(first.id)
+    assert table.pending == [first.id, second.id]
+    assert again.state is JobState.QUEUED and again.supervisor_pid is None
+    assert again.gpu_ids == () and store.rows[first.id] == again
+
+
+def test_dependents_lists_only_pending_jobs_and_is_pruned_as_they_leave() -> None:
+    table, _, _ = make()
+    dep = table.add(1000, "alice", spec())
+    waiter = table.add(1000, "alice", spec(depends=(dep.id,)))
+    other = table.add(1000, "alice", spec(depends=(dep.id,)))
+    assert table.dependents == {dep.id: {waiter.id, other.id}}
+    table.remove(table.jobs[other.id])
+    assert table.dependents == {dep.id: {waiter.id}}
+    run(table, table.jobs[waiter.id])
+    assert table.dependents == {}
+
+
+def test_take_dependents_hands_them_out_once() -> None:
+    table, _, _ = make()
+    dep = table.add(1000, "alice", spec())
+    w = table.add(1000, "alice", spec(depends=(dep.id,), depend_mode=DependMode.SUCCESS))
+    assert table.take_dependents(dep.id) == [w.id]
+    assert table.take_dependents(dep.id) == []
+
+
+def test_forgetting_a_finished_job_beyond_max_finished_drops_its_dependents_entry() -> None:
+    table, store, _ = make(max_finished=1)
+    old = table.add(1000, "alice", spec())
+    table.end_pending(old, JobState.SKIPPED, ExitInfo(note="x"))
+    late = table.add(1000, "alice", spec(depends=(old.id,)))
+    assert old.id in table.dependents
+    newer = table.add(1000, "alice", spec())
+    table.end_pending(newer, JobState.SKIPPED, ExitInfo(note="y"))
+    assert old.id not in table.jobs and old.id not in store.rows
+    assert old.id not in table.dependents
+    assert late.id in table.jobs
+
+
+def test_end_pending_keeps_the_wait_reason_unless_given_one() -> None:
+    table, _, events = make()
+    job = table.add(1000, "alice", spec())
+    table.set_waiting([(job.id, JobState.QUEUED, "waiting for a slot")])
+    ended = table.end_pending(table.jobs[job.id], JobState.FINISHED, ExitInfo(lost=True, note="n"))
+    assert ended.wait_reason == "waiting for a slot"
+    assert events.ends == [job.id] and events.rooms == 1
+    skipped = table.add(1000, "alice", spec())
+    assert table.end_pending(
+        skipped, JobState.SKIPPED, ExitInfo(note="r"), wait_reason="r"
+    ).wait_reason == "r"
+
+
+def test_set_waiting_writes_only_changes_of_state() -> None:
+    table, store, _ = make()
+    job = table.add(1000, "alice", spec(gpus=1))
+    writes = store.writes
+    table.set_waiting([(job.id, JobState.QUEUED, "reason 1")])
+    assert store.writes == writes and table.jobs[job.id].wait_reason == "reason 1"
+    table.set_waiting([(job.id, JobState.ALLOCATING, "no free GPU")])
+    assert store.writes == writes + 1
+    assert store.rows[job.id].state is JobState.ALLOCATING
+
+
+def test_move_front_and_swap_reorder_the_queue_durably() -> None:
+    table, store, _ = make()
+    a, b, c = (table.add(1000, "alice", spec()) for _ in range(3))
+    table.move_front(table.jobs[c.id])
+    assert table.pending == [c.id, a.id, b.id]
+    assert store.rows[c.id].order < store.rows[a.id].order
+    table.swap(table.jobs[a.id], table.jobs[b.id])
+    assert table.pending == [c.id, b.id, a.id]
+    assert store.rows[b.id].order < store.rows[a.id].order
+
+
+def test_clear_forgets_only_the_callers_done_jobs() -> None:
+    table, store, _ = make()
+    mine = table.add(1000, "alice", spec())
+    theirs = table.add(2000, "bob", spec())
+    queued = table.add(1000, "alice", spec())
+    for job in (mine, theirs):
+        table.end_pending(job, JobState.SKIPPED, ExitInfo(note="x"))
+    assert table.clear(1000) == 1
+    assert set(store.rows) == {theirs.id, queued.id}
+
+
+def test_listing_shows_running_then_queue_order_then_done_by_end() -> None:
+    table, _, _ = make()
+    a, b, c, d = (table.add(1000, "alice", spec()) for _ in range(4))
+    table.end_pending(a, JobState.SKIPPED, ExitInfo(note="x"))
+    run(table, table.jobs[c.id])
+    table.move_front(table.jobs[d.id])
+    assert [j.id for j in table.listing()] == [c.id, d.id, b.id, a.id]
+
+
+def test_load_rebuilds_the_indexes_and_returns_the_running_jobs() -> None:
+    table, store, _ = make()
+    a = table.add(1000, "alice", spec())
+    b = table.add(1000, "alice", spec(depends=(a.id,)))
+    run(table, a)
+    again, _, _ = make(store=store)
+    running = again.load()
+    assert [j.id for j in running] == [a.id]
+    assert again.pending == [b.id] and again.dependents == {a.id: {b.id}}
+    assert again.last_added[1000] == b.id and again.last_run[1000] == a.id
+    c = again.add(1000, "alice", spec())
+    assert c.order > b.order
+
+
+def test_pick_defaults_to_the_last_added_or_run_and_refuses_others_jobs() -> None:
+    table, _, _ = make()
+    with pytest.raises(NoSuchJob):
+        table.pick(peer(), None, "added")
+    a = table.add(1000, "alice", spec())
+    b = table.add(1000, "alice", spec())
+    run(table, a)
+    assert table.pick(peer(), None, "added").id == b.id
+    assert table.pick(peer(), None, "run").id == a.id
+    with pytest.raises(NotOwner):
+        table.pick(peer(2000), a.id, "added")
+    assert table.pick(peer(2000, admin=True), a.id, "added").id == a.id
+    with pytest.raises(NoSuchJob):
+        table.pick(peer(), 99, "added")
+
+
+def test_dep_outcome_follows_the_dependency_state() -> None:
+    table, _, _ = make()
+    ok, bad, skipped, pending = (table.add(1000, "alice", spec()) for _ in range(4))
+    for job, code in ((ok, 0), (bad, 1)):
+        run(table, table.jobs[job.id])
+        table.finish(job.id, ExitInfo(code=code), None, None)
+    table.end_pending(skipped, JobState.SKIPPED, ExitInfo(note="x"))
+    assert table.dep_outcome(ok.id) is DepOutcome.SUCCEEDED
+    assert table.dep_outcome(bad.id) is DepOutcome.FAILED
+    assert table.dep_outcome(skipped.id) is DepOutcome.SKIPPED
+    assert table.dep_outcome(pending.id) is DepOutcome.PENDING
+    assert table.dep_outcome(999) is DepOutcome.GONE
+
+
+def test_report_saves_pid_and_output_and_announces_the_start() -> None:
+    table, store, events = make()
+    job = run(table, table.add(1000, "alice", spec()))
+    table.report(job.id, 777, None, out_seen=False)
+    assert store.rows[job.id].pid == 777 and events.starts == []
+    table.report(job.id, None, "/tmp/ts-out.1.abc", out_seen=True)
+    assert store.rows[job.id].output_path == "/tmp/ts-out.1.abc"
+    assert events.starts == [job.id]

@@ -1,0 +1,61 @@
+"""One codec for records, used by the wire, the store and the exit report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tsd import codec, exitreport, protocol
+from tsd.exitreport import ExitReport
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.store import Store
+
+
+def a_job() -> Job:
+    spec = JobSpec(
+        command=("sh", "-c", "exit 3"), cwd="/tmp", env=(), label="l", gpus=2,
+        gpu_indices=(1, 3), depends=(4,), depend_mode=DependMode.SUCCESS, timeout=2.5,
+    )
+    return Job(
+        id=9, uid=1000, user="alice", spec=spec, state=JobState.FINISHED, order=3,
+        enqueue_time=1.0, start_time=2.0, end_time=3.0,
+        exit=ExitInfo(code=3, cpu_seconds=0.5, max_rss=1024, note="n"), pid=42,
+        gpu_ids=(1, 3), gpu_uuids=("GPU-1", "GPU-3"), output_path="/tmp/o", unit="u",
+    )
+
+
+def test_a_job_survives_the_wire_and_the_store_unchanged(tmp_path: Path) -> None:
+    job = a_job()
+    assert protocol.job_from_wire(json.loads(json.dumps(codec.job_to_dict(job)))) == job
+    store = Store(tmp_path / "state.db", durable=False)
+    added = store.add_job(job.uid, job.user, job.spec, job.order, job.enqueue_time)
+    saved = Job(**{**job.__dict__, "id": added.id})
+    store.save(saved)
+    assert store.load_all() == [saved]
+    store.close()
+
+
+def test_exit_info_encodes_in_field_order_as_before() -> None:
+    ex = ExitInfo(code=1, signal=None, timed_out=True, lost=False, cpu_seconds=None)
+    assert list(codec.exit_to_dict(ex)) == list(ex.__dict__)
+    assert codec.exit_from_dict(codec.exit_to_dict(ex)) == ex
+
+
+def test_exit_report_round_trips_and_reads_dash_as_no_output(tmp_path: Path) -> None:
+    exitreport.write(str(tmp_path), 5, ExitReport(ExitInfo(signal=9), end=7.0, output=None))
+    assert json.loads(exitreport.path(tmp_path, 5).read_text())["output"] == "-"
+    assert exitreport.read(tmp_path, 5) == ExitReport(ExitInfo(signal=9), end=7.0, output=None)
+    exitreport.discard(tmp_path, 5)
+    assert exitreport.read(tmp_path, 5) is None
+
+
+def test_a_timed_out_report_without_a_note_says_timed_out(tmp_path: Path) -> None:
+    exitreport.write(str(tmp_path), 1, ExitReport(ExitInfo(signal=15, timed_out=True), end=1.0))
+    report = exitreport.read(tmp_path, 1)
+    assert report is not None and report.exit.note == "timed out"
+
+
+def test_an_aborted_report_reads_as_aborted(tmp_path: Path) -> None:
+    exitreport.write(str(tmp_path), 2, ExitReport(ExitInfo(), aborted=True))
+    report = exitreport.read(tmp_path, 2)
+    assert report is not None and report.aborted

@@ -1,0 +1,235 @@
+"""The runner launches, watches and ends jobs through fakes of the launcher, scopes and pidfds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unit.daemon_fakes import Events, FakeLauncher, FakeNvml, FakeProcs, FakeScopes, FakeStore, spec
+
+from tsd import exitreport
+from tsd.config import Config
+from tsd.errors import WrongState
+from tsd.exitreport import ExitReport
+from tsd.gpumonitor import GpuReader
+from tsd.jobtable import JobTable
+from tsd.model import ExitInfo, Job, JobState
+from tsd.runner import Runner, RunnerSettings
+
+ME = os.getuid()
+
+
+class FakeGpuSource:
+    """tsd.runner.GpuSource."""
+
+    def __init__(self) -> None:
+        self.nvml = FakeNvml()
+        self.problem = ""
+
+    @property
+    def reader(self) -> GpuReader:
+        return self.nvml
+
+    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]:
+        return tuple(f"GPU-{i}" for i in indices)
+
+    def mark_unavailable(self, problem: str) -> None:
+        self.problem = problem
+
+
+class Rig:
+    def __init__(self, tmp: Path, system: bool, scopes: FakeScopes | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.store = FakeStore()
+        self.table = JobTable(self.store, Events(), lambda: 1000)
+        self.launcher = FakeLauncher()
+        self.procs = FakeProcs()
+        self.scopes = scopes or FakeScopes()
+        self.ended: list[Job] = []
+        self.requeued = 0
+        self.exits = tmp / "exits"
+        self.exits.mkdir()
+        self.runner = Runner(
+            self.loop, None, RunnerSettings(system, self.exits), lambda: Config(),
+            self.table, self.store, FakeGpuSource(), lambda: self.scopes,
+            ended=self.ended.append, requeued=self.requeue_seen,
+            launcher=self.launcher, procs=self.procs,
+        )
+
+    def requeue_seen(self) -> None:
+        self.requeued += 1
+
+    def queue(self, *command: str) -> Job:
+        return self.table.add(ME, "me", spec(*command))
+
+    def report(self, job_id: int, report: ExitReport) -> None:
+        exitreport.write(str(self.exits), job_id, report)
+
+    def exit(self, job_id: int) -> None:
+        self.procs.exit(self.launcher.pid_of(job_id))
+
+
+async def until(check: Callable[[], object], timeout: float = 5.0) -> None:
+    """Let the loop run until `check` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(body())
+
+
+def test_personal_start_records_the_supervisor_before_it_says_go(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue("echo", "hi")
+        rig.runner.start(job, ())
+        row = rig.store.rows[job.id]
+        assert row.state is JobState.RUNNING
+        assert row.supervisor_pid == rig.launcher.pid_of(job.id) and row.unit is None
+        assert rig.launcher.gone == [job.id]
+        plan = rig.launcher.plans[job.id]
+        assert plan.env["TS_JOBID"] == str(job.id) and plan.env["CUDA_VISIBLE_DEVICES"] == ""
+        assert plan.command == ("echo", "hi")
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_the_report_pipe_gives_the_job_its_pid_and_output(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.launcher.say(job.id, "pid 777\nout /tmp/ts-out.1.x\n")
+        await until(lambda: rig.store.rows[job.id].output_path is not None)
+        assert rig.store.rows[job.id].pid == 777
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_an_exit_report_finishes_the_job_and_is_then_discarded(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.report(job.id, ExitReport(ExitInfo(code=4, cpu_seconds=0.5), end=9.0, output=None))
+        rig.launcher.close_all()
+        rig.exit(job.id)
+        done = rig.store.rows[job.id]
+        assert done.state is JobState.FINISHED and done.exit == ExitInfo(code=4, cpu_seconds=0.5)
+        assert done.end_time == 9.0
+        assert [j.id for j in rig.ended] == [job.id]
+        assert not exitreport.path(rig.exits, job.id).exists()
+
+    run(body)
+
+
+def test_a_supervisor_gone_without_a_report_leaves_the_job_lost(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.launcher.close_all()
+        rig.exit(job.id)
+        ex = rig.store.rows[job.id].exit
+        assert ex is not None and ex.lost and "vanished" in ex.note
+
+    run(body)
+
+
+def test_an_aborted_report_puts_the_job_back_in_the_queue(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.report(job.id, ExitReport(ExitInfo(), aborted=True))
+        rig.launcher.close_all()
+        rig.exit(job.id)
+        assert rig.store.rows[job.id].state is JobState.QUEUED
+        assert rig.table.pending == [job.id] and rig.requeued == 1 and rig.ended == []
+
+    run(body)
+
+
+def test_system_start_runs_the_scope_call_off_the_loop_then_says_go(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=True)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        # The launch is under way: the job holds its slot, and runs only once in its scope.
+        assert job.id in rig.table.launching and rig.store.rows[job.id].state is JobState.QUEUED
+        await until(lambda: rig.launcher.gone == [job.id])
+        assert rig.store.rows[job.id].unit == f"tsd-job-{job.id}.scope"
+        assert rig.store.rows[job.id].state is JobState.RUNNING
+        assert rig.scopes.started[0][:3] == (job.id, ME, [rig.launcher.pid_of(job.id)])
+        assert rig.scopes.start_threads != [threading.current_thread().name]
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_no_scope_no_job_the_supervisor_is_aborted_and_the_job_lost(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=True, scopes=FakeScopes(fail="systemd said no"))
+        job = rig.queue()
+        rig.runner.start(job, ())
+        await until(lambda: rig.ended)
+        ex = rig.store.rows[job.id].exit
+        assert ex is not None and ex.lost
+        assert ex.note == "could not start its scope: systemd said no"
+        assert rig.launcher.aborted == [job.id] and rig.launcher.gone == []
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_kill_signals_the_scope_off_the_loop_and_refuses_a_job_not_running(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=True)
+        job = rig.queue()
+        with pytest.raises(WrongState):
+            rig.runner.kill(job)
+        rig.runner.start(job, ())
+        await until(lambda: rig.launcher.gone)
+        rig.runner.kill(rig.table.running[job.id])
+        await until(lambda: rig.scopes.killed)
+        assert rig.scopes.killed == [(f"tsd-job-{job.id}.scope", 15)]
+        rig.report(job.id, ExitReport(ExitInfo(signal=15), end=1.0))
+        rig.launcher.close_all()
+        rig.exit(job.id)
+        await until(lambda: rig.scopes.stopped)  # the scope goes with its job
+        await rig.runner.drain()
+
+    run(body)
+
+
+def test_recover_readopts_live_supervisors_and_settles_the_rest(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        live, dead = rig.queue(), rig.queue()
+        for job in (live, dead):
+            rig.table.begin_run(job, (), ())
+            rig.table.launched(job.id, rig.launcher.pid_of(job.id), 55, None)
+        rig.launcher.alive[rig.launcher.pid_of(live.id)] = 55
+        (rig.exits / "999.json").write_text("{}")  # a report nobody waits for
+        again = JobTable(rig.store, Events(), lambda: 1000)
+        rig.runner.table = again
+        rig.runner.recover(again.load())
+        assert rig.launcher.pid_of(live.id) in rig.procs.watched
+        assert again.jobs[live.id].state is JobState.RUNNING
+        ex = again.jobs[dead.id].exit
+        assert ex is not None and ex.lost
+        assert not (rig.exits / "999.json").exists()
+
+    run(body)

@@ -1,0 +1,138 @@
+"""Records <-> plain dicts: the one encoding of `JobSpec`, `ExitInfo` and `Job`.
+
+The wire (tsd.protocol), the state database (tsd.store) and the supervisor's
+exit report (tsd.exitreport) all store these records as JSON objects; they all
+go through the functions here, so a field added to a record is added once.
+Decoding trusts its input's shape: data from a socket is validated by
+tsd.protocol before it becomes a record. Light on purpose: `ts` loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from typing import Any
+
+
+def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
+    """A JobSpec as a JSON object (the environment left out unless asked for)."""
+    return {
+        "command": list(spec.command),
+        "cwd": spec.cwd,
+        "env": [list(kv) for kv in spec.env] if include_env else [],
+        "umask": spec.umask,
+        "label": spec.label,
+        "slots": spec.slots,
+        "gpus": spec.gpus,
+        "gpu_indices": list(spec.gpu_indices) if spec.gpu_indices is not None else None,
+        "depends": list(spec.depends),
+        "depend_mode": spec.depend_mode.value,
+        "store_output": spec.store_output,
+        "gzip": spec.gzip,
+        "stderr_apart": spec.stderr_apart,
+        "output_name": spec.output_name,
+        "mail": spec.mail,
+        "timeout": spec.timeout,
+        "env_info": spec.env_info,
+    }
+
+
+def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
+    """A JobSpec from `spec_to_dict`'s output (trusted: our own database)."""
+    gi = o.get("gpu_indices")
+    return JobSpec(
+        command=tuple(o["command"]),
+        cwd=o["cwd"],
+        env=tuple((str(k), str(v)) for k, v in o.get("env") or ()),
+        umask=o["umask"],
+        label=o.get("label"),
+        slots=o["slots"],
+        gpus=o["gpus"],
+        gpu_indices=None if gi is None else tuple(gi),
+        depends=tuple(o["depends"]),
+        depend_mode=DependMode(o["depend_mode"]),
+        store_output=o["store_output"],
+        gzip=o["gzip"],
+        stderr_apart=o["stderr_apart"],
+        output_name=o.get("output_name"),
+        mail=o["mail"],
+        timeout=o.get("timeout"),
+        env_info=o.get("env_info"),
+    )
+
+
+def exit_to_dict(ex: ExitInfo) -> dict[str, Any]:
+    """An ExitInfo as a JSON object, keys in field order."""
+    return {
+        "code": ex.code,
+        "signal": ex.signal,
+        "timed_out": ex.timed_out,
+        "lost": ex.lost,
+        "cpu_seconds": ex.cpu_seconds,
+        "max_rss": ex.max_rss,
+        "note": ex.note,
+    }
+
+
+def exit_from_dict(o: Mapping[str, Any]) -> ExitInfo:
+    """An ExitInfo from a JSON object; missing keys take their defaults."""
+    return ExitInfo(
+        code=o.get("code"),
+        signal=o.get("signal"),
+        timed_out=bool(o.get("timed_out")),
+        lost=bool(o.get("lost")),
+        cpu_seconds=o.get("cpu_seconds"),
+        max_rss=o.get("max_rss"),
+        note=str(o.get("note") or ""),
+    )
+
+
+def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
+    """A job as the daemon reports it. The environment stays home unless asked for."""
+    return {
+        "id": job.id,
+        "uid": job.uid,
+        "user": job.user,
+        "spec": spec_to_dict(job.spec, include_env=include_env),
+        "state": job.state.value,
+        "order": job.order,
+        "enqueue": job.enqueue_time,
+        "start": job.start_time,
+        "end": job.end_time,
+        "exit": None if job.exit is None else exit_to_dict(job.exit),
+        "pid": job.pid,
+        "gpu_ids": list(job.gpu_ids),
+        "gpu_uuids": list(job.gpu_uuids),
+        "output": job.output_path,
+        "unit": job.unit,
+        "wait_reason": job.wait_reason,
+    }
+
+
+def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
+    """A Job from `job_to_dict`'s output; `spec` is decoded (or validated) by the caller."""
+    ex = obj.get("exit")
+    return Job(
+        id=int(obj["id"]),
+        uid=int(obj["uid"]),
+        user=str(obj["user"]),
+        spec=spec,
+        state=JobState(obj["state"]),
+        order=int(obj["order"]),
+        enqueue_time=float(obj["enqueue"]),
+        start_time=obj.get("start"),
+        end_time=obj.get("end"),
+        exit=None if ex is None else exit_from_dict(ex),
+        pid=obj.get("pid"),
+        supervisor_pid=obj.get("supervisor_pid"),
+        supervisor_start=obj.get("supervisor_start"),
+        gpu_ids=tuple(obj.get("gpu_ids") or ()),
+        gpu_uuids=tuple(obj.get("gpu_uuids") or ()),
+        output_path=obj.get("output"),
+        unit=obj.get("unit"),
+        wait_reason=str(obj.get("wait_reason") or ""),
+    )

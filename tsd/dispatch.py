@@ -1,0 +1,193 @@
+"""The dispatcher: applies `scheduler.decide()` to the job table, and cascades -W skips.
+
+`schedule()` runs after every change that may let a job start (a submit, an
+end, a queue edit, a GPU poll). It hands the scheduler the queue, the running
+jobs and the resources in force, then records the verdicts: which jobs wait
+and why, which are skipped, which start (through the runner).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Protocol
+
+from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UserLimits
+from tsd.scheduler import DepOutcome, Resources, decide
+
+log = logging.getLogger("tsd")
+
+
+class Table(Protocol):
+    """The job table as the dispatcher uses it (tsd.jobtable.JobTable)."""
+
+    pending: list[int]
+    pending_gpu_jobs: int
+
+    def get(self, job_id: int) -> Job | None: ...
+
+    def queue(self) -> Iterable[Job]: ...
+
+    def dep_outcome(self, job_id: int) -> DepOutcome: ...
+
+    def gpu_holders(self) -> tuple[dict[int, int], set[int]]: ...
+
+    def holding(self) -> list[Job]: ...
+
+    def is_queued(self, job: Job) -> bool: ...
+
+    def set_waiting(self, updates: list[tuple[int, JobState, str]]) -> None: ...
+
+    def end_pending(
+        self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
+    ) -> Job: ...
+
+    def take_dependents(self, job_id: int) -> list[int]: ...
+
+
+class Limits(Protocol):
+    """The policy as the dispatcher uses it (tsd.policy.Policy)."""
+
+    def limits(self, uid: int) -> UserLimits: ...
+
+    def total_slots(self) -> int: ...
+
+    def free_threshold(self) -> float: ...
+
+
+class Gpus(Protocol):
+    """The GPU monitor as the dispatcher uses it (tsd.gpumonitor.GpuMonitor)."""
+
+    def request(self, max_age: float) -> bool: ...
+
+    def cached(self) -> tuple[tuple[Gpu, ...] | None, str]: ...
+
+    def pool(self) -> tuple[int, ...] | None: ...
+
+    def free(
+        self, held: dict[int, int], tsd_pids: set[int], threshold: float
+    ) -> tuple[int, ...] | None: ...
+
+    def busy(
+        self, held: dict[int, int], tsd_pids: set[int], threshold: float
+    ) -> dict[int, str]: ...
+
+    def arm_poll(self, seconds: float) -> None: ...
+
+    def stop_poll(self) -> None: ...
+
+
+GPU_MAX_AGE = 0.2  # seconds an NVML picture is reused within a burst of decisions
+
+
+class Dispatcher:
+    """Starts what may start; skips what never will."""
+
+    def __init__(
+        self,
+        table: Table,
+        policy: Limits,
+        gpus: Gpus,
+        start: Callable[[Job, tuple[int, ...]], None],
+        poll_seconds: Callable[[], float],
+    ) -> None:
+        self.table = table
+        self.policy = policy
+        self.gpus = gpus
+        self._start = start
+        self._poll_seconds = poll_seconds
+        # The scheduler stops reading the queue once the server is full; the jobs it
+        # did not reach wait for this one reason.
+        self.unvisited_reason = ""
+
+    def schedule(self) -> None:
+        """Start whatever may start now. Cheap when nothing can: decide() stops early."""
+        table = self.table
+        if not table.pending:
+            self.gpus.stop_poll()
+            return
+        if table.pending_gpu_jobs:
+            if not self.gpus.request(GPU_MAX_AGE):
+                return  # NVML is being read off the loop; its result schedules again
+            held, tsd_pids = table.gpu_holders()
+            free = self.gpus.free(held, tsd_pids, self.policy.free_threshold())
+            problem = self.gpus.cached()[1] if free is None else ""
+            pool = self.gpus.pool()
+        else:
+            free, problem, pool = (), "", None
+        res = Resources(
+            total_slots=self.policy.total_slots(),
+            limits=self.policy.limits,
+            free_gpus=free,
+            gpu_problem=problem,
+            visible_gpus=pool,
+        )
+        decision = decide(
+            table.queue(),
+            table.holding(),
+            table.dep_outcome,
+            res,
+        )
+        self.unvisited_reason = decision.unvisited_reason
+        allocating = set(decision.allocating)
+        # A job read again that no longer waits for GPUs (it now waits for a slot or a
+        # dependency) is back to plain queued.
+        updates: list[tuple[int, JobState, str]] = []
+        for job_id in allocating | decision.reasons.keys():
+            job = table.get(job_id)
+            if job is None or not job.state.pending:
+                continue
+            state = JobState.ALLOCATING if job_id in allocating else JobState.QUEUED
+            updates.append((job_id, state, decision.reasons.get(job_id, job.wait_reason)))
+        table.set_waiting(updates)
+        for job_id in decision.skip:
+            self.skip(job_id, decision.reasons.get(job_id, "a dependency failed"))
+        for start in decision.start:
+            job = table.get(start.job_id)
+            if job is not None and table.is_queued(job):
+                self._start(job, start.gpu_ids)
+        if decision.allocating:
+            self.gpus.arm_poll(self._poll_seconds())
+        else:
+            self.gpus.stop_poll()
+
+    def skip(self, job_id: int, reason: str) -> None:
+        """A pending job will never run (a -W dependency failed): record it, and cascade."""
+        job = self.table.get(job_id)
+        if job is None or not job.state.pending:
+            return
+        log.info("job %d skipped: %s", job_id, reason)
+        ended = self.table.end_pending(
+            job, JobState.SKIPPED, ExitInfo(note=reason), wait_reason=reason
+        )
+        self.cascade(ended)
+
+    def cascade(self, ended: Job) -> None:
+        """A failed or skipped job skips every -W job that waits on it, transitively."""
+        waiting = self.table.take_dependents(ended.id)
+        if ended.state is JobState.FINISHED and ended.exit is not None and ended.exit.success:
+            return
+        for dep_id in waiting:
+            dep = self.table.get(dep_id)
+            if dep is not None and dep.state.pending and dep.spec.depend_mode is DependMode.SUCCESS:
+                self.skip(dep_id, f"job {ended.id} did not succeed")
+
+    def job_ended(self, job: Job) -> None:
+        """After any end (finished, skipped, could not start): cascade, then fill the room."""
+        self.cascade(job)
+        self.schedule()
+
+    def explain(self, job: Job) -> Job:
+        """The job with the wait reason ts -i and -l show (the scheduler's, or the last pass's)."""
+        if job.state.pending and not job.wait_reason and self.unvisited_reason:
+            return replace(job, wait_reason=self.unvisited_reason)
+        if job.state is JobState.ALLOCATING:
+            held, tsd_pids = self.table.gpu_holders()
+            busy = self.gpus.busy(held, tsd_pids, self.policy.free_threshold())
+            outside = "; ".join(
+                f"GPU {i} {why}" for i, why in sorted(busy.items()) if why.startswith("used by")
+            )
+            if outside:
+                return replace(job, wait_reason=f"{job.wait_reason}; {outside}")
+        return job

@@ -1,0 +1,84 @@
+"""The exit report: what a job's supervisor leaves in `<state>/exits/<id>.json`.
+
+Written once by the supervisor (tsd.launch) when its job ends, or when it was
+told to run nothing; read by whichever daemon is running then (the one that
+started the job, or the next one after a restart). This module is the only
+reader and writer, so both sides agree on the file's name and fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tsd.codec import exit_from_dict, exit_to_dict
+from tsd.model import ExitInfo
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    """How a supervised job ended, or that it never started (`aborted`)."""
+
+    exit: ExitInfo
+    end: float | None = None  # epoch seconds the job ended
+    output: str | None = None  # the output file, or None (-n, or never opened)
+    aborted: bool = False  # the daemon never said go: the job did not run
+
+
+def path(exits_dir: str | os.PathLike[str], job_id: int) -> Path:
+    """Where the supervisor of job `job_id` leaves its report."""
+    return Path(exits_dir) / f"{job_id}.json"
+
+
+def write(exits_dir: str, job_id: int, report: ExitReport) -> None:
+    """Write the report atomically and durably (fsync the file and the directory).
+
+    Runs in the supervisor after fork: only system calls, nothing shared with the daemon.
+    """
+    body: dict[str, object] = {"aborted": True} if report.aborted else {
+        **exit_to_dict(report.exit),
+        "end": report.end,
+        "output": report.output if report.output is not None else "-",
+    }
+    final = path(exits_dir, job_id)
+    tmp = final.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps(body).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(exits_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read(exits_dir: str | os.PathLike[str], job_id: int) -> ExitReport | None:
+    """The report of job `job_id`, or None when there is none (or it is unreadable)."""
+    try:
+        obj = json.loads(path(exits_dir, job_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("aborted"):
+        return ExitReport(exit=ExitInfo(), aborted=True)
+    ex = exit_from_dict(obj)
+    if not ex.note and ex.timed_out:
+        ex = replace(ex, note="timed out")
+    out = obj.get("output")
+    return ExitReport(
+        exit=ex,
+        end=float(obj["end"]) if obj.get("end") else None,
+        output=None if out in (None, "-") else str(out),
+    )
+
+
+def discard(exits_dir: str | os.PathLike[str], job_id: int) -> None:
+    """Remove the report once the daemon has recorded it."""
+    path(exits_dir, job_id).unlink(missing_ok=True)

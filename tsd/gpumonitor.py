@@ -1,0 +1,181 @@
+"""The daemon's picture of the GPUs: one NVML snapshot, reused briefly, refreshed off the loop.
+
+NVML (and the psutil lookups behind a snapshot) can take long on a busy or
+failing driver, so every call runs in the daemon's worker threads and only its
+result is applied on the event loop. The scheduler reads the cached picture;
+when it is too old the monitor refreshes it and calls `on_refresh`, which
+schedules again. NVML is polled only while some job waits for a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import Protocol
+
+from tsd.gpu import GpuUnavailable
+from tsd.gpupool import busy_reasons, free_gpus
+from tsd.model import Gpu
+
+log = logging.getLogger("tsd")
+
+Snapshot = tuple[tuple[Gpu, ...] | None, str]  # the GPUs (None: unknown), and why unknown
+
+
+class GpuReader(Protocol):
+    """What the monitor needs of NVML (tsd.gpu.NvmlGpus); blocking calls."""
+
+    def snapshot(self) -> tuple[Gpu, ...]: ...
+
+    def device_nodes(self, indices: Sequence[int]) -> list[str]: ...
+
+
+def nvml_reader() -> GpuReader:
+    """The real NVML, through the library $TSD_NVML_LIBRARY names (tests), else the system's."""
+    from tsd.gpu import NvmlGpus
+
+    return NvmlGpus(library=os.environ.get("TSD_NVML_LIBRARY") or None)
+
+
+class GpuMonitor:
+    """The GPU snapshot cache, its refresh, and the poll timer."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor | None,
+        visible: Callable[[], tuple[int, ...] | None],
+        on_refresh: Callable[[], None],
+        reader: Callable[[], GpuReader] = nvml_reader,
+    ) -> None:
+        self.loop = loop
+        self._executor = executor
+        self._visible = visible
+        self._on_refresh = on_refresh
+        self._make_reader = reader
+        self._reader: GpuReader | None = None
+        self._taken = 0.0
+        self._gpus: tuple[Gpu, ...] | None = None
+        self._problem = ""
+        self._inflight: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def reader(self) -> GpuReader:
+        """NVML, loaded on first need: a CPU-only queue never touches it."""
+        if self._reader is None:
+            self._reader = self._make_reader()
+        return self._reader
+
+    # -- the picture
+
+    def cached(self) -> Snapshot:
+        """The last picture, however old; no NVML call."""
+        return self._gpus, self._problem
+
+    def is_fresh(self, max_age: float) -> bool:
+        """Whether the picture (or the failure) is at most `max_age` seconds old."""
+        known = self._gpus is not None or bool(self._problem)
+        return known and time.monotonic() - self._taken <= max_age
+
+    def request(self, max_age: float) -> bool:
+        """True when the picture is fresh; else start a refresh (then `on_refresh`), False."""
+        if self.is_fresh(max_age):
+            return True
+        self._refresh()
+        return False
+
+    async def snapshot(self, max_age: float = 0.0) -> Snapshot:
+        """A picture at most `max_age` seconds old, refreshing it off the loop if needed."""
+        if not self.is_fresh(max_age):
+            await asyncio.shield(self._refresh())
+        return self.cached()
+
+    def expire(self, keep_problem: bool = True) -> None:
+        """Forget the picture; keep its problem so a failure is not logged at every poll."""
+        self._taken, self._gpus = 0.0, None
+        if not keep_problem:
+            self._problem = ""
+
+    def mark_unavailable(self, problem: str) -> None:
+        """NVML failed outside a snapshot (device nodes): waiting jobs say why."""
+        self._taken, self._gpus, self._problem = time.monotonic(), None, problem
+
+    def _refresh(self) -> asyncio.Task[None]:
+        if self._inflight is None:
+            self._inflight = self.loop.create_task(self._read())
+        return self._inflight
+
+    async def _read(self) -> None:
+        before = self._problem
+        try:
+            gpus: tuple[Gpu, ...] | None = await self.loop.run_in_executor(
+                self._executor, self.reader.snapshot
+            )
+            problem = ""
+        except GpuUnavailable as exc:
+            # The bare reason: the scheduler's wait reason and `ts -g` add their own prefix.
+            gpus, problem = None, str(exc) or "NVML failed"
+        except Exception as exc:  # a surprise from pynvml or psutil must not stall GPU jobs
+            log.exception("reading the GPUs failed")
+            gpus, problem = None, f"reading the GPUs failed: {exc}"
+        finally:
+            self._inflight = None
+        if problem and problem != before:
+            log.warning("GPUs unavailable: %s", problem)  # once per distinct reason
+        elif not problem and before and gpus is not None:
+            log.info("GPUs available again: NVML reports %d GPUs", len(gpus))
+        self._taken, self._gpus, self._problem = time.monotonic(), gpus, problem
+        self._on_refresh()
+
+    # -- what the picture says
+
+    def pool(self) -> tuple[int, ...] | None:
+        """The GPUs tsd may hand out (visible and present), None while unknown."""
+        if self._gpus is None:
+            return None
+        visible = self._visible()
+        return tuple(g.index for g in self._gpus if visible is None or g.index in visible)
+
+    def free(
+        self, held: Mapping[int, int], tsd_pids: Collection[int], threshold: float
+    ) -> tuple[int, ...] | None:
+        """Indices free for a new job now, None while NVML is down."""
+        if self._gpus is None:
+            return None
+        return free_gpus(self._gpus, held, threshold, self._visible(), tsd_pids)
+
+    def busy(
+        self, held: Mapping[int, int], tsd_pids: Collection[int], threshold: float
+    ) -> dict[int, str]:
+        """Why each busy GPU is busy (tsd job, someone else's process, memory)."""
+        if not self._gpus:
+            return {}
+        return dict(busy_reasons(self._gpus, held, threshold, tsd_pids, self._visible()))
+
+    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]:
+        """The UUIDs of these GPUs from the picture ("" where unknown)."""
+        by_index = {g.index: g.uuid for g in self._gpus or ()}
+        return tuple(by_index.get(i, "") for i in indices)
+
+    # -- polling
+
+    def arm_poll(self, seconds: float) -> None:
+        """Poll again in `seconds` unless a poll is already due."""
+        if self._timer is None:
+            self._timer = self.loop.call_later(seconds, self._tick)
+
+    def stop_poll(self) -> None:
+        """No job waits for a GPU: an idle daemon sleeps."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.expire()
+        self._refresh()

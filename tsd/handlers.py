@@ -1,0 +1,290 @@
+"""Request handlers: one function per request type, each answering a typed response.
+
+A handler checks who may do what (tsd.auth), acts through the daemon's parts
+and returns one of tsd.protocol's response dataclasses; streams (list, wait)
+send events first. Handlers hold no state of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from tsd import auth, protocol
+from tsd.dispatch import Dispatcher
+from tsd.errors import BadRequest, NoSuchJob, QueueFull, WrongState
+from tsd.gpumonitor import GpuMonitor
+from tsd.jobtable import JobTable
+from tsd.model import Job, JobState, Peer
+from tsd.policy import Policy
+from tsd.scheduler import check_fits
+from tsd.waiters import Waiters
+
+log = logging.getLogger("tsd")
+
+SendEvent = Callable[[protocol.Event], Awaitable[None]]
+
+
+class Killer(Protocol):
+    """The runner as handlers use it (tsd.runner.Runner)."""
+
+    def kill(self, job: Job) -> None: ...
+
+
+class UserSettings(Protocol):
+    """Per-user settings in the store (tsd.store.Store)."""
+
+    def user_settings(self, uid: int) -> dict[str, str]: ...
+
+    def set_user_setting(self, uid: int, key: str, value: str | None) -> None: ...
+
+
+@dataclass
+class Parts:
+    """The daemon's parts a request may touch."""
+
+    system: bool  # the root service (admin checks apply), not a personal daemon
+    my_uid: int
+    table: JobTable
+    policy: Policy
+    gpus: GpuMonitor
+    dispatcher: Dispatcher
+    runner: Killer
+    waiters: Waiters
+    settings: UserSettings
+    stop: Callable[[], None]  # stop serving, once the current answer is on its way
+
+
+async def handle(
+    p: Parts, creds: tuple[int, int, int], req: protocol.Request, send: SendEvent
+) -> protocol.Response:
+    """Serve one request from the caller with these SO_PEERCRED credentials."""
+    peer = auth.make_peer(*creds, is_admin=p.policy.config.is_admin)
+    auth.check_may_connect(peer, p.system, p.my_uid)
+    match req:
+        case protocol.Submit():
+            return await submit(p, peer, req)
+        case protocol.ListJobs():
+            return await list_jobs(p, peer, req, send)
+        case protocol.GetJob():
+            return get_job(p, peer, req)
+        case protocol.Remove():
+            return remove(p, peer, req)
+        case protocol.Urgent():
+            return urgent(p, peer, req)
+        case protocol.Swap():
+            return swap(p, peer, req)
+        case protocol.Kill():
+            return kill(p, peer, req)
+        case protocol.KillAll():
+            return kill_all(p, peer)
+        case protocol.Clear():
+            return protocol.Count(p.table.clear(peer.uid))
+        case protocol.Shutdown():
+            return shutdown(p, peer)
+        case protocol.Slots():
+            return slots(p, peer, req)
+        case protocol.CountRunning():
+            return protocol.Count(len(_own_running(p, peer)))
+        case protocol.Wait():
+            return await wait(p, peer, req, send)
+        case protocol.Env():
+            return env(p, peer, req)
+        case protocol.LogDir():
+            return logdir(p, peer, req)
+        case protocol.GpuFreePerc():
+            return gpu_free_perc(p, peer, req)
+        case protocol.GpuStatus():
+            return await gpu_status(p)
+    raise BadRequest("bad request: unsupported operation")
+
+
+async def submit(p: Parts, peer: Peer, req: protocol.Submit) -> protocol.JobId:
+    """Validate, wait for room if the queue is full, make durable, then answer."""
+    spec = req.spec
+    depends = list(spec.depends)
+    last = p.table.last_added.get(peer.uid)
+    if req.depend_last and last:
+        depends.append(last)
+    for dep in depends:
+        other = p.table.get(dep)
+        if other is None:
+            raise NoSuchJob(f"job {dep} does not exist (cannot depend on it)")
+        auth.check_owner(peer, other)
+    spec = replace(spec, depends=tuple(dict.fromkeys(depends)))
+    limits = p.policy.limits(peer.uid)
+    pool = None
+    if spec.gpus_wanted:
+        await p.gpus.snapshot(max_age=1.0)
+        pool = p.gpus.pool()
+    check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
+    if limits.max_queued is not None:
+        while p.table.pending_count[peer.uid] >= limits.max_queued:
+            if not req.block:
+                raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
+            await p.waiters.room_freed()
+    job = p.table.add(peer.uid, peer.user, spec)
+    log.info("job %d queued by %s: %s", job.id, peer.user, spec.command_line[:200])
+    p.dispatcher.schedule()
+    return protocol.JobId(job.id)
+
+
+async def list_jobs(
+    p: Parts, peer: Peer, req: protocol.ListJobs, send: SendEvent
+) -> protocol.JobList:
+    """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
+    # One snapshot first: the queue may change while a piece is being sent.
+    shown = [
+        p.dispatcher.explain(j)
+        for j in p.table.listing()
+        if req.all_users or j.uid == peer.uid
+    ]
+    rows: list[Job] = []
+    size = 0
+    for job in shown:
+        if size > protocol.LIST_CHUNK:
+            await send(protocol.JobsChunk(tuple(rows)))
+            rows, size = [], 0
+        rows.append(job)
+        size += 1024 + len(job.spec.command_line) + len(job.spec.label or "")
+    return protocol.JobList(tuple(rows), p.policy.total_slots(), p.table.used_slots())
+
+
+def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
+    """-i -s -p -o -a -F -q: one job's record, with why it waits."""
+    return protocol.JobRecord(p.dispatcher.explain(p.table.pick(peer, req.id, req.default)))
+
+
+def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
+    """ts -r: drop a job that is not running (queued, allocating or finished)."""
+    job = p.table.pick(peer, req.id, "added")
+    if job.state is JobState.RUNNING or job.id in p.table.launching:
+        raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
+    p.table.remove(job)
+    p.dispatcher.schedule()
+    return protocol.JobId(job.id)
+
+
+def _queued(p: Parts, job: Job) -> Job:
+    if not p.table.is_queued(job):
+        state = "starting" if job.id in p.table.launching else job.state.value
+        raise WrongState(f"job {job.id} is {state}, not queued")
+    return job
+
+
+def urgent(p: Parts, peer: Peer, req: protocol.Urgent) -> protocol.JobId:
+    """ts -u: move a pending job to the front of the queue."""
+    job = p.table.move_front(_queued(p, p.table.pick(peer, req.id, "added")))
+    p.dispatcher.schedule()
+    return protocol.JobId(job.id)
+
+
+def swap(p: Parts, peer: Peer, req: protocol.Swap) -> protocol.Done:
+    """ts -U a-b: swap two pending jobs' places."""
+    a, b = p.table.pick(peer, req.a, "added"), p.table.pick(peer, req.b, "added")
+    p.table.swap(_queued(p, a), _queued(p, b))
+    p.dispatcher.schedule()
+    return protocol.Done()
+
+
+def kill(p: Parts, peer: Peer, req: protocol.Kill) -> protocol.JobId:
+    """ts -k: end a running job (default: the caller's last run one)."""
+    job = p.table.pick(peer, req.id, "run")
+    p.runner.kill(job)
+    return protocol.JobId(job.id)
+
+
+def _own_running(p: Parts, peer: Peer) -> list[Job]:
+    return [j for j in p.table.running.values() if j.uid == peer.uid or peer.admin]
+
+
+def kill_all(p: Parts, peer: Peer) -> protocol.Count:
+    """ts -T: end every running job the caller may end."""
+    mine = _own_running(p, peer)
+    for job in mine:
+        p.runner.kill(job)
+    return protocol.Count(len(mine))
+
+
+def shutdown(p: Parts, peer: Peer) -> protocol.Done:
+    """ts -K: stop the daemon (admins only on the system service)."""
+    if p.system:
+        auth.check_admin(peer, "stopping the daemon (-K)")
+    p.stop()
+    return protocol.Done()
+
+
+def slots(p: Parts, peer: Peer, req: protocol.Slots) -> protocol.SlotCount:
+    """ts -S [N]."""
+    if req.value is not None:
+        if p.system:
+            auth.check_admin(peer, "setting the slot count (-S)")
+        p.policy.set_slots(req.value)
+        p.dispatcher.schedule()
+    return protocol.SlotCount(p.policy.total_slots())
+
+
+def _has_output(job: Job) -> bool:
+    return job.output_path is not None or not job.spec.store_output or job.pid is not None
+
+
+async def wait(p: Parts, peer: Peer, req: protocol.Wait, send: SendEvent) -> protocol.JobRecord:
+    """ts -w/-t/-c/-f: stream until the job is done; its record comes last."""
+    job = p.table.pick(peer, req.id, req.default)
+    if req.notify_start:
+        while job.state.pending or (job.state is JobState.RUNNING and not _has_output(job)):
+            await p.waiters.next_start(job.id)
+            job = _still_there(p, job)
+        await send(protocol.Started(job))
+    while not job.state.done:
+        await p.waiters.next_end(job.id)
+        job = _still_there(p, job)
+    return protocol.JobRecord(job)
+
+
+def _still_there(p: Parts, job: Job) -> Job:
+    current = p.table.get(job.id)
+    if current is None:
+        raise NoSuchJob(f"job {job.id} was removed")
+    return current
+
+
+def env(p: Parts, peer: Peer, req: protocol.Env) -> protocol.EnvValue:
+    """--getenv/--setenv/--unsetenv: variables added to the caller's future jobs."""
+    key = "env:" + req.name
+    if req.action == "get":
+        return protocol.EnvValue(p.settings.user_settings(peer.uid).get(key))
+    value = req.value if req.action == "set" else None
+    p.settings.set_user_setting(peer.uid, key, value)
+    return protocol.EnvValue(value)
+
+
+def logdir(p: Parts, peer: Peer, req: protocol.LogDir) -> protocol.LogDirPath:
+    """--get_logdir/--set_logdir. The path is only ever used by the user's own job."""
+    if req.path is not None:
+        p.settings.set_user_setting(peer.uid, "logdir", req.path)
+    path = p.settings.user_settings(peer.uid).get("logdir")
+    return protocol.LogDirPath(path or os.environ.get("TMPDIR") or "/tmp")
+
+
+def gpu_free_perc(p: Parts, peer: Peer, req: protocol.GpuFreePerc) -> protocol.GpuThreshold:
+    """--get_gpu_free_perc/--set_gpu_free_perc (admin-only to set on the system service)."""
+    if req.value is not None:
+        if p.system:
+            auth.check_admin(peer, "setting the GPU free-memory threshold")
+        p.policy.set_free_threshold(req.value)
+        p.gpus.expire(keep_problem=False)
+        p.dispatcher.schedule()
+    return protocol.GpuThreshold(p.policy.free_threshold())
+
+
+async def gpu_status(p: Parts) -> protocol.GpuReport:
+    """ts -g: the GPUs, why busy ones are busy, and every running GPU job (like ts -A)."""
+    gpus, problem = await p.gpus.snapshot()
+    held, tsd_pids = p.table.gpu_holders()
+    busy = p.gpus.busy(held, tsd_pids, p.policy.free_threshold())
+    jobs = tuple(sorted((j for j in p.table.running.values() if j.gpu_ids), key=lambda j: j.id))
+    return protocol.GpuReport(gpus or (), busy, jobs, problem)

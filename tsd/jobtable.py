@@ -1,0 +1,386 @@
+"""The job table: every job the daemon knows, its indexes, and the transitions between states.
+
+It owns the in-memory jobs and writes each change to the store before the
+change is visible to anyone, so a client that hears "ok" can rely on it. Every
+state change goes through one method here, which keeps the indexes true:
+
+* `pending`: ids of queued and allocating jobs, in queue order;
+  `pending_count` and `pending_gpu_jobs` count them per user and GPU-wanting;
+* `running`: the running jobs by id;
+* `launching`: jobs whose launch is under way (their supervisor and scope are
+  being made): out of the queue, holding their slots and GPUs, still shown in
+  their pending state until they run;
+* `finished_by_user`: finished and skipped ids per user, oldest first, capped
+  at `max_finished` (the oldest beyond the cap are forgotten);
+* `dependents`: for a job, the pending jobs that depend on it. Only pending
+  jobs are listed, and a job's own entry goes when it ends or is forgotten, so
+  the index never outgrows the queue.
+
+It does no scheduling and starts no process: the dispatcher and the runner
+decide, the table records. Hooks (`JobEvents`) tell waiters what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Literal, Protocol
+
+from tsd import auth
+from tsd.errors import NoSuchJob
+from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer
+from tsd.scheduler import DepOutcome
+
+
+class JobStore(Protocol):
+    """The part of tsd.store.Store the table writes through."""
+
+    def add_job(
+        self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float
+    ) -> Job: ...
+
+    def save(self, *jobs: Job) -> None: ...
+
+    def delete(self, ids: Iterable[int]) -> None: ...
+
+    def load_all(self) -> list[Job]: ...
+
+
+class JobEvents(Protocol):
+    """Who hears about transitions (tsd.waiters.Waiters)."""
+
+    def started(self, job_id: int) -> None: ...
+
+    def ended(self, job_id: int) -> None: ...
+
+    def room(self) -> None: ...
+
+
+class JobTable:
+    """Jobs by id, the queue and its indexes; every transition, made durable first."""
+
+    def __init__(
+        self, store: JobStore, events: JobEvents, max_finished: Callable[[], int]
+    ) -> None:
+        self.store = store
+        self.events = events
+        self._max_finished = max_finished
+        self.jobs: dict[int, Job] = {}
+        self.pending: list[int] = []
+        self.running: dict[int, Job] = {}
+        self.launching: dict[int, Job] = {}
+        self.dependents: dict[int, set[int]] = {}
+        self.last_added: dict[int, int] = {}
+        self.last_run: dict[int, int] = {}
+        self.pending_count: dict[int, int] = defaultdict(int)
+        self.pending_gpu_jobs = 0
+        self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)
+        self._orders = (0, -1)  # lowest and highest queue order keys handed out
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> list[Job]:
+        """Fill the table from the store; return the jobs recorded as running."""
+        for job in self.store.load_all():
+            self.jobs[job.id] = job
+            if job.state.pending:
+                self._index_pending(job)
+            self.last_added[job.uid] = max(self.last_added.get(job.uid, 0), job.id)
+            if job.start_time is not None:
+                self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        self._sort_pending()
+        if self.jobs:
+            orders = [j.order for j in self.jobs.values()]
+            self._orders = (min(orders), max(orders))
+        for job in sorted(self._done(), key=_end_key):
+            self.finished_by_user[job.uid].append(job.id)
+        running = [j for j in self.jobs.values() if j.state is JobState.RUNNING]
+        for job in running:
+            self.running[job.id] = job
+        return running
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, job_id: int) -> Job | None:
+        """The job, or None when it does not exist (any more)."""
+        return self.jobs.get(job_id)
+
+    def pick(self, peer: Peer, job_id: int | None, default: Literal["added", "run"]) -> Job:
+        """The job a request names, or the caller's last added (or last run) one; owner only."""
+        if job_id is None:
+            table = self.last_run if default == "run" else self.last_added
+            job_id = table.get(peer.uid)
+            if job_id is None or job_id not in self.jobs:
+                what = "run" if default == "run" else "queued"
+                raise NoSuchJob(f"you have no {what} job")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NoSuchJob(f"job {job_id} does not exist")
+        auth.check_owner(peer, job)
+        return job
+
+    def queue(self) -> Iterator[Job]:
+        """Pending jobs in queue order."""
+        return (self.jobs[i] for i in self.pending)
+
+    def listing(self) -> Iterator[Job]:
+        """What ts -l shows: running (and starting) by id, then the queue, then done by end."""
+        yield from sorted(self.holding(), key=lambda j: j.id)
+        yield from self.queue()
+        yield from sorted(self._done(), key=_end_key)
+
+    def holding(self) -> list[Job]:
+        """Jobs that hold slots and GPUs: the running ones and those being launched."""
+        return [*self.running.values(), *self.launching.values()]
+
+    def used_slots(self) -> int:
+        """Slots held by running jobs (and jobs being launched)."""
+        return sum(j.spec.slots for j in self.holding())
+
+    def gpu_holders(self) -> tuple[dict[int, int], set[int]]:
+        """GPU index -> the job holding it, and the pids of tsd's jobs."""
+        held = {i: j.id for j in self.holding() for i in j.gpu_ids}
+        pids = {p for j in self.running.values() for p in (j.pid, j.supervisor_pid) if p}
+        return held, pids
+
+    def is_queued(self, job: Job) -> bool:
+        """Pending and in the queue (not being launched): it may be moved or removed."""
+        return job.state.pending and job.id not in self.launching
+
+    def dep_outcome(self, job_id: int) -> DepOutcome:
+        """How a dependency stands, for the scheduler."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return DepOutcome.GONE
+        if job.state is JobState.SKIPPED:
+            return DepOutcome.SKIPPED
+        if job.state is JobState.FINISHED:
+            assert job.exit is not None
+            return DepOutcome.SUCCEEDED if job.exit.success else DepOutcome.FAILED
+        return DepOutcome.PENDING
+
+    def take_dependents(self, job_id: int) -> list[int]:
+        """The pending jobs waiting on a job that just ended, once (the entry goes)."""
+        return sorted(self.dependents.pop(job_id, ()))
+
+    # ------------------------------------------------------------ pending jobs
+
+    def add(self, uid: int, user: str, spec: JobSpec) -> Job:
+        """Queue a new job behind every other one; durable before it is returned."""
+        low, high = self._orders
+        self._orders = (low, high + 1)
+        job = self.store.add_job(uid, user, spec, high + 1, time.time())
+        self.jobs[job.id] = job
+        self._index_pending(job)
+        self.last_added[uid] = job.id
+        return job
+
+    def set_waiting(self, updates: Iterable[tuple[int, JobState, str]]) -> None:
+        """The scheduler's verdicts: queued or allocating, and why not running.
+
+        Only a change of state is written: a reason is shown, never persisted.
+        """
+        changed: list[Job] = []
+        for job_id, state, reason in updates:
+            job = self.jobs.get(job_id)
+            if job is None or not job.state.pending:
+                continue
+            updated = replace(job, state=state, wait_reason=reason)
+            if updated.state is not job.state:
+                changed.append(updated)
+            self.jobs[job_id] = updated
+        if changed:
+            self.store.save(*changed)
+
+    def move_front(self, job: Job) -> Job:
+        """ts -u: put a pending job before every other one."""
+        low, high = self._orders
+        self._orders = (low - 1, high)
+        job = replace(job, order=low - 1)
+        self.store.save(job)
+        self.jobs[job.id] = job
+        self.pending.remove(job.id)
+        self.pending.insert(0, job.id)
+        return job
+
+    def swap(self, a: Job, b: Job) -> None:
+        """ts -U: two pending jobs trade places."""
+        a, b = replace(a, order=b.order), replace(b, order=a.order)
+        self.store.save(a, b)
+        self.jobs[a.id], self.jobs[b.id] = a, b
+        ia, ib = self.pending.index(a.id), self.pending.index(b.id)
+        self.pending[ia], self.pending[ib] = b.id, a.id
+
+    def end_pending(
+        self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
+    ) -> Job:
+        """A pending job ends without running (skipped, or it could not start)."""
+        job = replace(
+            job, state=state, end_time=time.time(), exit=exit,
+            wait_reason=job.wait_reason if wait_reason is None else wait_reason,
+        )
+        self.store.save(job)
+        self._unindex_pending(job)
+        self.jobs[job.id] = job
+        self._account_done(job)
+        self.events.room()
+        self.events.ended(job.id)
+        return job
+
+    # ------------------------------------------------------------ running jobs
+
+    def begin_run(self, job: Job, gpu_ids: tuple[int, ...], uuids: tuple[str, ...]) -> Job:
+        """A pending job's launch begins: it leaves the queue and holds its slots and GPUs.
+
+        In memory only: a crash before `launched` leaves it queued.
+        """
+        job = replace(job, gpu_ids=gpu_ids, gpu_uuids=uuids)
+        self._unindex_pending(job)
+        self.jobs[job.id] = self.launching[job.id] = job
+        self.events.room()
+        return job
+
+    def launched(
+        self, job_id: int, supervisor_pid: int, supervisor_start: int | None, unit: str | None
+    ) -> Job:
+        """Its supervisor (and scope) exist: running, durably, before the job may run."""
+        job = replace(
+            self.launching.pop(job_id), state=JobState.RUNNING, start_time=time.time(),
+            supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
+            wait_reason="",
+        )
+        self.store.save(job)
+        self.jobs[job_id] = self.running[job_id] = job
+        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        return job
+
+    def end_launch(self, job_id: int, exit: ExitInfo) -> Job:
+        """A launch that failed for good (no scope): the job ends without having run."""
+        job = replace(
+            self.launching.pop(job_id), state=JobState.FINISHED, end_time=time.time(), exit=exit
+        )
+        self.store.save(job)
+        self.jobs[job_id] = job
+        self._account_done(job)
+        self.events.ended(job_id)
+        return job
+
+    def requeue(self, job_id: int) -> Job:
+        """A launch that never ran its command: back to the queue at its old place."""
+        job = self.running.pop(job_id, None) or self.launching.pop(job_id)
+        job = replace(
+            job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
+            supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,
+        )
+        self.store.save(job)
+        self.jobs[job_id] = job
+        self._index_pending(job)
+        self._sort_pending()
+        return job
+
+    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None:
+        """What a running job's supervisor reported: its command's pid, its output path.
+
+        `out_seen`: the output line came (`output` None then means -n): the job has
+        started for good, and -t/-c waiting for it may follow its output.
+        """
+        job = self.running.get(job_id)
+        if job is None:
+            return
+        updated = replace(job, pid=pid or job.pid, output_path=output or job.output_path)
+        if updated != job:
+            self.store.save(updated)
+            self.jobs[job_id] = self.running[job_id] = updated
+        if out_seen:
+            self.events.started(job_id)
+
+    def finish(
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
+    ) -> Job | None:
+        """A running job ended this way; None when it was not running."""
+        job = self.running.pop(job_id, None)
+        if job is None:
+            return None
+        job = replace(
+            job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
+            output_path=job.output_path or output,
+        )
+        self.store.save(job)
+        self.jobs[job_id] = job
+        self._account_done(job)
+        self.events.ended(job_id)
+        return job
+
+    # ------------------------------------------------------------ forgetting
+
+    def remove(self, job: Job) -> None:
+        """ts -r: forget a job that is not running."""
+        self.store.delete([job.id])
+        if job.state.done:
+            self.finished_by_user[job.uid].remove(job.id)
+        if job.state.pending:
+            self._unindex_pending(job)
+            self.events.room()
+        self._forget(job.id)
+        self.events.ended(job.id)
+
+    def clear(self, uid: int) -> int:
+        """ts -C: forget a user's finished and skipped jobs; how many."""
+        gone = [j.id for j in self._done() if j.uid == uid]
+        self.store.delete(gone)
+        self.finished_by_user.pop(uid, None)
+        for job_id in gone:
+            self._forget(job_id)
+        return len(gone)
+
+    # ------------------------------------------------------------ indexes
+
+    def _done(self) -> Iterator[Job]:
+        return (j for j in self.jobs.values() if j.state.done)
+
+    def _sort_pending(self) -> None:
+        self.pending.sort(key=lambda i: self.jobs[i].order)
+
+    def _index_pending(self, job: Job) -> None:
+        self.pending.append(job.id)
+        self.pending_count[job.uid] += 1
+        if job.spec.gpus_wanted:
+            self.pending_gpu_jobs += 1
+        for dep in job.spec.depends:
+            self.dependents.setdefault(dep, set()).add(job.id)
+
+    def _unindex_pending(self, job: Job) -> None:
+        self.pending.remove(job.id)
+        self.pending_count[job.uid] -= 1
+        if job.spec.gpus_wanted:
+            self.pending_gpu_jobs -= 1
+        for dep in job.spec.depends:
+            waiting = self.dependents.get(dep)
+            if waiting is not None:
+                waiting.discard(job.id)
+                if not waiting:
+                    del self.dependents[dep]
+
+    def _account_done(self, job: Job) -> None:
+        """A job just became finished or skipped; forget the oldest beyond the cap."""
+        done = self.finished_by_user[job.uid]
+        done.append(job.id)
+        drop: list[int] = []
+        while len(done) > self._max_finished():
+            drop.append(done.popleft())
+        drop = [i for i in drop if i in self.jobs]
+        if drop:
+            self.store.delete(drop)
+            for job_id in drop:
+                self._forget(job_id)
+
+    def _forget(self, job_id: int) -> None:
+        del self.jobs[job_id]
+        self.dependents.pop(job_id, None)
+
+
+def _end_key(job: Job) -> tuple[float, int]:
+    return (job.end_time or 0, job.id)
+

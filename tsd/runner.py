@@ -1,0 +1,473 @@
+"""The runner: turns a scheduled job into a supervised process, and its end into a record.
+
+For each job it builds the launch plan, forks the supervisor (tsd.launch), on
+the system service puts it into its systemd scope, and only then lets it run.
+It watches the supervisor (a pidfd) and its report pipe (command pid, output
+path), reads the exit report the supervisor leaves, and ends jobs on request
+(SIGTERM through the scope, SIGKILL after the grace period as a backstop).
+
+D-Bus and NVML calls block (starting a scope waits up to 10 s for systemd), so
+they run in the daemon's worker threads; their results are applied on the loop.
+A job whose launch is under way already holds its slots and GPUs in the job
+table. It is recorded as running (with its supervisor, in its scope) before it
+may run; a supervisor that is never told to go (the daemon died first) leaves
+an "aborted" report, and the job goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import pwd
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from tsd import exitreport, launch
+from tsd.config import Config
+from tsd.errors import WrongState
+from tsd.gpu import GpuUnavailable
+from tsd.gpumonitor import GpuReader
+from tsd.model import ExitInfo, Job, JobLimits, JobState
+
+log = logging.getLogger("tsd")
+
+KILL_BACKSTOP = 10.0  # seconds past the grace before the daemon SIGKILLs a stuck job itself
+
+_T = TypeVar("_T")
+
+
+class ScopeManager(Protocol):
+    """systemd job scopes (tsd.scope.SystemdScopes); blocking calls."""
+
+    def start(
+        self,
+        job_id: int,
+        uid: int,
+        pids: Sequence[int],
+        limits: JobLimits,
+        devices: Sequence[str] | None = None,
+        description: str = "",
+    ) -> str: ...
+
+    def kill(self, unit: str, sig: int) -> bool: ...
+
+    def stop(self, unit: str) -> None: ...
+
+
+class Launcher(Protocol):
+    """Forks supervisors (tsd.launch)."""
+
+    def spawn(self, plan: launch.LaunchPlan) -> launch.Launched: ...
+
+    def start_time(self, pid: int) -> int | None: ...
+
+
+class ProcessWatch(Protocol):
+    """Calls back once a process has exited."""
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool: ...
+
+    def forget(self, pid: int) -> None: ...
+
+
+class JobTableView(Protocol):
+    """The job table as the runner uses it (tsd.jobtable.JobTable)."""
+
+    running: dict[int, Job]
+
+    def get(self, job_id: int) -> Job | None: ...
+
+    def begin_run(self, job: Job, gpu_ids: tuple[int, ...], uuids: tuple[str, ...]) -> Job: ...
+
+    def launched(
+        self, job_id: int, supervisor_pid: int, supervisor_start: int | None, unit: str | None
+    ) -> Job: ...
+
+    def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
+
+    def requeue(self, job_id: int) -> Job: ...
+
+    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
+
+    def finish(
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
+    ) -> Job | None: ...
+
+    def end_pending(
+        self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
+    ) -> Job: ...
+
+
+class EnvSource(Protocol):
+    """Where a job's environment and its user's settings are kept (tsd.store.Store)."""
+
+    def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]: ...
+
+    def user_settings(self, uid: int) -> dict[str, str]: ...
+
+
+class GpuSource(Protocol):
+    """The GPU monitor as the runner uses it (tsd.gpumonitor.GpuMonitor)."""
+
+    @property
+    def reader(self) -> GpuReader: ...
+
+    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]: ...
+
+    def mark_unavailable(self, problem: str) -> None: ...
+
+
+class ForkLauncher:
+    """The real launcher: tsd.launch's fork, and /proc for a pid's start time."""
+
+    def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
+        """Fork the supervisor (it waits for go)."""
+        return launch.spawn(plan)
+
+    def start_time(self, pid: int) -> int | None:
+        """The pid's kernel start time, None when it is gone."""
+        return launch.proc_start_time(pid)
+
+
+class PidfdWatch:
+    """Process exits through pidfds on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._fds: dict[int, int] = {}
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        """Call `on_exit` once `pid` exits; False when it is already gone."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        self._fds[pid] = fd
+        self.loop.add_reader(fd, on_exit)
+        return True
+
+    def forget(self, pid: int) -> None:
+        """Stop watching `pid`."""
+        fd = self._fds.pop(pid, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What the runner needs to know of its daemon."""
+
+    system: bool  # jobs get a scope (and a device fence) and drop privileges
+    exits_dir: Path
+    on_finish: str | None = None  # TS_ONFINISH of the personal daemon
+
+
+class Runner:
+    """Launches jobs, watches their supervisors, records their ends, ends them on request."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor | None,
+        settings: RunnerSettings,
+        config: Callable[[], Config],
+        table: JobTableView,
+        env: EnvSource,
+        gpus: GpuSource,
+        scopes: Callable[[], ScopeManager],
+        ended: Callable[[Job], None],
+        requeued: Callable[[], None],
+        launcher: Launcher | None = None,
+        procs: ProcessWatch | None = None,
+    ) -> None:
+        self.loop = loop
+        self._executor = executor
+        self.settings = settings
+        self._config = config
+        self.table = table
+        self._env = env
+        self._gpus = gpus
+        self._make_scopes = scopes
+        self._scopes: ScopeManager | None = None
+        self._ended = ended
+        self._requeued = requeued
+        self.launcher = launcher or ForkLauncher()
+        self.procs = procs or PidfdWatch(loop)
+        self._reports: dict[int, int] = {}  # job id -> report pipe fd
+        self._kill_timers: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def scopes(self) -> ScopeManager:
+        """systemd scopes, on the system service only (pydbus loads lazily)."""
+        if self._scopes is None:
+            self._scopes = self._make_scopes()
+        return self._scopes
+
+    async def _offload(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await self.loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ recovery
+
+    def recover(self, running: Sequence[Job]) -> None:
+        """After a restart: re-adopt live supervisors (by pid and start time), settle the rest."""
+        for job in running:
+            if self._supervisor_alive(job):
+                log.info("job %d: re-adopted (supervisor pid %s)", job.id, job.supervisor_pid)
+                self._watch(job, report_fd=None)
+            else:
+                self._job_ended(job.id)
+        for leftover in self.settings.exits_dir.glob("*.json"):
+            try:
+                job_id = int(leftover.stem)
+            except ValueError:
+                continue
+            known = self.table.get(job_id)
+            if known is None or known.state is not JobState.RUNNING:
+                leftover.unlink(missing_ok=True)
+
+    def _supervisor_alive(self, job: Job) -> bool:
+        if job.supervisor_pid is None:
+            return False
+        if self.launcher.start_time(job.supervisor_pid) != job.supervisor_start:
+            return False
+        return not exitreport.path(self.settings.exits_dir, job.id).exists()
+
+    # ------------------------------------------------------------ starting
+
+    def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
+        """Launch a pending job the dispatcher chose, on these GPUs."""
+        try:
+            pw = pwd.getpwuid(job.uid)
+        except KeyError:
+            ended = self.table.end_pending(
+                job, JobState.FINISHED,
+                ExitInfo(code=None, lost=True, note=f"user {job.uid} no longer exists"),
+            )
+            # Not from inside the dispatcher's pass that chose this job.
+            self.loop.call_soon(self._ended, ended)
+            return
+        uuids = self._gpus.uuids(gpu_ids) if gpu_ids else ()
+        job = self.table.begin_run(job, gpu_ids, uuids)
+        plan = self._plan(job, pw)
+        if self.settings.system:
+            self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
+            return
+        launched = self.launcher.spawn(plan)
+        job = self.table.launched(
+            job.id, launched.supervisor_pid, launched.supervisor_start, None
+        )
+        launched.go()
+        self._watch(job, launched.report_fd)
+        log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+
+    def _plan(self, job: Job, pw: pwd.struct_passwd) -> launch.LaunchPlan:
+        env = dict(self._env.env_of(job.id))
+        settings = self._env.user_settings(job.uid)
+        for key, value in settings.items():
+            if key.startswith("env:"):
+                env[key[4:]] = value
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["TS_JOBID"] = str(job.id)
+        on_finish = env.get("TS_ONFINISH") or (
+            None if self.settings.system else self.settings.on_finish
+        )
+        return launch.LaunchPlan(
+            job_id=job.id,
+            uid=job.uid,
+            gid=pw.pw_gid,
+            user=pw.pw_name,
+            command=job.spec.command,
+            cwd=job.spec.cwd,
+            env=env,
+            umask=job.spec.umask,
+            log_dir=settings.get("logdir") or env.get("TMPDIR") or "/tmp",
+            exits_dir=str(self.settings.exits_dir),
+            store_output=job.spec.store_output,
+            output_name=job.spec.output_name,
+            gzip=job.spec.gzip,
+            stderr_apart=job.spec.stderr_apart,
+            timeout=job.spec.timeout,
+            grace=self._config().kill_grace_seconds,
+            on_finish=on_finish,
+            mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
+            drop_privileges=os.getuid() == 0,
+        )
+
+    def _device_fence(self, gpu_ids: tuple[int, ...]) -> list[str] | None:
+        """Runs in a worker: the device nodes the job may open, None for no fence at all."""
+        if not any(Path("/dev").glob("nvidia[0-9]*")):
+            return None  # no NVIDIA device nodes here: nothing to fence
+        # Every job is fenced off the GPUs it was not given, a CPU job off all of
+        # them: CUDA_VISIBLE_DEVICES alone is only a convention.
+        return self._gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
+
+    async def _launch_in_scope(
+        self, job: Job, plan: launch.LaunchPlan, gpu_ids: tuple[int, ...]
+    ) -> None:
+        try:
+            devices = await self._offload(self._device_fence, gpu_ids)
+        except GpuUnavailable as exc:
+            # NVML failed just now: the job waits for it in the queue like any other.
+            self._gpus.mark_unavailable(str(exc))
+            log.warning("job %d not started, GPUs unavailable: %s", job.id, exc)
+            self.table.requeue(job.id)
+            self._requeued()
+            return
+        launched = self.launcher.spawn(plan)
+        description = f"tsd job {job.id} of {job.user}: {job.spec.command_line[:100]}"
+        try:
+            unit = await self._offload(
+                self.scopes.start, job.id, job.uid, [launched.supervisor_pid],
+                self._config().job, devices, description,
+            )
+        except Exception as exc:  # the scope is the job's fence: no scope, no job
+            launched.abort()
+            with contextlib.suppress(ChildProcessError):
+                await self._offload(os.waitpid, launched.supervisor_pid, 0)
+            exitreport.discard(self.settings.exits_dir, job.id)
+            os.close(launched.report_fd)
+            log.error("job %d: %s", job.id, exc)
+            note = f"could not start its scope: {exc}"
+            self._ended(self.table.end_launch(job.id, ExitInfo(code=None, lost=True, note=note)))
+            return
+        job = self.table.launched(job.id, launched.supervisor_pid, launched.supervisor_start, unit)
+        launched.go()  # durable and in its scope: now it may run
+        self._watch(job, launched.report_fd)
+        log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+
+    # ------------------------------------------------------------ watching
+
+    def _watch(self, job: Job, report_fd: int | None) -> None:
+        assert job.supervisor_pid is not None
+        if not self.procs.watch(job.supervisor_pid, lambda: self._job_ended(job.id)):
+            self.loop.call_soon(self._job_ended, job.id)
+            if report_fd is not None:
+                os.close(report_fd)
+            return
+        if report_fd is not None:
+            self._reports[job.id] = report_fd
+            self.loop.add_reader(report_fd, self._read_report, job.id, report_fd)
+
+    def _read_report(self, job_id: int, fd: int) -> None:
+        """The supervisor's "pid N" and "out PATH" lines, as they come."""
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            fields = launch.parse_report(data.decode(errors="replace"))
+            pid, out = fields.get("pid"), fields.get("out")
+            self.table.report(
+                job_id,
+                int(pid) if pid and pid.isdigit() else None,
+                None if out in (None, "-") else out,
+                out is not None,
+            )
+        job = self.table.get(job_id)
+        if not data or (job is not None and job.output_path is not None):
+            self._close_report(job_id)
+
+    def _close_report(self, job_id: int) -> None:
+        fd = self._reports.pop(job_id, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _job_ended(self, job_id: int) -> None:
+        """The job's supervisor is gone: record the report it left, or that it was lost."""
+        fd = self._reports.get(job_id)
+        if fd is not None:
+            self._read_report(job_id, fd)  # what it said just before it went
+            self._close_report(job_id)
+        job = self.table.running.get(job_id)
+        if job is None:
+            return
+        if job.supervisor_pid is not None:
+            self.procs.forget(job.supervisor_pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(job.supervisor_pid, os.WNOHANG)
+        timer = self._kill_timers.pop(job_id, None)
+        if timer is not None:
+            timer.cancel()
+        report = exitreport.read(self.settings.exits_dir, job_id)
+        if job.unit and self.settings.system:
+            self._spawn_task(self._quietly(self.scopes.stop, job.unit))
+        if report is not None and report.aborted:
+            self.table.requeue(job_id)
+            exitreport.discard(self.settings.exits_dir, job_id)
+            log.info("job %d: never started, queued again", job_id)
+            self._requeued()
+            return
+        if report is None:
+            exit_info = ExitInfo(lost=True, note="its supervisor vanished (killed, or host reboot)")
+            ended = self.table.finish(job_id, exit_info, None, None)
+        else:
+            ended = self.table.finish(job_id, report.exit, report.end, report.output)
+        exitreport.discard(self.settings.exits_dir, job_id)
+        if ended is not None:
+            log.info("job %d finished: %s", job_id, ended.exit)
+            self._ended(ended)
+
+    async def _quietly(self, fn: Callable[..., object], *args: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self._offload(fn, *args)
+
+    # ------------------------------------------------------------ ending
+
+    def kill(self, job: Job) -> None:
+        """End a running job's whole tree: SIGTERM now, SIGKILL after the grace period."""
+        if job.state is not JobState.RUNNING:
+            raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        self._signal(job.id, signal.SIGTERM)
+        if job.id not in self._kill_timers:
+            delay = self._config().kill_grace_seconds + KILL_BACKSTOP
+            self._kill_timers[job.id] = self.loop.call_later(
+                delay, self._signal, job.id, signal.SIGKILL
+            )
+
+    def _signal(self, job_id: int, sig: int) -> None:
+        job = self.table.running.get(job_id)
+        if job is None:
+            return
+        if job.unit and self.settings.system:
+            self._spawn_task(self._signal_scope(job, sig))
+        else:
+            self._signal_supervisor(job, sig)
+
+    async def _signal_scope(self, job: Job, sig: int) -> None:
+        # KillUnit reaches every process of the scope; the supervisor handles SIGTERM
+        # by ending the tree itself and recording the status.
+        assert job.unit is not None
+        with contextlib.suppress(Exception):
+            if await self._offload(self.scopes.kill, job.unit, sig):
+                return
+        if job.id in self.table.running:
+            self._signal_supervisor(job, sig)
+
+    def _signal_supervisor(self, job: Job, sig: int) -> None:
+        if job.supervisor_pid and self._supervisor_alive(job):
+            with contextlib.suppress(OSError):
+                os.kill(job.supervisor_pid, sig)
+
+    async def drain(self) -> None:
+        """Let launches and scope calls under way finish (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

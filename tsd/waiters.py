@@ -1,0 +1,71 @@
+"""Clients parked until something happens to a job, or until a full queue has room.
+
+`ts -w/-t/-c/-f` park on a job's end (and -t/-c first on its start); `ts` on a
+full queue parks until the user's queue shrinks. The job table calls the
+`started`/`ended`/`room` hooks (it sees every transition); the handlers await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+
+class Waiters:
+    """Futures keyed by job id, and one condition for "a queue got shorter"."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._ends: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
+        self._starts: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
+        self._room = asyncio.Condition()
+
+    # -- hooks the job table calls (tsd.jobtable.JobEvents)
+
+    def started(self, job_id: int) -> None:
+        """The job runs, or learnt its output path: wake its start waiters."""
+        _wake(self._starts.pop(job_id, []))
+
+    def ended(self, job_id: int) -> None:
+        """The job is done or gone: wake everyone waiting on it."""
+        _wake(self._ends.pop(job_id, []))
+        self.started(job_id)
+
+    def room(self) -> None:
+        """A pending job left some queue: blocked submitters check again."""
+        self.loop.create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    # -- what handlers await
+
+    async def next_start(self, job_id: int) -> None:
+        """Until job `job_id` starts or changes what it reports at start."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._starts[job_id].append(fut)
+        await fut
+
+    async def next_end(self, job_id: int) -> None:
+        """Until job `job_id` ends or is removed."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._ends[job_id].append(fut)
+        await fut
+
+    async def room_freed(self) -> None:
+        """Until some pending job leaves the queue."""
+        async with self._room:
+            await self._room.wait()
+
+    def parked(self) -> int:
+        """How many job futures are parked (tests check nothing leaks)."""
+        return sum(len(v) for v in self._ends.values()) + sum(
+            len(v) for v in self._starts.values()
+        )
+
+
+def _wake(futures: list[asyncio.Future[None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
