@@ -661,6 +661,58 @@ def test_queueing_a_job_imports_no_protocol_model_click_typing_or_dataclasses() 
     assert out.strip() == "[]"
 
 
+FAKE_DAEMON = """
+import os, socket, sys, tempfile, threading
+from tsd import framing
+path = os.path.join(tempfile.mkdtemp(), "tsd.sock")
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+seen = []
+
+def serve():
+    conn, _ = server.accept()
+    n = framing.frame_length(conn.recv(4))
+    body = b""
+    while len(body) < n:
+        body += conn.recv(n - len(body))
+    seen.append(framing.decode(body))
+    conn.sendall(framing.encode(ANSWER))
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+os.environ["TS_SOCKET"] = path
+from tsd import cli
+try:
+    cli.main(ARGV)
+except SystemExit as exc:
+    code = exc.code
+loaded = ("click", "typing", "dataclasses", "tsd.protocol", "tsd.model", "tsd.render")
+print(code, seen[0]["op"], seen[0]["spec"]["command"], [m for m in loaded if m in sys.modules])
+"""
+
+
+def _ts_against_a_fake_daemon(argv: list[str], answer: dict[str, object]) -> tuple[str, str]:
+    script = FAKE_DAEMON.replace("ANSWER", repr(answer)).replace("ARGV", repr(argv))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    return proc.stdout, proc.stderr
+
+
+def test_ts_queues_a_job_with_one_frame_and_no_typed_protocol() -> None:
+    out, err = _ts_against_a_fake_daemon(["-L", "x", "echo", "hi"], {"ok": True, "id": 5})
+    assert out == "5\n0 submit ['echo', 'hi'] []\n"
+    assert err == ""
+
+
+def test_a_spec_the_daemon_refuses_is_one_usage_line_and_exit_1() -> None:
+    refusal = {"ok": False, "code": "bad_request",
+               "error": "bad request: spec.output_name: a file name without any path"}  # fmt: skip
+    out, err = _ts_against_a_fake_daemon(["-O", "a/b", "true"], refusal)
+    assert out == "1 submit ['true'] []\n"
+    assert err == "ts: spec.output_name: a file name without any path\n"
+
+
 # ------------------------------------------------------ module structure
 
 TSD = Path(__file__).parents[2] / "tsd"
