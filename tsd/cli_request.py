@@ -1,6 +1,6 @@
 """What a `ts` command line asks for: the action, and the request that carries it out.
 
-`parse_options` (tsd.cli_options) gives the options' values; here they pick
+`parse` (tsd.cli_options) gives the options' values; here they pick
 the action (`-l`, `-t`, ... or queueing a command) and become a request.
 
 Queueing a job has one path: `submit_wire` builds the request as it travels.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import Any
 
     from tsd import protocol
+    from tsd.cli_options import ParsedLine
 
 
 class Invocation:
@@ -132,7 +133,7 @@ def parse_argv(
     return inv
 
 
-def _action_of(line: Any) -> tuple[str, str]:
+def _action_of(line: ParsedLine) -> tuple[str, str]:
     """The action and how it was spelled; `list` (spelled "") when none is given."""
     # -l, -A and -M all mean "list"; -g without ids and without a command is the
     # GPU listing; help wins over everything else.
