@@ -127,13 +127,11 @@ install -D -m 0644 "$SRC/systemd/tsd.sysusers" "$ROOT/usr/lib/sysusers.d/tsd.con
 install -D -m 0644 "$SRC/systemd/tsd.tmpfiles" "$ROOT/usr/lib/tmpfiles.d/tsd.conf"
 install -D -m 0644 "$SRC/etc/tsd.yaml" "$ROOT/etc/tsd/tsd.yaml"
 
-# The man page, generated from the click command with the packaged code.
+# The man page, generated from ts's option table with the packaged code
+# (standard library only: any python3 will do).
 if [ -f "$PYDIR/tsd/manpage.py" ]; then
     install -d "$ROOT/usr/share/man/man1"
-    # Any Python with click will do: the system's, else the checkout's venv.
-    py=python3
-    python3 -c 'import click' 2>/dev/null || py="$SRC/.venv/bin/python"
-    PYTHONPATH="$PYDIR" "$py" -m tsd.manpage > "$WORK/ts.1" \
+    PYTHONPATH="$PYDIR" python3 -m tsd.manpage > "$WORK/ts.1" \
         || die "python -m tsd.manpage failed"
     gzip -9n < "$WORK/ts.1" > "$ROOT/usr/share/man/man1/ts.1.gz"
 else

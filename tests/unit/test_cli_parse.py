@@ -1,7 +1,8 @@
 """ts's argv -> request mapping, for every flag, without a daemon.
 
 Also the client-side pieces that need no daemon: following a (gzipped)
-output file for -t/-c, the help text and the generated man page.
+output file for -t/-c, the help text, the generated man page and shell
+completion, and the shape of the client's modules (no click, no cycles).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsd import __version__, cli, cli_click, manpage, protocol
-from tsd.cli import Invocation, UsageError, parse_argv
+from tsd import __version__, cli_options, cli_output, manpage, protocol
+from tsd.cli_options import OPTIONS, Kind, UsageError
+from tsd.cli_request import Invocation, invocation, parse_argv
+from tsd.client import Connection
+from tsd.errors import BadRequest, ServerUnavailable, TsdError
 from tsd.model import DependMode
 
 ENV = {"HOME": "/home/alice", "PATH": "/usr/bin"}
@@ -326,12 +330,12 @@ def test_actions_take_no_command() -> None:
 def test_every_option_in_the_table_parses() -> None:
     # A guard for the table itself: each option, spelled each way it can be, parses.
     samples = {
-        cli.Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
+        Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
                          "timeout": "5"},
     }  # fmt: skip
-    for opt in cli.OPTIONS:
-        value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind is cli.Kind.VALUE else None)
+    for opt in OPTIONS:
+        value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
         spellings = [f"-{opt.short}"] if opt.short else []
         if opt.long:
             spellings.append(f"--{opt.long}")
@@ -342,10 +346,10 @@ def test_every_option_in_the_table_parses() -> None:
             parse(*argv)
 
 
-# ------------------------------------------- fast path versus click path
+# ------------------------------------------------ the table is the parser
 
 # Values that have the right shape for some option, the wrong shape for others,
-# or a shape only click reads (signs, spaces, other scripts' digits, exponents).
+# or a shape only Python's int()/float() read (signs, spaces, other scripts' digits).
 VALUES = (
     "", "0", "1", "2", "5", "007", "+3", "-1", "-5", " 3", "3 ", "\u0663", "1_0", "1e2",
     "1,2", "0,1", "1,,2", ",1", "1,", "a", "x1", "json", "tab", "default", "yaml", "JSON",
@@ -355,78 +359,111 @@ VALUES = (
 )
 
 
+def _spellings(opt: cli_options.Opt, value: str | None) -> list[list[str]]:
+    """Every way to write `opt` with `value` (None: without one) as its own words."""
+    out = []
+    if opt.short:
+        out.append([f"-{opt.short}"] + ([value] if value is not None else []))
+        if value:
+            out.append([f"-{opt.short}{value}"])
+    if opt.long:
+        out.append([f"--{opt.long}"] + ([value] if value is not None else []))
+        if value is not None:
+            out.append([f"--{opt.long}={value}"])
+    return out
+
+
 @st.composite
 def command_lines(draw: st.DrawFn) -> list[str]:
     argv: list[str] = []
     for _ in range(draw(st.integers(0, 5))):
-        opt = draw(st.sampled_from(cli.OPTIONS))
+        opt = draw(st.sampled_from(OPTIONS))
         value = draw(st.none() | st.sampled_from(VALUES) | st.text(max_size=6))
-        spellings = []
-        if opt.short:
-            spellings.append([f"-{opt.short}"] + ([value] if value is not None else []))
-            if value:
-                spellings.append([f"-{opt.short}{value}"])
-        if opt.long:
-            spellings.append([f"--{opt.long}"] + ([value] if value is not None else []))
-            if value is not None:
-                spellings.append([f"--{opt.long}={value}"])
-        argv += draw(st.sampled_from(spellings))
+        argv += draw(st.sampled_from(_spellings(opt, value)))
     argv += draw(st.lists(st.sampled_from(["true", "echo", "-n", "--", "5", "x"]), max_size=3))
     return argv
 
 
-def _both_ways(argv: list[str]) -> tuple[dict[str, object] | None, dict[str, object] | str]:
-    """The fast path's params (None: it defers to click) and click's params or message."""
-    scanned, command = cli.scan(argv)
-    fast = cli.fast_params(scanned, command)
-    try:
-        return fast, cli_click.click_parse(scanned, command)
-    except UsageError as exc:
-        return fast, str(exc)
+# A value of the right shape for each option that takes one, and what it stands for.
+GOOD_VALUES: dict[str, tuple[str, object]] = {
+    "getenv": ("FOO", "FOO"), "setenv": ("A=1", "A=1"), "unsetenv": ("FOO", "FOO"),
+    "get_label": ("3", 3), "full_cmd": ("4", 4), "set_logdir": ("/d", "/d"),
+    "serialize": ("json", "json"), "set_gpu_free_perc": ("12.5", 12.5), "gpus": ("2", 2),
+    "gpu_indices": ("0,3", (0, 3)), "timeout": ("2m", 120.0), "slots": ("0", 0),
+    "tail": ("9", 9), "cat": ("8", 8), "pid": ("7", 7), "output": ("6", 6), "info": ("5", 5),
+    "state": ("4", 4), "remove": ("3", 3), "wait": ("2", 2), "kill": ("1", 1),
+    "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
+    "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
+    "num_slots": ("4", 4),
+}  # fmt: skip
 
 
-def _single_option_lines() -> list[list[str]]:
-    lines = []
-    for opt in cli.OPTIONS:
-        for value in (None, *VALUES):
-            if opt.short:
-                lines.append([f"-{opt.short}"] + ([value] if value is not None else []))
-                if value:
-                    lines.append([f"-{opt.short}{value}"])
-            if opt.long:
-                lines.append([f"--{opt.long}"] + ([value] if value is not None else []))
-                if value is not None:
-                    lines.append([f"--{opt.long}={value}"])
-    return lines
+@st.composite
+def well_formed_lines(draw: st.DrawFn) -> tuple[list[str], dict[str, object], list[str]]:
+    """A command line of options with good values in any spelling, what the table says
+    each option's value is (the last occurrence wins), and the command."""
+    argv: list[str] = []
+    expected: dict[str, object] = {}
+    for _ in range(draw(st.integers(0, 6))):
+        opt = draw(st.sampled_from(OPTIONS))
+        if opt.kind == Kind.FLAG:
+            argv.append(draw(st.sampled_from(opt.names)))
+            expected[opt.dest] = True
+            continue
+        text, value = GOOD_VALUES[opt.dest]
+        argv += draw(st.sampled_from(_spellings(opt, text)))
+        expected[opt.dest] = value
+    command = draw(st.lists(st.sampled_from(["true", "-n", "x", "5", "--lr"]), max_size=3))
+    if command and command[0].startswith("-"):
+        argv.append("--")
+    return argv + command, expected, command
 
 
-def test_fast_path_agrees_with_click_on_every_option_and_value() -> None:
-    deferred = 0
-    for argv in _single_option_lines():
-        for line in (argv, [*argv, "true"]):
-            try:
-                fast, slow = _both_ways(line)
-            except UsageError:
-                continue
-            if fast is None:
-                deferred += 1
-            else:
-                assert fast == slow, line
-    assert deferred > 0  # the table has bad values: those must go to click
+@settings(max_examples=400, deadline=None)
+@given(well_formed_lines())
+def test_any_spelling_of_well_formed_options_gives_the_values_the_table_says(
+    line: tuple[list[str], dict[str, object], list[str]],
+) -> None:
+    argv, expected, command = line
+    parsed = cli_options.parse(argv)
+    assert parsed.command == command
+    for opt in OPTIONS:
+        default = False if opt.kind == Kind.FLAG else None
+        assert parsed.values[opt.dest] == expected.get(opt.dest, default), opt
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([o for o in OPTIONS if o.kind == Kind.FLAG and o.short]),
+                min_size=1, max_size=5))
+def test_short_flags_bundle_like_getopt(flags: list[cli_options.Opt]) -> None:
+    bundled = cli_options.parse(["-" + "".join(str(o.short) for o in flags), "true"])
+    apart = cli_options.parse([f"-{o.short}" for o in flags] + ["true"])
+    assert bundled.values == apart.values
+    assert bundled.command == apart.command == ["true"]
 
 
 @settings(max_examples=400, deadline=None)
 @given(command_lines())
-def test_fast_path_agrees_with_click_or_defers_to_it(argv: list[str]) -> None:
+def test_any_command_line_parses_or_is_one_usage_error(argv: list[str]) -> None:
     try:
-        fast, slow = _both_ways(argv)
-    except UsageError:
-        return  # refused by the scan itself, before either path
-    if fast is not None:
-        assert fast == slow
-    # Whichever path ran, parse_argv gives click's verdict.
-    if isinstance(slow, str):
-        assert usage_error(*argv) == slow
+        inv = parse_argv(argv, ENV, "/work/dir", 0o027)
+    except UsageError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert inv.action in {o.action for o in OPTIONS} | {"submit", "gpu_status"}
+    assert inv.request is not None or inv.action in ("help", "version")
+
+
+def test_a_value_is_checked_only_in_its_last_occurrence() -> None:
+    # ts has always let a later occurrence of an option replace an earlier one.
+    assert submit("-N", "x", "-N", "2", "true").spec.slots == 2
+    assert usage_error("-N", "2", "-N", "x", "true").startswith("invalid value for -N")
+
+
+def test_an_optional_value_that_looks_like_an_option_is_read_as_options() -> None:
+    assert usage_error("-t-5") == "No such option: -5"
+    assert parse("-M-A").all_users and parse("-M-A").list_format == "default"
+    assert "only one action" in usage_error("-t-l")
 
 
 COMMON_COMMAND_LINES = [
@@ -445,17 +482,10 @@ COMMON_COMMAND_LINES = [
 ]
 
 
-@pytest.mark.parametrize("argv", COMMON_COMMAND_LINES, ids=" ".join)
-def test_common_command_lines_take_the_fast_path_with_clicks_values(argv: list[str]) -> None:
-    fast, slow = _both_ways(argv)
-    assert fast is not None
-    assert fast == slow
-
-
 def test_common_command_lines_import_neither_click_nor_typing() -> None:
     script = (
         "import sys\n"
-        "from tsd.cli import parse_argv\n"
+        "from tsd.cli_request import parse_argv\n"
         f"for argv in {COMMON_COMMAND_LINES!r}:\n"
         "    parse_argv(argv, {}, '/w')\n"
         "print(sorted(m for m in ('click', 'typing') if m in sys.modules))\n"
@@ -466,42 +496,73 @@ def test_common_command_lines_import_neither_click_nor_typing() -> None:
     assert out.strip() == "[]"
 
 
-def test_a_bad_value_gets_clicks_message() -> None:
+def test_a_bad_value_gets_the_message_ts_has_always_given() -> None:
+    # These were click 8.1's words; ts now says them itself, whatever click is installed.
     assert usage_error("-N", "x", "true") == (
         "invalid value for -N: 'x' is not a valid integer range."
     )
     assert usage_error("-M", "yaml") == (
         "invalid value for -M: 'yaml' is not one of 'default', 'json', 'tab'."
     )
+    assert usage_error("-N", "0", "true") == (
+        "invalid value for -N: 0 is not in the range 1<=x<=65536."
+    )
+    assert usage_error("--set_gpu_free_perc", "101") == (
+        "invalid value for --set_gpu_free_perc: 101.0 is not in the range 0.0<=x<=100.0."
+    )
     assert usage_error("-t-5") == "No such option: -5"
-    assert submit("-N", "+2", "true").spec.slots == 2  # click reads it; so does ts
+    assert submit("-N", "+2", "true").spec.slots == 2  # Python's int() reads it; so does ts
 
 
-# ------------------------------------------------------------ quick submit
+def test_ts_works_without_click_installed() -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['click'] = None  # any import of click now fails\n"
+        "from tsd import cli, cli_completion, cli_options, manpage\n"
+        "from tsd.cli_request import parse_argv\n"
+        f"for argv in {COMMON_COMMAND_LINES!r}:\n"
+        "    parse_argv(argv, {}, '/w')\n"
+        "assert cli_options.help_text() and manpage.render()\n"
+        "words = {'COMP_WORDS': 'ts -M ', 'COMP_CWORD': '2'}\n"
+        "assert cli_completion.answer('bash_complete', words)[1] == 'plain,default\\n"
+        "plain,json\\nplain,tab\\n'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "ok"
+
+
+# --------------------------------------------------- the one submit path
 
 def _typed_wire(
     argv: list[str], env: dict[str, str] = ENV, cwd: str = "/work/dir"
 ) -> dict[str, object] | None:
-    """What run() sends for a submit that is not -f (None for anything else)."""
+    """The submit request as the daemon reads it back (None for anything else)."""
     inv = parse_argv(argv, env, cwd, 0o027)
-    if inv.action != "submit" or inv.foreground or inv.request is None:
+    if inv.action != "submit" or inv.request is None:
         return None
     return protocol.request_to_wire(inv.request)
 
 
-QUICK_LINES = [line for line in COMMON_COMMAND_LINES if _typed_wire(line) is not None]
+SUBMIT_LINES = [line for line in COMMON_COMMAND_LINES if _typed_wire(line) is not None]
 
 
-@pytest.mark.parametrize("argv", QUICK_LINES, ids=" ".join)
-def test_quick_submit_sends_what_the_typed_protocol_sends(argv: list[str]) -> None:
-    quick = cli.quick_submit_request(argv, ENV, "/work/dir", 0o027)
-    assert quick is not None
-    assert quick == _typed_wire(argv)
+@pytest.mark.parametrize("argv", SUBMIT_LINES, ids=" ".join)
+def test_the_submit_ts_sends_is_what_the_daemon_reads(argv: list[str]) -> None:
+    inv = invocation(argv, ENV, "/work/dir", 0o027)
+    assert inv.wire is not None
+    assert inv.wire == _typed_wire(argv)
 
 
-def test_actions_and_foreground_jobs_do_not_take_the_quick_submit() -> None:
-    for argv in (["-l"], ["-t", "3"], ["-f", "true"], ["-nf", "true"], ["-h", "true"]):
-        assert cli.quick_submit_request(argv, ENV, "/work/dir", 0o027) is None
+def test_actions_send_typed_requests_and_foreground_jobs_the_same_submit() -> None:
+    for argv in (["-l"], ["-t", "3"], ["-h", "true"]):
+        assert invocation(argv, ENV, "/work/dir", 0o027).wire is None
+    for argv in (["-f", "true"], ["-nf", "true"]):
+        inv = invocation(argv, ENV, "/work/dir", 0o027)
+        assert inv.wire is not None and inv.foreground
+        assert inv.wire == _typed_wire(argv)
 
 
 @pytest.mark.parametrize(
@@ -519,12 +580,18 @@ def test_actions_and_foreground_jobs_do_not_take_the_quick_submit() -> None:
         (["echo", "x" * 200_000], ENV, "/w"),
     ],
 )
-def test_specs_the_protocol_refuses_leave_the_quick_submit_for_parse_argv(
+def test_specs_the_protocol_refuses_get_the_daemons_message_as_a_usage_error(
     argv: list[str], env: dict[str, str], cwd: str
 ) -> None:
-    assert cli.quick_submit_request(argv, env, cwd, 0o022) is None
-    with pytest.raises(UsageError):
+    # ts sends these as they are; the daemon refuses them with protocol.parse_request,
+    # and ts shows that message the way parse_argv (the same function) gives it here.
+    inv = invocation(argv, env, cwd, 0o022)
+    assert inv.wire is not None
+    with pytest.raises(BadRequest) as refused:
+        protocol.parse_request(inv.wire)
+    with pytest.raises(UsageError) as usage:
         parse_argv(argv, env, cwd, 0o022)
+    assert str(usage.value) == refused.value.message.removeprefix("bad request: ")
 
 
 @settings(max_examples=300, deadline=None)
@@ -533,20 +600,26 @@ def test_specs_the_protocol_refuses_leave_the_quick_submit_for_parse_argv(
     st.dictionaries(st.text(max_size=4), st.text(max_size=8), max_size=3),
     st.sampled_from(["/w", "/work/dir", "rel", "/\udcff", "/" + "d" * 5000]),
 )
-def test_quick_submit_agrees_with_parse_argv(
+def test_what_ts_sends_and_what_parse_argv_checks_agree(
     argv: list[str], env: dict[str, str], cwd: str
 ) -> None:
     try:
-        typed = _typed_wire(argv, env, cwd)
-    except UsageError:
-        typed = None
-    try:
-        quick = cli.quick_submit_request(argv, env, cwd, 0o027)
-    except UsageError:
-        assert typed is None  # the same command-line error either way
+        sent = invocation(argv, env, cwd, 0o027)
+    except UsageError as exc:
+        with pytest.raises(UsageError) as again:
+            parse_argv(argv, env, cwd, 0o027)
+        assert str(again.value) == str(exc)  # the same command-line error either way
         return
-    if quick is not None:
-        assert quick == typed
+    if sent.wire is None:
+        return
+    try:
+        typed = parse_argv(argv, env, cwd, 0o027).request
+    except UsageError:
+        with pytest.raises(BadRequest):
+            protocol.parse_request(sent.wire)  # the daemon refuses it too
+        return
+    assert typed is not None
+    assert sent.wire == protocol.request_to_wire(typed)
 
 
 def test_connections_read_frames_and_refuse_bad_ones() -> None:
@@ -554,7 +627,7 @@ def test_connections_read_frames_and_refuse_bad_ones() -> None:
 
     a, b = socket.socketpair()
     with a, b:
-        conn = cli.Connection(b)
+        conn = Connection(b)
         obj = {"ok": True, "id": 7, "text": "é\u2603"}
         a.sendall(protocol.encode(obj))
         assert conn.recv() == obj
@@ -568,17 +641,18 @@ def test_connections_read_frames_and_refuse_bad_ones() -> None:
         with pytest.raises(protocol.ProtocolError, match="malformed frame"):
             conn.recv()
         a.close()
-        with pytest.raises(cli.ServerUnavailable):
+        with pytest.raises(ServerUnavailable):
             conn.recv()
 
 
-def test_queueing_a_job_imports_no_protocol_model_click_or_typing() -> None:
+def test_queueing_a_job_imports_no_protocol_model_click_typing_or_dataclasses() -> None:
     script = (
         "import sys\n"
         "from tsd import cli\n"
-        f"for argv in {QUICK_LINES!r}:\n"
-        "    assert cli.quick_submit_request(argv, {'A': '1'}, '/w', 18) is not None\n"
-        "loaded = ('click', 'typing', 'tsd.protocol', 'tsd.model', 'tsd.render')\n"
+        "from tsd.cli_request import invocation\n"
+        f"for argv in {SUBMIT_LINES!r}:\n"
+        "    assert invocation(argv, {'A': '1'}, '/w', 18).wire is not None\n"
+        "loaded = ('click', 'typing', 'dataclasses', 'tsd.protocol', 'tsd.model', 'tsd.render')\n"
         "print(sorted(m for m in loaded if m in sys.modules))\n"
     )
     out = subprocess.run(
@@ -587,13 +661,115 @@ def test_queueing_a_job_imports_no_protocol_model_click_or_typing() -> None:
     assert out.strip() == "[]"
 
 
+FAKE_DAEMON = """
+import os, socket, sys, tempfile, threading
+from tsd import framing
+path = os.path.join(tempfile.mkdtemp(), "tsd.sock")
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+seen = []
+
+def serve():
+    conn, _ = server.accept()
+    n = framing.frame_length(conn.recv(4))
+    body = b""
+    while len(body) < n:
+        body += conn.recv(n - len(body))
+    seen.append(framing.decode(body))
+    conn.sendall(framing.encode(ANSWER))
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+os.environ["TS_SOCKET"] = path
+from tsd import cli
+try:
+    cli.main(ARGV)
+except SystemExit as exc:
+    code = exc.code
+loaded = ("click", "typing", "dataclasses", "tsd.protocol", "tsd.model", "tsd.render")
+print(code, seen[0]["op"], seen[0]["spec"]["command"], [m for m in loaded if m in sys.modules])
+"""
+
+
+def _ts_against_a_fake_daemon(argv: list[str], answer: dict[str, object]) -> tuple[str, str]:
+    script = FAKE_DAEMON.replace("ANSWER", repr(answer)).replace("ARGV", repr(argv))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    return proc.stdout, proc.stderr
+
+
+def test_ts_queues_a_job_with_one_frame_and_no_typed_protocol() -> None:
+    out, err = _ts_against_a_fake_daemon(["-L", "x", "echo", "hi"], {"ok": True, "id": 5})
+    assert out == "5\n0 submit ['echo', 'hi'] []\n"
+    assert err == ""
+
+
+def test_a_spec_the_daemon_refuses_is_one_usage_line_and_exit_1() -> None:
+    refusal = {"ok": False, "code": "bad_request",
+               "error": "bad request: spec.output_name: a file name without any path"}  # fmt: skip
+    out, err = _ts_against_a_fake_daemon(["-O", "a/b", "true"], refusal)
+    assert out == "1 submit ['true'] []\n"
+    assert err == "ts: spec.output_name: a file name without any path\n"
+
+
+# ------------------------------------------------------ module structure
+
+TSD = Path(__file__).parents[2] / "tsd"
+
+
+def _imports(path: Path) -> set[str]:
+    """The tsd modules a module imports, at the top or inside functions."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "tsd":
+                found |= {f"tsd.{a.name}" for a in node.names}
+            elif node.module.startswith("tsd."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("tsd.")}
+    return found - {"tsd.__version__"}
+
+
+def test_no_import_cycles_between_tsd_modules_lazy_imports_included() -> None:
+    graph = {f"tsd.{p.stem}": _imports(p) for p in TSD.glob("*.py") if p.stem != "__init__"}
+    done: set[str] = set()
+
+    def visit(mod: str, path: tuple[str, ...]) -> None:
+        assert mod not in path, " -> ".join((*path, mod))
+        if mod in done:
+            return
+        for dep in sorted(graph.get(mod, ())):
+            visit(dep, (*path, mod))
+        done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod, ())
+
+
+CLIENT_MODULES = ("cli", "cli_options", "cli_request", "cli_output", "cli_completion", "manpage")
+
+
+@pytest.mark.parametrize("name", CLIENT_MODULES)
+def test_client_modules_stay_small(name: str) -> None:
+    import ast
+
+    source = (TSD / f"{name}.py").read_text()
+    assert source.count("\n") <= 800
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            assert (node.end_lineno or 0) - node.lineno < 400, node.name
+
 # ------------------------------------------------------------ followers
 
 
 def test_follower_cat_copies_everything_as_the_file_grows(tmp_path: Path) -> None:
     path = tmp_path / "out"
     out = io.BytesIO()
-    follower = cli.OutputFollower(str(path), gzipped=False, out=out, tail_lines=None)
+    follower = cli_output.OutputFollower(str(path), gzipped=False, out=out, tail_lines=None)
     assert follower.poll() is False  # not created yet
     path.write_bytes(b"a\nb\n")
     assert follower.poll() is True
@@ -608,7 +784,7 @@ def test_follower_tail_starts_with_the_last_ten_lines(tmp_path: Path) -> None:
     path = tmp_path / "out"
     path.write_bytes(b"".join(b"line%d\n" % i for i in range(200_000)))
     out = io.BytesIO()
-    follower = cli.OutputFollower(str(path), gzipped=False, out=out, tail_lines=10)
+    follower = cli_output.OutputFollower(str(path), gzipped=False, out=out, tail_lines=10)
     follower.poll()
     with path.open("ab") as f:
         f.write(b"new\n")
@@ -622,7 +798,7 @@ def test_follower_gunzips_partial_and_multi_member_output(tmp_path: Path) -> Non
     path = tmp_path / "out.gz"
     whole = gzip.compress(b"".join(b"row %d\n" % i for i in range(50))) + gzip.compress(b"end\n")
     out = io.BytesIO()
-    follower = cli.OutputFollower(str(path), gzipped=True, out=out, tail_lines=3)
+    follower = cli_output.OutputFollower(str(path), gzipped=True, out=out, tail_lines=3)
     half = len(whole) // 2
     path.write_bytes(whole[:half])
     follower.poll()
@@ -638,54 +814,54 @@ def test_follower_gunzips_partial_and_multi_member_output(tmp_path: Path) -> Non
 def test_follower_reports_a_broken_gzip_file(tmp_path: Path) -> None:
     path = tmp_path / "out.gz"
     path.write_bytes(b"this is not gzip at all")
-    follower = cli.OutputFollower(str(path), gzipped=True, out=io.BytesIO(), tail_lines=None)
-    with pytest.raises(cli.TsdError, match="not readable as gzip"):
+    follower = cli_output.OutputFollower(str(path), gzipped=True, out=io.BytesIO(), tail_lines=None)
+    with pytest.raises(TsdError, match="not readable as gzip"):
         follower.poll()
     follower.close()
 
 
 def test_last_lines_like_tail() -> None:
-    assert cli._last_lines(b"a\nb\nc", 2) == b"b\nc"
-    assert cli._last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
-    assert cli._last_lines(b"", 10) == b""
+    assert cli_output.last_lines(b"a\nb\nc", 2) == b"b\nc"
+    assert cli_output.last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
+    assert cli_output.last_lines(b"", 10) == b""
 
 
 # -------------------------------------------------------- help and man
 
 
 def test_help_has_task_spoolers_sections_and_every_option() -> None:
-    text = cli.help_text()
+    text = cli_options.help_text()
     assert text.startswith(f"Task Spooler v{__version__} (tsd)")
     for section in ("Env vars:", "Long option actions:", "Long option adding jobs:",
                     "Actions (can be performed only one at a time):", "Options adding jobs:"):
         assert section in text
-    for opt in cli.OPTIONS:
+    for opt in OPTIONS:
         assert (f"--{opt.long}" if opt.long else f"-{opt.short}") in text
-    for name, _ in cli.ENV_VARS:
+    for name, _ in cli_options.ENV_VARS:
         assert f"  {name} " in text
 
 
 def test_version_string_contains_the_package_version() -> None:
-    assert __version__ in cli.VERSION_TEXT
+    assert __version__ in cli_options.VERSION_TEXT
 
 
 def test_man_page_has_the_sections_and_every_option() -> None:
-    page = manpage.render(cli_click.COMMAND)
+    page = manpage.render()
     assert "\n.TH TS 1 " in page
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "ACTIONS", "OPTIONS ADDING JOBS",
                     "ENVIRONMENT", "EXIT STATUS", "FILES"):
         assert f'.SH "{section}"' in page or f".SH {section}" in page
     assert "/run/tsd/tsd.sock" in page and "/etc/tsd/tsd.yaml" in page
-    for opt in cli.OPTIONS:
+    for opt in OPTIONS:
         assert manpage.escape(f"-{opt.short}" if opt.short else f"--{opt.long}") in page
-    for name, _ in cli.ENV_VARS:
+    for name, _ in cli_options.ENV_VARS:
         assert name in page
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
     page = tmp_path / "ts.1"
-    page.write_text(manpage.render(cli_click.COMMAND))
+    page.write_text(manpage.render())
     proc = subprocess.run(
         ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True
     )

@@ -1,0 +1,216 @@
+"""Writing `ts`'s output: stdout and stderr, and following a job's output file (-t, -c).
+
+Standard library only at import; the job model loads when a job record
+arrives (it is not needed to queue a job).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import zlib
+
+from tsd.errors import TsdError, from_wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    from collections.abc import Mapping
+    from typing import IO, Any
+
+    from tsd.client import Connection
+    from tsd.model import Job
+
+PROG = "ts"
+TAIL_LINES = 10
+POLL_SECONDS = 0.2
+
+
+class StdoutGone(Exception):
+    """stdout was closed under us (`ts -c | head`)."""
+
+
+def emit(text: str | bytes) -> None:
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise StdoutGone() from None
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def terminal_width() -> int | None:
+    try:
+        if sys.stdout.isatty():
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+    except OSError:
+        pass
+    return None
+
+
+def wait_code(job: Job) -> int:
+    """What -w/-t/-c/-f exit with: the job's code; 255 when skipped, killed or lost."""
+    from tsd.model import JobState
+
+    if job.state is JobState.FINISHED and job.exit is not None:
+        return job.exit.wait_code
+    return 255
+
+
+def check(frame: Mapping[str, Any]) -> dict[str, Any]:
+    """The daemon's final frame if it says ok; its error (a TsdError) otherwise."""
+    if frame.get("ok") is True:
+        return dict(frame)
+    if frame.get("ok") is False:
+        raise from_wire(str(frame.get("code", "error")), str(frame.get("error", "unknown error")))
+    raise TsdError("malformed response from the daemon")
+
+
+def job_of(resp: Mapping[str, Any]) -> Job:
+    rec = resp.get("job")
+    if not isinstance(rec, dict):
+        raise TsdError("malformed response from the daemon: no job record")
+    from tsd.protocol import job_from_wire  # the typed records: only when a job arrives
+
+    return job_from_wire(rec)
+
+
+class OutputFollower:
+    """Copies a job's output file to a stream as it grows; gunzips -z output on the fly."""
+
+    def __init__(self, path: str, gzipped: bool, out: IO[bytes], tail_lines: int | None) -> None:
+        self.path = path
+        self.gzipped = gzipped
+        self.out = out
+        self.tail_lines = tail_lines  # None: everything (-c); N: start with the last N lines (-t)
+        self.file: IO[bytes] | None = None
+        self.inflater = zlib.decompressobj(wbits=31) if gzipped else None
+
+    def _open(self) -> bool:
+        if self.file is not None:
+            return True
+        try:
+            self.file = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
+        except FileNotFoundError:
+            return False
+        if self.tail_lines is not None:
+            self._start_at_tail(self.tail_lines)
+        return True
+
+    def _start_at_tail(self, lines: int) -> None:
+        assert self.file is not None
+        if self.gzipped:
+            data = self._inflate(self.file.read())
+            self._write(last_lines(data, lines))
+            return
+        # Plain file: read backwards from the end only as far as needed.
+        end = self.file.seek(0, os.SEEK_END)
+        pos, chunk, buf = end, 1 << 16, b""
+        while pos > 0 and buf.count(b"\n") <= lines:
+            step = min(chunk, pos)
+            pos -= step
+            self.file.seek(pos)
+            buf = self.file.read(step) + buf
+        self.file.seek(end)
+        self._write(last_lines(buf, lines))
+
+    def _inflate(self, data: bytes) -> bytes:
+        assert self.inflater is not None
+        out = []
+        while data:
+            try:
+                out.append(self.inflater.decompress(data))
+            except zlib.error as exc:
+                raise TsdError(f"{self.path}: not readable as gzip: {exc}") from None
+            if self.inflater.eof:
+                # gzip files may hold several members; start the next one.
+                data = self.inflater.unused_data
+                self.inflater = zlib.decompressobj(wbits=31)
+            else:
+                data = b""
+        return b"".join(out)
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except BrokenPipeError:
+                raise StdoutGone() from None
+
+    def poll(self) -> bool:
+        """Copy whatever is new. False while the file does not exist yet."""
+        if not self._open():
+            return False
+        assert self.file is not None
+        while True:
+            data = self.file.read(1 << 16)
+            if not data:
+                return True
+            self._write(self._inflate(data) if self.gzipped else data)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self.file is not None:
+            self.file.close()
+
+
+def last_lines(data: bytes, n: int) -> bytes:
+    """The last n lines of `data`, as `tail -n` prints them."""
+    lines = data.splitlines(keepends=True)
+    return b"".join(lines[-n:]) if n > 0 else b""
+
+
+def follow_output(
+    conn: Connection, tail: int | None, out: IO[bytes], poll: float = POLL_SECONDS
+) -> int:
+    """-t/-c: copy the job's output until the daemon's final frame; the job's wait code.
+
+    `tail`: start with the last that many lines (-t); None: everything (-c).
+    """
+    follower: OutputFollower | None = None
+    started = False
+    try:
+        while True:
+            if follower is not None:
+                follower.poll()
+            ready, _, _ = select.select([conn.fileno()], [], [], poll)
+            if not ready:
+                continue
+            frame = conn.recv()
+            if frame.get("event") == "started":
+                started = True
+                follower = follower_for(job_of(frame), out, tail)
+                continue
+            if "event" in frame:
+                continue
+            job = job_of(check(frame))
+            break
+        if not started:
+            # It ended before it could be followed (or never ran): show what it left.
+            follower = follower_for(job, out, tail)
+        if follower is not None and not follower.poll():
+            warn(f"job {job.id}: output file {follower.path} does not exist")
+        return wait_code(job)
+    finally:
+        if follower is not None:
+            follower.close()
+
+
+def follower_for(job: Job, out: IO[bytes], tail: int | None) -> OutputFollower | None:
+    """A follower of the job's output file; None (with a warning) when it has none."""
+    if not job.spec.store_output:
+        warn(f"job {job.id} does not store its output (-n)")
+        return None
+    if not job.output_path:
+        from tsd.model import JobState
+
+        if job.state is not JobState.SKIPPED:
+            warn(f"job {job.id} has no output file")
+        return None
+    return OutputFollower(job.output_path, job.spec.gzip, out, tail)

@@ -1,0 +1,311 @@
+"""What a `ts` command line asks for: the action, and the request that carries it out.
+
+`parse` (tsd.cli_options) gives the options' values; here they pick
+the action (`-l`, `-t`, ... or queueing a command) and become a request.
+
+Queueing a job has one path: `submit_wire` builds the request as it travels.
+`ts` sends it as it is, so that queueing (the call that must start fastest)
+never loads the typed protocol, and the daemon checks the job spec with
+tsd.protocol.parse_spec. `parse_argv`, the pure form used by tests and tools,
+checks it here with that very function (`protocol.parse_request`). Only
+what the command line alone can get wrong (`-D` with `-W`, `-m` with `-n`)
+is checked in this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tsd.cli_options import ABSENT, UsageError, parse
+from tsd.errors import BadRequest
+from tsd.framing import PROTOCOL_VERSION
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
+    from tsd import protocol
+    from tsd.cli_options import ParsedLine
+
+
+class Invocation:
+    """What a command line asks for: an action, the request it sends, and display options.
+
+    `wire` is the request as it travels; `request` is the typed one, set
+    for every action but queueing a job (there only by parse_argv).
+    """
+
+    __slots__ = (
+        "action", "all_users", "foreground", "list_format", "option", "params", "print_id",
+        "request", "wire",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        action: str,
+        request: protocol.Request | None = None,
+        *,
+        wire: dict[str, Any] | None = None,
+        list_format: str = "default",
+        all_users: bool = False,
+        foreground: bool = False,
+        print_id: bool = True,
+        option: str = "",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.action = action
+        self.request = request
+        self.wire = wire
+        self.list_format = list_format
+        self.all_users = all_users
+        self.foreground = foreground
+        self.print_id = print_id
+        self.option = option  # how the action was spelled, for messages
+        self.params: Mapping[str, Any] = params or {}
+
+    def __repr__(self) -> str:
+        return f"Invocation({self.action!r}, {self.request!r})"
+
+
+# Which job an action means when no id is given: the last one run, or the last added.
+GET_DEFAULTS: dict[str, str] = {
+    "info": "run",
+    "pid": "run",
+    "output": "run",
+    "state": "added",
+    "get_label": "added",
+    "full_cmd": "added",
+    "last_queue_id": "added",
+}
+
+
+def invocation(
+    argv: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    umask: int = 0o022,
+) -> Invocation:
+    """Turn ts's argv into an Invocation; a job to queue is left as it travels (`wire`).
+
+    Pure: the environment, cwd and umask are arguments. Raises UsageError for
+    anything wrong with the command line.
+    """
+    environ = {} if environ is None else environ
+    line = parse(argv)
+    params, command = line.values, line.command
+    action, option = _action_of(line)
+    if action == "help":
+        return Invocation("help", option=option, params=params)
+    if command:
+        if action != "list":
+            raise UsageError(
+                f"{option} takes no command (got {command[0]!r}; job ids are numbers)"
+            )
+        foreground = bool(params["foreground"])
+        return Invocation(
+            "submit",
+            wire=submit_wire(params, line.present, command, environ, cwd, umask),
+            foreground=foreground,
+            # -nf is task-spooler's "transparent" mode: nothing but the job's exit code.
+            print_id=not (foreground and bool(params["no_output"])),
+            option=option,
+            params=params,
+        )
+    return _action(action, option, params, cwd)
+
+
+def parse_argv(
+    argv: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    umask: int = 0o022,
+) -> Invocation:
+    """`invocation`, with a job to queue checked and typed the way the daemon does it."""
+    inv = invocation(argv, environ, cwd, umask)
+    if inv.wire is not None:
+        from tsd import protocol
+
+        try:
+            inv.request = protocol.parse_request(inv.wire)
+        except BadRequest as exc:
+            raise UsageError(exc.message.removeprefix("bad request: ")) from None
+    return inv
+
+
+def _action_of(line: ParsedLine) -> tuple[str, str]:
+    """The action and how it was spelled; `list` (spelled "") when none is given."""
+    # -l, -A and -M all mean "list"; -g without ids and without a command is the
+    # GPU listing; help wins over everything else.
+    actions: dict[str, str] = {}
+    for opt, value in line.given:
+        if opt.action:
+            actions.setdefault(opt.action, opt.spelled)
+        elif opt.dest == "gpu_indices" and value is None and not line.command:
+            actions.setdefault("gpu_status", "-g")
+    if "help" in actions:
+        return "help", actions["help"]
+    if len(actions) > 1:
+        spelled = ", ".join(actions.values())
+        raise UsageError(f"only one action at a time ({spelled} given)")
+    return next(iter(actions.items()), ("list", ""))
+
+
+def _job_id(value: Any) -> int | None:
+    return None if value is None or value == ABSENT else int(value)
+
+
+def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None) -> Invocation:
+    """The Invocation of an action that queues nothing."""
+    from tsd import protocol  # the typed requests: not needed to queue a job
+
+    inv = Invocation(action, option=option, params=params)
+    req: protocol.Request | None
+    value = params.get(action)
+    match action:
+        case "version":
+            req = None
+        case "list":
+            inv.all_users = bool(params["all_users"])
+            inv.list_format = params["serialize"] or "default"
+            req = protocol.ListJobs(all_users=inv.all_users)
+        case "gpu_status":
+            req = protocol.GpuStatus()
+        case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
+            run = GET_DEFAULTS[action] == "run"
+            req = protocol.GetJob(id=_job_id(value), default="run" if run else "added")
+        case "last_queue_id":
+            req = protocol.GetJob(id=None, default="added")
+        case "remove":
+            req = protocol.Remove(id=_job_id(value))
+        case "urgent":
+            req = protocol.Urgent(id=_job_id(value))
+        case "swap":
+            a, b = value or (0, 0)
+            req = protocol.Swap(a=a, b=b)
+        case "kill":
+            req = protocol.Kill(id=_job_id(value))
+        case "kill_all":
+            req = protocol.KillAll()
+        case "clear":
+            req = protocol.Clear()
+        case "shutdown":
+            req = protocol.Shutdown()
+        case "slots":
+            req = protocol.Slots(value=_job_id(value))
+        case "count_running":
+            req = protocol.CountRunning()
+        case "wait":
+            req = protocol.Wait(id=_job_id(value), default="added")
+        case "tail" | "cat":
+            req = protocol.Wait(id=_job_id(value), default="run", notify_start=True)
+        case "getenv" | "unsetenv":
+            name = str(value)
+            if not name or "=" in name:
+                raise UsageError(f"{option} needs a variable name without '='")
+            req = protocol.Env(action="get" if action == "getenv" else "unset", name=name)
+        case "setenv":
+            name, eq, val = str(value).partition("=")
+            if not name or not eq:
+                raise UsageError("--setenv needs VAR=VALUE")
+            req = protocol.Env(action="set", name=name, value=val)
+        case "get_logdir":
+            req = protocol.LogDir(path=None)
+        case "set_logdir":
+            req = protocol.LogDir(path=_logdir(str(value), cwd))
+        case "get_gpu_free_perc":
+            req = protocol.GpuFreePerc(value=None)
+        case "set_gpu_free_perc":
+            req = protocol.GpuFreePerc(value=float(value or 0))
+        case _:
+            raise AssertionError(f"unhandled action {action}")
+    inv.request = req
+    return inv
+
+
+def _logdir(path: str, cwd: str | None) -> str:
+    if not path:
+        raise UsageError("--set_logdir needs a directory")
+    if path.startswith("/"):
+        return path
+    # The daemon has its own cwd: a relative path means the caller's.
+    if cwd is None:
+        raise UsageError("--set_logdir: the current directory cannot be read")
+    return os.path.normpath(os.path.join(cwd, path))
+
+
+def _clean_env(environ: Mapping[str, str]) -> list[list[str]]:
+    # Variables that cannot travel as UTF-8 JSON (undecodable bytes, odd names)
+    # are left out rather than refusing the whole job.
+    out = []
+    for name, value in environ.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            continue
+        try:
+            name.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        out.append([name, value])
+    return out
+
+
+def submit_wire(
+    params: Mapping[str, Any],
+    present: set[str],
+    command: Sequence[str],
+    environ: Mapping[str, str],
+    cwd: str | None,
+    umask: int,
+) -> dict[str, Any]:
+    """The submit request as it travels (tsd.protocol's `submit`, in spec_to_wire's order).
+
+    Checks what only the command line can get wrong; the spec's own rules
+    are tsd.protocol.parse_spec's, applied by whoever reads the request.
+    """
+    if cwd is None:
+        raise UsageError("cannot queue a job: the current directory cannot be read")
+    for word in command:
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"the command word {word!r} is not valid UTF-8") from None
+    if "depend" in present and "depend_ok" in present:
+        raise UsageError("use either -D or -W, not both")
+    no_output = bool(params["no_output"])
+    gzip = bool(params["gzip"])
+    if params["mail"] and (no_output or gzip):
+        raise UsageError("for e-mail (-m), you should store the output (not -n, not -z)")
+    gpu_indices = params["gpu_indices"]
+    if "gpu_indices" in present and not gpu_indices:
+        raise UsageError("-g needs GPU indices (e.g. -g 0,1) to queue a command")
+    gpus = params["gpus"]
+    if gpu_indices and gpus is not None and gpus != len(gpu_indices):
+        raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
+    depends = params["depend_ok"] or params["depend"] or ()
+    spec = {
+        "command": list(command),
+        "cwd": cwd,
+        "env": _clean_env(environ),
+        "umask": umask,
+        "label": params["label"],
+        "slots": params["num_slots"] or 1,
+        "gpus": len(gpu_indices) if gpu_indices else (gpus or 0),
+        "gpu_indices": list(gpu_indices) if gpu_indices else None,
+        "depends": list(depends),
+        "depend_mode": "success" if "depend_ok" in present else "after",
+        "store_output": not no_output,
+        "gzip": gzip,
+        "stderr_apart": bool(params["stderr_apart"]),
+        "output_name": params["output_name"],
+        "mail": bool(params["mail"]),
+        "timeout": params["timeout"],
+        "env_info": None,
+    }
+    return {
+        "v": PROTOCOL_VERSION,
+        "op": "submit",
+        "spec": spec,
+        "depend_last": bool(params["depend_last"]),
+        "block": not params["no_block"],
+    }
