@@ -106,4 +106,19 @@ def _read(path: str) -> str | None:
         return None
 
 
-__all__ = ["ControllerStatus", "controller_status", "read_controller_status"]
+def main() -> int:
+    """`python -m tsd.cgroupcheck`: one line; exit 1 when some limits are not enforced."""
+    status = read_controller_status()
+    warning = status.warning()
+    if warning is None:
+        print(f"tsd: job limits are enforced (cgroup v2: {', '.join(WANTED)})")
+        return 0
+    print(f"tsd: warning: {warning}")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["ControllerStatus", "controller_status", "main", "read_controller_status"]

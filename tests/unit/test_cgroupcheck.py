@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from tsd import cgroupcheck
 from tsd.cgroupcheck import controller_status, read_controller_status
 
 
@@ -56,3 +59,16 @@ def test_reader_falls_back_to_the_roots_subtree_control_and_to_unified(tmp_path:
 
 def test_reader_without_any_cgroup2_root_reports_no_cgroup2(tmp_path: Path) -> None:
     assert not read_controller_status((str(tmp_path / "none"),)).cgroup2
+
+
+def test_module_entry_point_prints_one_line_and_exits_by_verdict(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cgroupcheck, "read_controller_status",
+                        lambda: controller_status("cpu memory pids", ""))
+    assert cgroupcheck.main() == 0
+    monkeypatch.setattr(cgroupcheck, "read_controller_status",
+                        lambda: controller_status("cpu", ""))
+    assert cgroupcheck.main() == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith("tsd: warning: ") and "memory" in out[1]
