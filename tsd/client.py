@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
+import stat
+import struct
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from tsd import framing
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
@@ -24,8 +27,26 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
 
     from tsd import protocol
 
+
+class Untrusted(ServerUnavailable):
+    """The socket, or whoever listens on it, is not the daemon `ts` may talk to."""
+
+
 SYSTEM_SOCKET = "/run/tsd/tsd.sock"
+SYSTEM_CONFIG = "/etc/tsd/tsd.yaml"
+# Where a unit file of the system service may be; /usr/local/lib/... is install.sh's.
+UNIT_DIRS = (
+    "/etc/systemd/system",
+    "/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/usr/local/lib/systemd/system",
+)
 START_TIMEOUT = 10.0
+# How long a socket-activated daemon may leave a request unread: tsd.socket keeps
+# listening while tsd.service is (re)starting or has failed, so the kernel accepts
+# our connection either way; past this, say so instead of hanging.
+ANSWER_TIMEOUT = 20.0
+NOT_RUNNING = "the tsd service is not running (systemctl status tsd)"
 
 
 def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
@@ -41,15 +62,51 @@ def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
 def choose_socket(env: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """Which socket `ts` talks to, and whether it is a personal one we may start.
 
-    TS_SOCKET wins; then the system socket if it exists; then the personal one.
+    TS_SOCKET wins, then TS_PERSONAL=1 (the user asks for a personal daemon);
+    then the system socket if it exists or the system service is installed (a
+    missing socket is then reported, never replaced by a personal daemon that
+    nobody asked for); else the personal one.
     """
     env = os.environ if env is None else env
     explicit = env.get("TS_SOCKET")
     if explicit:
         return explicit, not os.path.exists(explicit) or _is_own(explicit)
-    if os.path.exists(SYSTEM_SOCKET):
+    if env.get("TS_PERSONAL") == "1":
+        return personal_socket_path(env), True
+    if os.path.exists(SYSTEM_SOCKET) or system_service_installed():
         return SYSTEM_SOCKET, False
     return personal_socket_path(env), True
+
+
+def system_service_installed(root: str = "/") -> bool:
+    """Whether this machine has the tsd system service: its config or a unit file,
+    on a machine that systemd runs.
+
+    Without systemd as init (a container, a chroot) the units cannot run, so the
+    personal daemon is the only one there can be.
+    """
+    if not os.path.isdir(os.path.join(root, "run/systemd/system")):  # sd_booted()
+        return False
+    candidates = [os.path.join(root, SYSTEM_CONFIG.lstrip("/"))]
+    for unit_dir in UNIT_DIRS:
+        for unit in ("tsd.socket", "tsd.service"):
+            candidates.append(os.path.join(root, unit_dir.lstrip("/"), unit))
+    return any(os.path.lexists(path) for path in candidates)
+
+
+def trusted_uids(path: str) -> frozenset[int]:
+    """The uids that may own `path`'s directory and listen on it.
+
+    Root for the system socket, the user for the personal one, either for any
+    other path (TS_SOCKET): no one else can be trusted with our requests, which
+    carry our environment and commands.
+    """
+    uid = os.getuid()
+    if path == SYSTEM_SOCKET:
+        return frozenset({0})
+    if path == personal_socket_path():
+        return frozenset({uid})
+    return frozenset({uid, 0})
 
 
 def _is_own(path: str) -> bool:
@@ -59,11 +116,48 @@ def _is_own(path: str) -> bool:
         return True
 
 
-class Connection:
-    """One connection to a daemon: send a request, read frames back."""
+def check_socket_dir(path: str, owners: Collection[int]) -> None:
+    """Refuse a socket whose directory someone else could have made or written to.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Raises Untrusted unless the directory is a real directory (not a symlink)
+    owned by one of `owners` and not writable by group or others. A missing
+    directory passes: there is nothing to talk to yet.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise Untrusted(f"cannot check {directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Untrusted(f"{directory} is not a directory: refusing to use {path}")
+    if st.st_uid not in owners or st.st_mode & 0o022:
+        raise Untrusted(
+            f"{directory} belongs to uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o}: refusing to use it (remove it, or set TS_SOCKET)"
+        )
+
+
+def peer_uid(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+class Connection:
+    """One connection to a daemon: send a request, read frames back.
+
+    With `answer_timeout`, a request the daemon has not even read after that
+    many seconds is ServerUnavailable; once it has been read, waiting for the
+    answer is unbounded (ts -w may wait for hours).
+    """
+
+    def __init__(self, sock: socket.socket, answer_timeout: float | None = None) -> None:
         self.sock = sock
+        self.answer_timeout = answer_timeout
+        self._unanswered = False  # a request is out and no frame has come back yet
 
     def send(self, req: protocol.Request) -> None:
         """Send one request frame."""
@@ -73,19 +167,55 @@ class Connection:
 
     def send_wire(self, obj: Mapping[str, Any]) -> None:
         """Send a request already in its wire form (ts's quick submit)."""
-        self.sock.sendall(framing.encode(obj))
+        data = framing.encode(obj)
+        if self.answer_timeout is None:
+            self.sock.sendall(data)
+        else:
+            # A frame larger than the socket buffer blocks until someone reads it.
+            self.sock.settimeout(self.answer_timeout)
+            try:
+                self.sock.sendall(data)
+            except TimeoutError:
+                raise ServerUnavailable(self._not_answering()) from None
+            finally:
+                self.sock.settimeout(None)
+        self._unanswered = True
 
     def recv(self) -> dict[str, Any]:
         """Read one frame; a closed connection is ServerUnavailable."""
+        if self._unanswered and self.answer_timeout is not None:
+            self._await_reader()
         header = self._read_exact(framing.HEADER.size)
+        self._unanswered = False
         body = self._read_exact(framing.frame_length(header))
         return framing.decode(body)
+
+    def _await_reader(self) -> None:
+        """Wait until an answer comes or the daemon has read our request, within the timeout."""
+        deadline = time.monotonic() + (self.answer_timeout or 0.0)
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, min(0.25, left)))
+            if ready or _unread_by_peer(self.sock) == 0:
+                return
+            if left <= 0:
+                raise ServerUnavailable(self._not_answering())
+
+    def _not_answering(self) -> str:
+        return f"the tsd service did not answer in {self.answer_timeout:g}s (systemctl status tsd)"
 
     def _read_exact(self, n: int) -> bytes:
         chunks: list[bytes] = []
         while n:
-            chunk = self.sock.recv(min(n, 1 << 16))
+            try:
+                chunk = self.sock.recv(min(n, 1 << 16))
+            except ConnectionError:
+                chunk = b""
             if not chunk:
+                if self._unanswered and self.answer_timeout is not None:
+                    # systemd closes the socket, dropping the connections nobody
+                    # accepted, when it gives up starting the service.
+                    raise ServerUnavailable(NOT_RUNNING)
                 raise ServerUnavailable("the daemon closed the connection")
             chunks.append(chunk)
             n -= len(chunk)
@@ -100,6 +230,18 @@ class Connection:
         self.sock.close()
 
 
+def _unread_by_peer(sock: socket.socket) -> int:
+    """Bytes we sent that the other end has not read yet (SIOCOUTQ); 0 when unknown."""
+    import fcntl
+    import termios
+
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0  # cannot tell: trust the daemon rather than time out a long wait
+    return int(struct.unpack("i", buf)[0])
+
+
 def _check(frame: dict[str, Any]) -> dict[str, Any]:
     ok = frame.get("ok")
     if ok is True:
@@ -110,17 +252,27 @@ def _check(frame: dict[str, Any]) -> dict[str, Any]:
 
 
 class Client:
-    """Talks to the daemon `ts` should use, starting a personal one if there is none."""
+    """Talks to the daemon `ts` should use, starting a personal one if there is none.
+
+    Before sending anything it verifies the daemon: the socket's directory must
+    belong to a trusted uid and be writable by nobody else, and the process that
+    listens must run as a trusted uid (SO_PEERCRED): root for the system socket,
+    the user for the personal one, either for a TS_SOCKET path.
+    """
 
     def __init__(self, path: str | None = None, may_start: bool | None = None) -> None:
         chosen, personal = choose_socket()
         self.path = path or chosen
         self.may_start = personal if may_start is None else may_start
+        self.trusted = trusted_uids(self.path)
 
     def connect(self) -> Connection:
         """Open a connection, starting the personal daemon on the first call."""
+        check_socket_dir(self.path, self.trusted)
         try:
-            return Connection(self._connect_once())
+            return self._connect_once()
+        except Untrusted:
+            raise
         except OSError as exc:
             if not self.may_start or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                 raise self._unavailable(exc) from None
@@ -129,27 +281,45 @@ class Client:
         delay = 0.002
         while True:
             try:
-                return Connection(self._connect_once())
+                return self._connect_once()
+            except Untrusted:
+                raise
             except OSError as exc:
                 if time.monotonic() > deadline:
                     raise self._unavailable(exc) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def _connect_once(self) -> socket.socket:
+    def _connect_once(self) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # connect() blocks while the listener's backlog is full.
+            sock.settimeout(ANSWER_TIMEOUT)
             sock.connect(self.path)
+            sock.settimeout(None)
+            pid, uid = peer_uid(sock)
         except OSError:
             sock.close()
             raise
-        return sock
+        if uid not in self.trusted:
+            sock.close()
+            raise Untrusted(
+                f"{self.path} is served by uid {uid}, not by "
+                f"{' or '.join(f'uid {u}' for u in sorted(self.trusted))}: refusing to talk to it"
+            )
+        # pid 1 listening: socket activation. systemd accepts connections for a
+        # daemon that may be failing to start, so bound the wait for it.
+        return Connection(sock, ANSWER_TIMEOUT if pid == 1 else None)
 
     def _unavailable(self, exc: OSError) -> ServerUnavailable:
         if exc.errno == errno.EACCES and self.path == SYSTEM_SOCKET:
             return ServerUnavailable(
                 f"permission denied on {self.path}: ask an admin to add you to group tsd"
             )
+        if self.path == SYSTEM_SOCKET and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            return ServerUnavailable(f"{NOT_RUNNING}; TS_PERSONAL=1 runs a personal daemon")
+        if isinstance(exc, TimeoutError):
+            return ServerUnavailable(f"the tsd daemon at {self.path} does not accept connections")
         return ServerUnavailable(f"cannot reach the tsd daemon at {self.path}: {exc.strerror}")
 
     def _start_daemon(self) -> None:
@@ -207,4 +377,14 @@ class Client:
             conn.close()
 
 
-__all__ = ["Client", "Connection", "TsdError", "choose_socket", "personal_socket_path"]
+__all__ = [
+    "Client",
+    "Connection",
+    "TsdError",
+    "Untrusted",
+    "check_socket_dir",
+    "choose_socket",
+    "personal_socket_path",
+    "system_service_installed",
+    "trusted_uids",
+]

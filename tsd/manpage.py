@@ -129,7 +129,9 @@ def render() -> str:
     out.append(".SH ENVIRONMENT")
     out.append(
         escape(
-            "TS_SOCKET, TS_ENV and TMPDIR are read by ts itself; the others are read by "
+            "TS_SOCKET, TS_PERSONAL (1: use your personal daemon even where the system "
+            "service is installed), TS_ENV and TMPDIR are read by ts itself; the others "
+            "are read by "
             "the personal daemon when the first ts call starts it (the system service "
             "takes its settings from " + CONFIG + " instead)."
         )

@@ -23,8 +23,7 @@ from test_install import (
     run_session,
     running_and_queued,
     socket_owner_and_mode,
-    submit,
-    ts,
+    ts_without_systemd,
     versions,
 )
 
@@ -185,7 +184,7 @@ def test_without_systemd_the_package_installs_and_ts_runs_in_personal_mode(
     assert box.systemctl("is-active", "tsd.socket", check=False).stdout.strip() == "inactive"
     assert not box.exists("/run/tsd/tsd.sock")
     assert re.search(r"^ii\s+tsd\s", box.run(["dpkg", "-l", "tsd"]).stdout, re.M)
-    job = submit(box, "alice", "echo", "personal")
-    assert ts(box, "alice", "-w", str(job)).returncode == 0
-    assert ts(box, "alice", "-c", str(job)).stdout == "personal\n"
-    ts(box, "alice", "-K")
+    job = int(ts_without_systemd(box, "alice", "echo", "personal").stdout)
+    assert ts_without_systemd(box, "alice", "-w", str(job)).returncode == 0
+    assert ts_without_systemd(box, "alice", "-c", str(job)).stdout == "personal\n"
+    ts_without_systemd(box, "alice", "-K")
