@@ -134,8 +134,8 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
         raise Untrusted(f"{directory} is not a directory: refusing to use {path}")
     if st.st_uid not in owners or st.st_mode & 0o022:
         raise Untrusted(
-            f"{directory} belongs to uid {st.st_uid} with mode "
-            f"{stat.S_IMODE(st.st_mode):04o}: refusing to use it (remove it, or set TS_SOCKET)"
+            f"{directory} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: "
+            "refusing to use it (point TMPDIR or TS_SOCKET elsewhere)"
         )
 
 
