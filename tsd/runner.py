@@ -202,6 +202,7 @@ class Runner:
         self.launcher = launcher or ForkLauncher()
         self.procs = procs or PidfdWatch(loop)
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
+        self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -359,6 +360,7 @@ class Runner:
             if report_fd is not None:
                 os.close(report_fd)
             return
+        self._watched[job.id] = job.supervisor_pid
         if report_fd is not None:
             self._reports[job.id] = report_fd
             self.loop.add_reader(report_fd, self._read_report, job.id, report_fd)
@@ -393,6 +395,9 @@ class Runner:
 
     def _job_ended(self, job_id: int) -> None:
         """The job's supervisor is gone: record the report it left, or that it was lost."""
+        pid = self._watched.pop(job_id, None)
+        if pid is not None:
+            self.procs.forget(pid)  # first: a pidfd left readable would call us forever
         fd = self._reports.get(job_id)
         if fd is not None:
             self._read_report(job_id, fd)  # what it said just before it went
@@ -401,7 +406,6 @@ class Runner:
         if job is None:
             return
         if job.supervisor_pid is not None:
-            self.procs.forget(job.supervisor_pid)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(job.supervisor_pid, os.WNOHANG)
         timer = self._kill_timers.pop(job_id, None)
