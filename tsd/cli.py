@@ -82,6 +82,8 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     info = _ts_env_info(environ)
     if info is not None:
         wire["spec"]["env_info"] = info
+    if wire.get("wait"):
+        return _submit_and_wait(client, wire)
     conn = client.connect()
     try:
         conn.send_wire(wire)
@@ -111,6 +113,35 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         with contextlib.suppress(TsdError, OSError):
             client.call(protocol.Kill(id=job_id))
         return 130
+
+
+def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
+    """ts -nf: queue and wait on one connection; exit with the job's code, print nothing."""
+    job_id: int | None = None
+    conn = client.connect()
+    try:
+        conn.send_wire(wire)
+        while True:
+            try:
+                frame = conn.recv()
+            except KeyboardInterrupt:
+                # As with -f: Ctrl-C ends the job it runs in the foreground.
+                if job_id is not None:
+                    from tsd import protocol
+
+                    with contextlib.suppress(TsdError, OSError):
+                        client.call(protocol.Kill(id=job_id))
+                return 130
+            if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
+                job_id = frame["id"]
+            elif "event" not in frame:
+                break
+    finally:
+        conn.close()
+    try:
+        return wait_code(job_of(check(frame)))
+    except BadRequest as exc:
+        raise UsageError(exc.message.removeprefix("bad request: ")) from None
 
 
 def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:

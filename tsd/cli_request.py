@@ -301,6 +301,8 @@ def submit_wire(
         "mail": bool(params["mail"]),
         "timeout": params["timeout"],
         "env_info": None,
+        # -nf: task-spooler keeps no entry of a transparent job once it ends.
+        "forget": no_output and bool(params["foreground"]),
     }
     return {
         "v": PROTOCOL_VERSION,
@@ -308,4 +310,6 @@ def submit_wire(
         "spec": spec,
         "depend_last": bool(params["depend_last"]),
         "block": not params["no_block"],
+        # -nf: one request queues and waits, as the job is forgotten when it ends.
+        "wait": no_output and bool(params["foreground"]),
     }

@@ -38,6 +38,7 @@ def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
         "mail": spec.mail,
         "timeout": spec.timeout,
         "env_info": spec.env_info,
+        "forget": spec.forget,
     }
 
 
@@ -62,6 +63,7 @@ def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
         mail=o["mail"],
         timeout=o.get("timeout"),
         env_info=o.get("env_info"),
+        forget=bool(o.get("forget", False)),  # absent in rows older than -nf's rule
     )
 
 

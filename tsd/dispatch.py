@@ -45,6 +45,8 @@ class Table(Protocol):
 
     def take_dependents(self, job_id: int) -> list[int]: ...
 
+    def drop_transparent(self, job: Job) -> None: ...
+
 
 class Limits(Protocol):
     """The policy as the dispatcher uses it (tsd.policy.Policy)."""
@@ -162,6 +164,7 @@ class Dispatcher:
             job, JobState.SKIPPED, ExitInfo(note=reason), wait_reason=reason
         )
         self.cascade(ended)
+        self.table.drop_transparent(ended)
 
     def cascade(self, ended: Job) -> None:
         """A failed or skipped job skips every -W job that waits on it, transitively."""
@@ -176,6 +179,7 @@ class Dispatcher:
     def job_ended(self, job: Job) -> None:
         """After any end (finished, skipped, could not start): cascade, then fill the room."""
         self.cascade(job)
+        self.table.drop_transparent(job)
         self.schedule()
 
     def explain(self, job: Job) -> Job:

@@ -66,7 +66,7 @@ async def handle(
     auth.check_may_connect(peer, p.system, p.my_uid)
     match req:
         case protocol.Submit():
-            return await submit(p, peer, req)
+            return await submit(p, peer, req, send)
         case protocol.ListJobs():
             return await list_jobs(p, peer, req, send)
         case protocol.GetJob():
@@ -102,8 +102,13 @@ async def handle(
     raise BadRequest("bad request: unsupported operation")
 
 
-async def submit(p: Parts, peer: Peer, req: protocol.Submit) -> protocol.JobId:
-    """Validate, wait for room if the queue is full, make durable, then answer."""
+async def submit(
+    p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent
+) -> protocol.JobId | protocol.JobRecord:
+    """Validate, wait for room if the queue is full, make durable, then answer.
+
+    With `wait` (ts -nf) the answer is the job's final record, after a `Queued` event.
+    """
     spec = req.spec
     depends = list(spec.depends)
     last = p.table.last_added.get(peer.uid)
@@ -129,7 +134,10 @@ async def submit(p: Parts, peer: Peer, req: protocol.Submit) -> protocol.JobId:
     job = p.table.add(peer.uid, peer.user, spec)
     log.info("job %d queued by %s: %s", job.id, peer.user, spec.command_line[:200])
     p.dispatcher.schedule()
-    return protocol.JobId(job.id)
+    if not req.wait:
+        return protocol.JobId(job.id)
+    await send(protocol.Queued(job.id))
+    return await _until_done(p, job)
 
 
 async def list_jobs(
@@ -239,10 +247,16 @@ async def wait(p: Parts, peer: Peer, req: protocol.Wait, send: SendEvent) -> pro
             await p.waiters.next_start(job.id)
             job = _still_there(p, job)
         await send(protocol.Started(job))
-    while not job.state.done:
-        await p.waiters.next_end(job.id)
-        job = _still_there(p, job)
-    return protocol.JobRecord(job)
+    return await _until_done(p, job)
+
+
+async def _until_done(p: Parts, job: Job) -> protocol.JobRecord:
+    """The job's record once it is done (a -nf job's even though it is then forgotten)."""
+    current = p.table.get(job.id) or job
+    while not current.state.done:
+        final = await p.waiters.next_end(job.id)
+        current = final if final is not None else _still_there(p, current)
+    return protocol.JobRecord(current)
 
 
 def _still_there(p: Parts, job: Job) -> Job:

@@ -53,7 +53,7 @@ class JobEvents(Protocol):
 
     def started(self, job_id: int) -> None: ...
 
-    def ended(self, job_id: int) -> None: ...
+    def ended(self, job_id: int, final: Job | None = None) -> None: ...
 
     def room(self) -> None: ...
 
@@ -83,13 +83,19 @@ class JobTable:
 
     def load(self) -> list[Job]:
         """Fill the table from the store; return the jobs recorded as running."""
+        ended_transparent = []
         for job in self.store.load_all():
+            if job.spec.forget and job.state.done:
+                ended_transparent.append(job.id)  # a crash came between its end and its drop
+                continue
             self.jobs[job.id] = job
             if job.state.pending:
                 self._index_pending(job)
             self.last_added[job.uid] = max(self.last_added.get(job.uid, 0), job.id)
             if job.start_time is not None:
                 self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        if ended_transparent:
+            self.store.delete(ended_transparent)
         self._sort_pending()
         if self.jobs:
             orders = [j.order for j in self.jobs.values()]
@@ -226,7 +232,7 @@ class JobTable:
         self.jobs[job.id] = job
         self._account_done(job)
         self.events.room()
-        self.events.ended(job.id)
+        self.events.ended(job.id, job)
         return job
 
     # ------------------------------------------------------------ running jobs
@@ -264,7 +270,7 @@ class JobTable:
         self.store.save(job)
         self.jobs[job_id] = job
         self._account_done(job)
-        self.events.ended(job_id)
+        self.events.ended(job_id, job)
         return job
 
     def requeue(self, job_id: int) -> Job:
@@ -310,7 +316,7 @@ class JobTable:
         self.store.save(job)
         self.jobs[job_id] = job
         self._account_done(job)
-        self.events.ended(job_id)
+        self.events.ended(job_id, job)
         return job
 
     # ------------------------------------------------------------ forgetting
@@ -325,6 +331,16 @@ class JobTable:
             self.events.room()
         self._forget(job.id)
         self.events.ended(job.id)
+
+    def drop_transparent(self, job: Job) -> None:
+        """Forget a -nf job that ended, as task-spooler keeps no entry of it.
+
+        Called once the end has been handled (waiters woken with the final record,
+        -W dependents cascaded), so nothing still needs the record.
+        """
+        if job.spec.forget and job.state.done and job.id in self.jobs:
+            self.store.delete([job.id])
+            self._forget(job.id)
 
     def clear(self, uid: int) -> int:
         """ts -C: forget a user's finished and skipped jobs; how many."""
@@ -365,6 +381,8 @@ class JobTable:
 
     def _account_done(self, job: Job) -> None:
         """A job just became finished or skipped; forget the oldest beyond the cap."""
+        if job.spec.forget:
+            return  # not kept: `drop_transparent` forgets it once its end is handled
         done = self.finished_by_user[job.uid]
         done.append(job.id)
         drop: list[int] = []

@@ -59,6 +59,9 @@ class JobSpec:
     mail: bool = False  # -m
     timeout: float | None = None  # --timeout SECONDS
     env_info: str | None = None  # TS_ENV's output, shown by -i
+    # -nf, task-spooler's transparent mode: `ts` waits and passes the exit code on,
+    # and the job is not kept once it ends (not listed, its id unknown).
+    forget: bool = False
 
     @property
     def gpus_wanted(self) -> int:

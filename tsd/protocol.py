@@ -47,11 +47,17 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
 
 @dataclass(frozen=True)
 class Submit:
-    """Queue a job. `block` False is ts -B: a full queue is an error, not a wait."""
+    """Queue a job. `block` False is ts -B: a full queue is an error, not a wait.
+
+    `wait` (ts -nf): the same connection streams a `Queued` event, then ends with
+    the job's final record. One request, so a job that is forgotten when it ends
+    cannot end before its waiter asked for it.
+    """
 
     spec: JobSpec
     depend_last: bool = False
     block: bool = True
+    wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -377,6 +383,7 @@ def parse_spec(obj: Any) -> JobSpec:
         mail=f.flag("mail"),
         timeout=timeout,
         env_info=f.text("env_info", MAX_TEXT),
+        forget=f.flag("forget"),
     )
 
 
@@ -399,6 +406,7 @@ def parse_request(obj: dict[str, Any]) -> Request:
                 spec=parse_spec(obj.get("spec")),
                 depend_last=f.flag("depend_last"),
                 block=f.flag("block", True),
+                wait=f.flag("wait"),
             )
         case "list":
             return ListJobs(all_users=f.flag("all_users"))
@@ -636,4 +644,15 @@ class Started:
         return {"event": "started", "job": job_to_wire(self.job)}
 
 
-Event = JobsChunk | Started
+@dataclass(frozen=True)
+class Queued:
+    """An event of a submit stream with `wait`: the job is queued under this id."""
+
+    id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event frame."""
+        return {"event": "queued", "id": self.id}
+
+
+Event = JobsChunk | Started | Queued

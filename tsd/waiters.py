@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
+from tsd.model import Job
+
 
 class Waiters:
     """Futures keyed by job id, and one condition for "a queue got shorter"."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._ends: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
+        self._ends: dict[int, list[asyncio.Future[Job | None]]] = defaultdict(list)
         self._starts: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self._room = asyncio.Condition()
 
@@ -26,9 +28,15 @@ class Waiters:
         """The job runs, or learnt its output path: wake its start waiters."""
         _wake(self._starts.pop(job_id, []))
 
-    def ended(self, job_id: int) -> None:
-        """The job is done or gone: wake everyone waiting on it."""
-        _wake(self._ends.pop(job_id, []))
+    def ended(self, job_id: int, final: Job | None = None) -> None:
+        """The job is done (`final`, its last record) or gone: wake everyone waiting on it.
+
+        The record travels with the wake-up because a -nf job is forgotten before its
+        waiter runs again.
+        """
+        for fut in self._ends.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(final)
         self.started(job_id)
 
     def room(self) -> None:
@@ -47,11 +55,11 @@ class Waiters:
         self._starts[job_id].append(fut)
         await fut
 
-    async def next_end(self, job_id: int) -> None:
-        """Until job `job_id` ends or is removed."""
-        fut: asyncio.Future[None] = self.loop.create_future()
+    async def next_end(self, job_id: int) -> Job | None:
+        """Until job `job_id` ends (its final record) or is removed (None)."""
+        fut: asyncio.Future[Job | None] = self.loop.create_future()
         self._ends[job_id].append(fut)
-        await fut
+        return await fut
 
     async def room_freed(self) -> None:
         """Until some pending job leaves the queue."""

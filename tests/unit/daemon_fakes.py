@@ -90,13 +90,16 @@ class Events:
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
+        self.finals: list[Job] = []
         self.rooms = 0
 
     def started(self, job_id: int) -> None:
         self.starts.append(job_id)
 
-    def ended(self, job_id: int) -> None:
+    def ended(self, job_id: int, final: Job | None = None) -> None:
         self.ends.append(job_id)
+        if final is not None:
+            self.finals.append(final)
 
     def room(self) -> None:
         self.rooms += 1

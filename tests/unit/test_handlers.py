@@ -194,6 +194,24 @@ def test_wait_streams_started_then_answers_the_final_record() -> None:
     run(body)
 
 
+def test_submit_with_wait_streams_queued_then_the_final_record_of_a_forgotten_job() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        waiting = asyncio.ensure_future(
+            rig.call(protocol.Submit(spec=spec(store_output=False, forget=True), wait=True))
+        )
+        await asyncio.sleep(0)
+        assert rig.events == [{"event": "queued", "id": 1}]
+        ended = rig.table.finish(1, ExitInfo(code=3), None, None)
+        assert ended is not None
+        rig.dispatcher.job_ended(ended)  # as the daemon does: the -nf job is dropped now
+        final = await asyncio.wait_for(waiting, 5)
+        assert final["job"]["id"] == 1 and final["job"]["exit"]["code"] == 3
+        assert rig.table.get(1) is None and 1 not in rig.store.rows
+
+    run(body)
+
+
 @pytest.mark.usefixtures("anyone_may_connect")
 def test_setting_slots_on_the_system_service_is_for_admins() -> None:
     async def body() -> None:

@@ -230,3 +230,32 @@ def test_report_saves_pid_and_output_and_announces_the_start() -> None:
     table.report(job.id, None, "/tmp/ts-out.1.abc", out_seen=True)
     assert store.rows[job.id].output_path == "/tmp/ts-out.1.abc"
     assert events.starts == [job.id]
+
+
+def test_a_transparent_job_ends_without_a_finished_entry_and_is_dropped() -> None:
+    table, store, events = make()
+    job = run(table, table.add(1000, "alice", spec(store_output=False, forget=True)))
+    ended = table.finish(job.id, ExitInfo(code=3), None, None)
+    assert ended is not None and events.finals == [ended]  # the waiter gets the record
+    assert list(table.finished_by_user[1000]) == []
+    table.drop_transparent(ended)
+    assert table.get(job.id) is None and job.id not in store.rows
+
+
+def test_an_ordinary_job_is_never_dropped_as_transparent() -> None:
+    table, store, _ = make()
+    job = run(table, table.add(1000, "alice", spec()))
+    ended = table.finish(job.id, ExitInfo(code=0), None, None)
+    assert ended is not None
+    table.drop_transparent(ended)
+    assert table.get(job.id) == ended and store.rows[job.id] == ended
+
+
+def test_load_drops_transparent_jobs_that_ended_before_a_crash_and_keeps_running_ones() -> None:
+    table, store, _ = make()
+    done = run(table, table.add(1000, "alice", spec(store_output=False, forget=True)))
+    table.finish(done.id, ExitInfo(code=0), None, None)  # crash before the drop
+    running = run(table, table.add(1000, "alice", spec(store_output=False, forget=True)))
+    again, _, _ = make(store=store)
+    assert [j.id for j in again.load()] == [running.id]
+    assert again.get(done.id) is None and done.id not in store.rows
