@@ -230,3 +230,14 @@ def test_report_saves_pid_and_output_and_announces_the_start() -> None:
     table.report(job.id, None, "/tmp/ts-out.1.abc", out_seen=True)
     assert store.rows[job.id].output_path == "/tmp/ts-out.1.abc"
     assert events.starts == [job.id]
+
+
+def test_a_launched_job_started_when_its_launch_was_decided_not_when_its_scope_came_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table, _, _ = make()
+    job = table.add(1000, "alice", spec())
+    monkeypatch.setattr("tsd.jobtable.time.time", lambda: 100.0)
+    table.begin_run(job, (), ())
+    monkeypatch.setattr("tsd.jobtable.time.time", lambda: 105.0)
+    assert table.launched(job.id, 4242, 1, None).start_time == 100.0
