@@ -71,6 +71,9 @@ class JobTable:
         self.pending: list[int] = []
         self.running: dict[int, Job] = {}
         self.launching: dict[int, Job] = {}
+        # When each launch under way was decided: that is the job's start time, whatever
+        # its scope takes to come up (fair share is judged by when jobs were started).
+        self._launch_times: dict[int, float] = {}
         self.dependents: dict[int, set[int]] = {}
         self.last_added: dict[int, int] = {}
         self.last_run: dict[int, int] = {}
@@ -245,6 +248,7 @@ class JobTable:
         job = replace(job, gpu_ids=gpu_ids, gpu_uuids=uuids)
         self._unindex_pending(job)
         self.jobs[job.id] = self.launching[job.id] = job
+        self._launch_times[job.id] = time.time()
         self.events.room()
         return job
 
@@ -253,7 +257,8 @@ class JobTable:
     ) -> Job:
         """Its supervisor (and scope) exist: running, durably, before the job may run."""
         job = replace(
-            self.launching.pop(job_id), state=JobState.RUNNING, start_time=time.time(),
+            self.launching.pop(job_id), state=JobState.RUNNING,
+            start_time=self._launch_times.pop(job_id, None) or time.time(),
             supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
             wait_reason="",
         )
@@ -264,6 +269,7 @@ class JobTable:
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job:
         """A launch that failed for good (no scope): the job ends without having run."""
+        self._launch_times.pop(job_id, None)
         job = replace(
             self.launching.pop(job_id), state=JobState.FINISHED, end_time=time.time(), exit=exit
         )
@@ -275,6 +281,7 @@ class JobTable:
 
     def requeue(self, job_id: int) -> Job:
         """A launch that never ran its command: back to the queue at its old place."""
+        self._launch_times.pop(job_id, None)
         job = self.running.pop(job_id, None) or self.launching.pop(job_id)
         job = replace(
             job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,

@@ -259,3 +259,14 @@ def test_load_drops_transparent_jobs_that_ended_before_a_crash_and_keeps_running
     again, _, _ = make(store=store)
     assert [j.id for j in again.load()] == [running.id]
     assert again.get(done.id) is None and done.id not in store.rows
+
+
+def test_a_launched_job_started_when_its_launch_was_decided_not_when_its_scope_came_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table, _, _ = make()
+    job = table.add(1000, "alice", spec())
+    monkeypatch.setattr("tsd.jobtable.time.time", lambda: 100.0)
+    table.begin_run(job, (), ())
+    monkeypatch.setattr("tsd.jobtable.time.time", lambda: 105.0)
+    assert table.launched(job.id, 4242, 1, None).start_time == 100.0
