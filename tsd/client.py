@@ -50,7 +50,7 @@ NOT_RUNNING = "the tsd service is not running (systemctl status tsd)"
 
 
 def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """`$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock` (DESIGN.md)."""
+    """`$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock`: where a personal daemon listens."""
     env = os.environ if env is None else env
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
@@ -166,7 +166,7 @@ class Connection:
         self.send_wire(protocol.request_to_wire(req))
 
     def send_wire(self, obj: Mapping[str, Any]) -> None:
-        """Send a request already in its wire form (ts's quick submit)."""
+        """Send a request already in its wire form (ts builds submits as plain dicts)."""
         data = framing.encode(obj)
         if self.answer_timeout is None:
             self.sock.sendall(data)
