@@ -50,7 +50,10 @@ NOT_RUNNING = "the tsd service is not running (systemctl status tsd)"
 
 
 def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
-    """`$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock`: where a personal daemon listens."""
+    """Where a personal daemon listens.
+
+    `$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock`.
+    """
     env = os.environ if env is None else env
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
