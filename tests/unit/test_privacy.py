@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from unit.daemon_fakes import Events, FakeStore, spec
 
-from tsd import auth, protocol, render
+from tsd import auth, handlers, protocol, render
 from tsd.errors import BadRequest, WrongState
 from tsd.jobtable import JobTable
 from tsd.model import ExitInfo, Job, JobState, Peer
@@ -94,3 +94,18 @@ def test_a_record_too_big_for_one_frame_is_refused_at_submit() -> None:
                                          env_info="\x01" * 60000))
     with pytest.raises(BadRequest, match="limit of one record"):
         protocol.parse_spec(wire)
+
+
+def test_every_answer_and_event_holding_jobs_is_redacted_for_another_user() -> None:
+    job, other = finished_job(), peer(2000)
+    answers: list[protocol.Response | protocol.Event] = [
+        protocol.JobRecord(job),
+        protocol.JobList((job, job), 4, 0),
+        protocol.GpuReport((), {}, (job,), ""),
+        protocol.JobsChunk((job,)),
+        protocol.Started(job),
+    ]
+    for answer in answers:
+        wire = str(handlers._visible(other, answer).to_wire())
+        assert "secret" not in wire and "alice" in wire, answer
+        assert handlers._visible(peer(1000), answer) == answer
