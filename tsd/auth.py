@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterable
 
 from tsd.errors import NotOwner, PermissionDenied
-from tsd.model import Job, Peer
+from tsd.model import HIDDEN, ExitInfo, Job, JobSpec, Peer
 
 SUBMIT_GROUP = "tsd"
 _UCRED = struct.Struct("3i")
@@ -101,3 +101,46 @@ def check_admin(peer: Peer, what: str) -> None:
     """Server-wide actions are for admins."""
     if not peer.admin:
         raise PermissionDenied(f"{what} is for admins (root or admins: in the config)")
+
+
+def visible_to(peer: Peer, job: Job) -> Job:
+    """The job as `peer` may see it: whole for its owner and admins; for anyone else
+    only what `ts -A -l` shows (id, user, state, slots, GPUs, times, exit code,
+    dependencies, label, command, unit, wait reason).
+
+    Every record the daemon sends goes through here (tsd.handlers.handle), so no
+    request can show another user's environment, TS_ENV output, working
+    directory, output path, pids or exit note.
+    """
+    if job.uid == peer.uid or peer.admin:
+        return job
+    s, ex = job.spec, job.exit
+    return Job(
+        id=job.id,
+        uid=job.uid,
+        user=job.user,
+        spec=JobSpec(
+            command=s.command,
+            cwd=HIDDEN,
+            env=(),
+            label=s.label,
+            slots=s.slots,
+            gpus=s.gpus,
+            gpu_indices=s.gpu_indices,
+            depends=s.depends,
+            depend_mode=s.depend_mode,
+            store_output=s.store_output,
+        ),
+        state=job.state,
+        order=job.order,
+        enqueue_time=job.enqueue_time,
+        start_time=job.start_time,
+        end_time=job.end_time,
+        exit=None if ex is None else ExitInfo(
+            code=ex.code, signal=ex.signal, timed_out=ex.timed_out, lost=ex.lost
+        ),
+        gpu_ids=job.gpu_ids,
+        gpu_uuids=job.gpu_uuids,
+        unit=job.unit,
+        wait_reason=job.wait_reason,
+    )

@@ -51,7 +51,9 @@ class Unset(enum.Enum):
 UNSET: Final = Unset.UNSET
 
 # The quota keys, shared by `defaults`, every `groups` entry and every `users` entry.
-LIMIT_KEYS: Final = ("max_running_slots", "max_gpus", "max_queued")
+LIMIT_KEYS: Final = (
+    "max_running_slots", "max_gpus", "max_queued", "max_job_bytes", "max_stored_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class LimitOverride:
     max_running_slots: int | Unset | None = UNSET
     max_gpus: int | Unset | None = UNSET
     max_queued: int | Unset | None = UNSET
+    max_job_bytes: int | Unset | None = UNSET
+    max_stored_bytes: int | Unset | None = UNSET
 
     def items(self) -> Iterator[tuple[str, int | None]]:
         """The (key, value) pairs this entry sets; a None value means unlimited."""
@@ -86,7 +90,11 @@ def _empty_overrides() -> Mapping[str, LimitOverride]:
 
 # Unlimited slots and GPUs per user by default: the server's own slots and the fair
 # share between users already keep one user from starving the others.
-DEFAULT_LIMITS: Final = UserLimits(max_running_slots=None, max_gpus=None, max_queued=1000)
+# Stored bytes are capped so that one user cannot fill /var/lib/tsd for everyone.
+DEFAULT_LIMITS: Final = UserLimits(
+    max_running_slots=None, max_gpus=None, max_queued=1000,
+    max_job_bytes=256 * 1024, max_stored_bytes=64 * 1024 * 1024,
+)
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
 

@@ -77,6 +77,12 @@ class QueueFull(TsdError):
     exit_code = 2
 
 
+class OverQuota(TsdError):
+    """Storing this would pass one of the user's byte caps (max_job_bytes, max_stored_bytes)."""
+
+    code = "over_quota"
+
+
 class ConfigError(TsdError):
     """The config file is broken; the message names the file, key path and line."""
 

@@ -10,22 +10,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol, TypeVar
 
 from tsd import auth, protocol
 from tsd.dispatch import Dispatcher
-from tsd.errors import BadRequest, NoSuchJob, QueueFull, WrongState
+from tsd.errors import BadRequest, NoSuchJob, OverQuota, QueueFull, WrongState
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
-from tsd.model import Job, JobState, Peer
+from tsd.model import Job, JobState, Peer, UserLimits
 from tsd.policy import Policy
+from tsd.render import printable
 from tsd.scheduler import check_fits
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
 
 SendEvent = Callable[[protocol.Event], Awaitable[None]]
+R = TypeVar("R", bound=protocol.Response | protocol.Event)
 
 
 class Killer(Protocol):
@@ -61,9 +63,37 @@ class Parts:
 async def handle(
     p: Parts, creds: tuple[int, int, int], req: protocol.Request, send: SendEvent
 ) -> protocol.Response:
-    """Serve one request from the caller with these SO_PEERCRED credentials."""
+    """Serve one request from the caller with these SO_PEERCRED credentials.
+
+    Every job record in the answer and in its events leaves through
+    `auth.visible_to` here, the one place that decides what a caller may see.
+    """
     peer = auth.make_peer(*creds, is_admin=p.policy.config.is_admin)
     auth.check_may_connect(peer, p.system, p.my_uid)
+
+    async def send_visible(event: protocol.Event) -> None:
+        await send(_visible(peer, event))
+
+    return _visible(peer, await _serve(p, peer, req, send_visible))
+
+
+def _visible(peer: Peer, answer: R) -> R:
+    """`answer` with every Job in it (alone or in a tuple) as `peer` may see it."""
+    changes: dict[str, Any] = {}
+    for f in fields(answer):
+        value = getattr(answer, f.name)
+        if isinstance(value, Job):
+            changes[f.name] = auth.visible_to(peer, value)
+        elif isinstance(value, tuple) and any(isinstance(v, Job) for v in value):
+            changes[f.name] = tuple(
+                auth.visible_to(peer, v) if isinstance(v, Job) else v for v in value
+            )
+    return replace(answer, **changes) if changes else answer
+
+
+async def _serve(
+    p: Parts, peer: Peer, req: protocol.Request, send: SendEvent
+) -> protocol.Response:
     match req:
         case protocol.Submit():
             return await submit(p, peer, req, send)
@@ -126,18 +156,43 @@ async def submit(
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
     check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
+    _check_bytes(p, peer, spec.stored_bytes, limits)
     if limits.max_queued is not None:
         while p.table.pending_count[peer.uid] >= limits.max_queued:
             if not req.block:
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
             await p.waiters.room_freed()
+    _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
     job = p.table.add(peer.uid, peer.user, spec)
-    log.info("job %d queued by %s: %s", job.id, peer.user, spec.command_line[:200])
+    # Escaped: a command word may hold a newline, which must not forge a journal line.
+    log.info("job %d queued by %s: %s", job.id, peer.user, printable(spec.command_line[:200]))
     p.dispatcher.schedule()
     if not req.wait:
         return protocol.JobId(job.id)
     await send(protocol.Queued(job.id))
     return await _until_done(p, job)
+
+
+def _settings_bytes(p: Parts, uid: int) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in p.settings.user_settings(uid).items())
+
+
+def _check_bytes(p: Parts, peer: Peer, adding: int, limits: UserLimits, removing: int = 0) -> None:
+    """Refuse to store `adding` more bytes of the caller's text over their caps."""
+    if limits.max_job_bytes is not None and adding > limits.max_job_bytes:
+        raise OverQuota(
+            f"this job's command, environment, label and TS_ENV output take {adding} bytes, "
+            f"over your limit of {limits.max_job_bytes} (max_job_bytes)"
+        )
+    if limits.max_stored_bytes is None:
+        return
+    stored = p.table.stored_bytes[peer.uid] + _settings_bytes(p, peer.uid) - removing
+    if stored + adding > limits.max_stored_bytes:
+        raise OverQuota(
+            f"your stored jobs and --setenv values take {stored} bytes; {adding} more would "
+            f"pass your limit of {limits.max_stored_bytes} (max_stored_bytes): "
+            "remove finished jobs with ts -C"
+        )
 
 
 async def list_jobs(
@@ -153,11 +208,15 @@ async def list_jobs(
     rows: list[Job] = []
     size = 0
     for job in shown:
-        if size > protocol.LIST_CHUNK:
+        # Sized by encoded bytes: JSON writes a `"` as 2 bytes and a control character
+        # as 6. A record is never over protocol.MAX_RECORD, so one alone always fits;
+        # redaction (in handle) only makes a record smaller.
+        record = protocol.encoded_size(protocol.job_to_wire(job)) + 1
+        if rows and size + record > protocol.LIST_CHUNK:
             await send(protocol.JobsChunk(tuple(rows)))
             rows, size = [], 0
         rows.append(job)
-        size += 1024 + len(job.spec.command_line) + len(job.spec.label or "")
+        size += record
     return protocol.JobList(tuple(rows), p.policy.total_slots(), p.table.used_slots())
 
 
@@ -272,6 +331,11 @@ def env(p: Parts, peer: Peer, req: protocol.Env) -> protocol.EnvValue:
     if req.action == "get":
         return protocol.EnvValue(p.settings.user_settings(peer.uid).get(key))
     value = req.value if req.action == "set" else None
+    if value is not None:
+        old = p.settings.user_settings(peer.uid).get(key)
+        removing = 0 if old is None else len(key.encode()) + len(old.encode())
+        adding = len(key.encode()) + len(value.encode())
+        _check_bytes(p, peer, adding, p.policy.limits(peer.uid), removing)
     p.settings.set_user_setting(peer.uid, key, value)
     return protocol.EnvValue(value)
 

@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Literal, Protocol
 
 from tsd import auth
-from tsd.errors import NoSuchJob
+from tsd.errors import NoSuchJob, WrongState
 from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer
 from tsd.scheduler import DepOutcome
 
@@ -80,6 +80,7 @@ class JobTable:
         self.pending_count: dict[int, int] = defaultdict(int)
         self.pending_gpu_jobs = 0
         self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)
+        self.stored_bytes: dict[int, int] = defaultdict(int)  # per user: JobSpec.stored_bytes
         self._orders = (0, -1)  # lowest and highest queue order keys handed out
 
     # ------------------------------------------------------------ loading
@@ -92,6 +93,7 @@ class JobTable:
                 ended_transparent.append(job.id)  # a crash came between its end and its drop
                 continue
             self.jobs[job.id] = job
+            self.stored_bytes[job.uid] += job.spec.stored_bytes
             if job.state.pending:
                 self._index_pending(job)
             self.last_added[job.uid] = max(self.last_added.get(job.uid, 0), job.id)
@@ -182,6 +184,7 @@ class JobTable:
         self._orders = (low, high + 1)
         job = self.store.add_job(uid, user, spec, high + 1, time.time())
         self.jobs[job.id] = job
+        self.stored_bytes[uid] += spec.stored_bytes
         self._index_pending(job)
         self.last_added[uid] = job.id
         return job
@@ -204,18 +207,30 @@ class JobTable:
             self.store.save(*changed)
 
     def move_front(self, job: Job) -> Job:
-        """ts -u: put a pending job before every other one."""
-        low, high = self._orders
-        self._orders = (low - 1, high)
-        job = replace(job, order=low - 1)
-        self.store.save(job)
-        self.jobs[job.id] = job
-        self.pending.remove(job.id)
-        self.pending.insert(0, job.id)
-        return job
+        """ts -u: put a pending job before every other pending job of its owner.
+
+        The owner's jobs pass their order keys along (the job takes its owner's
+        first key, each job before it the next one), so the set of keys a user
+        holds, and with it the order between users, does not change.
+        """
+        own = [j for j in self.queue() if j.uid == job.uid]
+        ahead = own[: [j.id for j in own].index(job.id) + 1]
+        keys = [j.order for j in ahead]
+        moved = [replace(job, order=keys[0])]
+        moved += [replace(j, order=k) for j, k in zip(ahead[:-1], keys[1:], strict=True)]
+        self.store.save(*moved)
+        for j in moved:
+            self.jobs[j.id] = j
+        self._sort_pending()
+        return moved[0]
 
     def swap(self, a: Job, b: Job) -> None:
-        """ts -U: two pending jobs trade places."""
+        """ts -U: two pending jobs of one user trade places (keys stay with the user)."""
+        if a.uid != b.uid:
+            raise WrongState(
+                f"jobs {a.id} and {b.id} belong to different users: "
+                "-U reorders one user's own queue only"
+            )
         a, b = replace(a, order=b.order), replace(b, order=a.order)
         self.store.save(a, b)
         self.jobs[a.id], self.jobs[b.id] = a, b
@@ -402,7 +417,8 @@ class JobTable:
                 self._forget(job_id)
 
     def _forget(self, job_id: int) -> None:
-        del self.jobs[job_id]
+        job = self.jobs.pop(job_id)
+        self.stored_bytes[job.uid] -= job.spec.stored_bytes
         self.dependents.pop(job_id, None)
 
 

@@ -38,6 +38,11 @@ class DependMode(enum.StrEnum):
     SUCCESS = "success"  # -W: run only if all exited 0, else skip
 
 
+# The cwd of a record that was redacted for a caller who may not see it (an
+# absolute path never is empty, so it cannot be mistaken for a real one).
+HIDDEN = ""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What a client asks to run. Validated by the protocol layer before it gets here."""
@@ -72,6 +77,16 @@ class JobSpec:
     def command_line(self) -> str:
         """The command as one line, as task-spooler shows and runs it (through sh -c)."""
         return " ".join(self.command)
+
+    @property
+    def stored_bytes(self) -> int:
+        """UTF-8 bytes of the text a user gave this job, which the store keeps.
+
+        What the per-user caps (`max_job_bytes`, `max_stored_bytes`) count.
+        """
+        texts = [*self.command, *(t for kv in self.env for t in kv), self.cwd]
+        texts += [t for t in (self.label, self.env_info, self.output_name) if t]
+        return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,12 @@ class Job:
     unit: str | None = None  # systemd scope name on the system service
     wait_reason: str = ""  # why a pending job is not running, for -i
 
+    @property
+    def redacted(self) -> bool:
+        """True for another user's job as a non-admin sees it (tsd.auth.visible_to):
+        its working directory, output path and the like were left out."""
+        return self.spec.cwd == HIDDEN
+
 
 @dataclass(frozen=True)
 class UserLimits:
@@ -133,6 +154,8 @@ class UserLimits:
     max_running_slots: int | None = None
     max_gpus: int | None = None
     max_queued: int | None = None
+    max_job_bytes: int | None = None  # one job's stored text: command, env, label, TS_ENV
+    max_stored_bytes: int | None = None  # all the user's stored jobs and --setenv values
 
 
 @dataclass(frozen=True)

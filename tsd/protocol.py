@@ -7,9 +7,10 @@ request dataclasses below; nothing else in the daemon looks at raw JSON.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tsd import codec
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
@@ -32,7 +33,7 @@ from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
-from tsd.model import DependMode, Gpu, Job, JobSpec
+from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -40,6 +41,17 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
 
     Default = Literal["added", "run"]
     T = TypeVar("T")
+
+
+# A job's record (spec without its environment, plus what happened to it) must fit
+# one frame on its own, whatever JSON's escapes make of its text: a list piece may
+# hold a single record, and -i sends one.
+MAX_RECORD = MAX_FRAME - 64 * 1024
+
+
+def encoded_size(obj: Mapping[str, Any]) -> int:
+    """Bytes `obj` takes in a frame body (as tsd.framing.encode writes it)."""
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 # ---------------------------------------------------------------- requests
@@ -300,6 +312,14 @@ def _is_num(v: Any) -> bool:
     return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+def _check_line(value: str | None, bad: Callable[[str], BadRequest]) -> None:
+    """Refuse control characters in a value that ends up alone on a terminal line or
+    in a path (label, log dir, -O, variable names): a newline there could forge a line
+    in an admin's listing or the journal."""
+    if value is not None and any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise bad("contains a control character (newline, tab, escape...)")
+
+
 def _check_text(value: str, max_len: int, bad: Callable[[str], BadRequest]) -> None:
     if len(value) > max_len:
         raise bad(f"longer than {max_len} characters")
@@ -355,6 +375,9 @@ def parse_spec(obj: Any) -> JobSpec:
             raise BadRequest("bad request: spec.gpu_indices: an index is repeated")
     depends = f.int_list("depends", 1, MAX_ID, MAX_DEPENDS) or ()
     output_name = f.text("output_name", 255)
+    _check_line(output_name, lambda what: BadRequest(f"bad request: -O name {what}"))
+    label = f.text("label", 1024)
+    _check_line(label, lambda what: BadRequest(f"bad request: the label {what}"))
     if output_name is not None and (
         "/" in output_name or output_name in ("", ".", "..")
     ):
@@ -365,12 +388,12 @@ def parse_spec(obj: Any) -> JobSpec:
     gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
     if gpu_indices is not None:
         gpus = len(gpu_indices)
-    return JobSpec(
+    spec = JobSpec(
         command=tuple(command),
         cwd=cwd,
         env=tuple(env),
         umask=f.integer("umask", 0, 0o777, 0o022) or 0,
-        label=f.text("label", 1024),
+        label=label,
         slots=f.integer("slots", 1, MAX_SLOTS, 1) or 1,
         gpus=gpus,
         gpu_indices=gpu_indices,
@@ -385,6 +408,13 @@ def parse_spec(obj: Any) -> JobSpec:
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
     )
+    size = encoded_size(codec.spec_to_dict(spec, include_env=False))
+    if size > MAX_RECORD:
+        raise BadRequest(
+            f"bad request: the job's command, label and TS_ENV output take {size} bytes "
+            f"as JSON, over the {MAX_RECORD}-byte limit of one record"
+        )
+    return spec
 
 
 def parse_request(obj: dict[str, Any]) -> Request:
@@ -433,6 +463,7 @@ def parse_request(obj: dict[str, Any]) -> Request:
             name = f.text("name", 1024) or ""
             if not name or "=" in name:
                 raise BadRequest("bad request: env: a variable name without '=' is needed")
+            _check_line(name, lambda what: BadRequest(f"bad request: env: the name {what}"))
             value = f.text("value", MAX_TEXT)
             if action == "set" and value is None:
                 raise BadRequest("bad request: env: --setenv needs NAME=VALUE")
@@ -443,6 +474,7 @@ def parse_request(obj: dict[str, Any]) -> Request:
             )
         case "logdir":
             path = f.text("path", 4096)
+            _check_line(path, lambda what: BadRequest(f"bad request: the log directory {what}"))
             if path is not None and not path.startswith("/"):
                 raise BadRequest("bad request: the log directory must be an absolute path")
             return LogDir(path=path)
@@ -469,7 +501,11 @@ def job_to_wire(job: Job, include_env: bool = False) -> dict[str, Any]:
 def job_from_wire(obj: Mapping[str, Any]) -> Job:
     """Rebuild a Job from the daemon's report (the client trusts its daemon's shape)."""
     try:
-        spec = parse_spec(obj["spec"] | {"env": obj["spec"].get("env") or []})
+        cwd = obj["spec"].get("cwd")
+        # Another user's job comes redacted (tsd.auth.visible_to): no cwd to check.
+        spec = parse_spec(obj["spec"] | {"env": obj["spec"].get("env") or [], "cwd": cwd or "/"})
+        if cwd == HIDDEN:
+            spec = replace(spec, cwd=HIDDEN)
         return codec.job_from_dict(obj, spec)
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed job record from the daemon: {exc}") from None

@@ -11,6 +11,7 @@ to uselessness) the format here is the fixed one.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -45,6 +46,25 @@ TAB_COLUMNS = (
 
 
 # ------------------------------------------------------------------ pieces
+
+
+# C0 controls, DEL and C1 controls: a stored value must not move an admin's cursor,
+# change the terminal's state or start a fake line (older records may hold them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\x1b": "\\e"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """`text` with control characters written as escapes (`\\n`, `\\x01`), for a terminal
+    or a log line. `keep_newlines` leaves line breaks (TS_ENV's multi-line output)."""
+    if keep_newlines:
+        return "\n".join(_CONTROL.sub(_escape_char, line) for line in text.split("\n"))
+    return _CONTROL.sub(_escape_char, text)
 
 
 def time_rep(seconds: float) -> tuple[float, str]:
@@ -84,6 +104,8 @@ def output_shown(job: Job) -> str:
         return "stdout"
     if job.state.pending:
         return "(file)"
+    if job.redacted:
+        return "(hidden)"
     return job.output_path or "(...)"
 
 
@@ -150,7 +172,7 @@ def list_text(
     they always line up; the header is exactly task-spooler's when they don't.
     """
     rows = ordered(jobs)
-    outputs = [output_shown(j) for j in rows]
+    outputs = [printable(output_shown(j)) for j in rows]
     times = []
     for job in rows:
         secs = run_seconds(job, now)
@@ -158,7 +180,7 @@ def list_text(
     id_w = max([ID_WIDTH, *(len(str(j.id)) for j in rows)])
     out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs)])
     time_w = max([TIME_WIDTH, *(len(t) for t in times)])
-    user_w = max([USER_WIDTH, *(len(j.user) for j in rows)])
+    user_w = max([USER_WIDTH, *(len(printable(j.user)) for j in rows)])
 
     def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str) -> str:
         head = f"{ident:<{id_w}} "
@@ -175,14 +197,14 @@ def list_text(
         lvl = elevel(job)
         prefix = cells(
             str(job.id),
-            job.user,
+            printable(job.user),
             job.state.value,
             out,
             "" if lvl is None else str(lvl),
             tim.rjust(TIME_WIDTH),
         )
-        label = f"[{shorten(job.spec.label, LABEL_WIDTH)}]" if job.spec.label else ""
-        command = job.spec.command_line
+        label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
+        command = printable(job.spec.command_line)
         if width is not None:
             room = width - len(prefix) - len(depend_str(job)) - len(gpu_str(job)) - len(label)
             command = shorten(command, max(room, MIN_COMMAND_WIDTH))
@@ -203,7 +225,7 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "GPUs": job.spec.gpus_wanted,
         "User": job.user,
         "Label": job.spec.label,
-        "Cwd": job.spec.cwd,
+        "Cwd": None if job.redacted else job.spec.cwd,
         "Depends": list(job.spec.depends),
         "GPU_IDs": list(job.gpu_ids),
         "Slots": job.spec.slots,
@@ -221,7 +243,7 @@ def list_json(jobs: Sequence[Job], now: float | None = None) -> str:
 
 def _tab_field(text: str) -> str:
     # A tab or newline inside a command would shift every later column.
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return printable(text.replace("\\", "\\\\"))
 
 
 def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = None) -> str:
@@ -291,9 +313,8 @@ def info_text(job: Job, now: float) -> str:
     plus what tsd knows besides: user, GPUs, output files, CPU time, peak memory,
     why a pending job waits, and TS_ENV's output.
     """
+    head = printable(job.spec.env_info.rstrip("\n"), True) + "\n" if job.spec.env_info else ""
     lines: list[str] = []
-    if job.spec.env_info:
-        lines.append(job.spec.env_info.rstrip("\n"))
     status = exit_status(job)
     if status is not None:
         lines.append(f"Exit status: {status}")
@@ -339,7 +360,7 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"CPU time: {job.exit.cpu_seconds:.2f}s")
     if job.exit is not None and job.exit.max_rss is not None:
         lines.append(f"Peak memory: {_bytes(job.exit.max_rss)}")
-    return "\n".join(lines) + "\n"
+    return head + "".join(printable(line) + "\n" for line in lines)
 
 
 # ------------------------------------------------------------------- ts -g

@@ -47,6 +47,9 @@ LEAVES = [
 ]
 SECTIONS = ["gpus", "defaults", "groups", "users", "job"]
 
+# The stored-byte caps every user gets unless the config says otherwise.
+BYTE_CAPS = {"max_job_bytes": 256 * 1024, "max_stored_bytes": 64 * 1024 * 1024}
+
 
 def error_of(text: str, source: str = SRC) -> str:
     with pytest.raises(ConfigError) as err:
@@ -62,7 +65,9 @@ def test_every_key_has_its_documented_default() -> None:
     assert cfg.slots == 4
     assert cfg.gpus == GpuConfig(visible=None, free_memory_percent=90.0, poll_seconds=5.0)
     assert cfg.admins == ("root",)
-    assert cfg.defaults == UserLimits(max_running_slots=None, max_gpus=None, max_queued=1000)
+    assert cfg.defaults == UserLimits(
+        max_running_slots=None, max_gpus=None, max_queued=1000, **BYTE_CAPS
+    )
     assert dict(cfg.groups) == {}
     assert dict(cfg.users) == {}
     assert cfg.job == JobLimits(memory_max=None, cpu_quota_percent=None, tasks_max=None)
@@ -204,7 +209,9 @@ def test_anchors_and_merge_keys_share_quota_entries() -> None:
     cfg = parse_config(text)
     assert cfg.users["bob"] == LimitOverride(max_gpus=2, max_queued=5)
     assert cfg.users["carol"] == cfg.users["alice"] == LimitOverride(max_gpus=4, max_queued=5)
-    assert cfg.defaults == UserLimits(max_running_slots=None, max_gpus=1, max_queued=3)
+    assert cfg.defaults == UserLimits(
+        max_running_slots=None, max_gpus=1, max_queued=3, **BYTE_CAPS
+    )
 
 
 def test_merged_keys_are_checked_like_written_ones() -> None:
@@ -404,26 +411,26 @@ users:
 
 def test_limits_for_a_user_in_no_listed_group_are_the_defaults() -> None:
     cfg = parse_config(QUOTAS)
-    assert cfg.limits_for("carol", ["users", "video"]) == UserLimits(2, 1, 10)
+    assert cfg.limits_for("carol", ["users", "video"]) == UserLimits(2, 1, 10, **BYTE_CAPS)
 
 
 def test_limits_for_a_group_member_override_only_the_keys_the_group_sets() -> None:
     cfg = parse_config(QUOTAS)
-    assert cfg.limits_for("carol", ["students"]) == UserLimits(2, 2, 10)
+    assert cfg.limits_for("carol", ["students"]) == UserLimits(2, 2, 10, **BYTE_CAPS)
 
 
 def test_limits_for_several_groups_take_the_most_generous_value_per_key() -> None:
     cfg = parse_config(QUOTAS)
-    assert cfg.limits_for("carol", ["students", "staff"]) == UserLimits(2, 3, 50)
-    assert cfg.limits_for("carol", ["staff", "power"]) == UserLimits(2, None, 50)
+    assert cfg.limits_for("carol", ["students", "staff"]) == UserLimits(2, 3, 50, **BYTE_CAPS)
+    assert cfg.limits_for("carol", ["staff", "power"]) == UserLimits(2, None, 50, **BYTE_CAPS)
     # A group may also be stricter than the defaults; with only it, it applies.
-    assert cfg.limits_for("carol", ["tiny"]) == UserLimits(1, 1, 10)
+    assert cfg.limits_for("carol", ["tiny"]) == UserLimits(1, 1, 10, **BYTE_CAPS)
 
 
 def test_limits_for_the_users_own_entry_wins_outright() -> None:
     cfg = parse_config(QUOTAS)
-    assert cfg.limits_for("alice", ["staff", "power"]) == UserLimits(2, 0, 50)
-    assert cfg.limits_for("bob", ["tiny"]) == UserLimits(None, 1, 10)
+    assert cfg.limits_for("alice", ["staff", "power"]) == UserLimits(2, 0, 50, **BYTE_CAPS)
+    assert cfg.limits_for("bob", ["tiny"]) == UserLimits(None, 1, 10, **BYTE_CAPS)
 
 
 @given(

@@ -25,6 +25,10 @@ texts = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
     min_size=1, max_size=20,
 )
+# Labels and -O names may not hold control characters (Cc): they are refused at submit.
+line_texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20,
+)
 
 specs = st.builds(
     JobSpec,
@@ -39,7 +43,7 @@ specs = st.builds(
         max_size=3,
     ).map(tuple),
     umask=st.integers(0, 0o777),
-    label=st.none() | texts,
+    label=st.none() | line_texts,
     slots=st.integers(1, 64),
     gpus=st.integers(0, 8),
     gpu_indices=st.none(),
@@ -48,7 +52,7 @@ specs = st.builds(
     store_output=st.booleans(),
     gzip=st.booleans(),
     stderr_apart=st.booleans(),
-    output_name=st.none() | texts.filter(lambda t: "/" not in t and t not in (".", "..")),
+    output_name=st.none() | line_texts.filter(lambda t: "/" not in t and t not in (".", "..")),
     mail=st.booleans(),
     timeout=st.none() | st.floats(min_value=0.5, max_value=1e6),
     env_info=st.none() | texts,
