@@ -82,6 +82,9 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     info = _ts_env_info(environ)
     if info is not None:
         wire["spec"]["env_info"] = info
+    name = wire["spec"].get("output_name")
+    if isinstance(name, str) and "/" not in name:
+        _check_new_output(client, name, environ)
     conn = client.connect()
     try:
         conn.send_wire(wire)
@@ -111,6 +114,21 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         with contextlib.suppress(TsdError, OSError):
             client.call(protocol.Kill(id=job_id))
         return 130
+
+
+def _check_new_output(client: Client, name: str, environ: Mapping[str, str]) -> None:
+    """-O NAME: refuse now, checked as the user, a name already taken in the log dir.
+
+    The job creates its output with O_EXCL and fails with a note if the name is
+    taken meanwhile; this check only makes the common case one line at submit.
+    """
+    from tsd import protocol
+
+    resp = client.call(protocol.LogDir())
+    directory = str(resp.get("path")) if resp.get("custom") else environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(directory, name)
+    if os.path.lexists(path):
+        raise TsdError(f"-O {name}: {path} already exists; tsd writes output only to a new file")
 
 
 def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:
