@@ -262,23 +262,31 @@ class Server:
             return
         conn.setblocking(False)
         self.open += 1
-        self.per_uid[creds[1]] += 1
-        task = self._loop.create_task(self._connection(conn, creds))
+        # Decided now, in accept order: later connections must not count against this
+        # one. A refused connection lives only to carry its error: it counts toward
+        # the total (a descriptor), not toward its user's cap.
+        refused = self._over_cap(creds[1], waiting=False)
+        if refused is None:
+            self.per_uid[creds[1]] += 1
+        task = self._loop.create_task(self._connection(conn, creds, refused))
         self.tasks.add(task)
 
-    def _connection_closed(self, uid: int) -> None:
+    def _connection_closed(self, uid: int, counted: bool) -> None:
         self.open -= 1
-        self.per_uid[uid] -= 1
-        if self.per_uid[uid] <= 0:
-            del self.per_uid[uid]
+        if counted:
+            self.per_uid[uid] -= 1
+            if self.per_uid[uid] <= 0:
+                del self.per_uid[uid]
         self._resume()
 
-    async def _connection(self, conn: socket.socket, creds: tuple[int, int, int]) -> None:
+    async def _connection(
+        self, conn: socket.socket, creds: tuple[int, int, int], refused: TsdError | None
+    ) -> None:
         task = asyncio.current_task()
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn)
-            await self._serve(reader, writer, creds)
+            await self._serve(reader, writer, creds, refused)
         except (ConnectionError, asyncio.CancelledError):
             pass
         except OSError as exc:
@@ -292,14 +300,14 @@ class Server:
                     await writer.wait_closed()
             else:
                 conn.close()
-            self._connection_closed(creds[1])
+            self._connection_closed(creds[1], counted=refused is None)
 
     def _over_cap(self, uid: int, waiting: bool) -> TooManyConnections | None:
-        """The error for a caller over a per-user cap, if it is."""
+        """The error for a new connection (or, `waiting`, a new wait) over a per-user cap."""
         if uid == 0:
             return None
         limits = self.limits()
-        if limits.per_user is not None and self.per_uid[uid] > limits.per_user:
+        if not waiting and limits.per_user is not None and self.per_uid[uid] >= limits.per_user:
             return TooManyConnections(
                 f"too many connections from uid {uid} at once (at most {limits.per_user}); "
                 "try again when some of yours have ended"
@@ -318,8 +326,8 @@ class Server:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         creds: tuple[int, int, int],
+        refused: TsdError | None,
     ) -> None:
-
         async def write(frame: dict[str, Any]) -> None:
             writer.write(protocol.encode(frame))
             await writer.drain()
@@ -327,7 +335,6 @@ class Server:
         async def send(event: protocol.Event) -> None:
             await write(event.to_wire())
 
-        refused = self._over_cap(creds[1], waiting=False)
         if refused is not None:
             # Answer before reading: the caller's request is never looked at.
             await _reply_error(write, refused)
