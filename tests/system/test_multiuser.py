@@ -230,5 +230,9 @@ def test_output_name_through_a_symlink_cannot_make_root_write(sbox: Box) -> None
     r = sbox.run(["ts", "-O", "evil.log", "echo", "pwned"], user="alice", cwd="/tmp",
                  env={"TMPDIR": "/tmp"}, check=False)
     assert r.returncode != 0 and "already exists" in r.stderr
+    sbox.run(["rm", "-f", "/tmp/fine.log"])
+    fine = job_id(sbox.run(["ts", "-O", "fine.log", "echo", "fine"], user="alice", cwd="/tmp",
+                           env={"TMPDIR": "/tmp"}))
+    assert ts(sbox, "alice", "-w", str(fine), check=False).returncode == 0
     assert sbox.read_file("/root/secret") == "untouched\n"
     assert json.loads(ts(sbox, "alice", "-M", "json").stdout)
