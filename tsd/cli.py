@@ -84,7 +84,7 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         wire["spec"]["env_info"] = info
     name = wire["spec"].get("output_name")
     if isinstance(name, str) and "/" not in name:
-        _check_new_output(client, name, environ)
+        _check_new_output(client, name, bool(wire["spec"].get("stderr_apart")), environ)
     conn = client.connect()
     try:
         conn.send_wire(wire)
@@ -116,7 +116,9 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         return 130
 
 
-def _check_new_output(client: Client, name: str, environ: Mapping[str, str]) -> None:
+def _check_new_output(
+    client: Client, name: str, stderr_apart: bool, environ: Mapping[str, str]
+) -> None:
     """-O NAME: refuse now, checked as the user, a name already taken in the log dir.
 
     The job creates its output with O_EXCL and fails with a note if the name is
@@ -127,8 +129,11 @@ def _check_new_output(client: Client, name: str, environ: Mapping[str, str]) -> 
     resp = client.call(protocol.LogDir())
     directory = str(resp.get("path")) if resp.get("custom") else environ.get("TMPDIR") or "/tmp"
     path = os.path.join(directory, name)
-    if os.path.lexists(path):
-        raise TsdError(f"-O {name}: {path} already exists; tsd writes output only to a new file")
+    for taken in (path, path + ".e") if stderr_apart else (path,):
+        if os.path.lexists(taken):
+            raise TsdError(
+                f"-O {name}: {taken} already exists; tsd writes output only to a new file"
+            )
 
 
 def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:
