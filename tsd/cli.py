@@ -82,6 +82,9 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     info = _ts_env_info(environ)
     if info is not None:
         wire["spec"]["env_info"] = info
+    name = wire["spec"].get("output_name")
+    if isinstance(name, str) and "/" not in name:
+        _check_new_output(client, name, bool(wire["spec"].get("stderr_apart")), environ)
     if wire.get("wait"):
         return _submit_and_wait(client, wire)
     conn = client.connect()
@@ -142,6 +145,26 @@ def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
         return wait_code(job_of(check(frame)))
     except BadRequest as exc:
         raise UsageError(exc.message.removeprefix("bad request: ")) from None
+
+
+def _check_new_output(
+    client: Client, name: str, stderr_apart: bool, environ: Mapping[str, str]
+) -> None:
+    """-O NAME: refuse now, checked as the user, a name already taken in the log dir.
+
+    The job creates its output with O_EXCL and fails with a note if the name is
+    taken meanwhile; this check only makes the common case one line at submit.
+    """
+    from tsd import protocol
+
+    resp = client.call(protocol.LogDir())
+    directory = str(resp.get("path")) if resp.get("custom") else environ.get("TMPDIR") or "/tmp"
+    path = os.path.join(directory, name)
+    for taken in (path, path + ".e") if stderr_apart else (path,):
+        if os.path.lexists(taken):
+            raise TsdError(
+                f"-O {name}: {taken} already exists; tsd writes output only to a new file"
+            )
 
 
 def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:

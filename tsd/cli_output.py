@@ -6,8 +6,10 @@ arrives (it is not needed to queue a job).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
+import stat
 import sys
 import zlib
 
@@ -83,8 +85,16 @@ def job_of(resp: Mapping[str, Any]) -> Job:
 class OutputFollower:
     """Copies a job's output file to a stream as it grows; gunzips -z output on the fly."""
 
-    def __init__(self, path: str, gzipped: bool, out: IO[bytes], tail_lines: int | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        gzipped: bool,
+        out: IO[bytes],
+        tail_lines: int | None,
+        owner: int | None = None,
+    ) -> None:
         self.path = path
+        self.owner = owner  # the job's uid: the file must be a regular file of theirs
         self.gzipped = gzipped
         self.out = out
         self.tail_lines = tail_lines  # None: everything (-c); N: start with the last N lines (-t)
@@ -94,9 +104,8 @@ class OutputFollower:
     def _open(self) -> bool:
         if self.file is not None:
             return True
-        try:
-            self.file = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
-        except FileNotFoundError:
+        self.file = open_output(self.path, self.owner)
+        if self.file is None:
             return False
         if self.tail_lines is not None:
             self._start_at_tail(self.tail_lines)
@@ -160,6 +169,38 @@ class OutputFollower:
             self.file.close()
 
 
+def open_output(path: str, owner: int | None) -> IO[bytes] | None:
+    """Open a job's output file for reading; None while it does not exist.
+
+    ts may run as root (an admin reading a user's job), and the path is in a
+    directory the job's user controls: so never through a symlink (O_NOFOLLOW),
+    never a FIFO or device (O_NONBLOCK keeps a FIFO from blocking the open), and
+    only a regular file that belongs to the job's user. Anything else is one error.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TsdError(
+                f"{path} is a symbolic link, not the job's output: not reading it"
+            ) from None
+        raise TsdError(f"cannot read {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif owner is not None and st.st_uid != owner:
+        problem = f"belongs to uid {st.st_uid}, not to the job's user (uid {owner})"
+    if problem is not None:
+        os.close(fd)
+        raise TsdError(f"{path} {problem}: not reading it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def last_lines(data: bytes, n: int) -> bytes:
     """The last n lines of `data`, as `tail -n` prints them."""
     lines = data.splitlines(keepends=True)
@@ -213,4 +254,4 @@ def follower_for(job: Job, out: IO[bytes], tail: int | None) -> OutputFollower |
         if job.state is not JobState.SKIPPED:
             warn(f"job {job.id} has no output file")
         return None
-    return OutputFollower(job.output_path, job.spec.gzip, out, tail)
+    return OutputFollower(job.output_path, job.spec.gzip, out, tail, owner=job.uid)

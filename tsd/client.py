@@ -171,17 +171,22 @@ class Connection:
     def send_wire(self, obj: Mapping[str, Any]) -> None:
         """Send a request already in its wire form (ts builds submits as plain dicts)."""
         data = framing.encode(obj)
-        if self.answer_timeout is None:
-            self.sock.sendall(data)
-        else:
-            # A frame larger than the socket buffer blocks until someone reads it.
-            self.sock.settimeout(self.answer_timeout)
-            try:
+        try:
+            if self.answer_timeout is None:
                 self.sock.sendall(data)
-            except TimeoutError:
-                raise ServerUnavailable(self._not_answering()) from None
-            finally:
-                self.sock.settimeout(None)
+            else:
+                # A frame larger than the socket buffer blocks until someone reads it.
+                self.sock.settimeout(self.answer_timeout)
+                try:
+                    self.sock.sendall(data)
+                except TimeoutError:
+                    raise ServerUnavailable(self._not_answering()) from None
+                finally:
+                    self.sock.settimeout(None)
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon answered without reading (over a per-user connection cap)
+            # and hung up: its error frame is waiting for recv().
+            pass
         self._unanswered = True
 
     def recv(self) -> dict[str, Any]:

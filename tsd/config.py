@@ -34,6 +34,7 @@ __all__ = [
     "LIMIT_KEYS",
     "UNSET",
     "Config",
+    "ConnectionConfig",
     "GpuConfig",
     "LimitOverride",
     "Unset",
@@ -84,6 +85,15 @@ class GpuConfig:
     poll_seconds: float = 5.0  # how often NVML is polled while jobs wait for GPUs
 
 
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """The `connections:` section: how many connections the daemon holds open at once."""
+
+    max: int = 4096  # all users together; the daemon also keeps it below its file limit
+    per_user: int | None = 64  # one user's open connections; the excess gets an error
+    waiting_per_user: int | None = 32  # one user's parked ts -w/-t/-c/-f calls
+
+
 def _empty_overrides() -> Mapping[str, LimitOverride]:
     return MappingProxyType({})
 
@@ -97,6 +107,7 @@ DEFAULT_LIMITS: Final = UserLimits(
 )
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
+_DEFAULT_CONNECTIONS: Final = ConnectionConfig()
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class Config:
     job: JobLimits = _NO_JOB_LIMITS  # None everywhere: systemd's own defaults
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
+    connections: ConnectionConfig = _DEFAULT_CONNECTIONS
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -162,9 +174,11 @@ _TOP_KEYS = (
     "job",
     "max_finished",
     "kill_grace_seconds",
+    "connections",
 )
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
+_CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
 
 # systemd's size suffixes: powers of 1024. "64G", "512M", "1.5T", "100KiB", "4096".
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -424,6 +438,20 @@ class _Parser:
                 values["tasks_max"] = self.count(value, path, minimum=1)
         return JobLimits(**values)
 
+    def connections(self, node: yaml.Node) -> ConnectionConfig:
+        conns = ConnectionConfig()
+        for key, _, value in self.mapping(node, "connections", _CONNECTION_KEYS):
+            path = f"connections.{key}"
+            if key == "max":
+                conns = dataclasses.replace(conns, max=self.count(value, path, minimum=1))
+            elif key == "per_user":
+                limit = self.integer(value, path, minimum=1, unlimited=True)
+                conns = dataclasses.replace(conns, per_user=limit)
+            else:
+                limit = self.integer(value, path, minimum=1, unlimited=True)
+                conns = dataclasses.replace(conns, waiting_per_user=limit)
+        return conns
+
     def size(self, node: yaml.Node, path: str) -> int | None:
         """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
         if self.is_null(node):
@@ -480,6 +508,8 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, users=self.overrides(value, key, "user"))
             elif key == "job":
                 cfg = dataclasses.replace(cfg, job=self.job(value))
+            elif key == "connections":
+                cfg = dataclasses.replace(cfg, connections=self.connections(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
             else:

@@ -45,7 +45,14 @@ from tsd.jobtable import JobTable
 from tsd.model import Job, UserLimits
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings, ScopeManager
-from tsd.server import SendEvent, Server, bind_personal, bind_system, inherited_socket
+from tsd.server import (
+    ConnectionLimits,
+    SendEvent,
+    Server,
+    bind_personal,
+    bind_system,
+    inherited_socket,
+)
 from tsd.store import Store
 from tsd.waiters import Waiters
 
@@ -205,7 +212,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        server = Server(sock, self.handle, self.settings.max_connections)
+        server = Server(sock, self.handle, self.connection_limits)
         await server.start()
         sd_notify("READY=1\nSTATUS=serving")
         mode = "system" if self.settings.system else "user"
@@ -222,6 +229,13 @@ class Daemon:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         log.info("tsd stopped; %d running jobs keep running", len(self.table.running))
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The server's caps: the config's on the system service, TS_MAXCONN on a personal one."""
+        if not self.settings.system:
+            return ConnectionLimits(total=self.settings.max_connections)
+        c = self.policy.config.connections
+        return ConnectionLimits(c.max, c.per_user, c.waiting_per_user)
 
     def _on_hup(self) -> None:
         sd_notify("RELOADING=1")

@@ -95,6 +95,12 @@ class ServerUnavailable(TsdError):
     code = "unavailable"
 
 
+class TooManyConnections(TsdError):
+    """The caller holds as many connections (or waiting calls) as one user may."""
+
+    code = "too_many_connections"
+
+
 class Internal(TsdError):
     """A bug in tsd: reported as one line; the daemon keeps serving others."""
 

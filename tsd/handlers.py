@@ -345,7 +345,7 @@ def logdir(p: Parts, peer: Peer, req: protocol.LogDir) -> protocol.LogDirPath:
     if req.path is not None:
         p.settings.set_user_setting(peer.uid, "logdir", req.path)
     path = p.settings.user_settings(peer.uid).get("logdir")
-    return protocol.LogDirPath(path or os.environ.get("TMPDIR") or "/tmp")
+    return protocol.LogDirPath(path or os.environ.get("TMPDIR") or "/tmp", custom=bool(path))
 
 
 def gpu_free_perc(p: Parts, peer: Peer, req: protocol.GpuFreePerc) -> protocol.GpuThreshold:

@@ -36,6 +36,7 @@ from tsd.model import ExitInfo
 
 PR_SET_CHILD_SUBREAPER = 36
 OUTPUT_PREFIX = "ts-out."
+JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login shell gets
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class LaunchPlan:
     on_finish: str | None = None  # TS_ONFINISH: run as the user when the job ends
     mail_to: str | None = None  # -m: mail the output to this address
     drop_privileges: bool = True
+    # Soft RLIMIT_NOFILE the job starts with; None keeps the daemon's. The system
+    # service runs with a raised limit (tsd.service) that jobs must not inherit.
+    nofile_soft: int | None = None
 
 
 @dataclass(frozen=True)
@@ -444,10 +448,24 @@ _SYS_KEYCTL = {
 }
 
 
+def reset_nofile(soft: int | None) -> None:
+    """Give the job the usual soft file limit, not the daemon's raised one (select() and
+    many programs assume at most 1024); the hard limit stays, so a job may raise it."""
+    if soft is None:
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def _exec_job(plan: LaunchPlan, status_w: int) -> None:
     """Runs as the job process: never returns."""
     os.setpgid(0, 0)
     try:
+        reset_nofile(plan.nofile_soft)
         if plan.drop_privileges:
             drop_privileges(plan.uid, plan.gid, plan.user)
         os.umask(plan.umask)
@@ -479,19 +497,34 @@ def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None
     if not plan.store_output:
         null = os.open(os.devnull, os.O_WRONLY)
         return null, null, None
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if plan.output_name:
         path = os.path.join(plan.log_dir, plan.output_name)
-        fd = os.open(path, flags | os.O_TRUNC, 0o600)
+        fd = create_new(path, "-O")
     else:
         fd, path = _mkstemp(plan.log_dir, f"{OUTPUT_PREFIX}{plan.job_id}.")
     err_fd = fd
     if plan.stderr_apart:
-        err_fd = os.open(path + ".e", flags | os.O_TRUNC, 0o600)
+        err_fd = create_new(path + ".e", "-E")
     if plan.gzip:
         fd = _gzip_pipe(fd, status_w)
         err_fd = _gzip_pipe(err_fd, status_w) if plan.stderr_apart else fd
     return fd, err_fd, path
+
+
+def create_new(path: str, flag: str) -> int:
+    """A new output file, created here by the job's own process (as its user), mode 0600.
+
+    Never an existing file: not someone else's, not the user's own, not a FIFO
+    or a device, not through a symlink. Anything already at `path` means the
+    job does not start, with a note saying why.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{flag}: {path} already exists; tsd writes output only to a new file"
+        ) from None
 
 
 def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
@@ -570,6 +603,7 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
     if pid == 0:
         try:
             os.close(w)
+            reset_nofile(plan.nofile_soft)
             if plan.drop_privileges:
                 drop_privileges(plan.uid, plan.gid, plan.user)
             os.dup2(r, 0)

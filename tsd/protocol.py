@@ -602,10 +602,11 @@ class LogDirPath:
     """logdir: where the caller's output files go."""
 
     path: str
+    custom: bool = False  # set by --set_logdir; else jobs use their TMPDIR, or /tmp
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
-        return {"path": self.path}
+        return {"path": self.path, "custom": self.custom}
 
 
 @dataclass(frozen=True)

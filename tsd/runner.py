@@ -307,6 +307,7 @@ class Runner:
             on_finish=on_finish,
             mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
             drop_privileges=os.getuid() == 0,
+            nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
         )
 
     def _device_fence(self, gpu_ids: tuple[int, ...]) -> list[str] | None:

@@ -5,27 +5,47 @@ SO_PEERCRED, hands the typed request to the daemon's handler and writes back
 its events and final response (tsd.protocol's dataclasses, encoded here).
 A malformed, oversized or missing frame costs the daemon one log line and
 that one connection, nothing else.
+
+It also keeps one user from taking the service away from the others: each
+user may hold only so many connections (and so many waiting `ts -w` calls) at
+once, the excess getting one error frame; all users together stay below the
+process's file limit, and past the overall cap the server stops accepting
+(callers wait in the listen backlog) instead of running out of descriptors.
+Should descriptors run out anyway (EMFILE on accept), accepting pauses until
+a connection closes or a second has passed, with one log line a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import socket
 import stat
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tsd import protocol
 from tsd.auth import peer_credentials
-from tsd.errors import Internal, ProtocolError, TsdError
+from tsd.errors import Internal, ProtocolError, TooManyConnections, TsdError
 
 log = logging.getLogger("tsd.server")
 
 READ_TIMEOUT = 30.0  # a client that connects and says nothing is dropped after this
 SD_LISTEN_FDS_START = 3
+# Descriptors kept for everything but connections: the database, the log, and a
+# pidfd and a report pipe per running job. Connections get the rest, at most.
+FD_RESERVE = 256
+ACCEPT_BATCH = 64  # connections accepted per wakeup, so a flood cannot starve other work
+OUT_OF_FDS_RETRY = 1.0  # seconds before trying accept() again when nothing closed meanwhile
+OUT_OF_FDS_LOG_EVERY = 60.0  # at most one log line per this many seconds while out of fds
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 SendEvent = Callable[[protocol.Event], Awaitable[None]]
 Handler = Callable[
@@ -100,49 +120,214 @@ def _listen(path: str, umask: int) -> socket.socket:
     return sock
 
 
-class Server:
-    """Serves requests on a listening unix socket."""
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections the server holds open at once; None: no per-user cap.
 
-    def __init__(self, sock: socket.socket, handler: Handler, max_connections: int) -> None:
+    Over `total` the server stops accepting and callers wait in the listen
+    backlog (task-spooler's TS_MAXCONN behaviour); over a per-user cap the
+    caller gets one error frame and the connection is closed. root is never
+    capped per user (an admin must always get through), only counted.
+    """
+
+    total: int = 1000
+    per_user: int | None = None
+    waiting_per_user: int | None = None
+
+
+def descriptor_budget() -> int:
+    """The most connections this process can hold and still have descriptors for the rest.
+
+    Half the soft RLIMIT_NOFILE at least, FD_RESERVE below it at most.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft // 2, soft - FD_RESERVE)
+
+
+class Server:
+    """Serves requests on a listening unix socket, within `limits()` (read at each accept)."""
+
+    def __init__(
+        self, sock: socket.socket, handler: Handler, limits: Callable[[], ConnectionLimits]
+    ) -> None:
         self.sock = sock
         self.handler = handler
-        self.slots = asyncio.Semaphore(max(1, max_connections))
-        self.server: asyncio.base_events.Server | None = None
+        self.limits = limits
+        self.fd_budget = descriptor_budget()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.open = 0  # accepted and not yet closed
+        self.per_uid: Counter[int] = Counter()
+        self.waiting: Counter[int] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._closed = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._out_of_fds_since: float | None = None
+        self._out_of_fds_logged = 0.0
+        self._out_of_fds_count = 0
+
+    def cap(self) -> int:
+        """Connections open at once, all users together: below the file limit."""
+        return max(1, min(self.limits().total, self.fd_budget))
 
     async def start(self) -> None:
         """Start accepting connections."""
+        self._loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
-        self.server = await asyncio.start_unix_server(self._connection, sock=self.sock)
+        limits = self.limits()
+        log.info(
+            "at most %d connections at once (file limit allows %d), %s per user, %s waiting",
+            self.cap(), self.fd_budget, limits.per_user or "any", limits.waiting_per_user or "any",
+        )
+        self._resume()
 
     async def close(self) -> None:
         """Stop accepting and drop open connections."""
-        if self.server is not None:
-            self.server.close()
+        self._closed = True
+        self._pause()
         for task in list(self.tasks):
             task.cancel()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
+    # -- accepting, paused at the cap and when descriptors run out
+
+    def _resume(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._closed or self._accepting or self.open >= self.cap() or self._loop is None:
+            return
+        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+        self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self._accepting = False
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.open >= self.cap():
+                # Callers wait in the kernel's backlog until a connection closes.
+                self._pause()
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self._out_of_fds(exc)
+                else:  # ECONNABORTED and the like: that caller is gone, nobody else is
+                    log.debug("accept: %s", exc)
+                return
+            self._fds_back()
+            self._start_connection(conn)
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        # The listening socket stays readable while the backlog is full: watching it
+        # now would spin. Try again when a connection closes, or after a pause
+        # (jobs that end free descriptors too).
+        self._pause()
+        assert self._loop is not None
+        if self._retry is None:
+            self._retry = self._loop.call_later(OUT_OF_FDS_RETRY, self._resume)
+        now = time.monotonic()
+        self._out_of_fds_count += 1
+        if self._out_of_fds_since is None:
+            self._out_of_fds_since = now
+        if now - self._out_of_fds_logged >= OUT_OF_FDS_LOG_EVERY or self._out_of_fds_count == 1:
+            self._out_of_fds_logged = now
+            log.warning(
+                "out of file descriptors (%s) with %d connections open: not accepting until "
+                "some close (logged once a minute)", exc.strerror, self.open,
+            )
+
+    def _fds_back(self) -> None:
+        if self._out_of_fds_since is not None:
+            log.info(
+                "accepting connections again after %.0fs out of file descriptors",
+                time.monotonic() - self._out_of_fds_since,
+            )
+            self._out_of_fds_since = None
+            self._out_of_fds_count = 0
+
+    def _start_connection(self, conn: socket.socket) -> None:
+        assert self._loop is not None
         try:
-            # TS_MAXCONN: callers beyond the limit wait, as task-spooler's do.
-            async with self.slots:
-                await self._serve(reader, writer)
+            creds = peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.open += 1
+        # Decided now, in accept order: later connections must not count against this
+        # one. A refused connection lives only to carry its error: it counts toward
+        # the total (a descriptor), not toward its user's cap.
+        refused = self._over_cap(creds[1], waiting=False)
+        if refused is None:
+            self.per_uid[creds[1]] += 1
+        task = self._loop.create_task(self._connection(conn, creds, refused))
+        self.tasks.add(task)
+
+    def _connection_closed(self, uid: int, counted: bool) -> None:
+        self.open -= 1
+        if counted:
+            self.per_uid[uid] -= 1
+            if self.per_uid[uid] <= 0:
+                del self.per_uid[uid]
+        self._resume()
+
+    async def _connection(
+        self, conn: socket.socket, creds: tuple[int, int, int], refused: TsdError | None
+    ) -> None:
+        task = asyncio.current_task()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+            await self._serve(reader, writer, creds, refused)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except OSError as exc:
+            log.warning("connection from pid %d: %s", creds[0], exc)
         finally:
             if task is not None:
                 self.tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            else:
+                conn.close()
+            self._connection_closed(creds[1], counted=refused is None)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        creds = peer_credentials(sock)
+    def _over_cap(self, uid: int, waiting: bool) -> TooManyConnections | None:
+        """The error for a new connection (or, `waiting`, a new wait) over a per-user cap."""
+        if uid == 0:
+            return None
+        limits = self.limits()
+        if not waiting and limits.per_user is not None and self.per_uid[uid] >= limits.per_user:
+            return TooManyConnections(
+                f"too many connections from uid {uid} at once (at most {limits.per_user}); "
+                "try again when some of yours have ended"
+            )
+        if waiting and limits.waiting_per_user is not None and (
+            self.waiting[uid] >= limits.waiting_per_user
+        ):
+            return TooManyConnections(
+                f"too many waiting calls (ts -w/-t/-c/-f) from uid {uid} at once "
+                f"(at most {limits.waiting_per_user})"
+            )
+        return None
 
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        creds: tuple[int, int, int],
+        refused: TsdError | None,
+    ) -> None:
         async def write(frame: dict[str, Any]) -> None:
             writer.write(protocol.encode(frame))
             await writer.drain()
@@ -150,6 +335,10 @@ class Server:
         async def send(event: protocol.Event) -> None:
             await write(event.to_wire())
 
+        if refused is not None:
+            # Answer before reading: the caller's request is never looked at.
+            await _reply_error(write, refused)
+            return
         try:
             header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), READ_TIMEOUT)
             length = protocol.frame_length(header)
@@ -162,6 +351,29 @@ class Server:
             await _reply_error(write, exc)
             return
 
+        waiting = isinstance(request, protocol.Wait)
+        if waiting:
+            refused = self._over_cap(creds[1], waiting=True)
+            if refused is not None:
+                await _reply_error(write, refused)
+                return
+            self.waiting[creds[1]] += 1
+        try:
+            await self._answer(reader, write, creds, request, send)
+        finally:
+            if waiting:
+                self.waiting[creds[1]] -= 1
+                if self.waiting[creds[1]] <= 0:
+                    del self.waiting[creds[1]]
+
+    async def _answer(
+        self,
+        reader: asyncio.StreamReader,
+        write: _Write,
+        creds: tuple[int, int, int],
+        request: protocol.Request,
+        send: SendEvent,
+    ) -> None:
         # The caller may hang up while we wait for a job: stop waiting then.
         handling = asyncio.ensure_future(self.handler(creds, request, send))
         hangup = asyncio.ensure_future(reader.read(1))

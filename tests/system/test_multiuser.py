@@ -226,8 +226,13 @@ def test_info_shows_cpu_time_from_the_scope(sbox: Box) -> None:
 def test_output_name_through_a_symlink_cannot_make_root_write(sbox: Box) -> None:
     sbox.write_file("/root/secret", "untouched\n", mode=0o600)
     sbox.run(["ln", "-sf", "/root/secret", "/tmp/evil.log"])
-    jid = job_id(sbox.run(["ts", "-O", "evil.log", "echo", "pwned"], user="alice", cwd="/tmp",
-                          env={"TMPDIR": "/tmp"}))
-    assert ts(sbox, "alice", "-w", str(jid), check=False).returncode != 0
+    # ts refuses the taken name at submit (a job that got past that would fail to start).
+    r = sbox.run(["ts", "-O", "evil.log", "echo", "pwned"], user="alice", cwd="/tmp",
+                 env={"TMPDIR": "/tmp"}, check=False)
+    assert r.returncode != 0 and "already exists" in r.stderr
+    sbox.run(["rm", "-f", "/tmp/fine.log"])
+    fine = job_id(sbox.run(["ts", "-O", "fine.log", "echo", "fine"], user="alice", cwd="/tmp",
+                           env={"TMPDIR": "/tmp"}))
+    assert ts(sbox, "alice", "-w", str(fine), check=False).returncode == 0
     assert sbox.read_file("/root/secret") == "untouched\n"
     assert json.loads(ts(sbox, "alice", "-M", "json").stdout)

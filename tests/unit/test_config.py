@@ -18,6 +18,7 @@ from tsd.config import (
     LIMIT_KEYS,
     UNSET,
     Config,
+    ConnectionConfig,
     GpuConfig,
     LimitOverride,
     load_config,
@@ -44,8 +45,11 @@ LEAVES = [
     ("job", "tasks_max"),
     ("", "max_finished"),
     ("", "kill_grace_seconds"),
+    ("connections", "max"),
+    ("connections", "per_user"),
+    ("connections", "waiting_per_user"),
 ]
-SECTIONS = ["gpus", "defaults", "groups", "users", "job"]
+SECTIONS = ["gpus", "defaults", "groups", "users", "job", "connections"]
 
 # The stored-byte caps every user gets unless the config says otherwise.
 BYTE_CAPS = {"max_job_bytes": 256 * 1024, "max_stored_bytes": 64 * 1024 * 1024}
@@ -106,7 +110,8 @@ def key_lines() -> dict[str, int]:
     out: dict[str, int] = {}
     for key, value in root.value:
         out[key.value] = key.start_mark.line + 1
-        if key.value in ("gpus", "defaults", "job") and isinstance(value, yaml.MappingNode):
+        sections = ("gpus", "defaults", "job", "connections")
+        if key.value in sections and isinstance(value, yaml.MappingNode):
             for sub, _ in value.value:
                 out[f"{key.value}.{sub.value}"] = sub.start_mark.line + 1
     return out
@@ -176,6 +181,14 @@ def test_visible_gpus_are_all_or_a_sorted_list() -> None:
     assert parse_config("gpus: {visible: all}").gpus.visible is None
     assert parse_config("gpus: {visible: [3, 0, 1]}").gpus.visible == (0, 1, 3)
     assert parse_config("gpus: {visible: []}").gpus.visible == ()
+
+
+def test_connection_caps_take_counts_and_per_user_ones_take_unlimited() -> None:
+    cfg = parse_config("connections:\n  max: 100\n  per_user: 8\n  waiting_per_user: unlimited\n")
+    assert cfg.connections == ConnectionConfig(max=100, per_user=8, waiting_per_user=None)
+    assert Config().connections == ConnectionConfig(max=4096, per_user=64, waiting_per_user=32)
+    assert "connections.max: expected a positive integer" in error_of("connections: {max: 0}\n")
+    assert "connections.per_user" in error_of("connections: {per_user: lots}\n")
 
 
 def test_zero_slots_is_allowed_to_drain_the_server() -> None:

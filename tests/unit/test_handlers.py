@@ -239,7 +239,7 @@ def test_env_and_logdir_settings_answer_what_is_stored() -> None:
         assert await rig.call(protocol.Env("set", "A", "1")) == {"value": "1"}
         assert await rig.call(protocol.Env("get", "A")) == {"value": "1"}
         assert await rig.call(protocol.Env("unset", "A")) == {"value": None}
-        assert await rig.call(protocol.LogDir("/tmp/logs")) == {"path": "/tmp/logs"}
+        assert await rig.call(protocol.LogDir("/tmp/logs")) == {"path": "/tmp/logs", "custom": True}
 
     run(body)
 
