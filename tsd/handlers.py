@@ -15,12 +15,13 @@ from typing import Protocol
 
 from tsd import auth, protocol
 from tsd.dispatch import Dispatcher
-from tsd.errors import BadRequest, NoSuchJob, QueueFull, WrongState
+from tsd.errors import BadRequest, ClientGone, NoSuchJob, QueueFull, WrongState
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
 from tsd.model import Job, JobState, Peer
 from tsd.policy import Policy
 from tsd.scheduler import check_fits
+from tsd.server import caller_still_there
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
@@ -126,6 +127,13 @@ async def submit(p: Parts, peer: Peer, req: protocol.Submit) -> protocol.JobId:
             if not req.block:
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
             await p.waiters.room_freed()
+    # Commit only for a client that is still there to hear the id: one that gave up
+    # (Ctrl-C, timeout) while the daemon was busy or stopped must not find its job
+    # running later. Residual race, accepted: a client that hangs up after this
+    # check and before the answer reaches it gets a job it was not told about, as
+    # with any lost reply; `ts -l` shows it. Nothing awaits between here and the commit.
+    if not caller_still_there():
+        raise ClientGone("the client hung up before its job was queued: nothing queued")
     job = p.table.add(peer.uid, peer.user, spec)
     log.info("job %d queued by %s: %s", job.id, peer.user, spec.command_line[:200])
     p.dispatcher.schedule()
