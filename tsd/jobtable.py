@@ -315,8 +315,10 @@ class JobTable:
             return
         updated = replace(job, pid=pid or job.pid, output_path=output or job.output_path)
         if updated != job:
-            self.store.save(updated)
             self.jobs[job_id] = self.running[job_id] = updated
+            # On a full disk the pid and output path are saved with the job's end.
+            with suppress(StorageFull):
+                self.store.save(updated)
         if out_seen:
             self.events.started(job_id)
 

@@ -272,9 +272,16 @@ class Runner:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
         launched = self.launcher.spawn(plan)
-        job = self.table.launched(
-            job.id, launched.supervisor_pid, launched.supervisor_start, None
-        )
+        try:
+            job = self.table.launched(
+                job.id, launched.supervisor_pid, launched.supervisor_start, None
+            )
+        except StorageFull as exc:
+            launched.abort()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(launched.supervisor_pid, 0)  # it exits at once: go never came
+            self._abandon_launch(job.id, launched, exc)
+            return
         launched.go()
         self._watch(job, launched.report_fd)
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
@@ -360,16 +367,20 @@ class Runner:
             launched.abort()
             with contextlib.suppress(ChildProcessError):
                 await self._offload(os.waitpid, launched.supervisor_pid, 0)
-            exitreport.discard(self.settings.exits_dir, job.id)
-            os.close(launched.report_fd)
             self._spawn_task(self._quietly(self.scopes.stop, unit))
-            self.table.unlaunch(job.id)
-            log.warning("job %d not started, retrying in %.0fs: %s", job.id, STORE_RETRY, exc)
-            self.loop.call_later(STORE_RETRY, self._requeued)
+            self._abandon_launch(job.id, launched, exc)
             return
         launched.go()  # durable and in its scope: now it may run
         self._watch(job, launched.report_fd)
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+
+    def _abandon_launch(self, job_id: int, launched: launch.Launched, exc: StorageFull) -> None:
+        """`launched` could not be stored: the job stays queued, tried again in a while."""
+        exitreport.discard(self.settings.exits_dir, job_id)
+        os.close(launched.report_fd)
+        self.table.unlaunch(job_id)
+        log.warning("job %d not started, retrying in %.0fs: %s", job_id, STORE_RETRY, exc)
+        self.loop.call_later(STORE_RETRY, self._requeued)
 
     # ------------------------------------------------------------ watching
 

@@ -55,7 +55,10 @@ def _peer_open(reader: asyncio.StreamReader, fd: int) -> bool:
     """The client has not closed its end: no EOF seen or waiting in the socket."""
     if reader.at_eof():
         return False
-    peek = socket.socket(fileno=fd)  # borrows the fd; detach() below, never close
+    try:
+        peek = socket.socket(fileno=fd)  # borrows the fd; detach() below, never close
+    except OSError:
+        return False
     try:
         return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
