@@ -77,7 +77,9 @@ def test_a_daemon_killed_mid_start_leaves_no_scope_that_fails_the_job_later(sbox
     nxt = max(jobs(sbox)) + 1
     unit = f"tsd-job-{nxt}.scope"
     uid = sbox.uid("alice")
+    # As the dead daemon made it: the same description (job id, user, command).
     sbox.run(f"systemd-run --scope --unit={unit} --slice=tsd-u{uid}.slice "
+             f"--description='tsd job {nxt} of alice: sh -c exit 4' "
              "sleep 600 >/dev/null 2>&1 &")
     wait_for(lambda: sbox.systemctl("is-active", unit, check=False).stdout.strip() == "active")
     job = int(ts(sbox, "alice", "sh", "-c", "exit 4").stdout)
@@ -86,6 +88,25 @@ def test_a_daemon_killed_mid_start_leaves_no_scope_that_fails_the_job_later(sbox
     done = jobs(sbox)[job]
     assert (r.returncode, done["E-Level"]) == (4, 4), done  # not "already exists"
     assert sbox.run(["pgrep", "-f", "^sleep 600$"], check=False).stdout == ""
+
+
+def test_a_scope_of_the_same_name_running_something_else_is_never_killed_for_a_job(
+    sbox: Box,
+) -> None:
+    # With state.db moved aside, ids start again while old jobs may still run.
+    nxt = max(jobs(sbox)) + 1
+    unit = f"tsd-job-{nxt}.scope"
+    sbox.run(f"systemd-run --scope --unit={unit} --description='tsd job {nxt} of bob: old' "
+             "sleep 601 >/dev/null 2>&1 &")
+    try:
+        wait_for(lambda: sbox.systemctl("is-active", unit, check=False).stdout.strip()
+                 == "active")
+        job = int(ts(sbox, "alice", "sh", "-c", "exit 4").stdout)
+        ts(sbox, "alice", "-w", str(job), check=False, timeout=60)
+        assert sbox.systemctl("is-active", unit, check=False).stdout.strip() == "active"
+        assert "already exists" in sbox.run(["ts", "-i", str(job)]).stdout
+    finally:
+        sbox.systemctl("stop", unit, check=False)
 
 
 def test_a_submit_whose_client_gave_up_before_the_answer_is_never_queued(sbox: Box) -> None:
