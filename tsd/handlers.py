@@ -133,6 +133,7 @@ async def submit(p: Parts, peer: Peer, req: protocol.Submit) -> protocol.JobId:
     # check and before the answer reaches it gets a job it was not told about, as
     # with any lost reply; `ts -l` shows it. Nothing awaits between here and the commit.
     if not caller_still_there():
+        log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
     job = p.table.add(peer.uid, peer.user, spec)
     log.info("job %d queued by %s: %s", job.id, peer.user, spec.command_line[:200])

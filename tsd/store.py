@@ -90,7 +90,7 @@ def unusable(path: str | os.PathLike[str], exc: sqlite3.Error) -> StoreError:
             f"cannot read or write {path} ({exc}): check that root owns it and its directory"
             " and that the disk is healthy, then start tsd again"
         )
-    return StoreError(f"{path}: {exc}: move it aside and start tsd again; the jobs in it are lost")
+    return StoreError(f"cannot use {path}: {exc}")
 
 
 class Store:
@@ -141,7 +141,7 @@ class Store:
                         self.db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            if _primary(exc) == _SQLITE_FULL or "full" in str(exc):
+            if _primary(exc) == _SQLITE_FULL:
                 raise StorageFull(
                     f"the server cannot save its state: no space left on {self.path.parent}",
                     where=str(self.path.parent),
