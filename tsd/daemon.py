@@ -53,7 +53,7 @@ from tsd.server import (
     bind_system,
     inherited_socket,
 )
-from tsd.store import Store
+from tsd.store import Store, StoreError
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
@@ -335,7 +335,8 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
     _setup_logging(system, settings.state_dir)
     if not system and not config_path:
         config = personal_config(env)  # after logging is set up: it may complain
-    (settings.state_dir / "tsd.pid").write_text(f"{os.getpid()}\n")
+    with contextlib.suppress(OSError):  # informational; a full disk must not stop the start
+        (settings.state_dir / "tsd.pid").write_text(f"{os.getpid()}\n")
     sock = inherited_socket()
     if sock is None:
         assert settings.socket_path is not None
@@ -351,8 +352,32 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
             log.error("cannot listen on %s: %s", settings.socket_path, exc)
             print(f"tsd: cannot listen on {settings.socket_path}: {exc}", file=sys.stderr)
             return 1
-    asyncio.run(serve(settings, config, sock))
+    if system:
+        warn_unenforced_limits()
+    try:
+        asyncio.run(serve(settings, config, sock))
+    except StoreError as exc:
+        # One line, then a non-zero exit: systemd restarts us a few times and then
+        # gives up (StartLimitBurst), instead of a loop of tracebacks in the journal.
+        log.error("%s", exc)
+        if not system:
+            print(f"tsd: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def limits_warning() -> str | None:
+    """Why tsd.yaml's job limits are not enforced on this machine, or None when they are."""
+    from tsd.cgroupcheck import read_controller_status
+
+    return read_controller_status().warning()
+
+
+def warn_unenforced_limits() -> None:
+    """At start of the system service: say in the log when job limits cannot be enforced."""
+    warning = limits_warning()
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def check_config(path: str) -> int:
@@ -364,6 +389,11 @@ def check_config(path: str) -> int:
         return 1
     print(f"{path}: OK ({config.slots} slots, {len(config.users)} user and "
           f"{len(config.groups)} group overrides)")
+    # A valid file whose limits this machine cannot enforce is still valid (exit 0),
+    # but the admin must not believe memory_max and friends hold.
+    warning = limits_warning()
+    if warning is not None:
+        print(f"tsd: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
 
+from tsd.errors import StorageFull
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UserLimits
 from tsd.scheduler import DepOutcome, Resources, decide
 
@@ -159,10 +160,13 @@ class Dispatcher:
         job = self.table.get(job_id)
         if job is None or not job.state.pending:
             return
+        try:
+            ended = self.table.end_pending(
+                job, JobState.SKIPPED, ExitInfo(note=reason), wait_reason=reason
+            )
+        except StorageFull:
+            return  # still pending: the next pass skips it, once it can be written
         log.info("job %d skipped: %s", job_id, reason)
-        ended = self.table.end_pending(
-            job, JobState.SKIPPED, ExitInfo(note=reason), wait_reason=reason
-        )
         self.cascade(ended)
         self.table.drop_transparent(ended)
 

@@ -101,6 +101,22 @@ class TooManyConnections(TsdError):
     code = "too_many_connections"
 
 
+class StorageFull(TsdError):
+    """The daemon's state directory is full: nothing was changed; retry once space returns."""
+
+    code = "storage_full"
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
+class ClientGone(TsdError):
+    """The client hung up before its request was committed: nothing was done, nobody to tell."""
+
+    code = "client_gone"
+
+
 class Internal(TsdError):
     """A bug in tsd: reported as one line; the daemon keeps serving others."""
 

@@ -15,13 +15,14 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import auth, protocol
 from tsd.dispatch import Dispatcher
-from tsd.errors import BadRequest, NoSuchJob, OverQuota, QueueFull, WrongState
+from tsd.errors import BadRequest, ClientGone, NoSuchJob, OverQuota, QueueFull, WrongState
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
 from tsd.model import Job, JobState, Peer, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
 from tsd.scheduler import check_fits
+from tsd.server import caller_still_there
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
@@ -163,6 +164,14 @@ async def submit(
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
             await p.waiters.room_freed()
     _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
+    # Commit only for a client that is still there to hear the id: one that gave up
+    # (Ctrl-C, timeout) while the daemon was busy or stopped must not find its job
+    # running later. Residual race, accepted: a client that hangs up after this
+    # check and before the answer reaches it gets a job it was not told about, as
+    # with any lost reply; `ts -l` shows it. Nothing awaits between here and the commit.
+    if not caller_still_there():
+        log.info("submit of %s not queued: the client hung up first", peer.user)
+        raise ClientGone("the client hung up before its job was queued: nothing queued")
     job = p.table.add(peer.uid, peer.user, spec)
     # Escaped: a command word may hold a newline, which must not forge a journal line.
     log.info("job %d queued by %s: %s", job.id, peer.user, printable(spec.command_line[:200]))

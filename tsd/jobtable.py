@@ -25,11 +25,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import replace
 from typing import Literal, Protocol
 
 from tsd import auth
-from tsd.errors import NoSuchJob, WrongState
+from tsd.errors import NoSuchJob, StorageFull, WrongState
 from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer
 from tsd.scheduler import DepOutcome
 
@@ -181,8 +182,13 @@ class JobTable:
     def add(self, uid: int, user: str, spec: JobSpec) -> Job:
         """Queue a new job behind every other one; durable before it is returned."""
         low, high = self._orders
+        try:
+            job = self.store.add_job(uid, user, spec, high + 1, time.time())
+        except StorageFull as exc:
+            raise StorageFull(
+                f"the server cannot store the job: no space left on {exc.where}", exc.where
+            ) from None
         self._orders = (low, high + 1)
-        job = self.store.add_job(uid, user, spec, high + 1, time.time())
         self.jobs[job.id] = job
         self.stored_bytes[uid] += spec.stored_bytes
         self._index_pending(job)
@@ -204,7 +210,10 @@ class JobTable:
                 changed.append(updated)
             self.jobs[job_id] = updated
         if changed:
-            self.store.save(*changed)
+            # Only the queued/allocating label: on a full disk it is written with the
+            # job's next change instead of failing the dispatcher's pass.
+            with suppress(StorageFull):
+                self.store.save(*changed)
 
     def move_front(self, job: Job) -> Job:
         """ts -u: put a pending job before every other pending job of its owner.
@@ -272,37 +281,54 @@ class JobTable:
     ) -> Job:
         """Its supervisor (and scope) exist: running, durably, before the job may run."""
         job = replace(
-            self.launching.pop(job_id), state=JobState.RUNNING,
-            start_time=self._launch_times.pop(job_id, None) or time.time(),
+            self.launching[job_id], state=JobState.RUNNING,
+            start_time=self._launch_times.get(job_id) or time.time(),
             supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
             wait_reason="",
         )
-        self.store.save(job)
+        self.store.save(job)  # first: on StorageFull the job is still launching, unchanged
+        del self.launching[job_id]
+        self._launch_times.pop(job_id, None)
         self.jobs[job_id] = self.running[job_id] = job
         self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
         return job
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job:
         """A launch that failed for good (no scope): the job ends without having run."""
-        self._launch_times.pop(job_id, None)
         job = replace(
-            self.launching.pop(job_id), state=JobState.FINISHED, end_time=time.time(), exit=exit
+            self.launching[job_id], state=JobState.FINISHED, end_time=time.time(), exit=exit
         )
         self.store.save(job)
+        del self.launching[job_id]
+        self._launch_times.pop(job_id, None)
         self.jobs[job_id] = job
         self._account_done(job)
         self.events.ended(job_id, job)
         return job
 
+    def unlaunch(self, job_id: int) -> Job:
+        """A launch abandoned before it was recorded (`launched` failed): back to the queue.
+
+        In memory only, like `begin_run`: the store still holds the job as pending.
+        """
+        job = replace(self.launching.pop(job_id), gpu_ids=(), gpu_uuids=())
+        self._launch_times.pop(job_id, None)
+        self.jobs[job_id] = job
+        self._index_pending(job)
+        self._sort_pending()
+        return job
+
     def requeue(self, job_id: int) -> Job:
         """A launch that never ran its command: back to the queue at its old place."""
-        self._launch_times.pop(job_id, None)
-        job = self.running.pop(job_id, None) or self.launching.pop(job_id)
+        job = self.running.get(job_id) or self.launching[job_id]
         job = replace(
             job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
             supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,
         )
-        self.store.save(job)
+        self.store.save(job)  # first: on StorageFull nothing changed in memory either
+        self.running.pop(job_id, None)
+        self.launching.pop(job_id, None)
+        self._launch_times.pop(job_id, None)
         self.jobs[job_id] = job
         self._index_pending(job)
         self._sort_pending()
@@ -319,8 +345,10 @@ class JobTable:
             return
         updated = replace(job, pid=pid or job.pid, output_path=output or job.output_path)
         if updated != job:
-            self.store.save(updated)
             self.jobs[job_id] = self.running[job_id] = updated
+            # On a full disk the pid and output path are saved with the job's end.
+            with suppress(StorageFull):
+                self.store.save(updated)
         if out_seen:
             self.events.started(job_id)
 
@@ -328,14 +356,15 @@ class JobTable:
         self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
     ) -> Job | None:
         """A running job ended this way; None when it was not running."""
-        job = self.running.pop(job_id, None)
+        job = self.running.get(job_id)
         if job is None:
             return None
         job = replace(
             job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
             output_path=job.output_path or output,
         )
-        self.store.save(job)
+        self.store.save(job)  # first: on StorageFull it is still running, to be retried
+        del self.running[job_id]
         self.jobs[job_id] = job
         self._account_done(job)
         self.events.ended(job_id, job)

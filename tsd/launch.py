@@ -153,6 +153,11 @@ def _reset_process_state(keep: Sequence[int]) -> None:
 
 def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
     _reset_process_state([go_r, rep_w])
+    # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
+    # the read end of the report pipe: a write there must fail with EPIPE, which
+    # _report ignores, not kill the supervisor and orphan the job. Its children
+    # get SIGPIPE's default back before they exec (_child_signals).
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -160,6 +165,8 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
     if os.read(go_r, 1) != b"g":
         # The daemon died (or gave up) before the job was recorded as running: run nothing
         # and say so, so that a restarted daemon puts the job back in the queue.
+        # One try: on a full disk the job is lost to a restarted daemon rather than
+        # this process blocking the daemon that is waiting for it after abort().
         aborted = exitreport.ExitReport(ExitInfo(), aborted=True)
         exitreport.write(plan.exits_dir, plan.job_id, aborted)
         return 0
@@ -232,9 +239,34 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         end=end,
         output=None if started.get("out", "-") == "-" else started["out"],
     )
-    exitreport.write(plan.exits_dir, plan.job_id, report)
+    _write_report_until_stored(plan, report)
     _after_job(plan, report)
     return 0
+
+
+REPORT_RETRY = 1.0  # seconds between tries to write the exit report on a full disk
+
+
+def _write_report_until_stored(plan: LaunchPlan, report: exitreport.ExitReport) -> None:
+    """Write the exit report, waiting for space to return when the state dir is full.
+
+    The supervisor stays alive (the job shows as running) until its report is
+    on disk: exiting without one would turn the job's real exit code into "lost".
+    Other errors (the directory gone, EIO) are not waited for.
+    """
+    while True:
+        try:
+            exitreport.write(plan.exits_dir, plan.job_id, report)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+        time.sleep(REPORT_RETRY)
+
+
+def _child_signals() -> None:
+    """In a child about to exec: SIGPIPE back to default (the supervisor ignores it)."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def _reap(main: int) -> tuple[int | None, object | None]:
@@ -463,6 +495,7 @@ def reset_nofile(soft: int | None) -> None:
 
 def _exec_job(plan: LaunchPlan, status_w: int) -> None:
     """Runs as the job process: never returns."""
+    _child_signals()
     os.setpgid(0, 0)
     try:
         reset_nofile(plan.nofile_soft)
@@ -603,6 +636,7 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
     if pid == 0:
         try:
             os.close(w)
+            _child_signals()
             reset_nofile(plan.nofile_soft)
             if plan.drop_privileges:
                 drop_privileges(plan.uid, plan.gid, plan.user)

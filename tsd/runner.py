@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch
 from tsd.config import Config
-from tsd.errors import WrongState
+from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
 from tsd.model import ExitInfo, Job, JobLimits, JobState
@@ -39,6 +39,7 @@ from tsd.model import ExitInfo, Job, JobLimits, JobState
 log = logging.getLogger("tsd")
 
 KILL_BACKSTOP = 10.0  # seconds past the grace before the daemon SIGKILLs a stuck job itself
+STORE_RETRY = 2.0  # seconds between tries to record a job's end while the state dir is full
 
 _T = TypeVar("_T")
 
@@ -93,6 +94,8 @@ class JobTableView(Protocol):
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
     def requeue(self, job_id: int) -> Job: ...
+
+    def unlaunch(self, job_id: int) -> Job: ...
 
     def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
 
@@ -204,6 +207,7 @@ class Runner:
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
+        self._store_retries: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -268,9 +272,16 @@ class Runner:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
         launched = self.launcher.spawn(plan)
-        job = self.table.launched(
-            job.id, launched.supervisor_pid, launched.supervisor_start, None
-        )
+        try:
+            job = self.table.launched(
+                job.id, launched.supervisor_pid, launched.supervisor_start, None
+            )
+        except StorageFull as exc:
+            launched.abort()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(launched.supervisor_pid, 0)  # it exits at once: go never came
+            self._abandon_launch(job.id, launched, exc)
+            return
         launched.go()
         self._watch(job, launched.report_fd)
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
@@ -347,10 +358,30 @@ class Runner:
             note = f"could not start its scope: {exc}"
             self._ended(self.table.end_launch(job.id, ExitInfo(code=None, lost=True, note=note)))
             return
-        job = self.table.launched(job.id, launched.supervisor_pid, launched.supervisor_start, unit)
+        try:
+            job = self.table.launched(
+                job.id, launched.supervisor_pid, launched.supervisor_start, unit
+            )
+        except StorageFull as exc:
+            # Not durable, so it must not run: undo the launch, keep the job queued
+            # (as the store still has it) and try again once space may be back.
+            launched.abort()
+            with contextlib.suppress(ChildProcessError):
+                await self._offload(os.waitpid, launched.supervisor_pid, 0)
+            self._spawn_task(self._quietly(self.scopes.stop, unit))
+            self._abandon_launch(job.id, launched, exc)
+            return
         launched.go()  # durable and in its scope: now it may run
         self._watch(job, launched.report_fd)
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+
+    def _abandon_launch(self, job_id: int, launched: launch.Launched, exc: StorageFull) -> None:
+        """`launched` could not be stored: the job stays queued, tried again in a while."""
+        exitreport.discard(self.settings.exits_dir, job_id)
+        os.close(launched.report_fd)
+        self.table.unlaunch(job_id)
+        log.warning("job %d not started, retrying in %.0fs: %s", job_id, STORE_RETRY, exc)
+        self.loop.call_later(STORE_RETRY, self._requeued)
 
     # ------------------------------------------------------------ watching
 
@@ -412,21 +443,40 @@ class Runner:
         timer = self._kill_timers.pop(job_id, None)
         if timer is not None:
             timer.cancel()
-        report = exitreport.read(self.settings.exits_dir, job_id)
         if job.unit and self.settings.system:
             self._spawn_task(self._quietly(self.scopes.stop, job.unit))
+        self._record_end(job_id)
+
+    def _record_end(self, job_id: int) -> None:
+        """Record the ended job from its exit report; on a full disk keep both and retry.
+
+        The report stays in exits/ until the store holds the job's end, so neither a
+        full disk now nor a restart before space returns loses the exit code.
+        """
+        first_try = self._store_retries.pop(job_id, None) is None
+        if job_id not in self.table.running:
+            return
+        report = exitreport.read(self.settings.exits_dir, job_id)
+        try:
+            if report is not None and report.aborted:
+                self.table.requeue(job_id)
+            elif report is None:
+                note = "its supervisor vanished (killed, or host reboot)"
+                ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
+            else:
+                ended = self.table.finish(job_id, report.exit, report.end, report.output)
+        except StorageFull as exc:
+            if first_try:  # one line per job, not one per retry
+                log.warning("job %d ended; recording it once space returns: %s", job_id, exc)
+            self._store_retries[job_id] = self.loop.call_later(
+                STORE_RETRY, self._record_end, job_id
+            )
+            return
+        exitreport.discard(self.settings.exits_dir, job_id)
         if report is not None and report.aborted:
-            self.table.requeue(job_id)
-            exitreport.discard(self.settings.exits_dir, job_id)
             log.info("job %d: never started, queued again", job_id)
             self._requeued()
             return
-        if report is None:
-            exit_info = ExitInfo(lost=True, note="its supervisor vanished (killed, or host reboot)")
-            ended = self.table.finish(job_id, exit_info, None, None)
-        else:
-            ended = self.table.finish(job_id, report.exit, report.end, report.output)
-        exitreport.discard(self.settings.exits_dir, job_id)
         if ended is not None:
             log.info("job %d finished: %s", job_id, ended.exit)
             self._ended(ended)

@@ -16,9 +16,11 @@ talk to systemd.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 from tsd.model import JobLimits
@@ -111,8 +113,9 @@ class SystemdScopes:
         if not pids:
             raise ScopeError(f"job {job_id}: no process to put in a scope")
         unit = self.unit_name(job_id)
+        description = description or f"tsd job {job_id}"
         props: list[tuple[str, Any]] = [
-            ("Description", GLib.Variant("s", description or f"tsd job {job_id}")),
+            ("Description", GLib.Variant("s", description)),
             ("Slice", GLib.Variant("s", self.slice_name(uid))),
             ("PIDs", GLib.Variant("au", [int(p) for p in pids])),
             # A failed scope would otherwise stay loaded and block reusing the name
@@ -141,9 +144,18 @@ class SystemdScopes:
                 # "fail": if a unit of that name is somehow queued, refuse instead of replacing it.
                 mgr.StartTransientUnit(unit, "fail", props, [])
             except Exception as e:
-                if _dbus_error_name(e) == "org.freedesktop.systemd1.UnitExists":
-                    raise ScopeError(f"cannot start {unit}: it already exists") from e
-                raise ScopeError(f"cannot start {unit}: {_message(e)}") from e
+                if _dbus_error_name(e) != "org.freedesktop.systemd1.UnitExists":
+                    raise ScopeError(f"cannot start {unit}: {_message(e)}") from e
+                # A job being started is not recorded as running, so a scope of this
+                # name with this job's description (id, user, command) is left from a
+                # start that died with its daemon (kill -9 between the scope and the
+                # record), or one whose stop is still under way: its processes never
+                # ran the job's command. End it, then make the scope anew.
+                self._remove_stale(unit, description)
+                try:
+                    mgr.StartTransientUnit(unit, "fail", props, [])
+                except Exception as e2:
+                    raise ScopeError(f"cannot start {unit}: {_message(e2)}") from e2
             try:
                 self._wait_for_pids(unit, pids)
             except ScopeError:
@@ -151,6 +163,40 @@ class SystemdScopes:
                 self.stop(unit)
                 raise
         return unit
+
+    # How long _remove_stale waits for a stale scope to go after SIGKILL.
+    stale_timeout = 10.0
+
+    def _remove_stale(self, unit: str, description: str) -> None:
+        """Kill and unload a scope left from a dead start, so its name can be used again.
+
+        Only one made for this very job: ids start again at 1 with a new state.db
+        (the old one moved aside) while jobs of the old one may still run, and
+        those must not be killed for a name.
+        """
+        mgr = self._mgr()
+        found = self._property(unit, "Unit", "Description")
+        if found is not None and found != description:
+            raise ScopeError(
+                f"cannot start {unit}: it already exists and runs {found!r}"
+                " (a job of an earlier state.db?)"
+            )
+        with suppress(Exception):
+            mgr.KillUnit(unit, "all", int(signal.SIGKILL))
+        with suppress(Exception):
+            mgr.StopUnit(unit, "replace")
+        deadline = time.monotonic() + self.stale_timeout
+        while time.monotonic() < deadline:
+            state = self._property(unit, "Unit", "ActiveState")
+            if state is None:
+                return  # unloaded (CollectMode): the name is free
+            if state in ("inactive", "failed"):
+                with suppress(Exception):
+                    mgr.ResetFailedUnit(unit)
+                if self._property(unit, "Unit", "ActiveState") is None:
+                    return
+            time.sleep(0.02)
+        raise ScopeError(f"cannot start {unit}: a stale scope of that name would not go away")
 
     def _wait_for_pids(self, unit: str, pids: Sequence[int]) -> str:
         """Poll /proc until every pid's cgroup is the scope's; return that cgroup path.

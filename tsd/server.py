@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -52,6 +53,40 @@ Handler = Callable[
     [tuple[int, int, int], protocol.Request, SendEvent], Awaitable[protocol.Response]
 ]
 _Write = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Whether the caller of the request being handled is still connected. Set for each
+# connection's handler task (a contextvar: the handler signature stays as it is).
+_caller_there: contextvars.ContextVar[Callable[[], bool]] = contextvars.ContextVar(
+    "tsd_caller_there", default=lambda: True
+)
+
+
+def caller_still_there() -> bool:
+    """Whether the client of the request being handled has not hung up yet.
+
+    A handler asks right before it commits something the client must hear about
+    (a submit): a client that gave up (Ctrl-C, a timeout, killed) would otherwise
+    leave a job it believes was never queued. True outside a connection.
+    """
+    return _caller_there.get()()
+
+
+def _peer_open(reader: asyncio.StreamReader, fd: int) -> bool:
+    """The client has not closed its end: no EOF seen or waiting in the socket."""
+    if reader.at_eof():
+        return False
+    try:
+        peek = socket.socket(fileno=fd)  # borrows the fd; detach() below, never close
+    except OSError:
+        return False
+    try:
+        return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return True  # nothing to read, no EOF: still connected
+    except OSError:
+        return False  # reset
+    finally:
+        peek.detach()
 
 
 def inherited_socket() -> socket.socket | None:
@@ -359,7 +394,8 @@ class Server:
                 return
             self.waiting[creds[1]] += 1
         try:
-            await self._answer(reader, write, creds, request, send)
+            fd = writer.get_extra_info("socket").fileno()
+            await self._answer(reader, write, fd, creds, request, send)
         finally:
             if waiting:
                 self.waiting[creds[1]] -= 1
@@ -370,11 +406,13 @@ class Server:
         self,
         reader: asyncio.StreamReader,
         write: _Write,
+        fd: int,
         creds: tuple[int, int, int],
         request: protocol.Request,
         send: SendEvent,
     ) -> None:
         # The caller may hang up while we wait for a job: stop waiting then.
+        _caller_there.set(lambda: _peer_open(reader, fd))
         handling = asyncio.ensure_future(self.handler(creds, request, send))
         hangup = asyncio.ensure_future(reader.read(1))
         try:

@@ -12,12 +12,13 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tsd.codec import exit_from_dict, exit_to_dict, spec_from_dict, spec_to_dict
+from tsd.errors import StorageFull
 from tsd.model import Job, JobSpec, JobState
 
 SCHEMA_VERSION = 1
@@ -52,7 +53,44 @@ CREATE TABLE IF NOT EXISTS user_settings (
 
 
 class StoreError(Exception):
-    """The state database is unusable (wrong schema version, corrupt)."""
+    """The state database is unusable (wrong schema version, corrupt, unreadable).
+
+    Its message is one line for the admin: the file, what is wrong, what to do.
+    """
+
+
+# SQLite's primary result codes (sqlite3.h) that say what an admin must fix.
+_SQLITE_FULL = 13
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SQLITE_CANTOPEN = 14
+_SQLITE_PERM = 3
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+
+
+def _primary(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def unusable(path: str | os.PathLike[str], exc: sqlite3.Error) -> StoreError:
+    """The one-line StoreError for a database the daemon cannot start with."""
+    code = _primary(exc)
+    if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+        return StoreError(
+            f"{path} is not a database (corrupt): move it aside and start tsd again;"
+            " the jobs in it are lost"
+        )
+    if code == _SQLITE_FULL:
+        return StoreError(
+            f"no space left on {Path(path).parent} for {path}: free some space and start tsd again"
+        )
+    if code in (_SQLITE_CANTOPEN, _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR):
+        return StoreError(
+            f"cannot read or write {path} ({exc}): check that root owns it and its directory"
+            " and that the disk is healthy, then start tsd again"
+        )
+    return StoreError(f"cannot use {path}: {exc}")
 
 
 class Store:
@@ -65,6 +103,14 @@ class Store:
         (the benchmarks) use it, never the daemon.
         """
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        try:
+            self._open(durable)
+        except sqlite3.Error as exc:
+            raise unusable(path, exc) from None
+
+    def _open(self, durable: bool) -> None:
+        path = self.path
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
@@ -82,13 +128,25 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One committed transaction; a full disk becomes StorageFull, nothing half-written."""
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (SQLITE_FULL does): no second error.
+                if self.db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if _primary(exc) == _SQLITE_FULL:
+                raise StorageFull(
+                    f"the server cannot save its state: no space left on {self.path.parent}",
+                    where=str(self.path.parent),
+                ) from None
             raise
-        self.db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""
@@ -158,11 +216,14 @@ class Store:
             self.db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
 
     def load_all(self) -> list[Job]:
-        """Every job, without environments, in id order."""
-        rows = self.db.execute(
-            "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid, sup_pid,"
-            " sup_start, gpu_ids, gpu_uuids, output, unit FROM jobs ORDER BY id"
-        ).fetchall()
+        """Every job, without environments, in id order (StoreError when unreadable)."""
+        try:
+            rows = self.db.execute(
+                "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid,"
+                " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit FROM jobs ORDER BY id"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise unusable(self.path, exc) from None
         return [_row_to_job(r) for r in rows]
 
     def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:

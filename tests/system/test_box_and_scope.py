@@ -307,14 +307,31 @@ def test_stop_ends_a_scope(box: Box, alice: int) -> None:
     wait_until(lambda: "12" not in probe(box, "list"), "the stopped scope to go away")
 
 
-def test_starting_the_same_job_twice_fails_with_one_clear_line(box: Box, alice: int) -> None:
-    unit = probe(box, "start", "13", "alice", "--", "sleep 1000")["unit"]
+def test_a_scope_of_the_name_made_for_something_else_fails_with_one_clear_line(
+    box: Box, alice: int
+) -> None:
+    # Ids start again with a new state.db while the old one's jobs may still run.
+    unit = probe(box, "start", "13", "alice", "--desc", "job 13, old", "--", "sleep 1000")["unit"]
     try:
-        err = probe(box, "start", "13", "alice", "--", "sleep 1000", expect_rc=3)["error"]
+        err = probe(box, "start", "13", "alice", "--desc", "job 13, new", "--", "sleep 1000",
+                    expect_rc=3)["error"]
         assert "tsd-job-13.scope" in err and "\n" not in err
         assert "already exists" in err
     finally:
         probe(box, "kill", unit, "9")
+
+
+def test_a_scope_left_from_a_dead_start_of_the_same_job_is_replaced(box: Box, alice: int) -> None:
+    first = probe(box, "start", "41", "alice", "--desc", "job 41", "--", "sleep 1000")
+    again = probe(box, "start", "41", "alice", "--desc", "job 41", "--", "sleep 1000")
+    try:
+        assert again["unit"] == first["unit"] == "tsd-job-41.scope"
+        deadline = time.monotonic() + 10  # the leftover's process is gone (and reaped)
+        while box.exists(f"/proc/{first['pid']}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not box.exists(f"/proc/{first['pid']}")
+    finally:
+        probe(box, "kill", again["unit"], "9")
 
 
 def test_device_policy_and_allow_list_appear_on_the_scope(box: Box, alice: int) -> None:

@@ -190,6 +190,7 @@ def test_a_daemon_that_cannot_start_is_given_up_and_ts_says_so_within_30s(sbox: 
     sbox.run(f"cp -a {db} /root/state.db.good && rm -f {db}-wal {db}-shm && "
              f"head -c 8192 /dev/urandom > {db}")
     try:
+        since = int(time.time()) - 1
         sbox.systemctl("start", "tsd.socket")
         t0 = time.monotonic()
         r = ts(sbox, "alice", "-l", check=False, timeout=45)
@@ -199,6 +200,11 @@ def test_a_daemon_that_cannot_start_is_given_up_and_ts_says_so_within_30s(sbox: 
         assert took < 30, took
         wait_for(lambda: sbox.systemctl("is-failed", "tsd.service", check=False)
                  .stdout.strip() == "failed", timeout=60)
+        # Each try logged one line naming the file and what to do, and no traceback.
+        journal = sbox.run(["journalctl", "-u", "tsd.service", "-o", "cat", "--no-pager",
+                            "--since", f"@{since}"], check=False).stdout
+        assert f"{db} is not a database (corrupt): move it aside and start tsd again" in journal
+        assert "Traceback" not in journal, journal
         # Now the socket is gone too: the answer is immediate.
         t0 = time.monotonic()
         r = ts(sbox, "alice", "-l", check=False, timeout=30)

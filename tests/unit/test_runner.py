@@ -13,8 +13,9 @@ import pytest
 from unit.daemon_fakes import Events, FakeLauncher, FakeNvml, FakeProcs, FakeScopes, FakeStore, spec
 
 from tsd import exitreport
+from tsd import runner as runner_module
 from tsd.config import Config
-from tsd.errors import WrongState
+from tsd.errors import StorageFull, WrongState
 from tsd.exitreport import ExitReport
 from tsd.gpumonitor import GpuReader
 from tsd.jobtable import JobTable
@@ -231,5 +232,37 @@ def test_recover_readopts_live_supervisors_and_settles_the_rest(tmp_path: Path) 
         ex = again.jobs[dead.id].exit
         assert ex is not None and ex.lost
         assert not (rig.exits / "999.json").exists()
+
+    run(body)
+
+
+def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_module, "STORE_RETRY", 0.02)
+
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        real_save, disk_full = rig.store.save, [True]
+
+        def save(*jobs: Job) -> None:
+            if disk_full[0]:
+                raise StorageFull("no space left on /var/lib/tsd", "/var/lib/tsd")
+            real_save(*jobs)
+
+        monkeypatch.setattr(rig.store, "save", save)
+        rig.report(job.id, ExitReport(ExitInfo(code=3), end=9.0, output=None))
+        rig.launcher.close_all()
+        rig.exit(job.id)
+        await asyncio.sleep(0.1)
+        assert job.id in rig.table.running and rig.ended == []
+        assert exitreport.path(rig.exits, job.id).exists()  # kept until recorded
+        disk_full[0] = False
+        await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
+        assert rig.store.rows[job.id].exit == ExitInfo(code=3)
+        assert [j.id for j in rig.ended] == [job.id]
+        assert not exitreport.path(rig.exits, job.id).exists()
 
     run(body)
