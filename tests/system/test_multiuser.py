@@ -113,10 +113,12 @@ def test_a_thousand_job_user_does_not_starve_a_one_job_user(sbox: Box) -> None:
         "from tsd.model import JobSpec\n"
         "c = Client()\n"
         "for _ in range(1000):\n"
-        "    c.call(protocol.Submit(spec=JobSpec(command=('sleep', '0.2'), cwd='/tmp',"
+        "    c.call(protocol.Submit(spec=JobSpec(command=('sleep', '2'), cwd='/tmp',"
         " env=tuple(os.environ.items()), store_output=False)))\n"
     )
-    sbox.run([sbox.python, "-c", script], user="alice", timeout=120)
+    # Jobs of 2 s on 4 slots: the backlog outlasts even a slow submit on a loaded
+    # machine (the timeout guards against a hang; bench/ measures speed).
+    sbox.run([sbox.python, "-c", script], user="alice", timeout=600)
     wait_for(lambda: ts(sbox, "alice", "-R").stdout.strip() == "4")
     jid = job_id(ts(sbox, "bob", "-n", "true"))
     assert ts(sbox, "bob", "-w", str(jid), check=False, timeout=60).returncode == 0
