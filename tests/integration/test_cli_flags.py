@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from integration.harness import Runner, alive, queue, state, wait_state, wait_until
+from integration.harness import Env, Runner, alive, queue, state, wait_state, wait_until
 
 TS = str(Path(sys.executable).parent / "ts")
 
@@ -174,23 +174,35 @@ def test_m_job_is_queued_and_runs(ts: Runner, tsd_env: dict[str, str]) -> None:
 # ----------------------------------------------------------- dependencies
 
 
-def test_d_runs_after_the_last_job_ends(ts: Runner) -> None:
+def gated(env: Env, name: str, then: str, before: str = "") -> tuple[str, ...]:
+    """A command that runs `before`, waits until the test creates the file `name`,
+    then runs `then`: the test, not the machine's speed, decides when it ends."""
+    gate = Path(env.tmp) / name
+    return ("sh", "-c", f"{before}while [ ! -e {gate} ]; do sleep 0.02; done; {then}")
+
+
+def test_d_runs_after_the_last_job_ends(ts: Runner, tsd_env: Env) -> None:
     ts("-S", "2")
-    first = queue(ts, "sh", "-c", "sleep 0.5; exit 1")
+    first = queue(ts, *gated(tsd_env, "first", "exit 1"))
     second = queue(ts, "-d", "sh", "-c", "exit 0")
     assert state(ts, second) == "queued"
+    (Path(tsd_env.tmp) / "first").touch()
     assert finish(ts, second) == 0  # -d runs whatever the first's exit
     data = {j["ID"]: j for j in json.loads(ts("-M", "json").stdout)}
     assert data[second]["Start"] >= data[first]["End"]
     assert data[second]["Depends"] == [first]
 
 
-def test_D_waits_for_the_given_ids_whatever_their_exit(ts: Runner) -> None:
+def test_D_waits_for_the_given_ids_whatever_their_exit(ts: Runner, tsd_env: Env) -> None:
     ts("-S", "3")
-    a = queue(ts, "sh", "-c", "sleep 0.3; exit 2")
-    b = queue(ts, "sh", "-c", "sleep 0.6")
+    a = queue(ts, *gated(tsd_env, "a", "exit 2"))
+    b = queue(ts, *gated(tsd_env, "b", "true"))
     c = queue(ts, "-D", f"{a},{b}", "true")
     assert state(ts, c) == "queued"
+    (Path(tsd_env.tmp) / "a").touch()
+    wait_state(ts, a, "finished")
+    assert state(ts, c) == "queued"  # b still runs
+    (Path(tsd_env.tmp) / "b").touch()
     assert finish(ts, c) == 0
     data = {j["ID"]: j for j in json.loads(ts("-M", "json").stdout)}
     assert data[c]["Start"] >= max(data[a]["End"], data[b]["End"])
@@ -363,13 +375,25 @@ def test_c_shows_all_the_output_and_exits_with_the_job_code(ts: Runner) -> None:
     assert proc.stdout == "".join(f"{i}\n" for i in range(1, 31)) + "done\n"
 
 
-def test_t_follows_from_the_last_ten_lines(ts: Runner) -> None:
-    job = queue(ts, "sh", "-c", "seq 1 30; sleep 1; echo later")
-    wait_state(ts, job, "running")
-    time.sleep(0.3)
-    proc = ts("-t", check=False)  # default: the last run job
-    assert proc.returncode == 0
-    assert proc.stdout == "".join(f"{i}\n" for i in range(21, 31)) + "later\n"
+def test_t_follows_from_the_last_ten_lines(ts: Runner, tsd_env: Env) -> None:
+    seen = Path(tsd_env.tmp) / "seq-done"
+    queue(ts, *gated(tsd_env, "later", "echo later", before=f"seq 1 30; touch {seen}; "))
+    wait_until(seen.exists, what="the first 30 lines")
+    follower = subprocess.Popen(
+        [TS, "-t"], env=dict(tsd_env), cwd=str(tsd_env.tmp),  # default: the last run job
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        lines = [follower.stdout.readline() for _ in range(10)]
+        (Path(tsd_env.tmp) / "later").touch()
+        rest, _ = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0
+    assert "".join(lines) + rest == "".join(f"{i}\n" for i in range(21, 31)) + "later\n"
 
 
 def test_t_waits_for_a_queued_job_to_start(ts: Runner, tsd_env: dict[str, str]) -> None:
