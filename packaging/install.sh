@@ -202,10 +202,13 @@ link "$VENV/bin/ts" "$BIN_DIR/ts"
 link "$VENV/bin/tsd" "$BIN_DIR/tsd"
 
 # ---------------------------------------------------------------- systemd files
-sed "s|^ExecStart=/usr/bin/tsd |ExecStart=$VENV/bin/tsd |" "$SRC/systemd/tsd.service" \
+# ExecStart= and ExecReload= (which checks the config before the SIGHUP) both run tsd.
+sed "s|^\(Exec[A-Za-z]*=\)/usr/bin/tsd |\1$VENV/bin/tsd |" "$SRC/systemd/tsd.service" \
     > "$TMP/tsd.service"
 grep -q "^ExecStart=$VENV/bin/tsd " "$TMP/tsd.service" \
     || die "systemd/tsd.service has no 'ExecStart=/usr/bin/tsd ...' line to point at $VENV"
+grep -q "/usr/bin/tsd" "$TMP/tsd.service" \
+    && die "systemd/tsd.service runs /usr/bin/tsd where $VENV/bin/tsd is installed"
 install_file "$TMP/tsd.service" "$UNIT_DIR/tsd.service" 0644
 install_file "$SRC/systemd/tsd.socket" "$UNIT_DIR/tsd.socket" 0644
 install_file "$SRC/systemd/tsd.slice" "$UNIT_DIR/tsd.slice" 0644
