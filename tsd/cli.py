@@ -91,9 +91,12 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     try:
         conn.send_wire(wire)
         while True:
+            # Ctrl-C here leaves through _edge (exit 130); the daemon sees the hang-up
+            # and drops the job it had not queued yet.
             frame = conn.recv()
             if "event" not in frame:
                 break
+            _say_queue_full(frame)
     finally:
         conn.close()
     try:
@@ -118,6 +121,14 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         return 130
 
 
+def _say_queue_full(frame: Mapping[str, Any]) -> None:
+    """The daemon waits for room in a full queue: say so, once (it sends it once)."""
+    if frame.get("event") == "queue_full":
+        waiting = frame.get("waiting")
+        count = f" ({waiting} jobs waiting)" if isinstance(waiting, int) else ""
+        warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
+
+
 def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
     """ts -nf: queue and wait on one connection; exit with the job's code, print nothing."""
     job_id: int | None = None
@@ -135,6 +146,7 @@ def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
                     with contextlib.suppress(TsdError, OSError):
                         client.call(protocol.Kill(id=job_id))
                 return 130
+            _say_queue_full(frame)
             if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
                 job_id = frame["id"]
             elif "event" not in frame:

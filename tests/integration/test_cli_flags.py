@@ -11,13 +11,14 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from integration.harness import Runner, alive, queue, state, wait_state, wait_until
+from integration.harness import Env, Runner, alive, queue, state, wait_state, wait_until
 
 TS = str(Path(sys.executable).parent / "ts")
 
@@ -264,6 +265,36 @@ def test_B_exits_2_when_the_queue_is_full(ts: Runner, tsd_env: dict[str, str]) -
     assert proc.returncode == 2
     assert "full" in one_line_error(proc)
     assert proc.stdout == ""
+
+
+def test_full_queue_without_B_says_once_why_it_waits_and_ctrl_c_queues_nothing(
+    ts: Runner, tsd_env: Env
+) -> None:
+    tsd_env["TS_MAXCONN"] = "2"  # read by the personal daemon at its start
+    ts("-S", "0")
+    queue(ts, "true")
+    last = queue(ts, "true")
+    proc = subprocess.Popen(
+        [TS, "true"], env=dict(tsd_env), cwd=str(tsd_env.tmp),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # blocks until ts says it waits
+        assert line == (
+            "ts: your queue is full (2 jobs waiting); waiting for room (Ctrl-C to give up)\n"
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "")
+    ts("-S", "1")  # room now: a job the daemon still held would be queued now
+    time.sleep(0.3)
+    assert ts("-q").stdout == f"{last}\n"
+    assert len(json.loads(ts("-M", "json").stdout)) == 2
 
 
 def test_R_counts_running_jobs(ts: Runner) -> None:

@@ -145,7 +145,9 @@ def test_a_thousand_job_user_does_not_starve_a_one_job_user(sbox: Box) -> None:
     ts(sbox, "root", "-S", "4")
 
 
-def test_reload_applies_a_good_config_and_a_broken_one_fails_the_reload_keeping_the_old(sbox: Box) -> None:
+def test_reload_applies_a_good_config_and_a_broken_one_fails_the_reload_keeping_the_old(
+    sbox: Box,
+) -> None:
     assert ts(sbox, "root", "-S").stdout.strip() == "4"
     good = sbox.read_file("/etc/tsd/tsd.yaml")
     sbox.write_file("/etc/tsd/tsd.yaml", good.replace("slots: 4", "slots: 3"))
