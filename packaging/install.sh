@@ -14,7 +14,8 @@
 #   /etc/tsd/tsd.yaml                      the example config, only if there is none
 #                                          (an edited one is kept; the new example
 #                                          goes to /etc/tsd/tsd.yaml.dist)
-#   /usr/local/share/man/man1/ts.1         the man page
+#   /usr/local/share/man/man1/ts.1         the man pages: ts(1)
+#   /usr/local/share/man/man8/tsd.8        and tsd(8)
 #   /usr/local/share/bash-completion/completions/ts, and for fish and zsh
 #   /usr/local/share/fish/vendor_completions.d/ts.fish, /usr/local/share/zsh/site-functions/_ts
 #
@@ -258,6 +259,8 @@ fi
 if "$VPY" -c 'import tsd.manpage' 2>/dev/null; then
     "$VPY" -m tsd.manpage > "$TMP/ts.1"
     install_file "$TMP/ts.1" "$MAN_PAGE" 0644
+    "$VPY" -m tsd.manpage tsd > "$TMP/tsd.8"
+    install_file "$TMP/tsd.8" "$MAN_PAGE_TSD" 0644
 else
     say "skipped the man page: this tsd has no tsd.manpage module"
 fi
