@@ -1,9 +1,10 @@
 """Generate the `ts(1)` man page (roff) from ts's option table, and `tsd(8)`.
 
 Run `python -m tsd.manpage > ts.1` and `python -m tsd.manpage tsd > tsd.8`.
-ts(1)'s options, their value shapes and help texts come from the table `tsd.cli_options.OPTIONS` that `ts` parses with,
-so the page cannot drift from what `ts` accepts. SOURCE_DATE_EPOCH, when set, fixes the date
-for reproducible builds.
+ts(1)'s options, their value shapes and help texts come from the table
+`tsd.cli_options.OPTIONS` that `ts` parses with, so the page cannot drift from
+what `ts` accepts. SOURCE_DATE_EPOCH, when set, fixes the date for reproducible
+builds.
 """
 
 from __future__ import annotations
