@@ -172,6 +172,17 @@ def test_m_job_is_queued_and_runs(ts: Runner, tsd_env: dict[str, str]) -> None:
     assert output_path(ts, job).read_text() == "mailed\n"
 
 
+@pytest.mark.skipif(os.path.exists("/usr/sbin/sendmail"), reason="a mail program is installed")
+def test_m_without_a_mail_program_says_so_at_submit_and_in_ts_i(ts: Runner) -> None:
+    proc = ts("-m", "echo", "hi", extra_env={"TS_MAILTO": "nobody@localhost"})
+    assert proc.stderr == (
+        "ts: warning: -m: /usr/sbin/sendmail does not exist, so no mail will be sent\n"
+    )
+    job = int(proc.stdout)
+    assert finish(ts, job) == 0
+    assert "mail not sent: /usr/sbin/sendmail could not be run" in ts("-i", str(job)).stdout
+
+
 # ----------------------------------------------------------- dependencies
 
 
