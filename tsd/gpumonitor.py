@@ -105,6 +105,7 @@ class GpuMonitor:
     def mark_unavailable(self, problem: str) -> None:
         """NVML failed outside a snapshot (device nodes): waiting jobs say why."""
         self._taken, self._gpus, self._problem = time.monotonic(), None, problem
+        self._absent = False  # NVML is there; a device failed: GPU jobs wait, not refused
 
     def _refresh(self) -> asyncio.Task[None]:
         if self._inflight is None:
