@@ -183,6 +183,24 @@ def test_m_without_a_mail_program_says_so_at_submit_and_in_ts_i(ts: Runner) -> N
     assert "mail not sent: /usr/sbin/sendmail could not be run" in ts("-i", str(job)).stdout
 
 
+def _has_nvml() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_nvml(), reason="this machine has NVML (a GPU driver)")
+def test_G_on_a_machine_without_nvml_is_refused_at_submit_in_one_line(ts: Runner) -> None:
+    proc = ts("-G", "1", "true", check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "no GPUs" in one_line_error(proc)
+    assert ts("-M", "json").stdout.strip() == "[]"
+
+
 # ----------------------------------------------------------- dependencies
 
 
