@@ -134,6 +134,10 @@ if [ -f "$PYDIR/tsd/manpage.py" ]; then
     PYTHONPATH="$PYDIR" python3 -m tsd.manpage > "$WORK/ts.1" \
         || die "python -m tsd.manpage failed"
     gzip -9n < "$WORK/ts.1" > "$ROOT/usr/share/man/man1/ts.1.gz"
+    install -d "$ROOT/usr/share/man/man8"
+    PYTHONPATH="$PYDIR" python3 -m tsd.manpage tsd > "$WORK/tsd.8" \
+        || die "python -m tsd.manpage tsd failed"
+    gzip -9n < "$WORK/tsd.8" > "$ROOT/usr/share/man/man8/tsd.8.gz"
 else
     say "no man page: this tsd has no tsd/manpage.py"
 fi

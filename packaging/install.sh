@@ -14,7 +14,8 @@
 #   /etc/tsd/tsd.yaml                      the example config, only if there is none
 #                                          (an edited one is kept; the new example
 #                                          goes to /etc/tsd/tsd.yaml.dist)
-#   /usr/local/share/man/man1/ts.1         the man page
+#   /usr/local/share/man/man1/ts.1         the man pages: ts(1)
+#   /usr/local/share/man/man8/tsd.8        and tsd(8)
 #   /usr/local/share/bash-completion/completions/ts, and for fish and zsh
 #   /usr/local/share/fish/vendor_completions.d/ts.fish, /usr/local/share/zsh/site-functions/_ts
 #
@@ -202,10 +203,13 @@ link "$VENV/bin/ts" "$BIN_DIR/ts"
 link "$VENV/bin/tsd" "$BIN_DIR/tsd"
 
 # ---------------------------------------------------------------- systemd files
-sed "s|^ExecStart=/usr/bin/tsd |ExecStart=$VENV/bin/tsd |" "$SRC/systemd/tsd.service" \
+# ExecStart= and ExecReload= (which checks the config before the SIGHUP) both run tsd.
+sed "s|^\(Exec[A-Za-z]*=\)/usr/bin/tsd |\1$VENV/bin/tsd |" "$SRC/systemd/tsd.service" \
     > "$TMP/tsd.service"
 grep -q "^ExecStart=$VENV/bin/tsd " "$TMP/tsd.service" \
     || die "systemd/tsd.service has no 'ExecStart=/usr/bin/tsd ...' line to point at $VENV"
+grep -q "/usr/bin/tsd" "$TMP/tsd.service" \
+    && die "systemd/tsd.service runs /usr/bin/tsd where $VENV/bin/tsd is installed"
 install_file "$TMP/tsd.service" "$UNIT_DIR/tsd.service" 0644
 install_file "$SRC/systemd/tsd.socket" "$UNIT_DIR/tsd.socket" 0644
 install_file "$SRC/systemd/tsd.slice" "$UNIT_DIR/tsd.slice" 0644
@@ -255,6 +259,8 @@ fi
 if "$VPY" -c 'import tsd.manpage' 2>/dev/null; then
     "$VPY" -m tsd.manpage > "$TMP/ts.1"
     install_file "$TMP/ts.1" "$MAN_PAGE" 0644
+    "$VPY" -m tsd.manpage tsd > "$TMP/tsd.8"
+    install_file "$TMP/tsd.8" "$MAN_PAGE_TSD" 0644
 else
     say "skipped the man page: this tsd has no tsd.manpage module"
 fi

@@ -69,6 +69,7 @@ for name in ts tsd; do
     fi
 done
 remove "$MAN_PAGE"
+remove "$MAN_PAGE_TSD"
 if [ -f "$VENV/share/tsd/completions" ]; then
     while read -r path; do
         case "$path" in

@@ -35,6 +35,8 @@ from tsd.client import Client, choose_socket
 from tsd.errors import BadRequest, ServerUnavailable, TsdError
 from tsd.framing import MAX_TEXT
 
+SENDMAIL = "/usr/sbin/sendmail"  # tsd.launch.SENDMAIL; not imported: the client stays light
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from collections.abc import Iterator, Mapping, Sequence
@@ -82,6 +84,9 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     info = _ts_env_info(environ)
     if info is not None:
         wire["spec"]["env_info"] = info
+    if wire["spec"].get("mail") and not os.path.exists(SENDMAIL):
+        # Queued anyway (the job is what matters); `ts -i` later says the mail failed.
+        warn(f"warning: -m: {SENDMAIL} does not exist, so no mail will be sent")
     name = wire["spec"].get("output_name")
     if isinstance(name, str) and "/" not in name:
         _check_new_output(client, name, bool(wire["spec"].get("stderr_apart")), environ)
@@ -91,9 +96,12 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     try:
         conn.send_wire(wire)
         while True:
+            # Ctrl-C here leaves through _edge (exit 130); the daemon sees the hang-up
+            # and drops the job it had not queued yet.
             frame = conn.recv()
             if "event" not in frame:
                 break
+            _say_queue_full(frame)
     finally:
         conn.close()
     try:
@@ -118,6 +126,14 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         return 130
 
 
+def _say_queue_full(frame: Mapping[str, Any]) -> None:
+    """The daemon waits for room in a full queue: say so, once (it sends it once)."""
+    if frame.get("event") == "queue_full":
+        waiting = frame.get("waiting")
+        count = f" ({waiting} jobs waiting)" if isinstance(waiting, int) else ""
+        warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
+
+
 def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
     """ts -nf: queue and wait on one connection; exit with the job's code, print nothing."""
     job_id: int | None = None
@@ -135,6 +151,7 @@ def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
                     with contextlib.suppress(TsdError, OSError):
                         client.call(protocol.Kill(id=job_id))
                 return 130
+            _say_queue_full(frame)
             if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
                 job_id = frame["id"]
             elif "event" not in frame:

@@ -259,6 +259,45 @@ def _check(frame: dict[str, Any]) -> dict[str, Any]:
     raise ProtocolError("malformed response from the daemon")
 
 
+SUBMIT_GROUP = "tsd"  # tsd.auth.SUBMIT_GROUP; not imported: the client stays light
+
+
+def group_advice(member: bool, in_session: bool, group: str = SUBMIT_GROUP) -> str:
+    """What a user refused by the system socket should do, given their membership.
+
+    `member`: /etc/group (or the primary group) lists them; `in_session`: this
+    process has the group. Group changes reach only new logins, so a user just
+    added must log in again, not ask an admin a second time.
+    """
+    if in_session:
+        return f"you are in group {group}, so ask an admin to check the socket's group and mode"
+    if member:
+        return (
+            f"you were added to group {group} after this session began: "
+            f"log in again (or run `newgrp {group}`)"
+        )
+    return f"ask an admin to add you to group {group}"
+
+
+def tsd_group_advice(group: str = SUBMIT_GROUP) -> str:
+    """group_advice() for the calling user, from the group database and os.getgroups()."""
+    import grp
+    import pwd
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+        members = grp.getgrnam(group).gr_mem
+    except KeyError:
+        return group_advice(False, False, group)
+    try:
+        me = pwd.getpwuid(os.getuid())
+        member = me.pw_name in members or me.pw_gid == gid
+    except KeyError:
+        member = False
+    in_session = gid in os.getgroups() or os.getegid() == gid
+    return group_advice(member, in_session, group)
+
+
 class Client:
     """Talks to the daemon `ts` should use, starting a personal one if there is none.
 
@@ -321,9 +360,7 @@ class Client:
 
     def _unavailable(self, exc: OSError) -> ServerUnavailable:
         if exc.errno == errno.EACCES and self.path == SYSTEM_SOCKET:
-            return ServerUnavailable(
-                f"permission denied on {self.path}: ask an admin to add you to group tsd"
-            )
+            return ServerUnavailable(f"permission denied on {self.path}: {tsd_group_advice()}")
         if self.path == SYSTEM_SOCKET and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
             return ServerUnavailable(f"{NOT_RUNNING}; TS_PERSONAL=1 runs a personal daemon")
         if isinstance(exc, TimeoutError):

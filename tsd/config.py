@@ -19,7 +19,7 @@ import enum
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NoReturn
@@ -564,3 +564,27 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{name}: line {line}: not UTF-8 text") from None
     return parse_config(text, name)
+
+
+def unknown_names(
+    config: Config, user_exists: Callable[[str], bool], group_exists: Callable[[str], bool]
+) -> list[str]:
+    """Warnings for users and groups the config names that this machine does not know.
+
+    Not errors: an account may be created after the config is written (LDAP, a
+    new student), and the daemon must start anyway. But a typo in `admins:` or
+    `users:` silently grants nothing, so the admin is told. The lookups are
+    passed in: the core does no I/O.
+    """
+    out: list[str] = []
+    for name in config.admins:
+        if name.startswith("@"):
+            if not group_exists(name[1:]):
+                out.append(f"admins: no group {name[1:]!r} on this machine")
+        elif not user_exists(name):
+            out.append(f"admins: no user {name!r} on this machine")
+    out += [f"users: no user {n!r} on this machine" for n in config.users if not user_exists(n)]
+    out += [
+        f"groups: no group {n!r} on this machine" for n in config.groups if not group_exists(n)
+    ]
+    return out

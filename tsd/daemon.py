@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tsd import __version__, auth, handlers, protocol
-from tsd.config import Config, GpuConfig, load_config
+from tsd.config import Config, GpuConfig, load_config, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
@@ -192,6 +192,7 @@ class Daemon:
         self.policy.reload(config)
         self.gpus.expire(keep_problem=False)
         log.info("config reloaded from %s", self.settings.config_path)
+        log_name_warnings(config)
         self.schedule()
 
     def save_list(self) -> None:
@@ -246,6 +247,34 @@ class Daemon:
 async def serve(settings: Settings, config: Config, sock: socket.socket) -> None:
     """Build the daemon on the running loop and serve until told to stop."""
     await Daemon(settings, config, asyncio.get_running_loop()).run(sock)
+
+
+def name_warnings(config: Config) -> list[str]:
+    """The config's users, groups and admins that do not exist on this machine."""
+    import grp
+    import pwd
+
+    def user_exists(name: str) -> bool:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return False
+        return True
+
+    def group_exists(name: str) -> bool:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            return False
+        return True
+
+    return unknown_names(config, user_exists, group_exists)
+
+
+def log_name_warnings(config: Config) -> None:
+    """Log each unknown name once, at start and at reload, where admins look (the journal)."""
+    for warning in name_warnings(config):
+        log.warning("config: %s", warning)
 
 
 def sd_notify(message: str) -> None:
@@ -335,6 +364,8 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
     _setup_logging(system, settings.state_dir)
     if not system and not config_path:
         config = personal_config(env)  # after logging is set up: it may complain
+    if system:
+        log_name_warnings(config)
     with contextlib.suppress(OSError):  # informational; a full disk must not stop the start
         (settings.state_dir / "tsd.pid").write_text(f"{os.getpid()}\n")
     sock = inherited_socket()
@@ -380,20 +411,31 @@ def warn_unenforced_limits() -> None:
         log.warning("%s", warning)
 
 
-def check_config(path: str) -> int:
-    """tsd --check-config FILE: validate for admins; one line either way."""
+def check_config(path: str = SYSTEM_CONFIG) -> int:
+    """tsd --check-config [FILE]: validate for admins; one line either way.
+
+    Users and groups the file names that do not exist here are warnings on
+    stderr, not failures: the exit status (which `systemctl reload` relies on)
+    says only whether the daemon would accept the file.
+    """
+    if path == SYSTEM_CONFIG and not os.path.exists(path):
+        # What the service does too: no file means every default.
+        print(f"{path}: absent; the service runs with the defaults")
+        return 0
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(f"tsd: {exc}", file=sys.stderr)
         return 1
+    for warning in name_warnings(config):
+        print(f"tsd: warning: {path}: {warning}", file=sys.stderr)
     print(f"{path}: OK ({config.slots} slots, {len(config.users)} user and "
           f"{len(config.groups)} group overrides)")
     # A valid file whose limits this machine cannot enforce is still valid (exit 0),
     # but the admin must not believe memory_max and friends hold.
-    warning = limits_warning()
-    if warning is not None:
-        print(f"tsd: warning: {warning}", file=sys.stderr)
+    limits = limits_warning()
+    if limits is not None:
+        print(f"tsd: warning: {limits}", file=sys.stderr)
     return 0
 
 
@@ -406,7 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     @click.option("--user", "mode", flag_value="user", default=True, help="Run a personal daemon.")
     @click.option("--config", "config_path", metavar="PATH", help="Config file to use.")
     @click.option("--socket", "socket_path", metavar="PATH", help="Socket to listen on.")
-    @click.option("--check-config", metavar="FILE", help="Validate a config file and exit.")
+    @click.option(
+        "--check-config",
+        metavar="[FILE]",
+        is_flag=False,
+        flag_value=SYSTEM_CONFIG,
+        help=f"Validate a config file (default {SYSTEM_CONFIG}) and exit.",
+    )
     @click.version_option(__version__, "-V", "--version", prog_name="tsd")
     def cli(mode: str, config_path: str | None, socket_path: str | None,
             check_config: str | None) -> None:

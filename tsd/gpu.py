@@ -35,7 +35,17 @@ _T = TypeVar("_T")
 
 
 class GpuUnavailable(Exception):
-    """NVML is missing or failing; str() is one clear line naming the reason."""
+    """NVML is missing or failing; str() is one clear line naming the reason.
+
+    `absent` is True when this machine has no NVML at all (no NVIDIA driver, no
+    pynvml): no GPU will ever appear without an install, so a GPU job is refused
+    at submit instead of waiting forever. Other failures may pass (a driver
+    reload), so GPU jobs wait through them.
+    """
+
+    def __init__(self, message: str, absent: bool = False) -> None:
+        super().__init__(message)
+        self.absent = absent
 
 
 class NvmlGpus:
@@ -114,7 +124,9 @@ class NvmlGpus:
         try:
             import pynvml
         except ImportError as e:
-            raise GpuUnavailable(f"pynvml is not installed ({e}); install nvidia-ml-py") from e
+            raise GpuUnavailable(
+                f"pynvml is not installed ({e}); install nvidia-ml-py", absent=True
+            ) from e
         if self._initialized:
             return pynvml
         self._preload(pynvml)
@@ -122,7 +134,8 @@ class NvmlGpus:
             pynvml.nvmlInit()
         except pynvml.NVMLError_LibraryNotFound as e:
             raise GpuUnavailable(
-                f"NVML library {LIBRARY_SONAME} not found (is the NVIDIA driver installed?)"
+                f"NVML library {LIBRARY_SONAME} not found (is the NVIDIA driver installed?)",
+                absent=True,
             ) from e
         except pynvml.NVMLError as e:
             raise GpuUnavailable(f"NVML failed to initialise: {_reason(e)}") from e

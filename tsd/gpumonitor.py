@@ -61,6 +61,7 @@ class GpuMonitor:
         self._taken = 0.0
         self._gpus: tuple[Gpu, ...] | None = None
         self._problem = ""
+        self._absent = False  # the last failure was "no NVML on this machine"
         self._inflight: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -104,6 +105,7 @@ class GpuMonitor:
     def mark_unavailable(self, problem: str) -> None:
         """NVML failed outside a snapshot (device nodes): waiting jobs say why."""
         self._taken, self._gpus, self._problem = time.monotonic(), None, problem
+        self._absent = False  # NVML is there; a device failed: GPU jobs wait, not refused
 
     def _refresh(self) -> asyncio.Task[None]:
         if self._inflight is None:
@@ -112,6 +114,7 @@ class GpuMonitor:
 
     async def _read(self) -> None:
         before = self._problem
+        absent = False
         try:
             gpus: tuple[Gpu, ...] | None = await self.loop.run_in_executor(
                 self._executor, self.reader.snapshot
@@ -120,6 +123,7 @@ class GpuMonitor:
         except GpuUnavailable as exc:
             # The bare reason: the scheduler's wait reason and `ts -g` add their own prefix.
             gpus, problem = None, str(exc) or "NVML failed"
+            absent = exc.absent
         except Exception as exc:  # a surprise from pynvml or psutil must not stall GPU jobs
             log.exception("reading the GPUs failed")
             gpus, problem = None, f"reading the GPUs failed: {exc}"
@@ -130,9 +134,14 @@ class GpuMonitor:
         elif not problem and before and gpus is not None:
             log.info("GPUs available again: NVML reports %d GPUs", len(gpus))
         self._taken, self._gpus, self._problem = time.monotonic(), gpus, problem
+        self._absent = absent
         self._on_refresh()
 
     # -- what the picture says
+
+    def absent(self) -> str | None:
+        """Why this machine has no GPUs at all (no NVML), or None (GPUs, or a passing failure)."""
+        return self._problem if self._gpus is None and self._absent else None
 
     def pool(self) -> tuple[int, ...] | None:
         """The GPUs tsd may hand out (visible and present), None while unknown."""

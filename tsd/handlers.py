@@ -15,7 +15,15 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import auth, protocol
 from tsd.dispatch import Dispatcher
-from tsd.errors import BadRequest, ClientGone, NoSuchJob, OverQuota, QueueFull, WrongState
+from tsd.errors import (
+    BadRequest,
+    ClientGone,
+    NeverFits,
+    NoSuchJob,
+    OverQuota,
+    QueueFull,
+    WrongState,
+)
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
 from tsd.model import Job, JobState, Peer, UserLimits
@@ -156,12 +164,24 @@ async def submit(
     if spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
+        no_nvml = p.gpus.absent()
+        if pool is None and no_nvml:
+            # No driver: no GPU will ever come, so refuse now rather than queue forever.
+            n = spec.gpus_wanted
+            raise NeverFits(
+                f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
+            )
     check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
     _check_bytes(p, peer, spec.stored_bytes, limits)
     if limits.max_queued is not None:
+        told = False
         while p.table.pending_count[peer.uid] >= limits.max_queued:
             if not req.block:
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
+            if not told:
+                # Once: the caller would otherwise hang without a word.
+                await send(protocol.QueueFullWait(p.table.pending_count[peer.uid]))
+                told = True
             await p.waiters.room_freed()
     _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
     # Commit only for a client that is still there to hear the id: one that gave up

@@ -29,13 +29,14 @@ import signal
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tsd import exitreport
 from tsd.model import ExitInfo
 
 PR_SET_CHILD_SUBREAPER = 36
 OUTPUT_PREFIX = "ts-out."
+SENDMAIL = "/usr/sbin/sendmail"  # -m, as task-spooler; ts warns at submit when absent
 JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login shell gets
 
 
@@ -627,10 +628,33 @@ def _after_job(plan: LaunchPlan, report: exitreport.ExitReport) -> None:
             f"To: {plan.mail_to}\n\n"
             f"Command: {' '.join(plan.command)}\nOutput: {output}\n"
         )
-        _run_as_user(plan, ["/usr/sbin/sendmail", "-oi", plan.mail_to], stdin=body.encode())
+        status = _run_as_user(plan, [SENDMAIL, "-oi", plan.mail_to], stdin=body.encode())
+        problem = mail_problem(status)
+        if problem:
+            # The daemon reads the report once this supervisor has exited, so the
+            # note rewritten here is what `ts -i` shows.
+            note = "; ".join(n for n in (report.exit.note, problem) if n)
+            exitreport.write(
+                plan.exits_dir, plan.job_id,
+                replace(report, exit=replace(report.exit, note=note)),
+            )
 
 
-def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
+def mail_problem(status: int | None) -> str:
+    """The note for `ts -i` when -m's mail was not sent, from sendmail's wait status."""
+    if status is None:
+        return f"mail not sent: {SENDMAIL} did not run"
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 127:
+        return f"mail not sent: {SENDMAIL} could not be run (is a mail program installed?)"
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+        return f"mail not sent: {SENDMAIL} exited {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        return f"mail not sent: {SENDMAIL} killed by signal {os.WTERMSIG(status)}"
+    return ""
+
+
+def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> int | None:
+    """Run argv as the job's user, feeding it stdin; its wait status, None if not reaped."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -650,8 +674,10 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> None:
     with contextlib.suppress(OSError):
         _write_all(w, stdin)
     os.close(w)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
 
 
 def parse_report(text: str) -> dict[str, str]:

@@ -116,6 +116,22 @@ class ExitInfo:
         """What ts -w/-c/-t/-f exit with: the job's code, 255 when killed or lost."""
         return self.code if self.code is not None and not self.timed_out else 255
 
+    def summary(self) -> str:
+        """How it ended, in words for a log line: `exit 0`, `killed by signal 9 (SIGKILL)`."""
+        if self.lost:
+            return f"lost: {self.note}" if self.note else "lost"
+        if self.timed_out:
+            return "timed out"
+        if self.signal is not None:
+            import signal as _signal  # a lookup table, not I/O
+
+            try:
+                name = f" ({_signal.Signals(self.signal).name})"
+            except ValueError:
+                name = ""
+            return f"killed by signal {self.signal}{name}"
+        return f"exit {self.code}"
+
 
 @dataclass(frozen=True)
 class Job:

@@ -692,4 +692,19 @@ class Queued:
         return {"event": "queued", "id": self.id}
 
 
-Event = JobsChunk | Started | Queued
+@dataclass(frozen=True)
+class QueueFullWait:
+    """An event of a submit stream without -B: the queue is full; the daemon waits for room.
+
+    Sent once, so that `ts` can say why it does not return; clients that do not
+    know it skip it like any event.
+    """
+
+    waiting: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event frame."""
+        return {"event": "queue_full", "waiting": self.waiting}
+
+
+Event = JobsChunk | Started | Queued | QueueFullWait

@@ -478,7 +478,12 @@ class Runner:
             self._requeued()
             return
         if ended is not None:
-            log.info("job %d finished: %s", job_id, ended.exit)
+            # For people reading the journal: "job 1 finished: exit 0 after 3.2s".
+            took = ""
+            if ended.start_time is not None and ended.end_time is not None:
+                took = f" after {max(0.0, ended.end_time - ended.start_time):.1f}s"
+            summary = ended.exit.summary() if ended.exit else "ended"
+            log.info("job %d finished: %s%s", job_id, summary, took)
             self._ended(ended)
 
     async def _quietly(self, fn: Callable[..., object], *args: Any) -> None:

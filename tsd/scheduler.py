@@ -161,6 +161,8 @@ def fits_problem(
         return _over_quota(wanted, "GPU", "max_gpus", limits.max_gpus)
     if pool_size is None:
         return None
+    if pool_size == 0:
+        return f"job needs {_count(wanted, 'GPU')} but this server has no GPUs"
     if spec.gpu_indices is not None:
         pool = visible if visible is not None else tuple(range(pool_size))
         return _not_visible(spec.gpu_indices, pool)

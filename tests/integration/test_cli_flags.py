@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -171,6 +172,35 @@ def test_m_job_is_queued_and_runs(ts: Runner, tsd_env: dict[str, str]) -> None:
     assert output_path(ts, job).read_text() == "mailed\n"
 
 
+@pytest.mark.skipif(os.path.exists("/usr/sbin/sendmail"), reason="a mail program is installed")
+def test_m_without_a_mail_program_says_so_at_submit_and_in_ts_i(ts: Runner) -> None:
+    proc = ts("-m", "echo", "hi", extra_env={"TS_MAILTO": "nobody@localhost"})
+    assert proc.stderr == (
+        "ts: warning: -m: /usr/sbin/sendmail does not exist, so no mail will be sent\n"
+    )
+    job = int(proc.stdout)
+    assert finish(ts, job) == 0
+    assert "mail not sent: /usr/sbin/sendmail could not be run" in ts("-i", str(job)).stdout
+
+
+def _has_nvml() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_nvml(), reason="this machine has NVML (a GPU driver)")
+def test_G_on_a_machine_without_nvml_is_refused_at_submit_in_one_line(ts: Runner) -> None:
+    proc = ts("-G", "1", "true", check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "no GPUs" in one_line_error(proc)
+    assert ts("-M", "json").stdout.strip() == "[]"
+
+
 # ----------------------------------------------------------- dependencies
 
 
@@ -276,6 +306,36 @@ def test_B_exits_2_when_the_queue_is_full(ts: Runner, tsd_env: dict[str, str]) -
     assert proc.returncode == 2
     assert "full" in one_line_error(proc)
     assert proc.stdout == ""
+
+
+def test_full_queue_without_B_says_once_why_it_waits_and_ctrl_c_queues_nothing(
+    ts: Runner, tsd_env: Env
+) -> None:
+    tsd_env["TS_MAXCONN"] = "2"  # read by the personal daemon at its start
+    ts("-S", "0")
+    queue(ts, "true")
+    last = queue(ts, "true")
+    proc = subprocess.Popen(
+        [TS, "true"], env=dict(tsd_env), cwd=str(tsd_env.tmp),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # blocks until ts says it waits
+        assert line == (
+            "ts: your queue is full (2 jobs waiting); waiting for room (Ctrl-C to give up)\n"
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "")
+    ts("-S", "1")  # room now: a job the daemon still held would be queued now
+    time.sleep(0.3)
+    assert ts("-q").stdout == f"{last}\n"
+    assert len(json.loads(ts("-M", "json").stdout)) == 2
 
 
 def test_R_counts_running_jobs(ts: Runner) -> None:

@@ -112,6 +112,7 @@ def test_build_deb_names_the_package_by_version_and_declares_its_depends(
         assert path in files, f"{path} is not in the package"
     if (REPO / "tsd" / "manpage.py").exists():
         assert "./usr/share/man/man1/ts.1.gz" in files
+        assert "./usr/share/man/man8/tsd.8.gz" in files
     conffiles = box.run(f"dpkg-deb --ctrl-tarfile {DEB} | tar -xO ./conffiles").stdout
     assert conffiles.split() == ["/etc/tsd/tsd.yaml"]
     # --version is written into the packaged code, so ts -V agrees with dpkg.

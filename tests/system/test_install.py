@@ -38,6 +38,7 @@ INSTALLED_PATHS = (
     "/usr/local/lib/sysusers.d",
     "/usr/local/lib/tmpfiles.d",
     "/usr/local/share/man/man1",
+    "/usr/local/share/man/man8",
     "/usr/local/share/bash-completion",
     "/usr/local/share/fish",
     "/usr/local/share/zsh",
@@ -246,12 +247,16 @@ def test_install_sh_sets_up_the_socket_root_tsd_0660_and_enables_the_units(
     ]
     unit = box.read_file("/usr/local/lib/systemd/system/tsd.service")
     assert "\nExecStart=/opt/tsd/bin/tsd --system\n" in unit
+    # Reload checks the config with the installed tsd before signalling it.
+    assert "\nExecReload=/opt/tsd/bin/tsd --check-config\n" in unit
+    assert "/usr/bin/tsd" not in unit
     assert box.read_file("/etc/tsd/tsd.yaml") == (REPO / "etc" / "tsd.yaml").read_text()
     # The venv sees Debian's gi/pydbus, and has pynvml.
     box.run(["/opt/tsd/bin/python", "-c", "import gi, pydbus, pynvml, tsd.daemon"])
     assert box.run(["readlink", "/usr/local/bin/ts"]).stdout.strip() == "/opt/tsd/bin/ts"
     if (REPO / "tsd" / "manpage.py").exists():
         assert ".TH TS 1" in box.read_file("/usr/local/share/man/man1/ts.1").upper()
+        assert ".TH TSD 8" in box.read_file("/usr/local/share/man/man8/tsd.8")
 
 
 def test_users_in_group_tsd_share_the_server_and_cannot_kill_each_others_jobs(
@@ -326,6 +331,7 @@ def test_uninstall_removes_the_program_and_keeps_config_and_state(box: Box, user
         "/usr/local/lib/systemd/system/tsd.service",
         "/usr/local/lib/systemd/system/tsd.socket",
         "/usr/local/share/man/man1/ts.1",
+        "/usr/local/share/man/man8/tsd.8",
         "/usr/local/share/bash-completion/completions/ts",
         "/run/tsd/tsd.sock",
         "/etc/systemd/system/sockets.target.wants/tsd.socket",

@@ -147,14 +147,20 @@ def test_a_thousand_job_user_does_not_starve_a_one_job_user(sbox: Box) -> None:
     ts(sbox, "root", "-S", "4")
 
 
-def test_reload_applies_a_good_config_and_keeps_the_old_one_when_broken(sbox: Box) -> None:
+def test_reload_applies_a_good_config_and_a_broken_one_fails_the_reload_keeping_the_old(
+    sbox: Box,
+) -> None:
     assert ts(sbox, "root", "-S").stdout.strip() == "4"
     good = sbox.read_file("/etc/tsd/tsd.yaml")
     sbox.write_file("/etc/tsd/tsd.yaml", good.replace("slots: 4", "slots: 3"))
     sbox.systemctl("reload", "tsd")
     wait_for(lambda: ts(sbox, "root", "-S").stdout.strip() == "3")
     sbox.write_file("/etc/tsd/tsd.yaml", "slots: 2\ndefaults:\n  max_gpus: lots\n")
-    sbox.systemctl("reload", "tsd")
+    # ExecReload checks the file first: the reload itself fails, visibly.
+    r = sbox.systemctl("reload", "tsd", check=False)
+    assert r.returncode != 0 and "tsd.service" in r.stderr, r
+    status = sbox.systemctl("status", "tsd", check=False).stdout
+    assert "line 3: defaults.max_gpus" in status, status
     time.sleep(0.5)
     assert ts(sbox, "root", "-S").stdout.strip() == "3"
     journal = sbox.run(["journalctl", "-u", "tsd", "--no-pager", "-o", "cat"]).stdout

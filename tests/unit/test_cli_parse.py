@@ -874,12 +874,42 @@ def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
     assert "TS_SOCKET" in out and "EXIT STATUS" in out
 
 
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_tsd_8_man_page_renders_without_warnings_and_documents_the_daemon(
+    tmp_path: Path,
+) -> None:
+    page = tmp_path / "tsd.8"
+    page.write_text(manpage.render_tsd())
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    out = subprocess.run(
+        ["groff", "-man", "-Tascii", "-P-cbou", str(page)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.startswith("TSD(8)")
+    for words in ("--system", "--check-config [FILE]", "SIGHUP", "/etc/tsd/tsd.yaml",
+                  "/var/lib/tsd/state.db", "CONFIGURATION", "ts(1)"):
+        assert words in out, words
+
+
+def test_ts_man_page_refers_to_tsd_8() -> None:
+    see_also = manpage.render().split('.SH "SEE ALSO"', 1)[1]
+    assert "\\fBtsd\\fR(8)" in see_also
+
+
 def test_man_page_module_prints_the_page() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tsd.manpage"], capture_output=True, text=True, check=True,
         env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
     )
     assert '\n.TH TS 1 "1970-01-01" ' in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "tsd.manpage", "tsd"], capture_output=True, text=True,
+        check=True, env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+    )
+    assert '\n.TH TSD 8 "1970-01-01" ' in proc.stdout
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

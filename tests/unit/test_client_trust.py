@@ -160,3 +160,42 @@ def test_explicit_personal_switch_and_ts_socket_win_over_an_installed_service(
     personal = client.choose_socket({**env, "TS_PERSONAL": "1"})
     assert personal == (os.path.join(str(tmp_path), f"tsd-{os.getuid()}", "tsd.sock"), True)
     assert client.choose_socket({**env, "TS_SOCKET": "/x/y.sock"}) == ("/x/y.sock", True)
+
+
+def _groups(monkeypatch: pytest.MonkeyPatch, members: list[str], session: list[int]) -> None:
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.getuid())
+    monkeypatch.setattr(
+        grp, "getgrnam", lambda name: grp.struct_group(("tsd", "x", 4242, members))
+    )
+    monkeypatch.setattr(
+        pwd, "getpwuid", lambda uid: pwd.struct_passwd((me.pw_name, *me[1:3], 7, *me[4:]))
+    )
+    monkeypatch.setattr(os, "getgroups", lambda: session)
+    monkeypatch.setattr(os, "getegid", lambda: 7)
+
+
+def test_permission_denied_asks_for_the_group_only_when_not_a_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _groups(monkeypatch, members=["someone-else"], session=[7])
+    assert client.tsd_group_advice() == "ask an admin to add you to group tsd"
+
+
+def test_permission_denied_after_being_added_says_log_in_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pwd
+
+    _groups(monkeypatch, members=[pwd.getpwuid(os.getuid()).pw_name], session=[7])
+    advice = client.tsd_group_advice()
+    assert "log in again" in advice and "newgrp tsd" in advice and "add you" not in advice
+
+
+def test_permission_denied_as_a_member_in_session_points_at_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _groups(monkeypatch, members=[], session=[7, 4242])
+    assert "socket's group and mode" in client.tsd_group_advice()

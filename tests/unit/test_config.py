@@ -84,13 +84,15 @@ def test_empty_file_means_every_default(text: str) -> None:
     assert parse_config(text) == Config()
 
 
-def test_example_file_parses_to_the_defaults_plus_its_example_entries() -> None:
-    expected = replace(
-        Config(),
-        groups=MappingProxyType({"students": LimitOverride(max_gpus=1)}),
-        users=MappingProxyType({"alice": LimitOverride(max_gpus=4, max_running_slots=4)}),
-    )
-    assert load_config(EXAMPLE) == expected
+def test_example_file_parses_to_exactly_the_defaults_with_no_live_example_users() -> None:
+    # A fresh install must not give a real "alice" or "students" a quota of its own.
+    assert load_config(EXAMPLE) == Config()
+
+
+def test_example_file_keeps_its_user_and_group_examples_as_comments() -> None:
+    text = EXAMPLE.read_text()
+    assert "#   students: {max_gpus: 1}" in text
+    assert "#   alice: {max_gpus: 4, max_running_slots: 4}" in text
 
 
 def comment_above(lines: list[str], line_no: int) -> str:

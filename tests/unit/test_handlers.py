@@ -12,10 +12,11 @@ from unit.daemon_fakes import FakeNvml, FakeStore, gpu, spec
 from tsd import handlers, protocol
 from tsd.config import Config
 from tsd.dispatch import Dispatcher
-from tsd.errors import PermissionDenied, QueueFull, WrongState
+from tsd.errors import NeverFits, PermissionDenied, QueueFull, WrongState
+from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
-from tsd.model import ExitInfo, Job, UserLimits
+from tsd.model import ExitInfo, Gpu, Job, UserLimits
 from tsd.policy import Policy
 from tsd.waiters import Waiters
 
@@ -118,6 +119,36 @@ def test_submit_of_a_gpu_job_reads_nvml_off_the_loop_once() -> None:
         job = await rig.submit(gpus=1)
         assert rig.nvml.reads == 1 and rig.nvml.threads[0] != "MainThread"
         assert rig.table.running[job].gpu_ids == (0,)  # GPU 1 has too little memory free
+
+    run(body)
+
+
+class NoDriverNvml(FakeNvml):
+    """A machine without the NVIDIA driver: NVML's library is not there."""
+
+    def snapshot(self) -> tuple[Gpu, ...]:
+        self.reads += 1
+        raise GpuUnavailable("NVML library libnvidia-ml.so.1 not found", absent=True)
+
+
+def test_gpu_job_on_a_machine_without_nvml_is_refused_at_submit_not_queued_forever() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=2))
+        rig.nvml = NoDriverNvml()
+        with pytest.raises(NeverFits, match=r"^job needs 1 GPU but this server has no GPUs \("):
+            await rig.submit(gpus=1)
+        assert not rig.table.pending and not rig.table.running
+        assert await rig.submit() == 1  # CPU jobs are unaffected
+
+    run(body)
+
+
+def test_gpu_job_waits_through_a_passing_nvml_failure() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=2))
+        rig.nvml.problem = "NVML failed to initialise: driver reloading"
+        assert await rig.submit(gpus=1) == 1
+        assert rig.table.pending == [1]
 
     run(body)
 

@@ -43,3 +43,13 @@ def test_open_output_reads_only_a_regular_file_of_the_jobs_user(tmp_path: Path) 
         open_output(str(tmp_path / "fifo"), me)  # and it does not block on the FIFO
     with pytest.raises(TsdError, match="not to the job's user"):
         open_output(str(out), me + 1)
+
+
+def test_mail_problem_names_why_the_mail_was_not_sent() -> None:
+    from tsd.launch import mail_problem
+
+    assert mail_problem(0) == ""
+    assert "could not be run" in mail_problem(127 << 8)
+    assert mail_problem(75 << 8) == "mail not sent: /usr/sbin/sendmail exited 75"
+    assert mail_problem(9) == "mail not sent: /usr/sbin/sendmail killed by signal 9"
+    assert mail_problem(None) == "mail not sent: /usr/sbin/sendmail did not run"

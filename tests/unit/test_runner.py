@@ -266,3 +266,34 @@ def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_spac
         assert not exitreport.path(rig.exits, job.id).exists()
 
     run(body)
+
+
+def test_the_log_says_how_a_job_ended_in_words_not_a_repr(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        start = rig.store.rows[job.id].start_time
+        assert start is not None
+        rig.report(job.id, ExitReport(ExitInfo(code=0), end=start + 3.2, output=None))
+        rig.launcher.close_all()
+        rig.exit(job.id)
+
+    with caplog.at_level("INFO", logger="tsd"):
+        run(body)
+    assert "job 1 finished: exit 0 after 3.2s" in caplog.messages, caplog.messages
+
+
+@pytest.mark.parametrize(
+    ("info", "words"),
+    [
+        (ExitInfo(code=3), "exit 3"),
+        (ExitInfo(signal=9), "killed by signal 9 (SIGKILL)"),
+        (ExitInfo(signal=15, timed_out=True), "timed out"),
+        (ExitInfo(lost=True, note="its supervisor vanished"), "lost: its supervisor vanished"),
+    ],
+)
+def test_exit_summary_names_code_signal_timeout_or_loss(info: ExitInfo, words: str) -> None:
+    assert info.summary() == words

@@ -846,3 +846,10 @@ def test_drain_starts_nothing_whatever_is_queued() -> None:
     d = sc.decide()
     assert d.start == ()
     assert d.unvisited_reason == "the server is draining (slots: 0)"
+
+
+def test_check_fits_refuses_any_gpu_job_on_a_server_with_no_gpus() -> None:
+    for spec_job in (job(1, gpus=1), job(1, pinned=(0,))):
+        with pytest.raises(NeverFits) as err:
+            check_fits(spec_job.spec, UserLimits(), 4, 0, ())
+        assert str(err.value) == "job needs 1 GPU but this server has no GPUs"
