@@ -21,7 +21,9 @@ from integration.harness import Runner, alive, queue, state, wait_state, wait_un
 
 TS = str(Path(sys.executable).parent / "ts")
 
-HEADER_RE = re.compile(r"^ID   State      Output {8,}E-Level  Time   Command \[run=(\d+)/(\d+)\]$")
+HEADER_RE = re.compile(
+    r"^ID   State      Output {8,}E-Level  Time   GPUs  Command \[run=(\d+)/(\d+)\]$"
+)
 
 
 # ----------------------------------------------------------------- helpers
@@ -658,8 +660,9 @@ def test_g_alone_lists_running_gpu_jobs_and_the_gpus(gpu_ts: Runner) -> None:
     assert lines[0] == "ID   GPU-IDs"
     assert lines[1] == f"{job:<4} 1"
     assert any("A100" in line for line in lines)
+    header, *_ = gpu_ts("-l").stdout.splitlines()
     row = list_rows(gpu_ts)[job]
-    assert "[GPU 1] sleep 30" in row
+    assert row[header.index("GPUs") :].split() == ["1", "sleep", "30"]
     gpu_ts("-k", str(job))
 
 
