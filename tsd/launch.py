@@ -65,6 +65,9 @@ class LaunchPlan:
     # Soft RLIMIT_NOFILE the job starts with; None keeps the daemon's. The system
     # service runs with a raised limit (tsd.service) that jobs must not inherit.
     nofile_soft: int | None = None
+    # ts -n: the submitting ts's stdout and stderr (the daemon's copies), to become the
+    # job's fds 1 and 2; None sends a not-stored output to /dev/null.
+    out_fds: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ def _reset_process_state(keep: Sequence[int]) -> None:
 
 
 def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
-    _reset_process_state([go_r, rep_w])
+    _reset_process_state([go_r, rep_w, *(plan.out_fds or ())])
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -176,6 +179,9 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         finally:
             os._exit(127)
     os.close(status_w)
+    for fd in plan.out_fds or ():
+        # Only the job writes to the caller's terminal: its end is EOF for a reader there.
+        os.close(fd)
     # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
     started = parse_report(_read_all(status_r))
     failure = started.get("err", "")
@@ -495,6 +501,8 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
 def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None]:
     """Open stdout/stderr targets as the user (privileges already dropped)."""
     if not plan.store_output:
+        if plan.out_fds is not None:
+            return plan.out_fds[0], plan.out_fds[1], None
         null = os.open(os.devnull, os.O_WRONLY)
         return null, null, None
     if plan.output_name:
