@@ -429,7 +429,13 @@ class Runner:
 
     def _job_ended(self, job_id: int) -> None:
         """The job's supervisor is gone: record the report it left, or that it was lost."""
-        self.sweep_terminals()
+        try:
+            self._settle(job_id)
+        finally:
+            # -W jobs it skipped (through `ended`) will never start: free their terminals.
+            self.sweep_terminals()
+
+    def _settle(self, job_id: int) -> None:
         pid = self._watched.pop(job_id, None)
         if pid is not None:
             self.procs.forget(pid)  # first: a pidfd left readable would call us forever
