@@ -554,9 +554,9 @@ def test_M_tab_rows_have_the_same_columns(ts: Runner) -> None:
     wait_state(ts, running, "running")
     queued = queue(ts, "-D", str(done), "true")
     rows = [r.split("\t") for r in ts("-M", "tab").stdout.splitlines()]
-    assert [int(r[0]) for r in rows] == [done, running, queued]
+    assert [int(r[0]) for r in rows] == [running, queued, done]  # GPU ts's order, as -l
     assert len({len(r) for r in rows}) == 1
-    assert rows[0][1:4] == ["finished", rows[0][2], "0"] and rows[0][8] == "[l]"
+    assert rows[2][1:4] == ["finished", rows[2][2], "0"] and rows[2][8] == "[l]"
     ts("-k", str(running))
 
 

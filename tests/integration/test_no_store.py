@@ -19,13 +19,16 @@ def test_n_job_writes_to_the_pipes_of_the_ts_that_queued_it(ts: Runner, tsd_env:
         [TS, "-n", "sh", "-c", "echo out; echo err >&2"], env=dict(tsd_env),
         cwd=str(tsd_env.tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    ts("-w")
+    assert queuer.stdout is not None
+    lines = [queuer.stdout.readline().rstrip("\n")]
+    while not lines[-1].isdigit():  # the job may write before ts prints the id
+        lines.append(queuer.stdout.readline().rstrip("\n"))
+    job = lines[-1]
+    ts("-w", job)
     # EOF comes only once ts, the job, its supervisor and the daemon all closed them.
     out, err = queuer.communicate(timeout=20)
     assert queuer.returncode == 0
-    lines = out.splitlines()
-    job = next(line for line in lines if line.isdigit())  # the id, printed by ts itself
-    assert sorted(lines) == sorted([job, "out"])
+    assert sorted(lines + out.splitlines()) == sorted([job, "out"])
     assert err == "err\n"
 
 
