@@ -90,11 +90,12 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     name = wire["spec"].get("output_name")
     if isinstance(name, str) and "/" not in name:
         _check_new_output(client, name, bool(wire["spec"].get("stderr_apart")), environ)
+    fds = _terminal_fds() if wire["spec"].get("store_output") is False else ()
     if wire.get("wait"):
-        return _submit_and_wait(client, wire)
+        return _submit_and_wait(client, wire, fds)
     conn = client.connect()
     try:
-        conn.send_wire(wire)
+        conn.send_wire(wire, fds)
         while True:
             # Ctrl-C here leaves through _edge (exit 130); the daemon sees the hang-up
             # and drops the job it had not queued yet.
@@ -134,12 +135,24 @@ def _say_queue_full(frame: Mapping[str, Any]) -> None:
         warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
 
 
-def _submit_and_wait(client: Client, wire: dict[str, Any]) -> int:
-    """ts -nf: queue and wait on one connection; exit with the job's code, print nothing."""
+def _terminal_fds() -> tuple[int, ...]:
+    """ts -n: our stdout and stderr, for the job to write to (task-spooler's -n sends
+    the output to the terminal of the ts that queued it); none if either is closed."""
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return ()  # then the job's output goes to /dev/null
+    return (1, 2)
+
+
+def _submit_and_wait(client: Client, wire: dict[str, Any], fds: tuple[int, ...] = ()) -> int:
+    """ts -nf: queue and wait on one connection; exit with the job's code, print nothing
+    (the job itself writes to our stdout and stderr)."""
     job_id: int | None = None
     conn = client.connect()
     try:
-        conn.send_wire(wire)
+        conn.send_wire(wire, fds)
         while True:
             try:
                 frame = conn.recv()

@@ -359,7 +359,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("no_block", "B", None, FL, J, None, "",
         "in case of full queue on the server, quit (2) instead of waiting."),
     Opt("no_output", "n", None, FL, J, None, "",
-        "don't store the output of the command."),
+        "don't store the output of the command: it goes to this ts's stdout and stderr."),
     Opt("stderr_apart", "E", None, FL, J, None, "",
         "Keep stderr apart, in a name like the output file, but adding '.e'."),
     Opt("gzip", "z", None, FL, J, None, "",

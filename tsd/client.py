@@ -16,7 +16,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from tsd import framing
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
@@ -168,17 +168,21 @@ class Connection:
 
         self.send_wire(protocol.request_to_wire(req))
 
-    def send_wire(self, obj: Mapping[str, Any]) -> None:
-        """Send a request already in its wire form (ts builds submits as plain dicts)."""
+    def send_wire(self, obj: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send a request already in its wire form (ts builds submits as plain dicts).
+
+        `fds` travel with the frame's first bytes (SCM_RIGHTS): `ts -n`'s stdout and
+        stderr, which the daemon hands to the job.
+        """
         data = framing.encode(obj)
         try:
             if self.answer_timeout is None:
-                self.sock.sendall(data)
+                self._send(data, fds)
             else:
                 # A frame larger than the socket buffer blocks until someone reads it.
                 self.sock.settimeout(self.answer_timeout)
                 try:
-                    self.sock.sendall(data)
+                    self._send(data, fds)
                 except TimeoutError:
                     raise ServerUnavailable(self._not_answering()) from None
                 finally:
@@ -188,6 +192,13 @@ class Connection:
             # and hung up: its error frame is waiting for recv().
             pass
         self._unanswered = True
+
+    def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        if fds:
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            data = data[sent:]
+        if data:
+            self.sock.sendall(data)
 
     def recv(self) -> dict[str, Any]:
         """Read one frame; a closed connection is ServerUnavailable."""

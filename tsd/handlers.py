@@ -36,6 +36,9 @@ from tsd.waiters import Waiters
 log = logging.getLogger("tsd")
 
 SendEvent = Callable[[protocol.Event], Awaitable[None]]
+# ts -n jobs waiting with their submitter's stdout and stderr held open, per user: each
+# holds two of the daemon's descriptors until it starts.
+MAX_TERMINALS_PER_USER = 64
 R = TypeVar("R", bound=protocol.Response | protocol.Event)
 
 
@@ -43,6 +46,12 @@ class Killer(Protocol):
     """The runner as handlers use it (tsd.runner.Runner)."""
 
     def kill(self, job: Job) -> None: ...
+
+    def terminals_held(self, uid: int) -> int: ...
+
+    def hold_terminal(self, job: Job, fds: tuple[int, int]) -> None: ...
+
+    def sweep_terminals(self) -> None: ...
 
 
 class UserSettings(Protocol):
@@ -184,6 +193,11 @@ async def submit(
                 told = True
             await p.waiters.room_freed()
     _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
+    if req.terminal is not None and p.runner.terminals_held(peer.uid) >= MAX_TERMINALS_PER_USER:
+        raise QueueFull(
+            f"too many of your ts -n jobs wait to write to a terminal "
+            f"(at most {MAX_TERMINALS_PER_USER})"
+        )
     # Commit only for a client that is still there to hear the id: one that gave up
     # (Ctrl-C, timeout) while the daemon was busy or stopped must not find its job
     # running later. Residual race, accepted: a client that hangs up after this
@@ -193,6 +207,11 @@ async def submit(
         log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
     job = p.table.add(peer.uid, peer.user, spec)
+    if req.terminal is not None:
+        # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
+        # behaviour); the daemon holds them, in memory only, until the job starts.
+        out, err = req.terminal.take()
+        p.runner.hold_terminal(job, (out, err))
     # Escaped: a command word may hold a newline, which must not forge a journal line.
     log.info("job %d queued by %s: %s", job.id, peer.user, printable(spec.command_line[:200]))
     p.dispatcher.schedule()
@@ -260,6 +279,7 @@ def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
     if job.state is JobState.RUNNING or job.id in p.table.launching:
         raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
     p.table.remove(job)
+    p.runner.sweep_terminals()  # a removed ts -n job no longer holds its submitter's terminal
     p.dispatcher.schedule()
     return protocol.JobId(job.id)
 

@@ -138,8 +138,9 @@ class JobTable:
         return (self.jobs[i] for i in self.pending)
 
     def listing(self) -> Iterator[Job]:
-        """What ts -l shows: running (and starting) by id, then the queue, then done by end."""
-        yield from sorted(self.holding(), key=lambda j: j.id)
+        """What ts -l shows, in GPU task-spooler's order: running (and starting) jobs,
+        then the queue, each in queue order, then done jobs by end time."""
+        yield from sorted(self.holding(), key=lambda j: (j.order, j.id))
         yield from self.queue()
         yield from sorted(self._done(), key=_end_key)
 

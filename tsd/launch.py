@@ -66,6 +66,9 @@ class LaunchPlan:
     # Soft RLIMIT_NOFILE the job starts with; None keeps the daemon's. The system
     # service runs with a raised limit (tsd.service) that jobs must not inherit.
     nofile_soft: int | None = None
+    # ts -n: the submitting ts's stdout and stderr (the daemon's copies), to become the
+    # job's fds 1 and 2; None sends a not-stored output to /dev/null.
+    out_fds: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def _reset_process_state(keep: Sequence[int]) -> None:
 
 
 def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
-    _reset_process_state([go_r, rep_w])
+    _reset_process_state([go_r, rep_w, *(plan.out_fds or ())])
     # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
     # the read end of the report pipe: a write there must fail with EPIPE, which
     # _report ignores, not kill the supervisor and orphan the job. Its children
@@ -184,6 +187,9 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         finally:
             os._exit(127)
     os.close(status_w)
+    for fd in plan.out_fds or ():
+        # Only the job writes to the caller's terminal: its end is EOF for a reader there.
+        os.close(fd)
     # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
     started = parse_report(_read_all(status_r))
     failure = started.get("err", "")
@@ -529,6 +535,8 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
 def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None]:
     """Open stdout/stderr targets as the user (privileges already dropped)."""
     if not plan.store_output:
+        if plan.out_fds is not None:
+            return plan.out_fds[0], plan.out_fds[1], None
         null = os.open(os.devnull, os.O_WRONLY)
         return null, null, None
     if plan.output_name:

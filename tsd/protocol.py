@@ -7,10 +7,12 @@ request dataclasses below; nothing else in the daemon looks at raw JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tsd import codec
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
@@ -70,6 +72,39 @@ class Submit:
     depend_last: bool = False
     block: bool = True
     wait: bool = False
+    # ts -n: the client's stdout and stderr, passed with the frame (SCM_RIGHTS), never
+    # part of the JSON; the server attaches them and closes whatever nobody took.
+    terminal: PassedFds | None = field(default=None, compare=False)
+
+
+class PassedFds:
+    """Descriptors that came with a request: owned by whoever `take()`s them, else closed.
+
+    The server closes what is left once the request is answered, so a request that
+    fails anywhere (validation, a full queue, a hang-up) leaks none into the daemon.
+    """
+
+    def __init__(self, fds: tuple[int, ...]) -> None:
+        self._fds = fds
+
+    def add(self, fds: tuple[int, ...]) -> None:
+        """More descriptors that came with the same request."""
+        self._fds += fds
+
+    def peek(self) -> tuple[int, ...]:
+        """The descriptors held, still owned here."""
+        return self._fds
+
+    def take(self) -> tuple[int, ...]:
+        """The descriptors, now the caller's to close."""
+        fds, self._fds = self._fds, ()
+        return fds
+
+    def close(self) -> None:
+        """Close the descriptors nobody took."""
+        for fd in self.take():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -230,6 +265,8 @@ def request_to_wire(req: Request) -> dict[str, Any]:
     """The JSON object a client sends for `req`, version included."""
     out: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": OP_NAMES[type(req)]}
     for key, value in req.__dict__.items():
+        if isinstance(value, PassedFds) or (key == "terminal" and value is None):
+            continue  # descriptors travel beside the frame, never in it
         out[key] = spec_to_wire(value) if isinstance(value, JobSpec) else value
     return out
 

@@ -27,6 +27,7 @@ STATE_WIDTH = 10
 OUTPUT_WIDTH = 20
 ELEVEL_WIDTH = 8
 TIME_WIDTH = 6
+GPUS_WIDTH = 5  # GPU task-spooler's `%-5s` GPUs column
 USER_WIDTH = 8
 LABEL_WIDTH = 20  # task-spooler shortens labels to this in `ts -l`
 MIN_COMMAND_WIDTH = 20
@@ -123,14 +124,14 @@ def depend_str(job: Job) -> str:
     return "[" + ",".join(str(d) for d in job.spec.depends) + "]&& "
 
 
-def gpu_str(job: Job) -> str:
-    """GPU prefix for the command column: the GPUs held, or how many are wanted."""
+def gpus_shown(job: Job) -> str:
+    """The GPUs column of `ts -l`: the GPU ids once the job holds them (`0,1`), the
+    number it wants until then (`2`), `-` for a job that wants none."""
     if job.gpu_ids:
-        return "[GPU " + ",".join(str(g) for g in job.gpu_ids) + "] "
-    wanted = job.spec.gpus_wanted
-    if wanted and not job.state.done:
-        return f"[{wanted} GPU{'s' if wanted > 1 else ''}] "
-    return ""
+        return ",".join(str(g) for g in job.gpu_ids)
+    if job.spec.gpus_wanted:
+        return str(job.spec.gpus_wanted)
+    return "-"
 
 
 def shorten(text: str, width: int) -> str:
@@ -143,14 +144,15 @@ def shorten(text: str, width: int) -> str:
 
 
 def ordered(jobs: Iterable[Job]) -> list[Job]:
-    """task-spooler's listing order: ended jobs first, then running, then the queue."""
+    """GPU task-spooler's listing order (the same as `JobTable.listing()`): running jobs,
+    then queued ones, each in queue order, then ended jobs by end time."""
 
     def key(job: Job) -> tuple[int, float, int, int]:
-        if job.state.done:
-            return (0, job.end_time or job.enqueue_time, 0, job.id)
         if job.state is JobState.RUNNING:
-            return (1, job.start_time or job.enqueue_time, 0, job.id)
-        return (2, 0.0, job.order, job.id)
+            return (0, 0.0, job.order, job.id)
+        if job.state.pending:
+            return (1, 0.0, job.order, job.id)
+        return (2, job.end_time or job.enqueue_time, 0, job.id)
 
     return sorted(jobs, key=key)
 
@@ -166,13 +168,14 @@ def list_text(
     now: float | None = None,
     width: int | None = None,
 ) -> str:
-    """`ts -l`: task-spooler's table. `width` (a terminal's) shortens long commands.
+    """`ts -l`: GPU task-spooler's table. `width` (a terminal's) shortens long commands.
 
     Columns widen past task-spooler's minimums only when a value needs it, so
     they always line up; the header is exactly task-spooler's when they don't.
     """
     rows = ordered(jobs)
     outputs = [printable(output_shown(j)) for j in rows]
+    gpus = [gpus_shown(j) for j in rows]
     times = []
     for job in rows:
         secs = run_seconds(job, now)
@@ -181,19 +184,21 @@ def list_text(
     out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs)])
     time_w = max([TIME_WIDTH, *(len(t) for t in times)])
     user_w = max([USER_WIDTH, *(len(printable(j.user)) for j in rows)])
+    gpus_w = max([GPUS_WIDTH, *(len(g) for g in gpus)])
 
-    def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str) -> str:
+    def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str, gpu: str) -> str:
         head = f"{ident:<{id_w}} "
         if show_user:
             head += f"{user:<{user_w}} "
         return (
             head
             + f"{state:<{STATE_WIDTH}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
+            + f"{gpu:<{gpus_w}} "
         )
 
-    header = cells("ID", "User", "State", "Output", "E-Level", "Time")
+    header = cells("ID", "User", "State", "Output", "E-Level", "Time", "GPUs")
     lines = [header + f"Command [run={running}/{slots}]"]
-    for job, out, tim in zip(rows, outputs, times, strict=True):
+    for job, out, tim, gpu in zip(rows, outputs, times, gpus, strict=True):
         lvl = elevel(job)
         prefix = cells(
             str(job.id),
@@ -202,13 +207,14 @@ def list_text(
             out,
             "" if lvl is None else str(lvl),
             tim.rjust(TIME_WIDTH),
+            gpu,
         )
         label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
         command = printable(job.spec.command_line)
         if width is not None:
-            room = width - len(prefix) - len(depend_str(job)) - len(gpu_str(job)) - len(label)
+            room = width - len(prefix) - len(depend_str(job)) - len(label)
             command = shorten(command, max(room, MIN_COMMAND_WIDTH))
-        lines.append(prefix + depend_str(job) + gpu_str(job) + label + command)
+        lines.append(prefix + depend_str(job) + label + command)
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -209,6 +210,9 @@ class Runner:
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._store_retries: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # job id -> (uid, (stdout, stderr)) of a queued ts -n job: in memory only, so
+        # after a restart such a job writes to /dev/null.
+        self._terminals: dict[int, tuple[int, tuple[int, int]]] = {}
 
     @property
     def scopes(self) -> ScopeManager:
@@ -251,13 +255,34 @@ class Runner:
             return False
         return not exitreport.path(self.settings.exits_dir, job.id).exists()
 
+    # ------------------------------------------------------------ ts -n terminals
+
+    def terminals_held(self, uid: int) -> int:
+        """How many of this user's queued ts -n jobs hold their submitter's terminal."""
+        self.sweep_terminals()
+        return sum(1 for owner, _ in self._terminals.values() if owner == uid)
+
+    def hold_terminal(self, job: Job, fds: tuple[int, int]) -> None:
+        """Keep a queued ts -n job's stdout and stderr until it starts (the runner closes them)."""
+        self._terminals[job.id] = (job.uid, fds)
+
+    def sweep_terminals(self) -> None:
+        """Close the terminals held for jobs that will never start (removed, skipped)."""
+        for job_id in list(self._terminals):
+            job = self.table.get(job_id)
+            if job is None or not job.state.pending:
+                _close_all(self._terminals.pop(job_id)[1])
+
     # ------------------------------------------------------------ starting
 
     def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
         """Launch a pending job the dispatcher chose, on these GPUs."""
+        held = self._terminals.pop(job.id, None)
+        terminal = None if held is None else held[1]
         try:
             pw = pwd.getpwuid(job.uid)
         except KeyError:
+            _close_all(terminal)
             ended = self.table.end_pending(
                 job, JobState.FINISHED,
                 ExitInfo(code=None, lost=True, note=f"user {job.uid} no longer exists"),
@@ -267,11 +292,14 @@ class Runner:
             return
         uuids = self._gpus.uuids(gpu_ids) if gpu_ids else ()
         job = self.table.begin_run(job, gpu_ids, uuids)
-        plan = self._plan(job, pw)
+        plan = dataclasses.replace(self._plan(job, pw), out_fds=terminal)
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
-        launched = self.launcher.spawn(plan)
+        try:
+            launched = self.launcher.spawn(plan)
+        finally:
+            _close_all(terminal)  # the supervisor has its own copies now
         try:
             job = self.table.launched(
                 job.id, launched.supervisor_pid, launched.supervisor_start, None
@@ -338,10 +366,15 @@ class Runner:
             # NVML failed just now: the job waits for it in the queue like any other.
             self._gpus.mark_unavailable(str(exc))
             log.warning("job %d not started, GPUs unavailable: %s", job.id, exc)
+            if plan.out_fds is not None:  # back in the queue, still the caller's terminal
+                self._terminals[job.id] = (job.uid, plan.out_fds)
             self.table.requeue(job.id)
             self._requeued()
             return
-        launched = self.launcher.spawn(plan)
+        try:
+            launched = self.launcher.spawn(plan)
+        finally:
+            _close_all(plan.out_fds)  # the supervisor has its own copies now
         description = f"tsd job {job.id} of {job.user}: {job.spec.command_line[:100]}"
         try:
             unit = await self._offload(
@@ -427,6 +460,13 @@ class Runner:
 
     def _job_ended(self, job_id: int) -> None:
         """The job's supervisor is gone: record the report it left, or that it was lost."""
+        try:
+            self._settle(job_id)
+        finally:
+            # -W jobs it skipped (through `ended`) will never start: free their terminals.
+            self.sweep_terminals()
+
+    def _settle(self, job_id: int) -> None:
         pid = self._watched.pop(job_id, None)
         if pid is not None:
             self.procs.forget(pid)  # first: a pidfd left readable would call us forever
@@ -531,3 +571,9 @@ class Runner:
         """Let launches and scope calls under way finish (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _close_all(fds: tuple[int, ...] | None) -> None:
+    for fd in fds or ():
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import logging
 import os
@@ -47,6 +48,9 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup, so a flood cannot starve o
 OUT_OF_FDS_RETRY = 1.0  # seconds before trying accept() again when nothing closed meanwhile
 OUT_OF_FDS_LOG_EVERY = 60.0  # at most one log line per this many seconds while out of fds
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Descriptors a request may carry (SCM_RIGHTS): `ts -n`'s stdout and stderr, nothing else.
+MAX_PASSED_FDS = 2
+RECV_CHUNK = 65536
 
 SendEvent = Callable[[protocol.Event], Awaitable[None]]
 Handler = Callable[
@@ -319,14 +323,21 @@ class Server:
     ) -> None:
         task = asyncio.current_task()
         writer: asyncio.StreamWriter | None = None
+        passed = protocol.PassedFds(())
         try:
+            frame: bytes | TsdError | None = None
+            if refused is None:
+                # Read off the bare socket: descriptors ride beside the bytes, and
+                # asyncio's streams would drop them (the kernel then closes them).
+                frame = await _read_frame(conn, passed)
             reader, writer = await asyncio.open_unix_connection(sock=conn)
-            await self._serve(reader, writer, creds, refused)
+            await self._serve(reader, writer, creds, refused, frame, passed)
         except (ConnectionError, asyncio.CancelledError):
             pass
         except OSError as exc:
             log.warning("connection from pid %d: %s", creds[0], exc)
         finally:
+            passed.close()  # whatever the request did not take: none stays in the daemon
             if task is not None:
                 self.tasks.discard(task)
             if writer is not None:
@@ -362,6 +373,8 @@ class Server:
         writer: asyncio.StreamWriter,
         creds: tuple[int, int, int],
         refused: TsdError | None,
+        frame: bytes | TsdError | None,
+        passed: protocol.PassedFds,
     ) -> None:
         async def write(frame: dict[str, Any]) -> None:
             writer.write(protocol.encode(frame))
@@ -374,17 +387,17 @@ class Server:
             # Answer before reading: the caller's request is never looked at.
             await _reply_error(write, refused)
             return
-        try:
-            header = await asyncio.wait_for(reader.readexactly(protocol.HEADER.size), READ_TIMEOUT)
-            length = protocol.frame_length(header)
-            body = await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
-            request = protocol.parse_request(protocol.decode(body))
-        except (asyncio.IncompleteReadError, TimeoutError):
+        if frame is None:
             return  # said nothing, or hung up mid-frame: nobody to answer
+        try:
+            if isinstance(frame, TsdError):
+                raise frame
+            request = protocol.parse_request(protocol.decode(frame))
         except TsdError as exc:
             log.info("pid %d uid %d: %s", creds[0], creds[1], exc)
             await _reply_error(write, exc)
             return
+        request = _with_fds(request, passed)
 
         waiting = isinstance(request, protocol.Wait)
         if waiting:
@@ -434,6 +447,81 @@ class Server:
             hangup.cancel()
             if not handling.done():
                 handling.cancel()
+
+
+def _with_fds(request: protocol.Request, passed: protocol.PassedFds) -> protocol.Request:
+    """The request with the descriptors that came with it, where they belong.
+
+    Only a `ts -n` submit may carry them, exactly two (its stdout and stderr);
+    on any other request they stay in `passed`, which the connection closes.
+    """
+    if (
+        isinstance(request, protocol.Submit)
+        and not request.spec.store_output
+        and len(passed.peek()) == MAX_PASSED_FDS
+    ):
+        return dataclasses.replace(request, terminal=passed)
+    return request
+
+
+async def _read_frame(conn: socket.socket, passed: protocol.PassedFds) -> bytes | TsdError | None:
+    """The request frame's body read off the bare socket, with the descriptors sent
+    beside it collected in `passed`; an error to answer; None when the caller hung
+    up or said nothing within READ_TIMEOUT (nobody to answer).
+
+    More than MAX_PASSED_FDS descriptors, or a truncated control message, is an
+    error; the ones received are closed with `passed` either way.
+    """
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            header = await _recv_exactly(conn, protocol.HEADER.size, passed)
+            if header is None:
+                return None
+            length = protocol.frame_length(header)
+            return await _recv_exactly(conn, length, passed)
+    except TimeoutError:
+        return None
+    except TsdError as exc:
+        return exc
+
+
+async def _recv_exactly(conn: socket.socket, n: int, passed: protocol.PassedFds) -> bytes | None:
+    """`n` bytes (None on EOF first), collecting any descriptors that come with them."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        try:
+            # MSG_CMSG_CLOEXEC: a received descriptor must never reach a process the
+            # daemon starts unless it is handed over on purpose.
+            chunk, fds, flags, _ = socket.recv_fds(
+                conn, min(n - len(data), RECV_CHUNK), MAX_PASSED_FDS, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, conn)
+            continue
+        passed.add(tuple(fds))
+        if flags & socket.MSG_CTRUNC or len(passed.peek()) > MAX_PASSED_FDS:
+            # The kernel dropped the descriptors that did not fit; close the rest.
+            passed.close()
+            raise ProtocolError(f"a request carries at most {MAX_PASSED_FDS} descriptors")
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 async def _reply_error(write: _Write, exc: TsdError) -> None:

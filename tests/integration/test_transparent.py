@@ -31,7 +31,7 @@ def assert_unknown(ts: Runner, job: int) -> None:
 def test_the_task_spooler_sequence_leaves_five_finished_jobs(ts: Runner) -> None:
     # ts ls; ts -n ls; ts -f ls; ts -nf ls; ts ls; ts cat; ts -w
     queue(ts, "ls")
-    queue(ts, "-n", "ls")
+    ts("-n", "ls")  # prints the id and, as task-spooler's -n, ls's output
     ts("-f", "ls")
     nf = ts("-nf", "ls")
     assert nf.returncode == 0

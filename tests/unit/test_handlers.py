@@ -38,6 +38,15 @@ class FakeRunner:
     def kill(self, job: Job) -> None:
         self.killed.append(job.id)
 
+    def terminals_held(self, uid: int) -> int:
+        return 0
+
+    def hold_terminal(self, job: Job, fds: tuple[int, int]) -> None:
+        raise AssertionError("no ts -n terminal in these tests")
+
+    def sweep_terminals(self) -> None:
+        pass
+
 
 class Rig:
     def __init__(self, config: Config, system: bool = False) -> None:

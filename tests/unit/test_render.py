@@ -12,7 +12,7 @@ from tsd import render
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 
 T0 = 1_700_000_000.0
-HEADER = "ID   State      Output               E-Level  Time   Command [run=1/4]"
+HEADER = "ID   State      Output               E-Level  Time   GPUs  Command [run=1/4]"
 
 
 def make_job(
@@ -45,7 +45,7 @@ def columns_of(header: str) -> list[int]:
     return [m.start() for m in re.finditer(r"\S+", header)][:5]
 
 
-def test_list_header_is_task_spoolers_exactly() -> None:
+def test_list_header_is_gpu_task_spoolers_exactly() -> None:
     text = render.list_text([], slots=4, running=1)
     assert text == HEADER + "\n"
 
@@ -58,7 +58,7 @@ def test_list_rows_line_up_under_the_header() -> None:
     ]
     lines = render.list_text(jobs, slots=4, running=1, now=T0 + 3).splitlines()
     starts = columns_of(lines[0])
-    finished = lines[1]
+    finished = lines[3]
     assert finished[0] != " "
     for start in starts[1:3]:
         assert finished[start] != " ", (start, finished)
@@ -66,29 +66,37 @@ def test_list_rows_line_up_under_the_header() -> None:
     # E-Level under E-Level, the time right-aligned in the 6-wide Time column.
     assert finished[starts[3]] == "0"
     assert finished[starts[4] : starts[4] + 7] == " 0.50s "
-    assert lines[2][starts[4] : starts[4] + 6] == " 2.00s"
+    assert lines[1][starts[4] : starts[4] + 6] == " 2.00s"
 
 
 def test_finished_row_matches_task_spooler_format() -> None:
     job = make_job(7, JobState.FINISHED, command=("echo", "hi"), output_path="/tmp/ts-out.Lx7H9a")
     row = render.list_text([job], slots=1, running=0).splitlines()[1]
-    assert row == "7    finished   /tmp/ts-out.Lx7H9a   0         0.50s echo hi"
+    assert row == "7    finished   /tmp/ts-out.Lx7H9a   0         0.50s -     echo hi"
 
 
 def test_queued_row_shows_file_placeholder_and_label_before_command() -> None:
     job = make_job(3, JobState.QUEUED, command=("python", "train.py"), label="exp1")
     row = render.list_text([job], slots=1, running=0).splitlines()[1]
-    assert row == "3    queued     (file)                               [exp1]python train.py"
+    assert row == "3    queued     (file)                               -     [exp1]python train.py"
 
 
-def test_dependencies_and_gpus_prefix_the_command() -> None:
-    running = make_job(
-        5, JobState.RUNNING, gpus=2, depends=(3, 4), gpu_ids=(0, 1), label="x"
-    )
-    queued = make_job(6, JobState.QUEUED, gpus=1, depend_mode=DependMode.SUCCESS, depends=(5,))
+def test_dependencies_prefix_the_command() -> None:
+    running = make_job(5, JobState.RUNNING, depends=(3, 4), label="x")
+    queued = make_job(6, JobState.QUEUED, depend_mode=DependMode.SUCCESS, depends=(5,))
     lines = render.list_text([running, queued], slots=2, running=1, now=T0 + 2).splitlines()
-    assert lines[1].endswith("[3,4]&& [GPU 0,1] [x]sleep 1")
-    assert lines[2].endswith("[5]&& [1 GPU] sleep 1")
+    assert lines[1].endswith(" [3,4]&& [x]sleep 1")
+    assert lines[2].endswith(" [5]&& sleep 1")
+
+
+def test_gpus_column_shows_ids_held_count_wanted_or_dash() -> None:
+    holding = make_job(5, JobState.RUNNING, gpus=2, gpu_ids=(0, 1))
+    waiting = make_job(6, JobState.QUEUED, gpus=2)
+    cpu = make_job(7, JobState.QUEUED)
+    lines = render.list_text([holding, waiting, cpu], slots=2, running=1, now=T0 + 2).splitlines()
+    at = lines[0].index("GPUs")
+    assert [line[at:].split()[0] for line in lines[1:]] == ["0,1", "2", "-"]
+    assert lines[1][at:].endswith("0,1   sleep 1")
 
 
 def test_skipped_and_no_output_placeholders() -> None:
@@ -96,7 +104,7 @@ def test_skipped_and_no_output_placeholders() -> None:
     no_store = make_job(9, JobState.FINISHED, store_output=False)
     rows = {ln.split()[0]: ln for ln in render.list_text([skipped, no_store], 1, 0).splitlines()}
     assert "(no output)" in rows["8"]
-    assert rows["8"].split()[4:] == ["sleep", "1"]  # no E-Level, no time for a skipped job
+    assert rows["8"].split()[4:] == ["-", "sleep", "1"]  # no E-Level, no time for a skipped job
     assert rows["9"].split()[2] == "stdout"
 
 
@@ -110,8 +118,8 @@ def test_long_output_names_widen_the_column_instead_of_being_cut() -> None:
     long_path = "/home/alice/logs/a-very-long-output-name.txt"
     jobs = [make_job(1, JobState.FINISHED, output_path=long_path), make_job(2, JobState.QUEUED)]
     lines = render.list_text(jobs, slots=1, running=0).splitlines()
-    assert long_path in lines[1]
-    assert lines[0].index("E-Level") == lines[1].index(" 0 ") + 1
+    assert long_path in lines[2]  # the finished job, after the queued one
+    assert lines[0].index("E-Level") == lines[2].index(" 0 ") + 1
     assert lines[0].index("E-Level") == len("ID   State      ") + len(long_path) + 1
 
 
@@ -136,15 +144,18 @@ def test_terminal_width_shortens_long_commands() -> None:
     assert row.endswith("...")
 
 
-def test_listing_order_is_ended_then_running_then_queue_order() -> None:
+def test_listing_order_is_running_then_queue_order_then_ended() -> None:
     jobs = [
         replace(make_job(1, JobState.QUEUED), order=20),
         make_job(2, JobState.RUNNING),
-        make_job(3, JobState.FINISHED),
+        replace(make_job(3, JobState.FINISHED), end_time=T0 + 9),
         replace(make_job(4, JobState.QUEUED), order=10),
+        replace(make_job(5, JobState.FINISHED), end_time=T0 + 8),
+        replace(make_job(6, JobState.RUNNING), order=1),
     ]
     ids = [int(line.split()[0]) for line in render.list_text(jobs, 1, 1).splitlines()[1:]]
-    assert ids == [3, 2, 4, 1]
+    assert ids == [6, 2, 4, 1, 5, 3]
+    assert [j["ID"] for j in json.loads(render.list_json(jobs))] == ids
 
 
 @pytest.mark.parametrize(
@@ -162,7 +173,7 @@ def test_json_has_task_spoolers_keys_and_tsds_with_types() -> None:
     ]
     data = json.loads(render.list_json(jobs, now=T0 + 5))
     assert isinstance(data, list) and len(data) == 2
-    first, second = data
+    second, first = data  # the queued job is listed before the finished one
     for key in ("ID", "State", "Output", "E-Level", "Time_ms", "Command", "GPUs"):
         assert key in first
     for key in ("User", "Label", "Cwd", "Depends", "GPU_IDs", "Enqueue", "Start", "End", "Unit"):
@@ -198,9 +209,10 @@ def test_tab_rows_all_have_the_same_number_of_columns() -> None:
 def test_tab_fields_follow_task_spooler() -> None:
     jobs = [make_job(1, JobState.FINISHED, label="a"), make_job(3, JobState.QUEUED, depends=(1,))]
     rows = [r.split("\t") for r in render.list_tab(jobs).splitlines()]
-    assert rows[0] == ["1", "finished", "/tmp/ts-out.1.aB3dEf", "0", "0.50", "s", "0", "", "[a]",
+    # The queued job first, as in `ts -l`.
+    assert rows[1] == ["1", "finished", "/tmp/ts-out.1.aB3dEf", "0", "0.50", "s", "0", "", "[a]",
                        "sleep 1"]  # fmt: skip
-    assert rows[1] == ["3", "queued", "(file)", "", "", "", "0", "[1]&& ", "", "sleep 1"]
+    assert rows[0] == ["3", "queued", "(file)", "", "", "", "0", "[1]&& ", "", "sleep 1"]
 
 
 def test_tab_escapes_tabs_and_newlines_inside_values() -> None:

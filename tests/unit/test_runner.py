@@ -297,3 +297,48 @@ def test_the_log_says_how_a_job_ended_in_words_not_a_repr(
 )
 def test_exit_summary_names_code_signal_timeout_or_loss(info: ExitInfo, words: str) -> None:
     assert info.summary() == words
+
+
+def _pipe_closed_everywhere(read_end: int) -> bool:
+    os.set_blocking(read_end, False)
+    try:
+        return os.read(read_end, 1) == b""
+    except BlockingIOError:
+        return False  # a write end is still open somewhere
+    finally:
+        os.close(read_end)
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_a_ts_n_terminal_goes_to_the_job_and_the_daemon_closes_its_copies(
+    tmp_path: Path, system: bool
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=system)
+        job = rig.queue()
+        (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+        rig.runner.hold_terminal(job, (w1, w2))
+        rig.runner.start(job, ())
+        await until(lambda: job.id in rig.launcher.plans)
+        await until(lambda: rig.store.rows[job.id].supervisor_pid is not None)
+        assert rig.launcher.plans[job.id].out_fds == (w1, w2)
+        assert _pipe_closed_everywhere(r1) and _pipe_closed_everywhere(r2)
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_a_removed_ts_n_job_no_longer_holds_its_terminal(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        r, w = os.pipe()
+        w2 = os.dup(w)
+        rig.runner.hold_terminal(job, (w, w2))
+        assert rig.runner.terminals_held(ME) == 1
+        rig.table.remove(rig.table.jobs[job.id])
+        rig.runner.sweep_terminals()
+        assert rig.runner.terminals_held(ME) == 0
+        assert _pipe_closed_everywhere(r)
+
+    run(body)

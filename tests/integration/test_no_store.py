@@ -1,0 +1,55 @@
+"""ts -n: the job's output is not stored; it goes to the terminal of the ts that queued it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from integration.harness import TS, Env, Runner, wait_until
+
+
+def test_nf_prints_the_jobs_output_on_ts_stdout(ts: Runner) -> None:
+    proc = ts("-nf", "echo", "hello")
+    assert proc.stdout == "hello\n"
+
+
+def test_n_job_writes_to_the_pipes_of_the_ts_that_queued_it(ts: Runner, tsd_env: Env) -> None:
+    queuer = subprocess.Popen(
+        [TS, "-n", "sh", "-c", "echo out; echo err >&2"], env=dict(tsd_env),
+        cwd=str(tsd_env.tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert queuer.stdout is not None
+    lines = [queuer.stdout.readline().rstrip("\n")]
+    while not lines[-1].isdigit():  # the job may write before ts prints the id
+        lines.append(queuer.stdout.readline().rstrip("\n"))
+    job = lines[-1]
+    ts("-w", job)
+    # EOF comes only once ts, the job, its supervisor and the daemon all closed them.
+    out, err = queuer.communicate(timeout=20)
+    assert queuer.returncode == 0
+    assert sorted(lines + out.splitlines()) == sorted([job, "out"])
+    assert err == "err\n"
+
+
+def test_n_job_queued_across_a_daemon_restart_runs_with_output_to_devnull(
+    ts: Runner, tsd_env: Env
+) -> None:
+    ts("-S", "0")
+    marker = tsd_env.tmp / "ran"
+    queuer = subprocess.Popen(
+        [TS, "-n", "sh", "-c", f"echo out; touch {marker}"], env=dict(tsd_env),
+        cwd=str(tsd_env.tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    pid = tsd_env.daemon_pid()
+    assert pid is not None
+    wait_until(lambda: queuer.poll() is not None)
+    os.kill(pid, signal.SIGKILL)  # the terminal was held in its memory only
+    wait_until(lambda: tsd_env.daemon_pid() is None)
+    out, err = queuer.communicate(timeout=20)  # EOF: no copy survives the daemon
+    job = out.strip()
+    assert job.isdigit() and err == ""
+    ts("-S", "1")  # a new daemon: the job starts now
+    assert ts("-w", job, check=False).returncode == 0
+    assert marker.exists()
+    assert ts("-s", job).stdout.strip() == "finished"
