@@ -18,9 +18,18 @@ The rules, which are the product's semantics:
   shortage or a broken NVML never stalls CPU jobs), later GPU jobs stay behind it.
   The allocating head is still checked first: once the CPU jobs that passed it
   leave it too few slots, it holds its user back like any head short of slots.
-* Between users, fairness: of the users that can start something, the one with
-  the fewest running slots (counting starts made in this same decision) goes
-  first; ties go to the earlier job.
+* Between users, fair share: of the users that can start something, the one
+  with the least decayed usage divided by their share (`Resources.fair_key`,
+  tsd.usage) goes first; ties (users without usage) go to the user with the
+  fewest running slots (counting starts made in this same decision), then to
+  the earlier job.
+* No starvation (tsd.backfill): the first job in queue order among the heads
+  that are short of the server's free slots or GPUs (within their user's
+  quota) holds a reservation. Jobs after it in the queue start only if they
+  cannot delay it: their --timeout ends by the time it could start, or they
+  take only what it will not need. Jobs before it in the queue (they waited
+  longer) are not held back. A head held back by the reservation holds back
+  its user's later jobs.
 * GPUs: the lowest free indices, or exactly the pinned ones (`-g`); never one
   GPU to two jobs.
 
@@ -39,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from tsd.backfill import Holder, Need, Plan, plan
 from tsd.errors import NeverFits
 from tsd.model import DependMode, Job, JobSpec, UserLimits
 
@@ -95,6 +105,7 @@ class Decision:
     allocating: tuple[int, ...] = ()
     reasons: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
     unvisited_reason: str = ""
+    reserved: int | None = None  # the job holding the reservation, if any
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,28 @@ class Resources:
     free_gpus: tuple[int, ...] | None
     gpu_problem: str = ""  # why free_gpus is None, shown in reasons
     visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+    # Fair share: a user's decayed usage divided by their share (None: 0 for everyone),
+    # and a lower bound of it over every user with a pending job.
+    fair_key: Callable[[int], float] | None = None
+    fair_floor: float = 0.0
+    now: float = 0.0  # epoch seconds: running jobs' expected ends are start + --timeout
+
+
+def _need(spec: JobSpec) -> Need:
+    return Need(job_slots(spec), spec.gpus_wanted, spec.gpu_indices)
+
+
+def _end(job: Job, now: float) -> float | None:
+    """When a job started (or starting) now is over at the latest; None without --timeout."""
+    timeout = job.spec.timeout
+    if timeout is None:
+        return None
+    return (job.start_time if job.start_time is not None else now) + timeout
+
+
+def _holder(job: Job, now: float) -> Holder:
+    gpus = job.gpu_ids or tuple(job.spec.gpu_indices or ())
+    return Holder(job_slots(job.spec), gpus, _end(job, now))
 
 
 def job_slots(spec: JobSpec) -> int:
@@ -207,10 +240,14 @@ def dep_ready(spec: JobSpec, dep_outcome: Callable[[int], DepOutcome]) -> tuple[
 class _User:
     """One user's state during a decision."""
 
-    __slots__ = ("blocker", "cand", "gpu_head", "gpus", "limits", "ready", "slots", "uid")
+    __slots__ = (
+        "blocker", "cand", "fair", "gpu_head", "gpus", "limits", "name", "ready", "slots", "uid",
+    )
 
-    def __init__(self, uid: int, limits: UserLimits, slots: int, gpus: int) -> None:
+    def __init__(self, uid: int, limits: UserLimits, slots: int, gpus: int, fair: float) -> None:
         self.uid = uid
+        self.fair = fair  # decayed usage / share: fixed for the decision
+        self.name = str(uid)
         self.limits = limits
         self.slots = slots  # held by running jobs and jobs started in this decision
         self.gpus = gpus
@@ -246,7 +283,9 @@ class _Decider:
         self.run_slots: dict[int, int] = {}
         self.run_gpus: dict[int, int] = {}
         held: set[int] = set()
+        self.holders: list[Holder] = []  # running jobs and those started here, with their ends
         for job in running:
+            self.holders.append(_holder(job, res.now))
             self.running_ids.add(job.id)
             slots = job_slots(job.spec)
             gpus = len(job.gpu_ids) if job.gpu_ids else job.spec.gpus_wanted
@@ -263,7 +302,17 @@ class _Decider:
                 {g for g in res.free_gpus if g not in held and (pool is None or g in pool)}
             )
         self.users: dict[int, _User] = {}
-        self.heap: list[tuple[int, int, int, int]] = []  # (user slots, order, uid, job id)
+        # (fair key, user slots, order, uid, job id)
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        self.fair_key = res.fair_key
+        # Users whose candidate fits but is held back by the reservation (uid -> its job id),
+        # and the reservation they were checked against.
+        self.held: dict[int, int] = {}
+        self.checked_against: int | None = None
+        # Bumped whenever a user's head, candidate or the resources change: what was
+        # computed at the same generation (the reservation, the best user) still holds.
+        self.gen = 0
+        self.reserved_at: tuple[int, Job | None] = (-1, None)
         self.starts: list[Start] = []
         self.skips: list[int] = []
         self.allocating: dict[int, None] = {}  # ordered set
@@ -275,7 +324,8 @@ class _Decider:
         user = self.users.get(uid)
         if user is None:
             limits = self.res.limits(uid)
-            user = _User(uid, limits, self.run_slots.get(uid, 0), self.run_gpus.get(uid, 0))
+            fair = self.fair_key(uid) if self.fair_key is not None else 0.0
+            user = _User(uid, limits, self.run_slots.get(uid, 0), self.run_gpus.get(uid, 0), fair)
             self.users[uid] = user
         return user
 
@@ -293,6 +343,7 @@ class _Decider:
             self.reasons[job.id] = why
             return
         user = self.user(job.uid)
+        user.name = job.user
         if user.blocker is not None:
             self.reasons[job.id] = f"queued behind job {user.blocker.id}"
             return
@@ -308,6 +359,7 @@ class _Decider:
             self.examine(user, user.ready.popleft())
 
     def examine(self, user: _User, job: Job) -> None:
+        self.gen += 1
         spec = job.spec
         wanted = spec.gpus_wanted
         never = self.never_fits(user, spec)
@@ -332,7 +384,12 @@ class _Decider:
                 self.reasons[job.id] = why
                 return
         user.cand = job
-        heapq.heappush(self.heap, (user.slots, job.order, user.uid, job.id))
+        self.push(user)
+
+    def push(self, user: _User) -> None:
+        job = user.cand
+        assert job is not None
+        heapq.heappush(self.heap, (user.fair, user.slots, job.order, user.uid, job.id))
 
     def never_fits(self, user: _User, spec: JobSpec) -> str | None:
         """Why the job could not start even on an idle server, as configured now."""
@@ -343,6 +400,7 @@ class _Decider:
 
     def block(self, user: _User, job: Job, why: str) -> None:
         """`job`, the user's head, is short of slots: it and all their later jobs wait."""
+        self.gen += 1
         if user.blocker is not None:  # a later job blocked first; the head now does
             self.reasons[user.blocker.id] = f"queued behind job {job.id}"
         user.blocker = job
@@ -418,22 +476,86 @@ class _Decider:
 
     # -- picking between users
 
+    def fits_now(self, user: _User, spec: JobSpec) -> bool:
+        return self.slot_problem(user, spec) is None and (
+            not spec.gpus_wanted or self.gpu_problem(user, spec) is None
+        )
+
+    def within_quota(self, user: _User, spec: JobSpec) -> bool:
+        """Whether the user's quotas let the job run once the server has room for it."""
+        slots, wanted = job_slots(spec), spec.gpus_wanted
+        if slots > self.res.total_slots:
+            return False
+        limit = user.limits.max_running_slots
+        if limit is not None and user.slots + slots > limit:
+            return False
+        if not wanted:
+            return True
+        if self.free_gpus is None:
+            return False  # no GPU information: nothing to reserve
+        limit = user.limits.max_gpus
+        return limit is None or user.gpus + wanted <= limit
+
+    def reserved(self) -> Job | None:
+        """The job holding the reservation now: first in queue order among the heads short
+        of the server's free slots or GPUs while within their user's quota."""
+        if self.reserved_at[0] == self.gen:
+            return self.reserved_at[1]
+        best: Job | None = None
+        for user in self.users.values():
+            for job in (user.gpu_head, user.blocker, user.cand):
+                if (
+                    job is not None
+                    and (best is None or job.order < best.order)
+                    and self.within_quota(user, job.spec)
+                    and not self.fits_now(user, job.spec)
+                ):
+                    best = job
+        self.reserved_at = (self.gen, best)
+        return best
+
+    def plan_for(self, job: Job) -> Plan:
+        free = self.free_gpus or []
+        return plan(_need(job.spec), self.free_slots, free, self.holders)
+
+    def allowed(self, job: Job, reserved: Job | None) -> bool:
+        """Whether starting `job` now cannot delay the reservation (or it waited longer)."""
+        if reserved is None or job.order < reserved.order:
+            return True
+        return self.plan_for(reserved).allows(
+            _need(job.spec), _end(job, self.res.now), self.free_gpus or ()
+        )
+
+    def recheck_held(self) -> None:
+        """Held candidates are checked again after a start or a new reservation."""
+        for uid in self.held:
+            self.push(self.users[uid])
+        self.held.clear()
+
     def best(self) -> _User | None:
         """The user whose candidate goes first, its candidate still able to start."""
         while self.heap:
-            slots, _, uid, job_id = self.heap[0]
+            reserved = self.reserved()
+            rid = None if reserved is None else reserved.id
+            if rid != self.checked_against:
+                self.checked_against = rid
+                self.recheck_held()
+            fair, slots, _, uid, job_id = self.heap[0]
             user = self.users[uid]
             cand = user.cand
-            if cand is None or cand.id != job_id or user.slots != slots:
+            if cand is None or cand.id != job_id or user.slots != slots or uid in self.held:
                 heapq.heappop(self.heap)  # stale entry
                 continue
             if self.head_blocks(user):
                 heapq.heappop(self.heap)
                 continue
-            if self.slot_problem(user, cand.spec) is None and (
-                not cand.spec.gpus_wanted or self.gpu_problem(user, cand.spec) is None
-            ):
-                return user
+            if self.fits_now(user, cand.spec):
+                heapq.heappop(self.heap)
+                if self.allowed(cand, reserved):
+                    heapq.heappush(self.heap, (fair, slots, cand.order, uid, job_id))
+                    return user
+                self.held[uid] = cand.id  # it stays the user's candidate: later jobs wait
+                continue
             # Others' starts took what it needed: examine it again as a head.
             heapq.heappop(self.heap)
             user.cand = None
@@ -442,6 +564,7 @@ class _Decider:
         return None
 
     def start(self, user: _User) -> None:
+        self.gen += 1
         heapq.heappop(self.heap)
         job = user.cand
         assert job is not None
@@ -455,14 +578,22 @@ class _Decider:
                 taken = set(gpu_ids)
                 self.free_gpus = [g for g in self.free_gpus if g not in taken]
             else:
-                gpu_ids = tuple(self.free_gpus[: spec.gpus_wanted])
-                del self.free_gpus[: spec.gpus_wanted]
+                # Around a reservation of pinned GPUs: the others first.
+                reserved = self.reserved()
+                keep: set[int] = set()
+                if reserved is not None and reserved.order < job.order:
+                    keep = set(reserved.spec.gpu_indices or ())
+                pick = sorted(self.free_gpus, key=lambda g: (g in keep, g))[: spec.gpus_wanted]
+                gpu_ids = tuple(sorted(pick))
+                self.free_gpus = [g for g in self.free_gpus if g not in pick]
+        self.holders.append(Holder(job_slots(spec), gpu_ids, _end(job, self.res.now)))
         slots = job_slots(spec)
         self.free_slots -= slots
         self.used_slots += slots
         user.slots += slots
         user.gpus += spec.gpus_wanted
         self.starts.append(Start(job.id, gpu_ids))
+        self.recheck_held()
         self.search(user)
 
     # -- the whole decision
@@ -476,12 +607,18 @@ class _Decider:
     def run(self, pending: Iterable[Job]) -> Decision:
         queue = iter(pending)
         read_all = False
+        seen_gen = -1
+        user: _User | None = None
         while self.free_slots > 0:
-            user = self.best()
-            # A candidate of a user with no running slot cannot be beaten by a job
-            # not read yet (it would tie on slots and lose on order); any other
-            # may be, by an unread user with fewer running slots.
-            if user is not None and (user.slots == 0 or read_all):
+            if self.gen != seen_gen:  # else the same user is still the best
+                user = self.best()
+                seen_gen = self.gen
+            # A candidate of a user with the least possible fair key and no running
+            # slot cannot be beaten by a job not read yet (it would tie and lose on
+            # order), nor held back by a reservation found later (that one would be
+            # later in the queue); any other may be, by an unread user.
+            early = user is not None and user.slots == 0 and user.fair <= self.res.fair_floor
+            if user is not None and (early or read_all):
                 self.start(user)
                 continue
             if read_all:
@@ -493,19 +630,54 @@ class _Decider:
                 self.ingest(job)
         for user in self.users.values():
             self.head_blocks(user)  # classify allocating heads as of the final state
+        reserved = self.reserved()
         if self.free_slots <= 0:
             # Read but cut short by the full server: they wait for a slot.
+            waiting = [u for u in self.users.values() if u.cand is not None]
             for user in self.users.values():
+                reason = self.full_reason() + _fair_hint(user, waiting)
                 for job in [user.cand, *user.ready]:
                     if job is not None:
-                        self.reasons[job.id] = self.full_reason()
+                        self.reasons[job.id] = reason
+        elif reserved is not None:
+            for uid, job_id in self.held.items():
+                self.reasons[job_id] = f"behind reservation for job {reserved.id}"
+                for later in self.users[uid].ready:
+                    self.reasons[later.id] = f"queued behind job {job_id}"
+        if reserved is not None:
+            self.reasons[reserved.id] = self.reserved_reason(reserved)
         return Decision(
             start=tuple(self.starts),
             skip=tuple(self.skips),
             allocating=tuple(self.allocating),
             reasons=MappingProxyType(self.reasons),
             unvisited_reason="" if read_all else self.full_reason(),
+            reserved=None if reserved is None else reserved.id,
         )
+
+    def reserved_reason(self, job: Job) -> str:
+        spec = job.spec
+        short: list[str] = []
+        free, total = max(self.free_slots, 0), self.res.total_slots
+        if job_slots(spec) > free:
+            short.append(f"{_count(job_slots(spec), 'slot')} ({free} of {total} free)")
+        gpus = self.free_gpus or ()
+        if spec.gpu_indices is not None:
+            busy = [i for i in spec.gpu_indices if i not in gpus]
+            if busy:
+                short.append(f"{'GPU' if len(busy) == 1 else 'GPUs'} {_ids(busy)} (in use)")
+        elif spec.gpus_wanted and spec.gpus_wanted > len(gpus):
+            short.append(f"{_count(spec.gpus_wanted, 'GPU')} ({len(gpus)} free)")
+        return f"reserved: waits for {' and '.join(short) or 'room'}"
+
+
+def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:
+    """`; fair share: user bob first` when another waiting user goes before this one."""
+    ahead = [u for u in waiting if u is not user and u.fair < user.fair]
+    if not ahead:
+        return ""
+    first = min(ahead, key=lambda u: (u.fair, u.slots, u.uid))
+    return f"; fair share: user {first.name} first"
 
 
 def decide(

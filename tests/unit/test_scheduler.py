@@ -43,6 +43,8 @@ def job(
     mode: DependMode = AFTER,
     state: JobState = JobState.QUEUED,
     gpu_ids: tuple[int, ...] = (),
+    timeout: float | None = None,
+    start: float | None = None,
 ) -> Job:
     spec = JobSpec(
         command=("true",),
@@ -53,6 +55,7 @@ def job(
         gpu_indices=pinned,
         depends=depends,
         depend_mode=mode,
+        timeout=timeout,
     )
     return Job(
         id=id,
@@ -63,11 +66,23 @@ def job(
         order=id if order is None else order,
         enqueue_time=0.0,
         gpu_ids=gpu_ids,
+        start_time=start,
     )
 
 
-def running(id: int, uid: int = 1000, *, slots: int = 1, gpu_ids: tuple[int, ...] = ()) -> Job:
-    return job(id, uid, slots=slots, gpus=len(gpu_ids), state=JobState.RUNNING, gpu_ids=gpu_ids)
+def running(
+    id: int,
+    uid: int = 1000,
+    *,
+    slots: int = 1,
+    gpu_ids: tuple[int, ...] = (),
+    timeout: float | None = None,
+    start: float = 0.0,
+) -> Job:
+    return job(
+        id, uid, slots=slots, gpus=len(gpu_ids), state=JobState.RUNNING, gpu_ids=gpu_ids,
+        timeout=timeout, start=start,
+    )
 
 
 def res(
@@ -77,14 +92,20 @@ def res(
     limits: dict[int, UserLimits] | None = None,
     gpu_problem: str = "",
     visible: tuple[int, ...] | None = None,
+    fair: dict[int, float] | None = None,
+    now: float = 0.0,
 ) -> Resources:
     table = limits or {}
+    keys = fair or {}
     return Resources(
         total_slots=total_slots,
         limits=lambda uid: table.get(uid, UserLimits()),
         free_gpus=free_gpus,
         gpu_problem=gpu_problem,
         visible_gpus=visible,
+        fair_key=lambda uid: keys.get(uid, 0.0),
+        fair_floor=min(keys.values(), default=0.0) if fair else 0.0,
+        now=now,
     )
 
 
@@ -186,13 +207,22 @@ def test_job_depending_on_a_job_started_in_the_same_decision_waits() -> None:
 def test_head_short_of_server_slots_holds_back_later_jobs_of_its_user() -> None:
     d = run([job(2, slots=3), job(3)], res(4), active=[running(1, 2000, slots=2)])
     assert d.start == ()
-    assert d.reasons[2] == "waiting for 3 free slots (2 of 4 free)"
+    assert d.reasons[2] == "reserved: waits for 3 slots (2 of 4 free)"
     assert d.reasons[3] == "queued behind job 2"
 
 
-def test_other_users_still_start_when_one_users_head_lacks_slots() -> None:
-    d = run([job(2, slots=3), job(3), job(4, 2000)], res(4), active=[running(1, 3000, slots=2)])
-    assert started(d) == [4]
+def test_other_users_start_past_a_head_short_of_slots_only_within_its_reservation() -> None:
+    # Job 2 needs 4 slots; 2 are free until job 1 (no --timeout) ends: both are held for it.
+    pending = [job(2, slots=4), job(3), job(4, 2000), job(5, 3000, timeout=60)]
+    d = run(pending, res(4), active=[running(1, 3000, slots=2)])
+    assert started(d) == []
+    assert d.reserved == 2
+    assert d.reasons[4] == "behind reservation for job 2"
+    assert d.reasons[2] == "reserved: waits for 4 slots (2 of 4 free)"
+    # Job 1 ends at 100 at the latest: a job done by then may use the held slots.
+    d = run(pending, res(4, now=10), active=[running(1, 3000, slots=2, timeout=100)])
+    assert started(d) == [5]
+    assert d.reasons[4] == "behind reservation for job 2"
 
 
 def test_head_over_user_slot_quota_holds_back_later_jobs_of_its_user() -> None:
@@ -266,7 +296,7 @@ def test_pinned_job_waits_for_a_busy_index() -> None:
     d = run([job(1, pinned=(0, 2))], res(free_gpus=(0, 1)))
     assert d.start == ()
     assert d.allocating == (1,)
-    assert d.reasons[1] == "waiting for GPU 2 (in use)"
+    assert d.reasons[1] == "reserved: waits for GPU 2 (in use)"
 
 
 def test_pinned_job_on_an_index_outside_the_visible_set_says_so_and_holds_nobody_back() -> None:
@@ -284,7 +314,7 @@ def test_gpus_held_by_running_jobs_are_never_handed_out() -> None:
     d = run([job(2, gpus=2), job(3, pinned=(0,))], res(free_gpus=(0, 1, 2, 3)), active=active)
     assert d.start == (Start(2, (2, 3)),)
     assert d.allocating == (3,)
-    assert d.reasons[3] == "waiting for GPU 0 (in use)"
+    assert d.reasons[3] == "reserved: waits for GPU 0 (in use)"
 
 
 def test_gpus_outside_the_visible_pool_are_never_handed_out() -> None:
@@ -296,18 +326,18 @@ def test_head_short_of_gpus_is_allocating_and_cpu_jobs_behind_it_start() -> None
     d = run([job(1, gpus=2), job(2), job(3, gpus=1), job(4)], res(free_gpus=(0,)))
     assert started(d) == [2, 4]
     assert d.allocating == (1,)
-    assert d.reasons[1] == "waiting for 2 free GPUs (1 free)"
+    assert d.reasons[1] == "reserved: waits for 2 GPUs (1 free)"
     assert d.reasons[3] == "queued behind job 1"
 
 
-def test_cpu_jobs_pass_an_allocating_head_only_while_it_still_fits_in_the_free_slots() -> None:
+def test_cpu_jobs_pass_an_allocating_head_only_with_slots_its_reservation_leaves() -> None:
     d = run([job(1, gpus=1, slots=2), job(2), job(3), job(4)], res(3, free_gpus=()))
-    # After 2 and 3 the head (2 slots) no longer fits in the one free slot: it
-    # blocks its user, as it would have if those starts were decided one by one.
-    assert started(d) == [2, 3]
-    assert d.allocating == ()
-    assert d.reasons[1] == "waiting for 2 free slots (1 of 3 free)"
-    assert d.reasons[4] == "queued behind job 1"
+    # The head holds the reservation of its 2 slots: one slot is left for job 2.
+    assert started(d) == [2]
+    assert d.allocating == (1,)
+    assert d.reasons[1] == "reserved: waits for 1 GPU (0 free)"
+    assert d.reasons[3] == "behind reservation for job 1"
+    assert d.reasons[4] == "queued behind job 3"
 
 
 def test_unavailable_gpu_information_never_stalls_cpu_jobs() -> None:
@@ -494,6 +524,7 @@ def test_check_fits_does_not_refuse_gpus_when_the_pool_is_unknown() -> None:
 # --- properties -----------------------------------------------------------------------
 
 GPUS = range(6)
+TIMEOUTS = st.sampled_from([None, None, 30.0, 60.0, 200.0])
 
 
 class Scenario:
@@ -508,7 +539,11 @@ class Scenario:
         free_gpus: tuple[int, ...] | None,
         visible: tuple[int, ...] | None,
         outcome: dict[int, DepOutcome] | None = None,
+        fair: dict[int, float] | None = None,
+        now: float = 0.0,
     ) -> None:
+        self.fair = fair or {}
+        self.now = now
         self.pending = pending
         self.active = active
         self.total_slots = total_slots
@@ -523,14 +558,15 @@ class Scenario:
             return (
                 f"job({j.id}, {j.uid}, order={j.order}, slots={s.slots}, gpus={s.gpus},"
                 f" pinned={s.gpu_indices}, depends={s.depends}, mode={s.depend_mode.value},"
-                f" gpu_ids={j.gpu_ids})"
+                f" gpu_ids={j.gpu_ids}, timeout={s.timeout}, start={j.start_time})"
             )
 
         return (
             f"Scenario(pending=[{', '.join(map(brief, self.pending))}],"
             f" active=[{', '.join(map(brief, self.active))}], total_slots={self.total_slots},"
             f" limits={self.limits}, free_gpus={self.free_gpus}, visible={self.visible},"
-            f" outcome={ {k: v.value for k, v in self.outcome.items()} })"
+            f" outcome={ {k: v.value for k, v in self.outcome.items()} },"
+            f" fair={self.fair}, now={self.now})"
         )
 
     def resources(self) -> Resources:
@@ -541,6 +577,9 @@ class Scenario:
             free_gpus=self.free_gpus,
             gpu_problem="" if self.free_gpus is not None else "no NVML",
             visible_gpus=self.visible,
+            fair_key=lambda uid: self.fair.get(uid, 0.0),
+            fair_floor=min(self.fair.values(), default=0.0),
+            now=self.now,
         )
 
     def dep(self, job_id: int) -> DepOutcome:
@@ -569,7 +608,8 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 25) -> Scenario:
         held.update(gpu_ids)
         active.append(
             running(
-                300 + i, draw(st.sampled_from(uids)), slots=draw(st.integers(1, 2)), gpu_ids=gpu_ids
+                300 + i, draw(st.sampled_from(uids)), slots=draw(st.integers(1, 2)),
+                gpu_ids=gpu_ids, timeout=draw(TIMEOUTS), start=draw(st.sampled_from([0, 50])),
             )
         )
     pending: list[Job] = []
@@ -602,6 +642,7 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 25) -> Scenario:
                 pinned=pinned,
                 depends=depends,
                 mode=draw(st.sampled_from([AFTER, SUCCESS])),
+                timeout=draw(TIMEOUTS),
             )
         )
     pending.sort(key=lambda j: j.order)
@@ -624,6 +665,9 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 25) -> Scenario:
         free_gpus=free_gpus,
         visible=visible,
         outcome=outcome,
+        # Few distinct keys, so that ties (and the slot rule behind them) are common.
+        fair={uid: float(draw(st.sampled_from([0, 0, 1, 2]))) for uid in uids},
+        now=100.0,
     )
 
 
@@ -667,6 +711,71 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
         problem = fits_problem(j.spec, sc.limits[j.uid], sc.total_slots, pool_size, known_pool)
         return problem is not None
 
+    def within_quota(j: Job) -> bool:
+        limit = sc.limits[j.uid].max_running_slots
+        if j.spec.slots > sc.total_slots:
+            return False
+        if limit is not None and used_slots.get(j.uid, 0) + j.spec.slots > limit:
+            return False
+        if j.spec.gpus_wanted == 0:
+            return True
+        glimit = sc.limits[j.uid].max_gpus
+        return free is not None and (
+            glimit is None or used_gpus.get(j.uid, 0) + j.spec.gpus_wanted <= glimit
+        )
+
+    def fits(j: Job) -> bool:
+        return j.spec.slots <= free_slots and within_quota(j) and not (
+            j.spec.gpus_wanted and gpus_lacking(j)
+        )
+
+    # What holds slots and GPUs, and until when (None: no --timeout, unknown).
+    holding = [
+        (j.spec.slots, set(j.gpu_ids),
+         None if j.spec.timeout is None else (j.start_time or 0.0) + j.spec.timeout)
+        for j in sc.active
+    ]
+
+    def not_delaying(r: Job, c: Job) -> bool:
+        """Whether c, started now, leaves r able to start when it could have anyway."""
+        assert free is not None or not r.spec.gpus_wanted
+        now_gpus = set(free or [])
+
+        def enough(slots: int, gpus: set[int]) -> bool:
+            if r.spec.gpu_indices is not None:
+                ok = set(r.spec.gpu_indices) <= gpus
+            else:
+                ok = len(gpus) >= r.spec.gpus_wanted
+            return slots >= r.spec.slots and ok
+
+        shadow = None
+        at_shadow = (free_slots, now_gpus)
+        for t in sorted({end for _, _, end in holding if end is not None}):
+            slots = free_slots + sum(n for n, _, end in holding if end is not None and end <= t)
+            gpus = now_gpus.union(*(g for _, g, end in holding if end is not None and end <= t))
+            if enough(slots, gpus):
+                shadow, at_shadow = t, (slots, gpus)
+                break
+        if enough(free_slots, now_gpus):
+            shadow, at_shadow = None, (free_slots, now_gpus)
+        if c.spec.timeout is not None and shadow is not None and sc.now + c.spec.timeout <= shadow:
+            return True
+        spare_slots = at_shadow[0] - r.spec.slots
+        if c.spec.slots > spare_slots:
+            return False
+        if not c.spec.gpus_wanted:
+            return True
+        if r.spec.gpu_indices is not None:
+            mine = set(c.spec.gpu_indices or ()) or set(
+                sorted(g for g in now_gpus if g not in r.spec.gpu_indices)[: c.spec.gpus_wanted]
+            )
+            return (
+                len(mine) == c.spec.gpus_wanted
+                and not mine & set(r.spec.gpu_indices)
+                and len(at_shadow[1] - set(r.spec.gpu_indices)) >= c.spec.gpus_wanted
+            )
+        return c.spec.gpus_wanted <= len(at_shadow[1]) - r.spec.gpus_wanted
+
     def heads() -> tuple[list[Job], set[int]]:
         cands: list[Job] = []
         allocating: set[int] = set()
@@ -689,19 +798,50 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
                 break
         return cands, allocating
 
+    def reservation() -> Job | None:
+        """First in queue order among the heads that lack server room within their quota."""
+        short: list[Job] = []
+        for uid in sorted({j.uid for j in ready}):
+            gpu_blocked = False
+            for j in (j for j in ready if j.uid == uid and j.id not in done and not never_fits(j)):
+                if j.spec.gpus_wanted and gpu_blocked:
+                    continue  # behind the user's first GPU job that waits
+                slots_short = j.spec.slots > free_slots
+                limit = sc.limits[uid].max_running_slots
+                if limit is not None and used_slots.get(uid, 0) + j.spec.slots > limit:
+                    break  # over the user's slot quota: nothing to reserve
+                if fits(j):
+                    break  # the user's candidate
+                if within_quota(j):
+                    short.append(j)
+                if slots_short:
+                    break
+                gpu_blocked = True
+        return min(short, key=lambda j: j.order, default=None)
+
     while True:
         cands, allocating = heads()
         if free_slots <= 0 or not cands:
             return starts, allocating, skipped
-        pick = min(cands, key=lambda j: (used_slots.get(j.uid, 0), j.order))
+        r = reservation()
+        allowed = [c for c in cands if r is None or c.order < r.order or not_delaying(r, c)]
+        if not allowed:
+            return starts, allocating, skipped
+        pick = min(
+            allowed, key=lambda j: (sc.fair.get(j.uid, 0.0), used_slots.get(j.uid, 0), j.order)
+        )
         gpu_ids: tuple[int, ...] = ()
         if pick.spec.gpus_wanted:
             assert free is not None
             if pick.spec.gpu_indices is not None:
                 gpu_ids = pick.spec.gpu_indices
             else:
-                gpu_ids = tuple(free[: pick.spec.gpus_wanted])
+                keep = set(r.spec.gpu_indices or ()) if r is not None and r.order < pick.order else set()
+                gpu_ids = tuple(sorted(sorted(free, key=lambda g: (g in keep, g))
+                                       [: pick.spec.gpus_wanted]))
             free = [g for g in free if g not in gpu_ids]
+        end = None if pick.spec.timeout is None else sc.now + pick.spec.timeout
+        holding.append((pick.spec.slots, set(gpu_ids), end))
         free_slots -= pick.spec.slots
         used_slots[pick.uid] = used_slots.get(pick.uid, 0) + pick.spec.slots
         used_gpus[pick.uid] = used_gpus.get(pick.uid, 0) + pick.spec.gpus_wanted
