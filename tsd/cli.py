@@ -270,6 +270,11 @@ def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
         from tsd import render
 
         emit(render.gpu_status_text(resp, _jobs(resp)))
+    elif action == "stats":
+        from tsd.statsview import stats_json, stats_text
+
+        rows = [r for r in resp.get("rows", []) if isinstance(r, dict)]
+        emit(stats_json(rows) if inv.list_format == "json" else stats_text(rows))
     elif action in GET_DEFAULTS:
         return _show_job(action, job_of(resp))
     elif action == "slots":

@@ -143,6 +143,30 @@ def duration(value: str) -> float:
     return seconds
 
 
+_SINCE_PATTERN = r"([0-9]+(?:\.[0-9]*)?)\s*([smhdw])\Z"
+_SINCE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def since(value: str) -> float:
+    """--since: `7d`, `24h`, `30m`, `2w` ago, or an ISO time (`2026-12-01`,
+    `2026-12-01T08:00`, local time unless it names its zone): epoch seconds."""
+    import re  # only for --stats
+    import time
+
+    text = value.strip()
+    match = re.match(_SINCE_PATTERN, text)
+    if match:
+        return time.time() - float(match.group(1)) * _SINCE_UNITS[match.group(2)]
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise BadValue(
+            f"{value!r} is not a time: use 7d, 24h, 30m or an ISO time such as 2026-12-01T08:00"
+        ) from None
+
+
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
     """An integer from lo to hi; Python's int() reads it (so `+2` and ` 3` are numbers too)."""
 
@@ -302,6 +326,12 @@ OPTIONS: tuple[Opt, ...] = (
         value=float_range(0.0, 100.0)),
     Opt("get_gpu_free_perc", None, "get_gpu_free_perc", FL, LA, "get_gpu_free_perc", "",
         "get the value of GPU memory threshold above which GPUs are considered available."),
+    Opt("stats", None, "stats", FL, LA, "stats", "",
+        "accounting per user: jobs, failed, slot-hours, GPU-hours, mean wait. Yours;"
+        " every user's with -A (admins). With -M json: a JSON list."),
+    Opt("since", None, "since", VAL, LA, None, "<when>",
+        "with --stats: only jobs that ended since WHEN (7d, 24h, 30m, or an ISO time).",
+        value=since),
     # long option adding jobs
     Opt("gpus", "G", "gpus", OI, LJ, None, "[num]",
         "number of GPUs required by the job (1 if no number is given).",

@@ -145,6 +145,13 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
             actions.setdefault("gpu_status", "-g")
     if "help" in actions:
         return "help", actions["help"]
+    if "stats" in actions:
+        # -A (everyone) and -M (format) qualify --stats rather than asking for a listing.
+        listing = {o.spelled for o, _ in line.given if o.action == "list"}
+        if listing <= {"-A", "-M"}:
+            actions.pop("list", None)
+    elif "since" in line.present:
+        raise UsageError("--since goes with --stats")
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")
@@ -171,6 +178,10 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
             req = protocol.ListJobs(all_users=inv.all_users)
         case "gpu_status":
             req = protocol.GpuStatus()
+        case "stats":
+            inv.all_users = bool(params["all_users"])
+            inv.list_format = params["serialize"] or "default"
+            req = protocol.Stats(since=params["since"], all_users=inv.all_users)
         case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
             run = GET_DEFAULTS[action] == "run"
             req = protocol.GetJob(id=_job_id(value), default="run" if run else "added")

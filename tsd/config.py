@@ -28,6 +28,7 @@ import yaml
 
 from tsd.errors import ConfigError
 from tsd.model import JobLimits, UserLimits
+from tsd.usage import FairShareSettings
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -98,6 +99,20 @@ def _empty_overrides() -> Mapping[str, LimitOverride]:
     return MappingProxyType({})
 
 
+def _empty_shares() -> Mapping[str, float]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class AccountingConfig:
+    """The `accounting:` section: how long the per-job history behind `ts --stats` is kept."""
+
+    keep_days: int = 365
+
+
+_DEFAULT_ACCOUNTING: Final = AccountingConfig()
+
+
 # Unlimited slots and GPUs per user by default: the server's own slots and the fair
 # share between users already keep one user from starving the others.
 # Stored bytes are capped so that one user cannot fill /var/lib/tsd for everyone.
@@ -108,6 +123,7 @@ DEFAULT_LIMITS: Final = UserLimits(
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
 _DEFAULT_CONNECTIONS: Final = ConnectionConfig()
+_DEFAULT_FAIR_SHARE: Final = FairShareSettings()
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,21 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
+    fair_share: FairShareSettings = _DEFAULT_FAIR_SHARE  # `scheduler.fair_share`
+    accounting: AccountingConfig = _DEFAULT_ACCOUNTING
+    # `share:` of defaults, groups and users: a user's weight in fair share (default 1).
+    share: float = 1.0
+    group_shares: Mapping[str, float] = field(default_factory=_empty_shares, hash=False)
+    user_shares: Mapping[str, float] = field(default_factory=_empty_shares, hash=False)
+
+    def share_for(self, user: str, groups: Iterable[str]) -> float:
+        """A user's fair-share weight: their own `share`, else the largest of their
+        groups', else `defaults.share`."""
+        own = self.user_shares.get(user)
+        if own is not None:
+            return own
+        listed = [self.group_shares[g] for g in dict.fromkeys(groups) if g in self.group_shares]
+        return max(listed) if listed else self.share
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -175,7 +206,14 @@ _TOP_KEYS = (
     "max_finished",
     "kill_grace_seconds",
     "connections",
+    "scheduler",
+    "accounting",
 )
+_SCHEDULER_KEYS = ("fair_share",)
+_FAIR_SHARE_KEYS = ("half_life", "gpu_weight")
+_ACCOUNTING_KEYS = ("keep_days",)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
@@ -203,6 +241,7 @@ class _Parser:
         self.merging: set[int] = set()  # ids of mappings whose merge keys are being read
         # Nested merges of aliases can expand exponentially (a "billion laughs").
         self.merge_budget = 100_000
+        self.shares: dict[str, float] = {}  # `share:` by "defaults", "groups.X", "users.X"
 
     # -- errors
 
@@ -402,9 +441,47 @@ class _Parser:
 
     def limits(self, node: yaml.Node, path: str) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
-        for key, _, value in self.mapping(node, path, LIMIT_KEYS):
+        for key, _, value in self.mapping(node, path, (*LIMIT_KEYS, "share")):
+            if key == "share":
+                # Not a quota: kept apart (Config.share_for), by section and name.
+                self.shares[path] = self.number(value, f"{path}.share", positive=True)
+                continue
             out[key] = self.integer(value, f"{path}.{key}", unlimited=True)
         return out
+
+    def duration(self, node: yaml.Node, path: str) -> float:
+        """Seconds from a number or a string with a unit: 90s, 30m, 12h, 7d, 2w."""
+        want = "a duration such as 7d, 12h or a number of seconds"
+        value: float | None = None
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in (_INT, _FLOAT):
+                raw = self.construct(node, path)
+                if isinstance(raw, int | float) and not isinstance(raw, bool):
+                    value = float(raw)
+            elif node.tag == _STR:
+                match = _DURATION_RE.match(node.value)
+                if match:
+                    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if value is None or not math.isfinite(value) or value <= 0:
+            self.fail(node, path, f"expected {want}, got {self.got(node)}")
+        return value
+
+    def scheduler(self, node: yaml.Node) -> FairShareSettings:
+        fair = FairShareSettings()
+        for _, _, section in self.mapping(node, "scheduler", _SCHEDULER_KEYS):
+            for key, _, value in self.mapping(section, "scheduler.fair_share", _FAIR_SHARE_KEYS):
+                path = f"scheduler.fair_share.{key}"
+                if key == "half_life":
+                    fair = dataclasses.replace(fair, half_life=self.duration(value, path))
+                else:
+                    fair = dataclasses.replace(fair, gpu_weight=self.number(value, path))
+        return fair
+
+    def accounting(self, node: yaml.Node) -> AccountingConfig:
+        acc = AccountingConfig()
+        for key, _, value in self.mapping(node, "accounting", _ACCOUNTING_KEYS):
+            acc = AccountingConfig(keep_days=self.count(value, f"accounting.{key}", minimum=1))
+        return acc
 
     def overrides(self, node: yaml.Node, section: str, noun: str) -> Mapping[str, LimitOverride]:
         out: dict[str, LimitOverride] = {}
@@ -512,10 +589,29 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, connections=self.connections(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
+            elif key == "scheduler":
+                cfg = dataclasses.replace(cfg, fair_share=self.scheduler(value))
+            elif key == "accounting":
+                cfg = dataclasses.replace(cfg, accounting=self.accounting(value))
             else:
                 grace = self.number(value, key)
                 cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)
-        return cfg
+        return self.with_shares(cfg)
+
+    def with_shares(self, cfg: Config) -> Config:
+        groups: dict[str, float] = {}
+        users: dict[str, float] = {}
+        for path, share in self.shares.items():
+            section, _, name = path.partition(".")
+            if section == "defaults":
+                cfg = dataclasses.replace(cfg, share=share)
+            elif section == "groups":
+                groups[name] = share
+            else:
+                users[name] = share
+        return dataclasses.replace(
+            cfg, group_shares=MappingProxyType(groups), user_shares=MappingProxyType(users)
+        )
 
 
 class _Opaque(str):

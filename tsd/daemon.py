@@ -42,6 +42,7 @@ from tsd.dispatch import Dispatcher
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
+from tsd.ledger import PRUNE_EVERY, Ledger
 from tsd.model import Job, UserLimits
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings, ScopeManager
@@ -126,7 +127,11 @@ class Daemon:
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tsd-io")
         self.policy = Policy(config, self.store, settings.system)
         self.waiters = Waiters(loop)
-        self.table = JobTable(self.store, self.waiters, lambda: self.policy.config.max_finished)
+        self.ledger = Ledger(self.store, lambda: self.policy.config)
+        self.table = JobTable(
+            self.store, self.waiters, lambda: self.policy.config.max_finished,
+            save_end=self.ledger.save_ended,
+        )
         self.gpus = GpuMonitor(
             loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule
         )
@@ -148,6 +153,7 @@ class Daemon:
             self.gpus,
             self.runner.start,
             lambda: self.policy.config.gpus.poll_seconds,
+            fair=self.ledger,
         )
         self.stopping = asyncio.Event()
         self.parts = handlers.Parts(
@@ -161,6 +167,7 @@ class Daemon:
             waiters=self.waiters,
             settings=self.store,
             stop=self._stop_soon,
+            ledger=self.ledger,
         )
 
     def _stop_soon(self) -> None:
@@ -207,9 +214,18 @@ class Daemon:
         with contextlib.suppress(OSError):
             Path(self.settings.save_list).write_text(text)
 
+    def prune_history(self) -> None:
+        """Drop accounting history beyond accounting.keep_days: at start, then daily."""
+        try:
+            self.ledger.prune()
+        except Exception as exc:  # a full disk or a locked db: try again tomorrow
+            log.warning("accounting history not pruned: %s", exc)
+        self.loop.call_later(PRUNE_EVERY, self.prune_history)
+
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
         self.runner.recover(self.table.load())
+        self.prune_history()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)

@@ -9,6 +9,7 @@ and why, which are skipped, which start (through the runner).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
@@ -25,6 +26,7 @@ class Table(Protocol):
 
     pending: list[int]
     pending_gpu_jobs: int
+    pending_count: dict[int, int]
 
     def get(self, job_id: int) -> Job | None: ...
 
@@ -57,6 +59,16 @@ class Limits(Protocol):
     def total_slots(self) -> int: ...
 
     def free_threshold(self) -> float: ...
+
+    def share(self, uid: int) -> float: ...
+
+
+class FairKeys(Protocol):
+    """Fair-share keys (tsd.ledger.Ledger): usage now / share, per user."""
+
+    def keys(
+        self, holding: Iterable[Job], uids: Iterable[int], share: Callable[[int], float]
+    ) -> dict[int, float]: ...
 
 
 class Gpus(Protocol):
@@ -94,7 +106,11 @@ class Dispatcher:
         gpus: Gpus,
         start: Callable[[Job, tuple[int, ...]], None],
         poll_seconds: Callable[[], float],
+        fair: FairKeys | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.fair = fair
+        self._clock = clock
         self.table = table
         self.policy = policy
         self.gpus = gpus
@@ -119,19 +135,22 @@ class Dispatcher:
             pool = self.gpus.pool()
         else:
             free, problem, pool = (), "", None
+        holding = table.holding()
+        keys: dict[int, float] = {}
+        if self.fair is not None:
+            waiting = [uid for uid, n in table.pending_count.items() if n > 0]
+            keys = self.fair.keys(holding, waiting, self.policy.share)
         res = Resources(
             total_slots=self.policy.total_slots(),
             limits=self.policy.limits,
             free_gpus=free,
             gpu_problem=problem,
             visible_gpus=pool,
+            fair_key=lambda uid: keys.get(uid, 0.0),
+            fair_floor=min(keys.values(), default=0.0),
+            now=self._clock(),
         )
-        decision = decide(
-            table.queue(),
-            table.holding(),
-            table.dep_outcome,
-            res,
-        )
+        decision = decide(table.queue(), holding, table.dep_outcome, res)
         self.unvisited_reason = decision.unvisited_reason
         allocating = set(decision.allocating)
         # A job read again that no longer waits for GPUs (it now waits for a slot or a

@@ -26,6 +26,7 @@ from tsd.errors import (
 )
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
+from tsd.ledger import Ledger
 from tsd.model import Job, JobState, Peer, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
@@ -76,6 +77,7 @@ class Parts:
     waiters: Waiters
     settings: UserSettings
     stop: Callable[[], None]  # stop serving, once the current answer is on its way
+    ledger: Ledger | None = None  # usage and the history behind ts --stats
 
 
 async def handle(
@@ -147,6 +149,8 @@ async def _serve(
             return gpu_free_perc(p, peer, req)
         case protocol.GpuStatus():
             return await gpu_status(p)
+        case protocol.Stats():
+            return stats(p, peer, req)
     raise BadRequest("bad request: unsupported operation")
 
 
@@ -406,6 +410,31 @@ def gpu_free_perc(p: Parts, peer: Peer, req: protocol.GpuFreePerc) -> protocol.G
         p.gpus.expire(keep_problem=False)
         p.dispatcher.schedule()
     return protocol.GpuThreshold(p.policy.free_threshold())
+
+
+def stats(p: Parts, peer: Peer, req: protocol.Stats) -> protocol.StatsReport:
+    """ts --stats: the caller's row; every user's with -A (admins only on the system service)."""
+    if req.all_users and p.system:
+        auth.check_admin(peer, "everyone's accounting (--stats -A)")
+    if p.ledger is None:
+        raise BadRequest("accounting is not kept by this daemon")
+    uid = None if req.all_users else peer.uid
+    rows = p.ledger.stats(req.since or 0.0, uid)
+    if uid is not None and not rows:
+        from tsd.store import StatsRow
+
+        rows = [StatsRow(peer.uid, peer.user, 0, 0, 0.0, 0.0, None)]
+    return protocol.StatsReport(tuple(
+        {
+            "User": r.user,
+            "Jobs": r.jobs,
+            "Failed": r.failed,
+            "Slot_Hours": round(r.slot_seconds / 3600.0, 4),
+            "GPU_Hours": round(r.gpu_seconds / 3600.0, 4),
+            "Mean_Wait_s": 0.0 if r.mean_wait is None else round(r.mean_wait, 1),
+        }
+        for r in rows
+    ))
 
 
 async def gpu_status(p: Parts) -> protocol.GpuReport:

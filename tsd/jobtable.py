@@ -63,9 +63,16 @@ class JobTable:
     """Jobs by id, the queue and its indexes; every transition, made durable first."""
 
     def __init__(
-        self, store: JobStore, events: JobEvents, max_finished: Callable[[], int]
+        self,
+        store: JobStore,
+        events: JobEvents,
+        max_finished: Callable[[], int],
+        save_end: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
+        # Writes a job's end (finished, skipped, could not start); the ledger's adds its
+        # accounting row and its user's usage in the same transaction.
+        self._save_end: Callable[[Job], None] = save_end or store.save
         self.events = events
         self._max_finished = max_finished
         self.jobs: dict[int, Job] = {}
@@ -255,7 +262,7 @@ class JobTable:
             job, state=state, end_time=time.time(), exit=exit,
             wait_reason=job.wait_reason if wait_reason is None else wait_reason,
         )
-        self.store.save(job)
+        self._save_end(job)
         self._unindex_pending(job)
         self.jobs[job.id] = job
         self._account_done(job)
@@ -299,7 +306,7 @@ class JobTable:
         job = replace(
             self.launching[job_id], state=JobState.FINISHED, end_time=time.time(), exit=exit
         )
-        self.store.save(job)
+        self._save_end(job)
         del self.launching[job_id]
         self._launch_times.pop(job_id, None)
         self.jobs[job_id] = job
@@ -364,7 +371,7 @@ class JobTable:
             job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
             output_path=job.output_path or output,
         )
-        self.store.save(job)  # first: on StorageFull it is still running, to be retried
+        self._save_end(job)  # first: on StorageFull it is still running, to be retried
         del self.running[job_id]
         self.jobs[job_id] = job
         self._account_done(job)

@@ -29,12 +29,23 @@ class SettingStore(Protocol):
 
 def limits_from_groups(config: Config, uid: int) -> UserLimits:
     """A user's quota under `config`, from their name and groups (the group database)."""
+    user, groups = _who(uid)
+    return config.limits_for(user, groups)
+
+
+def _who(uid: int) -> tuple[str, list[str]]:
     user = auth.user_name(uid)
     try:
         gid = pwd.getpwuid(uid).pw_gid
     except KeyError:
         gid = -1
-    return config.limits_for(user, auth.group_names(auth.group_ids(user, gid)))
+    return user, list(auth.group_names(auth.group_ids(user, gid)))
+
+
+def share_from_groups(config: Config, uid: int) -> float:
+    """A user's fair-share weight under `config`, from their name and groups."""
+    user, groups = _who(uid)
+    return config.share_for(user, groups)
 
 
 class Policy:
@@ -54,6 +65,7 @@ class Policy:
         self._resolve = resolve
         self._clock = clock
         self._limits: dict[int, tuple[float, UserLimits]] = {}
+        self._shares: dict[int, tuple[float, float]] = {}
         slots = store.get_setting("slots")
         self._slots = None if slots is None else int(slots)
         perc = store.get_setting("gpu_free_perc")
@@ -70,6 +82,18 @@ class Policy:
         limits = self._resolve(self.config, uid)
         self._limits[uid] = (now, limits)
         return limits
+
+    def share(self, uid: int) -> float:
+        """A user's fair-share weight (`share:`); the personal daemon has only the default."""
+        if not self.system:
+            return self.config.share
+        now = self._clock()
+        cached = self._shares.get(uid)
+        if cached is not None and now - cached[0] < LIMITS_TTL:
+            return cached[1]
+        share = share_from_groups(self.config, uid)
+        self._shares[uid] = (now, share)
+        return share
 
     def total_slots(self) -> int:
         """The server's slot count: -S's override if set, else the config's."""
@@ -95,5 +119,6 @@ class Policy:
         """A new config: quotas resolve again, and -S gives way to the file's slots."""
         self.config = config
         self._limits.clear()
+        self._shares.clear()
         self._store.set_setting("slots", None)
         self._slots = None

@@ -219,6 +219,15 @@ class GpuStatus:
     """ts -g: the GPUs and the running GPU jobs."""
 
 
+@dataclass(frozen=True)
+class Stats:
+    """ts --stats: per-user accounting of the jobs ended since `since` (epoch seconds;
+    None: all the history kept). `all_users` (-A, admins) lists every user."""
+
+    since: float | None = None
+    all_users: bool = False
+
+
 Request = (
     Submit
     | ListJobs
@@ -237,6 +246,7 @@ Request = (
     | LogDir
     | GpuFreePerc
     | GpuStatus
+    | Stats
 )
 
 OPS: dict[str, type[Any]] = {
@@ -257,6 +267,7 @@ OPS: dict[str, type[Any]] = {
     "logdir": LogDir,
     "gpu_free_perc": GpuFreePerc,
     "gpu_status": GpuStatus,
+    "stats": Stats,
 }
 OP_NAMES = {cls: name for name, cls in OPS.items()}
 
@@ -517,6 +528,8 @@ def parse_request(obj: dict[str, Any]) -> Request:
             return LogDir(path=path)
         case "gpu_free_perc":
             return GpuFreePerc(value=f.number("value", 0.0, 100.0))
+        case "stats":
+            return Stats(since=f.number("since", 0.0, 1e11), all_users=f.flag("all_users"))
     simple: dict[str, Request] = {
         "kill_all": KillAll(),
         "clear": Clear(),
@@ -690,9 +703,20 @@ class GpuReport:
         }
 
 
+@dataclass(frozen=True)
+class StatsReport:
+    """stats: one row per user, as `ts --stats -M json` prints them (contract keys)."""
+
+    rows: tuple[Mapping[str, Any], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"rows": [dict(r) for r in self.rows]}
+
+
 Response = (
     JobId | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
-    | GpuThreshold | GpuReport
+    | GpuThreshold | GpuReport | StatsReport
 )
 
 

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,33 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS user_settings (
     uid INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (uid, key)
 );
+CREATE TABLE IF NOT EXISTS usage (uid INTEGER PRIMARY KEY, value REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS accounting (
+    job_id INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    end_ REAL NOT NULL,
+    slots INTEGER NOT NULL,
+    gpus INTEGER NOT NULL,
+    run_s REAL NOT NULL,
+    wait_s REAL,
+    failed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS accounting_end ON accounting(end_);
 """
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """One user's accounting over a period (`ts --stats`)."""
+
+    uid: int
+    user: str
+    jobs: int
+    failed: int
+    slot_seconds: float
+    gpu_seconds: float
+    mean_wait: float | None  # seconds from queued to started, over the jobs that started
 
 
 class StoreError(Exception):
@@ -187,7 +213,60 @@ class Store:
     def save(self, *jobs: Job) -> None:
         """Write the mutable fields of these jobs in one transaction."""
         with self._tx():
-            self.db.executemany(
+            self._update(jobs)
+
+    def save_ended(self, job: Job, usage: tuple[int, float, float] | None) -> None:
+        """A job's end, its accounting row and its user's new usage (uid, value, at),
+        in one transaction: the history never misses an end nor counts one twice."""
+        started = job.start_time is not None and job.state is JobState.FINISHED
+        end = job.end_time if job.end_time is not None else job.enqueue_time
+        run = max(0.0, end - (job.start_time or end)) if started else 0.0
+        wait = max(0.0, (job.start_time or 0.0) - job.enqueue_time) if started else None
+        failed = not (job.state is JobState.FINISHED and job.exit is not None and job.exit.success)
+        with self._tx():
+            self._update((job,))
+            self.db.execute(
+                "INSERT INTO accounting VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.uid, job.user, end, max(1, job.spec.slots) if started else 0,
+                 len(job.gpu_ids) if started else 0, run, wait, int(failed)),
+            )
+            if usage is not None:
+                self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", usage)
+
+    def load_usage(self) -> dict[int, tuple[float, float]]:
+        """Every user's decayed usage and the time it is valid at."""
+        rows = self.db.execute("SELECT uid, value, at FROM usage")
+        return {int(u): (float(v), float(a)) for u, v, a in rows}
+
+    def set_usage(self, uid: int, value: float, at: float) -> None:
+        """Record a user's decayed usage (a charge from outside a job's end)."""
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", (uid, value, at))
+
+    def stats(self, since: float, uid: int | None = None) -> list[StatsRow]:
+        """Per user, the jobs that ended at or after `since` (one user's with `uid`)."""
+        where, args = "end_ >= ?", [since]
+        if uid is not None:
+            where, args = where + " AND uid = ?", [since, uid]
+        rows = self.db.execute(
+            "SELECT uid, MAX(user), COUNT(*), SUM(failed), SUM(slots * run_s), SUM(gpus * run_s),"
+            f" AVG(wait_s) FROM accounting WHERE {where} GROUP BY uid ORDER BY MAX(user), uid",
+            args,
+        ).fetchall()
+        return [
+            StatsRow(int(r[0]), str(r[1]), int(r[2]), int(r[3]), float(r[4] or 0),
+                     float(r[5] or 0), None if r[6] is None else float(r[6]))
+            for r in rows
+        ]
+
+    def prune_accounting(self, before: float) -> int:
+        """Forget the history of jobs that ended before `before`; how many rows went."""
+        with self._tx():
+            cur = self.db.execute("DELETE FROM accounting WHERE end_ < ?", (before,))
+        return cur.rowcount
+
+    def _update(self, jobs: Iterable[Job]) -> None:
+        self.db.executemany(
                 "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
                 " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=? WHERE id=?",
                 [
