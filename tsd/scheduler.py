@@ -645,7 +645,9 @@ class _Decider:
                 for later in self.users[uid].ready:
                     self.reasons[later.id] = f"queued behind job {job_id}"
         if reserved is not None:
-            self.reasons[reserved.id] = self.reserved_reason(reserved)
+            self.reasons[reserved.id] = _reserved_reason(
+                reserved.spec, self.free_slots, self.res.total_slots, self.free_gpus or ()
+            )
         return Decision(
             start=tuple(self.starts),
             skip=tuple(self.skips),
@@ -655,20 +657,19 @@ class _Decider:
             reserved=None if reserved is None else reserved.id,
         )
 
-    def reserved_reason(self, job: Job) -> str:
-        spec = job.spec
-        short: list[str] = []
-        free, total = max(self.free_slots, 0), self.res.total_slots
-        if job_slots(spec) > free:
-            short.append(f"{_count(job_slots(spec), 'slot')} ({free} of {total} free)")
-        gpus = self.free_gpus or ()
-        if spec.gpu_indices is not None:
-            busy = [i for i in spec.gpu_indices if i not in gpus]
-            if busy:
-                short.append(f"{'GPU' if len(busy) == 1 else 'GPUs'} {_ids(busy)} (in use)")
-        elif spec.gpus_wanted and spec.gpus_wanted > len(gpus):
-            short.append(f"{_count(spec.gpus_wanted, 'GPU')} ({len(gpus)} free)")
-        return f"reserved: waits for {' and '.join(short) or 'room'}"
+def _reserved_reason(spec: JobSpec, free: int, total: int, gpus: Sequence[int]) -> str:
+    """`reserved: waits for 4 slots (1 of 4 free)`: what the reserved job lacks now."""
+    short: list[str] = []
+    free = max(free, 0)
+    if job_slots(spec) > free:
+        short.append(f"{_count(job_slots(spec), 'slot')} ({free} of {total} free)")
+    if spec.gpu_indices is not None:
+        busy = [i for i in spec.gpu_indices if i not in gpus]
+        if busy:
+            short.append(f"{'GPU' if len(busy) == 1 else 'GPUs'} {_ids(busy)} (in use)")
+    elif spec.gpus_wanted and spec.gpus_wanted > len(gpus):
+        short.append(f"{_count(spec.gpus_wanted, 'GPU')} ({len(gpus)} free)")
+    return f"reserved: waits for {' and '.join(short) or 'room'}"
 
 
 def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -332,7 +333,7 @@ def test_every_option_in_the_table_parses() -> None:
     samples = {
         Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
-                         "timeout": "5"},
+                         "timeout": "5", "since": "7d"},
     }  # fmt: skip
     for opt in OPTIONS:
         value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
@@ -341,7 +342,9 @@ def test_every_option_in_the_table_parses() -> None:
             spellings.append(f"--{opt.long}")
         for spelled in spellings:
             argv = [spelled] + ([value] if value is not None else [])
-            if opt.action is None and opt.dest != "gpu_indices":
+            if opt.dest == "since":
+                argv.append("--stats")  # it qualifies --stats, alone it is refused
+            elif opt.action is None and opt.dest != "gpu_indices":
                 argv.append("true")
             parse(*argv)
 
@@ -395,6 +398,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
     "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
     "num_slots": ("4", 4),
+    "since": ("2026-01-02T03:04", datetime(2026, 1, 2, 3, 4).timestamp()),
 }  # fmt: skip
 
 

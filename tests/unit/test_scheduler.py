@@ -836,7 +836,8 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
             if pick.spec.gpu_indices is not None:
                 gpu_ids = pick.spec.gpu_indices
             else:
-                keep = set(r.spec.gpu_indices or ()) if r is not None and r.order < pick.order else set()
+                ahead = r is not None and r.order < pick.order
+                keep = set(r.spec.gpu_indices or ()) if r is not None and ahead else set()
                 gpu_ids = tuple(sorted(sorted(free, key=lambda g: (g in keep, g))
                                        [: pick.spec.gpus_wanted]))
             free = [g for g in free if g not in gpu_ids]
