@@ -63,16 +63,13 @@ class JobTable:
     """Jobs by id, the queue and its indexes; every transition, made durable first."""
 
     def __init__(
-        self,
-        store: JobStore,
-        events: JobEvents,
-        max_finished: Callable[[], int],
+        self, store: JobStore, events: JobEvents, max_finished: Callable[[], int],
         save_end: Callable[[Job], None] | None = None,
     ) -> None:
         self.store = store
         # Writes a job's end (finished, skipped, could not start); the ledger's adds its
         # accounting row and its user's usage in the same transaction.
-        self._save_end: Callable[[Job], None] = save_end or store.save
+        self._save_end_hook = save_end
         self.events = events
         self._max_finished = max_finished
         self.jobs: dict[int, Job] = {}
@@ -437,6 +434,9 @@ class JobTable:
                 waiting.discard(job.id)
                 if not waiting:
                     del self.dependents[dep]
+
+    def _save_end(self, job: Job) -> None:
+        (self._save_end_hook or self.store.save)(job)
 
     def _account_done(self, job: Job) -> None:
         """A job just became finished or skipped; forget the oldest beyond the cap."""
