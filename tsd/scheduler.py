@@ -312,6 +312,7 @@ class _Decider:
         # Bumped whenever a user's head, candidate or the resources change: what was
         # computed at the same generation (the reservation, the best user) still holds.
         self.gen = 0
+        self.job_users: dict[int, int] = {}  # started job -> its uid
         self.reserved_at: tuple[int, Job | None] = (-1, None)
         self.starts: list[Start] = []
         self.skips: list[int] = []
@@ -481,21 +482,6 @@ class _Decider:
             not spec.gpus_wanted or self.gpu_problem(user, spec) is None
         )
 
-    def within_quota(self, user: _User, spec: JobSpec) -> bool:
-        """Whether the user's quotas let the job run once the server has room for it."""
-        slots, wanted = job_slots(spec), spec.gpus_wanted
-        if slots > self.res.total_slots:
-            return False
-        limit = user.limits.max_running_slots
-        if limit is not None and user.slots + slots > limit:
-            return False
-        if not wanted:
-            return True
-        if self.free_gpus is None:
-            return False  # no GPU information: nothing to reserve
-        limit = user.limits.max_gpus
-        return limit is None or user.gpus + wanted <= limit
-
     def reserved(self) -> Job | None:
         """The job holding the reservation now: first in queue order among the heads short
         of the server's free slots or GPUs while within their user's quota."""
@@ -507,7 +493,7 @@ class _Decider:
                 if (
                     job is not None
                     and (best is None or job.order < best.order)
-                    and self.within_quota(user, job.spec)
+                    and _within_quota(user, job.spec, self.res.total_slots, self.free_gpus)
                     and not self.fits_now(user, job.spec)
                 ):
                     best = job
@@ -593,6 +579,7 @@ class _Decider:
         user.slots += slots
         user.gpus += spec.gpus_wanted
         self.starts.append(Start(job.id, gpu_ids))
+        self.job_users[job.id] = user.uid
         self.recheck_held()
         self.search(user)
 
@@ -633,7 +620,8 @@ class _Decider:
         reserved = self.reserved()
         if self.free_slots <= 0:
             # Read but cut short by the full server: they wait for a slot.
-            waiting = [u for u in self.users.values() if u.cand is not None]
+            started = {self.job_users[st.job_id] for st in self.starts}
+            waiting = [u for u in self.users.values() if u.cand is not None or u.uid in started]
             for user in self.users.values():
                 reason = self.full_reason() + _fair_hint(user, waiting)
                 for job in [user.cand, *user.ready]:
@@ -644,7 +632,10 @@ class _Decider:
                 self.reasons[job_id] = f"behind reservation for job {reserved.id}"
                 for later in self.users[uid].ready:
                     self.reasons[later.id] = f"queued behind job {job_id}"
-        if reserved is not None:
+        # On a full server a one-slot CPU job is not held for: any slot that frees fits it.
+        if reserved is not None and (
+            self.free_slots > 0 or job_slots(reserved.spec) > 1 or reserved.spec.gpus_wanted
+        ):
             self.reasons[reserved.id] = _reserved_reason(
                 reserved.spec, self.free_slots, self.res.total_slots, self.free_gpus or ()
             )
@@ -656,6 +647,22 @@ class _Decider:
             unvisited_reason="" if read_all else self.full_reason(),
             reserved=None if reserved is None else reserved.id,
         )
+
+def _within_quota(user: _User, spec: JobSpec, total: int, free_gpus: object) -> bool:
+    """Whether the user's quotas let the job run once the server has room for it."""
+    slots, wanted = job_slots(spec), spec.gpus_wanted
+    if slots > total:
+        return False
+    limit = user.limits.max_running_slots
+    if limit is not None and user.slots + slots > limit:
+        return False
+    if not wanted:
+        return True
+    if free_gpus is None:
+        return False  # no GPU information: nothing to reserve
+    limit = user.limits.max_gpus
+    return limit is None or user.gpus + wanted <= limit
+
 
 def _reserved_reason(spec: JobSpec, free: int, total: int, gpus: Sequence[int]) -> str:
     """`reserved: waits for 4 slots (1 of 4 free)`: what the reserved job lacks now."""

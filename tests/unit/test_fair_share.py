@@ -195,3 +195,21 @@ def test_usage_and_history_survive_reopening_the_store(tmp_path: Path) -> None:
     assert (row.jobs, row.failed, row.slot_seconds, row.mean_wait) == (1, 0, 200.0, 900.0)
     clock[0] = 1000.0 + 400 * 86400.0
     assert again.prune() == 1 and again.stats(0.0, None) == []
+
+
+def test_waiting_reasons_name_the_reservation_and_the_user_fair_share_puts_first() -> None:
+    keys = {1: 50.0, 2: 10.0, 3: 0.0}
+    res = Resources(
+        total_slots=2, limits=lambda uid: UserLimits(), free_gpus=(), now=0.0,
+        fair_key=lambda uid: keys[uid], fair_floor=0.0,
+    )
+    active = [job(9, 3, state=JobState.RUNNING, start=0.0)]
+    d = decide([job(1, 1), job(2, 2), job(3, 3, slots=2)], active, lambda i: DepOutcome.GONE, res)
+    # user 2 (less usage than 1) takes the free slot; job 3 waits for 2 slots.
+    assert [s.job_id for s in d.start] == [2]
+    assert d.reasons[1] == "waiting for a free slot (2 of 2 in use); fair share: user u2 first"
+    assert d.reasons[3].startswith("waiting for 2 free slots")
+    res3 = Resources(total_slots=3, limits=lambda uid: UserLimits(), free_gpus=(), now=0.0)
+    d = decide([job(3, 3, slots=3), job(4, 1)], active, lambda i: DepOutcome.GONE, res3)
+    assert d.start == () and d.reserved == 3
+    assert d.reasons[4] == "behind reservation for job 3"
