@@ -181,7 +181,11 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
         case "stats":
             inv.all_users = bool(params["all_users"])
             inv.list_format = params["serialize"] or "default"
-            req = protocol.Stats(since=params["since"], all_users=inv.all_users)
+            since = params["since"]
+            # Before the epoch means "everything kept".
+            req = protocol.Stats(
+                since=None if since is None else max(0.0, since), all_users=inv.all_users
+            )
         case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
             run = GET_DEFAULTS[action] == "run"
             req = protocol.GetJob(id=_job_id(value), default="run" if run else "added")

@@ -632,10 +632,8 @@ class _Decider:
                 self.reasons[job_id] = f"behind reservation for job {reserved.id}"
                 for later in self.users[uid].ready:
                     self.reasons[later.id] = f"queued behind job {job_id}"
-        # On a full server a one-slot CPU job is not held for: any slot that frees fits it.
-        if reserved is not None and (
-            self.free_slots > 0 or job_slots(reserved.spec) > 1 or reserved.spec.gpus_wanted
-        ):
+        # Labelled when it holds a job back (else its own wait reason says enough).
+        if reserved is not None and self.held and self.free_slots > 0:
             self.reasons[reserved.id] = _reserved_reason(
                 reserved.spec, self.free_slots, self.res.total_slots, self.free_gpus or ()
             )

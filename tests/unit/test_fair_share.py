@@ -213,3 +213,6 @@ def test_waiting_reasons_name_the_reservation_and_the_user_fair_share_puts_first
     d = decide([job(3, 3, slots=3), job(4, 1)], active, lambda i: DepOutcome.GONE, res3)
     assert d.start == () and d.reserved == 3
     assert d.reasons[4] == "behind reservation for job 3"
+    assert d.reasons[3] == "reserved: waits for 3 slots (2 of 3 free)"
+    alone = decide([job(3, 3, slots=3)], active, lambda i: DepOutcome.GONE, res3)
+    assert alone.reasons[3] == "waiting for 3 free slots (2 of 3 free)"  # holds nobody back

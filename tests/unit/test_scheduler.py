@@ -207,7 +207,7 @@ def test_job_depending_on_a_job_started_in_the_same_decision_waits() -> None:
 def test_head_short_of_server_slots_holds_back_later_jobs_of_its_user() -> None:
     d = run([job(2, slots=3), job(3)], res(4), active=[running(1, 2000, slots=2)])
     assert d.start == ()
-    assert d.reasons[2] == "reserved: waits for 3 slots (2 of 4 free)"
+    assert d.reasons[2] == "waiting for 3 free slots (2 of 4 free)"
     assert d.reasons[3] == "queued behind job 2"
 
 
@@ -296,7 +296,7 @@ def test_pinned_job_waits_for_a_busy_index() -> None:
     d = run([job(1, pinned=(0, 2))], res(free_gpus=(0, 1)))
     assert d.start == ()
     assert d.allocating == (1,)
-    assert d.reasons[1] == "reserved: waits for GPU 2 (in use)"
+    assert d.reasons[1] == "waiting for GPU 2 (in use)"
 
 
 def test_pinned_job_on_an_index_outside_the_visible_set_says_so_and_holds_nobody_back() -> None:
@@ -314,7 +314,7 @@ def test_gpus_held_by_running_jobs_are_never_handed_out() -> None:
     d = run([job(2, gpus=2), job(3, pinned=(0,))], res(free_gpus=(0, 1, 2, 3)), active=active)
     assert d.start == (Start(2, (2, 3)),)
     assert d.allocating == (3,)
-    assert d.reasons[3] == "reserved: waits for GPU 0 (in use)"
+    assert d.reasons[3] == "waiting for GPU 0 (in use)"
 
 
 def test_gpus_outside_the_visible_pool_are_never_handed_out() -> None:
@@ -326,7 +326,7 @@ def test_head_short_of_gpus_is_allocating_and_cpu_jobs_behind_it_start() -> None
     d = run([job(1, gpus=2), job(2), job(3, gpus=1), job(4)], res(free_gpus=(0,)))
     assert started(d) == [2, 4]
     assert d.allocating == (1,)
-    assert d.reasons[1] == "reserved: waits for 2 GPUs (1 free)"
+    assert d.reasons[1] == "waiting for 2 free GPUs (1 free)"
     assert d.reasons[3] == "queued behind job 1"
 
 
