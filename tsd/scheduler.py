@@ -646,6 +646,7 @@ class _Decider:
             reserved=None if reserved is None else reserved.id,
         )
 
+
 def _within_quota(user: _User, spec: JobSpec, total: int, free_gpus: object) -> bool:
     """Whether the user's quotas let the job run once the server has room for it."""
     slots, wanted = job_slots(spec), spec.gpus_wanted
