@@ -216,6 +216,15 @@ def render_tsd() -> str:
         ),
         ".PP",
         escape(
+            "Between users, fair share by decayed usage: the user whose slot-seconds plus "
+            "gpu_weight x GPU-seconds, halved every half_life, divided by their share, is "
+            "least goes first. The job first in the queue among those waiting for room holds "
+            "a reservation of what it needs; jobs queued after it start first only if their "
+            "--timeout ends before that frees up, or they take only what it will not need. "
+            "Every ended job leaves a row in an accounting history (ts --stats)."
+        ),
+        ".PP",
+        escape(
             "Without a system service, the first ts call starts a personal daemon for its "
             "user (tsd --user), configured by task-spooler's environment variables."
         ),
@@ -229,8 +238,9 @@ def render_tsd() -> str:
             CONFIG + " is YAML: slots, gpus (visible, free_memory_percent, poll_seconds), "
             "admins, defaults (per-user quotas), groups and users (overrides), job (memory, "
             "CPU and task limits of each scope), max_finished, kill_grace_seconds, "
-            "connections. Every key, its unit and its default are described in the "
-            "installed example file. Unknown keys are errors."
+            "connections, scheduler (fair_share: half_life, gpu_weight), share (in defaults, "
+            "groups, users), accounting (keep_days). Every key, its unit and its default "
+            "are described in the installed example file. Unknown keys are errors."
         )
     )
     out.append(".SH SIGNALS")
