@@ -216,3 +216,22 @@ def test_waiting_reasons_name_the_reservation_and_the_user_fair_share_puts_first
     assert d.reasons[3] == "reserved: waits for 3 slots (2 of 3 free)"
     alone = decide([job(3, 3, slots=3)], active, lambda i: DepOutcome.GONE, res3)
     assert alone.reasons[3] == "waiting for 3 free slots (2 of 3 free)"  # holds nobody back
+
+
+def test_stats_request_travels_and_bad_values_are_refused() -> None:
+    from tsd import protocol
+    from tsd.errors import BadRequest
+
+    req = protocol.Stats(since=1.5e9, all_users=True)
+    assert protocol.parse_request(protocol.request_to_wire(req)) == req
+    assert protocol.parse_request({"v": protocol.PROTOCOL_VERSION, "op": "stats"}) == (
+        protocol.Stats()
+    )
+    for bad in ("soon", -1, True):
+        wire = {"v": protocol.PROTOCOL_VERSION, "op": "stats", "since": bad}
+        try:
+            protocol.parse_request(wire)
+        except BadRequest as exc:
+            assert exc.message.startswith("bad request: since:")
+        else:
+            raise AssertionError(f"since={bad!r} accepted")
