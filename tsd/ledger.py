@@ -105,7 +105,7 @@ class Ledger:
         running = running_of(holding, now)
         wanted = list(dict.fromkeys(uids))
         shares = {uid: share(uid) for uid in wanted}
-        keys = self.book.keys(now, [r for r in running if r.uid in shares], shares)
+        keys = self.book.keys(now, running, shares)
         return {uid: keys.get(uid, 0.0) for uid in wanted}
 
     def usage_now(self, uid: int, holding: Iterable[Job]) -> float:

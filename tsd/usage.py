@@ -144,13 +144,17 @@ class UsageBook:
     def keys(
         self, now: float, running: Iterable[Running], share: Mapping[int, float] | None = None
     ) -> dict[int, float]:
-        """Usage at `now` divided by share, for every user with usage or a running job.
+        """Usage at `now` divided by share: for the users in `share` (share 1 for those
+        absent), or with `share` None for every user with usage or a running job.
 
         A user absent from the result has no usage: their key is 0.
         """
         h = self.settings.half_life
-        totals = {uid: decayed(u, now, h) for uid, u in self._usage.items()}
+        wanted = self._usage.keys() if share is None else share.keys()
+        totals = {uid: decayed(self.usage(uid), now, h) for uid in wanted}
         for job in running:
+            if share is not None and job.uid not in share:
+                continue
             r = rate(job.slots, job.gpus, self.settings.gpu_weight)
             totals[job.uid] = totals.get(job.uid, 0.0) + run_charge(r, job.start, now, h)
         shares = share or {}

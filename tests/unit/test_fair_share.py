@@ -235,3 +235,17 @@ def test_stats_request_travels_and_bad_values_are_refused() -> None:
             assert exc.message.startswith("bad request: since:")
         else:
             raise AssertionError(f"since={bad!r} accepted")
+
+
+def test_keys_count_running_jobs_as_they_run_and_divide_by_share(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    ledger = Ledger(store, Config, clock=lambda: 1000.0)
+    ledger.charge(1, 100.0, 0.0, at=1000.0)
+    running = [
+        job(5, 2, slots=2, state=JobState.RUNNING, start=990.0),  # 2 slots for 10 s
+        job(6, 9, state=JobState.RUNNING, start=0.0),  # not a waiting user: not asked for
+    ]
+    keys = ledger.keys(running, [1, 2, 3], {1: 2.0, 2: 1.0, 3: 4.0}.__getitem__)
+    assert keys[1] == 50.0
+    assert math.isclose(keys[2], 20.0, rel_tol=1e-4)
+    assert keys[3] == 0.0 and 9 not in keys
