@@ -119,6 +119,9 @@ class Dispatcher:
         # The scheduler stops reading the queue once the server is full; the jobs it
         # did not reach wait for this one reason.
         self.unvisited_reason = ""
+        # The job the last decision reserved for: it keeps its reservation (see
+        # tsd.scheduler) until it starts, also through decisions that read nothing.
+        self.reserved: int | None = None
 
     def schedule(self) -> None:
         """Start whatever may start now. Cheap when nothing can: decide() stops early."""
@@ -149,8 +152,11 @@ class Dispatcher:
             fair_key=lambda uid: keys.get(uid, 0.0),
             fair_floor=min(keys.values(), default=0.0),
             now=self._clock(),
+            reserved_hint=self.reserved,
         )
         decision = decide(table.queue(), holding, table.dep_outcome, res)
+        if decision.reserved is not None or not decision.unvisited_reason:
+            self.reserved = decision.reserved
         self.unvisited_reason = decision.unvisited_reason
         allocating = set(decision.allocating)
         # A job read again that no longer waits for GPUs (it now waits for a slot or a

@@ -29,7 +29,9 @@ The rules, which are the product's semantics:
   cannot delay it: their --timeout ends by the time it could start, or they
   take only what it will not need. Jobs before it in the queue (they waited
   longer) are not held back. A head held back by the reservation holds back
-  its user's later jobs.
+  its user's later jobs. A big job keeps its reservation (`reserved_hint`)
+  when what it needs is free at last, and then starts before the jobs after
+  it, whatever fair share says.
 * GPUs: the lowest free indices, or exactly the pinned ones (`-g`); never one
   GPU to two jobs.
 
@@ -124,6 +126,15 @@ class Resources:
     fair_key: Callable[[int], float] | None = None
     fair_floor: float = 0.0
     now: float = 0.0  # epoch seconds: running jobs' expected ends are start + --timeout
+    # The job the previous decision reserved for (Decision.reserved). A big job (more
+    # than one slot or GPU, or pinned GPUs) keeps its reservation once what it waited
+    # for is free, so that others cannot take it again just before it starts.
+    reserved_hint: int | None = None
+
+
+def _sticky(spec: JobSpec) -> bool:
+    """Whether a job needs several things to free up at once (so it could starve)."""
+    return job_slots(spec) > 1 or spec.gpus_wanted > 1 or spec.gpu_indices is not None
 
 
 def _need(spec: JobSpec) -> Need:
@@ -488,13 +499,17 @@ class _Decider:
         if self.reserved_at[0] == self.gen:
             return self.reserved_at[1]
         best: Job | None = None
+        hint = self.res.reserved_hint
         for user in self.users.values():
             for job in (user.gpu_head, user.blocker, user.cand):
                 if (
                     job is not None
                     and (best is None or job.order < best.order)
                     and _within_quota(user, job.spec, self.res.total_slots, self.free_gpus)
-                    and not self.fits_now(user, job.spec)
+                    and (
+                        (job.id == hint and _sticky(job.spec))
+                        or not self.fits_now(user, job.spec)
+                    )
                 ):
                     best = job
         self.reserved_at = (self.gen, best)
@@ -506,8 +521,8 @@ class _Decider:
 
     def allowed(self, job: Job, reserved: Job | None) -> bool:
         """Whether starting `job` now cannot delay the reservation (or it waited longer)."""
-        if reserved is None or job.order < reserved.order:
-            return True
+        if reserved is None or job.order <= reserved.order:
+            return True  # it waited longer (or it is the reserved job)
         return self.plan_for(reserved).allows(
             _need(job.spec), _end(job, self.res.now), self.free_gpus or ()
         )

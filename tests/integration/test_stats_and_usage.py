@@ -8,7 +8,8 @@ import pwd
 import sqlite3
 import time
 
-from integration.harness import Env, Runner, queue, stop_daemon
+from fixtures.nvml.picture import PictureFile, simple_gpus
+from integration.harness import Env, Runner, queue, state, stop_daemon, wait_state
 
 KEYS = ["User", "Jobs", "Failed", "Slot_Hours", "GPU_Hours", "Mean_Wait_s"]
 
@@ -82,3 +83,32 @@ def test_usage_is_charged_at_each_end_and_survives_a_restart(ts: Runner, tsd_env
     assert at_after > at
     assert after >= value + 0.9  # a week's half-life: seconds decay nothing to speak of
     assert stats_json(ts)[0]["Jobs"] == 2
+
+
+def test_a_gpu_job_short_of_gpus_keeps_its_slot_from_cpu_jobs_with_or_without_timeout(
+    ts: Runner, tsd_env: Env, nvml_picture: PictureFile
+) -> None:
+    nvml_picture.write(simple_gpus(4))
+    tsd_env.update(nvml_picture.env())
+    ts("-S", "2")
+    gate = tsd_env.tmp / "gate"
+    hold = ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"]
+    three = queue(ts, "-G", "3", *hold)  # no --timeout: nobody knows when its GPUs free up
+    wait_state(ts, three, "running")
+    two = queue(ts, "-G", "2", "sleep", "1")  # one GPU free: waits, holding the free slot
+    timed = queue(ts, "--timeout", "30", "true")
+    wait_state(ts, two, "allocating")
+    assert state(ts, timed) == "queued"
+    # Its own queue: a CPU job may pass a GPU job only with a slot the GPU job will not need.
+    assert f"Wait reason: behind reservation for job {two}" in ts("-i", str(timed)).stdout
+    assert "Wait reason: reserved: waits for 2 GPUs (1 free)" in ts("-i", str(two)).stdout
+    ts("-S", "3")  # a slot the reserved job will not need: the CPU job takes it
+    wait_state(ts, timed, "finished")
+    assert state(ts, two) == "allocating"
+    gate.touch()
+    for job in (three, two):
+        assert ts("-w", str(job), check=False, timeout=60).returncode == 0
+    row = stats_json(ts)[0]
+    assert row["Jobs"] == 3 and row["Failed"] == 0
+    # Three GPUs while the gate was shut, then two for a second.
+    assert isinstance(row["GPU_Hours"], float) and row["GPU_Hours"] >= 2 / 3600

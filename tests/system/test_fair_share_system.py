@@ -139,3 +139,23 @@ def test_stats_show_users_their_own_row_and_admins_everyones(fbox: Box) -> None:
     ts(fbox, "alice", "-C")
     fbox.systemctl("restart", "tsd")
     assert stats(fbox, "alice") == alice
+
+
+def test_a_job_whose_timeout_ends_before_the_reservation_is_needed_backfills(fbox: Box) -> None:
+    # bob fills both slots with jobs that end within 60 s at the latest (their --timeout).
+    running = [queue(fbox, "bob", "--timeout", "60", "sleep", str(s)) for s in (2, 8)]
+    wait_for(lambda: all(jobs(fbox)[i]["State"] == "running" for i in running))
+    big = queue(fbox, "alice", "-N", "2", "sleep", "1")
+    short = queue(fbox, "bob", "--timeout", "20", "true")  # surely over before 60 s
+    endless = queue(fbox, "dave", "sleep", "1")  # no --timeout: it could delay the big job
+    seen: set[str] = set()
+
+    def big_started() -> bool:
+        seen.add(ts(fbox, "dave", "-i", str(endless)).stdout)
+        return jobs(fbox)[big]["State"] != "queued"
+
+    wait_for(big_started, timeout=60, interval=0.1)
+    finish(fbox, big, short, endless, *running)
+    listed = jobs(fbox)
+    assert listed[short]["Start"] < listed[big]["Start"] <= listed[endless]["Start"], listed
+    assert any(f"Wait reason: behind reservation for job {big}" in s for s in seen), seen

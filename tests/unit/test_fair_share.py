@@ -249,3 +249,25 @@ def test_keys_count_running_jobs_as_they_run_and_divide_by_share(tmp_path: Path)
     assert keys[1] == 50.0
     assert math.isclose(keys[2], 20.0, rel_tol=1e-4)
     assert keys[3] == 0.0 and 9 not in keys
+
+
+def test_a_big_reserved_job_keeps_its_claim_once_what_it_waited_for_is_free() -> None:
+    keys = {1: 100.0, 2: 0.0}  # user 2 goes first by fair share
+    pending = [job(1, 1, slots=2), job(2, 2)]
+
+    def decision(hint: int | None) -> list[int]:
+        res = Resources(
+            total_slots=2, limits=lambda uid: UserLimits(), free_gpus=(), now=0.0,
+            fair_key=lambda uid: keys[uid], fair_floor=0.0, reserved_hint=hint,
+        )
+        return [s.job_id for s in decide(pending, [], lambda i: DepOutcome.GONE, res).start]
+
+    assert decision(None) == [2]  # nothing reserved: fair share alone
+    assert decision(1) == [1]  # job 1 waited for two slots: it takes them now
+    one_slot = [job(3, 1), job(2, 2)]
+    res = Resources(
+        total_slots=1, limits=lambda uid: UserLimits(), free_gpus=(), now=0.0,
+        fair_key=lambda uid: keys[uid], fair_floor=0.0, reserved_hint=3,
+    )
+    # A one-slot job needs nothing to pile up: fair share still decides.
+    assert [s.job_id for s in decide(one_slot, [], lambda i: DepOutcome.GONE, res).start] == [2]

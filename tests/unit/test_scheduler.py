@@ -541,9 +541,11 @@ class Scenario:
         outcome: dict[int, DepOutcome] | None = None,
         fair: dict[int, float] | None = None,
         now: float = 0.0,
+        hint: int | None = None,
     ) -> None:
         self.fair = fair or {}
         self.now = now
+        self.hint = hint
         self.pending = pending
         self.active = active
         self.total_slots = total_slots
@@ -566,7 +568,7 @@ class Scenario:
             f" active=[{', '.join(map(brief, self.active))}], total_slots={self.total_slots},"
             f" limits={self.limits}, free_gpus={self.free_gpus}, visible={self.visible},"
             f" outcome={ {k: v.value for k, v in self.outcome.items()} },"
-            f" fair={self.fair}, now={self.now})"
+            f" fair={self.fair}, now={self.now}, hint={self.hint})"
         )
 
     def resources(self) -> Resources:
@@ -580,6 +582,7 @@ class Scenario:
             fair_key=lambda uid: self.fair.get(uid, 0.0),
             fair_floor=min(self.fair.values(), default=0.0),
             now=self.now,
+            reserved_hint=self.hint,
         )
 
     def dep(self, job_id: int) -> DepOutcome:
@@ -668,6 +671,7 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 25) -> Scenario:
         # Few distinct keys, so that ties (and the slot rule behind them) are common.
         fair={uid: float(draw(st.sampled_from([0, 0, 1, 2]))) for uid in uids},
         now=100.0,
+        hint=draw(st.none() | st.sampled_from([j.id for j in pending] or [0])),
     )
 
 
@@ -811,6 +815,11 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
                 if limit is not None and used_slots.get(uid, 0) + j.spec.slots > limit:
                     break  # over the user's slot quota: nothing to reserve
                 if fits(j):
+                    sticky = j.spec.slots > 1 or j.spec.gpus_wanted > 1 or (
+                        j.spec.gpu_indices is not None
+                    )
+                    if j.id == sc.hint and sticky:
+                        short.append(j)  # a big job keeps its reservation once it fits
                     break  # the user's candidate
                 if within_quota(j):
                     short.append(j)
@@ -824,7 +833,7 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
         if free_slots <= 0 or not cands:
             return starts, allocating, skipped
         r = reservation()
-        allowed = [c for c in cands if r is None or c.order < r.order or not_delaying(r, c)]
+        allowed = [c for c in cands if r is None or c.order <= r.order or not_delaying(r, c)]
         if not allowed:
             return starts, allocating, skipped
         pick = min(
