@@ -202,6 +202,12 @@ class Gpu:
     memory_total: int  # bytes
     memory_used: int  # bytes
     processes: tuple[GpuProcess, ...] = ()
+    # Sensors; None where the board does not report them (NVML "not supported").
+    utilization: int | None = None  # percent of the last sample period a kernel ran
+    memory_utilization: int | None = None  # percent of it memory was read or written
+    temperature: int | None = None  # degrees C
+    power_mw: int | None = None  # milliwatts drawn now
+    power_limit_mw: int | None = None  # milliwatts the board is held to
 
     @property
     def free_percent(self) -> float:
