@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 
 from tsd.errors import NotOwner, PermissionDenied
 from tsd.model import HIDDEN, ExitInfo, Job, JobSpec, Peer
+from tsd.paths import SUBMIT_GROUP
 
-SUBMIT_GROUP = "tsd"
 _UCRED = struct.Struct("3i")
 
 

@@ -36,13 +36,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tsd import __version__, auth, handlers, protocol
+from tsd import __version__, handlers, protocol
 from tsd.config import Config, GpuConfig, load_config, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
 from tsd.model import Job, UserLimits
+from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET, SYSTEM_STATE
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings, ScopeManager
 from tsd.server import (
@@ -58,8 +59,6 @@ from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
 
-SYSTEM_CONFIG = "/etc/tsd/tsd.yaml"
-SYSTEM_STATE = "/var/lib/tsd"
 IO_THREADS = 4  # D-Bus and NVML calls at once; each adapter serialises its own anyway
 
 
@@ -337,7 +336,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         settings = Settings(
             system=True,
             state_dir=Path(os.environ.get("STATE_DIRECTORY", SYSTEM_STATE).split(":")[0]),
-            socket_path=socket_path or "/run/tsd/tsd.sock",
+            socket_path=socket_path or SYSTEM_SOCKET,
             config_path=path,
         )
     else:
@@ -373,7 +372,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         assert settings.socket_path is not None
         try:
             if system:
-                sock = bind_system(settings.socket_path, auth.SUBMIT_GROUP)
+                sock = bind_system(settings.socket_path, SUBMIT_GROUP)
             else:
                 sock = bind_personal(settings.socket_path)
         except FileExistsError as exc:

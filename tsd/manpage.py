@@ -26,9 +26,8 @@ from tsd.cli_options import (
     SYNOPSIS,
     Opt,
 )
-
-SYSTEM_SOCKET = "/run/tsd/tsd.sock"
-CONFIG = "/etc/tsd/tsd.yaml"
+from tsd.paths import SYSTEM_CONFIG as CONFIG
+from tsd.paths import SYSTEM_SOCKET
 
 DESCRIPTION = (
     "ts queues commands to run later, one after another or a few at once, "
