@@ -168,7 +168,7 @@ def parse_sacct(text: str) -> dict[int, SlurmJob]:
             exit_status=_sacct_exit(fields[2]),
             start_time=_sacct_time(fields[3]),
             end_time=_sacct_time(fields[4]),
-            user=fields[5] if len(fields) > 5 else "",
+            user=fields[5].split("(", 1)[0] if len(fields) > 5 else "",  # "alice(1001)"
             reason=fields[6] if len(fields) > 6 else "",
         )
     return out
@@ -186,5 +186,6 @@ def one_line_error(stderr: str, fallback: str) -> str:
     if not errors:
         return lines[-1] if lines else fallback
     last = errors[-1]
-    cause = next((e for e in errors[:-1] if "munge" in e.lower()), None)
+    munge = [e for e in errors[:-1] if "munge" in e.lower()]
+    cause = next((e for e in munge if "failed" in e.lower()), munge[0] if munge else None)
     return f"{last} ({cause})" if cause else last

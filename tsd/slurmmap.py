@@ -195,7 +195,9 @@ def exit_info(sj: SlurmJob) -> ExitInfo:
         return ExitInfo(signal=sig or signal.SIGKILL, note=note)
     if sj.state == "COMPLETED":
         return ExitInfo(code=code or 0)
-    if code is None and sig is None:
+    if sig is None and not code:
+        # Only a job that exited 0 by itself succeeded: a failed node, a boot failure
+        # or a FAILED job without a status did not, whatever number Slurm kept.
         return ExitInfo(lost=True, note=note or f"Slurm: {sj.state}")
     return ExitInfo(code=code, signal=sig, note=note)
 
