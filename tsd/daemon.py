@@ -56,7 +56,7 @@ from tsd.server import (
     bind_system,
     inherited_socket,
 )
-from tsd.slurm import SlurmEngine
+from tsd.slurm import SlurmEngine, SlurmJobTable
 from tsd.store import Store, StoreError
 from tsd.waiters import Waiters
 
@@ -130,7 +130,11 @@ class Daemon:
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tsd-io")
         self.policy = Policy(config, self.store, settings.system)
         self.waiters = Waiters(loop)
-        self.table = JobTable(self.store, self.waiters, lambda: self.policy.config.max_finished)
+        # Under Slurm the table also knows "running on the cluster" (tsd.slurm).
+        table_type = SlurmJobTable if config.cluster.slurm else JobTable
+        self.table = table_type(
+            self.store, self.waiters, lambda: self.policy.config.max_finished
+        )
         self.gpus = GpuMonitor(
             loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule
         )
@@ -155,7 +159,7 @@ class Daemon:
         )
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
-        if config.cluster.slurm:
+        if isinstance(self.table, SlurmJobTable):
             from tsd.slurmcmd import SlurmCommands
 
             self.slurm = SlurmEngine(

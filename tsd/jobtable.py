@@ -373,29 +373,6 @@ class JobTable:
         self.events.ended(job_id, job)
         return job
 
-    # ------------------------------------------------------------ Slurm jobs
-
-    def slurm_forwarded(self, job_id: int, slurm_id: int, output: str | None) -> Job:
-        """A pending job is now Slurm job `slurm_id`, writing to `output`; durable first."""
-        job = replace(self.jobs[job_id], slurm_id=slurm_id, output_path=output)
-        self.store.set_slurm_id(job_id, slurm_id, output)
-        self.jobs[job_id] = job
-        return job
-
-    def slurm_started(self, job_id: int, start: float, gpu_ids: tuple[int, ...]) -> Job:
-        """A pending job runs in Slurm since `start`: it leaves the queue, durably first."""
-        job = replace(
-            self.jobs[job_id], state=JobState.RUNNING, start_time=start, gpu_ids=gpu_ids,
-            wait_reason="",
-        )
-        self.store.save(job)
-        self._unindex_pending(job)
-        self.jobs[job_id] = self.running[job_id] = job
-        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
-        self.events.room()
-        self.events.started(job_id)
-        return job
-
     # ------------------------------------------------------------ forgetting
 
     def remove(self, job: Job) -> None:

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from tsd.config import ClusterConfig
@@ -60,6 +61,30 @@ _T = TypeVar("_T")
 FORGOTTEN_AFTER = 60.0
 
 
+class SlurmJobTable(JobTable):
+    """The job table with the one transition only Slurm makes: queued -> running elsewhere."""
+
+    def slurm_started(self, job_id: int, start: float, gpu_ids: tuple[int, ...]) -> Job:
+        """A pending job runs in Slurm since `start`: out of the queue, durably first."""
+        job = replace(self.jobs[job_id], state=JobState.RUNNING, start_time=start,
+                      gpu_ids=gpu_ids, wait_reason="")
+        self.store.save(job)
+        self._unindex_pending(job)
+        self.jobs[job_id] = self.running[job_id] = job
+        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        self.events.room()
+        self.events.started(job_id)
+        return job
+
+
+def record_forwarded(table: JobTable, job_id: int, slurm_id: int, output: str | None) -> Job:
+    """A pending job is now Slurm job `slurm_id`, writing to `output`; durable first."""
+    job = replace(table.jobs[job_id], slurm_id=slurm_id, output_path=output)
+    table.store.set_slurm_id(job_id, slurm_id, output)
+    table.jobs[job_id] = job
+    return job
+
+
 class Commands(Protocol):
     """Slurm's client commands (tsd.slurmcmd.SlurmCommands); blocking calls."""
 
@@ -88,7 +113,7 @@ class SlurmEngine:
         loop: asyncio.AbstractEventLoop,
         executor: Executor | None,
         config: Callable[[], ClusterConfig],
-        table: JobTable,
+        table: SlurmJobTable,
         data: JobData,
         commands: Commands,
     ) -> None:
@@ -164,7 +189,7 @@ class SlurmEngine:
             self._drop(job)
             raise
         try:
-            job = self.table.slurm_forwarded(job.id, slurm_id, output)
+            job = record_forwarded(self.table, job.id, slurm_id, output)
         except StorageFull:
             with contextlib.suppress(ClusterRefused):
                 await self._offload(self.commands.cancel, slurm_id, owner)
@@ -393,7 +418,7 @@ class SlurmEngine:
             if sj is not None:
                 output = sj.output.replace("%%", "%") or job.output_path
                 with contextlib.suppress(StorageFull):
-                    self.table.slurm_forwarded(job.id, sj.job_id, output)
+                    record_forwarded(self.table, job.id, sj.job_id, output)
                     log.info("job %d: found as Slurm job %d", job.id, sj.job_id)
                 continue
             try:

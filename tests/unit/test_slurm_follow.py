@@ -19,9 +19,8 @@ import pytest
 
 from tsd.config import ClusterConfig
 from tsd.errors import ClusterRefused
-from tsd.jobtable import JobTable
 from tsd.model import DependMode, JobSpec, JobState
-from tsd.slurm import SlurmEngine
+from tsd.slurm import SlurmEngine, SlurmJobTable
 from tsd.slurmcmd import Owner
 from tsd.slurmjson import SlurmJob, Snapshot
 from tsd.store import Store
@@ -86,7 +85,7 @@ class Rig:
 
     def __init__(self, path: Path, cluster: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.store = Store(path)
-        self.table = JobTable(self.store, Waiters(loop), lambda: 1000)
+        self.table = SlurmJobTable(self.store, Waiters(loop), lambda: 1000)
         self.table.load()
         self.engine = SlurmEngine(loop, None, lambda: CONFIG, self.table, self.store, cluster)
 
