@@ -108,7 +108,7 @@ class ClusterConfig:
     gpu_type: str | None = None  # --gres=gpu:TYPE:N instead of gpu:N
     output_dir: str | None = None  # absolute; default: the user's --set_logdir, else the job's cwd
     poll_seconds: float = 1.0  # squeue --json at most this often while jobs change
-    max_poll_seconds: float = 30.0  # the poll backs off to this while nothing changes
+    max_poll_seconds: float = 10.0  # the poll backs off to this while nothing changes
 
     @property
     def slurm(self) -> bool:
