@@ -69,6 +69,15 @@ def test_job_runs_in_slurm_as_its_owner_with_its_environment(sbox: Box) -> None:
     assert lines[2] == f"FOO=bar ID={jid} S={slurm_id}"
     assert lines[3] == "/tmp"
     assert sbox.run(["stat", "-c", "%U", record["Output"]]).stdout.strip() == "alice"
+    assert ts(sbox, "alice", "-s", str(jid)).stdout.strip() == "finished"
+    assert ts(sbox, "alice", "-c", str(jid)).stdout.splitlines()[0] == "alice"
+
+
+def test_tail_follows_a_running_slurm_jobs_output_until_it_ends(sbox: Box) -> None:
+    jid = submit(sbox, "alice", "sh", "-c", "echo one; sleep 2; echo two; exit 4")
+    r = ts(sbox, "alice", "-t", str(jid), check=False, timeout=60)
+    assert r.returncode == 4
+    assert r.stdout.splitlines()[-2:] == ["one", "two"]
 
 
 def test_exit_codes_are_slurms(sbox: Box) -> None:
