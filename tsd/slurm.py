@@ -278,7 +278,11 @@ class SlurmEngine:
         interval = self._config().poll_seconds
         while True:
             self._wake.clear()
-            changed = await self.poll_once()
+            try:
+                changed = await self.poll_once()
+            except Exception:  # a bug must not stop following every job for good
+                log.exception("Slurm poll failed")
+                changed = False
             config = self._config()
             fast = changed or self._wake.is_set()
             interval = config.poll_seconds if fast else min(

@@ -89,6 +89,12 @@ def test_exit_codes_are_slurms(sbox: Box) -> None:
     assert listed[three]["E-Level"] == 3
     assert slurm_job(sbox, listed[three]["Slurm_ID"])["job_state"] == "FAILED"
     assert listed[killed]["E-Level"] == -1
+    # What the engine reads once squeue has forgotten a job: sacct (here the jobcomp file).
+    ids = f"[{listed[three]['Slurm_ID']}, {listed[killed]['Slurm_ID']}]"
+    code = ("from tsd.slurmcmd import SlurmCommands; "
+            f"print(sorted((j.state, j.exit_status) "
+            f"for j in SlurmCommands().sacct({ids}).values()))")
+    assert sbox.run([sbox.python, "-c", code]).stdout.strip() == "[('FAILED', 9), ('FAILED', 768)]"
 
 
 def test_gpu_job_gets_a_gpu_through_gres(sbox: Box) -> None:
