@@ -131,6 +131,27 @@ def test_dependencies_wait_in_slurm_and_w_skips_after_a_failure(sbox: Box) -> No
     assert not sbox.exists("/tmp/must-not-exist")
 
 
+def test_w_job_slurm_would_keep_pending_is_cancelled_by_tsd_and_skipped(sbox: Box) -> None:
+    conf = sbox.read_file("/etc/slurm/slurm.conf")
+    without = conf.replace("DependencyParameters=kill_invalid_depend\n", "")
+    assert without != conf
+    sbox.write_file("/etc/slurm/slurm.conf", without)
+    sbox.run(["scontrol", "reconfigure"])
+    # Slurm itself now keeps such a job pending for ever: tsd must cancel it.
+    assert "kill_invalid_depend" not in sbox.run(["scontrol", "show", "config"]).stdout
+    try:
+        first = submit(sbox, "alice", "false")
+        only_ok = submit(sbox, "alice", "-W", str(first), "true")
+        assert ts(sbox, "alice", "-w", str(only_ok), check=False).returncode == 255
+        listed = jobs(sbox, "alice")
+        assert listed[only_ok]["State"] == "skipped"
+        wait_for(lambda: slurm_job(sbox, listed[only_ok]["Slurm_ID"])["job_state"] == "CANCELLED",
+                 timeout=10)
+    finally:
+        sbox.write_file("/etc/slurm/slurm.conf", conf)
+        sbox.run(["scontrol", "reconfigure"])
+
+
 def test_kill_cancels_in_slurm_and_nothing_keeps_running(sbox: Box) -> None:
     jid = submit(sbox, "alice", "sleep", "313")
     wait_for(lambda: jobs(sbox)[jid]["State"] == "running", timeout=20)
