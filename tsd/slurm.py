@@ -276,7 +276,13 @@ class SlurmEngine:
 
     async def _poll_loop(self) -> None:
         interval = self._config().poll_seconds
+        last = 0.0
         while True:
+            # Never more than one squeue per poll_seconds, however many submits nudge us.
+            gap = last + self._config().poll_seconds - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
+            last = time.monotonic()
             self._wake.clear()
             try:
                 changed = await self.poll_once()

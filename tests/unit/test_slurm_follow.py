@@ -83,11 +83,12 @@ def spec(*command: str, **kw: object) -> JobSpec:
 class Rig:
     """A table over a real store, and the engine over both."""
 
-    def __init__(self, path: Path, cluster: Cluster, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: Path, cluster: Cluster, loop: asyncio.AbstractEventLoop,
+                 config: ClusterConfig = CONFIG) -> None:
         self.store = Store(path)
         self.table = SlurmJobTable(self.store, Waiters(loop), lambda: 1000)
         self.table.load()
-        self.engine = SlurmEngine(loop, None, lambda: CONFIG, self.table, self.store, cluster)
+        self.engine = SlurmEngine(loop, None, lambda: config, self.table, self.store, cluster)
 
     async def submit(self, s: JobSpec) -> int:
         job = self.table.add(ME, MY_NAME, s)
@@ -222,4 +223,22 @@ def test_poll_backs_off_while_nothing_changes(tmp_path: Path) -> None:
         await rig.engine.stop()
         # 0.01 s each without a back-off would be ~60 polls; doubling to 0.08 s gives ~10.
         assert 2 <= calls <= 16
+    run(main())
+
+
+def test_a_burst_of_submits_does_not_become_a_burst_of_squeues(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        config = replace(CONFIG, poll_seconds=0.1, max_poll_seconds=0.1)
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop(), config)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        rig.engine.start()
+        for _ in range(40):  # each submit nudges the poll
+            await rig.submit(spec())
+            await asyncio.sleep(0.01)
+        polls, elapsed = cluster.squeues, loop.time() - t0
+        await rig.engine.stop()
+        # One squeue per nudge would be 40; at most one per 0.1 s is far fewer.
+        assert 1 <= polls <= elapsed / 0.1 + 2 and polls < 40
     run(main())
