@@ -143,4 +143,5 @@ def visible_to(peer: Peer, job: Job) -> Job:
         gpu_uuids=job.gpu_uuids,
         unit=job.unit,
         wait_reason=job.wait_reason,
+        slurm_id=job.slurm_id,  # squeue shows it to everyone anyway
     )

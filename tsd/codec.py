@@ -112,6 +112,7 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "output": job.output_path,
         "unit": job.unit,
         "wait_reason": job.wait_reason,
+        "slurm_id": job.slurm_id,
     }
 
 
@@ -137,4 +138,9 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         output_path=obj.get("output"),
         unit=obj.get("unit"),
         wait_reason=str(obj.get("wait_reason") or ""),
+        slurm_id=_optional_int(obj.get("slurm_id")),
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -155,6 +155,7 @@ class Job:
     output_path: str | None = None
     unit: str | None = None  # systemd scope name on the system service
     wait_reason: str = ""  # why a pending job is not running, for -i
+    slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
 
     @property
     def redacted(self) -> bool:
