@@ -39,6 +39,7 @@ def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
         "timeout": spec.timeout,
         "env_info": spec.env_info,
         "forget": spec.forget,
+        "gpu_mem": spec.gpu_mem,
     }
 
 
@@ -64,6 +65,7 @@ def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
         timeout=o.get("timeout"),
         env_info=o.get("env_info"),
         forget=bool(o.get("forget", False)),  # absent in rows older than -nf's rule
+        gpu_mem=o.get("gpu_mem"),
     )
 
 
@@ -112,6 +114,9 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "output": job.output_path,
         "unit": job.unit,
         "wait_reason": job.wait_reason,
+        "gpu_mem_peak": job.gpu_mem_peak,
+        "gpu_mem_now": job.gpu_mem_now,
+        "gpu_util_now": job.gpu_util_now,
     }
 
 
@@ -137,4 +142,7 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         output_path=obj.get("output"),
         unit=obj.get("unit"),
         wait_reason=str(obj.get("wait_reason") or ""),
+        gpu_mem_peak=obj.get("gpu_mem_peak"),
+        gpu_mem_now=obj.get("gpu_mem_now"),
+        gpu_util_now=obj.get("gpu_util_now"),
     )
