@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -145,4 +145,26 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         gpu_mem_peak=obj.get("gpu_mem_peak"),
         gpu_mem_now=obj.get("gpu_mem_now"),
         gpu_util_now=obj.get("gpu_util_now"),
+    )
+
+
+def unmanaged_to_dict(use: UnmanagedUse) -> dict[str, Any]:
+    """A process outside tsd on the GPUs, as `ts -A -l` gets it."""
+    return {
+        "pid": use.pid,
+        "uid": use.uid,
+        "user": use.user,
+        "gpus": list(use.gpus),
+        "memory_mib": use.memory_mib,
+    }
+
+
+def unmanaged_from_dict(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """An UnmanagedUse from `unmanaged_to_dict`'s output."""
+    return UnmanagedUse(
+        pid=int(obj["pid"]),
+        uid=None if obj.get("uid") is None else int(obj["uid"]),
+        user=None if obj.get("user") is None else str(obj["user"]),
+        gpus=tuple(int(i) for i in obj.get("gpus") or ()),
+        memory_mib=int(obj.get("memory_mib") or 0),
     )

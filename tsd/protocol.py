@@ -600,27 +600,10 @@ class JobRecord:
         return {"job": job_to_wire(self.job)}
 
 
-def unmanaged_to_wire(use: UnmanagedUse) -> dict[str, Any]:
-    """A process outside tsd on a GPU, as `ts -A -l` gets it."""
-    return {
-        "pid": use.pid,
-        "uid": use.uid,
-        "user": use.user,
-        "gpus": list(use.gpus),
-        "memory_mib": use.memory_mib,
-    }
-
-
 def unmanaged_from_wire(obj: Mapping[str, Any]) -> UnmanagedUse:
-    """The client's copy of `unmanaged_to_wire`'s object (it trusts its daemon's shape)."""
+    """The client's copy of an unmanaged GPU process record (it trusts its daemon's shape)."""
     try:
-        return UnmanagedUse(
-            pid=int(obj["pid"]),
-            uid=None if obj.get("uid") is None else int(obj["uid"]),
-            user=None if obj.get("user") is None else str(obj["user"]),
-            gpus=tuple(int(i) for i in obj.get("gpus") or ()),
-            memory_mib=int(obj.get("memory_mib") or 0),
-        )
+        return codec.unmanaged_from_dict(obj)
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed GPU process record from the daemon: {exc}") from None
 
@@ -644,7 +627,7 @@ class JobList:
             "jobs": [job_to_wire(j) for j in self.jobs],
             "slots": self.slots,
             "running": self.running,
-            "unmanaged": [unmanaged_to_wire(u) for u in self.unmanaged],
+            "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
         }
 
 
@@ -700,7 +683,7 @@ class Holder:
     job: int | None = None
     pid: int | None = None
     user: str | None = None
-    memory_mib: int | None = None  # a process outside tsd: its memory on this GPU's host
+    memory_mib: int | None = None  # a process outside tsd: its GPU memory, all its GPUs
 
     def to_wire(self) -> dict[str, Any]:
         """The holder as `ts -g` gets it."""
