@@ -412,7 +412,8 @@ BY_LONG = {o.long: o for o in OPTIONS if o.long}
 BY_DEST = {o.dest: o for o in OPTIONS}
 
 # ts -h lists `-g` twice in task-spooler: as a job option and as an action.
-GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs.")
+GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs "
+                 "(memory, utilisation, temperature, power, who holds each); -M json: as JSON.")
 
 
 # ----------------------------------------------------------------- parsing

@@ -229,7 +229,8 @@ def render_tsd() -> str:
             CONFIG + " is YAML: slots, gpus (visible, free_memory_percent, poll_seconds), "
             "admins, defaults (per-user quotas), groups and users (overrides), job (memory, "
             "CPU and task limits of each scope), max_finished, kill_grace_seconds, "
-            "connections. Every key, its unit and its default are described in the "
+            "connections, gpu (unmanaged: show or hold, what GPU use outside tsd does). "
+            "Every key, its unit and its default are described in the "
             "installed example file. Unknown keys are errors."
         )
     )
