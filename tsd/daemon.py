@@ -143,6 +143,7 @@ class Daemon:
             always=settings.system,
             # Fair share connects here: uid -> GPU-seconds of unmanaged use per sample.
             charge=no_charge,
+            known=lambda job_id: job_id in self.table.jobs,
         )
         self.gpus.on_sample = self.gpu_watch.on_sample
         self.runner = Runner(

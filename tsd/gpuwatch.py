@@ -60,6 +60,7 @@ class GpuWatch:
         always: bool,
         charge: Callable[[Mapping[int, float]], None] = no_charge,
         clock: Callable[[], float] = time.monotonic,
+        known: Callable[[int], bool] = lambda job_id: True,
     ) -> None:
         self._store = store
         self._holding = holding
@@ -69,6 +70,7 @@ class GpuWatch:
         # Fair share's connection point: uid -> GPU-seconds of unmanaged use per sample.
         self.charge = charge
         self._clock = clock
+        self._known = known  # whether a job id still exists (cleared jobs' peaks go)
         self.peaks: dict[int, int] = store.gpu_peaks()
         self._unsaved: dict[int, int] = {}
         self.live: dict[int, JobGpuUse] = {}
@@ -84,6 +86,7 @@ class GpuWatch:
                 self.peaks[job_id] = use.memory_mib
                 self._unsaved[job_id] = use.memory_mib
         self._save()
+        self.forget(self._known)
         now = self._clock()
         outside = self._sampler.unmanaged()
         self._outside_seen = bool(outside)
