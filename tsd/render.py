@@ -169,6 +169,8 @@ def gpu_use_shown(job: Job) -> str:
     """A running GPU job's current GPU memory and its GPUs' utilisation: `<3.1G 87%> `."""
     if job.state is not JobState.RUNNING or job.gpu_mem_now is None:
         return ""
+    if job.gpu_mem_now == 0 and job.gpu_util_now is None:
+        return ""  # nothing measured: no process on its GPUs and no utilisation sensor
     util = "" if job.gpu_util_now is None else f" {job.gpu_util_now}%"
     return f"<{_mib(job.gpu_mem_now)}{util}> "
 

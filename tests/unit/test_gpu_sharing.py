@@ -319,3 +319,11 @@ def test_ts_l_shows_running_gpu_use_and_unmanaged_entries() -> None:
     assert "<3.1G 87%> true" in rows[1]
     assert rows[2].split()[:5] == ["-", "bob", "unmanaged", "pid", "4242"]
     assert rows[2].endswith("1     <2.0G> (GPU use outside tsd)")
+
+
+def test_ts_l_shows_no_gpu_figures_when_nothing_was_measured() -> None:
+    quiet = replace(job(4, state=JobState.RUNNING, gpu_ids=(0,)), start_time=0.0,
+                    gpu_mem_now=0, gpu_util_now=None)  # fmt: skip
+    assert list_text([quiet], 4, 1, now=1.0).splitlines()[1].endswith("0     true")
+    idle_gpu = replace(quiet, gpu_util_now=0)
+    assert list_text([idle_gpu], 4, 1, now=1.0).splitlines()[1].endswith("<0M 0%> true")
