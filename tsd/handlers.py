@@ -450,6 +450,15 @@ async def gpu_status(p: Parts) -> protocol.GpuReport:
             holders.setdefault(index, []).append(
                 protocol.Holder(pid=use.pid, user=use.user, memory_mib=use.memory_mib)
             )
+    for gpu in gpus or ():
+        sharing = [j for j in holding if gpu.index in j.gpu_ids and j.spec.gpu_mem is not None]
+        if sharing:  # name them all, and how much of the GPU they declared
+            declared = sum(j.spec.gpu_mem or 0 for j in sharing)
+            ids = ", ".join(str(j.id) for j in sharing)
+            busy[gpu.index] = (
+                f"shared by --gpu-mem job{'s' if len(sharing) > 1 else ''} {ids} "
+                f"({declared / 1024:.1f} of {gpu.memory_total / 2**30:.1f} GiB declared)"
+            )
     jobs = tuple(_with_gpu_use(p, j) for j in holding if j.state is JobState.RUNNING)
     return protocol.GpuReport(
         gpus or (), busy, jobs, problem, {i: tuple(h) for i, h in holders.items()}

@@ -131,6 +131,8 @@ def test_two_gpu_mem_jobs_share_a_gpu_and_a_whole_gpu_job_waits(
     wait_state(ts, third, "allocating")
     assert wait_reason(ts, third) == "waiting for 1 GPU with 30.0 GiB free (0 have it)"
     assert "GPU memory declared: 30.0 GiB per GPU (--gpu-mem)" in info(ts, a)
+    assert re.search(rf"^0 .* busy: shared by --gpu-mem jobs {a}, {b} \(60\.0 of 80\.0 GiB"
+                     r" declared\)$", ts("-g").stdout, re.M)  # fmt: skip
     small = queue(ts, "--gpu-mem", "20G", "true")  # behind the one that waits
     assert state(ts, small) == "queued"
     g.open()

@@ -94,8 +94,9 @@ def test_two_users_gpu_mem_jobs_share_a_gpu_and_a_whole_gpu_job_waits(sbox: Box)
     time.sleep(1.5)
     assert state(sbox, big) in ("queued", "allocating")
     shown = ts(sbox, "dave", "-g").stdout
-    assert re.search(rf"^0 .*job {a} \(alice\), job {b} \(bob\) +busy: held by tsd job", shown,
-                     re.M), shown  # fmt: skip
+    held_by = rf"job {a} \(alice\), job {b} \(bob\)"
+    status = rf"busy: shared by --gpu-mem jobs {a}, {b} \(70\.0 of 80\.0 GiB declared\)"
+    assert re.search(rf"^0 .*{held_by} +{status}$", shown, re.M), shown
     sbox.run(["touch", path])
     assert ts(sbox, "dave", "-w", str(whole), check=False, timeout=60).returncode == 0
     assert ts(sbox, "dave", "-w", str(big), check=False, timeout=60).returncode == 0
