@@ -134,3 +134,31 @@ def test_bobs_gpu_use_outside_tsd_is_his_in_ts_a_l_ts_g_and_his_quota(sbox: Box)
     finally:
         sbox.run(["kill", str(pid)], check=False)
         set_picture(sbox, simple_gpus(2))
+
+
+def test_a_jobs_own_process_in_its_scope_is_its_gpu_use_not_unmanaged(sbox: Box) -> None:
+    set_picture(sbox, simple_gpus(1))
+    path, hold = gate(sbox)
+    job = submit(sbox, "alice", "--gpu-mem", "2G", *hold)
+    wait_for(lambda: state(sbox, job) == "running")
+    pid = int(ts(sbox, "alice", "-p", str(job)).stdout)
+    cgroup = sbox.read_file(f"/proc/{pid}/cgroup")
+    assert f"/tsd-job-{job}.scope" in cgroup, cgroup
+    gpus = [FakeGpu(0, uuid_for(0), "NVIDIA A100-SXM4-80GB", 80 * GIB, 3 * GIB)]
+    set_picture(sbox, gpus, [FakeProc(gpu=0, pid=pid, used=3 * GIB)])
+    try:
+        wait_for(lambda: jobs(sbox)[job].get("GPU_Mem_Peak_MiB") == 3072, timeout=15)
+        assert jobs(sbox)[job]["GPU_Mem_Now_MiB"] == 3072
+        assert not [r for r in ts(sbox, "root", "-A", "-l").stdout.splitlines()
+                    if r.startswith("- ")]  # fmt: skip
+        assert "GPU memory peak: 3.0 GiB (exceeded the 2.0 GiB declared)" in ts(
+            sbox, "alice", "-i", str(job)).stdout
+        # bob sees who holds the GPU, not alice's command.
+        shown = ts(sbox, "bob", "-g").stdout
+        assert re.search(rf"^0 .*job {job} \(alice\) +busy: shared by --gpu-mem job {job} ",
+                         shown, re.M), shown  # fmt: skip
+    finally:
+        sbox.run(["touch", path])
+        set_picture(sbox, simple_gpus(1))
+    assert ts(sbox, "alice", "-w", str(job), check=False, timeout=60).returncode == 0
+    assert jobs(sbox)[job]["GPU_Mem_Peak_MiB"] == 3072
