@@ -17,15 +17,37 @@ the queue may start only if they cannot delay it, as in Slurm's backfill:
   beyond its needs. So a job without --timeout never takes what the
   reservation needs.
 
+Which job holds the reservation (tsd.scheduler): the first in queue order among
+the users' heads that are short of free slots or GPUs while within their
+quota (`within_quota`). A big job (`sticky`: several slots or GPUs, or pinned
+GPUs) keeps its reservation once what it waited for is free, and then starts
+before the jobs after it, whatever fair share says; jobs before it in the
+queue (they waited longer) are not held back.
+
 Pure: plain values in, plain values out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Holder", "Need", "Plan", "plan"]
+from tsd.model import Job, JobSpec, UserLimits
+
+__all__ = [
+    "Holder",
+    "Need",
+    "Plan",
+    "Reservation",
+    "end_of",
+    "holder",
+    "need",
+    "plan",
+    "reserved_reason",
+    "sticky",
+    "within_quota",
+]
 
 
 @dataclass(frozen=True)
@@ -115,3 +137,210 @@ def plan(
         protected = frozenset()
         extra_gpus = max(0, len(gpus) - need.gpus)
     return Plan(shadow, extra_slots, extra_gpus, protected)
+
+
+def _slots(spec: JobSpec) -> int:
+    return max(1, spec.slots)  # as tsd.scheduler.job_slots
+
+
+def need(spec: JobSpec) -> Need:
+    """What a job takes while it runs."""
+    return Need(_slots(spec), spec.gpus_wanted, spec.gpu_indices)
+
+
+def sticky(spec: JobSpec) -> bool:
+    """Whether a job needs several things to free up at once (so it could starve): it
+    keeps its reservation once they are free, until it starts."""
+    return _slots(spec) > 1 or spec.gpus_wanted > 1 or spec.gpu_indices is not None
+
+
+def end_of(job: Job, now: float) -> float | None:
+    """When a job started (or starting) now is over at the latest; None without --timeout."""
+    timeout = job.spec.timeout
+    if timeout is None:
+        return None
+    return (job.start_time if job.start_time is not None else now) + timeout
+
+
+def holder(job: Job, now: float) -> Holder:
+    """A running (or starting) job as what it holds and until when."""
+    gpus = job.gpu_ids or tuple(job.spec.gpu_indices or ())
+    return Holder(_slots(job.spec), gpus, end_of(job, now))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def reserved_reason(spec: JobSpec, free: int, total: int, gpus: Sequence[int]) -> str:
+    """`reserved: waits for 4 slots (1 of 4 free)`: what the reserved job lacks now."""
+    short: list[str] = []
+    free = max(free, 0)
+    if _slots(spec) > free:
+        short.append(f"{_count(_slots(spec), 'slot')} ({free} of {total} free)")
+    if spec.gpu_indices is not None:
+        busy = [str(i) for i in spec.gpu_indices if i not in gpus]
+        if busy:
+            short.append(f"{'GPU' if len(busy) == 1 else 'GPUs'} {','.join(busy)} (in use)")
+    elif spec.gpus_wanted and spec.gpus_wanted > len(gpus):
+        short.append(f"{_count(spec.gpus_wanted, 'GPU')} ({len(gpus)} free)")
+    return f"reserved: waits for {' and '.join(short) or 'room'}"
+
+
+def within_quota(
+    spec: JobSpec, limits: UserLimits, used: tuple[int, int], total_slots: int, gpus_known: bool
+) -> bool:
+    """Whether a user's quotas let the job run once the server has room for it.
+
+    `used`: the slots and GPUs the user holds; `gpus_known`: GPU information is
+    there and the user's GPU jobs are not held (else nothing GPU is reserved).
+    """
+    slots, wanted = _slots(spec), spec.gpus_wanted
+    if slots > total_slots:
+        return False
+    if limits.max_running_slots is not None and used[0] + slots > limits.max_running_slots:
+        return False
+    if not wanted:
+        return True
+    return gpus_known and (limits.max_gpus is None or used[1] + wanted <= limits.max_gpus)
+
+
+class HeadView(Protocol):
+    """A user's state in a decision, as the reservation reads it (tsd.scheduler._User)."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def gpus(self) -> int: ...
+    @property
+    def limits(self) -> UserLimits: ...
+    @property
+    def gpu_head(self) -> Job | None: ...
+    @property
+    def blocker(self) -> Job | None: ...
+    @property
+    def cand(self) -> Job | None: ...
+    @property
+    def ready(self) -> Iterable[Job]: ...
+
+
+U = TypeVar("U", bound=HeadView)
+
+
+class ResourcesView(Protocol):
+    """What the reservation reads of tsd.scheduler.Resources."""
+
+    @property
+    def total_slots(self) -> int: ...
+    @property
+    def now(self) -> float: ...
+    @property
+    def reserved_hint(self) -> int | None: ...
+    @property
+    def gpu_holds(self) -> Mapping[int, str]: ...
+
+
+class DeciderView(Protocol[U]):
+    """The decision in progress (tsd.scheduler._Decider), as the reservation uses it."""
+
+    @property
+    def gen(self) -> int: ...
+    @property
+    def free_slots(self) -> int: ...
+    @property
+    def free_gpus(self) -> list[int] | None: ...
+    @property
+    def users(self) -> Mapping[int, U]: ...
+    @property
+    def res(self) -> ResourcesView: ...
+
+    def fits_now(self, user: U, spec: JobSpec) -> bool: ...
+
+    def push(self, user: U) -> None: ...
+
+
+class Reservation(Generic[U]):
+    """The reservation during one decision of tsd.scheduler: which job holds it,
+    which users' candidates it holds back, and what is held until when."""
+
+    def __init__(self, d: DeciderView[U], running: Sequence[Job]) -> None:
+        self.d = d
+        self.holders = [holder(j, d.res.now) for j in running]  # + jobs started here
+        # Users whose candidate fits but is held back (uid -> its job id), and the
+        # reservation they were checked against.
+        self.held: dict[int, int] = {}
+        self.checked_against: int | None = None
+        self.at: tuple[int, Job | None] = (-1, None)  # (decider generation, holder)
+
+    def job(self) -> Job | None:
+        """The job holding the reservation now: first in queue order among the heads short
+        of the server's free slots or GPUs while within their user's quota (or the big
+        job that held it in the previous decision)."""
+        d = self.d
+        if self.at[0] == d.gen:
+            return self.at[1]
+        best: Job | None = None
+        hint = d.res.reserved_hint
+        for user in d.users.values():
+            for job in (user.gpu_head, user.blocker, user.cand):
+                if (
+                    job is not None
+                    and (best is None or job.order < best.order)
+                    and within_quota(
+                        job.spec, user.limits, (user.slots, user.gpus), d.res.total_slots,
+                        d.free_gpus is not None and user.uid not in d.res.gpu_holds,
+                    )
+                    and (
+                        (job.id == hint and sticky(job.spec))
+                        or not d.fits_now(user, job.spec)
+                    )
+                ):
+                    best = job
+        self.at = (d.gen, best)
+        return best
+
+    def refresh(self) -> Job | None:
+        """The holder now; held candidates are checked again when it changed."""
+        reserved = self.job()
+        rid = None if reserved is None else reserved.id
+        if rid != self.checked_against:
+            self.checked_against = rid
+            self.recheck()
+        return reserved
+
+    def allowed(self, job: Job, reserved: Job | None) -> bool:
+        """Whether starting `job` now cannot delay the reservation (or it waited longer)."""
+        if reserved is None or job.order <= reserved.order:
+            return True  # it waited longer (or it is the reserved job)
+        d = self.d
+        shadow = plan(need(reserved.spec), d.free_slots, d.free_gpus or [], self.holders)
+        return shadow.allows(need(job.spec), end_of(job, d.res.now), d.free_gpus or ())
+
+    def protected(self, job: Job) -> set[int]:
+        """Pinned GPUs of a reservation `job` comes after: it takes others first."""
+        reserved = self.job()
+        if reserved is None or reserved.order >= job.order:
+            return set()
+        return set(reserved.spec.gpu_indices or ())
+
+    def recheck(self) -> None:
+        """Held candidates are checked again (after a start or a new reservation)."""
+        for uid in self.held:
+            self.d.push(self.d.users[uid])
+        self.held.clear()
+
+    def explain(self, reserved: Job, reasons: dict[int, str]) -> None:
+        """Wait reasons of the held jobs, and of the reserved job while it holds some."""
+        d = self.d
+        for uid, job_id in self.held.items():
+            reasons[job_id] = f"behind reservation for job {reserved.id}"
+            for later in d.users[uid].ready:
+                reasons[later.id] = f"queued behind job {job_id}"
+        if self.held:  # else its own wait reason says enough
+            gpus = d.free_gpus or ()
+            reasons[reserved.id] = reserved_reason(
+                reserved.spec, d.free_slots, d.res.total_slots, gpus
+            )
+

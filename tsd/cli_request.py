@@ -152,6 +152,9 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
             actions.pop("list", None)
     elif "since" in line.present:
         raise UsageError("--since goes with --stats")
+    listing = {opt.dest for opt, _ in line.given if opt.action == "list"}
+    if "gpu_status" in actions and listing == {"serialize"}:
+        del actions["list"]  # ts -g -M json: the GPU view, as JSON
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")
@@ -177,6 +180,7 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
             inv.list_format = params["serialize"] or "default"
             req = protocol.ListJobs(all_users=inv.all_users)
         case "gpu_status":
+            inv.list_format = params["serialize"] or "default"
             req = protocol.GpuStatus()
         case "stats":
             inv.all_users = bool(params["all_users"])
@@ -298,6 +302,11 @@ def submit_wire(
     if gpu_indices and gpus is not None and gpus != len(gpu_indices):
         raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
     depends = params["depend_ok"] or params["depend"] or ()
+    gpu_mem = params["gpu_mem"]
+    if gpu_mem is not None and gpus == 0:
+        raise UsageError("--gpu-mem needs a GPU: not with -G 0")
+    if gpu_mem is not None and not gpu_indices and gpus is None:
+        gpus = 1  # --gpu-mem alone asks for one GPU with that much memory
     spec = {
         "command": list(command),
         "cwd": cwd,
@@ -318,6 +327,7 @@ def submit_wire(
         "env_info": None,
         # -nf: task-spooler keeps no entry of a transparent job once it ends.
         "forget": no_output and bool(params["foreground"]),
+        "gpu_mem": gpu_mem,
     }
     return {
         "v": PROTOCOL_VERSION,

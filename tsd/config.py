@@ -28,15 +28,17 @@ import yaml
 
 from tsd.errors import ConfigError
 from tsd.model import JobLimits, UserLimits
-from tsd.usage import FairShareSettings
+from tsd.usage import FairShareSettings, parse_duration
 
 __all__ = [
     "DEFAULT_LIMITS",
     "LIMIT_KEYS",
     "UNSET",
+    "ClusterConfig",
     "Config",
     "ConnectionConfig",
     "GpuConfig",
+    "GpuUseConfig",
     "LimitOverride",
     "Unset",
     "load_config",
@@ -86,6 +88,18 @@ class GpuConfig:
     poll_seconds: float = 5.0  # how often NVML is polled while jobs wait for GPUs
 
 
+UNMANAGED_MODES: Final = ("show", "hold")
+
+
+@dataclass(frozen=True)
+class GpuUseConfig:
+    """The `gpu:` section: how tsd treats GPU use (here: use that bypasses the queue)."""
+
+    # A process outside tsd on a GPU always counts against its user's max_gpus and
+    # shows in `ts -A -l`; "hold" also holds that user's queued GPU jobs while it runs.
+    unmanaged: str = "show"
+
+
 @dataclass(frozen=True)
 class ConnectionConfig:
     """The `connections:` section: how many connections the daemon holds open at once."""
@@ -95,22 +109,33 @@ class ConnectionConfig:
     waiting_per_user: int | None = 32  # one user's parked ts -w/-t/-c/-f calls
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The `cluster:` section: where jobs run. `local` is this machine; `slurm` forwards
+    every accepted job to Slurm with sbatch, as its owner (tsd.slurm)."""
+
+    engine: str = "local"  # "local" or "slurm"
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    extra_args: tuple[str, ...] = ()  # more sbatch options, each one word such as --mem=4G
+    gpu_type: str | None = None  # --gres=gpu:TYPE:N instead of gpu:N
+    output_dir: str | None = None  # absolute; default: the user's --set_logdir, else the job's cwd
+    poll_seconds: float = 1.0  # squeue --json at most this often while jobs change
+    max_poll_seconds: float = 10.0  # the poll backs off to this while nothing changes
+
+    @property
+    def slurm(self) -> bool:
+        """True when jobs go to Slurm."""
+        return self.engine == "slurm"
+
+
 def _empty_overrides() -> Mapping[str, LimitOverride]:
     return MappingProxyType({})
 
 
 def _empty_shares() -> Mapping[str, float]:
     return MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class AccountingConfig:
-    """The `accounting:` section: how long the per-job history behind `ts --stats` is kept."""
-
-    keep_days: int = 365
-
-
-_DEFAULT_ACCOUNTING: Final = AccountingConfig()
 
 
 # Unlimited slots and GPUs per user by default: the server's own slots and the fair
@@ -122,8 +147,10 @@ DEFAULT_LIMITS: Final = UserLimits(
 )
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
+_DEFAULT_GPU_USE: Final = GpuUseConfig()
 _DEFAULT_CONNECTIONS: Final = ConnectionConfig()
 _DEFAULT_FAIR_SHARE: Final = FairShareSettings()
+_DEFAULT_CLUSTER: Final = ClusterConfig()
 
 
 @dataclass(frozen=True)
@@ -141,10 +168,11 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
+    cluster: ClusterConfig = _DEFAULT_CLUSTER
+    gpu: GpuUseConfig = _DEFAULT_GPU_USE
     fair_share: FairShareSettings = _DEFAULT_FAIR_SHARE  # `scheduler.fair_share`
-    accounting: AccountingConfig = _DEFAULT_ACCOUNTING
-    # `share:` of defaults, groups and users: a user's weight in fair share (default 1).
-    share: float = 1.0
+    keep_days: int = 365  # `accounting.keep_days`: days of history behind ts --stats
+    share: float = 1.0  # `share:` of defaults (groups, users below): fair-share weight
     group_shares: Mapping[str, float] = field(default_factory=_empty_shares, hash=False)
     user_shares: Mapping[str, float] = field(default_factory=_empty_shares, hash=False)
 
@@ -208,15 +236,28 @@ _TOP_KEYS = (
     "connections",
     "scheduler",
     "accounting",
+    "cluster",
+    "gpu",
 )
 _SCHEDULER_KEYS = ("fair_share",)
 _FAIR_SHARE_KEYS = ("half_life", "gpu_weight")
 _ACCOUNTING_KEYS = ("keep_days",)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*$")
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_GPU_USE_KEYS = ("unmanaged",)
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
+_CLUSTER_KEYS = (
+    "engine", "partition", "account", "qos", "extra_args", "gpu_type", "output_dir",
+    "poll_seconds", "max_poll_seconds",
+)
+_ENGINES = ("local", "slurm")
+# A Slurm name (partition, account, qos, GPU type): no spaces, commas or shell-ish quotes.
+_SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# What sbatch options tsd sets itself; an extra_args entry must not override them.
+_TSD_SBATCH_OPTIONS = (
+    "--parsable", "--wrap", "--output", "--error", "--chdir", "--job-name", "--dependency",
+    "--comment", "--export", "--uid", "--gid",
+)
 
 # systemd's size suffixes: powers of 1024. "64G", "512M", "1.5T", "100KiB", "4096".
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -425,6 +466,19 @@ class _Parser:
                 gpus = dataclasses.replace(gpus, poll_seconds=seconds)
         return gpus
 
+    def gpu_use(self, node: yaml.Node) -> GpuUseConfig:
+        use = GpuUseConfig()
+        for key, _, value in self.mapping(node, "gpu", _GPU_USE_KEYS):
+            path = f"gpu.{key}"
+            if not (
+                isinstance(value, yaml.ScalarNode)
+                and value.tag == _STR
+                and value.value in UNMANAGED_MODES
+            ):
+                self.fail(value, path, f"expected show or hold, got {self.got(value)}")
+            use = dataclasses.replace(use, unmanaged=value.value)
+        return use
+
     def visible(self, node: yaml.Node, path: str) -> tuple[int, ...] | None:
         want = "'all' or a list of GPU indices"
         if isinstance(node, yaml.ScalarNode):
@@ -442,46 +496,12 @@ class _Parser:
     def limits(self, node: yaml.Node, path: str) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
         for key, _, value in self.mapping(node, path, (*LIMIT_KEYS, "share")):
-            if key == "share":
-                # Not a quota: kept apart (Config.share_for), by section and name.
+            if key == "share":  # not a quota: kept apart (Config.share_for)
                 self.shares[path] = self.number(value, f"{path}.share", positive=True)
                 continue
             out[key] = self.integer(value, f"{path}.{key}", unlimited=True)
         return out
 
-    def duration(self, node: yaml.Node, path: str) -> float:
-        """Seconds from a number or a string with a unit: 90s, 30m, 12h, 7d, 2w."""
-        want = "a duration such as 7d, 12h or a number of seconds"
-        value: float | None = None
-        if isinstance(node, yaml.ScalarNode):
-            if node.tag in (_INT, _FLOAT):
-                raw = self.construct(node, path)
-                if isinstance(raw, int | float) and not isinstance(raw, bool):
-                    value = float(raw)
-            elif node.tag == _STR:
-                match = _DURATION_RE.match(node.value)
-                if match:
-                    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        if value is None or not math.isfinite(value) or value <= 0:
-            self.fail(node, path, f"expected {want}, got {self.got(node)}")
-        return value
-
-    def scheduler(self, node: yaml.Node) -> FairShareSettings:
-        fair = FairShareSettings()
-        for _, _, section in self.mapping(node, "scheduler", _SCHEDULER_KEYS):
-            for key, _, value in self.mapping(section, "scheduler.fair_share", _FAIR_SHARE_KEYS):
-                path = f"scheduler.fair_share.{key}"
-                if key == "half_life":
-                    fair = dataclasses.replace(fair, half_life=self.duration(value, path))
-                else:
-                    fair = dataclasses.replace(fair, gpu_weight=self.number(value, path))
-        return fair
-
-    def accounting(self, node: yaml.Node) -> AccountingConfig:
-        acc = AccountingConfig()
-        for key, _, value in self.mapping(node, "accounting", _ACCOUNTING_KEYS):
-            acc = AccountingConfig(keep_days=self.count(value, f"accounting.{key}", minimum=1))
-        return acc
 
     def overrides(self, node: yaml.Node, section: str, noun: str) -> Mapping[str, LimitOverride]:
         out: dict[str, LimitOverride] = {}
@@ -515,19 +535,64 @@ class _Parser:
                 values["tasks_max"] = self.count(value, path, minimum=1)
         return JobLimits(**values)
 
-    def connections(self, node: yaml.Node) -> ConnectionConfig:
-        conns = ConnectionConfig()
-        for key, _, value in self.mapping(node, "connections", _CONNECTION_KEYS):
-            path = f"connections.{key}"
-            if key == "max":
-                conns = dataclasses.replace(conns, max=self.count(value, path, minimum=1))
-            elif key == "per_user":
-                limit = self.integer(value, path, minimum=1, unlimited=True)
-                conns = dataclasses.replace(conns, per_user=limit)
+
+    def cluster(self, node: yaml.Node) -> ClusterConfig:
+        cluster = ClusterConfig()
+        for key, _, value in self.mapping(node, "cluster", _CLUSTER_KEYS):
+            path = f"cluster.{key}"
+            if key == "engine":
+                if not (isinstance(value, yaml.ScalarNode) and value.tag == _STR
+                        and value.value in _ENGINES):
+                    self.fail(value, path, f"expected local or slurm, got {self.got(value)}")
+                cluster = dataclasses.replace(cluster, engine=str(value.value))
+            elif key in ("partition", "account", "qos", "gpu_type"):
+                names: dict[str, str | None] = {key: self.slurm_name(value, path)}
+                cluster = dataclasses.replace(cluster, **names)  # type: ignore[arg-type]
+            elif key == "extra_args":
+                cluster = dataclasses.replace(cluster, extra_args=self.sbatch_args(value, path))
+            elif key == "output_dir":
+                cluster = dataclasses.replace(cluster, output_dir=self.directory(value, path))
             else:
-                limit = self.integer(value, path, minimum=1, unlimited=True)
-                conns = dataclasses.replace(conns, waiting_per_user=limit)
-        return conns
+                seconds: dict[str, float] = {key: self.number(value, path, positive=True)}
+                cluster = dataclasses.replace(cluster, **seconds)  # type: ignore[arg-type]
+        if cluster.max_poll_seconds < cluster.poll_seconds:
+            self.fail(node, "cluster.max_poll_seconds",
+                      f"expected at least poll_seconds ({cluster.poll_seconds:g}), "
+                      f"got {cluster.max_poll_seconds:g}")
+        return cluster
+
+    def slurm_name(self, node: yaml.Node, path: str) -> str | None:
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_STR, _INT):
+            text = str(node.value)
+            if _SLURM_NAME_RE.match(text):
+                return text
+        self.fail(node, path,
+                  f"expected a Slurm name (letters, digits, _.+-), got {self.got(node)}")
+
+    def sbatch_args(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        want = "a list of sbatch options such as --mem=4G"
+        out: list[str] = []
+        for i, item in enumerate(self.sequence(node, path, want)):
+            item_path = f"{path}[{i}]"
+            if not (isinstance(item, yaml.ScalarNode) and item.tag == _STR
+                    and item.value.startswith("-") and "\n" not in item.value):
+                self.fail(item, item_path, f"expected an sbatch option such as --mem=4G, "
+                          f"got {self.got(item)}")
+            text = str(item.value)
+            name = text.split("=", 1)[0]
+            if name in _TSD_SBATCH_OPTIONS:
+                self.fail(item, item_path, f"{name} is set by tsd itself")
+            out.append(text)
+        return tuple(out)
+
+    def directory(self, node: yaml.Node, path: str) -> str | None:
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value.startswith("/"):
+            return str(node.value)
+        self.fail(node, path, f"expected an absolute directory path, got {self.got(node)}")
 
     def size(self, node: yaml.Node, path: str) -> int | None:
         """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
@@ -586,33 +651,81 @@ class _Parser:
             elif key == "job":
                 cfg = dataclasses.replace(cfg, job=self.job(value))
             elif key == "connections":
-                cfg = dataclasses.replace(cfg, connections=self.connections(value))
+                cfg = dataclasses.replace(cfg, connections=_connections(self, value))
+            elif key == "gpu":
+                cfg = dataclasses.replace(cfg, gpu=self.gpu_use(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
             elif key == "scheduler":
-                cfg = dataclasses.replace(cfg, fair_share=self.scheduler(value))
+                cfg = dataclasses.replace(cfg, fair_share=_scheduler(self, value))
             elif key == "accounting":
-                cfg = dataclasses.replace(cfg, accounting=self.accounting(value))
+                cfg = dataclasses.replace(cfg, keep_days=_keep_days(self, value))
+            elif key == "cluster":
+                cfg = dataclasses.replace(cfg, cluster=self.cluster(value))
             else:
                 grace = self.number(value, key)
                 cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)
-        return self.with_shares(cfg)
+        return _with_shares(self, cfg)
 
-    def with_shares(self, cfg: Config) -> Config:
-        groups: dict[str, float] = {}
-        users: dict[str, float] = {}
-        for path, share in self.shares.items():
-            section, _, name = path.partition(".")
-            if section == "defaults":
-                cfg = dataclasses.replace(cfg, share=share)
-            elif section == "groups":
-                groups[name] = share
+
+
+def _duration(p: _Parser, node: yaml.Node, path: str) -> float:
+    """Seconds from a number or a string with a unit: 90s, 30m, 12h, 7d, 2w."""
+    plain = isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT, _STR)
+    value = parse_duration(str(node.value)) if plain else None
+    if value is None:
+        want = "a duration such as 7d, 12h or a number of seconds"
+        p.fail(node, path, f"expected {want}, got {p.got(node)}")
+    return value
+
+def _scheduler(p: _Parser, node: yaml.Node) -> FairShareSettings:
+    """The `scheduler:` section."""
+    fair = FairShareSettings()
+    for _, _, section in p.mapping(node, "scheduler", _SCHEDULER_KEYS):
+        for key, _, value in p.mapping(section, "scheduler.fair_share", _FAIR_SHARE_KEYS):
+            path = f"scheduler.fair_share.{key}"
+            if key == "half_life":
+                fair = dataclasses.replace(fair, half_life=_duration(p, value, path))
             else:
-                users[name] = share
-        return dataclasses.replace(
-            cfg, group_shares=MappingProxyType(groups), user_shares=MappingProxyType(users)
-        )
+                fair = dataclasses.replace(fair, gpu_weight=p.number(value, path))
+    return fair
 
+def _keep_days(p: _Parser, node: yaml.Node) -> int:
+    """The `accounting:` section: its one key, keep_days."""
+    days = Config.keep_days
+    for key, _, value in p.mapping(node, "accounting", _ACCOUNTING_KEYS):
+        days = p.count(value, f"accounting.{key}", minimum=1)
+    return days
+
+
+def _with_shares(p: _Parser, cfg: Config) -> Config:
+    """`cfg` with the `share:` values the parser collected."""
+    by: dict[str, dict[str, float]] = {"groups": {}, "users": {}}
+    for path, share in p.shares.items():
+        section, _, name = path.partition(".")
+        if section == "defaults":
+            cfg = dataclasses.replace(cfg, share=share)
+        else:
+            by[section][name] = share
+    groups, users = (MappingProxyType(by[k]) for k in ("groups", "users"))
+    return dataclasses.replace(cfg, group_shares=groups, user_shares=users)
+
+
+
+def _connections(p: _Parser, node: yaml.Node) -> ConnectionConfig:
+    """The `connections:` section."""
+    conns = ConnectionConfig()
+    for key, _, value in p.mapping(node, "connections", _CONNECTION_KEYS):
+        path = f"connections.{key}"
+        if key == "max":
+            conns = dataclasses.replace(conns, max=p.count(value, path, minimum=1))
+        elif key == "per_user":
+            limit = p.integer(value, path, minimum=1, unlimited=True)
+            conns = dataclasses.replace(conns, per_user=limit)
+        else:
+            limit = p.integer(value, path, minimum=1, unlimited=True)
+            conns = dataclasses.replace(conns, waiting_per_user=limit)
+    return conns
 
 class _Opaque(str):
     """A scalar with a tag tsd does not interpret; it matches no expected type."""

@@ -15,8 +15,9 @@ from dataclasses import replace
 from typing import Protocol
 
 from tsd.errors import StorageFull
-from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UserLimits
-from tsd.scheduler import DepOutcome, Resources, decide
+from tsd.gpuusage import hold_reasons, outside_gpus
+from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
+from tsd.scheduler import DepOutcome, GpuRoom, Resources, decide
 
 log = logging.getLogger("tsd")
 
@@ -60,6 +61,8 @@ class Limits(Protocol):
 
     def free_threshold(self) -> float: ...
 
+    def hold_unmanaged(self) -> bool: ...
+
     def share(self, uid: int) -> float: ...
 
 
@@ -87,6 +90,10 @@ class Gpus(Protocol):
     def busy(
         self, held: dict[int, int], tsd_pids: set[int], threshold: float
     ) -> dict[int, str]: ...
+
+    def rooms(self) -> dict[int, GpuRoom] | None: ...
+
+    def unmanaged(self) -> tuple[UnmanagedUse, ...]: ...
 
     def arm_poll(self, seconds: float) -> None: ...
 
@@ -136,8 +143,10 @@ class Dispatcher:
             free = self.gpus.free(held, tsd_pids, self.policy.free_threshold())
             problem = self.gpus.cached()[1] if free is None else ""
             pool = self.gpus.pool()
+            rooms = self.gpus.rooms()
+            outside = self.gpus.unmanaged()
         else:
-            free, problem, pool = (), "", None
+            free, problem, pool, rooms, outside = (), "", None, None, ()
         holding = table.holding()
         keys: dict[int, float] = {}
         if self.fair is not None:
@@ -149,6 +158,9 @@ class Dispatcher:
             free_gpus=free,
             gpu_problem=problem,
             visible_gpus=pool,
+            gpu_memory=rooms,
+            outside_gpus=outside_gpus(outside),
+            gpu_holds=hold_reasons(outside) if self.policy.hold_unmanaged() else {},
             fair_key=lambda uid: keys.get(uid, 0.0),
             fair_floor=min(keys.values(), default=0.0),
             now=self._clock(),

@@ -6,14 +6,15 @@ its accounting row and its user's new usage go into one transaction
 twice, and usage survives restarts (table `usage`, one row per user).
 
 `charge(uid, slot_seconds, gpu_seconds, at)` charges usage that did not come
-from a tsd job (for instance GPU use outside tsd, found by NVML) to its owner.
+from a tsd job to its owner; `charge_gpu` does so for GPU use outside tsd
+(tsd.gpuwatch hands it each NVML sample's GPU-seconds per user).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from tsd.config import Config
@@ -36,6 +37,8 @@ class LedgerStore(Protocol):
     def load_usage(self) -> dict[int, tuple[float, float]]: ...
 
     def set_usage(self, uid: int, value: float, at: float) -> None: ...
+
+    def set_usages(self, rows: Iterable[tuple[int, float, float]]) -> None: ...
 
     def stats(self, since: float, uid: int | None = None) -> list[StatsRow]: ...
 
@@ -96,6 +99,22 @@ class Ledger:
         self.book.set(uid, usage)
         return usage
 
+    def charge_gpu(self, gpu_seconds: Mapping[int, float], at: float | None = None) -> None:
+        """Charge GPU-seconds to several users at once (GPU use outside tsd, per sample),
+        in one transaction."""
+        self._sync()
+        when = at or self._clock()
+        rows = {
+            uid: self.book.after_charge(uid, 0.0, seconds, when)
+            for uid, seconds in gpu_seconds.items()
+            if seconds > 0
+        }
+        if not rows:
+            return
+        self.store.set_usages([(uid, u.value, u.at) for uid, u in rows.items()])
+        for uid, usage in rows.items():
+            self.book.set(uid, usage)
+
     def keys(
         self, holding: Iterable[Job], uids: Iterable[int], share: Callable[[int], float]
     ) -> dict[int, float]:
@@ -120,9 +139,9 @@ class Ledger:
 
     def prune(self) -> int:
         """Forget the history older than `accounting.keep_days`."""
-        keep = self._config().accounting.keep_days * 86400.0
+        keep = self._config().keep_days * 86400.0
         gone = self.store.prune_accounting(self._clock() - keep)
         if gone:
             log.info("accounting: %d job records older than %d days pruned", gone,
-                     self._config().accounting.keep_days)
+                     self._config().keep_days)
         return gone

@@ -67,6 +67,9 @@ class JobSpec:
     # -nf, task-spooler's transparent mode: `ts` waits and passes the exit code on,
     # and the job is not kept once it ends (not listed, its id unknown).
     forget: bool = False
+    # --gpu-mem: MiB the job needs on each of its GPUs; it may then share them with
+    # other --gpu-mem jobs. None: it takes its GPUs whole.
+    gpu_mem: int | None = None
 
     @property
     def gpus_wanted(self) -> int:
@@ -155,6 +158,12 @@ class Job:
     output_path: str | None = None
     unit: str | None = None  # systemd scope name on the system service
     wait_reason: str = ""  # why a pending job is not running, for -i
+    slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
+    # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
+    # kept with the job, the current figures only while it runs.
+    gpu_mem_peak: int | None = None
+    gpu_mem_now: int | None = None
+    gpu_util_now: int | None = None  # percent: the device utilisation of its GPUs
 
     @property
     def redacted(self) -> bool:
@@ -193,6 +202,17 @@ class GpuProcess:
 
 
 @dataclass(frozen=True)
+class UnmanagedUse:
+    """A process on a GPU that no tsd job started: GPU use that bypassed the queue."""
+
+    pid: int
+    uid: int | None  # None when the process is gone or hidden from the daemon
+    user: str | None
+    gpus: tuple[int, ...]  # indices it runs on
+    memory_mib: int  # NVML's per-process memory, summed over its GPUs (0 unknown)
+
+
+@dataclass(frozen=True)
 class Gpu:
     """A GPU as seen by NVML at one moment."""
 
@@ -202,6 +222,12 @@ class Gpu:
     memory_total: int  # bytes
     memory_used: int  # bytes
     processes: tuple[GpuProcess, ...] = ()
+    # Sensors; None where the board does not report them (NVML "not supported").
+    utilization: int | None = None  # percent of the last sample period a kernel ran
+    memory_utilization: int | None = None  # percent of it memory was read or written
+    temperature: int | None = None  # degrees C
+    power_mw: int | None = None  # milliwatts drawn now
+    power_limit_mw: int | None = None  # milliwatts the board is held to
 
     @property
     def free_percent(self) -> float:

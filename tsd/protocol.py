@@ -26,6 +26,7 @@ from tsd.framing import MAX_COMMAND as MAX_COMMAND
 from tsd.framing import MAX_DEPENDS as MAX_DEPENDS
 from tsd.framing import MAX_ENV as MAX_ENV
 from tsd.framing import MAX_FRAME as MAX_FRAME
+from tsd.framing import MAX_GPU_MEM as MAX_GPU_MEM
 from tsd.framing import MAX_GPUS as MAX_GPUS
 from tsd.framing import MAX_ID as MAX_ID
 from tsd.framing import MAX_SLOTS as MAX_SLOTS
@@ -35,7 +36,9 @@ from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
-from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec
+from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec, UnmanagedUse
+from tsd.statswire import Stats as Stats
+from tsd.statswire import StatsReport as StatsReport
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -217,15 +220,6 @@ class GpuFreePerc:
 @dataclass(frozen=True)
 class GpuStatus:
     """ts -g: the GPUs and the running GPU jobs."""
-
-
-@dataclass(frozen=True)
-class Stats:
-    """ts --stats: per-user accounting of the jobs ended since `since` (epoch seconds;
-    None: all the history kept). `all_users` (-A, admins) lists every user."""
-
-    since: float | None = None
-    all_users: bool = False
 
 
 Request = (
@@ -436,6 +430,9 @@ def parse_spec(obj: Any) -> JobSpec:
     gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
     if gpu_indices is not None:
         gpus = len(gpu_indices)
+    gpu_mem = f.integer("gpu_mem", 1, MAX_GPU_MEM)
+    if gpu_mem is not None and gpus == 0:
+        gpus = 1  # --gpu-mem alone: one GPU with that much memory
     spec = JobSpec(
         command=tuple(command),
         cwd=cwd,
@@ -455,6 +452,7 @@ def parse_spec(obj: Any) -> JobSpec:
         timeout=timeout,
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
+        gpu_mem=gpu_mem,
     )
     size = encoded_size(codec.spec_to_dict(spec, include_env=False))
     if size > MAX_RECORD:
@@ -608,13 +606,26 @@ class JobRecord:
         return {"job": job_to_wire(self.job)}
 
 
+def unmanaged_from_wire(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """The client's copy of an unmanaged GPU process record (it trusts its daemon's shape)."""
+    try:
+        return codec.unmanaged_from_dict(obj)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed GPU process record from the daemon: {exc}") from None
+
+
 @dataclass(frozen=True)
 class JobList:
-    """list: the last piece of the listing, with the server's slot use."""
+    """list: the last piece of the listing, with the server's slot use.
+
+    `unmanaged` (ts -A only): processes outside tsd on the GPUs, shown as
+    entries of their own (state `unmanaged`, no id).
+    """
 
     jobs: tuple[Job, ...]
     slots: int
     running: int
+    unmanaged: tuple[UnmanagedUse, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -622,6 +633,7 @@ class JobList:
             "jobs": [job_to_wire(j) for j in self.jobs],
             "slots": self.slots,
             "running": self.running,
+            "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
         }
 
 
@@ -671,13 +683,33 @@ class GpuThreshold:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """Who holds a GPU: a tsd job (`job`) or a process outside tsd (`pid`), and its user."""
+
+    job: int | None = None
+    pid: int | None = None
+    user: str | None = None
+    memory_mib: int | None = None  # a process outside tsd: its GPU memory, all its GPUs
+
+    def to_wire(self) -> dict[str, Any]:
+        """The holder as `ts -g` gets it."""
+        return {"job": self.job, "pid": self.pid, "user": self.user, "memory_mib": self.memory_mib}
+
+
+def _no_holders() -> Mapping[int, tuple[Holder, ...]]:
+    return {}
+
+
+@dataclass(frozen=True)
 class GpuReport:
-    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem."""
+    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem,
+    and who holds each GPU."""
 
     gpus: tuple[Gpu, ...]
     busy: Mapping[int, str]
     jobs: tuple[Job, ...]
     problem: str
+    holders: Mapping[int, tuple[Holder, ...]] = field(default_factory=_no_holders)
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -690,7 +722,13 @@ class GpuReport:
                     "memory_total": g.memory_total,
                     "memory_used": g.memory_used,
                     "free_percent": g.free_percent,
+                    "utilization": g.utilization,
+                    "memory_utilization": g.memory_utilization,
+                    "temperature": g.temperature,
+                    "power_mw": g.power_mw,
+                    "power_limit_mw": g.power_limit_mw,
                     "busy": self.busy.get(g.index),
+                    "holders": [h.to_wire() for h in self.holders.get(g.index, ())],
                     "processes": [
                         {"pid": p.pid, "user": p.user, "used_memory": p.used_memory}
                         for p in g.processes
@@ -701,17 +739,6 @@ class GpuReport:
             "jobs": [job_to_wire(j) for j in self.jobs],
             "problem": self.problem,
         }
-
-
-@dataclass(frozen=True)
-class StatsReport:
-    """stats: one row per user, as `ts --stats -M json` prints them (contract keys)."""
-
-    rows: tuple[Mapping[str, Any], ...]
-
-    def to_wire(self) -> dict[str, Any]:
-        """The response body."""
-        return {"rows": [dict(r) for r in self.rows]}
 
 
 Response = (

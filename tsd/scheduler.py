@@ -18,22 +18,21 @@ The rules, which are the product's semantics:
   shortage or a broken NVML never stalls CPU jobs), later GPU jobs stay behind it.
   The allocating head is still checked first: once the CPU jobs that passed it
   leave it too few slots, it holds its user back like any head short of slots.
-* Between users, fair share: of the users that can start something, the one
-  with the least decayed usage divided by their share (`Resources.fair_key`,
-  tsd.usage) goes first; ties (users without usage) go to the user with the
-  fewest running slots (counting starts made in this same decision), then to
-  the earlier job.
-* No starvation (tsd.backfill): the first job in queue order among the heads
-  that are short of the server's free slots or GPUs (within their user's
-  quota) holds a reservation. Jobs after it in the queue start only if they
-  cannot delay it: their --timeout ends by the time it could start, or they
-  take only what it will not need. Jobs before it in the queue (they waited
-  longer) are not held back. A head held back by the reservation holds back
-  its user's later jobs. A big job keeps its reservation (`reserved_hint`)
-  when what it needs is free at last, and then starts before the jobs after
-  it, whatever fair share says.
+* Between users, fair share: the least decayed usage / share (`fair_key`,
+  tsd.usage) goes first; ties go to the fewest running slots (starts in this
+  decision count), then to the earlier job.
+* No starvation (tsd.backfill, where the rules are): the first job in queue
+  order among the heads short of free slots or GPUs (within quota) holds a
+  reservation that jobs after it in the queue may not delay; a head it holds
+  back holds back its user's later jobs.
 * GPUs: the lowest free indices, or exactly the pinned ones (`-g`); never one
-  GPU to two jobs.
+  GPU to two jobs, except `--gpu-mem` jobs, which share a GPU while their
+  declared sizes (plus the memory of processes outside tsd on it) fit in its
+  total and NVML shows that much free; they go to the GPU already shared with
+  the least room that fits, keeping idle GPUs whole for jobs that need them
+  whole. A job without `--gpu-mem` never lands on a GPU another job holds.
+* GPU use outside tsd (`Resources.outside_gpus`) counts against its user's
+  `max_gpus`; `Resources.gpu_holds` holds a user's GPU jobs (gpu.unmanaged: hold).
 
 Cost: a decision reads the queue lazily and stops as soon as no server slot is
 left, so on a full server it costs in proportion to the jobs it starts, not to
@@ -50,13 +49,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from tsd.backfill import Holder, Need, Plan, plan
+from tsd import backfill as bf
 from tsd.errors import NeverFits
 from tsd.model import DependMode, Job, JobSpec, UserLimits
 
 __all__ = [
     "Decision",
     "DepOutcome",
+    "GpuRoom",
     "Resources",
     "Start",
     "check_fits",
@@ -87,6 +87,19 @@ class Start:
 
 def _no_reasons() -> Mapping[int, str]:
     return MappingProxyType({})
+
+
+def _no_counts() -> Mapping[int, int]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """One GPU's memory as --gpu-mem placement sees it, in MiB."""
+
+    total: int
+    free: int  # what NVML shows free now
+    outside: int = 0  # used by processes outside tsd: counts as declared by them
 
 
 @dataclass(frozen=True)
@@ -121,37 +134,21 @@ class Resources:
     free_gpus: tuple[int, ...] | None
     gpu_problem: str = ""  # why free_gpus is None, shown in reasons
     visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+    # --gpu-mem: the memory of each GPU of the pool (visible and present); None
+    # while unknown, and then no --gpu-mem job starts.
+    gpu_memory: Mapping[int, GpuRoom] | None = field(default=None, hash=False)
+    # uid -> GPUs their processes outside tsd use now (they count against max_gpus).
+    outside_gpus: Mapping[int, int] = field(default_factory=_no_counts, hash=False)
+    # uid -> why that user's GPU jobs are held (gpu.unmanaged: hold).
+    gpu_holds: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
     # Fair share: a user's decayed usage divided by their share (None: 0 for everyone),
     # and a lower bound of it over every user with a pending job.
     fair_key: Callable[[int], float] | None = None
     fair_floor: float = 0.0
     now: float = 0.0  # epoch seconds: running jobs' expected ends are start + --timeout
-    # The job the previous decision reserved for (Decision.reserved). A big job (more
-    # than one slot or GPU, or pinned GPUs) keeps its reservation once what it waited
-    # for is free, so that others cannot take it again just before it starts.
+    # The previous decision's `reserved`: a big job keeps its reservation (tsd.backfill).
     reserved_hint: int | None = None
 
-
-def _sticky(spec: JobSpec) -> bool:
-    """Whether a job needs several things to free up at once (so it could starve)."""
-    return job_slots(spec) > 1 or spec.gpus_wanted > 1 or spec.gpu_indices is not None
-
-
-def _need(spec: JobSpec) -> Need:
-    return Need(job_slots(spec), spec.gpus_wanted, spec.gpu_indices)
-
-
-def _end(job: Job, now: float) -> float | None:
-    """When a job started (or starting) now is over at the latest; None without --timeout."""
-    timeout = job.spec.timeout
-    if timeout is None:
-        return None
-    return (job.start_time if job.start_time is not None else now) + timeout
-
-
-def _holder(job: Job, now: float) -> Holder:
-    gpus = job.gpu_ids or tuple(job.spec.gpu_indices or ())
-    return Holder(job_slots(job.spec), gpus, _end(job, now))
 
 
 def job_slots(spec: JobSpec) -> int:
@@ -178,19 +175,47 @@ def _not_visible(pinned: Iterable[int], pool: Sequence[int]) -> str | None:
     return None
 
 
+def _mib(n: int) -> str:
+    return f"{n / 1024:.1f} GiB" if n >= 1024 else f"{n} MiB"
+
+
+def _gpu_mem_problem(
+    spec: JobSpec, totals: Mapping[int, int], pool: Sequence[int] | None
+) -> str | None:
+    """Why no GPU of this server could ever hold the job's --gpu-mem (totals in MiB)."""
+    need = spec.gpu_mem
+    if need is None or not totals:
+        return None
+    if spec.gpu_indices is not None:
+        for index in spec.gpu_indices:
+            if index in totals and totals[index] < need:
+                return f"job needs {_mib(need)} on GPU {index}, which has {_mib(totals[index])}"
+        return None
+    candidates = [t for i, t in totals.items() if pool is None or i in pool]
+    big = sum(1 for t in candidates if t >= need)
+    if big >= spec.gpus_wanted:
+        return None
+    largest = max(candidates, default=0)
+    if big == 0:
+        return f"job needs {_mib(need)} per GPU but the largest GPU has {_mib(largest)}"
+    return f"job needs {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} but {big} have that"
+
+
 def fits_problem(
     spec: JobSpec,
     limits: UserLimits,
     total_slots: int,
     pool_size: int | None,
     visible: tuple[int, ...] | None,
+    gpu_totals: Mapping[int, int] | None = None,
 ) -> str | None:
     """Why `spec` can never start on this server under this quota, or None if it can.
 
     A draining server (`total_slots` 0) refuses nothing: jobs queue until it
     reopens. With `pool_size` None (GPU information unavailable) nothing is
     refused for the GPU pool, only for the user's GPU quota. `visible` is the
-    configured GPU set; None means the indices 0 .. pool_size-1.
+    configured GPU set; None means the indices 0 .. pool_size-1. `gpu_totals`
+    (index -> MiB) refuses a --gpu-mem no GPU could hold.
     """
     slots = job_slots(spec)
     if 0 < total_slots < slots:
@@ -209,10 +234,12 @@ def fits_problem(
         return f"job needs {_count(wanted, 'GPU')} but this server has no GPUs"
     if spec.gpu_indices is not None:
         pool = visible if visible is not None else tuple(range(pool_size))
-        return _not_visible(spec.gpu_indices, pool)
-    if wanted > pool_size:
+        why = _not_visible(spec.gpu_indices, pool)
+        if why is not None:
+            return why
+    elif wanted > pool_size:
         return f"job needs {_count(wanted, 'GPU')} but the server has {pool_size}"
-    return None
+    return _gpu_mem_problem(spec, gpu_totals or {}, visible)
 
 
 def check_fits(
@@ -221,9 +248,10 @@ def check_fits(
     total_slots: int,
     pool_size: int | None,
     visible: tuple[int, ...] | None,
+    gpu_totals: Mapping[int, int] | None = None,
 ) -> None:
     """Refuse at submit time a job that can never start: raises NeverFits naming the limit."""
-    problem = fits_problem(spec, limits, total_slots, pool_size, visible)
+    problem = fits_problem(spec, limits, total_slots, pool_size, visible, gpu_totals)
     if problem is not None:
         raise NeverFits(problem)
 
@@ -294,9 +322,7 @@ class _Decider:
         self.run_slots: dict[int, int] = {}
         self.run_gpus: dict[int, int] = {}
         held: set[int] = set()
-        self.holders: list[Holder] = []  # running jobs and those started here, with their ends
         for job in running:
-            self.holders.append(_holder(job, res.now))
             self.running_ids.add(job.id)
             slots = job_slots(job.spec)
             gpus = len(job.gpu_ids) if job.gpu_ids else job.spec.gpus_wanted
@@ -304,6 +330,15 @@ class _Decider:
             self.run_slots[job.uid] = self.run_slots.get(job.uid, 0) + slots
             self.run_gpus[job.uid] = self.run_gpus.get(job.uid, 0) + gpus
             held.update(job.gpu_ids)
+        for uid, gpus in res.outside_gpus.items():
+            self.run_gpus[uid] = self.run_gpus.get(uid, 0) + gpus
+        self.room = _shared_room(running, res)
+        # GPUs --gpu-mem jobs already share: the next one goes there first.
+        self.shared: dict[int, int] = {}
+        for job in running:
+            if job.spec.gpu_mem is not None:
+                for index in job.gpu_ids:
+                    self.shared[index] = self.shared.get(index, 0) + job.spec.gpu_mem
         self.free_slots = res.total_slots - self.used_slots
         self.free_gpus: list[int] | None = None
         if res.free_gpus is not None:
@@ -316,15 +351,11 @@ class _Decider:
         # (fair key, user slots, order, uid, job id)
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.fair_key = res.fair_key
-        # Users whose candidate fits but is held back by the reservation (uid -> its job id),
-        # and the reservation they were checked against.
-        self.held: dict[int, int] = {}
-        self.checked_against: int | None = None
+        self.rsv = bf.Reservation(self, running)
         # Bumped whenever a user's head, candidate or the resources change: what was
         # computed at the same generation (the reservation, the best user) still holds.
         self.gen = 0
         self.job_users: dict[int, int] = {}  # started job -> its uid
-        self.reserved_at: tuple[int, Job | None] = (-1, None)
         self.starts: list[Start] = []
         self.skips: list[int] = []
         self.allocating: dict[int, None] = {}  # ordered set
@@ -406,8 +437,11 @@ class _Decider:
     def never_fits(self, user: _User, spec: JobSpec) -> str | None:
         """Why the job could not start even on an idle server, as configured now."""
         pool = self.res.visible_gpus if self.res.free_gpus is not None else None
+        memory = self.res.gpu_memory
+        totals = None if memory is None else {i: r.total for i, r in memory.items()}
         return fits_problem(
-            spec, user.limits, self.res.total_slots, None if pool is None else len(pool), pool
+            spec, user.limits, self.res.total_slots, None if pool is None else len(pool), pool,
+            totals,
         )
 
     def block(self, user: _User, job: Job, why: str) -> None:
@@ -465,12 +499,17 @@ class _Decider:
         if free is None:
             problem = self.res.gpu_problem
             return "GPU information unavailable" + (f": {problem}" if problem else "")
+        hold = self.res.gpu_holds.get(user.uid)
+        if hold is not None:
+            return hold
         limit = user.limits.max_gpus
         if limit is not None and user.gpus + wanted > limit:
             if wanted > limit:
                 return _over_quota(wanted, "GPU", "max_gpus", limit)
             return f"user quota: {user.gpus} of {limit} GPUs in use (max_gpus)"
         visible = self.res.visible_gpus
+        if spec.gpu_mem is not None:
+            return self.shared_problem(spec)
         if spec.gpu_indices is not None:
             if visible is not None:
                 why = _not_visible(spec.gpu_indices, visible)
@@ -486,6 +525,34 @@ class _Decider:
             return f"waiting for {_count(wanted, 'free GPU')} ({len(free)} free)"
         return None
 
+    def fitting(self, spec: JobSpec) -> list[int]:
+        """GPUs a --gpu-mem job fits on now, best first: already shared, then least room."""
+        need = spec.gpu_mem or 0
+        fits = [i for i, (left, free) in self.room.items() if left >= need and free >= need]
+        if spec.gpu_indices is not None:
+            return [i for i in spec.gpu_indices if i in fits]
+        shared = self.shared
+        return sorted(fits, key=lambda i: (i not in shared, self.room[i][0], i))
+
+    def shared_problem(self, spec: JobSpec) -> str | None:
+        """Why a --gpu-mem job cannot have its GPUs now, or None."""
+        if self.res.gpu_memory is None:
+            return "GPU information unavailable"
+        need = spec.gpu_mem or 0
+        fits = self.fitting(spec)
+        if spec.gpu_indices is not None:
+            short = [i for i in spec.gpu_indices if i not in fits]
+            if short:
+                which = "GPU" if len(short) == 1 else "GPUs"
+                return f"waiting for {_mib(need)} on {which} {_ids(short)}"
+            return None
+        if len(fits) < spec.gpus_wanted:
+            return (
+                f"waiting for {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} free"
+                f" ({len(fits)} ha{'s' if len(fits) == 1 else 've'} it)"
+            )
+        return None
+
     # -- picking between users
 
     def fits_now(self, user: _User, spec: JobSpec) -> bool:
@@ -493,58 +560,14 @@ class _Decider:
             not spec.gpus_wanted or self.gpu_problem(user, spec) is None
         )
 
-    def reserved(self) -> Job | None:
-        """The job holding the reservation now: first in queue order among the heads short
-        of the server's free slots or GPUs while within their user's quota."""
-        if self.reserved_at[0] == self.gen:
-            return self.reserved_at[1]
-        best: Job | None = None
-        hint = self.res.reserved_hint
-        for user in self.users.values():
-            for job in (user.gpu_head, user.blocker, user.cand):
-                if (
-                    job is not None
-                    and (best is None or job.order < best.order)
-                    and _within_quota(user, job.spec, self.res.total_slots, self.free_gpus)
-                    and (
-                        (job.id == hint and _sticky(job.spec))
-                        or not self.fits_now(user, job.spec)
-                    )
-                ):
-                    best = job
-        self.reserved_at = (self.gen, best)
-        return best
-
-    def plan_for(self, job: Job) -> Plan:
-        free = self.free_gpus or []
-        return plan(_need(job.spec), self.free_slots, free, self.holders)
-
-    def allowed(self, job: Job, reserved: Job | None) -> bool:
-        """Whether starting `job` now cannot delay the reservation (or it waited longer)."""
-        if reserved is None or job.order <= reserved.order:
-            return True  # it waited longer (or it is the reserved job)
-        return self.plan_for(reserved).allows(
-            _need(job.spec), _end(job, self.res.now), self.free_gpus or ()
-        )
-
-    def recheck_held(self) -> None:
-        """Held candidates are checked again after a start or a new reservation."""
-        for uid in self.held:
-            self.push(self.users[uid])
-        self.held.clear()
-
     def best(self) -> _User | None:
         """The user whose candidate goes first, its candidate still able to start."""
         while self.heap:
-            reserved = self.reserved()
-            rid = None if reserved is None else reserved.id
-            if rid != self.checked_against:
-                self.checked_against = rid
-                self.recheck_held()
+            reserved = self.rsv.refresh()
             fair, slots, _, uid, job_id = self.heap[0]
             user = self.users[uid]
             cand = user.cand
-            if cand is None or cand.id != job_id or user.slots != slots or uid in self.held:
+            if cand is None or cand.id != job_id or user.slots != slots or uid in self.rsv.held:
                 heapq.heappop(self.heap)  # stale entry
                 continue
             if self.head_blocks(user):
@@ -552,10 +575,10 @@ class _Decider:
                 continue
             if self.fits_now(user, cand.spec):
                 heapq.heappop(self.heap)
-                if self.allowed(cand, reserved):
+                if self.rsv.allowed(cand, reserved):
                     heapq.heappush(self.heap, (fair, slots, cand.order, uid, job_id))
                     return user
-                self.held[uid] = cand.id  # it stays the user's candidate: later jobs wait
+                self.rsv.held[uid] = cand.id  # it stays the user's candidate: later jobs wait
                 continue
             # Others' starts took what it needed: examine it again as a head.
             heapq.heappop(self.heap)
@@ -574,20 +597,16 @@ class _Decider:
         gpu_ids: tuple[int, ...] = ()
         if spec.gpus_wanted:
             assert self.free_gpus is not None
-            if spec.gpu_indices is not None:
+            if spec.gpu_mem is not None:
+                gpu_ids = tuple(self.fitting(spec)[: spec.gpus_wanted])
+            elif spec.gpu_indices is not None:
                 gpu_ids = tuple(spec.gpu_indices)
-                taken = set(gpu_ids)
-                self.free_gpus = [g for g in self.free_gpus if g not in taken]
             else:
-                # Around a reservation of pinned GPUs: the others first.
-                reserved = self.reserved()
-                keep: set[int] = set()
-                if reserved is not None and reserved.order < job.order:
-                    keep = set(reserved.spec.gpu_indices or ())
+                keep = self.rsv.protected(job)  # around pinned GPUs reserved: others first
                 pick = sorted(self.free_gpus, key=lambda g: (g in keep, g))[: spec.gpus_wanted]
                 gpu_ids = tuple(sorted(pick))
-                self.free_gpus = [g for g in self.free_gpus if g not in pick]
-        self.holders.append(Holder(job_slots(spec), gpu_ids, _end(job, self.res.now)))
+            self.take_gpus(gpu_ids, spec.gpu_mem)
+        self.rsv.holders.append(bf.Holder(job_slots(spec), gpu_ids, bf.end_of(job, self.res.now)))
         slots = job_slots(spec)
         self.free_slots -= slots
         self.used_slots += slots
@@ -595,8 +614,21 @@ class _Decider:
         user.gpus += spec.gpus_wanted
         self.starts.append(Start(job.id, gpu_ids))
         self.job_users[job.id] = user.uid
-        self.recheck_held()
+        self.rsv.recheck()
         self.search(user)
+
+    def take_gpus(self, gpu_ids: tuple[int, ...], mem: int | None) -> None:
+        """These GPUs go to a job: whole (`mem` None), or `mem` MiB of each."""
+        taken = set(gpu_ids)
+        assert self.free_gpus is not None
+        self.free_gpus = [g for g in self.free_gpus if g not in taken]
+        for index in gpu_ids:
+            if mem is None:
+                self.room.pop(index, None)
+            else:
+                left, free = self.room[index]
+                self.room[index] = (left - mem, free - mem)
+                self.shared[index] = self.shared.get(index, 0) + mem
 
     # -- the whole decision
 
@@ -632,7 +664,7 @@ class _Decider:
                 self.ingest(job)
         for user in self.users.values():
             self.head_blocks(user)  # classify allocating heads as of the final state
-        reserved = self.reserved()
+        reserved = self.rsv.job()
         if self.free_slots <= 0:
             # Read but cut short by the full server: they wait for a slot.
             started = {self.job_users[st.job_id] for st in self.starts}
@@ -643,15 +675,7 @@ class _Decider:
                     if job is not None:
                         self.reasons[job.id] = reason
         elif reserved is not None:
-            for uid, job_id in self.held.items():
-                self.reasons[job_id] = f"behind reservation for job {reserved.id}"
-                for later in self.users[uid].ready:
-                    self.reasons[later.id] = f"queued behind job {job_id}"
-        # Labelled when it holds a job back (else its own wait reason says enough).
-        if reserved is not None and self.held and self.free_slots > 0:
-            self.reasons[reserved.id] = _reserved_reason(
-                reserved.spec, self.free_slots, self.res.total_slots, self.free_gpus or ()
-            )
+            self.rsv.explain(reserved, self.reasons)
         return Decision(
             start=tuple(self.starts),
             skip=tuple(self.skips),
@@ -662,37 +686,6 @@ class _Decider:
         )
 
 
-def _within_quota(user: _User, spec: JobSpec, total: int, free_gpus: object) -> bool:
-    """Whether the user's quotas let the job run once the server has room for it."""
-    slots, wanted = job_slots(spec), spec.gpus_wanted
-    if slots > total:
-        return False
-    limit = user.limits.max_running_slots
-    if limit is not None and user.slots + slots > limit:
-        return False
-    if not wanted:
-        return True
-    if free_gpus is None:
-        return False  # no GPU information: nothing to reserve
-    limit = user.limits.max_gpus
-    return limit is None or user.gpus + wanted <= limit
-
-
-def _reserved_reason(spec: JobSpec, free: int, total: int, gpus: Sequence[int]) -> str:
-    """`reserved: waits for 4 slots (1 of 4 free)`: what the reserved job lacks now."""
-    short: list[str] = []
-    free = max(free, 0)
-    if job_slots(spec) > free:
-        short.append(f"{_count(job_slots(spec), 'slot')} ({free} of {total} free)")
-    if spec.gpu_indices is not None:
-        busy = [i for i in spec.gpu_indices if i not in gpus]
-        if busy:
-            short.append(f"{'GPU' if len(busy) == 1 else 'GPUs'} {_ids(busy)} (in use)")
-    elif spec.gpus_wanted and spec.gpus_wanted > len(gpus):
-        short.append(f"{_count(spec.gpus_wanted, 'GPU')} ({len(gpus)} free)")
-    return f"reserved: waits for {' and '.join(short) or 'room'}"
-
-
 def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:
     """`; fair share: user bob first` when another waiting user goes before this one."""
     ahead = [u for u in waiting if u is not user and u.fair < user.fair]
@@ -700,6 +693,29 @@ def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:
         return ""
     first = min(ahead, key=lambda u: (u.fair, u.slots, u.uid))
     return f"; fair share: user {first.name} first"
+
+
+def _shared_room(running: Sequence[Job], res: Resources) -> dict[int, tuple[int, int]]:
+    """Per GPU a --gpu-mem job may go to: (MiB left under the declared sizes, MiB NVML free).
+
+    A GPU held by a job without --gpu-mem is left out: that job has it whole.
+    """
+    if res.gpu_memory is None or res.free_gpus is None:
+        return {}
+    declared: dict[int, int] = {}
+    whole: set[int] = set()
+    for job in running:
+        for index in job.gpu_ids:
+            if job.spec.gpu_mem is None:
+                whole.add(index)
+            else:
+                declared[index] = declared.get(index, 0) + job.spec.gpu_mem
+    pool = None if res.visible_gpus is None else set(res.visible_gpus)
+    return {
+        index: (room.total - room.outside - declared.get(index, 0), room.free)
+        for index, room in res.gpu_memory.items()
+        if index not in whole and (pool is None or index in pool)
+    }
 
 
 def decide(

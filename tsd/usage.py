@@ -18,6 +18,7 @@ A running job is charged continuously: its contribution from `start` to
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -29,11 +30,25 @@ __all__ = [
     "Usage",
     "UsageBook",
     "decayed",
+    "parse_duration",
     "run_charge",
 ]
 
 DEFAULT_HALF_LIFE = 7 * 86400.0  # seconds: a week
 DEFAULT_GPU_WEIGHT = 4.0  # one GPU-second weighs as much as four slot-seconds
+
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from `90`, `90s`, `30m`, `12h`, `7d`, `2w`; None unless a positive duration."""
+    match = _DURATION_RE.fullmatch(text)
+    if not match:
+        return None
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value if 0 < value < math.inf else None
 
 
 @dataclass(frozen=True)

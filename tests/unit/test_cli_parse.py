@@ -333,7 +333,7 @@ def test_every_option_in_the_table_parses() -> None:
     samples = {
         Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
-                         "timeout": "5", "since": "7d"},
+                         "timeout": "5", "since": "7d", "gpu_mem": "20G"},
     }  # fmt: skip
     for opt in OPTIONS:
         value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
@@ -397,7 +397,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "state": ("4", 4), "remove": ("3", 3), "wait": ("2", 2), "kill": ("1", 1),
     "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
     "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
-    "num_slots": ("4", 4),
+    "num_slots": ("4", 4), "gpu_mem": ("1.5G", 1536),
     "since": ("2026-01-02T03:04", datetime(2026, 1, 2, 3, 4).timestamp()),
 }  # fmt: skip
 

@@ -168,11 +168,11 @@ def test_config_reads_fair_share_share_and_keep_days() -> None:
         "defaults: {share: 2}\ngroups: {phd: {share: 3}}\nusers: {alice: {share: 0.5}}\n"
     )
     assert cfg.fair_share == FairShareSettings(half_life=3 * 86400.0, gpu_weight=2.0)
-    assert cfg.accounting.keep_days == 30
+    assert cfg.keep_days == 30
     assert cfg.share_for("alice", ["phd"]) == 0.5
     assert cfg.share_for("bob", ["phd"]) == 3.0
     assert cfg.share_for("carol", []) == 2.0
-    assert Config().share_for("x", []) == 1.0 and Config().accounting.keep_days == 365
+    assert Config().share_for("x", []) == 1.0 and Config().keep_days == 365
 
 
 def test_usage_and_history_survive_reopening_the_store(tmp_path: Path) -> None:
