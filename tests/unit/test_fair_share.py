@@ -271,3 +271,14 @@ def test_a_big_reserved_job_keeps_its_claim_once_what_it_waited_for_is_free() ->
     )
     # A one-slot job needs nothing to pile up: fair share still decides.
     assert [s.job_id for s in decide(one_slot, [], lambda i: DepOutcome.GONE, res).start] == [2]
+
+
+def test_gpu_use_outside_tsd_is_charged_to_its_owner_and_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    ledger = Ledger(store, Config, clock=lambda: 500.0)
+    ledger.charge_gpu({7: 5.0, 8: 0.0})  # one sample: user 7 held a GPU for 5 s
+    ledger.charge_gpu({7: 5.0})
+    assert ledger.usage_now(7, []) == 40.0  # 10 GPU-seconds x gpu_weight 4
+    assert ledger.usage_now(8, []) == 0.0
+    store.close()
+    assert Store(tmp_path / "state.db").load_usage() == {7: (40.0, 500.0)}
