@@ -473,8 +473,8 @@ def stats(p: Parts, peer: Peer, req: protocol.Stats) -> protocol.StatsReport:
             "User": r.user,
             "Jobs": r.jobs,
             "Failed": r.failed,
-            "Slot_Hours": round(r.slot_seconds / 3600.0, 4),
-            "GPU_Hours": round(r.gpu_seconds / 3600.0, 4),
+            "Slot_Hours": round(r.slot_seconds / 3600.0, 6),
+            "GPU_Hours": round(r.gpu_seconds / 3600.0, 6),
             "Mean_Wait_s": 0.0 if r.mean_wait is None else round(r.mean_wait, 1),
         }
         for r in rows
