@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,7 +149,9 @@ class Daemon:
             self.gpus,
             self.runner.start,
             lambda: self.policy.config.gpus.poll_seconds,
+            wake=self._wake_at,
         )
+        self._wake: tuple[float, asyncio.TimerHandle] | None = None
         self.stopping = asyncio.Event()
         self.parts = handlers.Parts(
             system=settings.system,
@@ -170,6 +173,22 @@ class Daemon:
     def schedule(self) -> None:
         """Start whatever may start now."""
         self.dispatcher.schedule()
+
+    def _wake_at(self, when: float | None) -> None:
+        """One timer: schedule again at epoch `when` (a --begin time), or never (None)."""
+        if self._wake is not None:
+            if self._wake[0] == when:
+                return
+            self._wake[1].cancel()
+            self._wake = None
+        if when is not None:
+            # A little late rather than early: the clock must have passed `when`.
+            delay = max(0.0, when - time.time()) + 0.05
+            self._wake = (when, self.loop.call_later(delay, self._woken))
+
+    def _woken(self) -> None:
+        self._wake = None
+        self.schedule()
 
     def _job_ended(self, job: Job) -> None:
         self.dispatcher.job_ended(job)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from tsd import auth, protocol
+from tsd import auth, jobcontrols, protocol
 from tsd.dispatch import Dispatcher
 from tsd.errors import (
     BadRequest,
@@ -147,17 +147,25 @@ async def _serve(
             return gpu_free_perc(p, peer, req)
         case protocol.GpuStatus():
             return await gpu_status(p)
+        case protocol.Hold():
+            return hold(p, peer, req)
+        case protocol.Release():
+            return release(p, peer, req)
     raise BadRequest("bad request: unsupported operation")
 
 
 async def submit(
     p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent
-) -> protocol.JobId | protocol.JobRecord:
+) -> protocol.JobId | protocol.JobIds | protocol.JobRecord:
     """Validate, wait for room if the queue is full, make durable, then answer.
 
     With `wait` (ts -nf) the answer is the job's final record, after a `Queued` event.
+    An --array is stored whole, in one transaction, and answered with every id.
     """
-    spec = req.spec
+    # Checked already by the protocol (tsd.jobcontrols.check_submit).
+    array = None if req.array is None else jobcontrols.parse_array(req.array)
+    count = 1 if array is None else len(array[0])
+    spec = replace(req.spec, array_job=None, array_task=None, array_throttle=None)
     depends = list(spec.depends)
     last = p.table.last_added.get(peer.uid)
     if req.depend_last and last:
@@ -181,10 +189,15 @@ async def submit(
                 f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
             )
     check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
-    _check_bytes(p, peer, spec.stored_bytes, limits)
+    _check_bytes(p, peer, spec.stored_bytes * count, limits)
     if limits.max_queued is not None:
+        if count > limits.max_queued:
+            raise QueueFull(
+                f"the array has {count} elements but at most {limits.max_queued} of your "
+                "jobs may wait (max_queued)"
+            )
         told = False
-        while p.table.pending_count[peer.uid] >= limits.max_queued:
+        while p.table.pending_count[peer.uid] + count > limits.max_queued:
             if not req.block:
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
             if not told:
@@ -192,7 +205,8 @@ async def submit(
                 await send(protocol.QueueFullWait(p.table.pending_count[peer.uid]))
                 told = True
             await p.waiters.room_freed()
-    _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
+    # Again: others may have queued meanwhile.
+    _check_bytes(p, peer, spec.stored_bytes * count, limits)
     if req.terminal is not None and p.runner.terminals_held(peer.uid) >= MAX_TERMINALS_PER_USER:
         raise QueueFull(
             f"too many of your ts -n jobs wait to write to a terminal "
@@ -206,7 +220,14 @@ async def submit(
     if not caller_still_there():
         log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
-    job = p.table.add(peer.uid, peer.user, spec)
+    if array is not None:
+        specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
+        jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
+        log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
+                 printable(spec.command_line[:200]))  # fmt: skip
+        p.dispatcher.schedule()
+        return protocol.JobIds(tuple(j.id for j in jobs))
+    job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
         # behaviour); the daemon holds them, in memory only, until the job starts.
@@ -289,6 +310,27 @@ def _queued(p: Parts, job: Job) -> Job:
         state = "starting" if job.id in p.table.launching else job.state.value
         raise WrongState(f"job {job.id} is {state}, not queued")
     return job
+
+
+def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
+    """ts --hold ID: a queued job (owner's or, for admins, anyone's) never starts until released."""
+    job = p.table.pick(peer, req.id, "added")
+    if job.state is not JobState.HELD:
+        job = p.table.set_held(_queued(p, job), True)
+        log.info("job %d held by %s", job.id, peer.user)
+        p.dispatcher.schedule()  # what it would have taken may go to others
+    return protocol.JobId(job.id)
+
+
+def release(p: Parts, peer: Peer, req: protocol.Release) -> protocol.JobId:
+    """ts --release ID: a held job is queued again, at its place."""
+    job = p.table.pick(peer, req.id, "added")
+    if job.state is not JobState.HELD:
+        raise WrongState(f"job {job.id} is {job.state.value}, not held")
+    job = p.table.set_held(job, False)
+    log.info("job %d released by %s", job.id, peer.user)
+    p.dispatcher.schedule()
+    return protocol.JobId(job.id)
 
 
 def urgent(p: Parts, peer: Peer, req: protocol.Urgent) -> protocol.JobId:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from tsd import codec
+from tsd import codec, jobcontrols
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
 
 # Framing and limits live in tsd.framing (light enough for every `ts` call);
@@ -72,6 +72,8 @@ class Submit:
     depend_last: bool = False
     block: bool = True
     wait: bool = False
+    hold: bool = False  # --hold: queued held, it never starts until released
+    array: str | None = None  # --array SPEC (tsd.jobcontrols.parse_array): one job per index
     # ts -n: the client's stdout and stderr, passed with the frame (SCM_RIGHTS), never
     # part of the JSON; the server attaches them and closes whatever nobody took.
     terminal: PassedFds | None = field(default=None, compare=False)
@@ -219,6 +221,20 @@ class GpuStatus:
     """ts -g: the GPUs and the running GPU jobs."""
 
 
+@dataclass(frozen=True)
+class Hold:
+    """ts --hold ID: a queued job is held (never starts) until released."""
+
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """ts --release ID: a held job is queued again, at its place."""
+
+    id: int | None = None
+
+
 Request = (
     Submit
     | ListJobs
@@ -237,6 +253,8 @@ Request = (
     | LogDir
     | GpuFreePerc
     | GpuStatus
+    | Hold
+    | Release
 )
 
 OPS: dict[str, type[Any]] = {
@@ -257,6 +275,8 @@ OPS: dict[str, type[Any]] = {
     "logdir": LogDir,
     "gpu_free_perc": GpuFreePerc,
     "gpu_status": GpuStatus,
+    "hold": Hold,
+    "release": Release,
 }
 OP_NAMES = {cls: name for name, cls in OPS.items()}
 
@@ -425,6 +445,10 @@ def parse_spec(obj: Any) -> JobSpec:
     gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
     if gpu_indices is not None:
         gpus = len(gpu_indices)
+    try:
+        controls = jobcontrols.spec_controls(obj)
+    except ValueError as exc:
+        raise BadRequest(f"bad request: {exc}") from None
     spec = JobSpec(
         command=tuple(command),
         cwd=cwd,
@@ -444,6 +468,7 @@ def parse_spec(obj: Any) -> JobSpec:
         timeout=timeout,
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
+        **controls,
     )
     size = encoded_size(codec.spec_to_dict(spec, include_env=False))
     if size > MAX_RECORD:
@@ -469,12 +494,21 @@ def parse_request(obj: dict[str, Any]) -> Request:
     default: Default = "run" if f.choice("default", ("added", "run"), "added") == "run" else "added"
     match op:
         case "submit":
-            return Submit(
+            submit = Submit(
                 spec=parse_spec(obj.get("spec")),
                 depend_last=f.flag("depend_last"),
                 block=f.flag("block", True),
                 wait=f.flag("wait"),
+                hold=f.flag("hold"),
+                array=f.text("array", 256),
             )
+            try:  # an --array alone (its elements' fields are the daemon's to set)
+                jobcontrols.check_submit(
+                    submit.array, submit.spec.store_output, submit.spec.output_name
+                )
+            except ValueError as exc:
+                raise BadRequest(f"bad request: {exc}") from None
+            return submit
         case "list":
             return ListJobs(all_users=f.flag("all_users"))
         case "get":
@@ -517,6 +551,10 @@ def parse_request(obj: dict[str, Any]) -> Request:
             return LogDir(path=path)
         case "gpu_free_perc":
             return GpuFreePerc(value=f.number("value", 0.0, 100.0))
+        case "hold":
+            return Hold(id=f.integer("id", 0, MAX_ID))
+        case "release":
+            return Release(id=f.integer("id", 0, MAX_ID))
     simple: dict[str, Request] = {
         "kill_all": KillAll(),
         "clear": Clear(),
@@ -562,6 +600,17 @@ class JobId:
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
         return {"id": self.id}
+
+
+@dataclass(frozen=True)
+class JobIds:
+    """submit of an --array: every element's id, in index order (`id` is the first)."""
+
+    ids: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {"id": self.ids[0], "ids": list(self.ids)}
 
 
 @dataclass(frozen=True)
@@ -691,7 +740,7 @@ class GpuReport:
 
 
 Response = (
-    JobId | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
+    JobId | JobIds | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
     | GpuThreshold | GpuReport
 )
 
