@@ -77,14 +77,16 @@ def priority_keys(
 
     `own`: the owner's queued jobs in queue order, as (job id, order key, priority).
     The new jobs would get the keys `next_key, next_key + 1, ...` (the end of the
-    whole queue); they go after the owner's jobs of the same or a higher priority
-    and before the first of a lower one. The owner's keys, old and new, are handed
+    whole queue); they go right after the owner's last job of the same or a higher
+    priority (first if there is none), so they pass only jobs of a lower priority
+    and never one of their own or a higher one. The owner's keys, old and new, are handed
     out again in that order, so the set of positions the owner holds is unchanged.
 
     Returns the new jobs' keys and the changed keys of the owner's older jobs.
     """
     keys = [k for _, k, _ in own] + list(range(next_key, next_key + count))
-    at = next((i for i, (_, _, p) in enumerate(own) if p < priority), len(own))
+    # After the last job of the same or a higher priority (a job -u moved keeps its place).
+    at = max((i + 1 for i, (_, _, p) in enumerate(own) if p >= priority), default=0)
     new_keys = keys[at : at + count]
     moved: dict[int, int] = {}
     for i, (job_id, old, _) in enumerate(own[at:]):
