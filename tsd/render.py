@@ -398,7 +398,8 @@ def _controls_lines(job: Job) -> list[str]:
         lines.append(f"Priority: {spec.priority}")
     if spec.retry:
         lines.append(f"Retries allowed: {spec.retry}")
-    lines.append(f"Attempts: {job.attempts}")
+    if job.attempts or spec.retry:  # runs so far (rows older than --retry say 0)
+        lines.append(f"Attempts: {job.attempts}")
     if spec.array_job is not None:
         most = f", at most {spec.array_throttle} running" if spec.array_throttle else ""
         lines.append(f"Array: job {spec.array_job}, index {spec.array_task}{most}")

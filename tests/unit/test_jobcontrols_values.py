@@ -165,3 +165,59 @@ def test_an_older_database_gets_the_attempts_column(tmp_path: Path) -> None:
     db.close()
     (job,) = Store(path).load_all()
     assert job.attempts == 0 and job.spec.retry == 0 and job.spec.begin is None
+
+
+class _NoGpus:
+    """tsd.dispatch.Gpus for CPU jobs only: nothing to read, no poll to arm."""
+
+    def request(self, max_age: float) -> bool:
+        return True
+
+    def cached(self) -> tuple[None, str]:
+        return None, ""
+
+    def pool(self) -> None:
+        return None
+
+    def free(self, held: dict[int, int], tsd_pids: set[int], threshold: float) -> tuple[()]:
+        return ()
+
+    def busy(self, held: dict[int, int], tsd_pids: set[int], threshold: float) -> dict[int, str]:
+        return {}
+
+    def arm_poll(self, seconds: float) -> None:
+        raise AssertionError("CPU jobs never poll the GPUs")
+
+    def stop_poll(self) -> None:
+        pass
+
+
+def test_the_dispatcher_sets_one_wake_up_for_the_earliest_begin_and_explains_holds() -> None:
+    from unit.daemon_fakes import FakeStore
+
+    from tsd.config import Config
+    from tsd.dispatch import Dispatcher
+    from tsd.policy import Policy
+
+    store = FakeStore()
+    table = JobTable(store, Events(), lambda: 100)
+    wakes: list[float | None] = []
+    started: list[int] = []
+    dispatcher = Dispatcher(
+        table, Policy(Config(slots=4), store, system=False), _NoGpus(),
+        lambda job, gpus: started.append(job.id), lambda: 5.0, wake=wakes.append,
+    )  # fmt: skip
+    soon, later = time.time() + 60, time.time() + 600
+    a = table.add(1000, "alice", JobSpec(command=("x",), cwd="/", env=(), begin=later))
+    b = table.add(1000, "alice", JobSpec(command=("x",), cwd="/", env=(), begin=soon))
+    held = table.add_many(1000, "alice", [JobSpec(command=("x",), cwd="/", env=())], held=True)
+    dispatcher.schedule()
+    assert started == [] and wakes[-1] == soon
+    assert table.jobs[held[0].id].state is JobState.HELD  # the pass left the hold alone
+    assert dispatcher.explain(table.jobs[held[0].id]).wait_reason.startswith("held: ")
+    assert dispatcher.explain(table.jobs[b.id]).wait_reason.startswith("begins at ")
+    table.remove(table.jobs[a.id])
+    table.remove(table.jobs[b.id])
+    table.remove(table.jobs[held[0].id])
+    dispatcher.schedule()
+    assert wakes[-1] is None  # nothing waits for a time: the timer goes
