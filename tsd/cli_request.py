@@ -186,7 +186,7 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
         case "hold":
             req = protocol.Hold(id=_job_id(value))
         case "release":
-            req = protocol.Release(id=_job_id(value))
+            req = protocol.Hold(id=_job_id(value), release=True)
         case "swap":
             a, b = value or (0, 0)
             req = protocol.Swap(a=a, b=b)

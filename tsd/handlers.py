@@ -149,14 +149,12 @@ async def _serve(
             return await gpu_status(p)
         case protocol.Hold():
             return hold(p, peer, req)
-        case protocol.Release():
-            return release(p, peer, req)
     raise BadRequest("bad request: unsupported operation")
 
 
 async def submit(
     p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent
-) -> protocol.JobId | protocol.JobIds | protocol.JobRecord:
+) -> protocol.JobId | protocol.JobRecord:
     """Validate, wait for room if the queue is full, make durable, then answer.
 
     With `wait` (ts -nf) the answer is the job's final record, after a `Queued` event.
@@ -226,7 +224,7 @@ async def submit(
         log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
                  printable(spec.command_line[:200]))  # fmt: skip
         p.dispatcher.schedule()
-        return protocol.JobIds(tuple(j.id for j in jobs))
+        return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
@@ -313,23 +311,17 @@ def _queued(p: Parts, job: Job) -> Job:
 
 
 def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
-    """ts --hold ID: a queued job (owner's or, for admins, anyone's) never starts until released."""
+    """ts --hold ID: a queued job (the caller's, or anyone's for admins) never starts;
+    ts --release ID (`req.release`): a held job is queued again, at its place."""
     job = p.table.pick(peer, req.id, "added")
-    if job.state is not JobState.HELD:
-        job = p.table.set_held(_queued(p, job), True)
-        log.info("job %d held by %s", job.id, peer.user)
-        p.dispatcher.schedule()  # what it would have taken may go to others
-    return protocol.JobId(job.id)
-
-
-def release(p: Parts, peer: Peer, req: protocol.Release) -> protocol.JobId:
-    """ts --release ID: a held job is queued again, at its place."""
-    job = p.table.pick(peer, req.id, "added")
-    if job.state is not JobState.HELD:
+    if req.release and job.state is not JobState.HELD:
         raise WrongState(f"job {job.id} is {job.state.value}, not held")
-    job = p.table.set_held(job, False)
-    log.info("job %d released by %s", job.id, peer.user)
-    p.dispatcher.schedule()
+    if not req.release and job.state is not JobState.HELD:
+        _queued(p, job)
+    if (job.state is JobState.HELD) == req.release:
+        job = p.table.set_held(job, not req.release)
+        log.info("job %d %s by %s", job.id, "released" if req.release else "held", peer.user)
+        p.dispatcher.schedule()  # the slots it would have taken may go to others
     return protocol.JobId(job.id)
 
 

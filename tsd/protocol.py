@@ -223,16 +223,10 @@ class GpuStatus:
 
 @dataclass(frozen=True)
 class Hold:
-    """ts --hold ID: a queued job is held (never starts) until released."""
+    """ts --hold ID: a queued job is held (never starts); with `release`, ts --release ID."""
 
     id: int | None = None
-
-
-@dataclass(frozen=True)
-class Release:
-    """ts --release ID: a held job is queued again, at its place."""
-
-    id: int | None = None
+    release: bool = False
 
 
 Request = (
@@ -254,7 +248,6 @@ Request = (
     | GpuFreePerc
     | GpuStatus
     | Hold
-    | Release
 )
 
 OPS: dict[str, type[Any]] = {
@@ -276,7 +269,6 @@ OPS: dict[str, type[Any]] = {
     "gpu_free_perc": GpuFreePerc,
     "gpu_status": GpuStatus,
     "hold": Hold,
-    "release": Release,
 }
 OP_NAMES = {cls: name for name, cls in OPS.items()}
 
@@ -552,9 +544,7 @@ def parse_request(obj: dict[str, Any]) -> Request:
         case "gpu_free_perc":
             return GpuFreePerc(value=f.number("value", 0.0, 100.0))
         case "hold":
-            return Hold(id=f.integer("id", 0, MAX_ID))
-        case "release":
-            return Release(id=f.integer("id", 0, MAX_ID))
+            return Hold(id=f.integer("id", 0, MAX_ID), release=f.flag("release"))
     simple: dict[str, Request] = {
         "kill_all": KillAll(),
         "clear": Clear(),
@@ -593,24 +583,17 @@ def job_from_wire(obj: Mapping[str, Any]) -> Job:
 
 @dataclass(frozen=True)
 class JobId:
-    """submit, remove, urgent, kill: the job the request acted on."""
+    """submit, remove, urgent, kill: the job the request acted on.
+
+    `ids`: a submit of an --array: every element's id, in index order (`id` the first).
+    """
 
     id: int
+    ids: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
-        return {"id": self.id}
-
-
-@dataclass(frozen=True)
-class JobIds:
-    """submit of an --array: every element's id, in index order (`id` is the first)."""
-
-    ids: tuple[int, ...]
-
-    def to_wire(self) -> dict[str, Any]:
-        """The response body."""
-        return {"id": self.ids[0], "ids": list(self.ids)}
+        return {"id": self.id, "ids": list(self.ids)} if self.ids else {"id": self.id}
 
 
 @dataclass(frozen=True)
@@ -740,7 +723,7 @@ class GpuReport:
 
 
 Response = (
-    JobId | JobIds | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
+    JobId | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
     | GpuThreshold | GpuReport
 )
 
