@@ -78,3 +78,14 @@ def test_array_elements_run_as_their_owner_with_their_index(sbox: Box) -> None:
         ts(sbox, "alice", "-w", str(job))
     lines = [ts(sbox, "alice", "-c", str(j)).stdout.strip() for j in ids]
     assert lines == [f"alice {i} {ids[0]}" for i in range(3)]
+
+
+def test_a_job_over_the_users_slot_quota_is_refused_whatever_its_controls(sbox: Box) -> None:
+    before = set(jobs(sbox))
+    for controls in ((), ("--hold",), ("--array", "1-3"), ("--begin", "+1h")):
+        r = ts(sbox, "bob", *controls, "-N", "2", "true", check=False)  # bob: 1 slot
+        assert r.returncode == 1 and r.stdout == "", controls
+        assert r.stderr == "ts: job needs 2 slots but your quota (max_running_slots) is 1\n"
+        r = ts(sbox, "alice", *controls, "-N", "5", "true", check=False)  # the server: 4
+        assert r.stderr == "ts: job needs 5 slots but the server has 4\n"
+    assert set(jobs(sbox)) == before  # nothing queued
