@@ -187,10 +187,10 @@ async def submit(
                 f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
             )
     check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
-    _check_bytes(p, peer, spec.stored_bytes * count, limits)
+    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if limits.max_queued is not None:
         if count > limits.max_queued:
-            raise QueueFull(
+            raise OverQuota(  # never fits: exit 1, not -B's 2
                 f"the array has {count} elements but at most {limits.max_queued} of your "
                 "jobs may wait (max_queued)"
             )
@@ -204,7 +204,7 @@ async def submit(
                 told = True
             await p.waiters.room_freed()
     # Again: others may have queued meanwhile.
-    _check_bytes(p, peer, spec.stored_bytes * count, limits)
+    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if req.terminal is not None and p.runner.terminals_held(peer.uid) >= MAX_TERMINALS_PER_USER:
         raise QueueFull(
             f"too many of your ts -n jobs wait to write to a terminal "
@@ -244,8 +244,11 @@ def _settings_bytes(p: Parts, uid: int) -> int:
     return sum(len(k.encode()) + len(v.encode()) for k, v in p.settings.user_settings(uid).items())
 
 
-def _check_bytes(p: Parts, peer: Peer, adding: int, limits: UserLimits, removing: int = 0) -> None:
-    """Refuse to store `adding` more bytes of the caller's text over their caps."""
+def _check_bytes(
+    p: Parts, peer: Peer, adding: int, limits: UserLimits, removing: int = 0, count: int = 1
+) -> None:
+    """Refuse to store `adding` more bytes of the caller's text (`count` times: an --array)
+    over their caps."""
     if limits.max_job_bytes is not None and adding > limits.max_job_bytes:
         raise OverQuota(
             f"this job's command, environment, label and TS_ENV output take {adding} bytes, "
@@ -254,6 +257,7 @@ def _check_bytes(p: Parts, peer: Peer, adding: int, limits: UserLimits, removing
     if limits.max_stored_bytes is None:
         return
     stored = p.table.stored_bytes[peer.uid] + _settings_bytes(p, peer.uid) - removing
+    adding *= count
     if stored + adding > limits.max_stored_bytes:
         raise OverQuota(
             f"your stored jobs and --setenv values take {stored} bytes; {adding} more would "

@@ -122,6 +122,7 @@ def test_hold_without_an_id_holds_the_last_queued_job(ts: Runner, tsd_env: Env) 
     [
         (("--array", "5-1"), "range ends before it starts"),
         (("--array", "1-20000"), "over the limit of 10000"),
+        (("--array", "1-1001"), "at most 1000 of your jobs may wait (max_queued)"),
         (("--begin", "yesterday"), "is not a time"),
         (("--begin", "2001-01-01T00:00"), "in the past"),
         (("--retry", "-1"), "--retry"),
