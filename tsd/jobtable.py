@@ -4,7 +4,8 @@ It owns the in-memory jobs and writes each change to the store before the
 change is visible to anyone, so a client that hears "ok" can rely on it. Every
 state change goes through one method here, which keeps the indexes true:
 
-* `pending`: ids of queued and allocating jobs, in queue order;
+* `pending`: ids of queued, allocating and held jobs, in queue order (a held
+  job keeps its place; tsd.queueorder hands out the order keys);
   `pending_count` and `pending_gpu_jobs` count them per user and GPU-wanting;
 * `running`: the running jobs by id;
 * `launching`: jobs whose launch is under way (their supervisor and scope are
