@@ -34,8 +34,7 @@ from tsd.cli_request import GET_DEFAULTS, Invocation, invocation
 from tsd.client import Client, choose_socket
 from tsd.errors import BadRequest, ServerUnavailable, TsdError
 from tsd.framing import MAX_TEXT
-
-SENDMAIL = "/usr/sbin/sendmail"  # tsd.launch.SENDMAIL; not imported: the client stays light
+from tsd.paths import SENDMAIL
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy

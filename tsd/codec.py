@@ -126,6 +126,7 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "unit": job.unit,
         "wait_reason": job.wait_reason,
         "attempts": job.attempts,
+        "slurm_id": job.slurm_id,
     }
 
 
@@ -152,4 +153,9 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         unit=obj.get("unit"),
         wait_reason=str(obj.get("wait_reason") or ""),
         attempts=int(obj.get("attempts") or 0),
+        slurm_id=_optional_int(obj.get("slurm_id")),
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)

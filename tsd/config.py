@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "LIMIT_KEYS",
     "UNSET",
+    "ClusterConfig",
     "Config",
     "ConnectionConfig",
     "GpuConfig",
@@ -94,6 +95,27 @@ class ConnectionConfig:
     waiting_per_user: int | None = 32  # one user's parked ts -w/-t/-c/-f calls
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The `cluster:` section: where jobs run. `local` is this machine; `slurm` forwards
+    every accepted job to Slurm with sbatch, as its owner (tsd.slurm)."""
+
+    engine: str = "local"  # "local" or "slurm"
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    extra_args: tuple[str, ...] = ()  # more sbatch options, each one word such as --mem=4G
+    gpu_type: str | None = None  # --gres=gpu:TYPE:N instead of gpu:N
+    output_dir: str | None = None  # absolute; default: the user's --set_logdir, else the job's cwd
+    poll_seconds: float = 1.0  # squeue --json at most this often while jobs change
+    max_poll_seconds: float = 10.0  # the poll backs off to this while nothing changes
+
+    @property
+    def slurm(self) -> bool:
+        """True when jobs go to Slurm."""
+        return self.engine == "slurm"
+
+
 def _empty_overrides() -> Mapping[str, LimitOverride]:
     return MappingProxyType({})
 
@@ -108,6 +130,7 @@ DEFAULT_LIMITS: Final = UserLimits(
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
 _DEFAULT_CONNECTIONS: Final = ConnectionConfig()
+_DEFAULT_CLUSTER: Final = ClusterConfig()
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,7 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
+    cluster: ClusterConfig = _DEFAULT_CLUSTER
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -175,10 +199,23 @@ _TOP_KEYS = (
     "max_finished",
     "kill_grace_seconds",
     "connections",
+    "cluster",
 )
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
+_CLUSTER_KEYS = (
+    "engine", "partition", "account", "qos", "extra_args", "gpu_type", "output_dir",
+    "poll_seconds", "max_poll_seconds",
+)
+_ENGINES = ("local", "slurm")
+# A Slurm name (partition, account, qos, GPU type): no spaces, commas or shell-ish quotes.
+_SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# What sbatch options tsd sets itself; an extra_args entry must not override them.
+_TSD_SBATCH_OPTIONS = (
+    "--parsable", "--wrap", "--output", "--error", "--chdir", "--job-name", "--dependency",
+    "--comment", "--export", "--uid", "--gid",
+)
 
 # systemd's size suffixes: powers of 1024. "64G", "512M", "1.5T", "100KiB", "4096".
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -452,6 +489,64 @@ class _Parser:
                 conns = dataclasses.replace(conns, waiting_per_user=limit)
         return conns
 
+    def cluster(self, node: yaml.Node) -> ClusterConfig:
+        cluster = ClusterConfig()
+        for key, _, value in self.mapping(node, "cluster", _CLUSTER_KEYS):
+            path = f"cluster.{key}"
+            if key == "engine":
+                if not (isinstance(value, yaml.ScalarNode) and value.tag == _STR
+                        and value.value in _ENGINES):
+                    self.fail(value, path, f"expected local or slurm, got {self.got(value)}")
+                cluster = dataclasses.replace(cluster, engine=str(value.value))
+            elif key in ("partition", "account", "qos", "gpu_type"):
+                names: dict[str, str | None] = {key: self.slurm_name(value, path)}
+                cluster = dataclasses.replace(cluster, **names)  # type: ignore[arg-type]
+            elif key == "extra_args":
+                cluster = dataclasses.replace(cluster, extra_args=self.sbatch_args(value, path))
+            elif key == "output_dir":
+                cluster = dataclasses.replace(cluster, output_dir=self.directory(value, path))
+            else:
+                seconds: dict[str, float] = {key: self.number(value, path, positive=True)}
+                cluster = dataclasses.replace(cluster, **seconds)  # type: ignore[arg-type]
+        if cluster.max_poll_seconds < cluster.poll_seconds:
+            self.fail(node, "cluster.max_poll_seconds",
+                      f"expected at least poll_seconds ({cluster.poll_seconds:g}), "
+                      f"got {cluster.max_poll_seconds:g}")
+        return cluster
+
+    def slurm_name(self, node: yaml.Node, path: str) -> str | None:
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_STR, _INT):
+            text = str(node.value)
+            if _SLURM_NAME_RE.match(text):
+                return text
+        self.fail(node, path,
+                  f"expected a Slurm name (letters, digits, _.+-), got {self.got(node)}")
+
+    def sbatch_args(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        want = "a list of sbatch options such as --mem=4G"
+        out: list[str] = []
+        for i, item in enumerate(self.sequence(node, path, want)):
+            item_path = f"{path}[{i}]"
+            if not (isinstance(item, yaml.ScalarNode) and item.tag == _STR
+                    and item.value.startswith("-") and "\n" not in item.value):
+                self.fail(item, item_path, f"expected an sbatch option such as --mem=4G, "
+                          f"got {self.got(item)}")
+            text = str(item.value)
+            name = text.split("=", 1)[0]
+            if name in _TSD_SBATCH_OPTIONS:
+                self.fail(item, item_path, f"{name} is set by tsd itself")
+            out.append(text)
+        return tuple(out)
+
+    def directory(self, node: yaml.Node, path: str) -> str | None:
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value.startswith("/"):
+            return str(node.value)
+        self.fail(node, path, f"expected an absolute directory path, got {self.got(node)}")
+
     def size(self, node: yaml.Node, path: str) -> int | None:
         """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
         if self.is_null(node):
@@ -512,6 +607,8 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, connections=self.connections(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
+            elif key == "cluster":
+                cfg = dataclasses.replace(cfg, cluster=self.cluster(value))
             else:
                 grace = self.number(value, key)
                 cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)

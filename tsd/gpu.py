@@ -187,6 +187,7 @@ class NvmlGpus:
         memory = self._call(
             nvml, f"read the memory of GPU {index}", nvml.nvmlDeviceGetMemoryInfo, handle
         )
+        utilization = _sensor(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)
         return Gpu(
             index=index,
             uuid=_text(uuid),
@@ -194,6 +195,13 @@ class NvmlGpus:
             memory_total=int(memory.total),
             memory_used=int(memory.used),
             processes=self._processes(nvml, index, handle),
+            utilization=None if utilization is None else int(utilization.gpu),
+            memory_utilization=None if utilization is None else int(utilization.memory),
+            temperature=_sensor(
+                nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
+            ),
+            power_mw=_sensor(nvml, nvml.nvmlDeviceGetPowerUsage, handle),
+            power_limit_mw=_sensor(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle),
         )
 
     def _processes(self, nvml: Any, index: int, handle: Any) -> tuple[GpuProcess, ...]:
@@ -229,6 +237,19 @@ class NvmlGpus:
             return []
         except nvml.NVMLError as e:
             self._failed(nvml, what, e)
+
+
+def _sensor(nvml: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """A sensor's reading, or None when the board cannot give it.
+
+    Sensors only inform: a board that lacks one (NOT_SUPPORTED, common on older
+    or virtual GPUs) or fails to read it must not take the GPU out of the pool,
+    which memory and process reads decide.
+    """
+    try:
+        return fn(*args)
+    except nvml.NVMLError:
+        return None
 
 
 def _reason(error: BaseException) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from tsd import auth, jobcontrols, protocol
-from tsd.dispatch import Dispatcher
+from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
     ClientGone,
@@ -71,11 +71,12 @@ class Parts:
     table: JobTable
     policy: Policy
     gpus: GpuMonitor
-    dispatcher: Dispatcher
+    dispatcher: Scheduling  # tsd.dispatch.Dispatcher, or the Slurm engine
     runner: Killer
     waiters: Waiters
     settings: UserSettings
     stop: Callable[[], None]  # stop serving, once the current answer is on its way
+    cluster: Cluster | None = None  # cluster.engine: slurm (tsd.slurm.SlurmEngine)
 
 
 async def handle(
@@ -120,15 +121,15 @@ async def _serve(
         case protocol.GetJob():
             return get_job(p, peer, req)
         case protocol.Remove():
-            return remove(p, peer, req)
+            return await remove(p, peer, req)
         case protocol.Urgent():
             return urgent(p, peer, req)
         case protocol.Swap():
             return swap(p, peer, req)
         case protocol.Kill():
-            return kill(p, peer, req)
+            return await kill(p, peer, req)
         case protocol.KillAll():
-            return kill_all(p, peer)
+            return await kill_all(p, peer)
         case protocol.Clear():
             return protocol.Count(p.table.clear(peer.uid))
         case protocol.Shutdown():
@@ -176,7 +177,13 @@ async def submit(
     spec = replace(spec, depends=tuple(dict.fromkeys(depends)))
     limits = p.policy.limits(peer.uid)
     pool = None
-    if spec.gpus_wanted:
+    if p.cluster is not None:
+        # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
+        p.cluster.check(spec, req.terminal is not None)
+        _local_only(p, *(name for name, given in (
+            ("--hold", req.hold), ("--array", array is not None), ("--begin", spec.begin),
+            ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
+    elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
         no_nvml = p.gpus.absent()
@@ -186,7 +193,10 @@ async def submit(
             raise NeverFits(
                 f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
             )
-    check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
+    if p.cluster is None:
+        check_fits(
+            spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool
+        )
     _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if limits.max_queued is not None:
         if count > limits.max_queued:
@@ -226,6 +236,9 @@ async def submit(
         p.dispatcher.schedule()
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
+    if p.cluster is not None:
+        # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
+        job = await p.cluster.forward(job)
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
         # behaviour); the daemon holds them, in memory only, until the job starts.
@@ -296,11 +309,16 @@ def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
     return protocol.JobRecord(p.dispatcher.explain(p.table.pick(peer, req.id, req.default)))
 
 
-def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
+async def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
     """ts -r: drop a job that is not running (queued, allocating or finished)."""
     job = p.table.pick(peer, req.id, "added")
     if job.state is JobState.RUNNING or job.id in p.table.launching:
         raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
+    if p.cluster is not None and job.state.pending and job.slurm_id is not None:
+        await p.cluster.cancel(job)  # first: if Slurm refuses, tsd keeps following it
+        job = p.table.get(job.id) or job
+        if not job.state.pending:
+            raise WrongState(f"job {job.id} started meanwhile: use ts -k {job.id} to end it")
     p.table.remove(job)
     p.runner.sweep_terminals()  # a removed ts -n job no longer holds its submitter's terminal
     p.dispatcher.schedule()
@@ -314,9 +332,16 @@ def _queued(p: Parts, job: Job) -> Job:
     return job
 
 
+def _local_only(p: Parts, *controls: str) -> None:
+    """Job controls are this scheduler's: under a cluster engine, refuse them in one line."""
+    if controls and p.cluster is not None:
+        raise BadRequest(f"{controls[0]} is not available with cluster.engine: slurm")
+
+
 def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
     """ts --hold ID: a queued job (the caller's, or anyone's for admins) never starts;
     ts --release ID (`req.release`): a held job is queued again, at its place."""
+    _local_only(p, "--release" if req.release else "--hold")
     job = p.table.pick(peer, req.id, "added")
     if req.release and job.state is not JobState.HELD:
         raise WrongState(f"job {job.id} is {job.state.value}, not held")
@@ -344,22 +369,31 @@ def swap(p: Parts, peer: Peer, req: protocol.Swap) -> protocol.Done:
     return protocol.Done()
 
 
-def kill(p: Parts, peer: Peer, req: protocol.Kill) -> protocol.JobId:
+async def kill(p: Parts, peer: Peer, req: protocol.Kill) -> protocol.JobId:
     """ts -k: end a running job (default: the caller's last run one)."""
     job = p.table.pick(peer, req.id, "run")
-    p.runner.kill(job)
+    await _end(p, job)
     return protocol.JobId(job.id)
+
+
+async def _end(p: Parts, job: Job) -> None:
+    if p.cluster is not None and job.slurm_id is not None:
+        if job.state is not JobState.RUNNING:
+            raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        await p.cluster.cancel(job)  # scancel as the owner; the poll records the end
+        return
+    p.runner.kill(job)
 
 
 def _own_running(p: Parts, peer: Peer) -> list[Job]:
     return [j for j in p.table.running.values() if j.uid == peer.uid or peer.admin]
 
 
-def kill_all(p: Parts, peer: Peer) -> protocol.Count:
+async def kill_all(p: Parts, peer: Peer) -> protocol.Count:
     """ts -T: end every running job the caller may end."""
     mine = _own_running(p, peer)
     for job in mine:
-        p.runner.kill(job)
+        await _end(p, job)
     return protocol.Count(len(mine))
 
 

@@ -168,6 +168,7 @@ class Job:
     unit: str | None = None  # systemd scope name on the system service
     wait_reason: str = ""  # why a pending job is not running, for -i
     attempts: int = 0  # times it was started (--retry starts it again under the same id)
+    slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
 
     @property
     def redacted(self) -> bool:
@@ -215,6 +216,12 @@ class Gpu:
     memory_total: int  # bytes
     memory_used: int  # bytes
     processes: tuple[GpuProcess, ...] = ()
+    # Sensors; None where the board does not report them (NVML "not supported").
+    utilization: int | None = None  # percent of the last sample period a kernel ran
+    memory_utilization: int | None = None  # percent of it memory was read or written
+    temperature: int | None = None  # degrees C
+    power_mw: int | None = None  # milliwatts drawn now
+    power_limit_mw: int | None = None  # milliwatts the board is held to
 
     @property
     def free_percent(self) -> float:

@@ -709,6 +709,11 @@ class GpuReport:
                     "memory_total": g.memory_total,
                     "memory_used": g.memory_used,
                     "free_percent": g.free_percent,
+                    "utilization": g.utilization,
+                    "memory_utilization": g.memory_utilization,
+                    "temperature": g.temperature,
+                    "power_mw": g.power_mw,
+                    "power_limit_mw": g.power_limit_mw,
                     "busy": self.busy.get(g.index),
                     "processes": [
                         {"pid": p.pid, "user": p.user, "used_memory": p.used_memory}

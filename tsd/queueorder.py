@@ -38,6 +38,8 @@ class JobStore(Protocol):
 
     def load_all(self) -> list[Job]: ...
 
+    def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None: ...
+
 
 class QueueOrder:
     """Queue order keys and holds over the table's jobs (see the module docstring)."""

@@ -257,6 +257,7 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "Array_Job": job.spec.array_job,
         "Array_Task": job.spec.array_task,
         "Array_Throttle": job.spec.array_throttle,
+        "Slurm_ID": job.slurm_id,
     }
 
 
@@ -371,6 +372,8 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"PID: {job.pid}")
     if job.unit:
         lines.append(f"Unit: {job.unit}")
+    if job.slurm_id is not None:
+        lines.append(f"Slurm job: {job.slurm_id}")
     lines.append(f"Enqueue time: {_ctime(job.enqueue_time)}")
     if job.start_time is not None:
         lines.append(f"Start time: {_ctime(job.start_time)}")

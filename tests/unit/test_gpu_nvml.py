@@ -121,6 +121,35 @@ def test_snapshot_reports_each_gpu_name_uuid_and_memory(
     assert gpus[1].free_percent == 50.0
 
 
+def test_sensors_report_utilisation_temperature_and_power(
+    probe: Probe, nvml_picture: PictureFile
+) -> None:
+    nvml_picture.write(
+        [
+            FakeGpu(0, uuid_for(0), "NVIDIA A100-SXM4-80GB", 80 * GIB, 0, util=97,
+                    memory_util=41, temperature=71, power_mw=312_000, power_limit_mw=400_000),
+            FakeGpu(1, uuid_for(1), "NVIDIA A100-SXM4-80GB", 80 * GIB, 0, util=0,
+                    temperature=33),
+        ]
+    )
+    first, second = probe.snapshot()
+    assert (first.utilization, first.memory_utilization, first.temperature) == (97, 41, 71)
+    assert (first.power_mw, first.power_limit_mw) == (312_000, 400_000)
+    # A board without a memory-utilisation or power sensor: those read as None,
+    # and NVML refuses the whole utilisation call, as a real board does.
+    assert (second.utilization, second.memory_utilization) == (None, None)
+    assert (second.temperature, second.power_mw, second.power_limit_mw) == (33, None, None)
+
+
+def test_gpu_without_sensors_stays_in_the_pool_with_sensors_unknown(
+    probe: Probe, nvml_picture: PictureFile
+) -> None:
+    nvml_picture.write(simple_gpus(2))
+    gpus = probe.snapshot()
+    assert len(gpus) == 2
+    assert {(g.utilization, g.temperature, g.power_mw) for g in gpus} == {(None, None, None)}
+
+
 def test_process_on_gpu_is_reported_with_pid_memory_and_owner(
     probe: Probe, nvml_picture: PictureFile
 ) -> None:
@@ -318,6 +347,9 @@ def test_real_nvml_reports_sane_gpus() -> None:
         assert g.uuid.startswith("GPU-") and g.name
         assert g.memory_total > 0 and 0 <= g.memory_used <= g.memory_total
         assert all(p.pid > 0 for p in g.processes)
+        assert g.utilization is None or 0 <= g.utilization <= 100
+        assert g.temperature is None or 0 < g.temperature < 120
+        assert g.power_mw is None or g.power_mw >= 0
     gpu_nodes = nodes[: len(gpus)]
     assert all(os.path.exists(n) for n in gpu_nodes), gpu_nodes
     assert "/dev/nvidiactl" in nodes
