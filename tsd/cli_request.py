@@ -148,6 +148,9 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
             actions.setdefault("hold", "--hold")
     if "help" in actions:
         return "help", actions["help"]
+    listing = {opt.dest for opt, _ in line.given if opt.action == "list"}
+    if "gpu_status" in actions and listing == {"serialize"}:
+        del actions["list"]  # ts -g -M json: the GPU view, as JSON
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")
@@ -173,6 +176,7 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
             inv.list_format = params["serialize"] or "default"
             req = protocol.ListJobs(all_users=inv.all_users)
         case "gpu_status":
+            inv.list_format = params["serialize"] or "default"
             req = protocol.GpuStatus()
         case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
             run = GET_DEFAULTS[action] == "run"
@@ -292,6 +296,11 @@ def submit_wire(
     if params["array"] is not None and params["foreground"]:
         raise UsageError("--array cannot be used with -f (it queues many jobs)")
     depends = params["depend_ok"] or params["depend"] or ()
+    gpu_mem = params["gpu_mem"]
+    if gpu_mem is not None and gpus == 0:
+        raise UsageError("--gpu-mem needs a GPU: not with -G 0")
+    if gpu_mem is not None and not gpu_indices and gpus is None:
+        gpus = 1  # --gpu-mem alone asks for one GPU with that much memory
     spec = {
         "command": list(command),
         "cwd": cwd,
@@ -319,6 +328,7 @@ def submit_wire(
         "array_job": None,
         "array_task": None,
         "array_throttle": None,
+        "gpu_mem": gpu_mem,
     }
     return {
         "v": PROTOCOL_VERSION,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -45,6 +45,7 @@ def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
         "array_job": spec.array_job,
         "array_task": spec.array_task,
         "array_throttle": spec.array_throttle,
+        "gpu_mem": spec.gpu_mem,
     }
 
 
@@ -77,6 +78,7 @@ def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
         array_job=o.get("array_job"),
         array_task=o.get("array_task"),
         array_throttle=o.get("array_throttle"),
+        gpu_mem=o.get("gpu_mem"),
     )
 
 
@@ -127,6 +129,9 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "wait_reason": job.wait_reason,
         "attempts": job.attempts,
         "slurm_id": job.slurm_id,
+        "gpu_mem_peak": job.gpu_mem_peak,
+        "gpu_mem_now": job.gpu_mem_now,
+        "gpu_util_now": job.gpu_util_now,
     }
 
 
@@ -154,6 +159,31 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         wait_reason=str(obj.get("wait_reason") or ""),
         attempts=int(obj.get("attempts") or 0),
         slurm_id=_optional_int(obj.get("slurm_id")),
+        gpu_mem_peak=obj.get("gpu_mem_peak"),
+        gpu_mem_now=obj.get("gpu_mem_now"),
+        gpu_util_now=obj.get("gpu_util_now"),
+    )
+
+
+def unmanaged_to_dict(use: UnmanagedUse) -> dict[str, Any]:
+    """A process outside tsd on the GPUs, as `ts -A -l` gets it."""
+    return {
+        "pid": use.pid,
+        "uid": use.uid,
+        "user": use.user,
+        "gpus": list(use.gpus),
+        "memory_mib": use.memory_mib,
+    }
+
+
+def unmanaged_from_dict(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """An UnmanagedUse from `unmanaged_to_dict`'s output."""
+    return UnmanagedUse(
+        pid=int(obj["pid"]),
+        uid=None if obj.get("uid") is None else int(obj["uid"]),
+        user=None if obj.get("user") is None else str(obj["user"]),
+        gpus=tuple(int(i) for i in obj.get("gpus") or ()),
+        memory_mib=int(obj.get("memory_mib") or 0),
     )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Config",
     "ConnectionConfig",
     "GpuConfig",
+    "GpuUseConfig",
     "LimitOverride",
     "Unset",
     "load_config",
@@ -86,6 +87,18 @@ class GpuConfig:
     poll_seconds: float = 5.0  # how often NVML is polled while jobs wait for GPUs
 
 
+UNMANAGED_MODES: Final = ("show", "hold")
+
+
+@dataclass(frozen=True)
+class GpuUseConfig:
+    """The `gpu:` section: how tsd treats GPU use (here: use that bypasses the queue)."""
+
+    # A process outside tsd on a GPU always counts against its user's max_gpus and
+    # shows in `ts -A -l`; "hold" also holds that user's queued GPU jobs while it runs.
+    unmanaged: str = "show"
+
+
 @dataclass(frozen=True)
 class ConnectionConfig:
     """The `connections:` section: how many connections the daemon holds open at once."""
@@ -129,6 +142,7 @@ DEFAULT_LIMITS: Final = UserLimits(
 )
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
+_DEFAULT_GPU_USE: Final = GpuUseConfig()
 _DEFAULT_CONNECTIONS: Final = ConnectionConfig()
 _DEFAULT_CLUSTER: Final = ClusterConfig()
 
@@ -149,6 +163,7 @@ class Config:
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
     cluster: ClusterConfig = _DEFAULT_CLUSTER
+    gpu: GpuUseConfig = _DEFAULT_GPU_USE
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -200,7 +215,9 @@ _TOP_KEYS = (
     "kill_grace_seconds",
     "connections",
     "cluster",
+    "gpu",
 )
+_GPU_USE_KEYS = ("unmanaged",)
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
@@ -423,6 +440,19 @@ class _Parser:
                 gpus = dataclasses.replace(gpus, poll_seconds=seconds)
         return gpus
 
+    def gpu_use(self, node: yaml.Node) -> GpuUseConfig:
+        use = GpuUseConfig()
+        for key, _, value in self.mapping(node, "gpu", _GPU_USE_KEYS):
+            path = f"gpu.{key}"
+            if not (
+                isinstance(value, yaml.ScalarNode)
+                and value.tag == _STR
+                and value.value in UNMANAGED_MODES
+            ):
+                self.fail(value, path, f"expected show or hold, got {self.got(value)}")
+            use = dataclasses.replace(use, unmanaged=value.value)
+        return use
+
     def visible(self, node: yaml.Node, path: str) -> tuple[int, ...] | None:
         want = "'all' or a list of GPU indices"
         if isinstance(node, yaml.ScalarNode):
@@ -605,6 +635,8 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, job=self.job(value))
             elif key == "connections":
                 cfg = dataclasses.replace(cfg, connections=self.connections(value))
+            elif key == "gpu":
+                cfg = dataclasses.replace(cfg, gpu=self.gpu_use(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
             elif key == "cluster":

@@ -45,6 +45,7 @@ from tsd.dispatch import Dispatcher
 from tsd.engine import Scheduling
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
+from tsd.gpuwatch import GpuWatch, no_charge
 from tsd.jobtable import JobTable
 from tsd.model import Job, UserLimits
 from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET, SYSTEM_STATE
@@ -136,8 +137,23 @@ class Daemon:
             self.store, self.waiters, lambda: self.policy.config.max_finished
         )
         self.gpus = GpuMonitor(
-            loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule
+            loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule,
+            supervisors=lambda: {
+                j.supervisor_pid: j.id for j in self.table.running.values() if j.supervisor_pid
+            },
+            scopes=settings.system,
         )
+        self.gpu_watch = GpuWatch(
+            self.store,
+            self.table.holding,
+            self.gpus,
+            lambda: self.policy.config.gpus.poll_seconds,
+            always=settings.system,
+            # Fair share connects here: uid -> GPU-seconds of unmanaged use per sample.
+            charge=no_charge,
+            known=lambda job_id: job_id in self.table.jobs,
+        )
+        self.gpus.on_sample = self.gpu_watch.on_sample
         self.runner = Runner(
             loop,
             self.executor,
@@ -154,7 +170,7 @@ class Daemon:
             self.table,
             self.policy,
             self.gpus,
-            self.runner.start,
+            self._start,
             lambda: self.policy.config.gpus.poll_seconds,
             wake=self._wake_at,
         )
@@ -179,6 +195,7 @@ class Daemon:
             dispatcher=scheduling,
             runner=self.runner,
             waiters=self.waiters,
+            gpu_watch=self.gpu_watch,
             settings=self.store,
             stop=self._stop_soon,
             cluster=self.slurm,
@@ -208,8 +225,13 @@ class Daemon:
     def _woken(self) -> None:
         self._wake = None
         self.schedule()
+    def _start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
+        self.runner.start(job, gpu_ids)
+        if gpu_ids:
+            self.gpu_watch.rearm()  # its GPU memory is sampled while it runs
 
     def _job_ended(self, job: Job) -> None:
+        self.gpu_watch.job_ended(job)
         if self.slurm is None:
             self.dispatcher.job_ended(job)
         else:
@@ -268,6 +290,7 @@ class Daemon:
         server = Server(sock, self.handle, self.connection_limits)
         await server.start()
         sd_notify("READY=1\nSTATUS=serving")
+        self.gpu_watch.rearm()  # re-adopted GPU jobs, or the system service's outside watch
         mode = "system" if self.settings.system else "user"
         log.info("tsd %s serving (%s mode)", __version__, mode)
         self.schedule()

@@ -25,8 +25,10 @@ from tsd.errors import (
     WrongState,
 )
 from tsd.gpumonitor import GpuMonitor
+from tsd.gpuusage import unmanaged
+from tsd.gpuwatch import GpuWatch
 from tsd.jobtable import JobTable
-from tsd.model import Job, JobState, Peer, UserLimits
+from tsd.model import Job, JobState, Peer, UnmanagedUse, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
 from tsd.scheduler import check_fits
@@ -77,6 +79,12 @@ class Parts:
     settings: UserSettings
     stop: Callable[[], None]  # stop serving, once the current answer is on its way
     cluster: Cluster | None = None  # cluster.engine: slurm (tsd.slurm.SlurmEngine)
+    gpu_watch: GpuWatch | None = None  # the jobs' GPU memory and use (None: not shown)
+
+
+def _with_gpu_use(p: Parts, job: Job) -> Job:
+    """The job with its GPU memory peak and current GPU use, where known."""
+    return job if p.gpu_watch is None else p.gpu_watch.annotate(job)
 
 
 async def handle(
@@ -194,8 +202,11 @@ async def submit(
                 f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
             )
     if p.cluster is None:
+        rooms = p.gpus.rooms() if spec.gpu_mem is not None else None
+        totals = None if rooms is None else {i: r.total for i, r in rooms.items()}
         check_fits(
-            spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool
+            spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool,
+            totals,
         )
     _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if limits.max_queued is not None:
@@ -285,10 +296,16 @@ async def list_jobs(
     """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
     # One snapshot first: the queue may change while a piece is being sent.
     shown = [
-        p.dispatcher.explain(j)
+        _with_gpu_use(p, p.dispatcher.explain(j))
         for j in p.table.listing()
         if req.all_users or j.uid == peer.uid
     ]
+    outside: tuple[UnmanagedUse, ...] = ()
+    if req.all_users and p.gpus.cached()[0] is not None:
+        # GPU use outside tsd, as of a picture at most one poll old (never NVML's
+        # first load from here: a CPU-only daemon keeps away from it).
+        await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
+        outside = p.gpus.unmanaged()
     rows: list[Job] = []
     size = 0
     for job in shown:
@@ -301,12 +318,15 @@ async def list_jobs(
             rows, size = [], 0
         rows.append(job)
         size += record
-    return protocol.JobList(tuple(rows), p.policy.total_slots(), p.table.used_slots())
+    return protocol.JobList(
+        tuple(rows), p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
+    )
 
 
 def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
     """-i -s -p -o -a -F -q: one job's record, with why it waits."""
-    return protocol.JobRecord(p.dispatcher.explain(p.table.pick(peer, req.id, req.default)))
+    job = p.dispatcher.explain(p.table.pick(peer, req.id, req.default))
+    return protocol.JobRecord(_with_gpu_use(p, job))
 
 
 async def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
@@ -481,9 +501,36 @@ def gpu_free_perc(p: Parts, peer: Peer, req: protocol.GpuFreePerc) -> protocol.G
 
 
 async def gpu_status(p: Parts) -> protocol.GpuReport:
-    """ts -g: the GPUs, why busy ones are busy, and every running GPU job (like ts -A)."""
+    """ts -g: the GPUs, why busy ones are busy, who holds each, and every running GPU job.
+
+    Holders are named to everyone (job id and user, or pid and user for a
+    process outside tsd): who holds a GPU is what every user of a shared
+    server needs to know, and `ps` shows process owners to anyone anyway.
+    Job records leave redacted like any other (tsd.auth.visible_to).
+    """
     gpus, problem = await p.gpus.snapshot()
     held, tsd_pids = p.table.gpu_holders()
     busy = p.gpus.busy(held, tsd_pids, p.policy.free_threshold())
-    jobs = tuple(sorted((j for j in p.table.running.values() if j.gpu_ids), key=lambda j: j.id))
-    return protocol.GpuReport(gpus or (), busy, jobs, problem)
+    holding = sorted((j for j in p.table.holding() if j.gpu_ids), key=lambda j: j.id)
+    holders: dict[int, list[protocol.Holder]] = {}
+    for job in holding:
+        for index in job.gpu_ids:
+            holders.setdefault(index, []).append(protocol.Holder(job=job.id, user=job.user))
+    for use in unmanaged(gpus or (), p.gpus.owners()):
+        for index in use.gpus:
+            holders.setdefault(index, []).append(
+                protocol.Holder(pid=use.pid, user=use.user, memory_mib=use.memory_mib)
+            )
+    for gpu in gpus or ():
+        sharing = [j for j in holding if gpu.index in j.gpu_ids and j.spec.gpu_mem is not None]
+        if sharing:  # name them all, and how much of the GPU they declared
+            declared = sum(j.spec.gpu_mem or 0 for j in sharing)
+            ids = ", ".join(str(j.id) for j in sharing)
+            busy[gpu.index] = (
+                f"shared by --gpu-mem job{'s' if len(sharing) > 1 else ''} {ids} "
+                f"({declared / 1024:.1f} of {gpu.memory_total / 2**30:.1f} GiB declared)"
+            )
+    jobs = tuple(_with_gpu_use(p, j) for j in holding if j.state is JobState.RUNNING)
+    return protocol.GpuReport(
+        gpus or (), busy, jobs, problem, {i: tuple(h) for i, h in holders.items()}
+    )

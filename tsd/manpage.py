@@ -257,7 +257,8 @@ def render_tsd() -> str:
             "CPU and task limits of each scope), max_finished, kill_grace_seconds, "
             "connections, cluster (engine: slurm hands every job to Slurm with sbatch, as its "
             "owner: partition, account, qos, gpu_type, extra_args, output_dir, poll_seconds, "
-            "max_poll_seconds). Every key, its unit and its default are described in the "
+            "max_poll_seconds), gpu (unmanaged: show or hold, what GPU use outside tsd does). "
+            "Every key, its unit and its default are described in the "
             "installed example file. Unknown keys are errors."
         )
     )

@@ -79,6 +79,9 @@ class JobSpec:
     array_job: int | None = None  # --array: id of the array's first element
     array_task: int | None = None  # --array: this element's index (TS_ARRAY_TASK_ID)
     array_throttle: int | None = None  # --array ...%K: at most K elements running at once
+    # --gpu-mem: MiB the job needs on each of its GPUs; it may then share them with
+    # other --gpu-mem jobs. None: it takes its GPUs whole.
+    gpu_mem: int | None = None
 
     @property
     def gpus_wanted(self) -> int:
@@ -169,6 +172,11 @@ class Job:
     wait_reason: str = ""  # why a pending job is not running, for -i
     attempts: int = 0  # times it was started (--retry starts it again under the same id)
     slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
+    # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
+    # kept with the job, the current figures only while it runs.
+    gpu_mem_peak: int | None = None
+    gpu_mem_now: int | None = None
+    gpu_util_now: int | None = None  # percent: the device utilisation of its GPUs
 
     @property
     def redacted(self) -> bool:
@@ -204,6 +212,17 @@ class GpuProcess:
     pid: int
     used_memory: int | None  # bytes; None when NVML does not know
     user: str | None = None  # owner, resolved by the adapter when it can
+
+
+@dataclass(frozen=True)
+class UnmanagedUse:
+    """A process on a GPU that no tsd job started: GPU use that bypassed the queue."""
+
+    pid: int
+    uid: int | None  # None when the process is gone or hidden from the daemon
+    user: str | None
+    gpus: tuple[int, ...]  # indices it runs on
+    memory_mib: int  # NVML's per-process memory, summed over its GPUs (0 unknown)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from tsd import codec, jobcontrols
@@ -26,6 +25,7 @@ from tsd.framing import MAX_COMMAND as MAX_COMMAND
 from tsd.framing import MAX_DEPENDS as MAX_DEPENDS
 from tsd.framing import MAX_ENV as MAX_ENV
 from tsd.framing import MAX_FRAME as MAX_FRAME
+from tsd.framing import MAX_GPU_MEM as MAX_GPU_MEM
 from tsd.framing import MAX_GPUS as MAX_GPUS
 from tsd.framing import MAX_ID as MAX_ID
 from tsd.framing import MAX_SLOTS as MAX_SLOTS
@@ -35,7 +35,10 @@ from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
-from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec
+from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec, UnmanagedUse
+from tsd.wirefields import Fields as _Fields
+from tsd.wirefields import check_line as _check_line
+from tsd.wirefields import check_text as _check_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -291,95 +294,6 @@ def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
 # ------------------------------------------------------------- validation
 
 
-class _Fields:
-    """Typed, bounded access to one JSON object; every failure is a BadRequest naming the key."""
-
-    def __init__(self, obj: Mapping[str, Any], where: str) -> None:
-        self.obj = obj
-        self.where = where
-
-    def _bad(self, key: str, what: str) -> BadRequest:
-        return BadRequest(f"bad request: {self.where}{key}: {what}")
-
-    def _get(self, key: str, default: T, check: Callable[[Any], bool], what: str) -> Any:
-        if key not in self.obj or self.obj[key] is None:
-            return default
-        value = self.obj[key]
-        if not check(value):
-            raise self._bad(key, f"expected {what}")
-        return value
-
-    def flag(self, key: str, default: bool = False) -> bool:
-        return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
-
-    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int | None:
-        value = self._get(key, default, _is_int, "an integer")
-        if value is not None and not lo <= value <= hi:
-            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
-        return None if value is None else int(value)
-
-    def req_integer(self, key: str, lo: int, hi: int) -> int:
-        value = self.integer(key, lo, hi)
-        if value is None:
-            raise self._bad(key, "missing")
-        return value
-
-    def number(self, key: str, lo: float, hi: float) -> float | None:
-        value = self._get(key, None, _is_num, "a number")
-        if value is not None and not lo <= value <= hi:
-            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
-        return None if value is None else float(value)
-
-    def text(self, key: str, max_len: int = MAX_TEXT, default: str | None = None) -> str | None:
-        value = self._get(key, default, lambda v: isinstance(v, str), "a string")
-        if value is not None:
-            _check_text(value, max_len, lambda what: self._bad(key, what))
-        return None if value is None else str(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.text(key, 64, default)
-        if value not in choices:
-            raise self._bad(key, f"expected one of {', '.join(choices)}")
-        return str(value)
-
-    def int_list(self, key: str, lo: int, hi: int, max_items: int) -> tuple[int, ...] | None:
-        value = self._get(key, None, lambda v: isinstance(v, list), "a list")
-        if value is None:
-            return None
-        if len(value) > max_items:
-            raise self._bad(key, f"more than {max_items} items")
-        if not all(_is_int(v) and lo <= v <= hi for v in value):
-            raise self._bad(key, f"expected integers in {lo}..{hi}")
-        return tuple(int(v) for v in value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _check_line(value: str | None, bad: Callable[[str], BadRequest]) -> None:
-    """Refuse control characters in a value that ends up alone on a terminal line or
-    in a path (label, log dir, -O, variable names): a newline there could forge a line
-    in an admin's listing or the journal."""
-    if value is not None and any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in value):
-        raise bad("contains a control character (newline, tab, escape...)")
-
-
-def _check_text(value: str, max_len: int, bad: Callable[[str], BadRequest]) -> None:
-    if len(value) > max_len:
-        raise bad(f"longer than {max_len} characters")
-    if "\0" in value:
-        raise bad("contains a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad("is not valid UTF-8") from None
-
-
 def parse_spec(obj: Any) -> JobSpec:
     """Validate a job spec from the wire. Nothing from it is trusted beyond its shape."""
     if not isinstance(obj, dict):
@@ -441,6 +355,9 @@ def parse_spec(obj: Any) -> JobSpec:
         controls = jobcontrols.spec_controls(obj)
     except ValueError as exc:
         raise BadRequest(f"bad request: {exc}") from None
+    gpu_mem = f.integer("gpu_mem", 1, MAX_GPU_MEM)
+    if gpu_mem is not None and gpus == 0:
+        gpus = 1  # --gpu-mem alone: one GPU with that much memory
     spec = JobSpec(
         command=tuple(command),
         cwd=cwd,
@@ -461,6 +378,7 @@ def parse_spec(obj: Any) -> JobSpec:
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
         **controls,
+        gpu_mem=gpu_mem,
     )
     size = encoded_size(codec.spec_to_dict(spec, include_env=False))
     if size > MAX_RECORD:
@@ -627,13 +545,26 @@ class JobRecord:
         return {"job": job_to_wire(self.job)}
 
 
+def unmanaged_from_wire(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """The client's copy of an unmanaged GPU process record (it trusts its daemon's shape)."""
+    try:
+        return codec.unmanaged_from_dict(obj)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed GPU process record from the daemon: {exc}") from None
+
+
 @dataclass(frozen=True)
 class JobList:
-    """list: the last piece of the listing, with the server's slot use."""
+    """list: the last piece of the listing, with the server's slot use.
+
+    `unmanaged` (ts -A only): processes outside tsd on the GPUs, shown as
+    entries of their own (state `unmanaged`, no id).
+    """
 
     jobs: tuple[Job, ...]
     slots: int
     running: int
+    unmanaged: tuple[UnmanagedUse, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -641,6 +572,7 @@ class JobList:
             "jobs": [job_to_wire(j) for j in self.jobs],
             "slots": self.slots,
             "running": self.running,
+            "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
         }
 
 
@@ -690,13 +622,33 @@ class GpuThreshold:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """Who holds a GPU: a tsd job (`job`) or a process outside tsd (`pid`), and its user."""
+
+    job: int | None = None
+    pid: int | None = None
+    user: str | None = None
+    memory_mib: int | None = None  # a process outside tsd: its GPU memory, all its GPUs
+
+    def to_wire(self) -> dict[str, Any]:
+        """The holder as `ts -g` gets it."""
+        return {"job": self.job, "pid": self.pid, "user": self.user, "memory_mib": self.memory_mib}
+
+
+def _no_holders() -> Mapping[int, tuple[Holder, ...]]:
+    return {}
+
+
+@dataclass(frozen=True)
 class GpuReport:
-    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem."""
+    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem,
+    and who holds each GPU."""
 
     gpus: tuple[Gpu, ...]
     busy: Mapping[int, str]
     jobs: tuple[Job, ...]
     problem: str
+    holders: Mapping[int, tuple[Holder, ...]] = field(default_factory=_no_holders)
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -715,6 +667,7 @@ class GpuReport:
                     "power_mw": g.power_mw,
                     "power_limit_mw": g.power_limit_mw,
                     "busy": self.busy.get(g.index),
+                    "holders": [h.to_wire() for h in self.holders.get(g.index, ())],
                     "processes": [
                         {"pid": p.pid, "user": p.user, "used_memory": p.used_memory}
                         for p in g.processes

@@ -50,6 +50,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS slurm_jobs (
     job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gpu_peaks (id INTEGER PRIMARY KEY, peak_mib INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_settings (
     uid INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (uid, key)
 );
@@ -256,10 +257,11 @@ class Store:
 
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
+        rows = [(i,) for i in ids]
         with self._tx():
-            rows = [(i,) for i in ids]
             self.db.executemany("DELETE FROM jobs WHERE id=?", rows)
             self.db.executemany("DELETE FROM slurm_jobs WHERE job_id=?", rows)
+            self.db.executemany("DELETE FROM gpu_peaks WHERE id=?", rows)
 
     def load_all(self) -> list[Job]:
         """Every job, without environments, in id order (StoreError when unreadable)."""
@@ -289,6 +291,20 @@ class Store:
         if row is None:
             return ()
         return tuple((str(k), str(v)) for k, v in json.loads(row[0]))
+
+    # -------------------------------------------------------- GPU memory peaks
+
+    def gpu_peaks(self) -> dict[int, int]:
+        """job id -> the most GPU memory (MiB) its processes were seen using."""
+        rows = self.db.execute("SELECT id, peak_mib FROM gpu_peaks")
+        return {int(i): int(m) for i, m in rows}
+
+    def set_gpu_peaks(self, peaks: dict[int, int]) -> None:
+        """Record new GPU memory peaks (job id -> MiB) in one transaction."""
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO gpu_peaks VALUES (?, ?)", list(peaks.items())
+            )
 
     # -------------------------------------------------------- settings
 

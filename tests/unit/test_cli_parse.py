@@ -334,7 +334,7 @@ def test_every_option_in_the_table_parses() -> None:
         Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
                          "timeout": "5", "begin": "+5s", "retry": "2", "array": "1-3",
-                         "priority": "5"},
+                         "priority": "5", "gpu_mem": "20G"},
     }  # fmt: skip
     for opt in OPTIONS:
         value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
@@ -400,7 +400,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "num_slots": ("4", 4), "hold": ("12", 12), "release": ("13", 13),
     "begin": (f"{NEXT_YEAR}-01-01T00:00", datetime(NEXT_YEAR, 1, 1).timestamp()),
     "retry": ("3", 3),
-    "array": ("1-9:2%3", "1-9:2%3"), "priority": ("-7", -7),
+    "array": ("1-9:2%3", "1-9:2%3"), "priority": ("-7", -7), "gpu_mem": ("1.5G", 1536),
 }  # fmt: skip
 
 
