@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
 
+from tsd.eligibility import apart_reason
 from tsd.errors import StorageFull
 from tsd.gpuusage import hold_reasons, outside_gpus
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
@@ -115,6 +116,7 @@ class Dispatcher:
         poll_seconds: Callable[[], float],
         fair: FairKeys | None = None,
         clock: Callable[[], float] = time.time,
+        wake: Callable[[float | None], None] | None = None,
     ) -> None:
         self.fair = fair
         self._clock = clock
@@ -123,6 +125,9 @@ class Dispatcher:
         self.gpus = gpus
         self._start = start
         self._poll_seconds = poll_seconds
+        # Arms (or with None disarms) one timer that schedules again at an epoch time:
+        # when the earliest --begin a waiting job has comes.
+        self._wake = wake
         # The scheduler stops reading the queue once the server is full; the jobs it
         # did not reach wait for this one reason.
         self.unvisited_reason = ""
@@ -135,6 +140,8 @@ class Dispatcher:
         table = self.table
         if not table.pending:
             self.gpus.stop_poll()
+            if self._wake is not None:
+                self._wake(None)
             return
         if table.pending_gpu_jobs:
             if not self.gpus.request(GPU_MAX_AGE):
@@ -170,6 +177,8 @@ class Dispatcher:
         if decision.reserved is not None or not decision.unvisited_reason:
             self.reserved = decision.reserved
         self.unvisited_reason = decision.unvisited_reason
+        if self._wake is not None:
+            self._wake(decision.wake_at)
         allocating = set(decision.allocating)
         # A job read again that no longer waits for GPUs (it now waits for a slot or a
         # dependency) is back to plain queued.
@@ -225,6 +234,9 @@ class Dispatcher:
 
     def explain(self, job: Job) -> Job:
         """The job with the wait reason ts -i and -l show (the scheduler's, or the last pass's)."""
+        apart = apart_reason(job, time.time()) if job.state.pending else None
+        if apart is not None:  # held or not begun: whatever the last pass saw or missed
+            return replace(job, wait_reason=apart)
         if job.state.pending and not job.wait_reason and self.unvisited_reason:
             return replace(job, wait_reason=self.unvisited_reason)
         if job.state is JobState.ALLOCATING:

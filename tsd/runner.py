@@ -24,7 +24,7 @@ import logging
 import os
 import pwd
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch
 from tsd.config import Config
+from tsd.eligibility import should_retry
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
@@ -94,7 +95,7 @@ class JobTableView(Protocol):
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
-    def requeue(self, job_id: int) -> Job: ...
+    def requeue(self, job_id: int, failed: ExitInfo | None = None) -> Job: ...
 
     def unlaunch(self, job_id: int) -> Job: ...
 
@@ -107,6 +108,7 @@ class JobTableView(Protocol):
     def end_pending(
         self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
     ) -> Job: ...
+
 
 
 class EnvSource(Protocol):
@@ -208,6 +210,7 @@ class Runner:
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
+        self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
         self._store_retries: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         # job id -> (uid, (stdout, stderr)) of a queued ts -n job: in memory only, so
@@ -315,14 +318,8 @@ class Runner:
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 
     def _plan(self, job: Job, pw: pwd.struct_passwd) -> launch.LaunchPlan:
-        env = dict(self._env.env_of(job.id))
         settings = self._env.user_settings(job.uid)
-        for key, value in settings.items():
-            if key.startswith("env:"):
-                env[key[4:]] = value
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["TS_JOBID"] = str(job.id)
+        env = job_env(job, self._env.env_of(job.id), settings)
         on_finish = env.get("TS_ONFINISH") or (
             None if self.settings.system else self.settings.on_finish
         )
@@ -497,9 +494,13 @@ class Runner:
         if job_id not in self.table.running:
             return
         report = exitreport.read(self.settings.exits_dir, job_id)
+        job, killed = self.table.running[job_id], job_id in self._killed
+        retry = bool(report and not report.aborted and should_retry(job, report.exit, killed))
         try:
             if report is not None and report.aborted:
                 self.table.requeue(job_id)
+            elif retry and report is not None:
+                self.table.requeue(job_id, failed=report.exit)
             elif report is None:
                 note = "its supervisor vanished (killed, or host reboot)"
                 ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
@@ -513,8 +514,10 @@ class Runner:
             )
             return
         exitreport.discard(self.settings.exits_dir, job_id)
-        if report is not None and report.aborted:
-            log.info("job %d: never started, queued again", job_id)
+        self._killed.discard(job_id)
+        if report is not None and (report.aborted or retry):
+            why = "never started" if report.aborted else f"{report.exit.summary()} (--retry)"
+            log.info("job %d: %s, queued again", job_id, why)
             self._requeued()
             return
         if ended is not None:
@@ -536,6 +539,7 @@ class Runner:
         """End a running job's whole tree: SIGTERM now, SIGKILL after the grace period."""
         if job.state is not JobState.RUNNING:
             raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        self._killed.add(job.id)
         self._signal(job.id, signal.SIGTERM)
         if job.id not in self._kill_timers:
             delay = self._config().kill_grace_seconds + KILL_BACKSTOP
@@ -571,6 +575,21 @@ class Runner:
         """Let launches and scope calls under way finish (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def job_env(
+    job: Job, submitted: Sequence[tuple[str, str]], settings: Mapping[str, str]
+) -> dict[str, str]:
+    """A job's environment: as submitted, the user's --setenv values, and tsd's variables."""
+    env = dict(submitted)
+    env.update((key[4:], value) for key, value in settings.items() if key.startswith("env:"))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["TS_JOBID"] = str(job.id)
+    if job.spec.array_task is not None:  # --array
+        env["TS_ARRAY_TASK_ID"] = str(job.spec.array_task)
+        env["TS_ARRAY_JOB_ID"] = str(job.spec.array_job)
+    return env
 
 
 def _close_all(fds: tuple[int, ...] | None) -> None:

@@ -33,6 +33,10 @@ The rules, which are the product's semantics:
   whole. A job without `--gpu-mem` never lands on a GPU another job holds.
 * GPU use outside tsd (`Resources.outside_gpus`) counts against its user's
   `max_gpus`; `Resources.gpu_holds` holds a user's GPU jobs (gpu.unmanaged: hold).
+* Job controls (tsd.eligibility): held jobs and jobs whose `--begin` has not
+  come are passed over (they hold nobody up; `wake_at` says when to decide
+  again); an `--array ...%K` element waits while K of its array run, holding
+  nobody up either. `--priority` is already in the queue order.
 
 Cost: a decision reads the queue lazily and stops as soon as no server slot is
 left, so on a full server it costs in proportion to the jobs it starts, not to
@@ -44,12 +48,14 @@ from __future__ import annotations
 
 import enum
 import heapq
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from tsd import backfill as bf
+from tsd.eligibility import ArrayCounts, apart_reason, begins_later
 from tsd.errors import NeverFits
 from tsd.model import DependMode, Job, JobSpec, UserLimits
 
@@ -121,6 +127,8 @@ class Decision:
     reasons: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
     unvisited_reason: str = ""
     reserved: int | None = None  # the job holding the reservation, if any
+    # The earliest --begin time a visited job waits for: decide again then.
+    wake_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,8 @@ class Resources:
     free_gpus: tuple[int, ...] | None
     gpu_problem: str = ""  # why free_gpus is None, shown in reasons
     visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+    # The clock, for --begin and running jobs' expected ends (start + --timeout).
+    now: float = field(default_factory=time.time)
     # --gpu-mem: the memory of each GPU of the pool (visible and present); None
     # while unknown, and then no --gpu-mem job starts.
     gpu_memory: Mapping[int, GpuRoom] | None = field(default=None, hash=False)
@@ -145,10 +155,8 @@ class Resources:
     # and a lower bound of it over every user with a pending job.
     fair_key: Callable[[int], float] | None = None
     fair_floor: float = 0.0
-    now: float = 0.0  # epoch seconds: running jobs' expected ends are start + --timeout
     # The previous decision's `reserved`: a big job keeps its reservation (tsd.backfill).
     reserved_hint: int | None = None
-
 
 
 def job_slots(spec: JobSpec) -> int:
@@ -360,6 +368,8 @@ class _Decider:
         self.skips: list[int] = []
         self.allocating: dict[int, None] = {}  # ordered set
         self.reasons: dict[int, str] = {}
+        self.arrays = ArrayCounts(running)
+        self.wake_at: float | None = None
 
     # -- reading the queue
 
@@ -377,6 +387,8 @@ class _Decider:
         if job.id in self.running_ids or job.id in self.seen:
             return
         self.seen.add(job.id)
+        if self.set_apart(job):
+            return
         ready, why = dep_ready(job.spec, self.dep_outcome)
         if ready is None:
             self.reasons[job.id] = why
@@ -394,6 +406,17 @@ class _Decider:
         if user.cand is None:
             self.search(user)
 
+    def set_apart(self, job: Job) -> bool:
+        """Held, or its --begin has not come: it waits and holds nobody up."""
+        why = apart_reason(job, self.res.now)
+        if why is None:
+            return False
+        self.reasons[job.id] = why
+        begin = begins_later(job, self.res.now)
+        if begin is not None and (self.wake_at is None or begin < self.wake_at):
+            self.wake_at = begin
+        return True
+
     # -- one user's next candidate
 
     def search(self, user: _User) -> None:
@@ -405,6 +428,10 @@ class _Decider:
         self.gen += 1
         spec = job.spec
         wanted = spec.gpus_wanted
+        throttled = self.arrays.throttled(spec)
+        if throttled is not None:
+            self.reasons[job.id] = throttled  # its array's other elements run: nobody held up
+            return
         never = self.never_fits(user, spec)
         if never is not None:
             # It was accepted when the server or the quota was bigger (or NVML was down):
@@ -615,6 +642,7 @@ class _Decider:
         self.starts.append(Start(job.id, gpu_ids))
         self.job_users[job.id] = user.uid
         self.rsv.recheck()
+        self.arrays.started(spec)
         self.search(user)
 
     def take_gpus(self, gpu_ids: tuple[int, ...], mem: int | None) -> None:
@@ -647,10 +675,8 @@ class _Decider:
             if self.gen != seen_gen:  # else the same user is still the best
                 user = self.best()
                 seen_gen = self.gen
-            # A candidate of a user with the least possible fair key and no running
-            # slot cannot be beaten by a job not read yet (it would tie and lose on
-            # order), nor held back by a reservation found later (that one would be
-            # later in the queue); any other may be, by an unread user.
+            # The least possible fair key and no running slot: no job not read yet can
+            # beat it (it would lose on order) nor hold it back (it comes later).
             early = user is not None and user.slots == 0 and user.fair <= self.res.fair_floor
             if user is not None and (early or read_all):
                 self.start(user)
@@ -666,14 +692,7 @@ class _Decider:
             self.head_blocks(user)  # classify allocating heads as of the final state
         reserved = self.rsv.job()
         if self.free_slots <= 0:
-            # Read but cut short by the full server: they wait for a slot.
-            started = {self.job_users[st.job_id] for st in self.starts}
-            waiting = [u for u in self.users.values() if u.cand is not None or u.uid in started]
-            for user in self.users.values():
-                reason = self.full_reason() + _fair_hint(user, waiting)
-                for job in [user.cand, *user.ready]:
-                    if job is not None:
-                        self.reasons[job.id] = reason
+            _full_server_reasons(self)  # read but cut short by the full server
         elif reserved is not None:
             self.rsv.explain(reserved, self.reasons)
         return Decision(
@@ -683,7 +702,20 @@ class _Decider:
             reasons=MappingProxyType(self.reasons),
             unvisited_reason="" if read_all else self.full_reason(),
             reserved=None if reserved is None else reserved.id,
+            wake_at=self.wake_at,
         )
+
+
+def _full_server_reasons(d: _Decider) -> None:
+    """Jobs read but cut short by the full server wait for a slot (and maybe for the
+    user fair share puts first)."""
+    started = {d.job_users[st.job_id] for st in d.starts}
+    waiting = [u for u in d.users.values() if u.cand is not None or u.uid in started]
+    for user in d.users.values():
+        reason = d.full_reason() + _fair_hint(user, waiting)
+        for job in [user.cand, *user.ready]:
+            if job is not None:
+                d.reasons[job.id] = reason
 
 
 def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:
