@@ -112,6 +112,8 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "output": job.output_path,
         "unit": job.unit,
         "wait_reason": job.wait_reason,
+        "gpu_idle_since": job.gpu_idle_since,
+        "notice": job.notice,
     }
 
 
@@ -137,4 +139,10 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         output_path=obj.get("output"),
         unit=obj.get("unit"),
         wait_reason=str(obj.get("wait_reason") or ""),
+        gpu_idle_since=_float_or_none(obj.get("gpu_idle_since")),
+        notice=str(obj.get("notice") or ""),
     )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -36,7 +36,9 @@ __all__ = [
     "Config",
     "ConnectionConfig",
     "GpuConfig",
+    "IdleConfig",
     "LimitOverride",
+    "MetricsConfig",
     "Unset",
     "load_config",
     "parse_config",
@@ -94,6 +96,39 @@ class ConnectionConfig:
     waiting_per_user: int | None = 32  # one user's parked ts -w/-t/-c/-f calls
 
 
+IDLE_ACTIONS: Final = ("none", "kill", "requeue")
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    """The `gpu:` section: what happens to jobs that hold GPUs without using them."""
+
+    after: float | None = None  # seconds of continuous idleness before a job is flagged; None: off
+    threshold: float = 5.0  # a GPU at or below this utilisation (percent) is idle
+    action: str = "none"  # then, after `grace`: "none", "kill" or "requeue"
+    grace: float = 600.0  # seconds between the flag (and notice) and the action
+    notify: str | None = None  # a command run as the job's user when the job is flagged
+
+
+# Where node_exporter's textfile collector looks (Debian's prometheus-node-exporter).
+DEFAULT_METRICS_TEXTFILE: Final = "/var/lib/prometheus/node-exporter/tsd.prom"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The `metrics:` section: the Prometheus textfile the daemon keeps up to date."""
+
+    # None: not set (the system service writes DEFAULT_METRICS_TEXTFILE, a personal
+    # daemon nothing); "": off; else the absolute path of a *.prom file.
+    textfile: str | None = None
+
+    def path(self, system: bool) -> str | None:
+        """The file to write, None when metrics are off."""
+        if self.textfile is None:
+            return DEFAULT_METRICS_TEXTFILE if system else None
+        return self.textfile or None
+
+
 def _empty_overrides() -> Mapping[str, LimitOverride]:
     return MappingProxyType({})
 
@@ -125,6 +160,8 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
+    idle: IdleConfig = field(default_factory=IdleConfig)  # the `gpu:` section
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -175,7 +212,13 @@ _TOP_KEYS = (
     "max_finished",
     "kill_grace_seconds",
     "connections",
+    "gpu",
+    "metrics",
 )
+_IDLE_KEYS = ("idle_after", "idle_threshold", "idle_action", "idle_grace", "idle_notify")
+_METRICS_KEYS = ("textfile",)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
@@ -452,6 +495,75 @@ class _Parser:
                 conns = dataclasses.replace(conns, waiting_per_user=limit)
         return conns
 
+    def idle(self, node: yaml.Node) -> IdleConfig:
+        idle = IdleConfig()
+        for key, _, value in self.mapping(node, "gpu", _IDLE_KEYS):
+            path = f"gpu.{key}"
+            if key == "idle_after":
+                idle = dataclasses.replace(idle, after=self.duration(value, path, off=True))
+            elif key == "idle_threshold":
+                idle = dataclasses.replace(idle, threshold=self.number(value, path, percent=True))
+            elif key == "idle_action":
+                idle = dataclasses.replace(idle, action=self.idle_action(value, path))
+            elif key == "idle_grace":
+                grace = self.duration(value, path, off=False)
+                assert grace is not None
+                idle = dataclasses.replace(idle, grace=grace)
+            else:
+                idle = dataclasses.replace(idle, notify=self.command(value, path))
+        return idle
+
+    def duration(self, node: yaml.Node, path: str, *, off: bool) -> float | None:
+        """Seconds from a number or `90s`, `30m`, `2h`, `1d`; with `off`, null/`off` -> None."""
+        want = "a duration such as 90s, 30m or 2h" + (", or off" if off else "")
+        if isinstance(node, yaml.ScalarNode):
+            if off and (self.is_null(node) or (node.tag == _STR and node.value == "off")):
+                return None
+            seconds: float | None = None
+            if node.tag in (_INT, _FLOAT):
+                raw = self.construct(node, path)
+                if isinstance(raw, int | float) and not isinstance(raw, bool):
+                    seconds = float(raw)
+            elif node.tag == _STR:
+                match = _DURATION_RE.match(node.value)
+                if match:
+                    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            if seconds is not None and math.isfinite(seconds) and seconds > 0:
+                return seconds
+        self.fail(node, path, f"expected {want}, got {self.got(node)}")
+
+    def idle_action(self, node: yaml.Node, path: str) -> str:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value in IDLE_ACTIONS:
+            return str(node.value)
+        if self.is_null(node):
+            return "none"
+        self.fail(node, path, f"expected one of none, kill, requeue, got {self.got(node)}")
+
+    def command(self, node: yaml.Node, path: str) -> str | None:
+        """A shell command line (run with /bin/sh -c); null or empty for none."""
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+            text = str(node.value)
+            if "\0" not in text and "\n" not in text:
+                return text.strip() or None
+        self.fail(node, path, f"expected a command line, got {self.got(node)}")
+
+    def metrics(self, node: yaml.Node) -> MetricsConfig:
+        metrics = MetricsConfig()
+        for _, _, value in self.mapping(node, "metrics", _METRICS_KEYS):
+            if self.is_null(value):  # `textfile:` with nothing: off, as ""
+                metrics = MetricsConfig(textfile="")
+                continue
+            text = str(value.value) if isinstance(value, yaml.ScalarNode) else ""
+            if not (isinstance(value, yaml.ScalarNode) and value.tag == _STR) or (
+                text and not re.fullmatch(r"/[^\0]*[^/]\.prom", text)
+            ):
+                want = 'an absolute path ending in .prom, or "" for no metrics'
+                self.fail(value, "metrics.textfile", f"expected {want}, got {self.got(value)}")
+            metrics = MetricsConfig(textfile=text)
+        return metrics
+
     def size(self, node: yaml.Node, path: str) -> int | None:
         """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
         if self.is_null(node):
@@ -512,6 +624,10 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, connections=self.connections(value))
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
+            elif key == "gpu":
+                cfg = dataclasses.replace(cfg, idle=self.idle(value))
+            elif key == "metrics":
+                cfg = dataclasses.replace(cfg, metrics=self.metrics(value))
             else:
                 grace = self.number(value, key)
                 cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +42,10 @@ from tsd.config import Config, GpuConfig, load_config, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
+from tsd.idlewatch import IdleWatch
 from tsd.jobtable import JobTable
+from tsd.metrics import MetricsState
+from tsd.metricswriter import MetricsWriter
 from tsd.model import Job, UserLimits
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings, ScopeManager
@@ -149,6 +153,14 @@ class Daemon:
             self.runner.start,
             lambda: self.policy.config.gpus.poll_seconds,
         )
+        self.idle = IdleWatch(
+            loop, lambda: self.policy.config, self.table, self.gpus, self.runner,
+            self.store.env_of,
+        )
+        self.metrics = MetricsWriter(
+            loop, self.executor, lambda: self.policy.config.metrics.path(settings.system),
+            self.metrics_state, self._refresh_gpus_for_metrics,
+        )
         self.stopping = asyncio.Event()
         self.parts = handlers.Parts(
             system=settings.system,
@@ -173,6 +185,27 @@ class Daemon:
 
     def _job_ended(self, job: Job) -> None:
         self.dispatcher.job_ended(job)
+
+    def metrics_state(self) -> MetricsState:
+        """What the Prometheus textfile shows now (tsd.metrics)."""
+        gpus, _ = self.gpus.cached()
+        pool = self.gpus.pool()
+        held, _ = self.table.gpu_holders()
+        return MetricsState(
+            jobs=list(self.table.jobs.values()),
+            slots_total=self.policy.total_slots(),
+            slots_used=self.table.used_slots(),
+            gpus=gpus,
+            gpu_pool=None if pool is None else len(pool),
+            gpus_allocated=len(held),
+            totals=self.store.usage_totals(),
+            now=time.time(),
+        )
+
+    async def _refresh_gpus_for_metrics(self) -> None:
+        # A machine without NVML is not asked again every few seconds.
+        if self.gpus.absent() is None:
+            await self.gpus.snapshot(max_age=self.metrics.interval)
 
     async def handle(
         self, creds: tuple[int, int, int], req: protocol.Request, send: SendEvent
@@ -219,9 +252,13 @@ class Daemon:
         mode = "system" if self.settings.system else "user"
         log.info("tsd %s serving (%s mode)", __version__, mode)
         self.schedule()
+        self.idle.start()
+        self.metrics.start()
         await self.stopping.wait()
         sd_notify("STOPPING=1")
         self.save_list()
+        await self.idle.stop()
+        await self.metrics.stop()
         await server.close()
         await self.runner.drain()
         if not self.settings.system and self.settings.socket_path:

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 from tsd import auth
 from tsd.errors import NoSuchJob, StorageFull, WrongState
-from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer
+from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, run_usage
 from tsd.scheduler import DepOutcome
 
 
@@ -43,6 +43,8 @@ class JobStore(Protocol):
     ) -> Job: ...
 
     def save(self, *jobs: Job) -> None: ...
+
+    def save_ended(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None: ...
 
     def delete(self, ids: Iterable[int]) -> None: ...
 
@@ -159,7 +161,7 @@ class JobTable:
         return held, pids
 
     def is_queued(self, job: Job) -> bool:
-        """Pending and in the queue (not being launched): it may be moved or removed."""
+        """Pending, in the queue (not being launched): it may be moved or removed."""
         return job.state.pending and job.id not in self.launching
 
     def dep_outcome(self, job_id: int) -> DepOutcome:
@@ -308,10 +310,8 @@ class JobTable:
         return job
 
     def unlaunch(self, job_id: int) -> Job:
-        """A launch abandoned before it was recorded (`launched` failed): back to the queue.
-
-        In memory only, like `begin_run`: the store still holds the job as pending.
-        """
+        """A launch abandoned before it was recorded (`launched` failed): back to the queue,
+        in memory only, like `begin_run` (the store still holds the job as pending)."""
         job = replace(self.launching.pop(job_id), gpu_ids=(), gpu_uuids=())
         self._launch_times.pop(job_id, None)
         self.jobs[job_id] = job
@@ -319,14 +319,19 @@ class JobTable:
         self._sort_pending()
         return job
 
-    def requeue(self, job_id: int) -> Job:
-        """A launch that never ran its command: back to the queue at its old place."""
-        job = self.running.get(job_id) or self.launching[job_id]
+    def requeue(self, job_id: int, notice: str | None = None) -> Job:
+        """A launch that never ran its command: back to the queue at its old place. With a
+        `notice` (ended for idle GPUs) its run is charged to its user, in one transaction."""
+        ran = self.running.get(job_id) or self.launching[job_id]
         job = replace(
-            job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
+            ran, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
             supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,
+            gpu_idle_since=None, notice=ran.notice if notice is None else notice,
         )
-        self.store.save(job)  # first: on StorageFull nothing changed in memory either
+        if notice is None:  # first: on StorageFull nothing changed in memory either
+            self.store.save(job)
+        else:
+            self.store.save_ended(job, *run_usage(ran, time.time()))
         self.running.pop(job_id, None)
         self.launching.pop(job_id, None)
         self._launch_times.pop(job_id, None)
@@ -334,6 +339,11 @@ class JobTable:
         self._index_pending(job)
         self._sort_pending()
         return job
+
+    def set_idle(self, job_id: int, since: float | None) -> None:
+        """Flag a running job whose GPUs sit idle (None: clear it); in memory only."""
+        if (job := self.running.get(job_id)) is not None and job.gpu_idle_since != since:
+            self.jobs[job_id] = self.running[job_id] = replace(job, gpu_idle_since=since)
 
     def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None:
         """What a running job's supervisor reported: its command's pid, its output path.
@@ -362,9 +372,10 @@ class JobTable:
             return None
         job = replace(
             job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
-            output_path=job.output_path or output,
+            output_path=job.output_path or output, gpu_idle_since=None,
         )
-        self.store.save(job)  # first: on StorageFull it is still running, to be retried
+        # First, with the run's usage: on StorageFull it is still running, to be retried.
+        self.store.save_ended(job, *run_usage(job, job.end_time or time.time()))
         del self.running[job_id]
         self.jobs[job_id] = job
         self._account_done(job)

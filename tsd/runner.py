@@ -94,7 +94,9 @@ class JobTableView(Protocol):
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
-    def requeue(self, job_id: int) -> Job: ...
+    def requeue(self, job_id: int, notice: str | None = None) -> Job: ...
+
+    def move_front(self, job: Job) -> Job: ...
 
     def unlaunch(self, job_id: int) -> Job: ...
 
@@ -166,6 +168,14 @@ class PidfdWatch:
 
 
 @dataclass(frozen=True)
+class EndReason:
+    """Why the daemon itself ends a running job (its GPUs sat idle), for the job's record."""
+
+    note: str  # added to its exit note, or the requeued job's notice
+    requeue: bool = False  # queue it again (front of its owner's queue) instead of finishing
+
+
+@dataclass(frozen=True)
 class RunnerSettings:
     """What the runner needs to know of its daemon."""
 
@@ -209,6 +219,7 @@ class Runner:
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._store_retries: dict[int, asyncio.TimerHandle] = {}
+        self._reasons: dict[int, EndReason] = {}  # jobs the daemon ends on its own
         self._tasks: set[asyncio.Task[Any]] = set()
         # job id -> (uid, (stdout, stderr)) of a queued ts -n job: in memory only, so
         # after a restart such a job writes to /dev/null.
@@ -349,19 +360,11 @@ class Runner:
             nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
         )
 
-    def _device_fence(self, gpu_ids: tuple[int, ...]) -> list[str] | None:
-        """Runs in a worker: the device nodes the job may open, None for no fence at all."""
-        if not any(Path("/dev").glob("nvidia[0-9]*")):
-            return None  # no NVIDIA device nodes here: nothing to fence
-        # Every job is fenced off the GPUs it was not given, a CPU job off all of
-        # them: CUDA_VISIBLE_DEVICES alone is only a convention.
-        return self._gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
-
     async def _launch_in_scope(
         self, job: Job, plan: launch.LaunchPlan, gpu_ids: tuple[int, ...]
     ) -> None:
         try:
-            devices = await self._offload(self._device_fence, gpu_ids)
+            devices = await self._offload(device_fence, self._gpus, gpu_ids)
         except GpuUnavailable as exc:
             # NVML failed just now: the job waits for it in the queue like any other.
             self._gpus.mark_unavailable(str(exc))
@@ -497,14 +500,18 @@ class Runner:
         if job_id not in self.table.running:
             return
         report = exitreport.read(self.settings.exits_dir, job_id)
+        why = self._reasons.get(job_id)
         try:
             if report is not None and report.aborted:
                 self.table.requeue(job_id)
+            elif why is not None and why.requeue:
+                self.table.move_front(self.table.requeue(job_id, why.note))
             elif report is None:
                 note = "its supervisor vanished (killed, or host reboot)"
                 ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
             else:
-                ended = self.table.finish(job_id, report.exit, report.end, report.output)
+                ex = report.exit if why is None else _noted(report.exit, why.note)
+                ended = self.table.finish(job_id, ex, report.end, report.output)
         except StorageFull as exc:
             if first_try:  # one line per job, not one per retry
                 log.warning("job %d ended; recording it once space returns: %s", job_id, exc)
@@ -513,8 +520,9 @@ class Runner:
             )
             return
         exitreport.discard(self.settings.exits_dir, job_id)
-        if report is not None and report.aborted:
-            log.info("job %d: never started, queued again", job_id)
+        self._reasons.pop(job_id, None)
+        if (report is not None and report.aborted) or (why is not None and why.requeue):
+            log.info("job %d: %s, queued again", job_id, why.note if why else "never started")
             self._requeued()
             return
         if ended is not None:
@@ -532,10 +540,12 @@ class Runner:
 
     # ------------------------------------------------------------ ending
 
-    def kill(self, job: Job) -> None:
+    def kill(self, job: Job, why: EndReason | None = None) -> None:
         """End a running job's whole tree: SIGTERM now, SIGKILL after the grace period."""
         if job.state is not JobState.RUNNING:
             raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        if why is not None:
+            self._reasons[job.id] = why
         self._signal(job.id, signal.SIGTERM)
         if job.id not in self._kill_timers:
             delay = self._config().kill_grace_seconds + KILL_BACKSTOP
@@ -571,6 +581,19 @@ class Runner:
         """Let launches and scope calls under way finish (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _noted(ex: ExitInfo, note: str) -> ExitInfo:
+    return dataclasses.replace(ex, note="; ".join(n for n in (note, ex.note) if n))
+
+
+def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:
+    """Runs in a worker: the device nodes the job may open, None for no fence at all."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return None  # no NVIDIA device nodes here: nothing to fence
+    # Every job is fenced off the GPUs it was not given, a CPU job off all of
+    # them: CUDA_VISIBLE_DEVICES alone is only a convention.
+    return gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
 
 
 def _close_all(fds: tuple[int, ...] | None) -> None:

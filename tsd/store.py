@@ -49,6 +49,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS user_settings (
     uid INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (uid, key)
 );
+CREATE TABLE IF NOT EXISTS usage_totals (
+    user TEXT PRIMARY KEY, slot_seconds REAL NOT NULL, gpu_seconds REAL NOT NULL
+);
 """
 
 
@@ -187,28 +190,52 @@ class Store:
     def save(self, *jobs: Job) -> None:
         """Write the mutable fields of these jobs in one transaction."""
         with self._tx():
-            self.db.executemany(
-                "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
-                " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=? WHERE id=?",
-                [
-                    (
-                        j.state.value,
-                        j.order,
-                        j.start_time,
-                        j.end_time,
-                        None if j.exit is None else json.dumps(exit_to_dict(j.exit)),
-                        j.pid,
-                        j.supervisor_pid,
-                        j.supervisor_start,
-                        json.dumps(j.gpu_ids),
-                        json.dumps(j.gpu_uuids),
-                        j.output_path,
-                        j.unit,
-                        j.id,
-                    )
-                    for j in jobs
-                ],
+            self._write(jobs)
+
+    def _write(self, jobs: Iterable[Job]) -> None:
+        self.db.executemany(
+            "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
+            " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=? WHERE id=?",
+            [
+                (
+                    j.state.value,
+                    j.order,
+                    j.start_time,
+                    j.end_time,
+                    None if j.exit is None else json.dumps(exit_to_dict(j.exit)),
+                    j.pid,
+                    j.supervisor_pid,
+                    j.supervisor_start,
+                    json.dumps(j.gpu_ids),
+                    json.dumps(j.gpu_uuids),
+                    j.output_path,
+                    j.unit,
+                    j.id,
+                )
+                for j in jobs
+            ],
+        )
+
+    def save_ended(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None:
+        """Save a job whose run just ended and add the run to its user's usage totals.
+
+        One transaction: the totals (Prometheus counters) never miss a run nor count
+        one twice, whatever crash comes between. They outlive the job (ts -C, the
+        finished cap).
+        """
+        with self._tx():
+            self._write([job])
+            self.db.execute(
+                "INSERT INTO usage_totals VALUES (?, ?, ?) ON CONFLICT(user) DO UPDATE SET"
+                " slot_seconds = slot_seconds + excluded.slot_seconds,"
+                " gpu_seconds = gpu_seconds + excluded.gpu_seconds",
+                (job.user, max(0.0, slot_seconds), max(0.0, gpu_seconds)),
             )
+
+    def usage_totals(self) -> dict[str, tuple[float, float]]:
+        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever."""
+        rows = self.db.execute("SELECT user, slot_seconds, gpu_seconds FROM usage_totals")
+        return {str(u): (float(s), float(g)) for u, s, g in rows}
 
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
