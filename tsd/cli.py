@@ -242,6 +242,10 @@ def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
             conn.close()
     if inv.action == "wait":
         return wait_code(job_of(_stream_final(client, inv.request)))
+    if inv.action == "list" and inv.params.get("watch"):
+        from tsd.cli_watch import watch
+
+        return watch(client, inv.request, inv.all_users, float(inv.params["watch"]), environ)
     return _show(inv, client.call(inv.request))
 
 

@@ -394,7 +394,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "state": ("4", 4), "remove": ("3", 3), "wait": ("2", 2), "kill": ("1", 1),
     "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
     "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
-    "num_slots": ("4", 4),
+    "num_slots": ("4", 4), "watch": ("2", 2.0),
 }  # fmt: skip
 
 
