@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `ts`. Without argv it is the program: it ends the process itself."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "_TS_COMPLETE" in os.environ:
-        # The shell asks for completions (packaging/completion/ts.*).
+        # The shell asks for completions (the scripts `_TS_COMPLETE=<shell>_source ts` prints).
         from tsd.cli_completion import complete
 
         sys.exit(complete())
