@@ -15,6 +15,8 @@ The parts, each owning its state:
 * tsd.dispatch.Dispatcher: the scheduler's verdicts applied, -W cascades;
 * tsd.runner.Runner: supervisors, scopes, exit reports, kills;
 * tsd.waiters.Waiters: clients parked on a job or on a full queue;
+* tsd.idlewatch.IdleWatch: jobs holding idle GPUs flagged, notified, acted on;
+* tsd.metricswriter.MetricsWriter: the Prometheus textfile (metrics.textfile);
 * tsd.handlers: one function per request.
 
 Jobs outlive the daemon: each has a supervisor process (tsd.launch) that
