@@ -94,7 +94,7 @@ def test_build_deb_names_the_package_by_version_and_declares_its_depends(
         "systemd",
     }
     # bash-completion loads the packaged completion in every interactive bash.
-    assert control(box, DEB, "Recommends") == ["Recommends: bash-completion"]
+    assert control(box, DEB, "Recommends") == ["bash-completion"]
     files = set(box.run(["dpkg-deb", "-c", DEB]).stdout.split())
     for path in (
         "./usr/bin/ts",

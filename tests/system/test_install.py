@@ -145,7 +145,8 @@ def run_session(box: Box) -> None:
 
 def tab_complete(box: Box, user: str, typed: str, expect: str) -> str:
     """Type `typed` and Tab in a new login shell of `user` (bash -l in a tmux pane in the
-    box, as a terminal would start it); the screen once it shows `expect` (or after 10 s)."""
+    box, as a terminal would start it); the screen once it shows `expect` (or after 10 s),
+    then the screen after `complete -p ts` in that shell."""
     sock = f"/tmp/tmux-complete-{user}.sock"
 
     def tmux(*args: str) -> str:
@@ -168,7 +169,7 @@ def tab_complete(box: Box, user: str, typed: str, expect: str) -> str:
         tmux("send-keys", "-l", "complete -p ts")
         tmux("send-keys", "Enter")
         time.sleep(0.5)
-        return tmux("capture-pane", "-p")
+        return screen + tmux("capture-pane", "-p")
     finally:
         box.run(["tmux", "-S", sock, "kill-server"], user=user, check=False)
 
