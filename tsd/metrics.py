@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tsd.model import Gpu, Job, JobState, run_usage
 
@@ -34,6 +34,10 @@ class MetricsState:
     gpus_allocated: int  # GPUs held by running jobs
     totals: Mapping[str, tuple[float, float]]  # user -> (slot-s, GPU-s) of ended runs
     now: float
+    # The counters' values in the last file written: a counter never shows less (a run's
+    # recorded end may come a little before the `now` it was last shown with, and any
+    # decrease would read as a counter reset to Prometheus).
+    floors: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def escape_label(value: str) -> str:
@@ -97,6 +101,22 @@ def _gpu_families(gpus: Iterable[Gpu]) -> list[_Family]:
     return out
 
 
+def counters(state: MetricsState) -> dict[str, tuple[float, float]]:
+    """Each user's (slot-seconds, GPU-seconds): ended runs, plus running jobs' time so far,
+    never below `state.floors`; rounded to milliseconds."""
+    usage = {user: list(pair) for user, pair in state.totals.items()}
+    for job in state.jobs:
+        if job.state is JobState.RUNNING:
+            slot_s, gpu_s = run_usage(job, state.now)
+            mine = usage.setdefault(job.user, [0.0, 0.0])
+            mine[0] += slot_s
+            mine[1] += gpu_s
+    for user, (slot_floor, gpu_floor) in state.floors.items():
+        mine = usage.setdefault(user, [0.0, 0.0])
+        mine[0], mine[1] = max(mine[0], slot_floor), max(mine[1], gpu_floor)
+    return {user: (round(s, 3), round(g, 3)) for user, (s, g) in usage.items()}
+
+
 def render(state: MetricsState) -> str:
     """The whole `.prom` file for this state."""
     families: list[_Family] = []
@@ -118,13 +138,7 @@ def render(state: MetricsState) -> str:
     gpus.add(state.gpus_allocated, kind="allocated")
     families.append(gpus)
 
-    usage = {user: list(pair) for user, pair in state.totals.items()}
-    for job in state.jobs:
-        if job.state is JobState.RUNNING:
-            slot_s, gpu_s = run_usage(job, state.now)
-            mine = usage.setdefault(job.user, [0.0, 0.0])
-            mine[0] += slot_s
-            mine[1] += gpu_s
+    usage = counters(state)
     slot_total = _Family(
         "tsd_user_slot_seconds_total", "counter",
         "Slot-seconds of each user's jobs (a job's run time times its slots), ever.",
@@ -134,8 +148,8 @@ def render(state: MetricsState) -> str:
         "GPU-seconds of each user's jobs (a job's run time times its GPUs), ever.",
     )
     for user in sorted(usage):
-        slot_total.add(round(usage[user][0], 3), user=user)
-        gpu_total.add(round(usage[user][1], 3), user=user)
+        slot_total.add(usage[user][0], user=user)
+        gpu_total.add(usage[user][1], user=user)
     families += [slot_total, gpu_total]
 
     if state.gpus is not None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
-from tsd.metrics import MetricsState, render
+from tsd.metrics import MetricsState, counters, render
 
 log = logging.getLogger("tsd")
 
@@ -68,6 +69,7 @@ class MetricsWriter:
         self._refresh_gpus = refresh_gpus
         self.interval = interval
         self._last: tuple[str, str] | None = None  # (path, text) last written
+        self._floors: dict[str, tuple[float, float]] = {}  # counters as last written
         self._problem = ""
         self._writing = False
         self._task: asyncio.Task[None] | None = None
@@ -101,7 +103,8 @@ class MetricsWriter:
         if path is None or self._writing:
             return
         await self._refresh_gpus()
-        text = render(self._gather())
+        state = dataclasses.replace(self._gather(), floors=self._floors)
+        text = render(state)
         if self._last == (path, text):
             return
         self._writing = True
@@ -119,3 +122,4 @@ class MetricsWriter:
             log.info("metrics: %s written again", path)
             self._problem = ""
         self._last = (path, text)
+        self._floors = counters(state)

@@ -99,6 +99,15 @@ def test_without_a_gpu_picture_there_are_no_gpu_gauges_and_no_gpu_total() -> Non
     assert got[("tsd_gpus", (("kind", "allocated"),))] == 0
 
 
+def test_a_counter_never_shows_less_than_it_showed_before() -> None:
+    # The run's recorded end came 0.5 s before the `now` it was last shown with.
+    got = samples(render(state(totals={"alice": (99.5, 49.75)},
+                               floors={"alice": (100.0, 50.0), "gone": (7.0, 1.0)})))
+    assert got[("tsd_user_slot_seconds_total", (("user", "alice"),))] == 100
+    assert got[("tsd_user_gpu_seconds_total", (("user", "alice"),))] == 50
+    assert got[("tsd_user_slot_seconds_total", (("user", "gone"),))] == 7
+
+
 def test_label_values_are_escaped_as_the_text_format_wants() -> None:
     assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
