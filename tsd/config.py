@@ -517,7 +517,8 @@ class _Parser:
         """Seconds from a number or `90s`, `30m`, `2h`, `1d`; with `off`, null/`off` -> None."""
         want = "a duration such as 90s, 30m or 2h" + (", or off" if off else "")
         if isinstance(node, yaml.ScalarNode):
-            if off and (self.is_null(node) or (node.tag == _STR and node.value == "off")):
+            # YAML 1.1 reads a bare `off` as false.
+            if off and (self.is_null(node) or node.value in ("off", "false", "False")):
                 return None
             seconds: float | None = None
             if node.tag in (_INT, _FLOAT):
