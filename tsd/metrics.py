@@ -127,6 +127,14 @@ def render(state: MetricsState) -> str:
         jobs.add(n, state=job_state, user=user)
     families.append(jobs)
 
+    idle = _Family("tsd_gpu_idle_jobs", "gauge",
+                   "Running jobs flagged for holding idle GPUs (gpu.idle_after), by user.")
+    idle_counts = Counter(j.user for j in state.jobs if j.gpu_idle_since is not None
+                          and j.state is JobState.RUNNING)
+    for user, n in sorted(idle_counts.items()):
+        idle.add(n, user=user)
+    families.append(idle)
+
     slots = _Family("tsd_slots", "gauge", "Job slots of the server: total, and used by jobs.")
     slots.add(state.slots_total, kind="total")
     slots.add(state.slots_used, kind="used")

@@ -71,6 +71,17 @@ def test_jobs_slots_gpus_and_usage_counters_match_the_state() -> None:
     assert all(f.documentation for f in kinds.values())
 
 
+def test_jobs_flagged_for_idle_gpus_are_counted_per_user() -> None:
+    from dataclasses import replace
+
+    flagged = replace(job(1, "alice", JobState.RUNNING, gpus=(0,), start=900.0),
+                      gpu_idle_since=950.0)
+    busy = job(2, "alice", JobState.RUNNING, gpus=(1,), start=900.0)
+    got = samples(render(state(jobs=[flagged, busy], gpu_pool=2, gpus_allocated=2)))
+    assert got[("tsd_gpu_idle_jobs", (("user", "alice"),))] == 1
+    assert ("tsd_gpu_idle_jobs", (("user", "bob"),)) not in got
+
+
 def test_per_gpu_gauges_omit_what_the_board_does_not_report() -> None:
     gpus = [
         Gpu(0, "GPU-a", "A100", 80 << 30, 1 << 30, utilization=97, memory_utilization=40,
