@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 
 from tsd.errors import NotOwner, PermissionDenied
 from tsd.model import HIDDEN, ExitInfo, Job, JobSpec, Peer
+from tsd.paths import SUBMIT_GROUP
 
-SUBMIT_GROUP = "tsd"
 _UCRED = struct.Struct("3i")
 
 
@@ -143,4 +143,5 @@ def visible_to(peer: Peer, job: Job) -> Job:
         gpu_uuids=job.gpu_uuids,
         unit=job.unit,
         wait_reason=job.wait_reason,
+        slurm_id=job.slurm_id,  # squeue shows it to everyone anyway
     )

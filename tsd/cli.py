@@ -34,8 +34,7 @@ from tsd.cli_request import GET_DEFAULTS, Invocation, invocation
 from tsd.client import Client, choose_socket
 from tsd.errors import BadRequest, ServerUnavailable, TsdError
 from tsd.framing import MAX_TEXT
-
-SENDMAIL = "/usr/sbin/sendmail"  # tsd.launch.SENDMAIL; not imported: the client stays light
+from tsd.paths import SENDMAIL
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
@@ -43,7 +42,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import Any, NoReturn
 
     from tsd import protocol
-    from tsd.model import Job
+    from tsd.model import Job, UnmanagedUse
 
 TS_ENV_TIMEOUT = 30.0
 
@@ -255,6 +254,12 @@ def _jobs(resp: Mapping[str, Any]) -> list[Job]:
     return [job_from_wire(r) for r in resp.get("jobs", [])]
 
 
+def _unmanaged(resp: Mapping[str, Any]) -> list[UnmanagedUse]:
+    from tsd.protocol import unmanaged_from_wire
+
+    return [unmanaged_from_wire(u) for u in resp.get("unmanaged") or []]
+
+
 def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
     """Print the answer to a one-shot request; the exit code."""
     action = inv.action
@@ -262,18 +267,22 @@ def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
         from tsd import render
 
         jobs, now = _jobs(resp), time.time()
+        outside = _unmanaged(resp)
         if inv.list_format == "json":
-            emit(render.list_json(jobs, now=now))
+            emit(render.list_json(jobs, now=now, unmanaged=outside))
         elif inv.list_format == "tab":
             emit(render.list_tab(jobs, show_user=inv.all_users, now=now))
         else:
             slots, running = int(resp.get("slots", 0)), int(resp.get("running", 0))
             emit(render.list_text(jobs, slots, running, show_user=inv.all_users, now=now,
-                                  width=terminal_width()))  # fmt: skip
+                                  width=terminal_width(), unmanaged=outside))  # fmt: skip
     elif action == "gpu_status":
         from tsd import render
 
-        emit(render.gpu_status_text(resp, _jobs(resp)))
+        if inv.list_format == "json":
+            emit(render.gpu_status_json(resp))
+        else:
+            emit(render.gpu_status_text(resp, _jobs(resp)))
     elif action in GET_DEFAULTS:
         return _show_job(action, job_of(resp))
     elif action == "slots":

@@ -21,7 +21,7 @@ no enum, nothing from `typing` at run time.
 from __future__ import annotations
 
 from tsd import __version__
-from tsd.framing import MAX_GPUS, MAX_ID, MAX_SLOTS, MAX_TIMEOUT
+from tsd.framing import MAX_GPU_MEM, MAX_GPUS, MAX_ID, MAX_SLOTS, MAX_TIMEOUT
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
@@ -141,6 +141,24 @@ def duration(value: str) -> float:
     if not 0 < seconds <= MAX_TIMEOUT:
         raise BadValue(f"{value!r} is out of range")
     return seconds
+
+
+_SIZE_UNITS_MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def gpu_mem_size(value: str) -> int:
+    """--gpu-mem: a size in MiB from `20G`, `512M`, `1.5T`, `20GiB` or a bare number (MiB)."""
+    import re  # only for --gpu-mem
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([MGT]?)(?:i?B)?\s*", value, re.I)
+    if not match:
+        raise BadValue(f"{value!r} is not a size (e.g. 20G, 512M, or MiB as a bare number)")
+    mib = float(match.group(1)) * _SIZE_UNITS_MIB[match.group(2).upper()]
+    if mib < 1:
+        raise BadValue(f"{value!r}: a job needs at least 1 MiB of GPU memory")
+    if mib > MAX_GPU_MEM:
+        raise BadValue(f"{value!r} is too large")
+    return int(mib)
 
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
@@ -328,6 +346,10 @@ OPTIONS: tuple[Opt, ...] = (
         "Without ids and without a command: list all jobs running on GPUs and the "
         "corresponding GPU IDs, and the GPUs.",
         value=id_list(0)),
+    Opt("gpu_mem", None, "gpu-mem", VAL, LJ, None, "<size>",
+        "GPU memory the job needs on each of its GPUs (20G, 512M; MiB when bare). It may "
+        "share its GPUs with other --gpu-mem jobs while their sizes fit. Implies -G 1.",
+        value=gpu_mem_size),
     Opt("timeout", None, "timeout", VAL, LJ, None, "<seconds>",
         "kill the job if it runs longer than this (seconds, or with a unit: 90s, 30m, 2h,"
         " 1d).",
@@ -407,7 +429,8 @@ BY_LONG = {o.long: o for o in OPTIONS if o.long}
 BY_DEST = {o.dest: o for o in OPTIONS}
 
 # ts -h lists `-g` twice in task-spooler: as a job option and as an action.
-GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs.")
+GPU_LIST_HELP = ("-g", "list all jobs running on GPUs and the corresponding GPU IDs, and the GPUs "
+                 "(memory, utilisation, temperature, power, who holds each); -M json: as JSON.")
 
 
 # ----------------------------------------------------------------- parsing
@@ -432,13 +455,19 @@ class ParsedLine:
 
 
 def _find_long(name: str, exact: bool) -> Opt:
+    if name in BY_LONG:  # spelled with a dash in the table (--gpu-mem)
+        return BY_LONG[name]
     key = name.replace("-", "_")
+    if key in BY_LONG:
+        return BY_LONG[key]
+    key = name.replace("_", "-")
     if key in BY_LONG:
         return BY_LONG[key]
     if exact:
         raise UsageError(f"No such option: --{name}")
     # getopt_long accepts any unambiguous prefix.
-    hits = [o for n, o in BY_LONG.items() if n.startswith(key)] if key else []
+    key = name.replace("-", "_")
+    hits = [o for n, o in BY_LONG.items() if n.replace("-", "_").startswith(key)] if key else []
     if len(hits) == 1:
         return hits[0]
     if hits:

@@ -147,6 +147,9 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
             actions.setdefault("gpu_status", "-g")
     if "help" in actions:
         return "help", actions["help"]
+    listing = {opt.dest for opt, _ in line.given if opt.action == "list"}
+    if "gpu_status" in actions and listing == {"serialize"}:
+        del actions["list"]  # ts -g -M json: the GPU view, as JSON
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")
@@ -174,6 +177,7 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
                 raise UsageError("--watch shows the table of ts -l; it does not go with -M")
             req = protocol.ListJobs(all_users=inv.all_users)
         case "gpu_status":
+            inv.list_format = params["serialize"] or "default"
             req = protocol.GpuStatus()
         case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
             run = GET_DEFAULTS[action] == "run"
@@ -287,6 +291,11 @@ def submit_wire(
     if gpu_indices and gpus is not None and gpus != len(gpu_indices):
         raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
     depends = params["depend_ok"] or params["depend"] or ()
+    gpu_mem = params["gpu_mem"]
+    if gpu_mem is not None and gpus == 0:
+        raise UsageError("--gpu-mem needs a GPU: not with -G 0")
+    if gpu_mem is not None and not gpu_indices and gpus is None:
+        gpus = 1  # --gpu-mem alone asks for one GPU with that much memory
     spec = {
         "command": list(command),
         "cwd": cwd,
@@ -307,6 +316,7 @@ def submit_wire(
         "env_info": None,
         # -nf: task-spooler keeps no entry of a transparent job once it ends.
         "forget": no_output and bool(params["foreground"]),
+        "gpu_mem": gpu_mem,
     }
     return {
         "v": PROTOCOL_VERSION,

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from tsd import framing
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
+from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -32,8 +33,6 @@ class Untrusted(ServerUnavailable):
     """The socket, or whoever listens on it, is not the daemon `ts` may talk to."""
 
 
-SYSTEM_SOCKET = "/run/tsd/tsd.sock"
-SYSTEM_CONFIG = "/etc/tsd/tsd.yaml"
 # Where a unit file of the system service may be; /usr/local/lib/... is install.sh's.
 UNIT_DIRS = (
     "/etc/systemd/system",
@@ -268,9 +267,6 @@ def _check(frame: dict[str, Any]) -> dict[str, Any]:
     if ok is False:
         raise from_wire(str(frame.get("code", "error")), str(frame.get("error", "unknown error")))
     raise ProtocolError("malformed response from the daemon")
-
-
-SUBMIT_GROUP = "tsd"  # tsd.auth.SUBMIT_GROUP; not imported: the client stays light
 
 
 def group_advice(member: bool, in_session: bool, group: str = SUBMIT_GROUP) -> str:

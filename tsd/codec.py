@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -39,6 +39,7 @@ def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
         "timeout": spec.timeout,
         "env_info": spec.env_info,
         "forget": spec.forget,
+        "gpu_mem": spec.gpu_mem,
     }
 
 
@@ -64,6 +65,7 @@ def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
         timeout=o.get("timeout"),
         env_info=o.get("env_info"),
         forget=bool(o.get("forget", False)),  # absent in rows older than -nf's rule
+        gpu_mem=o.get("gpu_mem"),
     )
 
 
@@ -114,6 +116,10 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "wait_reason": job.wait_reason,
         "gpu_idle_since": job.gpu_idle_since,
         "notice": job.notice,
+        "slurm_id": job.slurm_id,
+        "gpu_mem_peak": job.gpu_mem_peak,
+        "gpu_mem_now": job.gpu_mem_now,
+        "gpu_util_now": job.gpu_util_now,
     }
 
 
@@ -141,7 +147,37 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         wait_reason=str(obj.get("wait_reason") or ""),
         gpu_idle_since=_float_or_none(obj.get("gpu_idle_since")),
         notice=str(obj.get("notice") or ""),
+        slurm_id=_optional_int(obj.get("slurm_id")),
+        gpu_mem_peak=obj.get("gpu_mem_peak"),
+        gpu_mem_now=obj.get("gpu_mem_now"),
+        gpu_util_now=obj.get("gpu_util_now"),
     )
+
+
+def unmanaged_to_dict(use: UnmanagedUse) -> dict[str, Any]:
+    """A process outside tsd on the GPUs, as `ts -A -l` gets it."""
+    return {
+        "pid": use.pid,
+        "uid": use.uid,
+        "user": use.user,
+        "gpus": list(use.gpus),
+        "memory_mib": use.memory_mib,
+    }
+
+
+def unmanaged_from_dict(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """An UnmanagedUse from `unmanaged_to_dict`'s output."""
+    return UnmanagedUse(
+        pid=int(obj["pid"]),
+        uid=None if obj.get("uid") is None else int(obj["uid"]),
+        user=None if obj.get("user") is None else str(obj["user"]),
+        gpus=tuple(int(i) for i in obj.get("gpus") or ()),
+        memory_mib=int(obj.get("memory_mib") or 0),
+    )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -26,16 +26,27 @@ from typing import Final, NoReturn
 
 import yaml
 
+from tsd.config_admin import (
+    DEFAULT_METRICS_TEXTFILE,
+    IDLE_KEYS,
+    IdleConfig,
+    MetricsConfig,
+    idle_key,
+    metrics_section,
+)
 from tsd.errors import ConfigError
 from tsd.model import JobLimits, UserLimits
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_METRICS_TEXTFILE",
     "LIMIT_KEYS",
     "UNSET",
+    "ClusterConfig",
     "Config",
     "ConnectionConfig",
     "GpuConfig",
+    "GpuUseConfig",
     "IdleConfig",
     "LimitOverride",
     "MetricsConfig",
@@ -87,6 +98,18 @@ class GpuConfig:
     poll_seconds: float = 5.0  # how often NVML is polled while jobs wait for GPUs
 
 
+UNMANAGED_MODES: Final = ("show", "hold")
+
+
+@dataclass(frozen=True)
+class GpuUseConfig:
+    """The `gpu:` section: how tsd treats GPU use (here: use that bypasses the queue)."""
+
+    # A process outside tsd on a GPU always counts against its user's max_gpus and
+    # shows in `ts -A -l`; "hold" also holds that user's queued GPU jobs while it runs.
+    unmanaged: str = "show"
+
+
 @dataclass(frozen=True)
 class ConnectionConfig:
     """The `connections:` section: how many connections the daemon holds open at once."""
@@ -96,37 +119,25 @@ class ConnectionConfig:
     waiting_per_user: int | None = 32  # one user's parked ts -w/-t/-c/-f calls
 
 
-IDLE_ACTIONS: Final = ("none", "kill", "requeue")
-
-
 @dataclass(frozen=True)
-class IdleConfig:
-    """The `gpu:` section: what happens to jobs that hold GPUs without using them."""
+class ClusterConfig:
+    """The `cluster:` section: where jobs run. `local` is this machine; `slurm` forwards
+    every accepted job to Slurm with sbatch, as its owner (tsd.slurm)."""
 
-    after: float | None = None  # seconds of continuous idleness before a job is flagged; None: off
-    threshold: float = 5.0  # a GPU at or below this utilisation (percent) is idle
-    action: str = "none"  # then, after `grace`: "none", "kill" or "requeue"
-    grace: float = 600.0  # seconds between the flag (and notice) and the action
-    notify: str | None = None  # a command run as the job's user when the job is flagged
+    engine: str = "local"  # "local" or "slurm"
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    extra_args: tuple[str, ...] = ()  # more sbatch options, each one word such as --mem=4G
+    gpu_type: str | None = None  # --gres=gpu:TYPE:N instead of gpu:N
+    output_dir: str | None = None  # absolute; default: the user's --set_logdir, else the job's cwd
+    poll_seconds: float = 1.0  # squeue --json at most this often while jobs change
+    max_poll_seconds: float = 10.0  # the poll backs off to this while nothing changes
 
-
-# Where node_exporter's textfile collector looks (Debian's prometheus-node-exporter).
-DEFAULT_METRICS_TEXTFILE: Final = "/var/lib/prometheus/node-exporter/tsd.prom"
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """The `metrics:` section: the Prometheus textfile the daemon keeps up to date."""
-
-    # None: not set (the system service writes DEFAULT_METRICS_TEXTFILE, a personal
-    # daemon nothing); "": off; else the absolute path of a *.prom file.
-    textfile: str | None = None
-
-    def path(self, system: bool) -> str | None:
-        """The file to write, None when metrics are off."""
-        if self.textfile is None:
-            return DEFAULT_METRICS_TEXTFILE if system else None
-        return self.textfile or None
+    @property
+    def slurm(self) -> bool:
+        """True when jobs go to Slurm."""
+        return self.engine == "slurm"
 
 
 def _empty_overrides() -> Mapping[str, LimitOverride]:
@@ -142,7 +153,9 @@ DEFAULT_LIMITS: Final = UserLimits(
 )
 _NO_JOB_LIMITS: Final = JobLimits()
 _DEFAULT_GPUS: Final = GpuConfig()
+_DEFAULT_GPU_USE: Final = GpuUseConfig()
 _DEFAULT_CONNECTIONS: Final = ConnectionConfig()
+_DEFAULT_CLUSTER: Final = ClusterConfig()
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,10 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
-    idle: IdleConfig = field(default_factory=IdleConfig)  # the `gpu:` section
+    idle: IdleConfig = field(default_factory=IdleConfig)  # the `gpu:` section's idle_* keys
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = _DEFAULT_CLUSTER
+    gpu: GpuUseConfig = _DEFAULT_GPU_USE
 
     def limits_for(self, user: str, groups: Iterable[str]) -> UserLimits:
         """The quota of `user`, a member of `groups` (group names, without '@').
@@ -212,16 +227,26 @@ _TOP_KEYS = (
     "max_finished",
     "kill_grace_seconds",
     "connections",
+    "cluster",
     "gpu",
     "metrics",
 )
-_IDLE_KEYS = ("idle_after", "idle_threshold", "idle_action", "idle_grace", "idle_notify")
-_METRICS_KEYS = ("textfile",)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smhd]?)\s*$")
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_GPU_USE_KEYS = ("unmanaged", *IDLE_KEYS)
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
+_CLUSTER_KEYS = (
+    "engine", "partition", "account", "qos", "extra_args", "gpu_type", "output_dir",
+    "poll_seconds", "max_poll_seconds",
+)
+_ENGINES = ("local", "slurm")
+# A Slurm name (partition, account, qos, GPU type): no spaces, commas or shell-ish quotes.
+_SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# What sbatch options tsd sets itself; an extra_args entry must not override them.
+_TSD_SBATCH_OPTIONS = (
+    "--parsable", "--wrap", "--output", "--error", "--chdir", "--job-name", "--dependency",
+    "--comment", "--export", "--uid", "--gid",
+)
 
 # systemd's size suffixes: powers of 1024. "64G", "512M", "1.5T", "100KiB", "4096".
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGTPE]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -495,75 +520,63 @@ class _Parser:
                 conns = dataclasses.replace(conns, waiting_per_user=limit)
         return conns
 
-    def idle(self, node: yaml.Node) -> IdleConfig:
-        idle = IdleConfig()
-        for key, _, value in self.mapping(node, "gpu", _IDLE_KEYS):
-            path = f"gpu.{key}"
-            if key == "idle_after":
-                idle = dataclasses.replace(idle, after=self.duration(value, path, off=True))
-            elif key == "idle_threshold":
-                idle = dataclasses.replace(idle, threshold=self.number(value, path, percent=True))
-            elif key == "idle_action":
-                idle = dataclasses.replace(idle, action=self.idle_action(value, path))
-            elif key == "idle_grace":
-                grace = self.duration(value, path, off=False)
-                assert grace is not None
-                idle = dataclasses.replace(idle, grace=grace)
+    def cluster(self, node: yaml.Node) -> ClusterConfig:
+        cluster = ClusterConfig()
+        for key, _, value in self.mapping(node, "cluster", _CLUSTER_KEYS):
+            path = f"cluster.{key}"
+            if key == "engine":
+                if not (isinstance(value, yaml.ScalarNode) and value.tag == _STR
+                        and value.value in _ENGINES):
+                    self.fail(value, path, f"expected local or slurm, got {self.got(value)}")
+                cluster = dataclasses.replace(cluster, engine=str(value.value))
+            elif key in ("partition", "account", "qos", "gpu_type"):
+                names: dict[str, str | None] = {key: self.slurm_name(value, path)}
+                cluster = dataclasses.replace(cluster, **names)  # type: ignore[arg-type]
+            elif key == "extra_args":
+                cluster = dataclasses.replace(cluster, extra_args=self.sbatch_args(value, path))
+            elif key == "output_dir":
+                cluster = dataclasses.replace(cluster, output_dir=self.directory(value, path))
             else:
-                idle = dataclasses.replace(idle, notify=self.command(value, path))
-        return idle
+                seconds: dict[str, float] = {key: self.number(value, path, positive=True)}
+                cluster = dataclasses.replace(cluster, **seconds)  # type: ignore[arg-type]
+        if cluster.max_poll_seconds < cluster.poll_seconds:
+            self.fail(node, "cluster.max_poll_seconds",
+                      f"expected at least poll_seconds ({cluster.poll_seconds:g}), "
+                      f"got {cluster.max_poll_seconds:g}")
+        return cluster
 
-    def duration(self, node: yaml.Node, path: str, *, off: bool) -> float | None:
-        """Seconds from a number or `90s`, `30m`, `2h`, `1d`; with `off`, null/`off` -> None."""
-        want = "a duration such as 90s, 30m or 2h" + (", or off" if off else "")
-        if isinstance(node, yaml.ScalarNode):
-            # YAML 1.1 reads a bare `off` as false.
-            if off and (self.is_null(node) or node.value in ("off", "false", "False")):
-                return None
-            seconds: float | None = None
-            if node.tag in (_INT, _FLOAT):
-                raw = self.construct(node, path)
-                if isinstance(raw, int | float) and not isinstance(raw, bool):
-                    seconds = float(raw)
-            elif node.tag == _STR:
-                match = _DURATION_RE.match(node.value)
-                if match:
-                    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-            if seconds is not None and math.isfinite(seconds) and seconds > 0:
-                return seconds
-        self.fail(node, path, f"expected {want}, got {self.got(node)}")
-
-    def idle_action(self, node: yaml.Node, path: str) -> str:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value in IDLE_ACTIONS:
-            return str(node.value)
-        if self.is_null(node):
-            return "none"
-        self.fail(node, path, f"expected one of none, kill, requeue, got {self.got(node)}")
-
-    def command(self, node: yaml.Node, path: str) -> str | None:
-        """A shell command line (run with /bin/sh -c); null or empty for none."""
+    def slurm_name(self, node: yaml.Node, path: str) -> str | None:
         if self.is_null(node):
             return None
-        if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
+        if isinstance(node, yaml.ScalarNode) and node.tag in (_STR, _INT):
             text = str(node.value)
-            if "\0" not in text and "\n" not in text:
-                return text.strip() or None
-        self.fail(node, path, f"expected a command line, got {self.got(node)}")
+            if _SLURM_NAME_RE.match(text):
+                return text
+        self.fail(node, path,
+                  f"expected a Slurm name (letters, digits, _.+-), got {self.got(node)}")
 
-    def metrics(self, node: yaml.Node) -> MetricsConfig:
-        metrics = MetricsConfig()
-        for _, _, value in self.mapping(node, "metrics", _METRICS_KEYS):
-            if self.is_null(value):  # `textfile:` with nothing: off, as ""
-                metrics = MetricsConfig(textfile="")
-                continue
-            text = str(value.value) if isinstance(value, yaml.ScalarNode) else ""
-            if not (isinstance(value, yaml.ScalarNode) and value.tag == _STR) or (
-                text and not re.fullmatch(r"/[^\0]*[^/]\.prom", text)
-            ):
-                want = 'an absolute path ending in .prom, or "" for no metrics'
-                self.fail(value, "metrics.textfile", f"expected {want}, got {self.got(value)}")
-            metrics = MetricsConfig(textfile=text)
-        return metrics
+    def sbatch_args(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        want = "a list of sbatch options such as --mem=4G"
+        out: list[str] = []
+        for i, item in enumerate(self.sequence(node, path, want)):
+            item_path = f"{path}[{i}]"
+            if not (isinstance(item, yaml.ScalarNode) and item.tag == _STR
+                    and item.value.startswith("-") and "\n" not in item.value):
+                self.fail(item, item_path, f"expected an sbatch option such as --mem=4G, "
+                          f"got {self.got(item)}")
+            text = str(item.value)
+            name = text.split("=", 1)[0]
+            if name in _TSD_SBATCH_OPTIONS:
+                self.fail(item, item_path, f"{name} is set by tsd itself")
+            out.append(text)
+        return tuple(out)
+
+    def directory(self, node: yaml.Node, path: str) -> str | None:
+        if self.is_null(node):
+            return None
+        if isinstance(node, yaml.ScalarNode) and node.tag == _STR and node.value.startswith("/"):
+            return str(node.value)
+        self.fail(node, path, f"expected an absolute directory path, got {self.got(node)}")
 
     def size(self, node: yaml.Node, path: str) -> int | None:
         """Bytes from an int or a string with systemd's suffixes (K, M, G, T, P, E = 1024^n)."""
@@ -623,16 +636,36 @@ class _Parser:
                 cfg = dataclasses.replace(cfg, job=self.job(value))
             elif key == "connections":
                 cfg = dataclasses.replace(cfg, connections=self.connections(value))
+            elif key == "gpu":
+                use, idle = _gpu_section(self, value)
+                cfg = dataclasses.replace(cfg, gpu=use, idle=idle)
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
-            elif key == "gpu":
-                cfg = dataclasses.replace(cfg, idle=self.idle(value))
             elif key == "metrics":
-                cfg = dataclasses.replace(cfg, metrics=self.metrics(value))
+                cfg = dataclasses.replace(cfg, metrics=metrics_section(self, value))
+            elif key == "cluster":
+                cfg = dataclasses.replace(cfg, cluster=self.cluster(value))
             else:
                 grace = self.number(value, key)
                 cfg = dataclasses.replace(cfg, kill_grace_seconds=grace)
         return cfg
+
+
+def _gpu_section(p: _Parser, node: yaml.Node) -> tuple[GpuUseConfig, IdleConfig]:
+    """The `gpu:` section: unmanaged GPU use, and idle GPUs (`idle_*`, tsd.idle)."""
+    use, idle = GpuUseConfig(), IdleConfig()
+    for key, _, value in p.mapping(node, "gpu", _GPU_USE_KEYS):
+        if key != "unmanaged":
+            idle = idle_key(p, idle, key, value)
+            continue
+        if not (
+            isinstance(value, yaml.ScalarNode)
+            and value.tag == _STR
+            and value.value in UNMANAGED_MODES
+        ):
+            p.fail(value, f"gpu.{key}", f"expected show or hold, got {p.got(value)}")
+        use = dataclasses.replace(use, unmanaged=value.value)
+    return use, idle
 
 
 class _Opaque(str):

@@ -17,7 +17,9 @@ The parts, each owning its state:
 * tsd.waiters.Waiters: clients parked on a job or on a full queue;
 * tsd.idlewatch.IdleWatch: jobs holding idle GPUs flagged, notified, acted on;
 * tsd.metricswriter.MetricsWriter: the Prometheus textfile (metrics.textfile);
-* tsd.handlers: one function per request.
+* tsd.handlers: one function per request;
+* with `cluster.engine: slurm`, tsd.slurm.SlurmEngine in the dispatcher's place:
+  jobs go to Slurm, and one squeue poll follows them (tsd.engine is the seam).
 
 Jobs outlive the daemon: each has a supervisor process (tsd.launch) that
 leaves an exit report (tsd.exitreport), which the next daemon picks up.
@@ -39,16 +41,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tsd import __version__, auth, handlers, protocol
+from tsd import __version__, handlers, protocol
 from tsd.config import Config, GpuConfig, load_config, unknown_names
 from tsd.dispatch import Dispatcher
+from tsd.engine import Scheduling
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
+from tsd.gpuwatch import GpuWatch, no_charge
 from tsd.idlewatch import IdleWatch
 from tsd.jobtable import JobTable
 from tsd.metrics import MetricsState
 from tsd.metricswriter import MetricsWriter
 from tsd.model import Job, UserLimits
+from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET, SYSTEM_STATE
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings, ScopeManager
 from tsd.server import (
@@ -59,13 +64,12 @@ from tsd.server import (
     bind_system,
     inherited_socket,
 )
+from tsd.slurm import SlurmEngine, SlurmJobTable
 from tsd.store import Store, StoreError
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
 
-SYSTEM_CONFIG = "/etc/tsd/tsd.yaml"
-SYSTEM_STATE = "/var/lib/tsd"
 IO_THREADS = 4  # D-Bus and NVML calls at once; each adapter serialises its own anyway
 
 
@@ -132,10 +136,29 @@ class Daemon:
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tsd-io")
         self.policy = Policy(config, self.store, settings.system)
         self.waiters = Waiters(loop)
-        self.table = JobTable(self.store, self.waiters, lambda: self.policy.config.max_finished)
-        self.gpus = GpuMonitor(
-            loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule
+        # Under Slurm the table also knows "running on the cluster" (tsd.slurm).
+        table_type = SlurmJobTable if config.cluster.slurm else JobTable
+        self.table = table_type(
+            self.store, self.waiters, lambda: self.policy.config.max_finished
         )
+        self.gpus = GpuMonitor(
+            loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule,
+            supervisors=lambda: {
+                j.supervisor_pid: j.id for j in self.table.running.values() if j.supervisor_pid
+            },
+            scopes=settings.system,
+        )
+        self.gpu_watch = GpuWatch(
+            self.store,
+            self.table.holding,
+            self.gpus,
+            lambda: self.policy.config.gpus.poll_seconds,
+            always=settings.system,
+            # Fair share connects here: uid -> GPU-seconds of unmanaged use per sample.
+            charge=no_charge,
+            known=lambda job_id: job_id in self.table.jobs,
+        )
+        self.gpus.on_sample = self.gpu_watch.on_sample
         self.runner = Runner(
             loop,
             self.executor,
@@ -152,7 +175,7 @@ class Daemon:
             self.table,
             self.policy,
             self.gpus,
-            self.runner.start,
+            self._start,
             lambda: self.policy.config.gpus.poll_seconds,
         )
         self.idle = IdleWatch(
@@ -163,6 +186,16 @@ class Daemon:
             loop, self.executor, lambda: self.policy.config.metrics.path(settings.system),
             self.metrics_state, self._refresh_gpus_for_metrics,
         )
+        self.slurm: SlurmEngine | None = None
+        scheduling: Scheduling = self.dispatcher
+        if isinstance(self.table, SlurmJobTable):
+            from tsd.slurmcmd import SlurmCommands
+
+            self.slurm = SlurmEngine(
+                loop, self.executor, lambda: self.policy.config.cluster, self.table,
+                self.store, SlurmCommands(),
+            )
+            scheduling = self.slurm
         self.stopping = asyncio.Event()
         self.parts = handlers.Parts(
             system=settings.system,
@@ -170,11 +203,13 @@ class Daemon:
             table=self.table,
             policy=self.policy,
             gpus=self.gpus,
-            dispatcher=self.dispatcher,
+            dispatcher=scheduling,
             runner=self.runner,
             waiters=self.waiters,
+            gpu_watch=self.gpu_watch,
             settings=self.store,
             stop=self._stop_soon,
+            cluster=self.slurm,
         )
 
     def _stop_soon(self) -> None:
@@ -182,11 +217,22 @@ class Daemon:
         self.loop.call_later(0.05, self.stopping.set)
 
     def schedule(self) -> None:
-        """Start whatever may start now."""
-        self.dispatcher.schedule()
+        """Start whatever may start now (here: nothing starts here under Slurm)."""
+        if self.slurm is None:
+            self.dispatcher.schedule()
+
+    def _start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
+        self.runner.start(job, gpu_ids)
+        if gpu_ids:
+            self.gpu_watch.rearm()  # its GPU memory is sampled while it runs
 
     def _job_ended(self, job: Job) -> None:
-        self.dispatcher.job_ended(job)
+        self.gpu_watch.job_ended(job)
+        if self.slurm is None:
+            self.dispatcher.job_ended(job)
+        else:
+            # A job run here before the switch to Slurm: its queue is Slurm's now.
+            self.table.drop_transparent(job)
 
     def metrics_state(self) -> MetricsState:
         """What the Prometheus textfile shows now (tsd.metrics)."""
@@ -224,6 +270,11 @@ class Daemon:
         except ConfigError as exc:
             log.error("config not reloaded, keeping the previous one: %s", exc)
             return
+        if config.cluster.engine != self.policy.config.cluster.engine:
+            log.warning("cluster.engine changes to %s at the next restart "
+                        "(systemctl restart tsd), not at a reload", config.cluster.engine)
+            config = dataclasses.replace(config, cluster=dataclasses.replace(
+                config.cluster, engine=self.policy.config.cluster.engine))
         self.policy.reload(config)
         self.gpus.expire(keep_problem=False)
         log.info("config reloaded from %s", self.settings.config_path)
@@ -244,13 +295,19 @@ class Daemon:
 
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
-        self.runner.recover(self.table.load())
+        running = self.table.load()
+        # Jobs run here (also those left from before a switch to Slurm) stay the runner's.
+        self.runner.recover([j for j in running if j.slurm_id is None])
+        if self.slurm is not None:
+            self.slurm.recover()
+            self.slurm.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         server = Server(sock, self.handle, self.connection_limits)
         await server.start()
         sd_notify("READY=1\nSTATUS=serving")
+        self.gpu_watch.rearm()  # re-adopted GPU jobs, or the system service's outside watch
         mode = "system" if self.settings.system else "user"
         log.info("tsd %s serving (%s mode)", __version__, mode)
         self.schedule()
@@ -263,6 +320,8 @@ class Daemon:
         await self.metrics.stop()
         await server.close()
         await self.runner.drain()
+        if self.slurm is not None:
+            await self.slurm.stop()
         if not self.settings.system and self.settings.socket_path:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.socket_path)
@@ -376,7 +435,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         settings = Settings(
             system=True,
             state_dir=Path(os.environ.get("STATE_DIRECTORY", SYSTEM_STATE).split(":")[0]),
-            socket_path=socket_path or "/run/tsd/tsd.sock",
+            socket_path=socket_path or SYSTEM_SOCKET,
             config_path=path,
         )
     else:
@@ -412,7 +471,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         assert settings.socket_path is not None
         try:
             if system:
-                sock = bind_system(settings.socket_path, auth.SUBMIT_GROUP)
+                sock = bind_system(settings.socket_path, SUBMIT_GROUP)
             else:
                 sock = bind_personal(settings.socket_path)
         except FileExistsError as exc:

@@ -14,8 +14,9 @@ from dataclasses import replace
 from typing import Protocol
 
 from tsd.errors import StorageFull
-from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UserLimits
-from tsd.scheduler import DepOutcome, Resources, decide
+from tsd.gpuusage import hold_reasons, outside_gpus
+from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
+from tsd.scheduler import DepOutcome, GpuRoom, Resources, decide
 
 log = logging.getLogger("tsd")
 
@@ -58,6 +59,8 @@ class Limits(Protocol):
 
     def free_threshold(self) -> float: ...
 
+    def hold_unmanaged(self) -> bool: ...
+
 
 class Gpus(Protocol):
     """The GPU monitor as the dispatcher uses it (tsd.gpumonitor.GpuMonitor)."""
@@ -75,6 +78,10 @@ class Gpus(Protocol):
     def busy(
         self, held: dict[int, int], tsd_pids: set[int], threshold: float
     ) -> dict[int, str]: ...
+
+    def rooms(self) -> dict[int, GpuRoom] | None: ...
+
+    def unmanaged(self) -> tuple[UnmanagedUse, ...]: ...
 
     def arm_poll(self, seconds: float) -> None: ...
 
@@ -117,14 +124,19 @@ class Dispatcher:
             free = self.gpus.free(held, tsd_pids, self.policy.free_threshold())
             problem = self.gpus.cached()[1] if free is None else ""
             pool = self.gpus.pool()
+            rooms = self.gpus.rooms()
+            outside = self.gpus.unmanaged()
         else:
-            free, problem, pool = (), "", None
+            free, problem, pool, rooms, outside = (), "", None, None, ()
         res = Resources(
             total_slots=self.policy.total_slots(),
             limits=self.policy.limits,
             free_gpus=free,
             gpu_problem=problem,
             visible_gpus=pool,
+            gpu_memory=rooms,
+            outside_gpus=outside_gpus(outside),
+            gpu_holds=hold_reasons(outside) if self.policy.hold_unmanaged() else {},
         )
         decision = decide(
             table.queue(),

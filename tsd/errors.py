@@ -117,6 +117,12 @@ class ClientGone(TsdError):
     code = "client_gone"
 
 
+class ClusterRefused(TsdError):
+    """The cluster (Slurm) refused or could not take a request; the message is its reason."""
+
+    code = "cluster"
+
+
 class Internal(TsdError):
     """A bug in tsd: reported as one line; the daemon keeps serving others."""
 

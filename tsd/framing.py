@@ -31,6 +31,7 @@ MAX_DEPENDS = 4096
 MAX_SLOTS = 65536
 MAX_GPUS = 1024
 MAX_TIMEOUT = 10 * 365 * 86400.0
+MAX_GPU_MEM = 1 << 30  # MiB (1 PiB): --gpu-mem's ceiling on the wire; GPUs refuse far less
 
 
 def encode(obj: Mapping[str, Any]) -> bytes:

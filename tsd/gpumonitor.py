@@ -4,7 +4,10 @@ NVML (and the psutil lookups behind a snapshot) can take long on a busy or
 failing driver, so every call runs in the daemon's worker threads and only its
 result is applied on the event loop. The scheduler reads the cached picture;
 when it is too old the monitor refreshes it and calls `on_refresh`, which
-schedules again. NVML is polled only while some job waits for a GPU.
+schedules again. NVML is polled while some job waits for a GPU, and sampled
+(`arm_sample`) while GPU jobs run or GPU use outside tsd was seen, for the
+jobs' GPU memory and the unmanaged-use rules. Each picture comes with the
+owners of its processes (tsd.gpuprocs): which tsd job, if any, and which user.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Protocol
 
 from tsd.gpu import GpuUnavailable
 from tsd.gpupool import busy_reasons, free_gpus
-from tsd.model import Gpu
+from tsd.gpuusage import MIB, ProcOwner, owned_pids, unmanaged
+from tsd.model import Gpu, UnmanagedUse
+from tsd.scheduler import GpuRoom
 
 log = logging.getLogger("tsd")
 
@@ -32,6 +37,18 @@ class GpuReader(Protocol):
     def snapshot(self) -> tuple[Gpu, ...]: ...
 
     def device_nodes(self, indices: Sequence[int]) -> list[str]: ...
+
+
+Resolver = Callable[[list[int], Mapping[int, int], bool], dict[int, ProcOwner]]
+
+
+def proc_resolver(pids: list[int], supervisors: Mapping[int, int], scopes: bool) -> dict[
+    int, ProcOwner
+]:
+    """The real one: /proc (tsd.gpuprocs)."""
+    from tsd.gpuprocs import resolve
+
+    return resolve(pids, supervisors, scopes)
 
 
 def nvml_reader() -> GpuReader:
@@ -51,8 +68,18 @@ class GpuMonitor:
         visible: Callable[[], tuple[int, ...] | None],
         on_refresh: Callable[[], None],
         reader: Callable[[], GpuReader] = nvml_reader,
+        supervisors: Callable[[], Mapping[int, int]] = dict,
+        scopes: bool = False,
+        resolver: Resolver = proc_resolver,
     ) -> None:
         self.loop = loop
+        self._supervisors = supervisors  # supervisor pid -> job id of the running jobs
+        self._scopes = scopes  # jobs run in systemd scopes (system service)
+        self._resolver = resolver
+        self._owners: dict[int, ProcOwner] = {}
+        self._sample_timer: asyncio.TimerHandle | None = None
+        # Called on the loop after each successful picture (tsd.gpuwatch records usage).
+        self.on_sample: Callable[[tuple[Gpu, ...], Mapping[int, ProcOwner]], None] | None = None
         self._executor = executor
         self._visible = visible
         self._on_refresh = on_refresh
@@ -112,13 +139,20 @@ class GpuMonitor:
             self._inflight = self.loop.create_task(self._read())
         return self._inflight
 
+    def _take(self, supervisors: Mapping[int, int]) -> tuple[tuple[Gpu, ...], dict[int, ProcOwner]]:
+        """In a worker: the NVML picture, and who owns each of its processes."""
+        gpus = self.reader.snapshot()
+        pids = sorted({p.pid for g in gpus for p in g.processes})
+        return gpus, self._resolver(pids, supervisors, self._scopes) if pids else {}
+
     async def _read(self) -> None:
         before = self._problem
         absent = False
+        owners: dict[int, ProcOwner] = {}
         try:
-            gpus: tuple[Gpu, ...] | None = await self.loop.run_in_executor(
-                self._executor, self.reader.snapshot
-            )
+            supervisors = dict(self._supervisors())
+            gpus: tuple[Gpu, ...] | None
+            gpus, owners = await self.loop.run_in_executor(self._executor, self._take, supervisors)
             problem = ""
         except GpuUnavailable as exc:
             # The bare reason: the scheduler's wait reason and `ts -g` add their own prefix.
@@ -134,7 +168,13 @@ class GpuMonitor:
         elif not problem and before and gpus is not None:
             log.info("GPUs available again: NVML reports %d GPUs", len(gpus))
         self._taken, self._gpus, self._problem = time.monotonic(), gpus, problem
+        self._owners = owners
         self._absent = absent
+        if gpus is not None and self.on_sample is not None:
+            try:
+                self.on_sample(gpus, owners)
+            except Exception:  # recording usage must never stop scheduling
+                log.exception("recording GPU usage failed")
         self._on_refresh()
 
     # -- what the picture says
@@ -156,7 +196,8 @@ class GpuMonitor:
         """Indices free for a new job now, None while NVML is down."""
         if self._gpus is None:
             return None
-        return free_gpus(self._gpus, held, threshold, self._visible(), tsd_pids)
+        pids = set(tsd_pids) | owned_pids(self._owners)
+        return free_gpus(self._gpus, held, threshold, self._visible(), pids)
 
     def busy(
         self, held: Mapping[int, int], tsd_pids: Collection[int], threshold: float
@@ -164,7 +205,39 @@ class GpuMonitor:
         """Why each busy GPU is busy (tsd job, someone else's process, memory)."""
         if not self._gpus:
             return {}
-        return dict(busy_reasons(self._gpus, held, threshold, tsd_pids, self._visible()))
+        pids = set(tsd_pids) | owned_pids(self._owners)
+        return dict(busy_reasons(self._gpus, held, threshold, pids, self._visible()))
+
+    def owners(self) -> Mapping[int, ProcOwner]:
+        """Who owns each process of the last picture."""
+        return self._owners
+
+    def unmanaged(self) -> tuple[UnmanagedUse, ...]:
+        """Processes outside tsd on the GPUs tsd hands out, in the last picture."""
+        if not self._gpus:
+            return ()
+        return unmanaged(self._gpus, self._owners, self._visible())
+
+    def rooms(self) -> dict[int, GpuRoom] | None:
+        """The pool's GPU memory for --gpu-mem placement (MiB), None while unknown."""
+        if self._gpus is None:
+            return None
+        visible = self._visible()
+        out: dict[int, GpuRoom] = {}
+        for gpu in self._gpus:
+            if visible is not None and gpu.index not in visible:
+                continue
+            outside = sum(
+                p.used_memory or 0
+                for p in gpu.processes
+                if self._owners.get(p.pid, ProcOwner(None, None)).job is None
+            )
+            out[gpu.index] = GpuRoom(
+                total=gpu.memory_total // MIB,
+                free=max(0, gpu.memory_total - gpu.memory_used) // MIB,
+                outside=outside // MIB,
+            )
+        return out
 
     def uuids(self, indices: Sequence[int]) -> tuple[str, ...]:
         """The UUIDs of these GPUs from the picture ("" where unknown)."""
@@ -188,3 +261,21 @@ class GpuMonitor:
         self._timer = None
         self.expire()
         self._refresh()
+
+    # -- sampling GPU use (independent of the poll for waiting jobs)
+
+    def arm_sample(self, seconds: float) -> None:
+        """Take a fresh picture in `seconds` unless one is already due."""
+        if self._sample_timer is None:
+            self._sample_timer = self.loop.call_later(seconds, self._sample_tick)
+
+    def stop_sample(self) -> None:
+        """Nothing to sample (no GPU job runs, no outside use seen)."""
+        if self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+
+    def _sample_tick(self) -> None:
+        self._sample_timer = None
+        self.expire()
+        self._refresh()  # joins a read under way rather than starting a second one

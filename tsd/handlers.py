@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from tsd import auth, protocol
-from tsd.dispatch import Dispatcher
+from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
     ClientGone,
@@ -25,8 +25,10 @@ from tsd.errors import (
     WrongState,
 )
 from tsd.gpumonitor import GpuMonitor
+from tsd.gpuusage import unmanaged
+from tsd.gpuwatch import GpuWatch
 from tsd.jobtable import JobTable
-from tsd.model import Job, JobState, Peer, UserLimits
+from tsd.model import Job, JobState, Peer, UnmanagedUse, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
 from tsd.scheduler import check_fits
@@ -71,11 +73,18 @@ class Parts:
     table: JobTable
     policy: Policy
     gpus: GpuMonitor
-    dispatcher: Dispatcher
+    dispatcher: Scheduling  # tsd.dispatch.Dispatcher, or the Slurm engine
     runner: Killer
     waiters: Waiters
     settings: UserSettings
     stop: Callable[[], None]  # stop serving, once the current answer is on its way
+    cluster: Cluster | None = None  # cluster.engine: slurm (tsd.slurm.SlurmEngine)
+    gpu_watch: GpuWatch | None = None  # the jobs' GPU memory and use (None: not shown)
+
+
+def _with_gpu_use(p: Parts, job: Job) -> Job:
+    """The job with its GPU memory peak and current GPU use, where known."""
+    return job if p.gpu_watch is None else p.gpu_watch.annotate(job)
 
 
 async def handle(
@@ -120,15 +129,15 @@ async def _serve(
         case protocol.GetJob():
             return get_job(p, peer, req)
         case protocol.Remove():
-            return remove(p, peer, req)
+            return await remove(p, peer, req)
         case protocol.Urgent():
             return urgent(p, peer, req)
         case protocol.Swap():
             return swap(p, peer, req)
         case protocol.Kill():
-            return kill(p, peer, req)
+            return await kill(p, peer, req)
         case protocol.KillAll():
-            return kill_all(p, peer)
+            return await kill_all(p, peer)
         case protocol.Clear():
             return protocol.Count(p.table.clear(peer.uid))
         case protocol.Shutdown():
@@ -170,7 +179,10 @@ async def submit(
     spec = replace(spec, depends=tuple(dict.fromkeys(depends)))
     limits = p.policy.limits(peer.uid)
     pool = None
-    if spec.gpus_wanted:
+    if p.cluster is not None:
+        # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
+        p.cluster.check(spec, req.terminal is not None)
+    elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
         no_nvml = p.gpus.absent()
@@ -180,7 +192,13 @@ async def submit(
             raise NeverFits(
                 f"job needs {n} GPU{'s' if n > 1 else ''} but this server has no GPUs ({no_nvml})"
             )
-    check_fits(spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool)
+    if p.cluster is None:
+        rooms = p.gpus.rooms() if spec.gpu_mem is not None else None
+        totals = None if rooms is None else {i: r.total for i, r in rooms.items()}
+        check_fits(
+            spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool,
+            totals,
+        )
     _check_bytes(p, peer, spec.stored_bytes, limits)
     if limits.max_queued is not None:
         told = False
@@ -207,6 +225,9 @@ async def submit(
         log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
     job = p.table.add(peer.uid, peer.user, spec)
+    if p.cluster is not None:
+        # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
+        job = await p.cluster.forward(job)
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
         # behaviour); the daemon holds them, in memory only, until the job starts.
@@ -249,10 +270,16 @@ async def list_jobs(
     """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
     # One snapshot first: the queue may change while a piece is being sent.
     shown = [
-        p.dispatcher.explain(j)
+        _with_gpu_use(p, p.dispatcher.explain(j))
         for j in p.table.listing()
         if req.all_users or j.uid == peer.uid
     ]
+    outside: tuple[UnmanagedUse, ...] = ()
+    if req.all_users and p.gpus.cached()[0] is not None:
+        # GPU use outside tsd, as of a picture at most one poll old (never NVML's
+        # first load from here: a CPU-only daemon keeps away from it).
+        await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
+        outside = p.gpus.unmanaged()
     rows: list[Job] = []
     size = 0
     for job in shown:
@@ -265,19 +292,27 @@ async def list_jobs(
             rows, size = [], 0
         rows.append(job)
         size += record
-    return protocol.JobList(tuple(rows), p.policy.total_slots(), p.table.used_slots())
+    return protocol.JobList(
+        tuple(rows), p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
+    )
 
 
 def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
     """-i -s -p -o -a -F -q: one job's record, with why it waits."""
-    return protocol.JobRecord(p.dispatcher.explain(p.table.pick(peer, req.id, req.default)))
+    job = p.dispatcher.explain(p.table.pick(peer, req.id, req.default))
+    return protocol.JobRecord(_with_gpu_use(p, job))
 
 
-def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
+async def remove(p: Parts, peer: Peer, req: protocol.Remove) -> protocol.JobId:
     """ts -r: drop a job that is not running (queued, allocating or finished)."""
     job = p.table.pick(peer, req.id, "added")
     if job.state is JobState.RUNNING or job.id in p.table.launching:
         raise WrongState(f"job {job.id} is running: use ts -k {job.id} to end it")
+    if p.cluster is not None and job.state.pending and job.slurm_id is not None:
+        await p.cluster.cancel(job)  # first: if Slurm refuses, tsd keeps following it
+        job = p.table.get(job.id) or job
+        if not job.state.pending:
+            raise WrongState(f"job {job.id} started meanwhile: use ts -k {job.id} to end it")
     p.table.remove(job)
     p.runner.sweep_terminals()  # a removed ts -n job no longer holds its submitter's terminal
     p.dispatcher.schedule()
@@ -306,22 +341,31 @@ def swap(p: Parts, peer: Peer, req: protocol.Swap) -> protocol.Done:
     return protocol.Done()
 
 
-def kill(p: Parts, peer: Peer, req: protocol.Kill) -> protocol.JobId:
+async def kill(p: Parts, peer: Peer, req: protocol.Kill) -> protocol.JobId:
     """ts -k: end a running job (default: the caller's last run one)."""
     job = p.table.pick(peer, req.id, "run")
-    p.runner.kill(job)
+    await _end(p, job)
     return protocol.JobId(job.id)
+
+
+async def _end(p: Parts, job: Job) -> None:
+    if p.cluster is not None and job.slurm_id is not None:
+        if job.state is not JobState.RUNNING:
+            raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        await p.cluster.cancel(job)  # scancel as the owner; the poll records the end
+        return
+    p.runner.kill(job)
 
 
 def _own_running(p: Parts, peer: Peer) -> list[Job]:
     return [j for j in p.table.running.values() if j.uid == peer.uid or peer.admin]
 
 
-def kill_all(p: Parts, peer: Peer) -> protocol.Count:
+async def kill_all(p: Parts, peer: Peer) -> protocol.Count:
     """ts -T: end every running job the caller may end."""
     mine = _own_running(p, peer)
     for job in mine:
-        p.runner.kill(job)
+        await _end(p, job)
     return protocol.Count(len(mine))
 
 
@@ -409,9 +453,36 @@ def gpu_free_perc(p: Parts, peer: Peer, req: protocol.GpuFreePerc) -> protocol.G
 
 
 async def gpu_status(p: Parts) -> protocol.GpuReport:
-    """ts -g: the GPUs, why busy ones are busy, and every running GPU job (like ts -A)."""
+    """ts -g: the GPUs, why busy ones are busy, who holds each, and every running GPU job.
+
+    Holders are named to everyone (job id and user, or pid and user for a
+    process outside tsd): who holds a GPU is what every user of a shared
+    server needs to know, and `ps` shows process owners to anyone anyway.
+    Job records leave redacted like any other (tsd.auth.visible_to).
+    """
     gpus, problem = await p.gpus.snapshot()
     held, tsd_pids = p.table.gpu_holders()
     busy = p.gpus.busy(held, tsd_pids, p.policy.free_threshold())
-    jobs = tuple(sorted((j for j in p.table.running.values() if j.gpu_ids), key=lambda j: j.id))
-    return protocol.GpuReport(gpus or (), busy, jobs, problem)
+    holding = sorted((j for j in p.table.holding() if j.gpu_ids), key=lambda j: j.id)
+    holders: dict[int, list[protocol.Holder]] = {}
+    for job in holding:
+        for index in job.gpu_ids:
+            holders.setdefault(index, []).append(protocol.Holder(job=job.id, user=job.user))
+    for use in unmanaged(gpus or (), p.gpus.owners()):
+        for index in use.gpus:
+            holders.setdefault(index, []).append(
+                protocol.Holder(pid=use.pid, user=use.user, memory_mib=use.memory_mib)
+            )
+    for gpu in gpus or ():
+        sharing = [j for j in holding if gpu.index in j.gpu_ids and j.spec.gpu_mem is not None]
+        if sharing:  # name them all, and how much of the GPU they declared
+            declared = sum(j.spec.gpu_mem or 0 for j in sharing)
+            ids = ", ".join(str(j.id) for j in sharing)
+            busy[gpu.index] = (
+                f"shared by --gpu-mem job{'s' if len(sharing) > 1 else ''} {ids} "
+                f"({declared / 1024:.1f} of {gpu.memory_total / 2**30:.1f} GiB declared)"
+            )
+    jobs = tuple(_with_gpu_use(p, j) for j in holding if j.state is JobState.RUNNING)
+    return protocol.GpuReport(
+        gpus or (), busy, jobs, problem, {i: tuple(h) for i, h in holders.items()}
+    )

@@ -50,6 +50,8 @@ class JobStore(Protocol):
 
     def load_all(self) -> list[Job]: ...
 
+    def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None: ...
+
 
 class JobEvents(Protocol):
     """Who hears about transitions (tsd.waiters.Waiters)."""

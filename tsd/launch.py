@@ -33,10 +33,10 @@ from dataclasses import dataclass, replace
 
 from tsd import exitreport
 from tsd.model import ExitInfo
+from tsd.paths import SENDMAIL
 
 PR_SET_CHILD_SUBREAPER = 36
 OUTPUT_PREFIX = "ts-out."
-SENDMAIL = "/usr/sbin/sendmail"  # -m, as task-spooler; ts warns at submit when absent
 JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login shell gets
 
 

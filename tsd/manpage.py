@@ -26,9 +26,8 @@ from tsd.cli_options import (
     SYNOPSIS,
     Opt,
 )
-
-SYSTEM_SOCKET = "/run/tsd/tsd.sock"
-CONFIG = "/etc/tsd/tsd.yaml"
+from tsd.paths import SYSTEM_CONFIG as CONFIG
+from tsd.paths import SYSTEM_SOCKET
 
 DESCRIPTION = (
     "ts queues commands to run later, one after another or a few at once, "
@@ -229,7 +228,10 @@ def render_tsd() -> str:
             CONFIG + " is YAML: slots, gpus (visible, free_memory_percent, poll_seconds), "
             "admins, defaults (per-user quotas), groups and users (overrides), job (memory, "
             "CPU and task limits of each scope), max_finished, kill_grace_seconds, "
-            "connections. Every key, its unit and its default are described in the "
+            "connections, cluster (engine: slurm hands every job to Slurm with sbatch, as its "
+            "owner: partition, account, qos, gpu_type, extra_args, output_dir, poll_seconds, "
+            "max_poll_seconds), gpu (unmanaged: show or hold, what GPU use outside tsd does). "
+            "Every key, its unit and its default are described in the "
             "installed example file. Unknown keys are errors."
         )
     )

@@ -67,6 +67,9 @@ class JobSpec:
     # -nf, task-spooler's transparent mode: `ts` waits and passes the exit code on,
     # and the job is not kept once it ends (not listed, its id unknown).
     forget: bool = False
+    # --gpu-mem: MiB the job needs on each of its GPUs; it may then share them with
+    # other --gpu-mem jobs. None: it takes its GPUs whole.
+    gpu_mem: int | None = None
 
     @property
     def gpus_wanted(self) -> int:
@@ -159,6 +162,12 @@ class Job:
     # (gpu.idle_after), and what tsd did about it (requeued for idle GPUs).
     gpu_idle_since: float | None = None
     notice: str = ""
+    slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
+    # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
+    # kept with the job, the current figures only while it runs.
+    gpu_mem_peak: int | None = None
+    gpu_mem_now: int | None = None
+    gpu_util_now: int | None = None  # percent: the device utilisation of its GPUs
 
     @property
     def redacted(self) -> bool:
@@ -202,6 +211,17 @@ class GpuProcess:
     pid: int
     used_memory: int | None  # bytes; None when NVML does not know
     user: str | None = None  # owner, resolved by the adapter when it can
+
+
+@dataclass(frozen=True)
+class UnmanagedUse:
+    """A process on a GPU that no tsd job started: GPU use that bypassed the queue."""
+
+    pid: int
+    uid: int | None  # None when the process is gone or hidden from the daemon
+    user: str | None
+    gpus: tuple[int, ...]  # indices it runs on
+    memory_mib: int  # NVML's per-process memory, summed over its GPUs (0 unknown)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ class Policy:
         self._store.set_setting("gpu_free_perc", str(value))
         self._free_perc = value
 
+    def hold_unmanaged(self) -> bool:
+        """gpu.unmanaged: hold: a user's GPU use outside tsd holds their queued GPU jobs."""
+        return self.config.gpu.unmanaged == "hold"
+
     def reload(self, config: Config) -> None:
         """A new config: quotas resolve again, and -S gives way to the file's slots."""
         self.config = config

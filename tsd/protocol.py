@@ -26,6 +26,7 @@ from tsd.framing import MAX_COMMAND as MAX_COMMAND
 from tsd.framing import MAX_DEPENDS as MAX_DEPENDS
 from tsd.framing import MAX_ENV as MAX_ENV
 from tsd.framing import MAX_FRAME as MAX_FRAME
+from tsd.framing import MAX_GPU_MEM as MAX_GPU_MEM
 from tsd.framing import MAX_GPUS as MAX_GPUS
 from tsd.framing import MAX_ID as MAX_ID
 from tsd.framing import MAX_SLOTS as MAX_SLOTS
@@ -35,7 +36,7 @@ from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
-from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec
+from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -425,6 +426,9 @@ def parse_spec(obj: Any) -> JobSpec:
     gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
     if gpu_indices is not None:
         gpus = len(gpu_indices)
+    gpu_mem = f.integer("gpu_mem", 1, MAX_GPU_MEM)
+    if gpu_mem is not None and gpus == 0:
+        gpus = 1  # --gpu-mem alone: one GPU with that much memory
     spec = JobSpec(
         command=tuple(command),
         cwd=cwd,
@@ -444,6 +448,7 @@ def parse_spec(obj: Any) -> JobSpec:
         timeout=timeout,
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
+        gpu_mem=gpu_mem,
     )
     size = encoded_size(codec.spec_to_dict(spec, include_env=False))
     if size > MAX_RECORD:
@@ -595,13 +600,26 @@ class JobRecord:
         return {"job": job_to_wire(self.job)}
 
 
+def unmanaged_from_wire(obj: Mapping[str, Any]) -> UnmanagedUse:
+    """The client's copy of an unmanaged GPU process record (it trusts its daemon's shape)."""
+    try:
+        return codec.unmanaged_from_dict(obj)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed GPU process record from the daemon: {exc}") from None
+
+
 @dataclass(frozen=True)
 class JobList:
-    """list: the last piece of the listing, with the server's slot use."""
+    """list: the last piece of the listing, with the server's slot use.
+
+    `unmanaged` (ts -A only): processes outside tsd on the GPUs, shown as
+    entries of their own (state `unmanaged`, no id).
+    """
 
     jobs: tuple[Job, ...]
     slots: int
     running: int
+    unmanaged: tuple[UnmanagedUse, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -609,6 +627,7 @@ class JobList:
             "jobs": [job_to_wire(j) for j in self.jobs],
             "slots": self.slots,
             "running": self.running,
+            "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
         }
 
 
@@ -658,13 +677,33 @@ class GpuThreshold:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """Who holds a GPU: a tsd job (`job`) or a process outside tsd (`pid`), and its user."""
+
+    job: int | None = None
+    pid: int | None = None
+    user: str | None = None
+    memory_mib: int | None = None  # a process outside tsd: its GPU memory, all its GPUs
+
+    def to_wire(self) -> dict[str, Any]:
+        """The holder as `ts -g` gets it."""
+        return {"job": self.job, "pid": self.pid, "user": self.user, "memory_mib": self.memory_mib}
+
+
+def _no_holders() -> Mapping[int, tuple[Holder, ...]]:
+    return {}
+
+
+@dataclass(frozen=True)
 class GpuReport:
-    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem."""
+    """gpu_status: every GPU, why busy ones are busy, the running GPU jobs, NVML's problem,
+    and who holds each GPU."""
 
     gpus: tuple[Gpu, ...]
     busy: Mapping[int, str]
     jobs: tuple[Job, ...]
     problem: str
+    holders: Mapping[int, tuple[Holder, ...]] = field(default_factory=_no_holders)
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
@@ -683,6 +722,7 @@ class GpuReport:
                     "power_mw": g.power_mw,
                     "power_limit_mw": g.power_limit_mw,
                     "busy": self.busy.get(g.index),
+                    "holders": [h.to_wire() for h in self.holders.get(g.index, ())],
                     "processes": [
                         {"pid": p.pid, "user": p.user, "used_memory": p.used_memory}
                         for p in g.processes

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-from tsd.model import Job, JobState
+from tsd.model import Job, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -167,6 +167,25 @@ def ordered(jobs: Iterable[Job]) -> list[Job]:
 # ------------------------------------------------------------------- ts -l
 
 
+def _mib(mib: float) -> str:
+    """MiB as `ts` shows GPU memory: `512M`, `3.1G`."""
+    return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib:.0f}M"
+
+
+def gpu_use_shown(job: Job) -> str:
+    """A running GPU job's current GPU memory and its GPUs' utilisation: `<3.1G 87%> `."""
+    if job.state is not JobState.RUNNING or job.gpu_mem_now is None:
+        return ""
+    if job.gpu_mem_now == 0 and job.gpu_util_now is None:
+        return ""  # nothing measured: no process on its GPUs and no utilisation sensor
+    util = "" if job.gpu_util_now is None else f" {job.gpu_util_now}%"
+    return f"<{_mib(job.gpu_mem_now)}{util}> "
+
+
+def _unmanaged_user(use: UnmanagedUse) -> str:
+    return use.user or ("?" if use.uid is None else str(use.uid))
+
+
 def list_text(
     jobs: Sequence[Job],
     slots: int,
@@ -174,11 +193,15 @@ def list_text(
     show_user: bool = False,
     now: float | None = None,
     width: int | None = None,
+    unmanaged: Sequence[UnmanagedUse] = (),
 ) -> str:
     """`ts -l`: GPU task-spooler's table. `width` (a terminal's) shortens long commands.
 
     Columns widen past task-spooler's minimums only when a value needs it, so
     they always line up; the header is exactly task-spooler's when they don't.
+    A running GPU job's command is preceded by its current GPU memory and
+    utilisation (`<3.1G 87%> `). `unmanaged` (ts -A): processes outside tsd on
+    the GPUs, listed last as `-` entries in state `unmanaged`.
     """
     rows = ordered(jobs)
     states = [state_shown(j) for j in rows]
@@ -189,11 +212,15 @@ def list_text(
     for job in rows:
         secs = run_seconds(job, now)
         times.append("" if secs is None else format_duration(secs))
+    outside_out = [f"pid {u.pid}" for u in unmanaged]
+    outside_gpus = [",".join(str(g) for g in u.gpus) for u in unmanaged]
+    outside_users = [printable(_unmanaged_user(u)) for u in unmanaged]
     id_w = max([ID_WIDTH, *(len(str(j.id)) for j in rows)])
-    out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs)])
+    out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs + outside_out)])
     time_w = max([TIME_WIDTH, *(len(t) for t in times)])
-    user_w = max([USER_WIDTH, *(len(printable(j.user)) for j in rows)])
-    gpus_w = max([GPUS_WIDTH, *(len(g) for g in gpus)])
+    user_w = max([USER_WIDTH, *(len(u) for u in [printable(j.user) for j in rows]
+                                + outside_users)])  # fmt: skip
+    gpus_w = max([GPUS_WIDTH, *(len(g) for g in gpus + outside_gpus)])
 
     def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str, gpu: str) -> str:
         head = f"{ident:<{id_w}} "
@@ -219,11 +246,16 @@ def list_text(
             gpu,
         )
         label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
+        label = gpu_use_shown(job) + label
         command = printable(job.spec.command_line)
         if width is not None:
             room = width - len(prefix) - len(depend_str(job)) - len(label)
             command = shorten(command, max(room, MIN_COMMAND_WIDTH))
         lines.append(prefix + depend_str(job) + label + command)
+    for use, out, user, gpu in zip(unmanaged, outside_out, outside_users, outside_gpus,
+                                   strict=True):  # fmt: skip
+        prefix = cells("-", user, "unmanaged", out, "", "".rjust(TIME_WIDTH), gpu)
+        lines.append(prefix + f"<{_mib(use.memory_mib)}> (GPU use outside tsd)")
     return "\n".join(lines) + "\n"
 
 
@@ -249,12 +281,35 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "End": job.end_time,
         "Unit": job.unit,
         "GPU_Idle_Since": job.gpu_idle_since,
+        "Slurm_ID": job.slurm_id,
+        "GPU_Mem_Declared_MiB": job.spec.gpu_mem,  # declared per GPU (--gpu-mem); null: whole GPUs
+        "GPU_Mem_Peak_MiB": job.gpu_mem_peak,
+        "GPU_Mem_Now_MiB": job.gpu_mem_now,
+        "GPU_Util": job.gpu_util_now,
     }
 
 
-def list_json(jobs: Sequence[Job], now: float | None = None) -> str:
-    """`ts -M json`: a JSON array of job objects, in listing order."""
-    return json.dumps([job_dict(j, now) for j in ordered(jobs)], ensure_ascii=False) + "\n"
+def unmanaged_dict(use: UnmanagedUse) -> dict[str, Any]:
+    """A process outside tsd on a GPU as an entry of `ts -A -M json` (`ID` null)."""
+    return {
+        "ID": None,
+        "State": "unmanaged",
+        "User": use.user,
+        "UID": use.uid,
+        "PID": use.pid,
+        "GPUs": len(use.gpus),
+        "GPU_IDs": list(use.gpus),
+        "GPU_Mem_Now_MiB": use.memory_mib,
+        "Command": None,
+    }
+
+
+def list_json(
+    jobs: Sequence[Job], now: float | None = None, unmanaged: Sequence[UnmanagedUse] = ()
+) -> str:
+    """`ts -M json`: a JSON array of job objects, in listing order, then unmanaged GPU use."""
+    rows = [job_dict(j, now) for j in ordered(jobs)] + [unmanaged_dict(u) for u in unmanaged]
+    return json.dumps(rows, ensure_ascii=False) + "\n"
 
 
 def _tab_field(text: str) -> str:
@@ -366,6 +421,8 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Idle since: {_ctime(job.gpu_idle_since)} (its GPUs are not in use)")
     if job.unit:
         lines.append(f"Unit: {job.unit}")
+    if job.slurm_id is not None:
+        lines.append(f"Slurm job: {job.slurm_id}")
     lines.append(f"Enqueue time: {_ctime(job.enqueue_time)}")
     if job.start_time is not None:
         lines.append(f"Start time: {_ctime(job.start_time)}")
@@ -380,7 +437,27 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"CPU time: {job.exit.cpu_seconds:.2f}s")
     if job.exit is not None and job.exit.max_rss is not None:
         lines.append(f"Peak memory: {_bytes(job.exit.max_rss)}")
+    lines += gpu_memory_lines(job)
     return head + "".join(printable(line) + "\n" for line in lines)
+
+
+def gpu_memory_lines(job: Job) -> list[str]:
+    """`ts -i`'s GPU memory lines: declared, current use, and the peak (over the declaration?)."""
+    lines = []
+    mib = 1 << 20
+    if job.spec.gpu_mem is not None:
+        lines.append(f"GPU memory declared: {_bytes(job.spec.gpu_mem * mib)} per GPU (--gpu-mem)")
+    if job.state is JobState.RUNNING and job.gpu_mem_now is not None:
+        util = "" if job.gpu_util_now is None else f", its GPUs {job.gpu_util_now}% busy"
+        lines.append(f"GPU memory now: {_bytes(job.gpu_mem_now * mib)}{util}")
+    if job.gpu_mem_peak is not None:
+        line = f"GPU memory peak: {_bytes(job.gpu_mem_peak * mib)}"
+        if job.spec.gpu_mem is not None:
+            declared = job.spec.gpu_mem * max(1, len(job.gpu_ids) or job.spec.gpus_wanted)
+            if job.gpu_mem_peak > declared:
+                line += f" (exceeded the {_bytes(declared * mib)} declared)"
+        lines.append(line)
+    return lines
 
 
 # ------------------------------------------------------------------- ts -g
@@ -390,11 +467,25 @@ def _gpu_ids_text(job: Job) -> str:
     return " ".join(str(g) for g in job.gpu_ids)
 
 
+def holder_text(holder: Mapping[str, Any]) -> str:
+    """One holder of a GPU: `job 3 (alice)` or `pid 4242 (bob)`."""
+    user = printable(str(holder.get("user") or "?"))
+    if holder.get("job") is not None:
+        return f"job {holder['job']} ({user})"
+    return f"pid {holder.get('pid')} ({user})"
+
+
+def _sensor(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
     """`ts -g`: task-spooler's `ID   GPU-IDs` list of running GPU jobs, then the GPUs.
 
-    `resp` is the daemon's GpuStatus answer; `jobs` its `jobs` already rebuilt
-    as Job records (the caller does that so this stays free of wire parsing).
+    One line per GPU: index, name, memory used/total, free memory, utilisation,
+    temperature, power, who holds it (tsd jobs, processes outside tsd), and
+    whether tsd would hand it to a job now. `resp` is the daemon's GpuStatus
+    answer; `jobs` its `jobs` already rebuilt as Job records.
     """
     lines = [f"{'ID':<{ID_WIDTH}} GPU-IDs"]
     for job in ordered(jobs):
@@ -403,18 +494,30 @@ def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
     if gpus:
         lines.append("")
         name_w = max([20, *(len(str(g.get("name", ""))) for g in gpus)])
-        lines.append(f"{'GPU':<4} {'Name':<{name_w}} {'Memory used/total':<21} {'Free':>6}  Status")
-        for gpu in gpus:
+        held = [", ".join(holder_text(h) for h in g.get("holders") or []) or "-" for g in gpus]
+        held_w = max([7, *(len(h) for h in held)])
+        lines.append(
+            f"{'GPU':<4} {'Name':<{name_w}} {'Memory used/total':<21} {'Free':>6} {'Util':>4} "
+            f"{'Temp':>4} {'Power':>9}  {'Held by':<{held_w}}  Status"
+        )
+        for gpu, holders in zip(gpus, held, strict=True):
             total = float(gpu.get("memory_total") or 0)
             used = float(gpu.get("memory_used") or 0)
             mem = f"{used / 2**30:.1f}/{total / 2**30:.1f} GiB"
             free = gpu.get("free_percent")
             free_s = "" if free is None else f"{float(free):.1f}%"
+            util = _sensor(gpu.get("utilization"), "{}%")
+            temp = _sensor(gpu.get("temperature"), "{}C")
+            power_mw, limit_mw = gpu.get("power_mw"), gpu.get("power_limit_mw")
+            power = _sensor(None if power_mw is None else round(power_mw / 1000), "{}W")
+            if power_mw is not None and limit_mw is not None:
+                power = f"{round(power_mw / 1000)}/{round(limit_mw / 1000)}W"
             busy = gpu.get("busy")
             status = "free" if not busy else f"busy: {busy}"
             lines.append(
                 f"{gpu.get('index', '?')!s:<4} {gpu.get('name', '')!s:<{name_w}} "
-                f"{mem:<21} {free_s:>6}  {status}"
+                f"{mem:<21} {free_s:>6} {util:>4} {temp:>4} {power:>9}  "
+                f"{holders:<{held_w}}  {status}"
             )
             for proc in gpu.get("processes") or []:
                 used_mem = proc.get("used_memory")
@@ -426,3 +529,38 @@ def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
         lines.append("")
         lines.append(f"GPU status: {problem}")
     return "\n".join(lines) + "\n"
+
+
+def gpu_status_json(resp: Mapping[str, Any]) -> str:
+    """`ts -g -M json`: one object per GPU, with its sensors, holders and processes."""
+    out = []
+    for gpu in resp.get("gpus") or []:
+        power_mw, limit_mw = gpu.get("power_mw"), gpu.get("power_limit_mw")
+        out.append({
+            "Index": gpu.get("index"),
+            "Name": gpu.get("name"),
+            "UUID": gpu.get("uuid"),
+            "Memory_Used_MiB": int(gpu.get("memory_used") or 0) >> 20,
+            "Memory_Total_MiB": int(gpu.get("memory_total") or 0) >> 20,
+            "Utilization": gpu.get("utilization"),
+            "Memory_Utilization": gpu.get("memory_utilization"),
+            "Temperature_C": gpu.get("temperature"),
+            "Power_W": None if power_mw is None else power_mw / 1000,
+            "Power_Limit_W": None if limit_mw is None else limit_mw / 1000,
+            "Free": not gpu.get("busy"),
+            "Busy": gpu.get("busy"),
+            "Holders": [
+                {"Job": h.get("job"), "PID": h.get("pid"), "User": h.get("user")}
+                for h in gpu.get("holders") or []
+            ],
+            "Processes": [
+                {
+                    "PID": p.get("pid"),
+                    "User": p.get("user"),
+                    "Memory_MiB": None if p.get("used_memory") is None
+                    else int(p["used_memory"]) >> 20,
+                }
+                for p in gpu.get("processes") or []
+            ],
+        })
+    return json.dumps(out, ensure_ascii=False) + "\n"

@@ -22,7 +22,13 @@ The rules, which are the product's semantics:
   the fewest running slots (counting starts made in this same decision) goes
   first; ties go to the earlier job.
 * GPUs: the lowest free indices, or exactly the pinned ones (`-g`); never one
-  GPU to two jobs.
+  GPU to two jobs, except `--gpu-mem` jobs, which share a GPU while their
+  declared sizes (plus the memory of processes outside tsd on it) fit in its
+  total and NVML shows that much free; they go to the GPU already shared with
+  the least room that fits, keeping idle GPUs whole for jobs that need them
+  whole. A job without `--gpu-mem` never lands on a GPU another job holds.
+* GPU use outside tsd (`Resources.outside_gpus`) counts against its user's
+  `max_gpus`; `Resources.gpu_holds` holds a user's GPU jobs (gpu.unmanaged: hold).
 
 Cost: a decision reads the queue lazily and stops as soon as no server slot is
 left, so on a full server it costs in proportion to the jobs it starts, not to
@@ -45,6 +51,7 @@ from tsd.model import DependMode, Job, JobSpec, UserLimits
 __all__ = [
     "Decision",
     "DepOutcome",
+    "GpuRoom",
     "Resources",
     "Start",
     "check_fits",
@@ -75,6 +82,19 @@ class Start:
 
 def _no_reasons() -> Mapping[int, str]:
     return MappingProxyType({})
+
+
+def _no_counts() -> Mapping[int, int]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """One GPU's memory as --gpu-mem placement sees it, in MiB."""
+
+    total: int
+    free: int  # what NVML shows free now
+    outside: int = 0  # used by processes outside tsd: counts as declared by them
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,13 @@ class Resources:
     free_gpus: tuple[int, ...] | None
     gpu_problem: str = ""  # why free_gpus is None, shown in reasons
     visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+    # --gpu-mem: the memory of each GPU of the pool (visible and present); None
+    # while unknown, and then no --gpu-mem job starts.
+    gpu_memory: Mapping[int, GpuRoom] | None = field(default=None, hash=False)
+    # uid -> GPUs their processes outside tsd use now (they count against max_gpus).
+    outside_gpus: Mapping[int, int] = field(default_factory=_no_counts, hash=False)
+    # uid -> why that user's GPU jobs are held (gpu.unmanaged: hold).
+    gpu_holds: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
 
 
 def job_slots(spec: JobSpec) -> int:
@@ -134,19 +161,47 @@ def _not_visible(pinned: Iterable[int], pool: Sequence[int]) -> str | None:
     return None
 
 
+def _mib(n: int) -> str:
+    return f"{n / 1024:.1f} GiB" if n >= 1024 else f"{n} MiB"
+
+
+def _gpu_mem_problem(
+    spec: JobSpec, totals: Mapping[int, int], pool: Sequence[int] | None
+) -> str | None:
+    """Why no GPU of this server could ever hold the job's --gpu-mem (totals in MiB)."""
+    need = spec.gpu_mem
+    if need is None or not totals:
+        return None
+    if spec.gpu_indices is not None:
+        for index in spec.gpu_indices:
+            if index in totals and totals[index] < need:
+                return f"job needs {_mib(need)} on GPU {index}, which has {_mib(totals[index])}"
+        return None
+    candidates = [t for i, t in totals.items() if pool is None or i in pool]
+    big = sum(1 for t in candidates if t >= need)
+    if big >= spec.gpus_wanted:
+        return None
+    largest = max(candidates, default=0)
+    if big == 0:
+        return f"job needs {_mib(need)} per GPU but the largest GPU has {_mib(largest)}"
+    return f"job needs {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} but {big} have that"
+
+
 def fits_problem(
     spec: JobSpec,
     limits: UserLimits,
     total_slots: int,
     pool_size: int | None,
     visible: tuple[int, ...] | None,
+    gpu_totals: Mapping[int, int] | None = None,
 ) -> str | None:
     """Why `spec` can never start on this server under this quota, or None if it can.
 
     A draining server (`total_slots` 0) refuses nothing: jobs queue until it
     reopens. With `pool_size` None (GPU information unavailable) nothing is
     refused for the GPU pool, only for the user's GPU quota. `visible` is the
-    configured GPU set; None means the indices 0 .. pool_size-1.
+    configured GPU set; None means the indices 0 .. pool_size-1. `gpu_totals`
+    (index -> MiB) refuses a --gpu-mem no GPU could hold.
     """
     slots = job_slots(spec)
     if 0 < total_slots < slots:
@@ -165,10 +220,12 @@ def fits_problem(
         return f"job needs {_count(wanted, 'GPU')} but this server has no GPUs"
     if spec.gpu_indices is not None:
         pool = visible if visible is not None else tuple(range(pool_size))
-        return _not_visible(spec.gpu_indices, pool)
-    if wanted > pool_size:
+        why = _not_visible(spec.gpu_indices, pool)
+        if why is not None:
+            return why
+    elif wanted > pool_size:
         return f"job needs {_count(wanted, 'GPU')} but the server has {pool_size}"
-    return None
+    return _gpu_mem_problem(spec, gpu_totals or {}, visible)
 
 
 def check_fits(
@@ -177,9 +234,10 @@ def check_fits(
     total_slots: int,
     pool_size: int | None,
     visible: tuple[int, ...] | None,
+    gpu_totals: Mapping[int, int] | None = None,
 ) -> None:
     """Refuse at submit time a job that can never start: raises NeverFits naming the limit."""
-    problem = fits_problem(spec, limits, total_slots, pool_size, visible)
+    problem = fits_problem(spec, limits, total_slots, pool_size, visible, gpu_totals)
     if problem is not None:
         raise NeverFits(problem)
 
@@ -254,6 +312,15 @@ class _Decider:
             self.run_slots[job.uid] = self.run_slots.get(job.uid, 0) + slots
             self.run_gpus[job.uid] = self.run_gpus.get(job.uid, 0) + gpus
             held.update(job.gpu_ids)
+        for uid, gpus in res.outside_gpus.items():
+            self.run_gpus[uid] = self.run_gpus.get(uid, 0) + gpus
+        self.room = _shared_room(running, res)
+        # GPUs --gpu-mem jobs already share: the next one goes there first.
+        self.shared: dict[int, int] = {}
+        for job in running:
+            if job.spec.gpu_mem is not None:
+                for index in job.gpu_ids:
+                    self.shared[index] = self.shared.get(index, 0) + job.spec.gpu_mem
         self.free_slots = res.total_slots - self.used_slots
         self.free_gpus: list[int] | None = None
         if res.free_gpus is not None:
@@ -337,8 +404,11 @@ class _Decider:
     def never_fits(self, user: _User, spec: JobSpec) -> str | None:
         """Why the job could not start even on an idle server, as configured now."""
         pool = self.res.visible_gpus if self.res.free_gpus is not None else None
+        memory = self.res.gpu_memory
+        totals = None if memory is None else {i: r.total for i, r in memory.items()}
         return fits_problem(
-            spec, user.limits, self.res.total_slots, None if pool is None else len(pool), pool
+            spec, user.limits, self.res.total_slots, None if pool is None else len(pool), pool,
+            totals,
         )
 
     def block(self, user: _User, job: Job, why: str) -> None:
@@ -395,12 +465,17 @@ class _Decider:
         if free is None:
             problem = self.res.gpu_problem
             return "GPU information unavailable" + (f": {problem}" if problem else "")
+        hold = self.res.gpu_holds.get(user.uid)
+        if hold is not None:
+            return hold
         limit = user.limits.max_gpus
         if limit is not None and user.gpus + wanted > limit:
             if wanted > limit:
                 return _over_quota(wanted, "GPU", "max_gpus", limit)
             return f"user quota: {user.gpus} of {limit} GPUs in use (max_gpus)"
         visible = self.res.visible_gpus
+        if spec.gpu_mem is not None:
+            return self.shared_problem(spec)
         if spec.gpu_indices is not None:
             if visible is not None:
                 why = _not_visible(spec.gpu_indices, visible)
@@ -414,6 +489,34 @@ class _Decider:
             return f"job needs {_count(wanted, 'GPU')} but the server has {len(visible)}"
         if wanted > len(free):
             return f"waiting for {_count(wanted, 'free GPU')} ({len(free)} free)"
+        return None
+
+    def fitting(self, spec: JobSpec) -> list[int]:
+        """GPUs a --gpu-mem job fits on now, best first: already shared, then least room."""
+        need = spec.gpu_mem or 0
+        fits = [i for i, (left, free) in self.room.items() if left >= need and free >= need]
+        if spec.gpu_indices is not None:
+            return [i for i in spec.gpu_indices if i in fits]
+        shared = self.shared
+        return sorted(fits, key=lambda i: (i not in shared, self.room[i][0], i))
+
+    def shared_problem(self, spec: JobSpec) -> str | None:
+        """Why a --gpu-mem job cannot have its GPUs now, or None."""
+        if self.res.gpu_memory is None:
+            return "GPU information unavailable"
+        need = spec.gpu_mem or 0
+        fits = self.fitting(spec)
+        if spec.gpu_indices is not None:
+            short = [i for i in spec.gpu_indices if i not in fits]
+            if short:
+                which = "GPU" if len(short) == 1 else "GPUs"
+                return f"waiting for {_mib(need)} on {which} {_ids(short)}"
+            return None
+        if len(fits) < spec.gpus_wanted:
+            return (
+                f"waiting for {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} free"
+                f" ({len(fits)} ha{'s' if len(fits) == 1 else 've'} it)"
+            )
         return None
 
     # -- picking between users
@@ -450,13 +553,13 @@ class _Decider:
         gpu_ids: tuple[int, ...] = ()
         if spec.gpus_wanted:
             assert self.free_gpus is not None
-            if spec.gpu_indices is not None:
+            if spec.gpu_mem is not None:
+                gpu_ids = tuple(self.fitting(spec)[: spec.gpus_wanted])
+            elif spec.gpu_indices is not None:
                 gpu_ids = tuple(spec.gpu_indices)
-                taken = set(gpu_ids)
-                self.free_gpus = [g for g in self.free_gpus if g not in taken]
             else:
                 gpu_ids = tuple(self.free_gpus[: spec.gpus_wanted])
-                del self.free_gpus[: spec.gpus_wanted]
+            self.take_gpus(gpu_ids, spec.gpu_mem)
         slots = job_slots(spec)
         self.free_slots -= slots
         self.used_slots += slots
@@ -464,6 +567,19 @@ class _Decider:
         user.gpus += spec.gpus_wanted
         self.starts.append(Start(job.id, gpu_ids))
         self.search(user)
+
+    def take_gpus(self, gpu_ids: tuple[int, ...], mem: int | None) -> None:
+        """These GPUs go to a job: whole (`mem` None), or `mem` MiB of each."""
+        taken = set(gpu_ids)
+        assert self.free_gpus is not None
+        self.free_gpus = [g for g in self.free_gpus if g not in taken]
+        for index in gpu_ids:
+            if mem is None:
+                self.room.pop(index, None)
+            else:
+                left, free = self.room[index]
+                self.room[index] = (left - mem, free - mem)
+                self.shared[index] = self.shared.get(index, 0) + mem
 
     # -- the whole decision
 
@@ -506,6 +622,29 @@ class _Decider:
             reasons=MappingProxyType(self.reasons),
             unvisited_reason="" if read_all else self.full_reason(),
         )
+
+
+def _shared_room(running: Sequence[Job], res: Resources) -> dict[int, tuple[int, int]]:
+    """Per GPU a --gpu-mem job may go to: (MiB left under the declared sizes, MiB NVML free).
+
+    A GPU held by a job without --gpu-mem is left out: that job has it whole.
+    """
+    if res.gpu_memory is None or res.free_gpus is None:
+        return {}
+    declared: dict[int, int] = {}
+    whole: set[int] = set()
+    for job in running:
+        for index in job.gpu_ids:
+            if job.spec.gpu_mem is None:
+                whole.add(index)
+            else:
+                declared[index] = declared.get(index, 0) + job.spec.gpu_mem
+    pool = None if res.visible_gpus is None else set(res.visible_gpus)
+    return {
+        index: (room.total - room.outside - declared.get(index, 0), room.free)
+        for index, room in res.gpu_memory.items()
+        if index not in whole and (pool is None or index in pool)
+    }
 
 
 def decide(

@@ -40,6 +40,25 @@ class ScopeError(Exception):
     """systemd refused or failed to create, find or signal a job scope."""
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_gi() -> tuple[Any, Any]:
+    """pydbus and GLib, imported by one thread at a time.
+
+    PyGObject's importer is not thread-safe: a thread importing gi.repository.GLib
+    while another is inside the same import sees GLib before its overrides are
+    applied (GLib.Variant then "takes at most 0 arguments") or fails with
+    AttributeError. The daemon's worker threads make their first D-Bus calls
+    together after a restart (one job's scope stopped, the next one's started),
+    which lost a job that way; every gi import in tsd goes through here.
+    """
+    with _IMPORT_LOCK:
+        import pydbus
+        from gi.repository import GLib
+    return pydbus, GLib
+
+
 class SystemdScopes:
     """Creates, signals and stops job scopes on the system bus.
 
@@ -73,8 +92,7 @@ class SystemdScopes:
     def _mgr(self) -> Any:
         if self._manager is None:
             try:
-                import pydbus
-
+                pydbus, _ = import_gi()
                 self._bus = pydbus.SystemBus()
                 self._manager = self._bus.get(_SYSTEMD, _SYSTEMD_PATH)[
                     "org.freedesktop.systemd1.Manager"
@@ -106,7 +124,7 @@ class SystemdScopes:
         /dev/nvidia-uvm-tools).
         """
         try:
-            from gi.repository import GLib
+            _, GLib = import_gi()
         except ImportError as e:
             raise ScopeError(f"cannot talk to systemd: PyGObject is missing ({e})") from e
 
@@ -260,8 +278,7 @@ class SystemdScopes:
                 return None
             raise ScopeError(f"cannot look up {unit}: {_message(e)}") from e
         try:
-            from gi.repository import GLib
-
+            _, GLib = import_gi()
             # A raw call: a pydbus proxy would introspect the unit object first.
             reply = self._bus.con.call_sync(
                 _SYSTEMD,
@@ -304,7 +321,8 @@ def _in_cgroup(pid: int, cgroup: str) -> bool:
 def _dbus_error_name(e: BaseException) -> str | None:
     """The D-Bus error name of a GLib error from a remote call, if it is one."""
     try:
-        from gi.repository import Gio
+        with _IMPORT_LOCK:  # see import_gi
+            from gi.repository import Gio
     except ImportError:
         return None
     name = Gio.DBusError.get_remote_error(e) if hasattr(e, "domain") else None

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     unit TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS slurm_jobs (
+    job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpu_peaks (id INTEGER PRIMARY KEY, peak_mib INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_settings (
     uid INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (uid, key)
 );
@@ -239,8 +243,11 @@ class Store:
 
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
+        rows = [(i,) for i in ids]
         with self._tx():
-            self.db.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+            self.db.executemany("DELETE FROM jobs WHERE id=?", rows)
+            self.db.executemany("DELETE FROM slurm_jobs WHERE job_id=?", rows)
+            self.db.executemany("DELETE FROM gpu_peaks WHERE id=?", rows)
 
     def load_all(self) -> list[Job]:
         """Every job, without environments, in id order (StoreError when unreadable)."""
@@ -249,9 +256,19 @@ class Store:
                 "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid,"
                 " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit FROM jobs ORDER BY id"
             ).fetchall()
+            slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
         except sqlite3.DatabaseError as exc:
             raise unusable(self.path, exc) from None
-        return [_row_to_job(r) for r in rows]
+        jobs = [_row_to_job(r) for r in rows]
+        return [replace(j, slurm_id=int(slurm[j.id])) if j.id in slurm else j for j in jobs]
+
+    def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None:
+        """Record the Slurm job a job was forwarded to, and its output path, in one commit."""
+        with self._tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO slurm_jobs VALUES (?, ?)", (job_id, slurm_id)
+            )
+            self.db.execute("UPDATE jobs SET output=? WHERE id=?", (output, job_id))
 
     def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
         """A job's submit-time environment."""
@@ -259,6 +276,20 @@ class Store:
         if row is None:
             return ()
         return tuple((str(k), str(v)) for k, v in json.loads(row[0]))
+
+    # -------------------------------------------------------- GPU memory peaks
+
+    def gpu_peaks(self) -> dict[int, int]:
+        """job id -> the most GPU memory (MiB) its processes were seen using."""
+        rows = self.db.execute("SELECT id, peak_mib FROM gpu_peaks")
+        return {int(i): int(m) for i, m in rows}
+
+    def set_gpu_peaks(self, peaks: dict[int, int]) -> None:
+        """Record new GPU memory peaks (job id -> MiB) in one transaction."""
+        with self._tx():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO gpu_peaks VALUES (?, ?)", list(peaks.items())
+            )
 
     # -------------------------------------------------------- settings
 

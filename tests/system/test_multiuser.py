@@ -200,13 +200,9 @@ def _restart_and_kill9(sbox: Box, flag: str) -> None:
     assert listed[running]["State"] == "running" and listed[queued]["State"] == "queued"
     sbox.run(["touch", flag])
     assert ts(sbox, "alice", "-w", str(running), check=False).returncode == 9
-    code = ts(sbox, "bob", "-w", str(queued), check=False).returncode
-    if code != 4:
-        # Seen twice in many runs: the first job a kill -9'd daemon's successor launches
-        # after a re-adopted one ends can come back 255. Not understood yet; the run says
-        # so with the job's record instead of hiding it or failing CI on a race.
-        info = ts(sbox, "root", "-i", str(queued), check=False)
-        pytest.xfail(f"known race after kill -9: bob's job ended {code}: {info.stdout!r}")
+    # The successor's first scope start and the ended job's scope stop run in two
+    # worker threads at once; PyGObject imported that way once lost this job (255).
+    assert ts(sbox, "bob", "-w", str(queued), check=False).returncode == 4
 
 
 def test_server_wide_actions_are_for_admins(sbox: Box) -> None:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsd import __version__, cli_options, cli_output, manpage, protocol
+from tsd.cli_completion import SOURCE
 from tsd.cli_options import OPTIONS, Kind, UsageError
 from tsd.cli_request import Invocation, invocation, parse_argv
 from tsd.client import Connection
@@ -332,7 +333,7 @@ def test_every_option_in_the_table_parses() -> None:
     samples = {
         Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
-                         "timeout": "5"},
+                         "timeout": "5", "gpu_mem": "20G"},
     }  # fmt: skip
     for opt in OPTIONS:
         value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
@@ -394,7 +395,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "state": ("4", 4), "remove": ("3", 3), "wait": ("2", 2), "kill": ("1", 1),
     "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
     "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
-    "num_slots": ("4", 4), "watch": ("2", 2.0),
+    "num_slots": ("4", 4), "gpu_mem": ("1.5G", 1536), "watch": ("2", 2.0),
 }  # fmt: skip
 
 
@@ -913,16 +914,23 @@ def test_man_page_module_prints_the_page() -> None:
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
-def test_completion_files_are_what_ts_generates(shell: str) -> None:
-    shipped = Path(__file__).parents[2] / "packaging" / "completion" / f"ts.{shell}"
+def test_completion_scripts_have_one_source_which_the_installers_print_with_ts(
+    shell: str,
+) -> None:
+    # No copy in the checkout to drift: install.sh and build-deb.sh install what ts
+    # prints (tests/system test_install.py and test_deb.py compare the installed files).
+    repo = Path(__file__).parents[2]
+    assert not (repo / "packaging" / "completion").exists()
+    for script in ("install.sh", "build-deb.sh"):
+        text = (repo / "packaging" / script).read_text()
+        assert "for shell in bash zsh fish; do" in text and '_TS_COMPLETE="${shell}_source"' in text
     proc = subprocess.run(
         [sys.executable, "-c", "from tsd.cli import main; main()"],
         capture_output=True, text=True, env={**os.environ, "_TS_COMPLETE": f"{shell}_source"},
     )
     assert proc.returncode == 0
-    body, generated_by = shipped.read_text().rstrip("\n").rsplit("\n", 1)
-    assert generated_by.startswith("# ts completion")
-    assert body + "\n" == proc.stdout
+    assert proc.stdout == SOURCE[shell] + "\n"
+    assert "_ts_completion" in proc.stdout
 
 
 def test_completion_offers_options_and_formats() -> None:

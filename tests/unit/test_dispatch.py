@@ -7,8 +7,9 @@ from unit.daemon_fakes import Events, FakeStore, spec
 from tsd.config import Config
 from tsd.dispatch import Dispatcher
 from tsd.jobtable import JobTable
-from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState
+from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse
 from tsd.policy import Policy
+from tsd.scheduler import GpuRoom
 
 
 class FakeMonitor:
@@ -39,6 +40,12 @@ class FakeMonitor:
 
     def busy(self, held: dict[int, int], tsd_pids: set[int], threshold: float) -> dict[int, str]:
         return {1: "used by pid 99 (carol), 1.0 GiB"}
+
+    def rooms(self) -> dict[int, GpuRoom] | None:
+        return None if self._free is None else {}
+
+    def unmanaged(self) -> tuple[UnmanagedUse, ...]:
+        return ()
 
     def arm_poll(self, seconds: float) -> None:
         self.polling = seconds

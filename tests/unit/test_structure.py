@@ -57,8 +57,10 @@ def test_every_module_stays_under_800_lines_and_classes_under_400() -> None:
 
 
 def test_core_modules_import_no_adapter() -> None:
-    core = {"model", "scheduler", "config", "gpupool", "errors", "codec"}
-    adapters = {"store", "server", "launch", "scope", "gpu", "daemon", "runner", "gpumonitor"}
+    core = {"model", "scheduler", "config", "gpupool", "errors", "codec", "slurmjson", "slurmmap",
+            "engine", "config_admin", "idle", "metrics"}
+    adapters = {"store", "server", "launch", "scope", "gpu", "daemon", "runner", "gpumonitor",
+                "slurm", "slurmcmd", "idlewatch", "metricswriter"}
     modules = _modules()
     for name in core:
         assert not _imports(modules[name]) & adapters, f"tsd/{name}.py imports an adapter"
@@ -68,7 +70,8 @@ def test_the_client_path_loads_no_daemon_module() -> None:
     code = (
         "import sys, tsd.cli, tsd.client, tsd.protocol\n"
         "daemon_side = {'tsd.daemon', 'tsd.jobtable', 'tsd.runner', 'tsd.dispatch',"
-        " 'tsd.handlers', 'tsd.store', 'tsd.launch', 'tsd.gpumonitor', 'tsd.policy'}\n"
+        " 'tsd.handlers', 'tsd.store', 'tsd.launch', 'tsd.gpumonitor', 'tsd.policy',"
+        " 'tsd.slurm', 'tsd.slurmcmd'}\n"
         "print(sorted(daemon_side & set(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
