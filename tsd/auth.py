@@ -130,6 +130,12 @@ def visible_to(peer: Peer, job: Job) -> Job:
             depends=s.depends,
             depend_mode=s.depend_mode,
             store_output=s.store_output,
+            begin=s.begin,
+            priority=s.priority,
+            retry=s.retry,
+            array_job=s.array_job,
+            array_task=s.array_task,
+            array_throttle=s.array_throttle,
         ),
         state=job.state,
         order=job.order,
@@ -143,5 +149,6 @@ def visible_to(peer: Peer, job: Job) -> Job:
         gpu_uuids=job.gpu_uuids,
         unit=job.unit,
         wait_reason=job.wait_reason,
+        attempts=job.attempts,
         slurm_id=job.slurm_id,  # squeue shows it to everyone anyway
     )

@@ -105,14 +105,16 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     finally:
         conn.close()
     try:
-        job_id = check(frame).get("id")
+        answer = check(frame)
     except BadRequest as exc:
         # The spec broke one of tsd.protocol.parse_spec's rules: a command-line error.
         raise UsageError(exc.message.removeprefix("bad request: ")) from None
-    if not isinstance(job_id, int):
+    job_id = answer.get("id")
+    ids = answer.get("ids", [job_id])  # --array: every element's id, in order
+    if not isinstance(job_id, int) or not isinstance(ids, list):
         raise TsdError("malformed response from the daemon: no job id")
     if inv.print_id:
-        emit(f"{job_id}\n")
+        emit("".join(f"{i}\n" for i in ids))
     if not inv.foreground:
         return 0
     from tsd import protocol

@@ -193,6 +193,29 @@ def float_range(lo: float, hi: float) -> Callable[[str], float]:
     return convert
 
 
+def begin_time(value: str) -> float:
+    """--begin WHEN (tsd.jobcontrols.parse_when) as epoch seconds, from now."""
+    import time
+
+    from tsd.jobcontrols import parse_when
+
+    try:
+        return parse_when(value, time.time())
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
+def array_spec(value: str) -> str:
+    """--array SPEC, checked here (tsd.jobcontrols.parse_array); it travels as written."""
+    from tsd.jobcontrols import parse_array
+
+    try:
+        parse_array(value)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+    return value
+
+
 class Choice:
     """One of a few words; the words are also what shell completion offers."""
 
@@ -337,6 +360,8 @@ OPTIONS: tuple[Opt, ...] = (
         value=float_range(0.0, 100.0)),
     Opt("get_gpu_free_perc", None, "get_gpu_free_perc", FL, LA, "get_gpu_free_perc", "",
         "get the value of GPU memory threshold above which GPUs are considered available."),
+    Opt("release", None, "release", OI, LA, "release", "[id]",
+        "queue a held job again, at its place. The last added, if not specified."),
     # long option adding jobs
     Opt("gpus", "G", "gpus", OI, LJ, None, "[num]",
         "number of GPUs required by the job (1 if no number is given).",
@@ -354,6 +379,25 @@ OPTIONS: tuple[Opt, ...] = (
         "kill the job if it runs longer than this (seconds, or with a unit: 90s, 30m, 2h,"
         " 1d).",
         value=duration),
+    Opt("hold", None, "hold", OI, LJ, None, "[id]",
+        "queue the job held: it never starts until ts --release. With an id and no"
+        " command: hold that queued job.",
+        flag_value=""),
+    Opt("begin", None, "begin", VAL, LJ, None, "<when>",
+        "do not start the job before WHEN: +90s, +30m, +2h, HH:MM (the next such time)"
+        " or 2026-12-03T08:00.",
+        value=begin_time),
+    Opt("retry", None, "retry", VAL, LJ, None, "<num>",
+        "queue the job again (same id) when it exits non-zero, up to num more times"
+        " (0-100; not after -k or --timeout).",
+        value=int_range(0, 100)),
+    Opt("array", None, "array", VAL, LJ, None, "<spec>",
+        "queue one job per index: A-B, A-B:STEP or A,B,C, with %K to run at most K at"
+        " once; each gets TS_ARRAY_TASK_ID and TS_ARRAY_JOB_ID. Prints every id.",
+        value=array_spec),
+    Opt("priority", None, "priority", VAL, LJ, None, "<num>",
+        "place the job among your own queued jobs: higher first (-100 to 100, default 0).",
+        value=int_range(-100, 100)),
     # actions
     Opt("shutdown", "K", None, FL, A, "shutdown", "",
         "kill the task spooler server"),

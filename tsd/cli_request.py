@@ -145,6 +145,9 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
             actions.setdefault(opt.action, opt.spelled)
         elif opt.dest == "gpu_indices" and value is None and not line.command:
             actions.setdefault("gpu_status", "-g")
+        elif opt.dest == "hold" and (value is not None or not line.command):
+            # `ts --hold 12` holds job 12; `ts --hold CMD` queues CMD held.
+            actions.setdefault("hold", "--hold")
     if "help" in actions:
         return "help", actions["help"]
     listing = {opt.dest for opt, _ in line.given if opt.action == "list"}
@@ -188,6 +191,10 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
             req = protocol.Remove(id=_job_id(value))
         case "urgent":
             req = protocol.Urgent(id=_job_id(value))
+        case "hold":
+            req = protocol.Hold(id=_job_id(value))
+        case "release":
+            req = protocol.Hold(id=_job_id(value), release=True)
         case "swap":
             a, b = value or (0, 0)
             req = protocol.Swap(a=a, b=b)
@@ -290,6 +297,8 @@ def submit_wire(
     gpus = params["gpus"]
     if gpu_indices and gpus is not None and gpus != len(gpu_indices):
         raise UsageError(f"-G {gpus} disagrees with -g {','.join(map(str, gpu_indices))}")
+    if params["array"] is not None and params["foreground"]:
+        raise UsageError("--array cannot be used with -f (it queues many jobs)")
     depends = params["depend_ok"] or params["depend"] or ()
     gpu_mem = params["gpu_mem"]
     if gpu_mem is not None and gpus == 0:
@@ -316,6 +325,13 @@ def submit_wire(
         "env_info": None,
         # -nf: task-spooler keeps no entry of a transparent job once it ends.
         "forget": no_output and bool(params["foreground"]),
+        "begin": params["begin"],
+        "priority": params["priority"] or 0,
+        "retry": params["retry"] or 0,
+        # An --array's elements get these from the daemon, never from ts.
+        "array_job": None,
+        "array_task": None,
+        "array_throttle": None,
         "gpu_mem": gpu_mem,
     }
     return {
@@ -326,4 +342,6 @@ def submit_wire(
         "block": not params["no_block"],
         # -nf: one request queues and waits, as the job is forgotten when it ends.
         "wait": no_output and bool(params["foreground"]),
+        "hold": "hold" in present,
+        "array": params["array"],
     }

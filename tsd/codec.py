@@ -39,6 +39,12 @@ def spec_to_dict(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
         "timeout": spec.timeout,
         "env_info": spec.env_info,
         "forget": spec.forget,
+        "begin": spec.begin,
+        "priority": spec.priority,
+        "retry": spec.retry,
+        "array_job": spec.array_job,
+        "array_task": spec.array_task,
+        "array_throttle": spec.array_throttle,
         "gpu_mem": spec.gpu_mem,
     }
 
@@ -65,6 +71,13 @@ def spec_from_dict(o: Mapping[str, Any]) -> JobSpec:
         timeout=o.get("timeout"),
         env_info=o.get("env_info"),
         forget=bool(o.get("forget", False)),  # absent in rows older than -nf's rule
+        # Absent in rows older than the job controls:
+        begin=o.get("begin"),
+        priority=int(o.get("priority") or 0),
+        retry=int(o.get("retry") or 0),
+        array_job=o.get("array_job"),
+        array_task=o.get("array_task"),
+        array_throttle=o.get("array_throttle"),
         gpu_mem=o.get("gpu_mem"),
     )
 
@@ -116,6 +129,7 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "wait_reason": job.wait_reason,
         "gpu_idle_since": job.gpu_idle_since,
         "notice": job.notice,
+        "attempts": job.attempts,
         "slurm_id": job.slurm_id,
         "gpu_mem_peak": job.gpu_mem_peak,
         "gpu_mem_now": job.gpu_mem_now,
@@ -147,6 +161,7 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         wait_reason=str(obj.get("wait_reason") or ""),
         gpu_idle_since=_float_or_none(obj.get("gpu_idle_since")),
         notice=str(obj.get("notice") or ""),
+        attempts=int(obj.get("attempts") or 0),
         slurm_id=_optional_int(obj.get("slurm_id")),
         gpu_mem_peak=obj.get("gpu_mem_peak"),
         gpu_mem_now=obj.get("gpu_mem_now"),

@@ -177,6 +177,7 @@ class Daemon:
             self.gpus,
             self._start,
             lambda: self.policy.config.gpus.poll_seconds,
+            wake=self._wake_at,
         )
         self.idle = IdleWatch(
             loop, lambda: self.policy.config, self.table, self.gpus, self.runner,
@@ -186,6 +187,7 @@ class Daemon:
             loop, self.executor, lambda: self.policy.config.metrics.path(settings.system),
             self.metrics_state, self._refresh_gpus_for_metrics,
         )
+        self._wake: tuple[float, asyncio.TimerHandle] | None = None
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
         if isinstance(self.table, SlurmJobTable):
@@ -221,6 +223,21 @@ class Daemon:
         if self.slurm is None:
             self.dispatcher.schedule()
 
+    def _wake_at(self, when: float | None) -> None:
+        """One timer: schedule again at epoch `when` (a --begin time), or never (None)."""
+        if self._wake is not None:
+            if self._wake[0] == when:
+                return
+            self._wake[1].cancel()
+            self._wake = None
+        if when is not None:
+            # A little late rather than early: the clock must have passed `when`.
+            delay = max(0.0, when - time.time()) + 0.05
+            self._wake = (when, self.loop.call_later(delay, self._woken))
+
+    def _woken(self) -> None:
+        self._wake = None
+        self.schedule()
     def _start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
         self.runner.start(job, gpu_ids)
         if gpu_ids:

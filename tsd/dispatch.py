@@ -9,10 +9,12 @@ and why, which are skipped, which start (through the runner).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Protocol
 
+from tsd.eligibility import apart_reason
 from tsd.errors import StorageFull
 from tsd.gpuusage import hold_reasons, outside_gpus
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
@@ -101,12 +103,16 @@ class Dispatcher:
         gpus: Gpus,
         start: Callable[[Job, tuple[int, ...]], None],
         poll_seconds: Callable[[], float],
+        wake: Callable[[float | None], None] | None = None,
     ) -> None:
         self.table = table
         self.policy = policy
         self.gpus = gpus
         self._start = start
         self._poll_seconds = poll_seconds
+        # Arms (or with None disarms) one timer that schedules again at an epoch time:
+        # when the earliest --begin a waiting job has comes.
+        self._wake = wake
         # The scheduler stops reading the queue once the server is full; the jobs it
         # did not reach wait for this one reason.
         self.unvisited_reason = ""
@@ -116,6 +122,8 @@ class Dispatcher:
         table = self.table
         if not table.pending:
             self.gpus.stop_poll()
+            if self._wake is not None:
+                self._wake(None)
             return
         if table.pending_gpu_jobs:
             if not self.gpus.request(GPU_MAX_AGE):
@@ -145,6 +153,8 @@ class Dispatcher:
             res,
         )
         self.unvisited_reason = decision.unvisited_reason
+        if self._wake is not None:
+            self._wake(decision.wake_at)
         allocating = set(decision.allocating)
         # A job read again that no longer waits for GPUs (it now waits for a slot or a
         # dependency) is back to plain queued.
@@ -200,6 +210,9 @@ class Dispatcher:
 
     def explain(self, job: Job) -> Job:
         """The job with the wait reason ts -i and -l show (the scheduler's, or the last pass's)."""
+        apart = apart_reason(job, time.time()) if job.state.pending else None
+        if apart is not None:  # held or not begun: whatever the last pass saw or missed
+            return replace(job, wait_reason=apart)
         if job.state.pending and not job.wait_reason and self.unvisited_reason:
             return replace(job, wait_reason=self.unvisited_reason)
         if job.state is JobState.ALLOCATING:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from tsd import auth, protocol
+from tsd import auth, jobcontrols, protocol
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
@@ -156,6 +156,8 @@ async def _serve(
             return gpu_free_perc(p, peer, req)
         case protocol.GpuStatus():
             return await gpu_status(p)
+        case protocol.Hold():
+            return hold(p, peer, req)
     raise BadRequest("bad request: unsupported operation")
 
 
@@ -165,8 +167,12 @@ async def submit(
     """Validate, wait for room if the queue is full, make durable, then answer.
 
     With `wait` (ts -nf) the answer is the job's final record, after a `Queued` event.
+    An --array is stored whole, in one transaction, and answered with every id.
     """
-    spec = req.spec
+    # Checked already by the protocol (tsd.jobcontrols.check_submit).
+    array = None if req.array is None else jobcontrols.parse_array(req.array)
+    count = 1 if array is None else len(array[0])
+    spec = replace(req.spec, array_job=None, array_task=None, array_throttle=None)
     depends = list(spec.depends)
     last = p.table.last_added.get(peer.uid)
     if req.depend_last and last:
@@ -182,6 +188,9 @@ async def submit(
     if p.cluster is not None:
         # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
         p.cluster.check(spec, req.terminal is not None)
+        _local_only(p, *(name for name, given in (
+            ("--hold", req.hold), ("--array", array is not None), ("--begin", spec.begin),
+            ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
     elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
@@ -199,10 +208,15 @@ async def submit(
             spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool,
             totals,
         )
-    _check_bytes(p, peer, spec.stored_bytes, limits)
+    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if limits.max_queued is not None:
+        if count > limits.max_queued:
+            raise OverQuota(  # never fits: exit 1, not -B's 2
+                f"the array has {count} elements but at most {limits.max_queued} of your "
+                "jobs may wait (max_queued)"
+            )
         told = False
-        while p.table.pending_count[peer.uid] >= limits.max_queued:
+        while p.table.pending_count[peer.uid] + count > limits.max_queued:
             if not req.block:
                 raise QueueFull(f"your queue is full ({limits.max_queued} jobs waiting)")
             if not told:
@@ -210,7 +224,8 @@ async def submit(
                 await send(protocol.QueueFullWait(p.table.pending_count[peer.uid]))
                 told = True
             await p.waiters.room_freed()
-    _check_bytes(p, peer, spec.stored_bytes, limits)  # again: others may have queued meanwhile
+    # Again: others may have queued meanwhile.
+    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
     if req.terminal is not None and p.runner.terminals_held(peer.uid) >= MAX_TERMINALS_PER_USER:
         raise QueueFull(
             f"too many of your ts -n jobs wait to write to a terminal "
@@ -224,7 +239,14 @@ async def submit(
     if not caller_still_there():
         log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
-    job = p.table.add(peer.uid, peer.user, spec)
+    if array is not None:
+        specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
+        jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
+        log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
+                 printable(spec.command_line[:200]))  # fmt: skip
+        p.dispatcher.schedule()
+        return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
+    job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
     if p.cluster is not None:
         # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
         job = await p.cluster.forward(job)
@@ -246,8 +268,11 @@ def _settings_bytes(p: Parts, uid: int) -> int:
     return sum(len(k.encode()) + len(v.encode()) for k, v in p.settings.user_settings(uid).items())
 
 
-def _check_bytes(p: Parts, peer: Peer, adding: int, limits: UserLimits, removing: int = 0) -> None:
-    """Refuse to store `adding` more bytes of the caller's text over their caps."""
+def _check_bytes(
+    p: Parts, peer: Peer, adding: int, limits: UserLimits, removing: int = 0, count: int = 1
+) -> None:
+    """Refuse to store `adding` more bytes of the caller's text (`count` times: an --array)
+    over their caps."""
     if limits.max_job_bytes is not None and adding > limits.max_job_bytes:
         raise OverQuota(
             f"this job's command, environment, label and TS_ENV output take {adding} bytes, "
@@ -256,6 +281,7 @@ def _check_bytes(p: Parts, peer: Peer, adding: int, limits: UserLimits, removing
     if limits.max_stored_bytes is None:
         return
     stored = p.table.stored_bytes[peer.uid] + _settings_bytes(p, peer.uid) - removing
+    adding *= count
     if stored + adding > limits.max_stored_bytes:
         raise OverQuota(
             f"your stored jobs and --setenv values take {stored} bytes; {adding} more would "
@@ -324,6 +350,28 @@ def _queued(p: Parts, job: Job) -> Job:
         state = "starting" if job.id in p.table.launching else job.state.value
         raise WrongState(f"job {job.id} is {state}, not queued")
     return job
+
+
+def _local_only(p: Parts, *controls: str) -> None:
+    """Job controls are this scheduler's: under a cluster engine, refuse them in one line."""
+    if controls and p.cluster is not None:
+        raise BadRequest(f"{controls[0]} is not available with cluster.engine: slurm")
+
+
+def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
+    """ts --hold ID: a queued job (the caller's, or anyone's for admins) never starts;
+    ts --release ID (`req.release`): a held job is queued again, at its place."""
+    _local_only(p, "--release" if req.release else "--hold")
+    job = p.table.pick(peer, req.id, "added")
+    if req.release and job.state is not JobState.HELD:
+        raise WrongState(f"job {job.id} is {job.state.value}, not held")
+    if not req.release and job.state is not JobState.HELD:
+        _queued(p, job)
+    if (job.state is JobState.HELD) == req.release:
+        job = p.table.set_held(job, not req.release)
+        log.info("job %d %s by %s", job.id, "released" if req.release else "held", peer.user)
+        p.dispatcher.schedule()  # the slots it would have taken may go to others
+    return protocol.JobId(job.id)
 
 
 def urgent(p: Parts, peer: Peer, req: protocol.Urgent) -> protocol.JobId:

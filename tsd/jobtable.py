@@ -4,7 +4,8 @@ It owns the in-memory jobs and writes each change to the store before the
 change is visible to anyone, so a client that hears "ok" can rely on it. Every
 state change goes through one method here, which keeps the indexes true:
 
-* `pending`: ids of queued and allocating jobs, in queue order;
+* `pending`: ids of queued, allocating and held jobs, in queue order (a held
+  job keeps its place; tsd.queueorder hands out the order keys);
   `pending_count` and `pending_gpu_jobs` count them per user and GPU-wanting;
 * `running`: the running jobs by id;
 * `launching`: jobs whose launch is under way (their supervisor and scope are
@@ -30,27 +31,11 @@ from dataclasses import replace
 from typing import Literal, Protocol
 
 from tsd import auth
-from tsd.errors import NoSuchJob, StorageFull, WrongState
+from tsd.errors import NoSuchJob, StorageFull
 from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, run_usage
+from tsd.queueorder import JobStore as JobStore
+from tsd.queueorder import QueueOrder
 from tsd.scheduler import DepOutcome
-
-
-class JobStore(Protocol):
-    """The part of tsd.store.Store the table writes through."""
-
-    def add_job(
-        self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float
-    ) -> Job: ...
-
-    def save(self, *jobs: Job) -> None: ...
-
-    def save_ended(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None: ...
-
-    def delete(self, ids: Iterable[int]) -> None: ...
-
-    def load_all(self) -> list[Job]: ...
-
-    def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None: ...
 
 
 class JobEvents(Protocol):
@@ -63,7 +48,7 @@ class JobEvents(Protocol):
     def room(self) -> None: ...
 
 
-class JobTable:
+class JobTable(QueueOrder):
     """Jobs by id, the queue and its indexes; every transition, made durable first."""
 
     def __init__(
@@ -137,10 +122,6 @@ class JobTable:
         auth.check_owner(peer, job)
         return job
 
-    def queue(self) -> Iterator[Job]:
-        """Pending jobs in queue order."""
-        return (self.jobs[i] for i in self.pending)
-
     def listing(self) -> Iterator[Job]:
         """What ts -l shows, in GPU task-spooler's order: running (and starting) jobs,
         then the queue, each in queue order, then done jobs by end time."""
@@ -185,20 +166,35 @@ class JobTable:
     # ------------------------------------------------------------ pending jobs
 
     def add(self, uid: int, user: str, spec: JobSpec) -> Job:
-        """Queue a new job behind every other one; durable before it is returned."""
+        """Queue a new job; durable before it is returned."""
+        return self.add_many(uid, user, [spec])[0]
+
+    def add_many(
+        self, uid: int, user: str, specs: list[JobSpec], held: bool = False, array: bool = False
+    ) -> list[Job]:
+        """Queue new jobs (of one --priority; held with --hold) in one transaction, durable
+        when returned: after the owner's queued jobs of the same or a higher priority, on
+        the owner's own queue positions (tsd.eligibility.priority_keys)."""
         low, high = self._orders
+        keys, moved = self.place(uid, specs[0].priority, len(specs))
+        state = JobState.HELD if held else JobState.QUEUED
         try:
-            job = self.store.add_job(uid, user, spec, high + 1, time.time())
+            jobs = self.store.add_jobs(
+                uid, user, list(zip(specs, keys, strict=True)), time.time(), state, moved, array
+            )
         except StorageFull as exc:
             raise StorageFull(
                 f"the server cannot store the job: no space left on {exc.where}", exc.where
             ) from None
-        self._orders = (low, high + 1)
-        self.jobs[job.id] = job
-        self.stored_bytes[uid] += spec.stored_bytes
-        self._index_pending(job)
-        self.last_added[uid] = job.id
-        return job
+        self._orders = (low, high + len(specs))
+        self.reorder(moved)
+        for job in jobs:
+            self.jobs[job.id] = job
+            self.stored_bytes[uid] += job.spec.stored_bytes
+            self._index_pending(job)
+        self._sort_pending()
+        self.last_added[uid] = jobs[-1].id
+        return jobs
 
     def set_waiting(self, updates: Iterable[tuple[int, JobState, str]]) -> None:
         """The scheduler's verdicts: queued or allocating, and why not running.
@@ -210,6 +206,8 @@ class JobTable:
             job = self.jobs.get(job_id)
             if job is None or not job.state.pending:
                 continue
+            if job.state is JobState.HELD:
+                state = JobState.HELD  # only ts --release ends a hold
             updated = replace(job, state=state, wait_reason=reason)
             if updated.state is not job.state:
                 changed.append(updated)
@@ -219,37 +217,6 @@ class JobTable:
             # job's next change instead of failing the dispatcher's pass.
             with suppress(StorageFull):
                 self.store.save(*changed)
-
-    def move_front(self, job: Job) -> Job:
-        """ts -u: put a pending job before every other pending job of its owner.
-
-        The owner's jobs pass their order keys along (the job takes its owner's
-        first key, each job before it the next one), so the set of keys a user
-        holds, and with it the order between users, does not change.
-        """
-        own = [j for j in self.queue() if j.uid == job.uid]
-        ahead = own[: [j.id for j in own].index(job.id) + 1]
-        keys = [j.order for j in ahead]
-        moved = [replace(job, order=keys[0])]
-        moved += [replace(j, order=k) for j, k in zip(ahead[:-1], keys[1:], strict=True)]
-        self.store.save(*moved)
-        for j in moved:
-            self.jobs[j.id] = j
-        self._sort_pending()
-        return moved[0]
-
-    def swap(self, a: Job, b: Job) -> None:
-        """ts -U: two pending jobs of one user trade places (keys stay with the user)."""
-        if a.uid != b.uid:
-            raise WrongState(
-                f"jobs {a.id} and {b.id} belong to different users: "
-                "-U reorders one user's own queue only"
-            )
-        a, b = replace(a, order=b.order), replace(b, order=a.order)
-        self.store.save(a, b)
-        self.jobs[a.id], self.jobs[b.id] = a, b
-        ia, ib = self.pending.index(a.id), self.pending.index(b.id)
-        self.pending[ia], self.pending[ib] = b.id, a.id
 
     def end_pending(
         self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
@@ -289,7 +256,7 @@ class JobTable:
             self.launching[job_id], state=JobState.RUNNING,
             start_time=self._launch_times.get(job_id) or time.time(),
             supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
-            wait_reason="",
+            wait_reason="", attempts=self.launching[job_id].attempts + 1,
         )
         self.store.save(job)  # first: on StorageFull the job is still launching, unchanged
         del self.launching[job_id]
@@ -321,16 +288,27 @@ class JobTable:
         self._sort_pending()
         return job
 
-    def requeue(self, job_id: int, notice: str | None = None) -> Job:
-        """A launch that never ran its command: back to the queue at its old place. With a
-        `notice` (ended for idle GPUs) its run is charged to its user, in one transaction."""
-        ran = self.running.get(job_id) or self.launching[job_id]
+    def requeue(
+        self, job_id: int, failed: ExitInfo | None = None, notice: str | None = None
+    ) -> Job:
+        """A launch that never ran its command: back to the queue at its old place.
+
+        With `failed` (--retry): an attempt that failed, queued again under its id; with
+        a `notice`: ended for idle GPUs. A run that did happen is charged to its user
+        in the same transaction. No end is announced (waiters wait on, -W jobs too).
+        """
+        ran = job = self.running.get(job_id) or self.launching[job_id]
         job = replace(
-            ran, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
+            job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
             supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,
-            gpu_idle_since=None, notice=ran.notice if notice is None else notice,
+            # A recorded launch counted an attempt that never ran its command.
+            attempts=job.attempts - (failed is None and notice is None and job_id in self.running),
+            gpu_idle_since=None, notice=job.notice if notice is None else notice,
         )
-        if notice is None:  # first: on StorageFull nothing changed in memory either
+        if failed is not None:
+            why = f"attempt {job.attempts} ended with {failed.summary()}"
+            job = replace(job, end_time=None, exit=None, output_path=None, wait_reason=why)
+        if failed is None and notice is None:  # first: on StorageFull nothing changed
             self.store.save(job)
         else:
             self.store.save_ended(job, *run_usage(ran, time.time()))
@@ -420,9 +398,6 @@ class JobTable:
 
     def _done(self) -> Iterator[Job]:
         return (j for j in self.jobs.values() if j.state.done)
-
-    def _sort_pending(self) -> None:
-        self.pending.sort(key=lambda i: self.jobs[i].order)
 
     def _index_pending(self, job: Job) -> None:
         self.pending.append(job.id)

@@ -57,6 +57,27 @@ EXIT_STATUS = (
     ("2", "with -B, the queue was full and the job was not queued."),
 )
 
+JOB_CONTROLS = (
+    "--hold queues a job in state held: it keeps its place in the queue but never starts "
+    "until ts --release ID queues it again; ts --hold ID holds a queued job. Only the "
+    "job's owner and admins may hold or release it. A hold survives restarts of the daemon.",
+    "--begin WHEN keeps a job queued until WHEN (+90s, +30m, +2h, HH:MM for the next such "
+    "local time, or an ISO time such as 2026-12-03T08:00); the daemon wakes up then.",
+    "--retry N queues a job again under the same id when it exits with a non-zero code, "
+    "up to N more times; a job ended by ts -k or by its --timeout is not retried. ts -i "
+    "shows Attempts, and ts -w waits for the last attempt and exits with its code.",
+    "--array SPEC queues one job per index (A-B, A-B:STEP or A,B,C; at most 10000), "
+    "stored together, and prints every id, one per line. Each gets TS_ARRAY_TASK_ID (its "
+    "index) and TS_ARRAY_JOB_ID (the first element's id); with %K at most K of them run "
+    "at once.",
+    "--priority N (-100 to 100, default 0) places a job among its owner's queued jobs, "
+    "higher first, ties in queue order. It never moves a job ahead of another user's.",
+    "Why a job waits is in ts -i (Wait reason), in ts -M json (Wait_Reason) and, in "
+    "parentheses in place of the Output, E-Level and Time columns, in ts -l. A job "
+    "that could never start (more slots or GPUs than the server or the quota has, GPUs "
+    "where there is no NVIDIA driver) is refused when it is queued.",
+)
+
 FILES = (
     (SYSTEM_SOCKET, "the system service's socket (group tsd may use it)."),
     (CONFIG, "the system service's configuration: slots, GPUs, quotas, admins."),
@@ -125,6 +146,12 @@ def render() -> str:
                 if opt.dest == "list":
                     flag, text = GPU_LIST_HELP
                     out += [".TP", f"\\fB{escape(flag)}\\fR", escape(text)]
+
+    out.append('.SH "JOB CONTROLS"')
+    for i, paragraph in enumerate(JOB_CONTROLS):
+        if i:
+            out.append(".PP")
+        out.append(escape(paragraph))
 
     out.append(".SH ENVIRONMENT")
     out.append(

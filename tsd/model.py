@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 
 
 class JobState(enum.StrEnum):
-    """A job's life: queued -> (allocating) -> running -> finished, or skipped."""
+    """A job's life: queued -> (allocating) -> running -> finished, or skipped.
 
+    `held` (--hold, ts --hold ID) is a queued job that never starts until
+    ts --release ID puts it back to `queued`; it keeps its place in the queue.
+    """
+
+    HELD = "held"
     QUEUED = "queued"
     ALLOCATING = "allocating"  # dependencies met, waiting for GPUs
     RUNNING = "running"
@@ -22,8 +27,8 @@ class JobState(enum.StrEnum):
 
     @property
     def pending(self) -> bool:
-        """True while the job has not started yet."""
-        return self in (JobState.QUEUED, JobState.ALLOCATING)
+        """True while the job has not started yet (held ones too: they keep their place)."""
+        return self in (JobState.QUEUED, JobState.ALLOCATING, JobState.HELD)
 
     @property
     def done(self) -> bool:
@@ -67,6 +72,13 @@ class JobSpec:
     # -nf, task-spooler's transparent mode: `ts` waits and passes the exit code on,
     # and the job is not kept once it ends (not listed, its id unknown).
     forget: bool = False
+    # Job controls (tsd.jobcontrols parses them on the command line):
+    begin: float | None = None  # --begin: epoch seconds; the job does not start before
+    priority: int = 0  # --priority: its place among its owner's queued jobs (higher first)
+    retry: int = 0  # --retry N: queued again after a non-zero exit, up to N more times
+    array_job: int | None = None  # --array: id of the array's first element
+    array_task: int | None = None  # --array: this element's index (TS_ARRAY_TASK_ID)
+    array_throttle: int | None = None  # --array ...%K: at most K elements running at once
     # --gpu-mem: MiB the job needs on each of its GPUs; it may then share them with
     # other --gpu-mem jobs. None: it takes its GPUs whole.
     gpu_mem: int | None = None
@@ -162,6 +174,7 @@ class Job:
     # (gpu.idle_after), and what tsd did about it (requeued for idle GPUs).
     gpu_idle_since: float | None = None
     notice: str = ""
+    attempts: int = 0  # times it was started (--retry starts it again under the same id)
     slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
     # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
     # kept with the job, the current figures only while it runs.

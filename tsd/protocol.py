@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from tsd import codec
+from tsd import codec, jobcontrols
 from tsd.errors import BadRequest, ProtocolError, VersionMismatch
 
 # Framing and limits live in tsd.framing (light enough for every `ts` call);
@@ -37,6 +36,9 @@ from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
 from tsd.model import HIDDEN, DependMode, Gpu, Job, JobSpec, UnmanagedUse
+from tsd.wirefields import Fields as _Fields
+from tsd.wirefields import check_line as _check_line
+from tsd.wirefields import check_text as _check_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
@@ -73,6 +75,8 @@ class Submit:
     depend_last: bool = False
     block: bool = True
     wait: bool = False
+    hold: bool = False  # --hold: queued held, it never starts until released
+    array: str | None = None  # --array SPEC (tsd.jobcontrols.parse_array): one job per index
     # ts -n: the client's stdout and stderr, passed with the frame (SCM_RIGHTS), never
     # part of the JSON; the server attaches them and closes whatever nobody took.
     terminal: PassedFds | None = field(default=None, compare=False)
@@ -220,6 +224,14 @@ class GpuStatus:
     """ts -g: the GPUs and the running GPU jobs."""
 
 
+@dataclass(frozen=True)
+class Hold:
+    """ts --hold ID: a queued job is held (never starts); with `release`, ts --release ID."""
+
+    id: int | None = None
+    release: bool = False
+
+
 Request = (
     Submit
     | ListJobs
@@ -238,6 +250,7 @@ Request = (
     | LogDir
     | GpuFreePerc
     | GpuStatus
+    | Hold
 )
 
 OPS: dict[str, type[Any]] = {
@@ -258,6 +271,7 @@ OPS: dict[str, type[Any]] = {
     "logdir": LogDir,
     "gpu_free_perc": GpuFreePerc,
     "gpu_status": GpuStatus,
+    "hold": Hold,
 }
 OP_NAMES = {cls: name for name, cls in OPS.items()}
 
@@ -278,95 +292,6 @@ def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------- validation
-
-
-class _Fields:
-    """Typed, bounded access to one JSON object; every failure is a BadRequest naming the key."""
-
-    def __init__(self, obj: Mapping[str, Any], where: str) -> None:
-        self.obj = obj
-        self.where = where
-
-    def _bad(self, key: str, what: str) -> BadRequest:
-        return BadRequest(f"bad request: {self.where}{key}: {what}")
-
-    def _get(self, key: str, default: T, check: Callable[[Any], bool], what: str) -> Any:
-        if key not in self.obj or self.obj[key] is None:
-            return default
-        value = self.obj[key]
-        if not check(value):
-            raise self._bad(key, f"expected {what}")
-        return value
-
-    def flag(self, key: str, default: bool = False) -> bool:
-        return bool(self._get(key, default, lambda v: isinstance(v, bool), "true or false"))
-
-    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int | None:
-        value = self._get(key, default, _is_int, "an integer")
-        if value is not None and not lo <= value <= hi:
-            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
-        return None if value is None else int(value)
-
-    def req_integer(self, key: str, lo: int, hi: int) -> int:
-        value = self.integer(key, lo, hi)
-        if value is None:
-            raise self._bad(key, "missing")
-        return value
-
-    def number(self, key: str, lo: float, hi: float) -> float | None:
-        value = self._get(key, None, _is_num, "a number")
-        if value is not None and not lo <= value <= hi:
-            raise self._bad(key, f"{value} is out of range {lo}..{hi}")
-        return None if value is None else float(value)
-
-    def text(self, key: str, max_len: int = MAX_TEXT, default: str | None = None) -> str | None:
-        value = self._get(key, default, lambda v: isinstance(v, str), "a string")
-        if value is not None:
-            _check_text(value, max_len, lambda what: self._bad(key, what))
-        return None if value is None else str(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.text(key, 64, default)
-        if value not in choices:
-            raise self._bad(key, f"expected one of {', '.join(choices)}")
-        return str(value)
-
-    def int_list(self, key: str, lo: int, hi: int, max_items: int) -> tuple[int, ...] | None:
-        value = self._get(key, None, lambda v: isinstance(v, list), "a list")
-        if value is None:
-            return None
-        if len(value) > max_items:
-            raise self._bad(key, f"more than {max_items} items")
-        if not all(_is_int(v) and lo <= v <= hi for v in value):
-            raise self._bad(key, f"expected integers in {lo}..{hi}")
-        return tuple(int(v) for v in value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _check_line(value: str | None, bad: Callable[[str], BadRequest]) -> None:
-    """Refuse control characters in a value that ends up alone on a terminal line or
-    in a path (label, log dir, -O, variable names): a newline there could forge a line
-    in an admin's listing or the journal."""
-    if value is not None and any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in value):
-        raise bad("contains a control character (newline, tab, escape...)")
-
-
-def _check_text(value: str, max_len: int, bad: Callable[[str], BadRequest]) -> None:
-    if len(value) > max_len:
-        raise bad(f"longer than {max_len} characters")
-    if "\0" in value:
-        raise bad("contains a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad("is not valid UTF-8") from None
 
 
 def parse_spec(obj: Any) -> JobSpec:
@@ -426,6 +351,10 @@ def parse_spec(obj: Any) -> JobSpec:
     gpus = f.integer("gpus", 0, MAX_GPUS, 0) or 0
     if gpu_indices is not None:
         gpus = len(gpu_indices)
+    try:
+        controls = jobcontrols.spec_controls(obj)
+    except ValueError as exc:
+        raise BadRequest(f"bad request: {exc}") from None
     gpu_mem = f.integer("gpu_mem", 1, MAX_GPU_MEM)
     if gpu_mem is not None and gpus == 0:
         gpus = 1  # --gpu-mem alone: one GPU with that much memory
@@ -448,6 +377,7 @@ def parse_spec(obj: Any) -> JobSpec:
         timeout=timeout,
         env_info=f.text("env_info", MAX_TEXT),
         forget=f.flag("forget"),
+        **controls,
         gpu_mem=gpu_mem,
     )
     size = encoded_size(codec.spec_to_dict(spec, include_env=False))
@@ -474,12 +404,21 @@ def parse_request(obj: dict[str, Any]) -> Request:
     default: Default = "run" if f.choice("default", ("added", "run"), "added") == "run" else "added"
     match op:
         case "submit":
-            return Submit(
+            submit = Submit(
                 spec=parse_spec(obj.get("spec")),
                 depend_last=f.flag("depend_last"),
                 block=f.flag("block", True),
                 wait=f.flag("wait"),
+                hold=f.flag("hold"),
+                array=f.text("array", 256),
             )
+            try:  # an --array alone (its elements' fields are the daemon's to set)
+                jobcontrols.check_submit(
+                    submit.array, submit.spec.store_output, submit.spec.output_name
+                )
+            except ValueError as exc:
+                raise BadRequest(f"bad request: {exc}") from None
+            return submit
         case "list":
             return ListJobs(all_users=f.flag("all_users"))
         case "get":
@@ -522,6 +461,8 @@ def parse_request(obj: dict[str, Any]) -> Request:
             return LogDir(path=path)
         case "gpu_free_perc":
             return GpuFreePerc(value=f.number("value", 0.0, 100.0))
+        case "hold":
+            return Hold(id=f.integer("id", 0, MAX_ID), release=f.flag("release"))
     simple: dict[str, Request] = {
         "kill_all": KillAll(),
         "clear": Clear(),
@@ -560,13 +501,17 @@ def job_from_wire(obj: Mapping[str, Any]) -> Job:
 
 @dataclass(frozen=True)
 class JobId:
-    """submit, remove, urgent, kill: the job the request acted on."""
+    """submit, remove, urgent, kill: the job the request acted on.
+
+    `ids`: a submit of an --array: every element's id, in index order (`id` the first).
+    """
 
     id: int
+    ids: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
-        return {"id": self.id}
+        return {"id": self.id, "ids": list(self.ids)} if self.ids else {"id": self.id}
 
 
 @dataclass(frozen=True)

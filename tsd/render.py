@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from tsd.eligibility import when_text
 from tsd.model import Job, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
@@ -234,17 +235,25 @@ def list_text(
 
     header = cells("ID", "User", "State", "Output", "E-Level", "Time", "GPUs")
     lines = [header + f"Command [run={running}/{slots}]"]
+    # A waiting job has no output, E-Level or time yet: why it waits takes their room.
+    why_w = out_w + 1 + ELEVEL_WIDTH + 1 + time_w
     for job, st, out, tim, gpu in zip(rows, states, outputs, times, gpus, strict=True):
         lvl = elevel(job)
-        prefix = cells(
-            str(job.id),
-            printable(job.user),
-            st,
-            out,
-            "" if lvl is None else str(lvl),
-            tim.rjust(TIME_WIDTH),
-            gpu,
-        )
+        why = printable(job.wait_reason) if job.state.pending else ""
+        if why:
+            span = cells(str(job.id), printable(job.user), st, "", "", "", "")
+            span = span[: len(span) - why_w - gpus_w - 2]  # up to the Output column
+            prefix = span + f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
+        else:
+            prefix = cells(
+                str(job.id),
+                printable(job.user),
+                st,
+                out,
+                "" if lvl is None else str(lvl),
+                tim.rjust(TIME_WIDTH),
+                gpu,
+            )
         label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
         label = gpu_use_shown(job) + label
         command = printable(job.spec.command_line)
@@ -281,6 +290,15 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "End": job.end_time,
         "Unit": job.unit,
         "GPU_Idle_Since": job.gpu_idle_since,
+        "Wait_Reason": job.wait_reason if job.state.pending else None,
+        "Held": job.state is JobState.HELD,
+        "Begin": job.spec.begin,
+        "Priority": job.spec.priority,
+        "Retry": job.spec.retry,
+        "Attempts": job.attempts,
+        "Array_Job": job.spec.array_job,
+        "Array_Task": job.spec.array_task,
+        "Array_Throttle": job.spec.array_throttle,
         "Slurm_ID": job.slurm_id,
         "GPU_Mem_Declared_MiB": job.spec.gpu_mem,  # declared per GPU (--gpu-mem); null: whole GPUs
         "GPU_Mem_Peak_MiB": job.gpu_mem_peak,
@@ -399,6 +417,7 @@ def info_text(job: Job, now: float) -> str:
     lines.append(f"State: {job.state.value}")
     if job.state.pending and job.wait_reason:
         lines.append(f"Wait reason: {job.wait_reason}")
+    lines += _controls_lines(job)
     lines.append(f"User: {job.user} (uid {job.uid})")
     lines.append(f"Working directory: {job.spec.cwd}")
     lines.append(f"Slots required: {job.spec.slots}")
@@ -439,6 +458,24 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Peak memory: {_bytes(job.exit.max_rss)}")
     lines += gpu_memory_lines(job)
     return head + "".join(printable(line) + "\n" for line in lines)
+
+
+def _controls_lines(job: Job) -> list[str]:
+    """-i's lines for the job controls: begin, priority, retries, array."""
+    spec = job.spec
+    lines = []
+    if spec.begin is not None:
+        lines.append(f"Begin: {when_text(spec.begin)}")
+    if spec.priority:
+        lines.append(f"Priority: {spec.priority}")
+    if spec.retry:
+        lines.append(f"Retries allowed: {spec.retry}")
+    if job.attempts or spec.retry:  # runs so far (rows older than --retry say 0)
+        lines.append(f"Attempts: {job.attempts}")
+    if spec.array_job is not None:
+        most = f", at most {spec.array_throttle} running" if spec.array_throttle else ""
+        lines.append(f"Array: job {spec.array_job}, index {spec.array_task}{most}")
+    return lines
 
 
 def gpu_memory_lines(job: Job) -> list[str]:

@@ -24,7 +24,7 @@ import logging
 import os
 import pwd
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch
 from tsd.config import Config
+from tsd.eligibility import should_retry
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
@@ -94,7 +95,9 @@ class JobTableView(Protocol):
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
-    def requeue(self, job_id: int, notice: str | None = None) -> Job: ...
+    def requeue(
+        self, job_id: int, failed: ExitInfo | None = None, notice: str | None = None
+    ) -> Job: ...
 
     def move_front(self, job: Job) -> Job: ...
 
@@ -109,6 +112,7 @@ class JobTableView(Protocol):
     def end_pending(
         self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
     ) -> Job: ...
+
 
 
 class EnvSource(Protocol):
@@ -218,6 +222,7 @@ class Runner:
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
+        self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
         self._store_retries: dict[int, asyncio.TimerHandle] = {}
         self._reasons: dict[int, EndReason] = {}  # jobs the daemon ends on its own
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -326,14 +331,8 @@ class Runner:
         log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 
     def _plan(self, job: Job, pw: pwd.struct_passwd) -> launch.LaunchPlan:
-        env = dict(self._env.env_of(job.id))
         settings = self._env.user_settings(job.uid)
-        for key, value in settings.items():
-            if key.startswith("env:"):
-                env[key[4:]] = value
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["TS_JOBID"] = str(job.id)
+        env = job_env(job, self._env.env_of(job.id), settings)
         on_finish = env.get("TS_ONFINISH") or (
             None if self.settings.system else self.settings.on_finish
         )
@@ -500,12 +499,17 @@ class Runner:
         if job_id not in self.table.running:
             return
         report = exitreport.read(self.settings.exits_dir, job_id)
-        why = self._reasons.get(job_id)
+        job, killed = self.table.running[job_id], job_id in self._killed
+        why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
+        retry = bool(report and not report.aborted and not why and should_retry(
+            job, report.exit, killed))
         try:
             if report is not None and report.aborted:
                 self.table.requeue(job_id)
             elif why is not None and why.requeue:
-                self.table.move_front(self.table.requeue(job_id, why.note))
+                self.table.move_front(self.table.requeue(job_id, notice=why.note))
+            elif retry and report is not None:
+                self.table.requeue(job_id, failed=report.exit)
             elif report is None:
                 note = "its supervisor vanished (killed, or host reboot)"
                 ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
@@ -520,9 +524,11 @@ class Runner:
             )
             return
         exitreport.discard(self.settings.exits_dir, job_id)
+        self._killed.discard(job_id)
         self._reasons.pop(job_id, None)
-        if (report is not None and report.aborted) or (why is not None and why.requeue):
-            log.info("job %d: %s, queued again", job_id, why.note if why else "never started")
+        again = _queued_again(report, why, retry)
+        if again:
+            log.info("job %d: %s, queued again", job_id, again)
             self._requeued()
             return
         if ended is not None:
@@ -544,6 +550,7 @@ class Runner:
         """End a running job's whole tree: SIGTERM now, SIGKILL after the grace period."""
         if job.state is not JobState.RUNNING:
             raise WrongState(f"job {job.id} is {job.state.value}, not running")
+        self._killed.add(job.id)
         if why is not None:
             self._reasons[job.id] = why
         self._signal(job.id, signal.SIGTERM)
@@ -583,6 +590,15 @@ class Runner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _queued_again(report: exitreport.ExitReport | None, why: EndReason | None, retry: bool) -> str:
+    """Why an ended job went back to the queue, for the log; "" when it did not."""
+    if report is not None and report.aborted:
+        return "never started"
+    if why is not None and why.requeue:
+        return why.note
+    return f"{report.exit.summary()} (--retry)" if retry and report is not None else ""
+
+
 def _noted(ex: ExitInfo, note: str) -> ExitInfo:
     return dataclasses.replace(ex, note="; ".join(n for n in (note, ex.note) if n))
 
@@ -594,6 +610,21 @@ def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:
     # Every job is fenced off the GPUs it was not given, a CPU job off all of
     # them: CUDA_VISIBLE_DEVICES alone is only a convention.
     return gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
+
+
+def job_env(
+    job: Job, submitted: Sequence[tuple[str, str]], settings: Mapping[str, str]
+) -> dict[str, str]:
+    """A job's environment: as submitted, the user's --setenv values, and tsd's variables."""
+    env = dict(submitted)
+    env.update((key[4:], value) for key, value in settings.items() if key.startswith("env:"))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["TS_JOBID"] = str(job.id)
+    if job.spec.array_task is not None:  # --array
+        env["TS_ARRAY_TASK_ID"] = str(job.spec.array_task)
+        env["TS_ARRAY_JOB_ID"] = str(job.spec.array_job)
+    return env
 
 
 def _close_all(fds: tuple[int, ...] | None) -> None:

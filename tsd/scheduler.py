@@ -29,6 +29,10 @@ The rules, which are the product's semantics:
   whole. A job without `--gpu-mem` never lands on a GPU another job holds.
 * GPU use outside tsd (`Resources.outside_gpus`) counts against its user's
   `max_gpus`; `Resources.gpu_holds` holds a user's GPU jobs (gpu.unmanaged: hold).
+* Job controls (tsd.eligibility): held jobs and jobs whose `--begin` has not
+  come are passed over (they hold nobody up; `wake_at` says when to decide
+  again); an `--array ...%K` element waits while K of its array run, holding
+  nobody up either. `--priority` is already in the queue order.
 
 Cost: a decision reads the queue lazily and stops as soon as no server slot is
 left, so on a full server it costs in proportion to the jobs it starts, not to
@@ -40,11 +44,13 @@ from __future__ import annotations
 
 import enum
 import heapq
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from tsd.eligibility import ArrayCounts, apart_reason, begins_later
 from tsd.errors import NeverFits
 from tsd.model import DependMode, Job, JobSpec, UserLimits
 
@@ -115,6 +121,8 @@ class Decision:
     allocating: tuple[int, ...] = ()
     reasons: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
     unvisited_reason: str = ""
+    # The earliest --begin time a visited job waits for: decide again then.
+    wake_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class Resources:
     free_gpus: tuple[int, ...] | None
     gpu_problem: str = ""  # why free_gpus is None, shown in reasons
     visible_gpus: tuple[int, ...] | None = None  # the pool, when known
+    now: float = field(default_factory=time.time)  # the clock, for --begin
     # --gpu-mem: the memory of each GPU of the pool (visible and present); None
     # while unknown, and then no --gpu-mem job starts.
     gpu_memory: Mapping[int, GpuRoom] | None = field(default=None, hash=False)
@@ -335,6 +344,8 @@ class _Decider:
         self.skips: list[int] = []
         self.allocating: dict[int, None] = {}  # ordered set
         self.reasons: dict[int, str] = {}
+        self.arrays = ArrayCounts(running)
+        self.wake_at: float | None = None
 
     # -- reading the queue
 
@@ -351,6 +362,8 @@ class _Decider:
         if job.id in self.running_ids or job.id in self.seen:
             return
         self.seen.add(job.id)
+        if self.set_apart(job):
+            return
         ready, why = dep_ready(job.spec, self.dep_outcome)
         if ready is None:
             self.reasons[job.id] = why
@@ -367,6 +380,17 @@ class _Decider:
         if user.cand is None:
             self.search(user)
 
+    def set_apart(self, job: Job) -> bool:
+        """Held, or its --begin has not come: it waits and holds nobody up."""
+        why = apart_reason(job, self.res.now)
+        if why is None:
+            return False
+        self.reasons[job.id] = why
+        begin = begins_later(job, self.res.now)
+        if begin is not None and (self.wake_at is None or begin < self.wake_at):
+            self.wake_at = begin
+        return True
+
     # -- one user's next candidate
 
     def search(self, user: _User) -> None:
@@ -377,6 +401,10 @@ class _Decider:
     def examine(self, user: _User, job: Job) -> None:
         spec = job.spec
         wanted = spec.gpus_wanted
+        throttled = self.arrays.throttled(spec)
+        if throttled is not None:
+            self.reasons[job.id] = throttled  # its array's other elements run: nobody held up
+            return
         never = self.never_fits(user, spec)
         if never is not None:
             # It was accepted when the server or the quota was bigger (or NVML was down):
@@ -566,6 +594,7 @@ class _Decider:
         user.slots += slots
         user.gpus += spec.gpus_wanted
         self.starts.append(Start(job.id, gpu_ids))
+        self.arrays.started(spec)
         self.search(user)
 
     def take_gpus(self, gpu_ids: tuple[int, ...], mem: int | None) -> None:
@@ -621,6 +650,7 @@ class _Decider:
             allocating=tuple(self.allocating),
             reasons=MappingProxyType(self.reasons),
             unvisited_reason="" if read_all else self.full_reason(),
+            wake_at=self.wake_at,
         )
 
 

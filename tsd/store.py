@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     gpu_ids TEXT NOT NULL DEFAULT '[]',
     gpu_uuids TEXT NOT NULL DEFAULT '[]',
     output TEXT,
-    unit TEXT
+    unit TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS slurm_jobs (
@@ -125,6 +126,7 @@ class Store:
         for stmt in _SCHEMA.strip().split(";"):
             if stmt.strip():
                 self.db.execute(stmt)
+        _add_missing_columns(self.db)
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -191,6 +193,44 @@ class Store:
             enqueue_time=enqueue_time,
         )
 
+    def add_jobs(
+        self,
+        uid: int,
+        user: str,
+        specs: list[tuple[JobSpec, int]],
+        enqueue_time: float,
+        state: JobState = JobState.QUEUED,
+        reorder: Mapping[int, int] | None = None,
+        array: bool = False,
+    ) -> list[Job]:
+        """Insert jobs (spec, order key) and move older ones (id -> new key), in ONE
+        transaction: an --array is stored whole or not at all. With `array`, every
+        spec gets `array_job`, the id of the first one."""
+        jobs: list[Job] = []
+        with self._tx():
+            for spec, order in specs:
+                if array:
+                    spec = replace(spec, array_job=jobs[0].id if jobs else None)
+                cur = self.db.execute(
+                    "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (uid, user, json.dumps(spec_to_dict(spec, include_env=False)),
+                     json.dumps(spec.env), state.value, order, enqueue_time),
+                )  # fmt: skip
+                assert cur.lastrowid is not None
+                if array and not jobs:  # the first element names the array: itself
+                    spec = replace(spec, array_job=cur.lastrowid)
+                    self.db.execute(
+                        "UPDATE jobs SET spec=? WHERE id=?",
+                        (json.dumps(spec_to_dict(spec, include_env=False)), cur.lastrowid),
+                    )
+                jobs.append(Job(id=cur.lastrowid, uid=uid, user=user, spec=_without_env(spec),
+                                state=state, order=order, enqueue_time=enqueue_time))  # fmt: skip
+            self.db.executemany(
+                "UPDATE jobs SET ord=? WHERE id=?", [(k, i) for i, k in (reorder or {}).items()]
+            )
+        return jobs
+
     def save(self, *jobs: Job) -> None:
         """Write the mutable fields of these jobs in one transaction."""
         with self._tx():
@@ -199,7 +239,7 @@ class Store:
     def _write(self, jobs: Iterable[Job]) -> None:
         self.db.executemany(
             "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
-            " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=? WHERE id=?",
+            " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=?, attempts=? WHERE id=?",
             [
                 (
                     j.state.value,
@@ -214,6 +254,7 @@ class Store:
                     json.dumps(j.gpu_uuids),
                     j.output_path,
                     j.unit,
+                    j.attempts,
                     j.id,
                 )
                 for j in jobs
@@ -254,7 +295,8 @@ class Store:
         try:
             rows = self.db.execute(
                 "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid,"
-                " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit FROM jobs ORDER BY id"
+                " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit, attempts"
+                " FROM jobs ORDER BY id"
             ).fetchall()
             slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
         except sqlite3.DatabaseError as exc:
@@ -349,4 +391,17 @@ def _row_to_job(r: tuple[Any, ...]) -> Job:
         gpu_uuids=tuple(json.loads(r[14])),
         output_path=r[15],
         unit=r[16],
+        attempts=int(r[17] or 0),
     )
+
+
+# Columns added after the first release: (name, declaration). A database made by an
+# older tsd gets them on open, with their defaults; the schema version stays.
+_ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    have = {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, decl in _ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from tsd import launch
@@ -47,6 +47,23 @@ class FakeStore:
         self.rows[job.id] = job
         self.writes += 1
         return job
+
+    def add_jobs(
+        self, uid: int, user: str, specs: list[tuple[JobSpec, int]], enqueue_time: float,
+        state: JobState = JobState.QUEUED, reorder: Mapping[int, int] | None = None,
+        array: bool = False,
+    ) -> list[Job]:
+        jobs = []
+        for spec, order in specs:
+            if array:
+                spec = replace(spec, array_job=jobs[0].id if jobs else self.next_id)
+            job = replace(self.add_job(uid, user, spec, order, enqueue_time), state=state)
+            self.rows[job.id] = job
+            jobs.append(job)
+        for job_id, key in (reorder or {}).items():
+            self.rows[job_id] = replace(self.rows[job_id], order=key)
+        self.writes += 1 - len(specs)  # one transaction
+        return jobs
 
     def save(self, *jobs: Job) -> None:
         for job in jobs:

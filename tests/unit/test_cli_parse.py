@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -333,7 +334,8 @@ def test_every_option_in_the_table_parses() -> None:
     samples = {
         Kind.VALUE: {"swap": "1-2", "setenv": "A=1", "set_gpu_free_perc": "50",
                          "depend": "1", "depend_ok": "1", "num_slots": "2",
-                         "timeout": "5", "gpu_mem": "20G"},
+                         "timeout": "5", "begin": "+5s", "retry": "2", "array": "1-3",
+                         "priority": "5", "gpu_mem": "20G"},
     }  # fmt: skip
     for opt in OPTIONS:
         value = samples.get(opt.kind, {}).get(opt.dest, "x" if opt.kind == Kind.VALUE else None)
@@ -386,6 +388,7 @@ def command_lines(draw: st.DrawFn) -> list[str]:
 
 
 # A value of the right shape for each option that takes one, and what it stands for.
+NEXT_YEAR = datetime.now().year + 1
 GOOD_VALUES: dict[str, tuple[str, object]] = {
     "getenv": ("FOO", "FOO"), "setenv": ("A=1", "A=1"), "unsetenv": ("FOO", "FOO"),
     "get_label": ("3", 3), "full_cmd": ("4", 4), "set_logdir": ("/d", "/d"),
@@ -395,7 +398,11 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "state": ("4", 4), "remove": ("3", 3), "wait": ("2", 2), "kill": ("1", 1),
     "urgent": ("11", 11), "swap": ("2-5", (2, 5)), "output_name": ("log", "log"),
     "depend": ("1,2", (1, 2)), "depend_ok": ("3", (3,)), "label": ("lab", "lab"),
-    "num_slots": ("4", 4), "gpu_mem": ("1.5G", 1536), "watch": ("2", 2.0),
+    "num_slots": ("4", 4), "hold": ("12", 12), "release": ("13", 13),
+    "begin": (f"{NEXT_YEAR}-01-01T00:00", datetime(NEXT_YEAR, 1, 1).timestamp()),
+    "retry": ("3", 3),
+    "array": ("1-9:2%3", "1-9:2%3"), "priority": ("-7", -7), "gpu_mem": ("1.5G", 1536),
+    "watch": ("2", 2.0),
 }  # fmt: skip
 
 
@@ -451,7 +458,7 @@ def test_any_command_line_parses_or_is_one_usage_error(argv: list[str]) -> None:
     except UsageError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
-    assert inv.action in {o.action for o in OPTIONS} | {"submit", "gpu_status"}
+    assert inv.action in {o.action for o in OPTIONS} | {"submit", "gpu_status", "hold"}
     assert inv.request is not None or inv.action in ("help", "version")
 
 

@@ -319,3 +319,96 @@ def test_a_job_being_launched_is_listed_and_cannot_be_removed_or_moved() -> None
                 await rig.call(req)
 
     run(body)
+
+
+# ------------------------------------------------------------------ job controls
+
+ROOT = (3, 0, 0)
+
+
+@pytest.mark.usefixtures("anyone_may_connect")
+def test_hold_and_release_are_for_the_owner_and_admins() -> None:
+    from tsd.errors import NotOwner
+
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        job = await rig.submit()
+        with pytest.raises(NotOwner, match=rf"job {job} belongs to"):
+            await rig.call(protocol.Hold(id=job), creds=BOB)
+        await rig.call(protocol.Hold(id=job), creds=ROOT)
+        assert rig.table.jobs[job].state.value == "held"
+        with pytest.raises(NotOwner):
+            await rig.call(protocol.Hold(id=job, release=True), creds=BOB)
+        await rig.call(protocol.Hold(id=job, release=True))
+        assert rig.table.jobs[job].state.value == "queued"
+        with pytest.raises(WrongState, match="not held"):
+            await rig.call(protocol.Hold(id=job, release=True))
+
+    run(body)
+
+
+def test_an_array_submit_answers_every_id_from_one_store_transaction() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        writes = rig.store.writes
+        answer = await rig.call(protocol.Submit(spec=spec(), array="2-6:2%1", hold=True))
+        assert answer["ids"] == [1, 2, 3] and answer["id"] == 1
+        assert rig.store.writes == writes + 1
+        jobs = [rig.table.jobs[i] for i in answer["ids"]]
+        assert [j.spec.array_task for j in jobs] == [2, 4, 6]
+        assert {(j.spec.array_job, j.spec.array_throttle, j.state.value) for j in jobs} == {
+            (1, 1, "held")
+        }
+
+    run(body)
+
+
+def test_a_submit_cannot_forge_array_membership() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        job = await rig.submit(array_job=7, array_task=1, array_throttle=1)
+        got = rig.table.jobs[job].spec
+        assert (got.array_job, got.array_task, got.array_throttle) == (None, None, None)
+
+    run(body)
+
+
+class _Slurmish:
+    """tsd.engine.Cluster that accepts everything (the controls are refused before it)."""
+
+    def check(self, spec: object, terminal: bool) -> None:
+        pass
+
+    async def forward(self, job: Job) -> Job:
+        return job
+
+    async def cancel(self, job: Job) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        protocol.Submit(spec=spec(), hold=True),
+        protocol.Submit(spec=spec(), array="1-2"),
+        protocol.Submit(spec=spec(begin=5e9)),
+        protocol.Submit(spec=spec(retry=1)),
+        protocol.Submit(spec=spec(priority=-1)),
+        protocol.Hold(id=1),
+        protocol.Hold(id=1, release=True),
+    ],
+)
+def test_job_controls_are_refused_in_one_line_under_a_cluster_engine(
+    req: protocol.Request,
+) -> None:
+    from tsd.errors import BadRequest
+
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        rig.parts.cluster = _Slurmish()
+        await rig.submit()
+        with pytest.raises(BadRequest, match=r"is not available with cluster\.engine: slurm"):
+            await rig.call(req)
+        assert len(rig.table.jobs) == 1
+
+    run(body)

@@ -46,7 +46,7 @@ def test_a_job_requeued_with_a_notice_is_charged_for_its_run_and_keeps_the_notic
     store = Store(tmp_path / "state.db")
     table = JobTable(store, Events(), lambda: 1000)
     job = started(table, 1000, "bob", gpus=(3,))
-    back = table.requeue(job.id, "idle GPU: requeued")
+    back = table.requeue(job.id, notice="idle GPU: requeued")
     assert back.state is JobState.QUEUED and back.gpu_ids == () and back.start_time is None
     assert back.notice == "idle GPU: requeued"
     slot_s, gpu_s = store.usage_totals()["bob"]
