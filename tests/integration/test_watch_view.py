@@ -29,7 +29,11 @@ class Pane:
         shell = shlex.join(["env", *assigned, f"PS1={PROMPT}", "bash", "--norc", "--noprofile",
                             "-i"])
         self.tmux("new-session", "-d", "-s", "w", "-x", str(WIDTH), "-y", str(HEIGHT), shell)
-        wait_until(lambda: PROMPT.strip() in self.text(), what="the shell's prompt")
+        try:
+            wait_until(lambda: PROMPT.strip() in self.text(), what="the shell's prompt")
+        except BaseException:
+            self.close()  # no tmux server left behind when the shell never came up
+            raise
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(
