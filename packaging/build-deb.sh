@@ -141,16 +141,20 @@ if [ -f "$PYDIR/tsd/manpage.py" ]; then
 else
     say "no man page: this tsd has no tsd/manpage.py"
 fi
-if [ -d "$SRC/packaging/completion" ]; then
-    for f in "$SRC"/packaging/completion/*; do
-        case "$f" in
-            *.fish) dest=usr/share/fish/vendor_completions.d/ts.fish ;;
-            *.zsh) dest=usr/share/zsh/vendor-completions/_ts ;;
-            *) dest=usr/share/bash-completion/completions/ts ;;
-        esac
-        install -D -m 0644 "$f" "$ROOT/$dest"
-    done
-fi
+# Shell completion: what the packaged ts prints itself (tsd/cli_completion.py is the
+# one source of these scripts; none is kept in the checkout to drift from it).
+for shell in bash zsh fish; do
+    case "$shell" in
+        fish) dest=usr/share/fish/vendor_completions.d/ts.fish ;;
+        zsh) dest=usr/share/zsh/vendor-completions/_ts ;;
+        *) dest=usr/share/bash-completion/completions/ts ;;
+    esac
+    install -d "$(dirname "$ROOT/$dest")"
+    _TS_COMPLETE="${shell}_source" PYTHONPATH="$PYDIR" python3 -m tsd.cli > "$ROOT/$dest" \
+        || die "_TS_COMPLETE=${shell}_source ts failed"
+    grep -q 'ts' "$ROOT/$dest" || die "no $shell completion from ts"
+    chmod 0644 "$ROOT/$dest"
+done
 
 [ -f "$SRC/README.md" ] && gzip -9n < "$SRC/README.md" > "$DOC/README.md.gz"
 {
@@ -189,6 +193,7 @@ Architecture: all
 Maintainer: tsd developers <tsd@localhost>
 Installed-Size: $SIZE
 Depends: python3 (>= 3.11), python3-pydbus, python3-gi, python3-psutil, python3-click, python3-yaml, dbus, systemd
+Recommends: bash-completion
 Section: admin
 Priority: optional
 Description: multi-user GPU task spooler for shared servers

@@ -18,6 +18,10 @@
 #   /usr/local/share/man/man8/tsd.8        and tsd(8)
 #   /usr/local/share/bash-completion/completions/ts, and for fish and zsh
 #   /usr/local/share/fish/vendor_completions.d/ts.fish, /usr/local/share/zsh/site-functions/_ts
+#                                          (what `_TS_COMPLETE=<shell>_source ts` prints;
+#                                          bash-completion loads the bash one on first Tab)
+#   /etc/profile.d/tsd-completion.sh       only where bash-completion is not installed
+#                                          (--no-apt): loads it in login shells
 #
 # Running it again changes nothing when nothing changed in the checkout; after
 # a change (an upgrade) it restarts tsd.service, whose running jobs keep running
@@ -28,7 +32,8 @@
 # Options:
 #   --no-apt       do not call apt-get (air-gapped machines): python3-venv,
 #                  python3-gi, python3-pydbus, python3-psutil, python3-click,
-#                  python3-yaml and dbus must be installed already.
+#                  python3-yaml and dbus must be installed already (and
+#                  bash-completion, for ts's completion in every new shell).
 #   --wheels DIR   a directory with an nvidia-ml-py wheel, used before any index
 #                  (packaging/wheels/ in the checkout is used when it exists).
 set -euo pipefail
@@ -44,8 +49,9 @@ SHARE="$VENV/share/tsd"
 
 # python3-venv makes the venv; python3-setuptools and python3-wheel build tsd
 # without reaching an index; the rest are tsd's own dependencies.
+# bash-completion loads ts's completion in every interactive bash.
 APT_PACKAGES=(python3 python3-venv python3-setuptools python3-wheel python3-gi python3-pydbus
-              python3-psutil python3-click python3-yaml dbus)
+              python3-psutil python3-click python3-yaml dbus bash-completion)
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 USE_APT=1
@@ -265,27 +271,40 @@ else
     say "skipped the man page: this tsd has no tsd.manpage module"
 fi
 : > "$TMP/completions"
-# completion_dest FILE: where a shell looks for it, by its suffix.
-completion_dest() {
-    case "$1" in
-        *.fish) echo "$FISH_COMPLETION_DIR/ts.fish" ;;
-        *.zsh) echo "$ZSH_COMPLETION_DIR/_ts" ;;
-        *) echo "$COMPLETION_DIR/ts" ;;  # bash-completion loads it by the command's name
+# What the installed ts prints: tsd/cli_completion.py is the one source of the scripts.
+for shell in bash zsh fish; do
+    case "$shell" in
+        fish) dest="$FISH_COMPLETION_DIR/ts.fish" ;;
+        zsh) dest="$ZSH_COMPLETION_DIR/_ts" ;;
+        *) dest="$COMPLETION_DIR/ts" ;;  # bash-completion loads it by the command's name
     esac
-}
-if [ -d "$SRC/packaging/completion" ]; then
-    for f in "$SRC"/packaging/completion/*; do
-        [ -f "$f" ] || continue
-        dest="$(completion_dest "$f")"
-        install_file "$f" "$dest" 0644
+    if _TS_COMPLETE="${shell}_source" "$VENV/bin/ts" > "$TMP/ts.$shell" 2>/dev/null \
+        && grep -q 'ts' "$TMP/ts.$shell"; then
+        install_file "$TMP/ts.$shell" "$dest" 0644
         echo "$dest" >> "$TMP/completions"
-    done
-elif _TS_COMPLETE=bash_source "$VENV/bin/ts" > "$TMP/ts.bash" 2>/dev/null \
-    && grep -q 'complete ' "$TMP/ts.bash"; then
-    install_file "$TMP/ts.bash" "$COMPLETION_DIR/ts" 0644
-    echo "$COMPLETION_DIR/ts" >> "$TMP/completions"
-else
-    say "skipped shell completion: none in packaging/completion/ and ts cannot generate one"
+    else
+        say "skipped the $shell completion: ts cannot print one"
+    fi
+done
+# Without bash-completion (--no-apt), nothing reads $COMPLETION_DIR: login shells
+# then load ts's completion through profile.d instead. With it the file is not
+# needed, so it is not installed (and an earlier one is removed).
+PROFILE_COMPLETION=/etc/profile.d/tsd-completion.sh
+if [ -f "$COMPLETION_DIR/ts" ] && [ ! -f /usr/share/bash-completion/bash_completion ]; then
+    {
+        echo "# ts's completion for interactive bash, installed by tsd's install.sh"
+        echo "# because bash-completion is not installed (with it, this is not needed)."
+        echo 'if [ -n "${BASH_VERSION-}" ] && [ -n "${PS1-}" ] \'
+        echo '    && [ -z "${BASH_COMPLETION_VERSINFO-}" ] && [ -r '"$COMPLETION_DIR/ts"' ]; then'
+        echo "    . $COMPLETION_DIR/ts"
+        echo "fi"
+    } > "$TMP/tsd-completion.sh"
+    install_file "$TMP/tsd-completion.sh" "$PROFILE_COMPLETION" 0644
+    echo "$PROFILE_COMPLETION" >> "$TMP/completions"
+elif [ -f "$PROFILE_COMPLETION" ]; then
+    rm -f "$PROFILE_COMPLETION"
+    say "removed $PROFILE_COMPLETION: bash-completion loads ts's completion now"
+    CHANGED=1
 fi
 # uninstall.sh reads which completion files are ours from here.
 install_file "$TMP/completions" "$SHARE/completions" 0644

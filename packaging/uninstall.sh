@@ -73,7 +73,7 @@ remove "$MAN_PAGE_TSD"
 if [ -f "$VENV/share/tsd/completions" ]; then
     while read -r path; do
         case "$path" in
-            /usr/local/share/*) remove "$path" ;;
+            /usr/local/share/*|/etc/profile.d/tsd-completion.sh) remove "$path" ;;
         esac
     done < "$VENV/share/tsd/completions"
 fi

@@ -243,6 +243,10 @@ def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
             conn.close()
     if inv.action == "wait":
         return wait_code(job_of(_stream_final(client, inv.request)))
+    if inv.action == "list" and inv.params.get("watch"):
+        from tsd.cli_watch import watch
+
+        return watch(client, inv.request, inv.all_users, float(inv.params["watch"]), environ)
     return _show(inv, client.call(inv.request))
 
 
@@ -371,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `ts`. Without argv it is the program: it ends the process itself."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "_TS_COMPLETE" in os.environ:
-        # The shell asks for completions (packaging/completion/ts.*).
+        # The shell asks for completions (the scripts `_TS_COMPLETE=<shell>_source ts` prints).
         from tsd.cli_completion import complete
 
         sys.exit(complete())

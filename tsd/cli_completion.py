@@ -1,7 +1,8 @@
 """Shell completion for `ts`, from the option table (tsd.cli_options).
 
-The shells' scripts (packaging/completion/ts.{bash,zsh,fish}, printed by
-`_TS_COMPLETE=bash_source ts` and so on) ask `ts` itself for the candidates:
+The shells' scripts (`SOURCE`, printed by `_TS_COMPLETE=bash_source ts` and so
+on; packaging/install.sh and build-deb.sh install what the installed `ts`
+prints, so this module is their one source) ask `ts` itself for the candidates:
 they run it with `_TS_COMPLETE=<shell>_complete` and the words typed so far in
 COMP_WORDS and COMP_CWORD, and `ts` answers one candidate per line. This is
 the protocol of click's shell completion (which `ts` used before), kept so

@@ -257,6 +257,19 @@ class Choice:
 
 _CHOICE_FORMAT = Choice("default", "json", "tab")
 
+WATCH_SECONDS = "1"  # --watch without a value: redraw every second
+
+
+def interval(value: str) -> float:
+    """--watch's refresh interval: seconds from 0.1 to 3600 (`2`, `0.5`)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise BadValue(f"{value!r} is not a number of seconds") from None
+    if not 0.1 <= seconds <= 3600:
+        raise BadValue(f"{value} is not in the range 0.1<=x<=3600.")
+    return seconds
+
 
 # ------------------------------------------------------------ option table
 
@@ -361,6 +374,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("serialize", "M", "serialize", OW, LA, "list", "[format]",
         "serialize the job list to the specified format. Choices: {default, json, tab}.",
         value=_CHOICE_FORMAT, flag_value="default"),
+    Opt("watch", None, "watch", OW, LA, "list", "[sec]",
+        "show the job list (with -A: everyone's) live, redrawn in place every sec seconds "
+        "(1 by default) on a terminal; q or Ctrl-C quits.",
+        value=interval, flag_value=WATCH_SECONDS),
     Opt("set_gpu_free_perc", None, "set_gpu_free_perc", VAL, LA, "set_gpu_free_perc", "<num>",
         "set the value of GPU memory threshold above which GPUs are considered available "
         "(90 by default).",

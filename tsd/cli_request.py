@@ -98,6 +98,8 @@ def invocation(
     if action == "help":
         return Invocation("help", option=option, params=params)
     if command:
+        if params.get("watch"):
+            raise UsageError(f"--watch takes no command (got {command[0]!r})")
         if action != "list":
             raise UsageError(
                 f"{option} takes no command (got {command[0]!r}; job ids are numbers)"
@@ -181,6 +183,8 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
         case "list":
             inv.all_users = bool(params["all_users"])
             inv.list_format = params["serialize"] or "default"
+            if params.get("watch") and inv.list_format != "default":
+                raise UsageError("--watch shows the table of ts -l; it does not go with -M")
             req = protocol.ListJobs(all_users=inv.all_users)
         case "gpu_status":
             inv.list_format = params["serialize"] or "default"

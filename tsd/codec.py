@@ -127,6 +127,8 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "output": job.output_path,
         "unit": job.unit,
         "wait_reason": job.wait_reason,
+        "gpu_idle_since": job.gpu_idle_since,
+        "notice": job.notice,
         "attempts": job.attempts,
         "slurm_id": job.slurm_id,
         "gpu_mem_peak": job.gpu_mem_peak,
@@ -157,6 +159,8 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         output_path=obj.get("output"),
         unit=obj.get("unit"),
         wait_reason=str(obj.get("wait_reason") or ""),
+        gpu_idle_since=_float_or_none(obj.get("gpu_idle_since")),
+        notice=str(obj.get("notice") or ""),
         attempts=int(obj.get("attempts") or 0),
         slurm_id=_optional_int(obj.get("slurm_id")),
         gpu_mem_peak=obj.get("gpu_mem_peak"),
@@ -189,3 +193,7 @@ def unmanaged_from_dict(obj: Mapping[str, Any]) -> UnmanagedUse:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -26,12 +26,23 @@ from typing import Final, NoReturn
 
 import yaml
 
+from tsd.config_admin import (
+    DEFAULT_METRICS_TEXTFILE,
+    IDLE_KEYS,
+    IdleConfig,
+    MetricsConfig,
+    accounting_section,
+    idle_key,
+    metrics_section,
+    scheduler_section,
+)
 from tsd.errors import ConfigError
 from tsd.model import JobLimits, UserLimits
-from tsd.usage import FairShareSettings, parse_duration
+from tsd.usage import FairShareSettings
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_METRICS_TEXTFILE",
     "LIMIT_KEYS",
     "UNSET",
     "ClusterConfig",
@@ -39,7 +50,9 @@ __all__ = [
     "ConnectionConfig",
     "GpuConfig",
     "GpuUseConfig",
+    "IdleConfig",
     "LimitOverride",
+    "MetricsConfig",
     "Unset",
     "load_config",
     "parse_config",
@@ -168,6 +181,8 @@ class Config:
     max_finished: int = 1000  # finished jobs kept per user; the oldest are dropped
     kill_grace_seconds: float = 10.0  # SIGTERM -> SIGKILL grace when killing a job
     connections: ConnectionConfig = _DEFAULT_CONNECTIONS
+    idle: IdleConfig = field(default_factory=IdleConfig)  # the `gpu:` section's idle_* keys
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cluster: ClusterConfig = _DEFAULT_CLUSTER
     gpu: GpuUseConfig = _DEFAULT_GPU_USE
     fair_share: FairShareSettings = _DEFAULT_FAIR_SHARE  # `scheduler.fair_share`
@@ -238,11 +253,9 @@ _TOP_KEYS = (
     "accounting",
     "cluster",
     "gpu",
+    "metrics",
 )
-_SCHEDULER_KEYS = ("fair_share",)
-_FAIR_SHARE_KEYS = ("half_life", "gpu_weight")
-_ACCOUNTING_KEYS = ("keep_days",)
-_GPU_USE_KEYS = ("unmanaged",)
+_GPU_USE_KEYS = ("unmanaged", *IDLE_KEYS)
 _GPU_KEYS = ("visible", "free_memory_percent", "poll_seconds")
 _JOB_KEYS = ("memory_max", "cpu_quota", "tasks_max")
 _CONNECTION_KEYS = ("max", "per_user", "waiting_per_user")
@@ -466,19 +479,6 @@ class _Parser:
                 gpus = dataclasses.replace(gpus, poll_seconds=seconds)
         return gpus
 
-    def gpu_use(self, node: yaml.Node) -> GpuUseConfig:
-        use = GpuUseConfig()
-        for key, _, value in self.mapping(node, "gpu", _GPU_USE_KEYS):
-            path = f"gpu.{key}"
-            if not (
-                isinstance(value, yaml.ScalarNode)
-                and value.tag == _STR
-                and value.value in UNMANAGED_MODES
-            ):
-                self.fail(value, path, f"expected show or hold, got {self.got(value)}")
-            use = dataclasses.replace(use, unmanaged=value.value)
-        return use
-
     def visible(self, node: yaml.Node, path: str) -> tuple[int, ...] | None:
         want = "'all' or a list of GPU indices"
         if isinstance(node, yaml.ScalarNode):
@@ -653,13 +653,17 @@ class _Parser:
             elif key == "connections":
                 cfg = dataclasses.replace(cfg, connections=_connections(self, value))
             elif key == "gpu":
-                cfg = dataclasses.replace(cfg, gpu=self.gpu_use(value))
+                use, idle = _gpu_section(self, value)
+                cfg = dataclasses.replace(cfg, gpu=use, idle=idle)
             elif key == "max_finished":
                 cfg = dataclasses.replace(cfg, max_finished=self.count(value, key))
             elif key == "scheduler":
-                cfg = dataclasses.replace(cfg, fair_share=_scheduler(self, value))
+                cfg = dataclasses.replace(cfg, fair_share=scheduler_section(self, value))
             elif key == "accounting":
-                cfg = dataclasses.replace(cfg, keep_days=_keep_days(self, value))
+                days = accounting_section(self, value, Config.keep_days)
+                cfg = dataclasses.replace(cfg, keep_days=days)
+            elif key == "metrics":
+                cfg = dataclasses.replace(cfg, metrics=metrics_section(self, value))
             elif key == "cluster":
                 cfg = dataclasses.replace(cfg, cluster=self.cluster(value))
             else:
@@ -668,34 +672,6 @@ class _Parser:
         return _with_shares(self, cfg)
 
 
-
-def _duration(p: _Parser, node: yaml.Node, path: str) -> float:
-    """Seconds from a number or a string with a unit: 90s, 30m, 12h, 7d, 2w."""
-    plain = isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT, _STR)
-    value = parse_duration(str(node.value)) if plain else None
-    if value is None:
-        want = "a duration such as 7d, 12h or a number of seconds"
-        p.fail(node, path, f"expected {want}, got {p.got(node)}")
-    return value
-
-def _scheduler(p: _Parser, node: yaml.Node) -> FairShareSettings:
-    """The `scheduler:` section."""
-    fair = FairShareSettings()
-    for _, _, section in p.mapping(node, "scheduler", _SCHEDULER_KEYS):
-        for key, _, value in p.mapping(section, "scheduler.fair_share", _FAIR_SHARE_KEYS):
-            path = f"scheduler.fair_share.{key}"
-            if key == "half_life":
-                fair = dataclasses.replace(fair, half_life=_duration(p, value, path))
-            else:
-                fair = dataclasses.replace(fair, gpu_weight=p.number(value, path))
-    return fair
-
-def _keep_days(p: _Parser, node: yaml.Node) -> int:
-    """The `accounting:` section: its one key, keep_days."""
-    days = Config.keep_days
-    for key, _, value in p.mapping(node, "accounting", _ACCOUNTING_KEYS):
-        days = p.count(value, f"accounting.{key}", minimum=1)
-    return days
 
 
 def _with_shares(p: _Parser, cfg: Config) -> Config:
@@ -726,6 +702,23 @@ def _connections(p: _Parser, node: yaml.Node) -> ConnectionConfig:
             limit = p.integer(value, path, minimum=1, unlimited=True)
             conns = dataclasses.replace(conns, waiting_per_user=limit)
     return conns
+
+def _gpu_section(p: _Parser, node: yaml.Node) -> tuple[GpuUseConfig, IdleConfig]:
+    """The `gpu:` section: unmanaged GPU use, and idle GPUs (`idle_*`, tsd.idle)."""
+    use, idle = GpuUseConfig(), IdleConfig()
+    for key, _, value in p.mapping(node, "gpu", _GPU_USE_KEYS):
+        if key != "unmanaged":
+            idle = idle_key(p, idle, key, value)
+            continue
+        if not (
+            isinstance(value, yaml.ScalarNode)
+            and value.tag == _STR
+            and value.value in UNMANAGED_MODES
+        ):
+            p.fail(value, f"gpu.{key}", f"expected show or hold, got {p.got(value)}")
+        use = dataclasses.replace(use, unmanaged=value.value)
+    return use, idle
+
 
 class _Opaque(str):
     """A scalar with a tag tsd does not interpret; it matches no expected type."""

@@ -15,6 +15,8 @@ The parts, each owning its state:
 * tsd.dispatch.Dispatcher: the scheduler's verdicts applied, -W cascades;
 * tsd.runner.Runner: supervisors, scopes, exit reports, kills;
 * tsd.waiters.Waiters: clients parked on a job or on a full queue;
+* tsd.idlewatch.IdleWatch: jobs holding idle GPUs flagged, notified, acted on;
+* tsd.metricswriter.MetricsWriter: the Prometheus textfile (metrics.textfile);
 * tsd.handlers: one function per request;
 * with `cluster.engine: slurm`, tsd.slurm.SlurmEngine in the dispatcher's place:
   jobs go to Slurm, and one squeue poll follows them (tsd.engine is the seam).
@@ -46,8 +48,11 @@ from tsd.engine import Scheduling
 from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
 from tsd.gpuwatch import GpuWatch
+from tsd.idlewatch import IdleWatch
 from tsd.jobtable import JobTable
 from tsd.ledger import PRUNE_EVERY, Ledger
+from tsd.metrics import MetricsState
+from tsd.metricswriter import MetricsWriter
 from tsd.model import Job, UserLimits
 from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET, SYSTEM_STATE
 from tsd.policy import Policy
@@ -178,6 +183,14 @@ class Daemon:
             fair=self.ledger,
             wake=self._wake_at,
         )
+        self.idle = IdleWatch(
+            loop, lambda: self.policy.config, self.table, self.gpus, self.runner,
+            self.store.env_of,
+        )
+        self.metrics = MetricsWriter(
+            loop, self.executor, lambda: self.policy.config.metrics.path(settings.system),
+            self.metrics_state, self._refresh_gpus_for_metrics,
+        )
         self._wake: tuple[float, asyncio.TimerHandle] | None = None
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
@@ -242,6 +255,27 @@ class Daemon:
         else:
             # A job run here before the switch to Slurm: its queue is Slurm's now.
             self.table.drop_transparent(job)
+
+    def metrics_state(self) -> MetricsState:
+        """What the Prometheus textfile shows now (tsd.metrics)."""
+        gpus, _ = self.gpus.cached()
+        pool = self.gpus.pool()
+        held, _ = self.table.gpu_holders()
+        return MetricsState(
+            jobs=list(self.table.jobs.values()),
+            slots_total=self.policy.total_slots(),
+            slots_used=self.table.used_slots(),
+            gpus=gpus,
+            gpu_pool=None if pool is None else len(pool),
+            gpus_allocated=len(held),
+            totals=self.store.usage_totals(),
+            now=time.time(),
+        )
+
+    async def _refresh_gpus_for_metrics(self) -> None:
+        # A machine without NVML is not asked again every few seconds.
+        if self.gpus.absent() is None:
+            await self.gpus.snapshot(max_age=self.metrics.interval)
 
     async def handle(
         self, creds: tuple[int, int, int], req: protocol.Request, send: SendEvent
@@ -308,9 +342,13 @@ class Daemon:
         mode = "system" if self.settings.system else "user"
         log.info("tsd %s serving (%s mode)", __version__, mode)
         self.schedule()
+        self.idle.start()
+        self.metrics.start()
         await self.stopping.wait()
         sd_notify("STOPPING=1")
         self.save_list()
+        await self.idle.stop()
+        await self.metrics.stop()
         await server.close()
         await self.runner.drain()
         if self.slurm is not None:

@@ -32,7 +32,7 @@ from typing import Literal, Protocol
 
 from tsd import auth
 from tsd.errors import NoSuchJob, StorageFull
-from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer
+from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, run_usage
 from tsd.queueorder import JobStore as JobStore
 from tsd.queueorder import QueueOrder
 from tsd.scheduler import DepOutcome
@@ -148,7 +148,7 @@ class JobTable(QueueOrder):
         return held, pids
 
     def is_queued(self, job: Job) -> bool:
-        """Pending and in the queue (not being launched): it may be moved or removed."""
+        """Pending, in the queue (not being launched): it may be moved or removed."""
         return job.state.pending and job.id not in self.launching
 
     def dep_outcome(self, job_id: int) -> DepOutcome:
@@ -283,10 +283,8 @@ class JobTable(QueueOrder):
         return job
 
     def unlaunch(self, job_id: int) -> Job:
-        """A launch abandoned before it was recorded (`launched` failed): back to the queue.
-
-        In memory only, like `begin_run`: the store still holds the job as pending.
-        """
+        """A launch abandoned before it was recorded (`launched` failed): back to the queue,
+        in memory only, like `begin_run` (the store still holds the job as pending)."""
         job = replace(self.launching.pop(job_id), gpu_ids=(), gpu_uuids=())
         self._launch_times.pop(job_id, None)
         self.jobs[job_id] = job
@@ -294,23 +292,30 @@ class JobTable(QueueOrder):
         self._sort_pending()
         return job
 
-    def requeue(self, job_id: int, failed: ExitInfo | None = None) -> Job:
+    def requeue(
+        self, job_id: int, failed: ExitInfo | None = None, notice: str | None = None
+    ) -> Job:
         """A launch that never ran its command: back to the queue at its old place.
 
-        With `failed` (--retry): an attempt that failed, queued again under its id.
-        No end is announced either way (waiters wait on, -W jobs too).
+        With `failed` (--retry): an attempt that failed, queued again under its id; with
+        a `notice`: ended for idle GPUs. A run that did happen is charged to its user
+        in the same transaction. No end is announced (waiters wait on, -W jobs too).
         """
-        job = self.running.get(job_id) or self.launching[job_id]
+        ran = job = self.running.get(job_id) or self.launching[job_id]
         job = replace(
             job, state=JobState.QUEUED, start_time=None, supervisor_pid=None,
             supervisor_start=None, gpu_ids=(), gpu_uuids=(), unit=None, pid=None,
             # A recorded launch counted an attempt that never ran its command.
-            attempts=job.attempts - (failed is None and job_id in self.running),
+            attempts=job.attempts - (failed is None and notice is None and job_id in self.running),
+            gpu_idle_since=None, notice=job.notice if notice is None else notice,
         )
         if failed is not None:
             why = f"attempt {job.attempts} ended with {failed.summary()}"
             job = replace(job, end_time=None, exit=None, output_path=None, wait_reason=why)
-        self.store.save(job)  # first: on StorageFull nothing changed in memory either
+        if failed is None and notice is None:  # first: on StorageFull nothing changed
+            self.store.save(job)
+        else:
+            self.store.save_run(job, *run_usage(ran, time.time()))
         self.running.pop(job_id, None)
         self.launching.pop(job_id, None)
         self._launch_times.pop(job_id, None)
@@ -318,6 +323,11 @@ class JobTable(QueueOrder):
         self._index_pending(job)
         self._sort_pending()
         return job
+
+    def set_idle(self, job_id: int, since: float | None) -> None:
+        """Flag a running job whose GPUs sit idle (None: clear it); in memory only."""
+        if (job := self.running.get(job_id)) is not None and job.gpu_idle_since != since:
+            self.jobs[job_id] = self.running[job_id] = replace(job, gpu_idle_since=since)
 
     def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None:
         """What a running job's supervisor reported: its command's pid, its output path.
@@ -346,7 +356,7 @@ class JobTable(QueueOrder):
             return None
         job = replace(
             job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
-            output_path=job.output_path or output,
+            output_path=job.output_path or output, gpu_idle_since=None,
         )
         self._save_end(job)  # first: on StorageFull it is still running, to be retried
         del self.running[job_id]
@@ -413,7 +423,10 @@ class JobTable(QueueOrder):
                     del self.dependents[dep]
 
     def _save_end(self, job: Job) -> None:
-        (self._save_end_hook or self.store.save)(job)
+        """An end with what its run used: through the ledger where there is one."""
+        if self._save_end_hook is not None:
+            return self._save_end_hook(job)
+        self.store.save_run(job, *run_usage(job, job.end_time or time.time()))
 
     def _account_done(self, job: Job) -> None:
         """A job just became finished or skipped; forget the oldest beyond the cap."""

@@ -170,6 +170,10 @@ class Job:
     output_path: str | None = None
     unit: str | None = None  # systemd scope name on the system service
     wait_reason: str = ""  # why a pending job is not running, for -i
+    # In memory only (tsd.idlewatch): since when its GPUs sit idle, once it is flagged
+    # (gpu.idle_after), and what tsd did about it (requeued for idle GPUs).
+    gpu_idle_since: float | None = None
+    notice: str = ""
     attempts: int = 0  # times it was started (--retry starts it again under the same id)
     slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
     # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
@@ -183,6 +187,14 @@ class Job:
         """True for another user's job as a non-admin sees it (tsd.auth.visible_to):
         its working directory, output path and the like were left out."""
         return self.spec.cwd == HIDDEN
+
+
+def run_usage(job: Job, until: float) -> tuple[float, float]:
+    """Slot-seconds and GPU-seconds of a job's current (or just ended) run up to `until`."""
+    if job.start_time is None:
+        return 0.0, 0.0
+    seconds = max(0.0, until - job.start_time)
+    return seconds * job.spec.slots, seconds * len(job.gpu_ids)
 
 
 @dataclass(frozen=True)

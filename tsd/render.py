@@ -135,6 +135,13 @@ def gpus_shown(job: Job) -> str:
     return "-"
 
 
+def state_shown(job: Job) -> str:
+    """The State column of `ts -l`: the state, `running(idle)` while its GPUs sit idle."""
+    if job.state is JobState.RUNNING and job.gpu_idle_since is not None:
+        return "running(idle)"
+    return job.state.value
+
+
 def shorten(text: str, width: int) -> str:
     """Cut `text` to `width` characters, ending in `...` when cut."""
     if len(text) <= width:
@@ -198,6 +205,8 @@ def list_text(
     the GPUs, listed last as `-` entries in state `unmanaged`.
     """
     rows = ordered(jobs)
+    states = [state_shown(j) for j in rows]
+    state_w = max([STATE_WIDTH, *(len(st) for st in states)])
     outputs = [printable(output_shown(j)) for j in rows]
     gpus = [gpus_shown(j) for j in rows]
     times = []
@@ -220,7 +229,7 @@ def list_text(
             head += f"{user:<{user_w}} "
         return (
             head
-            + f"{state:<{STATE_WIDTH}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
+            + f"{state:<{state_w}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
             + f"{gpu:<{gpus_w}} "
         )
 
@@ -228,18 +237,18 @@ def list_text(
     lines = [header + f"Command [run={running}/{slots}]"]
     # A waiting job has no output, E-Level or time yet: why it waits takes their room.
     why_w = out_w + 1 + ELEVEL_WIDTH + 1 + time_w
-    for job, out, tim, gpu in zip(rows, outputs, times, gpus, strict=True):
+    for job, st, out, tim, gpu in zip(rows, states, outputs, times, gpus, strict=True):
         lvl = elevel(job)
         why = printable(job.wait_reason) if job.state.pending else ""
         if why:
-            span = cells(str(job.id), printable(job.user), job.state.value, "", "", "", "")
+            span = cells(str(job.id), printable(job.user), st, "", "", "", "")
             span = span[: len(span) - why_w - gpus_w - 2]  # up to the Output column
             prefix = span + f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
         else:
             prefix = cells(
                 str(job.id),
                 printable(job.user),
-                job.state.value,
+                st,
                 out,
                 "" if lvl is None else str(lvl),
                 tim.rjust(TIME_WIDTH),
@@ -280,6 +289,7 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "Start": job.start_time,
         "End": job.end_time,
         "Unit": job.unit,
+        "GPU_Idle_Since": job.gpu_idle_since,
         "Wait_Reason": job.wait_reason if job.state.pending else None,
         "Held": job.state is JobState.HELD,
         "Begin": job.spec.begin,
@@ -399,6 +409,8 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Exit status: {status}")
     if job.exit is not None and job.exit.note:
         lines.append(f"Note: {job.exit.note}")
+    elif job.notice:
+        lines.append(f"Note: {job.notice}")
     lines.append(f"Command: {depend_str(job)}{job.spec.command_line}")
     if job.spec.label:
         lines.append(f"Label: {job.spec.label}")
@@ -424,6 +436,8 @@ def info_text(job: Job, now: float) -> str:
             lines.append(f"Stderr: {job.output_path}.e")
     if job.pid is not None and job.state is JobState.RUNNING:
         lines.append(f"PID: {job.pid}")
+    if job.gpu_idle_since is not None and job.state is JobState.RUNNING:
+        lines.append(f"Idle since: {_ctime(job.gpu_idle_since)} (its GPUs are not in use)")
     if job.unit:
         lines.append(f"Unit: {job.unit}")
     if job.slurm_id is not None:

@@ -95,7 +95,11 @@ class JobTableView(Protocol):
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job: ...
 
-    def requeue(self, job_id: int, failed: ExitInfo | None = None) -> Job: ...
+    def requeue(
+        self, job_id: int, failed: ExitInfo | None = None, notice: str | None = None
+    ) -> Job: ...
+
+    def move_front(self, job: Job) -> Job: ...
 
     def unlaunch(self, job_id: int) -> Job: ...
 
@@ -168,6 +172,14 @@ class PidfdWatch:
 
 
 @dataclass(frozen=True)
+class EndReason:
+    """Why the daemon itself ends a running job (its GPUs sat idle), for the job's record."""
+
+    note: str  # added to its exit note, or the requeued job's notice
+    requeue: bool = False  # queue it again (front of its owner's queue) instead of finishing
+
+
+@dataclass(frozen=True)
 class RunnerSettings:
     """What the runner needs to know of its daemon."""
 
@@ -212,6 +224,7 @@ class Runner:
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
         self._store_retries: dict[int, asyncio.TimerHandle] = {}
+        self._reasons: dict[int, EndReason] = {}  # jobs the daemon ends on its own
         self._tasks: set[asyncio.Task[Any]] = set()
         # job id -> (uid, (stdout, stderr)) of a queued ts -n job: in memory only, so
         # after a restart such a job writes to /dev/null.
@@ -346,19 +359,11 @@ class Runner:
             nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
         )
 
-    def _device_fence(self, gpu_ids: tuple[int, ...]) -> list[str] | None:
-        """Runs in a worker: the device nodes the job may open, None for no fence at all."""
-        if not any(Path("/dev").glob("nvidia[0-9]*")):
-            return None  # no NVIDIA device nodes here: nothing to fence
-        # Every job is fenced off the GPUs it was not given, a CPU job off all of
-        # them: CUDA_VISIBLE_DEVICES alone is only a convention.
-        return self._gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
-
     async def _launch_in_scope(
         self, job: Job, plan: launch.LaunchPlan, gpu_ids: tuple[int, ...]
     ) -> None:
         try:
-            devices = await self._offload(self._device_fence, gpu_ids)
+            devices = await self._offload(device_fence, self._gpus, gpu_ids)
         except GpuUnavailable as exc:
             # NVML failed just now: the job waits for it in the queue like any other.
             self._gpus.mark_unavailable(str(exc))
@@ -495,17 +500,22 @@ class Runner:
             return
         report = exitreport.read(self.settings.exits_dir, job_id)
         job, killed = self.table.running[job_id], job_id in self._killed
-        retry = bool(report and not report.aborted and should_retry(job, report.exit, killed))
+        why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
+        retry = bool(report and not report.aborted and not why and should_retry(
+            job, report.exit, killed))
         try:
             if report is not None and report.aborted:
                 self.table.requeue(job_id)
+            elif why is not None and why.requeue:
+                self.table.move_front(self.table.requeue(job_id, notice=why.note))
             elif retry and report is not None:
                 self.table.requeue(job_id, failed=report.exit)
             elif report is None:
                 note = "its supervisor vanished (killed, or host reboot)"
                 ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
             else:
-                ended = self.table.finish(job_id, report.exit, report.end, report.output)
+                ex = report.exit if why is None else _noted(report.exit, why.note)
+                ended = self.table.finish(job_id, ex, report.end, report.output)
         except StorageFull as exc:
             if first_try:  # one line per job, not one per retry
                 log.warning("job %d ended; recording it once space returns: %s", job_id, exc)
@@ -515,9 +525,10 @@ class Runner:
             return
         exitreport.discard(self.settings.exits_dir, job_id)
         self._killed.discard(job_id)
-        if report is not None and (report.aborted or retry):
-            why = "never started" if report.aborted else f"{report.exit.summary()} (--retry)"
-            log.info("job %d: %s, queued again", job_id, why)
+        self._reasons.pop(job_id, None)
+        again = _queued_again(report, why, retry)
+        if again:
+            log.info("job %d: %s, queued again", job_id, again)
             self._requeued()
             return
         if ended is not None:
@@ -535,11 +546,13 @@ class Runner:
 
     # ------------------------------------------------------------ ending
 
-    def kill(self, job: Job) -> None:
+    def kill(self, job: Job, why: EndReason | None = None) -> None:
         """End a running job's whole tree: SIGTERM now, SIGKILL after the grace period."""
         if job.state is not JobState.RUNNING:
             raise WrongState(f"job {job.id} is {job.state.value}, not running")
         self._killed.add(job.id)
+        if why is not None:
+            self._reasons[job.id] = why
         self._signal(job.id, signal.SIGTERM)
         if job.id not in self._kill_timers:
             delay = self._config().kill_grace_seconds + KILL_BACKSTOP
@@ -575,6 +588,28 @@ class Runner:
         """Let launches and scope calls under way finish (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _queued_again(report: exitreport.ExitReport | None, why: EndReason | None, retry: bool) -> str:
+    """Why an ended job went back to the queue, for the log; "" when it did not."""
+    if report is not None and report.aborted:
+        return "never started"
+    if why is not None and why.requeue:
+        return why.note
+    return f"{report.exit.summary()} (--retry)" if retry and report is not None else ""
+
+
+def _noted(ex: ExitInfo, note: str) -> ExitInfo:
+    return dataclasses.replace(ex, note="; ".join(n for n in (note, ex.note) if n))
+
+
+def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:
+    """Runs in a worker: the device nodes the job may open, None for no fence at all."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return None  # no NVIDIA device nodes here: nothing to fence
+    # Every job is fenced off the GPUs it was not given, a CPU job off all of
+    # them: CUDA_VISIBLE_DEVICES alone is only a convention.
+    return gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
 
 
 def job_env(

@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS accounting (
     failed INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS accounting_end ON accounting(end_);
+CREATE TABLE IF NOT EXISTS usage_totals (
+    user TEXT PRIMARY KEY, slot_seconds REAL NOT NULL, gpu_seconds REAL NOT NULL
+);
 """
 
 
@@ -260,8 +263,9 @@ class Store:
             self._update(jobs)
 
     def save_ended(self, job: Job, usage: tuple[int, float, float] | None) -> None:
-        """A job's end, its accounting row and its user's new usage (uid, value, at),
-        in one transaction: the history never misses an end nor counts one twice."""
+        """A job's end, its accounting row, its user's new usage (uid, value, at) and
+        usage totals, in one transaction: the history never misses an end nor counts
+        one twice."""
         started = job.start_time is not None and job.state is JobState.FINISHED
         end = job.end_time if job.end_time is not None else job.enqueue_time
         run = max(0.0, end - (job.start_time or end)) if started else 0.0
@@ -276,6 +280,8 @@ class Store:
             )
             if usage is not None:
                 self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", usage)
+            if started:  # the Prometheus counters (see save_run)
+                self._add_totals(job.user, run * max(1, job.spec.slots), run * len(job.gpu_ids))
 
     def load_usage(self) -> dict[int, tuple[float, float]]:
         """Every user's decayed usage and the time it is valid at."""
@@ -338,6 +344,32 @@ class Store:
                     for j in jobs
                 ],
             )
+
+    def save_run(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None:
+        """Save a job whose run just ended and add the run to its user's usage totals.
+
+        One transaction: the totals (Prometheus counters) never miss a run nor count
+        one twice, whatever crash comes between. They outlive the job (ts -C, the
+        finished cap).
+        """
+        with self._tx():
+            self._update([job])
+            self._add_totals(job.user, slot_seconds, gpu_seconds)
+
+    def _add_totals(self, user: str, slot_seconds: float, gpu_seconds: float) -> None:
+        if slot_seconds <= 0 and gpu_seconds <= 0:
+            return  # a job that never ran: no row for a user who never used anything
+        self.db.execute(
+            "INSERT INTO usage_totals VALUES (?, ?, ?) ON CONFLICT(user) DO UPDATE SET"
+            " slot_seconds = slot_seconds + excluded.slot_seconds,"
+            " gpu_seconds = gpu_seconds + excluded.gpu_seconds",
+            (user, max(0.0, slot_seconds), max(0.0, gpu_seconds)),
+        )
+
+    def usage_totals(self) -> dict[str, tuple[float, float]]:
+        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever."""
+        rows = self.db.execute("SELECT user, slot_seconds, gpu_seconds FROM usage_totals")
+        return {str(u): (float(s), float(g)) for u, s, g in rows}
 
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""

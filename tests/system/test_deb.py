@@ -93,6 +93,8 @@ def test_build_deb_names_the_package_by_version_and_declares_its_depends(
         "dbus",
         "systemd",
     }
+    # bash-completion loads the packaged completion in every interactive bash.
+    assert control(box, DEB, "Recommends") == ["bash-completion"]
     files = set(box.run(["dpkg-deb", "-c", DEB]).stdout.split())
     for path in (
         "./usr/bin/ts",
@@ -133,6 +135,19 @@ def test_apt_installs_the_deb_and_starts_the_socket_root_tsd_0660(box: Box, inst
     # The vendored pynvml is on /usr/bin/python3's path, after its own site-packages.
     where = box.run(["python3", "-c", "import pynvml; print(pynvml.__file__)"]).stdout
     assert where.strip() == "/usr/lib/tsd/vendor/pynvml.py"
+
+
+def test_the_packaged_completion_is_what_ts_prints_from_the_one_source(
+    box: Box, installed: str
+) -> None:
+    from tsd.cli_completion import answer
+
+    for shell, path in (
+        ("bash", "/usr/share/bash-completion/completions/ts"),
+        ("zsh", "/usr/share/zsh/vendor-completions/_ts"),
+        ("fish", "/usr/share/fish/vendor_completions.d/ts.fish"),
+    ):
+        assert box.read_file(path) == answer(f"{shell}_source", {})[1], path
 
 
 def test_users_in_group_tsd_share_the_packaged_server(box: Box, users: None) -> None:

@@ -143,6 +143,37 @@ def run_session(box: Box) -> None:
     assert ts(box, "alice", "-w", str(long), check=False).returncode == 255  # killed
 
 
+def tab_complete(box: Box, user: str, typed: str, expect: str) -> str:
+    """Type `typed` and Tab in a new login shell of `user` (bash -l in a tmux pane in the
+    box, as a terminal would start it); the screen once it shows `expect` (or after 10 s),
+    then the screen after `complete -p ts` in that shell."""
+    sock = f"/tmp/tmux-complete-{user}.sock"
+
+    def tmux(*args: str) -> str:
+        return box.run(["tmux", "-S", sock, *args], user=user, env={"TERM": "xterm"}).stdout
+
+    tmux("new-session", "-d", "-x", "160", "-y", "20", "bash -l")
+    try:
+        deadline = time.monotonic() + 10
+        while not tmux("capture-pane", "-p").strip() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the prompt
+        tmux("send-keys", "-l", typed)
+        tmux("send-keys", "Tab")
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = tmux("capture-pane", "-p")
+            if expect in screen:
+                break
+            time.sleep(0.1)
+        tmux("send-keys", "C-u")
+        tmux("send-keys", "-l", "complete -p ts")
+        tmux("send-keys", "Enter")
+        time.sleep(0.5)
+        return screen + tmux("capture-pane", "-p")
+    finally:
+        box.run(["tmux", "-S", sock, "kill-server"], user=user, check=False)
+
+
 def snapshot(box: Box) -> str:
     """Path, type, mode, owner, mtime, link target and checksum of every installed file."""
     paths = " ".join(INSTALLED_PATHS)
@@ -259,6 +290,28 @@ def test_install_sh_sets_up_the_socket_root_tsd_0660_and_enables_the_units(
         assert ".TH TSD 8" in box.read_file("/usr/local/share/man/man8/tsd.8")
 
 
+def test_completion_files_are_what_ts_prints_and_a_new_login_shell_completes_ts(
+    box: Box, users: None
+) -> None:
+    from tsd.cli_completion import answer
+
+    for shell, path in (
+        ("bash", "/usr/local/share/bash-completion/completions/ts"),
+        ("zsh", "/usr/local/share/zsh/site-functions/_ts"),
+        ("fish", "/usr/local/share/fish/vendor_completions.d/ts.fish"),
+    ):
+        # One source: the checkout's tsd/cli_completion.py, through the installed ts.
+        assert box.read_file(path) == answer(f"{shell}_source", {})[1], path
+    # install.sh brought bash-completion, which loads ts's completion on the first Tab.
+    assert box.exists("/usr/share/bash-completion/bash_completion")
+    assert not box.exists("/etc/profile.d/tsd-completion.sh")
+    if box.run(["sh", "-c", "command -v tmux"], check=False).returncode != 0:
+        pytest.skip("tmux is not installed (tests/run installs it when run as root)")
+    screen = tab_complete(box, "alice", "ts --full_c", "ts --full_cmd")
+    assert "ts --full_cmd" in screen, screen
+    assert "complete -o nosort -F _ts_completion ts" in screen, screen
+
+
 def test_users_in_group_tsd_share_the_server_and_cannot_kill_each_others_jobs(
     box: Box, users: None
 ) -> None:
@@ -333,6 +386,7 @@ def test_uninstall_removes_the_program_and_keeps_config_and_state(box: Box, user
         "/usr/local/share/man/man1/ts.1",
         "/usr/local/share/man/man8/tsd.8",
         "/usr/local/share/bash-completion/completions/ts",
+        "/etc/profile.d/tsd-completion.sh",
         "/run/tsd/tsd.sock",
         "/etc/systemd/system/sockets.target.wants/tsd.socket",
     ):
@@ -387,3 +441,21 @@ def test_without_an_index_or_wheel_install_sh_warns_and_installs_without_gpus(
     assert "listening on /run/tsd/tsd.sock" in r.stdout
     job = submit(box, "alice", "echo", "no gpus")
     assert ts(box, "alice", "-w", str(job)).returncode == 0
+
+
+def test_without_bash_completion_a_login_shell_gets_ts_completion_through_profile_d(
+    box: Box, users: None
+) -> None:
+    box.run(["env", "DEBIAN_FRONTEND=noninteractive", "dpkg", "--purge", "bash-completion"],
+            timeout=120)
+    assert not box.exists("/usr/share/bash-completion/bash_completion")
+    offline = {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    box.run("cd /src && packaging/install.sh --no-apt", env=offline, timeout=300)
+    assert box.exists("/etc/profile.d/tsd-completion.sh")
+    # A new login shell (interactive) knows ts's completion at once.
+    r = box.run(["su", "-", "alice", "-c", "bash -lic 'complete -p ts'"], check=False)
+    assert "complete -o nosort -F _ts_completion ts" in r.stdout, (r.stdout, r.stderr)
+    # A login shell of another kind (sh) is not disturbed by the file.
+    assert box.run(["su", "-", "alice", "-s", "/bin/sh", "-c", "echo ok"]).stdout == "ok\n"
+    box.run("cd /src && packaging/uninstall.sh", timeout=120)
+    assert not box.exists("/etc/profile.d/tsd-completion.sh")

@@ -35,6 +35,7 @@ class FakeStore:
         self.users: dict[int, dict[str, str]] = {}
         self.envs: dict[int, tuple[tuple[str, str], ...]] = {}
         self.writes = 0
+        self.usage: dict[str, tuple[float, float]] = {}
 
     def add_job(self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float) -> Job:
         job = Job(
@@ -69,6 +70,14 @@ class FakeStore:
             assert job.id in self.rows, f"save of unknown job {job.id}"
             self.rows[job.id] = job
         self.writes += 1
+
+    def save_run(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None:
+        self.save(job)
+        slots, gpus = self.usage.get(job.user, (0.0, 0.0))
+        self.usage[job.user] = (slots + slot_seconds, gpus + gpu_seconds)
+
+    def usage_totals(self) -> dict[str, tuple[float, float]]:
+        return dict(self.usage)
 
     def delete(self, ids: Iterable[int]) -> None:
         for job_id in ids:

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsd import __version__, cli_options, cli_output, manpage, protocol
+from tsd.cli_completion import SOURCE
 from tsd.cli_options import OPTIONS, Kind, UsageError
 from tsd.cli_request import Invocation, invocation, parse_argv
 from tsd.client import Connection
@@ -404,6 +405,7 @@ GOOD_VALUES: dict[str, tuple[str, object]] = {
     "retry": ("3", 3),
     "array": ("1-9:2%3", "1-9:2%3"), "priority": ("-7", -7), "gpu_mem": ("1.5G", 1536),
     "since": ("2026-01-02T03:04", datetime(2026, 1, 2, 3, 4).timestamp()),
+    "watch": ("2", 2.0),
 }  # fmt: skip
 
 
@@ -922,16 +924,23 @@ def test_man_page_module_prints_the_page() -> None:
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
-def test_completion_files_are_what_ts_generates(shell: str) -> None:
-    shipped = Path(__file__).parents[2] / "packaging" / "completion" / f"ts.{shell}"
+def test_completion_scripts_have_one_source_which_the_installers_print_with_ts(
+    shell: str,
+) -> None:
+    # No copy in the checkout to drift: install.sh and build-deb.sh install what ts
+    # prints (tests/system test_install.py and test_deb.py compare the installed files).
+    repo = Path(__file__).parents[2]
+    assert not (repo / "packaging" / "completion").exists()
+    for script in ("install.sh", "build-deb.sh"):
+        text = (repo / "packaging" / script).read_text()
+        assert "for shell in bash zsh fish; do" in text and '_TS_COMPLETE="${shell}_source"' in text
     proc = subprocess.run(
         [sys.executable, "-c", "from tsd.cli import main; main()"],
         capture_output=True, text=True, env={**os.environ, "_TS_COMPLETE": f"{shell}_source"},
     )
     assert proc.returncode == 0
-    body, generated_by = shipped.read_text().rstrip("\n").rsplit("\n", 1)
-    assert generated_by.startswith("# ts completion")
-    assert body + "\n" == proc.stdout
+    assert proc.stdout == SOURCE[shell] + "\n"
+    assert "_ts_completion" in proc.stdout
 
 
 def test_completion_offers_options_and_formats() -> None:

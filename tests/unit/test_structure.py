@@ -59,10 +59,10 @@ def test_every_module_stays_under_800_lines_and_classes_under_400() -> None:
 def test_core_modules_import_no_adapter() -> None:
     core = {
         "model", "scheduler", "config", "gpupool", "errors", "codec", "slurmjson", "slurmmap",
-        "engine", "eligibility", "jobcontrols",
+        "engine", "eligibility", "jobcontrols", "config_admin", "idle", "metrics",
     }  # fmt: skip
     adapters = {"store", "server", "launch", "scope", "gpu", "daemon", "runner", "gpumonitor",
-                "slurm", "slurmcmd"}
+                "slurm", "slurmcmd", "idlewatch", "metricswriter"}
     modules = _modules()
     for name in core:
         assert not _imports(modules[name]) & adapters, f"tsd/{name}.py imports an adapter"
