@@ -53,7 +53,7 @@ class JobTable(QueueOrder):
 
     def __init__(
         self, store: JobStore, events: JobEvents, max_finished: Callable[[], int],
-        save_end: Callable[[Job], None] | None = None,
+        save_end: Callable[[Job, Job | None], None] | None = None,
     ) -> None:
         self.store = store
         # Writes a job's end (finished, skipped, could not start); the ledger's adds its
@@ -315,7 +315,7 @@ class JobTable(QueueOrder):
         if failed is None and notice is None:  # first: on StorageFull nothing changed
             self.store.save(job)
         else:
-            self.store.save_run(job, *run_usage(ran, time.time()))
+            self._save_end(job, ran)
         self.running.pop(job_id, None)
         self.launching.pop(job_id, None)
         self._launch_times.pop(job_id, None)
@@ -422,11 +422,11 @@ class JobTable(QueueOrder):
                 if not waiting:
                     del self.dependents[dep]
 
-    def _save_end(self, job: Job) -> None:
-        """An end with what its run used: through the ledger where there is one."""
+    def _save_end(self, job: Job, ran: Job | None = None) -> None:
+        """An end (or `ran`'s, `job` queued again) with its usage, via the ledger if any."""
         if self._save_end_hook is not None:
-            return self._save_end_hook(job)
-        self.store.save_run(job, *run_usage(job, job.end_time or time.time()))
+            return self._save_end_hook(job, ran)
+        self.store.save_run(job, *run_usage(ran or job, job.end_time or time.time()))
 
     def _account_done(self, job: Job) -> None:
         """A job just became finished or skipped; forget the oldest beyond the cap."""

@@ -32,7 +32,9 @@ class LedgerStore(Protocol):
 
     def save(self, *jobs: Job) -> None: ...
 
-    def save_ended(self, job: Job, usage: tuple[int, float, float] | None) -> None: ...
+    def save_ended(
+        self, job: Job, usage: tuple[int, float, float] | None, ran: Job | None = None
+    ) -> None: ...
 
     def load_usage(self) -> dict[int, tuple[float, float]]: ...
 
@@ -75,17 +77,22 @@ class Ledger:
         # A reload may change half_life or gpu_weight: the stored values stay valid.
         self.book.settings = self._config().fair_share
 
-    def save_ended(self, job: Job) -> None:
+    def save_ended(self, job: Job, ran: Job | None = None) -> None:
         """Write a job's end (it just finished or was skipped) with its history row and
-        its user's usage, in one transaction; memory follows only once it is stored."""
+        its user's usage, in one transaction; memory follows only once it is stored.
+
+        `ran`: the run that just ended when `job` is that job queued again (a failed
+        --retry attempt, an idle-GPU requeue), so that no attempt is free.
+        """
         self._sync()
         usage: Usage | None = None
-        if job.state is JobState.FINISHED and job.start_time is not None:
-            end = job.end_time if job.end_time is not None else self._clock()
-            gpus = len(job.gpu_ids)
-            usage = self.book.after_run(job.uid, max(1, job.spec.slots), gpus, job.start_time, end)
+        run = job if ran is None else ran
+        if run.start_time is not None and (ran is not None or job.state is JobState.FINISHED):
+            end = run.end_time if run.end_time is not None else self._clock()
+            gpus = len(run.gpu_ids)
+            usage = self.book.after_run(run.uid, max(1, run.spec.slots), gpus, run.start_time, end)
         row = None if usage is None else (job.uid, usage.value, usage.at)
-        self.store.save_ended(job, row)
+        self.store.save_ended(job, row, ran)
         if usage is not None:
             self.book.set(job.uid, usage)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -262,26 +263,36 @@ class Store:
         with self._tx():
             self._update(jobs)
 
-    def save_ended(self, job: Job, usage: tuple[int, float, float] | None) -> None:
+    def save_ended(
+        self, job: Job, usage: tuple[int, float, float] | None, ran: Job | None = None
+    ) -> None:
         """A job's end, its accounting row, its user's new usage (uid, value, at) and
         usage totals, in one transaction: the history never misses an end nor counts
-        one twice."""
-        started = job.start_time is not None and job.state is JobState.FINISHED
-        end = job.end_time if job.end_time is not None else job.enqueue_time
-        run = max(0.0, end - (job.start_time or end)) if started else 0.0
-        wait = max(0.0, (job.start_time or 0.0) - job.enqueue_time) if started else None
-        failed = not (job.state is JobState.FINISHED and job.exit is not None and job.exit.success)
+        one twice.
+
+        `ran` is the run that ended when `job` is that job queued again (a failed
+        --retry attempt, an idle-GPU requeue): the attempt is history and usage too.
+        """
+        again = ran is not None
+        run_of = job if ran is None else ran
+        started = run_of.start_time is not None and (again or job.state is JobState.FINISHED)
+        end = run_of.end_time or (time.time() if again else job.enqueue_time)
+        run = max(0.0, end - (run_of.start_time or end)) if started else 0.0
+        wait = max(0.0, (run_of.start_time or 0.0) - job.enqueue_time) if started else None
+        failed = again or not (
+            job.state is JobState.FINISHED and job.exit is not None and job.exit.success
+        )
         with self._tx():
             self._update((job,))
             self.db.execute(
                 "INSERT INTO accounting VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.uid, job.user, end, max(1, job.spec.slots) if started else 0,
-                 len(job.gpu_ids) if started else 0, run, wait, int(failed)),
+                 len(run_of.gpu_ids) if started else 0, run, wait, int(failed)),
             )
             if usage is not None:
                 self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", usage)
             if started:  # the Prometheus counters (see save_run)
-                self._add_totals(job.user, run * max(1, job.spec.slots), run * len(job.gpu_ids))
+                self._add_totals(job.user, run * max(1, job.spec.slots), run * len(run_of.gpu_ids))
 
     def load_usage(self) -> dict[int, tuple[float, float]]:
         """Every user's decayed usage and the time it is valid at."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from unit.daemon_fakes import Events, spec
 
+from tsd.config import Config
 from tsd.jobtable import JobTable
+from tsd.ledger import Ledger
 from tsd.model import ExitInfo, Job, JobState
 from tsd.store import Store
 
@@ -71,3 +74,22 @@ def test_the_job_end_and_its_usage_are_one_transaction(tmp_path: Path) -> None:
     assert [j.state for j in store.load_all()] == [JobState.RUNNING]
     assert table.running[job.id].state is JobState.RUNNING
     store.close()
+
+
+def test_a_failed_retry_attempt_counts_in_fair_share_history_and_totals(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    ledger = Ledger(store, Config)
+    table = JobTable(store, Events(), lambda: 1000, save_end=ledger.save_ended)
+    job = started(table, 1000, "erin", slots=2, gpus=(1,))
+    table.running[job.id] = job = replace(job, start_time=(job.start_time or 0) - 50.0)
+    again = table.requeue(job.id, failed=ExitInfo(code=3))
+    assert again.state is JobState.QUEUED
+    # The attempt ran ~50 s on 2 slots and 1 GPU; it is not free because it is queued again.
+    assert ledger.usage_now(1000, []) == pytest.approx(50 * 2 + 4 * 50, rel=0.05)
+    (row,) = ledger.stats(0.0, 1000)
+    assert (row.jobs, row.failed) == (1, 1)
+    assert row.slot_seconds == pytest.approx(100.0, rel=0.05)
+    assert store.usage_totals()["erin"] == (pytest.approx(100.0, rel=0.05),
+                                            pytest.approx(50.0, rel=0.05))
+    store.close()
+
