@@ -33,6 +33,7 @@ from tsd.config import Config, IdleConfig
 from tsd.gpumonitor import GpuMonitor
 from tsd.idle import IdleRule, IdleTracker, RunKey, Verdict
 from tsd.model import Job
+from tsd.periodic import Periodic
 from tsd.runner import EndReason
 
 log = logging.getLogger("tsd")
@@ -93,32 +94,16 @@ class IdleWatch:
         self.runner = runner
         self._env_of = env_of
         self.tracker = IdleTracker()
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic(loop, self.tick, "idle GPUs: sampling failed", OFF_RECHECK)
         self._children: set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
         """Begin sampling (it sleeps while the feature is off or no job holds a GPU)."""
-        if self._task is None:
-            self._task = self.loop.create_task(self._run())
+        self._rounds.start()
 
     async def stop(self) -> None:
         """Stop sampling (at shutdown); hooks under way are left to finish."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                delay = await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let a surprise end the watch for good
-                log.exception("idle GPUs: sampling failed")
-                delay = OFF_RECHECK
-            await asyncio.sleep(delay)
+        await self._rounds.stop()
 
     async def tick(self) -> float:
         """One sample round; the seconds until the next one."""

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 from tsd.metrics import MetricsState, counters, render
+from tsd.periodic import Periodic
 
 log = logging.getLogger("tsd")
 
@@ -72,30 +73,21 @@ class MetricsWriter:
         self._floors: dict[str, tuple[float, float]] = {}  # counters as last written
         self._problem = ""
         self._writing = False
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic(
+            self.loop, self._round, "metrics: writing the textfile failed", self.interval
+        )
 
     def start(self) -> None:
         """Write now, then keep writing while the daemon runs."""
-        if self._task is None:
-            self._task = self.loop.create_task(self._run())
+        self._rounds.start()
 
     async def stop(self) -> None:
         """Stop the timer (at shutdown); a write under way finishes in its thread."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._rounds.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a surprise must not end the metrics for good
-                log.exception("metrics: writing the textfile failed")
-            await asyncio.sleep(self.interval)
+    async def _round(self) -> float:
+        await self.tick()
+        return self.interval
 
     async def tick(self) -> None:
         """One round: render the state and write it when it changed."""
