@@ -134,3 +134,37 @@ def stop_daemon(env: Env) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def info(ts: Runner, job: int) -> str:
+    return str(ts("-i", str(job)).stdout)
+
+
+def wait_reason(ts: Runner, job: int) -> str:
+    """The `Wait reason:` line of ts -i, without its label."""
+    for line in info(ts, job).splitlines():
+        if line.startswith("Wait reason: "):
+            return line.removeprefix("Wait reason: ")
+    raise AssertionError(f"job {job} shows no wait reason:\n{info(ts, job)}")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The refusal's text; it must be exactly one `ts: ` line, nothing on stdout, exit 1."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ts: "), proc.stderr
+    return lines[0]
+
+
+class Gate:
+    """A flag file; jobs made with `hold` run until the test opens it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def hold(self, *echo: str) -> list[str]:
+        """argv of a job that prints `echo` (shell words) and then waits for the gate."""
+        words = " ".join(echo)
+        return ["sh", "-c", f"echo {words}; while [ ! -e {self.path} ]; do sleep 0.05; done"]
+
+    def open(self) -> None:
+        self.path.touch()

@@ -22,7 +22,18 @@ from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, FakeProc, PictureFile, simple_gpus, uuid_for
-from integration.harness import Env, Runner, queue, state, wait_state, wait_until
+from integration.harness import (
+    Env,
+    Gate,
+    Runner,
+    info,
+    one_line_error,
+    queue,
+    state,
+    wait_reason,
+    wait_state,
+    wait_until,
+)
 
 # The personal daemon's default gpus.poll_seconds: how late, at worst, it notices
 # a change that no job end or submit announces (NVML back, an outside process gone).
@@ -37,42 +48,6 @@ POLL_SECONDS = 5.0
 def records(ts: Runner) -> dict[int, dict[str, Any]]:
     """ts -M json, by job id."""
     return {rec["ID"]: rec for rec in json.loads(ts("-M", "json").stdout)}
-
-
-def info(ts: Runner, job: int) -> str:
-    return str(ts("-i", str(job)).stdout)
-
-
-def wait_reason(ts: Runner, job: int) -> str:
-    """The `Wait reason:` line of ts -i, without its label."""
-    for line in info(ts, job).splitlines():
-        if line.startswith("Wait reason: "):
-            return line.removeprefix("Wait reason: ")
-    raise AssertionError(f"job {job} shows no wait reason:\n{info(ts, job)}")
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """The refusal's text; it must be exactly one `ts: ` line, nothing on stdout, exit 1."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ts: "), proc.stderr
-    return lines[0]
-
-
-class Gate:
-    """A flag file; jobs made with `hold` run until the test opens it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def hold(self, *echo: str) -> list[str]:
-        """argv of a job that prints `echo` (shell words) and then waits for the gate."""
-        words = " ".join(echo)
-        return ["sh", "-c", f"echo {words}; while [ ! -e {self.path} ]; do sleep 0.05; done"]
-
-    def open(self) -> None:
-        self.path.touch()
 
 
 @pytest.fixture

@@ -14,12 +14,23 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, FakeProc, PictureFile, simple_gpus, uuid_for
-from integration.harness import TSD, Env, Runner, queue, state, wait_state, wait_until
+from integration.harness import (
+    TSD,
+    Env,
+    Gate,
+    Runner,
+    info,
+    one_line_error,
+    queue,
+    state,
+    wait_reason,
+    wait_state,
+    wait_until,
+)
 
 POLL = 0.3  # gpus.poll_seconds of these daemons
 ME = getpass.getuser()
@@ -31,38 +42,6 @@ def records(ts: Runner, *args: str) -> list[dict[str, Any]]:
 
 def by_id(ts: Runner) -> dict[int, dict[str, Any]]:
     return {r["ID"]: r for r in records(ts) if r["ID"] is not None}
-
-
-def info(ts: Runner, job: int) -> str:
-    return str(ts("-i", str(job)).stdout)
-
-
-def wait_reason(ts: Runner, job: int) -> str:
-    for line in info(ts, job).splitlines():
-        if line.startswith("Wait reason: "):
-            return line.removeprefix("Wait reason: ")
-    raise AssertionError(f"job {job} shows no wait reason:\n{info(ts, job)}")
-
-
-def refused(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ts: "), proc.stderr
-    return lines[0]
-
-
-class Gate:
-    """A flag file; jobs made with `hold` run until the test opens it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def hold(self) -> list[str]:
-        return ["sh", "-c", f"while [ ! -e {self.path} ]; do sleep 0.05; done"]
-
-    def open(self) -> None:
-        self.path.touch()
 
 
 @pytest.fixture
@@ -158,9 +137,9 @@ def test_bad_gpu_mem_values_are_refused_with_one_line_and_nothing_queued(
 ) -> None:
     nvml_picture.write(simple_gpus(2))
     daemon("")
-    assert "--gpu-mem" in refused(ts("--gpu-mem", "0", "true", check=False))
-    assert "'5X' is not a size" in refused(ts("--gpu-mem", "5X", "true", check=False))
-    line = refused(ts("--gpu-mem", "100G", "true", check=False))
+    assert "--gpu-mem" in one_line_error(ts("--gpu-mem", "0", "true", check=False))
+    assert "'5X' is not a size" in one_line_error(ts("--gpu-mem", "5X", "true", check=False))
+    line = one_line_error(ts("--gpu-mem", "100G", "true", check=False))
     assert line == "ts: job needs 100.0 GiB per GPU but the largest GPU has 80.0 GiB"
     assert records(ts) == []
 

@@ -10,13 +10,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.harness import Env, Runner, queue, state, wait_state, wait_until
+from integration.harness import Env, Runner, one_line_error, queue, state, wait_state, wait_until
 
 
 def records(ts: Runner) -> dict[int, dict[str, Any]]:
@@ -31,15 +30,6 @@ def info_line(ts: Runner, job: int, label: str) -> str:
         if line.startswith(f"{label}: "):
             return line.removeprefix(f"{label}: ")
     raise AssertionError(f"no {label!r} line in ts -i {job}:\n{text}")
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """A refusal: exit 1, nothing on stdout, exactly one `ts: ` line on stderr."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ts: "), proc.stderr
-    return lines[0]
 
 
 def gate(env: Env, name: str) -> Path:
