@@ -193,7 +193,7 @@ async def submit(
         # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
         p.cluster.check(spec, req.terminal is not None)
         _local_only(p, *(name for name, given in (
-            ("--hold", req.hold), ("--array", array is not None), ("--begin", spec.begin),
+            ("--hold", req.hold), ("--array", array is not None),
             ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
     elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shlex
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,10 @@ def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
         args.append(f"--gres={kind}:{spec.gpus}")
     if spec.timeout is not None:
         args.append(f"--time={slurm_time(spec.timeout)}")
+    if spec.begin is not None:
+        # Slurm reads a time without a zone as the controller's local time; ts's
+        # --begin is local time on this login node, the same clock on a cluster.
+        args.append(f"--begin={time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(spec.begin))}")
     dep = dependency(spec.depend_mode, sub.depend_on)
     if dep:
         args.append(f"--dependency={dep}")

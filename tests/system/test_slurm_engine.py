@@ -117,6 +117,17 @@ def test_request_slurm_refuses_fails_in_one_line_and_records_nothing(sbox: Box) 
     assert set(jobs(sbox)) == before
 
 
+def test_begin_waits_in_slurm_until_its_time(sbox: Box) -> None:
+    asked = time.time()
+    jid = submit(sbox, "alice", "--begin", "+4s", "true")
+    sid = jobs(sbox, "alice")[jid]["Slurm_ID"]
+    pending = slurm_job(sbox, sid)
+    assert pending["job_state"] == "PENDING" and pending["state_reason"] == "BeginTime"
+    assert ts(sbox, "alice", "-w", str(jid), check=False).returncode == 0
+    # Slurm's clock and ours are the box's: it started no sooner than asked.
+    assert slurm_job(sbox, sid)["start_time"] >= int(asked) + 3
+
+
 def test_dependencies_wait_in_slurm_and_w_skips_after_a_failure(sbox: Box) -> None:
     first = submit(sbox, "alice", "sh", "-c", "sleep 1; exit 1")
     after = submit(sbox, "alice", "-D", str(first), "date", "+%s.%N")

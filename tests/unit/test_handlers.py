@@ -391,7 +391,6 @@ class _Slurmish:
     [
         protocol.Submit(spec=spec(), hold=True),
         protocol.Submit(spec=spec(), array="1-2"),
-        protocol.Submit(spec=spec(begin=5e9)),
         protocol.Submit(spec=spec(retry=1)),
         protocol.Submit(spec=spec(priority=-1)),
         protocol.Hold(id=1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def test_a_plain_job_asks_for_nothing_tsd_was_not_asked_for() -> None:
     for key in ("--gres", "--cpus-per-task", "--time", "--error", "--partition", "--dependency"):
         assert key not in a
     assert a["--job-name"] == "tsd-9"
+
+
+def test_begin_goes_to_sbatch_as_local_iso_time() -> None:
+    at = time.mktime((2026, 12, 3, 8, 0, 30, 0, 0, -1))
+    assert args_of(spec(begin=at))["--begin"] == "2026-12-03T08:00:30"
+    assert "--begin" not in args_of(spec())
 
 
 def test_gpu_type_goes_into_gres() -> None:
