@@ -41,3 +41,6 @@ class Cluster(Protocol):
 
     async def cancel(self, job: Job) -> None:
         """End a forwarded job in the cluster (ts -k, or ts -r of a queued one)."""
+
+    async def hold(self, job: Job, held: bool) -> None:
+        """Hold (or release) a forwarded job in the cluster (ts --hold/--release)."""

@@ -161,7 +161,7 @@ async def _serve(
         case protocol.Stats():
             return stats(p, peer, req)
         case protocol.Hold():
-            return hold(p, peer, req)
+            return await hold(p, peer, req)
     raise BadRequest("bad request: unsupported operation")
 
 
@@ -193,8 +193,8 @@ async def submit(
         # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
         p.cluster.check(spec, req.terminal is not None)
         _local_only(p, *(name for name, given in (
-            ("--hold", req.hold), ("--array", array is not None),
-            ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
+            ("--array", array is not None), ("--retry", spec.retry),
+            ("--priority", spec.priority)) if given))  # fmt: skip
     elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
@@ -362,16 +362,21 @@ def _local_only(p: Parts, *controls: str) -> None:
         raise BadRequest(f"{controls[0]} is not available with cluster.engine: slurm")
 
 
-def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
+async def hold(p: Parts, peer: Peer, req: protocol.Hold) -> protocol.JobId:
     """ts --hold ID: a queued job (the caller's, or anyone's for admins) never starts;
-    ts --release ID (`req.release`): a held job is queued again, at its place."""
-    _local_only(p, "--release" if req.release else "--hold")
+    ts --release ID (`req.release`): a held job is queued again, at its place.
+    Under a cluster engine the cluster holds it too (first: it may refuse)."""
     job = p.table.pick(peer, req.id, "added")
     if req.release and job.state is not JobState.HELD:
         raise WrongState(f"job {job.id} is {job.state.value}, not held")
     if not req.release and job.state is not JobState.HELD:
         _queued(p, job)
     if (job.state is JobState.HELD) == req.release:
+        if p.cluster is not None:
+            await p.cluster.hold(job, not req.release)
+            job = p.table.jobs.get(job.id, job)
+            if (job.state is JobState.HELD) != req.release or not job.state.pending:
+                return protocol.JobId(job.id)  # a poll moved it on while Slurm answered
         job = p.table.set_held(job, not req.release)
         log.info("job %d %s by %s", job.id, "released" if req.release else "held", peer.user)
         p.dispatcher.schedule()  # the slots it would have taken may go to others

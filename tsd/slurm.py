@@ -92,6 +92,8 @@ class Commands(Protocol):
 
     def cancel(self, slurm_id: int, owner: Owner | None) -> None: ...
 
+    def hold(self, slurm_id: int, held: bool, owner: Owner | None) -> None: ...
+
     def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot: ...
 
     def sacct(self, slurm_ids: Sequence[int]) -> dict[int, SlurmJob]: ...
@@ -182,7 +184,8 @@ class SlurmEngine:
         settings = self._data.user_settings(job.uid)
         env = job_env(self._data.env_of(job.id), settings, job.id, job.spec.gpus)
         mail = (env.get("TS_MAILTO") or owner.name) if job.spec.mail else None
-        args = sbatch_args(Submission(job.id, job.spec, output, depend_on, mail), self._config())
+        sub = Submission(job.id, job.spec, output, depend_on, mail, job.state is JobState.HELD)
+        args = sbatch_args(sub, self._config())
         try:
             slurm_id = await self._offload(self.commands.submit, args, owner, env)
         except ClusterRefused:
@@ -252,6 +255,14 @@ class SlurmEngine:
             owner = None  # the user is gone: the daemon (root) cancels it
         await self._offload(self.commands.cancel, job.slurm_id, owner)
         log.info("job %d: cancelled Slurm job %d", job.id, job.slurm_id)
+        self.nudge()
+
+    async def hold(self, job: Job, held: bool) -> None:
+        """ts --hold/--release of a forwarded job: scontrol hold/release as its owner."""
+        if job.slurm_id is None:
+            raise WrongState(f"job {job.id} is still being handed to Slurm: try again")
+        await self._offload(self.commands.hold, job.slurm_id, held, Owner.of(job.uid))
+        log.info("job %d: %s Slurm job %d", job.id, "held" if held else "released", job.slurm_id)
         self.nudge()
 
     # ------------------------------------------------------------ following

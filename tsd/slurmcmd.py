@@ -58,6 +58,7 @@ class SlurmCommands:
     def __init__(self) -> None:
         self.sbatch_bin = _tool("sbatch")
         self.scancel_bin = _tool("scancel")
+        self.scontrol_bin = _tool("scontrol")
         self.squeue_bin = _tool("squeue")
         self.sacct_bin = _tool("sacct")
         self.sacct_jobcomp: bool | None = None  # sacct -c (jobcomp file), once known
@@ -107,6 +108,14 @@ class SlurmCommands:
         if r.returncode != 0:
             reason = one_line_error(r.stderr, f"scancel exited {r.returncode}")
             raise ClusterRefused(f"Slurm did not cancel job {slurm_id}: {reason}")
+
+    def hold(self, slurm_id: int, held: bool, owner: Owner | None) -> None:
+        """scontrol hold (or release) as the owner: a user's hold, which the user may lift."""
+        verb = "hold" if held else "release"
+        r = self._run([self.scontrol_bin, verb, str(slurm_id)], owner)
+        if r.returncode != 0:
+            reason = one_line_error(r.stderr, f"scontrol {verb} exited {r.returncode}")
+            raise ClusterRefused(f"Slurm did not {verb} job {slurm_id}: {reason}")
 
     def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot:
         """One squeue --json for these jobs (every state; all jobs with None)."""

@@ -74,6 +74,7 @@ class Submission:
     output: str  # absolute path of the job's output file
     depend_on: tuple[int, ...] = ()  # Slurm ids of the dependencies still to wait for
     mail_to: str | None = None
+    held: bool = False  # ts --hold: Slurm keeps it pending until ts --release
 
 
 def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
@@ -99,6 +100,8 @@ def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
         # Slurm reads a time without a zone as the controller's local time; ts's
         # --begin is local time on this login node, the same clock on a cluster.
         args.append(f"--begin={time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(spec.begin))}")
+    if sub.held:
+        args.append("--hold")
     dep = dependency(spec.depend_mode, sub.depend_on)
     if dep:
         args.append(f"--dependency={dep}")

@@ -128,6 +128,21 @@ def test_begin_waits_in_slurm_until_its_time(sbox: Box) -> None:
     assert slurm_job(sbox, sid)["start_time"] >= int(asked) + 3
 
 
+def test_hold_keeps_the_job_held_in_slurm_until_its_owner_releases_it(sbox: Box) -> None:
+    jid = submit(sbox, "alice", "--hold", "true")
+    listed = jobs(sbox, "alice")[jid]
+    assert listed["State"] == "held"
+    sid = listed["Slurm_ID"]
+    held = slurm_job(sbox, sid)
+    assert held["job_state"] == "PENDING" and held["state_reason"] == "JobHeldUser"
+    r = ts(sbox, "bob", "--release", str(jid), check=False)
+    assert r.returncode == 1 and "belongs to alice" in r.stderr
+    assert slurm_job(sbox, sid)["state_reason"] == "JobHeldUser"
+    ts(sbox, "alice", "--release", str(jid))
+    assert ts(sbox, "alice", "-w", str(jid), check=False).returncode == 0
+    assert slurm_job(sbox, sid)["job_state"] == "COMPLETED"
+
+
 def test_dependencies_wait_in_slurm_and_w_skips_after_a_failure(sbox: Box) -> None:
     first = submit(sbox, "alice", "sh", "-c", "sleep 1; exit 1")
     after = submit(sbox, "alice", "-D", str(first), "date", "+%s.%N")

@@ -385,16 +385,16 @@ class _Slurmish:
     async def cancel(self, job: Job) -> None:
         pass
 
+    async def hold(self, job: Job, held: bool) -> None:
+        pass
+
 
 @pytest.mark.parametrize(
     "req",
     [
-        protocol.Submit(spec=spec(), hold=True),
         protocol.Submit(spec=spec(), array="1-2"),
         protocol.Submit(spec=spec(retry=1)),
         protocol.Submit(spec=spec(priority=-1)),
-        protocol.Hold(id=1),
-        protocol.Hold(id=1, release=True),
     ],
 )
 def test_job_controls_are_refused_in_one_line_under_a_cluster_engine(

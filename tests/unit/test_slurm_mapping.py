@@ -77,6 +77,12 @@ def test_a_plain_job_asks_for_nothing_tsd_was_not_asked_for() -> None:
     assert a["--job-name"] == "tsd-9"
 
 
+def test_a_held_job_is_submitted_held() -> None:
+    sub = Submission(9, spec(), "/home/alice/exp/ts-out.9.abc", held=True)
+    assert "--hold" in sbatch_args(sub, ClusterConfig())
+    assert "--hold" not in args_of(spec())
+
+
 def test_begin_goes_to_sbatch_as_local_iso_time() -> None:
     at = time.mktime((2026, 12, 3, 8, 0, 30, 0, 0, -1))
     assert args_of(spec(begin=at))["--begin"] == "2026-12-03T08:00:30"
