@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from integration.harness import Env, Runner, make_env, run_ts, stop_daemon
+from integration.harness import Env, Gate, Runner, make_env, run_ts, stop_daemon
 
 
 @pytest.fixture
@@ -32,3 +32,21 @@ def ts(tsd_env: Env) -> Runner:
         return run_ts(tsd_env, *args, **kw)  # type: ignore[arg-type]
 
     return runner
+
+
+@pytest.fixture
+def gates(tsd_env: Env) -> Callable[[str], Gate]:
+    """Make named gates in the test's private directory."""
+    return lambda name: Gate(tsd_env.tmp / f"gate-{name}")
+
+
+@pytest.fixture
+def outsider() -> Iterator[int]:
+    """A live process of ours, outside tsd, that a picture may show on a GPU
+    (as a stranger's job would be)."""
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()

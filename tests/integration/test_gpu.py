@@ -14,9 +14,8 @@ import getpass
 import json
 import re
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,6 @@ def records(ts: Runner) -> dict[int, dict[str, Any]]:
     return {rec["ID"]: rec for rec in json.loads(ts("-M", "json").stdout)}
 
 
-@pytest.fixture
-def gates(tsd_env: Env) -> Callable[[str], Gate]:
-    """Make named gates in the test's private directory."""
-    return lambda name: Gate(tsd_env.tmp / f"gate-{name}")
-
-
 def first_line(ts: Runner, job: int) -> str:
     """The first line of the job's output, once the job has written it."""
     path = Path(ts("-o", str(job)).stdout.strip())
@@ -76,20 +69,6 @@ def gpu4(ts: Runner, tsd_env: Env, nvml_picture: PictureFile) -> Runner:
     nvml_picture.write(simple_gpus(4))
     start_daemon(ts, tsd_env, nvml_picture, 4)
     return ts
-
-
-@pytest.fixture
-def outsider() -> Iterator[int]:
-    """A live process of ours that a picture may show on a GPU, as a stranger's job would be."""
-    proc = subprocess.Popen(["sleep", "300"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-# -------------------------------------------------------- allocation rules
 
 
 def test_two_jobs_asking_for_two_gpus_get_disjoint_pairs_and_a_third_waits_allocating(

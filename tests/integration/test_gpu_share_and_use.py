@@ -13,7 +13,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -45,11 +45,6 @@ def by_id(ts: Runner) -> dict[int, dict[str, Any]]:
 
 
 @pytest.fixture
-def gate(tsd_env: Env) -> Callable[[str], Gate]:
-    return lambda name: Gate(tsd_env.tmp / f"gate-{name}")
-
-
-@pytest.fixture
 def daemon(tsd_env: Env, nvml_picture: PictureFile) -> Callable[[str], None]:
     """Start the personal daemon with this config (YAML) on the stand-in's GPUs."""
 
@@ -68,17 +63,6 @@ def daemon(tsd_env: Env, nvml_picture: PictureFile) -> Callable[[str], None]:
     return start
 
 
-@pytest.fixture
-def outsider() -> Iterator[int]:
-    """A live process of ours, outside tsd, that a picture may put on a GPU."""
-    proc = subprocess.Popen(["sleep", "300"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def gpu(index: int, used: int = 0, **sensors: int) -> FakeGpu:
     if "util" in sensors:
         sensors.setdefault("memory_util", 10)  # NVML reads both in one call
@@ -90,11 +74,11 @@ def gpu(index: int, used: int = 0, **sensors: int) -> FakeGpu:
 
 def test_two_gpu_mem_jobs_share_a_gpu_and_a_whole_gpu_job_waits(
     ts: Runner, daemon: Callable[[str], None], nvml_picture: PictureFile,
-    gate: Callable[[str], Gate],
+    gates: Callable[[str], Gate],
 ) -> None:
     nvml_picture.write(simple_gpus(1))
     daemon("")
-    g = gate("share")
+    g = gates("share")
     a = queue(ts, "--gpu-mem", "30G", *g.hold())
     b = queue(ts, "--gpu-mem", "30720", *g.hold())  # MiB when bare
     wait_state(ts, a, "running")
@@ -149,11 +133,11 @@ def test_bad_gpu_mem_values_are_refused_with_one_line_and_nothing_queued(
 
 def test_a_jobs_gpu_memory_is_sampled_and_its_peak_kept_across_a_restart(
     ts: Runner, tsd_env: Env, daemon: Callable[[str], None], nvml_picture: PictureFile,
-    gate: Callable[[str], Gate],
+    gates: Callable[[str], Gate],
 ) -> None:
     nvml_picture.write(simple_gpus(1))
     daemon("")
-    g = gate("peak")
+    g = gates("peak")
     job = queue(ts, "--gpu-mem", "2G", *g.hold())
     wait_state(ts, job, "running")
     pid = int(ts("-p", str(job)).stdout)
@@ -184,13 +168,13 @@ def test_a_jobs_gpu_memory_is_sampled_and_its_peak_kept_across_a_restart(
 
 def test_ts_g_shows_sensors_and_holders_in_text_and_json(
     ts: Runner, daemon: Callable[[str], None], nvml_picture: PictureFile, outsider: int,
-    gate: Callable[[str], Gate],
+    gates: Callable[[str], Gate],
 ) -> None:
     sensors = {"util": 55, "temperature": 61, "power_mw": 250_000, "power_limit_mw": 400_000}
     nvml_picture.write([gpu(0, **sensors), gpu(1, used=5 * GIB)],
                        [FakeProc(gpu=1, pid=outsider, used=5 * GIB)])  # fmt: skip
     daemon("")
-    g = gate("view")
+    g = gates("view")
     job = queue(ts, "-G", "1", *g.hold())
     wait_state(ts, job, "running")
     text = ts("-g").stdout
