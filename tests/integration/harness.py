@@ -168,3 +168,18 @@ class Gate:
 
     def open(self) -> None:
         self.path.touch()
+
+
+def start_daemon_with_config(env: Env, config: str) -> int:
+    """A personal daemon with this config file text (the first `ts` call would start one
+    without a config); returns its pid once it answers."""
+    cfg = env.root / "tsd.yaml"
+    cfg.write_text(config)
+    proc = subprocess.Popen(
+        [TSD, "--user", "--config", str(cfg), "--socket", str(env.socket)],
+        env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
+    )
+    wait_until(lambda: env.socket.exists() and env.daemon_pid() == proc.pid,
+               what="the daemon to listen")
+    return proc.pid

@@ -12,20 +12,19 @@ import getpass
 import json
 import os
 import re
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, FakeProc, PictureFile, simple_gpus, uuid_for
 from integration.harness import (
-    TSD,
     Env,
     Gate,
     Runner,
     info,
     one_line_error,
     queue,
+    start_daemon_with_config,
     state,
     wait_reason,
     wait_state,
@@ -49,16 +48,8 @@ def daemon(tsd_env: Env, nvml_picture: PictureFile) -> Callable[[str], None]:
     """Start the personal daemon with this config (YAML) on the stand-in's GPUs."""
 
     def start(extra: str = "") -> None:
-        config = tsd_env.root / "tsd.yaml"
-        config.write_text(f"slots: 8\ngpus: {{poll_seconds: {POLL}}}\n{extra}")
         tsd_env.update(nvml_picture.env())
-        subprocess.Popen(
-            [TSD, "--user", "--config", str(config), "--socket", str(tsd_env.socket)],
-            env=dict(tsd_env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
-        )
-        wait_until(lambda: tsd_env.daemon_pid() is not None and tsd_env.socket.exists(),
-                   what="the daemon to listen")  # fmt: skip
+        start_daemon_with_config(tsd_env, f"slots: 8\ngpus: {{poll_seconds: {POLL}}}\n{extra}")
 
     return start
 

@@ -4,7 +4,6 @@ reporting each GPU's utilisation, the real `ts`. Durations are seconds, not minu
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,23 +11,17 @@ from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, PictureFile, uuid_for
-from integration.harness import TSD, Env, Runner, queue, wait_state, wait_until
+from integration.harness import (
+    Env,
+    Runner,
+    queue,
+    start_daemon_with_config,
+    wait_state,
+    wait_until,
+)
 
 AFTER = 2.0  # gpu.idle_after
 GRACE = 2.0  # gpu.idle_grace
-
-
-def start_daemon(env: Env, config: str) -> None:
-    """A personal daemon with this config (the first `ts` call would start one without)."""
-    cfg = env.root / "tsd.yaml"
-    cfg.write_text(config)
-    proc = subprocess.Popen(
-        [TSD, "--user", "--config", str(cfg), "--socket", str(env.socket)],
-        env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    wait_until(lambda: env.socket.exists() and env.daemon_pid() == proc.pid,
-               what="the daemon to listen")
 
 
 def config(env: Env, action: str) -> str:
@@ -83,7 +76,7 @@ def test_an_idle_job_is_flagged_and_its_user_notified_once_and_a_busy_one_never(
     two_gpus: Env, ts: Runner
 ) -> None:
     env = two_gpus
-    start_daemon(env, config(env, "none"))
+    start_daemon_with_config(env, config(env, "none"))
     gate = env.tmp / "gate"
     idle = queue(ts, "-g", "0", *held(gate))
     busy = queue(ts, "-g", "1", *held(gate))
@@ -119,7 +112,7 @@ def test_idle_action_kill_ends_the_job_as_killed_with_the_reason(
     two_gpus: Env, ts: Runner
 ) -> None:
     env = two_gpus
-    start_daemon(env, config(env, "kill"))
+    start_daemon_with_config(env, config(env, "kill"))
     gate = env.tmp / "gate"
     idle = queue(ts, "-g", "0", *held(gate))
     busy = queue(ts, "-g", "1", *held(gate))
@@ -138,7 +131,7 @@ def test_idle_action_requeue_runs_the_job_again_before_its_owners_other_queued_j
     two_gpus: Env, ts: Runner
 ) -> None:
     env = two_gpus
-    start_daemon(env, config(env, "requeue"))
+    start_daemon_with_config(env, config(env, "requeue"))
     gate, runs = env.tmp / "gate", env.tmp / "runs"
     idle = queue(ts, "-g", "0", *held(gate, runs))
     wait_state(ts, idle, "running")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,15 @@ from typing import Any
 
 import pytest
 from fixtures.nvml.picture import GIB, FakeGpu, PictureFile, uuid_for
-from integration.harness import TSD, Env, Runner, alive, queue, wait_state, wait_until
+from integration.harness import (
+    Env,
+    Runner,
+    alive,
+    queue,
+    start_daemon_with_config,
+    wait_state,
+    wait_until,
+)
 
 parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client not installed")
 
@@ -29,21 +36,6 @@ def read_samples(path: Path) -> Samples:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def start_daemon(env: Env, config: str) -> int:
-    """A personal daemon with this config file text (the first `ts` call would start one
-    without a config); returns its pid once it answers."""
-    cfg = env.root / "tsd.yaml"
-    cfg.write_text(config)
-    proc = subprocess.Popen(
-        [TSD, "--user", "--config", str(cfg), "--socket", str(env.socket)],
-        env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    wait_until(lambda: env.socket.exists() and env.daemon_pid() == proc.pid,
-               what="the daemon to listen")
-    return proc.pid
 
 
 def stop(ts: Runner, pid: int) -> None:
@@ -77,7 +69,7 @@ def test_textfile_matches_the_daemons_state_and_counters_survive_clear_and_resta
 ) -> None:
     env, prom = metrics_env
     me = env.get("USER") or os.environ.get("USER") or ""
-    pid = start_daemon(env, f"slots: 2\nmetrics:\n  textfile: {prom}\n")
+    pid = start_daemon_with_config(env, f"slots: 2\nmetrics:\n  textfile: {prom}\n")
     # Once at start, without any job.
     wait_until(prom.exists, timeout=WRITE_EVERY, what="the textfile at start")
     first = read_samples(prom)
@@ -146,7 +138,7 @@ def test_textfile_matches_the_daemons_state_and_counters_survive_clear_and_resta
 
     stop(ts, pid)
     prom.unlink()
-    start_daemon(env, f"slots: 2\nmetrics:\n  textfile: {prom}\n")
+    start_daemon_with_config(env, f"slots: 2\nmetrics:\n  textfile: {prom}\n")
     wait_until(prom.exists, timeout=WRITE_EVERY, what="the textfile after a restart")
     after = read_samples(prom)
     # From state.db alone now: exactly the runs, times their slots and GPUs.
@@ -162,7 +154,7 @@ def test_a_textfile_that_cannot_be_written_is_one_log_line_and_the_daemon_serves
     env, _ = metrics_env
     blocker = env.root / "not-a-dir"
     blocker.write_text("a file where the directory should be\n")
-    start_daemon(env, f"metrics:\n  textfile: {blocker}/tsd.prom\n")
+    start_daemon_with_config(env, f"metrics:\n  textfile: {blocker}/tsd.prom\n")
     job = queue(ts, "echo", "still serving")
     ts("-w", str(job))
     time.sleep(2 * WRITE_EVERY + 0.5)  # at least two more rounds that fail the same way
@@ -177,7 +169,7 @@ def test_a_personal_daemon_without_metrics_in_its_config_writes_no_textfile(
     metrics_env: tuple[Env, Path], ts: Runner,
 ) -> None:
     env, prom = metrics_env
-    start_daemon(env, "slots: 1\n")
+    start_daemon_with_config(env, "slots: 1\n")
     ts("-w", str(queue(ts, "true")))
     time.sleep(1)
     assert not prom.parent.exists()
