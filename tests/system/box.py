@@ -128,6 +128,15 @@ case {src} in
         mount --bind {src} "$R"{src}
         mount -o remount,bind,ro "$R"{src};;
 esac
+# A tsd installed on this machine (packaging/install.sh, the README's first
+# command) is no part of a box: each box starts as a machine without tsd, so
+# the project's own uninstall takes it out of the box's overlay (not the host).
+if [ -e $R/opt/tsd ] || [ -e $R/usr/local/lib/systemd/system/tsd.service ] || [ -e $R/etc/tsd ]
+then
+    chroot $R /bin/bash /src/packaging/uninstall.sh --purge >/dev/null
+    # uninstall keeps group tsd (files may belong to it); a machine without tsd has none.
+    if chroot $R getent group tsd >/dev/null; then chroot $R groupdel tsd; fi
+fi
 mkdir -p $R/etc/systemd/system
 for u in {masked}; do
     rm -f "$R/etc/systemd/system/$u"
