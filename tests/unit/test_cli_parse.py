@@ -956,3 +956,10 @@ def test_completion_offers_options_and_formats() -> None:
     assert "plain,--get_label" in complete("ts --get", 1)
     assert complete("ts -M ", 2) == ["plain,default", "plain,json", "plain,tab"]
     assert complete("ts -L x py", 3) == ["file,py"]
+
+
+def test_an_unknown_option_holding_a_newline_is_still_one_line() -> None:
+    # Found by the property above: `ts -$'\n'` once printed a two-line error.
+    for argv in (["-\n"], ["--x\ny"], ["-N", "2", "-\x1b"]):
+        message = usage_error(*argv)
+        assert "\n" not in message and "\x1b" not in message and "unknown option" in message
