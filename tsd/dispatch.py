@@ -156,8 +156,8 @@ class Dispatcher:
             free, problem, pool, rooms, outside = (), "", None, None, ()
         holding = table.holding()
         keys: dict[int, float] = {}
+        waiting = frozenset(uid for uid, n in table.pending_count.items() if n > 0)
         if self.fair is not None:
-            waiting = [uid for uid, n in table.pending_count.items() if n > 0]
             keys = self.fair.keys(holding, waiting, self.policy.share)
         res = Resources(
             total_slots=self.policy.total_slots(),
@@ -172,6 +172,7 @@ class Dispatcher:
             fair_floor=min(keys.values(), default=0.0),
             now=self._clock(),
             reserved_hint=self.reserved,
+            pending_users=waiting,
         )
         decision = decide(table.queue(), holding, table.dep_outcome, res)
         if decision.reserved is not None or not decision.unvisited_reason:

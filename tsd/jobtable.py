@@ -24,7 +24,7 @@ decide, the table records. Hooks (`JobEvents`) tell waiters what happened.
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import replace
@@ -72,6 +72,8 @@ class JobTable(QueueOrder):
         self.last_added: dict[int, int] = {}
         self.last_run: dict[int, int] = {}
         self.pending_count: dict[int, int] = defaultdict(int)
+        # Per user: how many of their pending jobs have each --priority (tsd.queueorder).
+        self.pending_prios: dict[int, Counter[int]] = defaultdict(Counter)
         self.pending_gpu_jobs = 0
         self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)
         self.stored_bytes: dict[int, int] = defaultdict(int)  # per user: JobSpec.stored_bytes
@@ -82,26 +84,38 @@ class JobTable(QueueOrder):
     def load(self) -> list[Job]:
         """Fill the table from the store; return the jobs recorded as running."""
         ended_transparent = []
+        jobs = self.jobs
+        running: list[Job] = []
+        done: list[Job] = []
+        low = high = None
         for job in self.store.load_all():
             if job.spec.forget and job.state.done:
                 ended_transparent.append(job.id)  # a crash came between its end and its drop
                 continue
-            self.jobs[job.id] = job
+            jobs[job.id] = job
             self.stored_bytes[job.uid] += job.spec.stored_bytes
-            if job.state.pending:
+            state = job.state
+            if state.pending:
                 self._index_pending(job)
-            self.last_added[job.uid] = max(self.last_added.get(job.uid, 0), job.id)
+            elif state.done:
+                done.append(job)
+            elif state is JobState.RUNNING:
+                running.append(job)
+            if job.id > self.last_added.get(job.uid, 0):  # rows come in id order
+                self.last_added[job.uid] = job.id
             if job.start_time is not None:
                 self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+            if low is None or job.order < low:
+                low = job.order
+            if high is None or job.order > high:
+                high = job.order
         if ended_transparent:
             self.store.delete(ended_transparent)
-        self._sort_pending()
-        if self.jobs:
-            orders = [j.order for j in self.jobs.values()]
-            self._orders = (min(orders), max(orders))
-        for job in sorted(self._done(), key=_end_key):
+        if low is not None and high is not None:
+            self._orders = (low, high)
+        done.sort(key=_end_key)
+        for job in done:
             self.finished_by_user[job.uid].append(job.id)
-        running = [j for j in self.jobs.values() if j.state is JobState.RUNNING]
         for job in running:
             self.running[job.id] = job
         return running
@@ -212,6 +226,8 @@ class JobTable(QueueOrder):
                 continue
             if job.state is JobState.HELD:
                 state = JobState.HELD  # only ts --release ends a hold
+            if job.state is state and job.wait_reason == reason:
+                continue  # the same verdict as last time: no new record
             updated = replace(job, state=state, wait_reason=reason)
             if updated.state is not job.state:
                 changed.append(updated)
@@ -403,16 +419,24 @@ class JobTable(QueueOrder):
         return (j for j in self.jobs.values() if j.state.done)
 
     def _index_pending(self, job: Job) -> None:
-        self.pending.append(job.id)
+        self._place_pending(job)
         self.pending_count[job.uid] += 1
+        prios = self.pending_prios[job.uid]
+        prios[job.spec.priority] += 1
         if job.spec.gpus_wanted:
             self.pending_gpu_jobs += 1
         for dep in job.spec.depends:
             self.dependents.setdefault(dep, set()).add(job.id)
 
     def _unindex_pending(self, job: Job) -> None:
-        self.pending.remove(job.id)
+        self._unplace_pending(job)
         self.pending_count[job.uid] -= 1
+        prios = self.pending_prios[job.uid]
+        prios[job.spec.priority] -= 1
+        if prios[job.spec.priority] <= 0:
+            del prios[job.spec.priority]
+            if not prios:
+                del self.pending_prios[job.uid]
         if job.spec.gpus_wanted:
             self.pending_gpu_jobs -= 1
         for dep in job.spec.depends:

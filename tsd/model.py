@@ -2,7 +2,9 @@
 
 Everything here is a frozen dataclass or an enum: the core passes these values
 around and the adapters (store, server, launcher) turn them into rows, frames
-and processes. Nothing in this module does I/O.
+and processes. Nothing in this module does I/O. The records the daemon keeps one
+of per job (`Job`, `JobSpec`, `ExitInfo`) have slots: 100,000 queued jobs are
+100,000 of each in memory, and slots take about a third less than a __dict__.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class DependMode(enum.StrEnum):
 HIDDEN = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """What a client asks to run. Validated by the protocol layer before it gets here."""
 
@@ -101,10 +103,13 @@ class JobSpec:
         """
         texts = [*self.command, *(t for kv in self.env for t in kv), self.cwd]
         texts += [t for t in (self.label, self.env_info, self.output_name) if t]
-        return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        # One string: ASCII text (most) is as many bytes as characters, and the daemon
+        # counts every job this way at start.
+        text = "".join(texts)
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExitInfo:
     """How a finished job ended. Exactly one of code/signal is set unless it was lost."""
 
@@ -148,7 +153,7 @@ class ExitInfo:
         return f"exit {self.code}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One job as the daemon knows it: the spec plus everything that happened to it."""
 

@@ -9,6 +9,8 @@ keep a job's place. Every change is written to the store before it is visible.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Protocol
@@ -48,7 +50,8 @@ class QueueOrder:
 
     store: JobStore
     jobs: dict[int, Job]
-    pending: list[int]  # ids of pending jobs, in queue order
+    pending: list[int]  # ids of pending jobs, in queue order: by (order key, id)
+    pending_prios: dict[int, Counter[int]]  # uid -> {--priority: pending jobs with it}
     _orders: tuple[int, int]  # lowest and highest queue order keys handed out
 
     def queue(self) -> Iterator[Job]:
@@ -58,14 +61,18 @@ class QueueOrder:
     def place(self, uid: int, priority: int, count: int) -> tuple[list[int], dict[int, int]]:
         """Keys for `count` new jobs of `priority` of user `uid`, and the changed keys of
         the user's queued jobs that make room (tsd.eligibility.priority_keys)."""
+        next_key = self._orders[1] + 1
+        prios = self.pending_prios.get(uid)
+        if not prios or min(prios) >= priority:
+            # Behind all the user's queued jobs: at the end of the queue, nobody moves
+            # (what priority_keys gives then, without reading the queue).
+            return list(range(next_key, next_key + count)), {}
         own = [(j.id, j.order, j.spec.priority) for j in self.queue() if j.uid == uid]
-        return priority_keys(own, priority, count, self._orders[1] + 1)
+        return priority_keys(own, priority, count, next_key)
 
     def reorder(self, moved: Mapping[int, int]) -> None:
         """Apply stored key changes (job id -> key) in memory."""
-        for job_id, key in moved.items():
-            self.jobs[job_id] = replace(self.jobs[job_id], order=key)
-        self._sort_pending()
+        self._rekey({i: replace(self.jobs[i], order=key) for i, key in moved.items()})
 
     def set_held(self, job: Job, held: bool) -> Job:
         """ts --hold (held) / ts --release: a queued job is held or queued, at its place."""
@@ -89,9 +96,7 @@ class QueueOrder:
         moved = [replace(job, order=keys[0])]
         moved += [replace(j, order=k) for j, k in zip(ahead[:-1], keys[1:], strict=True)]
         self.store.save(*moved)
-        for j in moved:
-            self.jobs[j.id] = j
-        self._sort_pending()
+        self._rekey({j.id: j for j in moved})
         return moved[0]
 
     def swap(self, a: Job, b: Job) -> None:
@@ -103,9 +108,45 @@ class QueueOrder:
             )
         a, b = replace(a, order=b.order), replace(b, order=a.order)
         self.store.save(a, b)
-        self.jobs[a.id], self.jobs[b.id] = a, b
-        ia, ib = self.pending.index(a.id), self.pending.index(b.id)
-        self.pending[ia], self.pending[ib] = b.id, a.id
+        self._rekey({a.id: a, b.id: b})
+
+    # -- the `pending` list, kept sorted by (order key, id): a job goes in or out by
+    # bisection, not by sorting or scanning the whole queue.
+
+    def _pending_key(self, job_id: int) -> tuple[int, int]:
+        return (self.jobs[job_id].order, job_id)
+
+    def _place_pending(self, job: Job) -> None:
+        """Put a pending job (already in `jobs`) at its place in `pending`."""
+        pending, key = self.pending, (job.order, job.id)
+        if not pending or self._pending_key(pending[-1]) < key:
+            pending.append(job.id)  # a new job: last
+        else:
+            pending.insert(bisect_left(pending, key, key=self._pending_key), job.id)
+
+    def _unplace_pending(self, job: Job) -> None:
+        """Take a job out of `pending` (its key as `jobs` holds it while it is listed)."""
+        pending = self.pending
+        at = bisect_left(pending, self._pending_key(job.id), key=self._pending_key)
+        if at < len(pending) and pending[at] == job.id:
+            del pending[at]
+        else:
+            pending.remove(job.id)
+
+    def _rekey(self, changed: Mapping[int, Job]) -> None:
+        """Records with new order keys replace theirs, moving in `pending` as needed."""
+        queued = [i for i in changed if i in self.jobs and self._is_pending(i)]
+        for job_id in queued:
+            self._unplace_pending(self.jobs[job_id])
+        for job_id, job in changed.items():
+            self.jobs[job_id] = job
+        for job_id in queued:
+            self._place_pending(changed[job_id])
+
+    def _is_pending(self, job_id: int) -> bool:
+        pending = self.pending
+        at = bisect_left(pending, self._pending_key(job_id), key=self._pending_key)
+        return at < len(pending) and pending[at] == job_id
 
     def _sort_pending(self) -> None:
-        self.pending.sort(key=lambda i: self.jobs[i].order)
+        """`pending` is kept in order as jobs come and go: nothing left to sort."""

@@ -40,8 +40,10 @@ The rules, which are the product's semantics:
 
 Cost: a decision reads the queue lazily and stops as soon as no server slot is
 left, so on a full server it costs in proportion to the jobs it starts, not to
-the queue. While slots are free it may read the whole queue, because a user
-whose only job is last in the queue may be the one that should start.
+the queue. While slots are free it reads on until no user it has not read a
+startable job of could go first (`Resources.pending_users`: a user whose only
+job is last in the queue may be the one that should start), or, without that
+set, to the end of the queue.
 """
 
 from __future__ import annotations
@@ -157,6 +159,10 @@ class Resources:
     fair_floor: float = 0.0
     # The previous decision's `reserved`: a big job keeps its reservation (tsd.backfill).
     reserved_hint: int | None = None
+    # The uids with a job in the queue, when the caller knows them: once each has been
+    # read far enough, the decision starts jobs without reading the rest (see `run`).
+    # None: the queue is read as far as free slots allow.
+    pending_users: frozenset[int] | None = field(default=None, hash=False)
 
 
 def job_slots(spec: JobSpec) -> int:
@@ -658,6 +664,29 @@ class _Decider:
                 self.room[index] = (left - mem, free - mem)
                 self.shared[index] = self.shared.get(index, 0) + mem
 
+    def unrivalled(self, best: _User) -> bool:
+        """Whether no job not read yet could start before `best`'s candidate.
+
+        A job not read yet comes after every job read (the queue is read in order),
+        so it goes first only as its user's first startable job with a smaller
+        (fair key, running slots) than `best`'s; a user who has a candidate (their
+        later jobs wait behind it) or a job holding them back has none. Unknown
+        users (`Resources.pending_users` None): every unread job may.
+        """
+        uids = self.res.pending_users
+        if uids is None:
+            return False
+        key = (best.fair, best.slots)
+        for uid in uids:
+            user = self.users.get(uid)
+            if user is None:
+                fair = self.fair_key(uid) if self.fair_key is not None else 0.0
+                if (fair, self.run_slots.get(uid, 0)) < key:
+                    return False
+            elif user.cand is None and user.blocker is None and (user.fair, user.slots) < key:
+                return False
+        return True
+
     # -- the whole decision
 
     def full_reason(self) -> str:
@@ -675,9 +704,12 @@ class _Decider:
             if self.gen != seen_gen:  # else the same user is still the best
                 user = self.best()
                 seen_gen = self.gen
-            # The least possible fair key and no running slot: no job not read yet can
-            # beat it (it would lose on order) nor hold it back (it comes later).
-            early = user is not None and user.slots == 0 and user.fair <= self.res.fair_floor
+            # The least possible fair key and no running slot, or no user whose jobs are
+            # not all read could come first: no job not read yet can beat it (it would
+            # lose on order) nor hold it back (it comes later).
+            early = user is not None and (
+                (user.slots == 0 and user.fair <= self.res.fair_floor) or self.unrivalled(user)
+            )
             if user is not None and (early or read_all):
                 self.start(user)
                 continue

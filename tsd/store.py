@@ -16,10 +16,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from tsd.codec import exit_from_dict, exit_to_dict, spec_from_dict, spec_to_dict
+from tsd.codec import exit_to_dict, spec_to_dict
 from tsd.errors import StorageFull
+from tsd.jobrows import RowDecoder
 from tsd.model import Job, JobSpec, JobState
 
 SCHEMA_VERSION = 1
@@ -392,16 +392,23 @@ class Store:
 
     def load_all(self) -> list[Job]:
         """Every job, without environments, in id order (StoreError when unreadable)."""
+        decoder = RowDecoder()
+        jobs: list[Job] = []
         try:
-            rows = self.db.execute(
+            slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
+            cur = self.db.execute(
                 "SELECT id, uid, user, spec, state, ord, enqueue, start, end_, exit, pid,"
                 " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit, attempts"
                 " FROM jobs ORDER BY id"
-            ).fetchall()
-            slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
+            )
+            # In batches, not all rows at once: the rows' texts are garbage once decoded,
+            # and 100,000 of them at a time would stay in the daemon's memory for good.
+            while rows := cur.fetchmany(1024):
+                jobs += map(decoder.job, rows)
         except sqlite3.DatabaseError as exc:
             raise unusable(self.path, exc) from None
-        jobs = [_row_to_job(r) for r in rows]
+        if not slurm:
+            return jobs
         return [replace(j, slurm_id=int(slurm[j.id])) if j.id in slurm else j for j in jobs]
 
     def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None:
@@ -468,31 +475,6 @@ class Store:
 
 def _without_env(spec: JobSpec) -> JobSpec:
     return replace(spec, env=())
-
-
-def _row_to_job(r: tuple[Any, ...]) -> Job:
-    spec_obj = json.loads(r[3])
-    ex = json.loads(r[9]) if r[9] else None
-    return Job(
-        id=int(r[0]),
-        uid=int(r[1]),
-        user=str(r[2]),
-        spec=spec_from_dict(spec_obj),
-        state=JobState(r[4]),
-        order=int(r[5]),
-        enqueue_time=float(r[6]),
-        start_time=r[7],
-        end_time=r[8],
-        exit=None if ex is None else exit_from_dict(ex),
-        pid=r[10],
-        supervisor_pid=r[11],
-        supervisor_start=r[12],
-        gpu_ids=tuple(json.loads(r[13])),
-        gpu_uuids=tuple(json.loads(r[14])),
-        output_path=r[15],
-        unit=r[16],
-        attempts=int(r[17] or 0),
-    )
 
 
 # Columns added after the first release: (name, declaration). A database made by an

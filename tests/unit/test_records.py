@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 from pathlib import Path
 
 from tsd import codec, exitreport, protocol
@@ -29,7 +30,7 @@ def test_a_job_survives_the_wire_and_the_store_unchanged(tmp_path: Path) -> None
     assert protocol.job_from_wire(json.loads(json.dumps(codec.job_to_dict(job)))) == job
     store = Store(tmp_path / "state.db", durable=False)
     added = store.add_job(job.uid, job.user, job.spec, job.order, job.enqueue_time)
-    saved = Job(**{**job.__dict__, "id": added.id})
+    saved = replace(job, id=added.id)
     store.save(saved)
     assert store.load_all() == [saved]
     store.close()
@@ -37,7 +38,7 @@ def test_a_job_survives_the_wire_and_the_store_unchanged(tmp_path: Path) -> None
 
 def test_exit_info_encodes_in_field_order_as_before() -> None:
     ex = ExitInfo(code=1, signal=None, timed_out=True, lost=False, cpu_seconds=None)
-    assert list(codec.exit_to_dict(ex)) == list(ex.__dict__)
+    assert list(codec.exit_to_dict(ex)) == [f.name for f in fields(ex)]
     assert codec.exit_from_dict(codec.exit_to_dict(ex)) == ex
 
 

@@ -9,6 +9,7 @@ scratch before each pick) that reads the whole queue every time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -433,6 +434,29 @@ def test_server_that_fills_up_stops_reading_the_queue() -> None:
     assert d.unvisited_reason == "waiting for a free slot (4 of 4 in use)"
 
 
+def test_known_users_let_a_decision_stop_reading_once_no_later_user_could_go_first() -> None:
+    # Every user already runs one slot and has a job among the first ten: no job
+    # further down can go before theirs, so the two free slots go without reading on.
+    active = [running(-u, 1000 + u) for u in range(10)]
+    queue = Counting(big_queue(100_000))
+    full = decide(big_queue(100_000), active, outcomes(), res(12))
+    known = replace(res(12), pending_users=frozenset(1000 + u for u in range(10)))
+    d = decide(queue, active, outcomes(), known)
+    assert started(d) == started(full) == [1, 2]
+    assert queue.pulled <= 10
+    assert d.unvisited_reason == "waiting for a free slot (12 of 12 in use)"
+
+
+def test_a_user_not_read_yet_with_less_running_is_still_looked_for() -> None:
+    # User 2000's only job is last; it runs nothing while the others run one slot each.
+    active = [running(-u, 1000 + u) for u in range(10)]
+    queue = Counting([*big_queue(1_000), job(5000, 2000)])
+    known = replace(res(11), pending_users=frozenset([*range(1000, 1010), 2000]))
+    d = decide(queue, active, outcomes(), known)
+    assert started(d) == [5000]
+    assert queue.pulled == 1_001
+
+
 def test_queue_is_read_to_the_end_only_while_slots_are_free() -> None:
     # Every user already runs something, so a user further down could have fewer.
     active = [running(-u, 1000 + u) for u in range(10)]
@@ -542,7 +566,9 @@ class Scenario:
         fair: dict[int, float] | None = None,
         now: float = 0.0,
         hint: int | None = None,
+        users_known: bool = False,
     ) -> None:
+        self.pending_users = frozenset(j.uid for j in pending) if users_known else None
         self.fair = fair or {}
         self.now = now
         self.hint = hint
@@ -568,7 +594,8 @@ class Scenario:
             f" active=[{', '.join(map(brief, self.active))}], total_slots={self.total_slots},"
             f" limits={self.limits}, free_gpus={self.free_gpus}, visible={self.visible},"
             f" outcome={ {k: v.value for k, v in self.outcome.items()} },"
-            f" fair={self.fair}, now={self.now}, hint={self.hint})"
+            f" fair={self.fair}, now={self.now}, hint={self.hint},"
+            f" users_known={self.pending_users is not None})"
         )
 
     def resources(self) -> Resources:
@@ -583,6 +610,7 @@ class Scenario:
             fair_floor=min(self.fair.values(), default=0.0),
             now=self.now,
             reserved_hint=self.hint,
+            pending_users=self.pending_users,
         )
 
     def dep(self, job_id: int) -> DepOutcome:
@@ -672,6 +700,8 @@ def scenarios(draw: st.DrawFn, max_jobs: int = 25) -> Scenario:
         fair={uid: float(draw(st.sampled_from([0, 0, 1, 2]))) for uid in uids},
         now=100.0,
         hint=draw(st.none() | st.sampled_from([j.id for j in pending] or [0])),
+        # The dispatcher passes the queue's users: the decision may then read less of it.
+        users_known=draw(st.booleans()),
     )
 
 
