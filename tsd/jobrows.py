@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -40,7 +40,9 @@ class RowDecoder:
     """Decodes the rows of one load (the caches live as long as the decoder)."""
 
     def __init__(self) -> None:
-        self._scan = json.JSONDecoder().raw_decode
+        # The C scanner itself (raw_decode wraps it in a Python frame per call).
+        scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+        self._scan = scan
         self._rest: dict[str, dict[str, Any]] = {}
         self._uids: dict[int, int] = {}
         self._enqueue: float | None = None
@@ -50,7 +52,7 @@ class RowDecoder:
         if text.startswith(_HEAD):
             try:
                 command, end = self._scan(text, len(_HEAD))
-            except ValueError:
+            except (StopIteration, ValueError):
                 command = None
             if isinstance(command, list):
                 rest = self._rest.get(text[end:]) or self._rest_fields(text[end:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from unit.daemon_fakes import Events, FakeStore, spec
 
+from tsd.eligibility import priority_keys
 from tsd.errors import NoSuchJob, NotOwner
 from tsd.jobtable import JobTable
 from tsd.model import DependMode, ExitInfo, Job, JobState, Peer
@@ -270,3 +271,32 @@ def test_a_launched_job_started_when_its_launch_was_decided_not_when_its_scope_c
     table.begin_run(job, (), ())
     monkeypatch.setattr("tsd.jobtable.time.time", lambda: 105.0)
     assert table.launched(job.id, 4242, 1, None).start_time == 100.0
+
+
+def test_queue_stays_in_order_through_priorities_moves_swaps_starts_and_requeues() -> None:
+    # The queue is kept sorted as jobs come and go (never re-sorted nor scanned): after
+    # any mix of edits it is the pending jobs by order key, and a user's new job's keys
+    # are what the full rule (tsd.eligibility.priority_keys) gives.
+    table, _, _ = make()
+    for i in range(12):
+        table.add(1000 + i % 3, "u", spec(priority=(i * 7) % 4 - 1))
+    ids = list(table.pending)
+    table.move_front(table.jobs[ids[7]])
+    table.swap(table.jobs[ids[1]], table.jobs[ids[4]])
+    first = run(table, table.jobs[table.pending[2]])
+    table.set_held(table.jobs[ids[5]], True)
+    table.add_many(1001, "u", [spec(priority=2)] * 2)
+    table.requeue(first.id)
+    table.remove(table.jobs[ids[9]])
+    table.add(1002, "u", spec(priority=-5))
+
+    def expected() -> list[int]:
+        pending = [j for j in table.jobs.values() if j.state.pending]
+        return [j.id for j in sorted(pending, key=lambda j: (j.order, j.id))]
+
+    assert table.pending == expected()
+    for uid in (1000, 1001, 1002):
+        own = [(j.id, j.order, j.spec.priority) for j in table.queue() if j.uid == uid]
+        for priority in (-9, 0, 1, 9):
+            next_key = table._orders[1] + 1
+            assert table.place(uid, priority, 2) == priority_keys(own, priority, 2, next_key)

@@ -60,3 +60,28 @@ def test_an_aborted_report_reads_as_aborted(tmp_path: Path) -> None:
     exitreport.write(str(tmp_path), 2, ExitReport(ExitInfo(), aborted=True))
     report = exitreport.read(tmp_path, 2)
     assert report is not None and report.aborted
+
+
+def test_specs_load_as_written_whatever_their_commands_and_options(tmp_path: Path) -> None:
+    # The loader decodes the text after a spec's command once per distinct text: specs
+    # that share it, specs that differ, commands that look like JSON of a spec, and a
+    # row written by an older tsd (keys missing, another order) all come back whole.
+    specs = [
+        JobSpec(command=("echo", str(i)), cwd="/tmp", env=()) for i in range(3)
+    ] + [
+        JobSpec(command=("x", '], "cwd": "/etc", "umask": 0}'), cwd="/srv", env=(), slots=2),
+        JobSpec(command=(), cwd="/tmp", env=(), label="ünï", gpus=1, depends=(1, 2)),
+        JobSpec(command=("a\\", '"', "\u2603"), cwd="/tmp", env=(), priority=-3, retry=2,
+                array_job=1, array_task=4, array_throttle=2, gpu_mem=512, begin=5.0),
+    ]
+    store = Store(tmp_path / "state.db", durable=False)
+    added = [store.add_job(1000, "alice", spec, i, 1.0) for i, spec in enumerate(specs)]
+    old = {"cwd": "/old", "command": ["true"], "umask": 18, "slots": 1, "gpus": 0,
+           "depends": [], "depend_mode": "after", "store_output": True, "gzip": False,
+           "stderr_apart": False, "mail": False}
+    store.db.execute("UPDATE jobs SET spec=? WHERE id=?", (json.dumps(old), added[0].id))
+    loaded = store.load_all()
+    store.close()
+    assert [j.spec for j in loaded[1:]] == [replace(s, env=()) for s in specs[1:]]
+    assert loaded[0].spec == JobSpec(command=("true",), cwd="/old", env=())
+    assert loaded[1].spec.cwd is loaded[2].spec.cwd  # one object for a repeated value
