@@ -214,7 +214,7 @@ def test_begin_starts_the_job_after_the_time_not_before(ts: Runner) -> None:
     assert "(begins at " in rows(ts)[job]
     assert ts("-w", str(job), check=False, timeout=20).returncode == 0
     rec = records(ts)[job]
-    assert rec["Start"] >= rec["Begin"] > rec["Enqueue"]
+    assert rec["Start"] >= rec["Begin"]
     # "+2s" counts from the client's clock reading, before the daemon's Enqueue stamp
     # (seconds apart on a loaded machine); the start follows the begin time promptly.
     assert rec["Start"] - rec["Begin"] < 4.0  # woken at the time, not by a poll
