@@ -418,34 +418,6 @@ class JobTable(QueueOrder):
     def _done(self) -> Iterator[Job]:
         return (j for j in self.jobs.values() if j.state.done)
 
-    def _index_pending(self, job: Job) -> None:
-        self._place_pending(job)
-        self.pending_count[job.uid] += 1
-        prios = self.pending_prios[job.uid]
-        prios[job.spec.priority] += 1
-        if job.spec.gpus_wanted:
-            self.pending_gpu_jobs += 1
-        for dep in job.spec.depends:
-            self.dependents.setdefault(dep, set()).add(job.id)
-
-    def _unindex_pending(self, job: Job) -> None:
-        self._unplace_pending(job)
-        self.pending_count[job.uid] -= 1
-        prios = self.pending_prios[job.uid]
-        prios[job.spec.priority] -= 1
-        if prios[job.spec.priority] <= 0:
-            del prios[job.spec.priority]
-            if not prios:
-                del self.pending_prios[job.uid]
-        if job.spec.gpus_wanted:
-            self.pending_gpu_jobs -= 1
-        for dep in job.spec.depends:
-            waiting = self.dependents.get(dep)
-            if waiting is not None:
-                waiting.discard(job.id)
-                if not waiting:
-                    del self.dependents[dep]
-
     def _save_end(self, job: Job, ran: Job | None = None) -> None:
         """An end (or `ran`'s, `job` queued again) with its usage, via the ledger if any."""
         if self._save_end_hook is not None:

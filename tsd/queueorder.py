@@ -52,6 +52,9 @@ class QueueOrder:
     jobs: dict[int, Job]
     pending: list[int]  # ids of pending jobs, in queue order: by (order key, id)
     pending_prios: dict[int, Counter[int]]  # uid -> {--priority: pending jobs with it}
+    pending_count: dict[int, int]
+    pending_gpu_jobs: int
+    dependents: dict[int, set[int]]
     _orders: tuple[int, int]  # lowest and highest queue order keys handed out
 
     def queue(self) -> Iterator[Job]:
@@ -109,6 +112,36 @@ class QueueOrder:
         a, b = replace(a, order=b.order), replace(b, order=a.order)
         self.store.save(a, b)
         self._rekey({a.id: a, b.id: b})
+
+    def _index_pending(self, job: Job) -> None:
+        """A job joins the queue: its place, its user's counts, its dependencies."""
+        self._place_pending(job)
+        self.pending_count[job.uid] += 1
+        prios = self.pending_prios[job.uid]
+        prios[job.spec.priority] += 1
+        if job.spec.gpus_wanted:
+            self.pending_gpu_jobs += 1
+        for dep in job.spec.depends:
+            self.dependents.setdefault(dep, set()).add(job.id)
+
+    def _unindex_pending(self, job: Job) -> None:
+        """A job leaves the queue (it starts, ends or goes)."""
+        self._unplace_pending(job)
+        self.pending_count[job.uid] -= 1
+        prios = self.pending_prios[job.uid]
+        prios[job.spec.priority] -= 1
+        if prios[job.spec.priority] <= 0:
+            del prios[job.spec.priority]
+            if not prios:
+                del self.pending_prios[job.uid]
+        if job.spec.gpus_wanted:
+            self.pending_gpu_jobs -= 1
+        for dep in job.spec.depends:
+            waiting = self.dependents.get(dep)
+            if waiting is not None:
+                waiting.discard(job.id)
+                if not waiting:
+                    del self.dependents[dep]
 
     # -- the `pending` list, kept sorted by (order key, id): a job goes in or out by
     # bisection, not by sorting or scanning the whole queue.

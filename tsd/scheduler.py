@@ -59,6 +59,7 @@ from types import MappingProxyType
 from tsd import backfill as bf
 from tsd.eligibility import ArrayCounts, apart_reason, begins_later
 from tsd.errors import NeverFits
+from tsd.gpumem import GpuRoom, fitting, shared_room
 from tsd.model import DependMode, Job, JobSpec, UserLimits
 
 __all__ = [
@@ -99,15 +100,6 @@ def _no_reasons() -> Mapping[int, str]:
 
 def _no_counts() -> Mapping[int, int]:
     return MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class GpuRoom:
-    """One GPU's memory as --gpu-mem placement sees it, in MiB."""
-
-    total: int
-    free: int  # what NVML shows free now
-    outside: int = 0  # used by processes outside tsd: counts as declared by them
 
 
 @dataclass(frozen=True)
@@ -346,7 +338,10 @@ class _Decider:
             held.update(job.gpu_ids)
         for uid, gpus in res.outside_gpus.items():
             self.run_gpus[uid] = self.run_gpus.get(uid, 0) + gpus
-        self.room = _shared_room(running, res)
+        self.room = (
+            {} if res.gpu_memory is None or res.free_gpus is None
+            else shared_room(running, res.gpu_memory, res.visible_gpus)
+        )
         # GPUs --gpu-mem jobs already share: the next one goes there first.
         self.shared: dict[int, int] = {}
         for job in running:
@@ -542,7 +537,7 @@ class _Decider:
             return f"user quota: {user.gpus} of {limit} GPUs in use (max_gpus)"
         visible = self.res.visible_gpus
         if spec.gpu_mem is not None:
-            return self.shared_problem(spec)
+            return _shared_problem(self, spec)
         if spec.gpu_indices is not None:
             if visible is not None:
                 why = _not_visible(spec.gpu_indices, visible)
@@ -559,32 +554,8 @@ class _Decider:
         return None
 
     def fitting(self, spec: JobSpec) -> list[int]:
-        """GPUs a --gpu-mem job fits on now, best first: already shared, then least room."""
-        need = spec.gpu_mem or 0
-        fits = [i for i, (left, free) in self.room.items() if left >= need and free >= need]
-        if spec.gpu_indices is not None:
-            return [i for i in spec.gpu_indices if i in fits]
-        shared = self.shared
-        return sorted(fits, key=lambda i: (i not in shared, self.room[i][0], i))
-
-    def shared_problem(self, spec: JobSpec) -> str | None:
-        """Why a --gpu-mem job cannot have its GPUs now, or None."""
-        if self.res.gpu_memory is None:
-            return "GPU information unavailable"
-        need = spec.gpu_mem or 0
-        fits = self.fitting(spec)
-        if spec.gpu_indices is not None:
-            short = [i for i in spec.gpu_indices if i not in fits]
-            if short:
-                which = "GPU" if len(short) == 1 else "GPUs"
-                return f"waiting for {_mib(need)} on {which} {_ids(short)}"
-            return None
-        if len(fits) < spec.gpus_wanted:
-            return (
-                f"waiting for {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} free"
-                f" ({len(fits)} ha{'s' if len(fits) == 1 else 've'} it)"
-            )
-        return None
+        """GPUs a --gpu-mem job fits on now, best first (tsd.gpumem.fitting)."""
+        return fitting(self.room, self.shared, spec)
 
     # -- picking between users
 
@@ -664,31 +635,6 @@ class _Decider:
                 self.room[index] = (left - mem, free - mem)
                 self.shared[index] = self.shared.get(index, 0) + mem
 
-    def unrivalled(self, best: _User) -> bool:
-        """Whether no job not read yet could start before `best`'s candidate.
-
-        A job not read yet comes after every job read (the queue is read in order),
-        so it goes first only as its user's first startable job with a smaller
-        (fair key, running slots) than `best`'s; a user who has a candidate (their
-        later jobs wait behind it) or a job holding them back has none. Unknown
-        users (`Resources.pending_users` None): every unread job may.
-        """
-        uids = self.res.pending_users
-        if uids is None:
-            return False
-        key = (best.fair, best.slots)
-        for uid in uids:
-            user = self.users.get(uid)
-            if user is None:
-                fair = self.fair_key(uid) if self.fair_key is not None else 0.0
-                if (fair, self.run_slots.get(uid, 0)) < key:
-                    return False
-            elif user.cand is None and user.blocker is None and (user.fair, user.slots) < key:
-                return False
-        return True
-
-    # -- the whole decision
-
     def full_reason(self) -> str:
         total = self.res.total_slots
         if total <= 0:
@@ -700,6 +646,10 @@ class _Decider:
         read_all = False
         seen_gen = -1
         user: _User | None = None
+        # A look for rivals costs a step per queued user: once per that many jobs read
+        # (stopping later than possible reads more, and decides the same).
+        reads = rivals_at = 0
+        users = len(self.res.pending_users or ())
         while self.free_slots > 0:
             if self.gen != seen_gen:  # else the same user is still the best
                 user = self.best()
@@ -707,9 +657,11 @@ class _Decider:
             # The least possible fair key and no running slot, or no user whose jobs are
             # not all read could come first: no job not read yet can beat it (it would
             # lose on order) nor hold it back (it comes later).
-            early = user is not None and (
-                (user.slots == 0 and user.fair <= self.res.fair_floor) or self.unrivalled(user)
-            )
+            early = user is not None and user.slots == 0 and user.fair <= self.res.fair_floor
+            if user is not None and not early and not read_all and reads >= rivals_at:
+                early = _unrivalled(self, user)
+                if not early:
+                    rivals_at = reads + users
             if user is not None and (early or read_all):
                 self.start(user)
                 continue
@@ -719,6 +671,7 @@ class _Decider:
             if job is None:
                 read_all = True
             else:
+                reads += 1
                 self.ingest(job)
         for user in self.users.values():
             self.head_blocks(user)  # classify allocating heads as of the final state
@@ -736,6 +689,47 @@ class _Decider:
             reserved=None if reserved is None else reserved.id,
             wake_at=self.wake_at,
         )
+
+
+def _shared_problem(d: _Decider, spec: JobSpec) -> str | None:
+    """Why a --gpu-mem job cannot have its GPUs now, or None."""
+    if d.res.gpu_memory is None:
+        return "GPU information unavailable"
+    need = spec.gpu_mem or 0
+    fits = d.fitting(spec)
+    if spec.gpu_indices is not None:
+        short = [i for i in spec.gpu_indices if i not in fits]
+        if short:
+            which = "GPU" if len(short) == 1 else "GPUs"
+            return f"waiting for {_mib(need)} on {which} {_ids(short)}"
+        return None
+    if len(fits) < spec.gpus_wanted:
+        return (
+            f"waiting for {_count(spec.gpus_wanted, 'GPU')} with {_mib(need)} free"
+            f" ({len(fits)} ha{'s' if len(fits) == 1 else 've'} it)"
+        )
+    return None
+
+
+def _unrivalled(d: _Decider, best: _User) -> bool:
+    """Whether no job not read yet could start before `best`'s candidate: it comes
+    after every job read, so only as the first startable job of a user with a smaller
+    (fair key, running slots) who has no candidate nor blocker yet."""
+    uids = d.res.pending_users
+    if uids is None:
+        return False
+    key = (best.fair, best.slots)
+    for uid in uids:
+        user = d.users.get(uid)
+        if user is None:
+            fair = d.fair_key(uid) if d.fair_key is not None else 0.0
+            if (fair, d.run_slots.get(uid, 0)) < key:
+                return False
+        elif user.cand is None and user.blocker is None and (user.fair, user.slots) < key:
+            return False
+    return True
+
+# -- the whole decision
 
 
 def _full_server_reasons(d: _Decider) -> None:
@@ -757,29 +751,6 @@ def _fair_hint(user: _User, waiting: Iterable[_User]) -> str:
         return ""
     first = min(ahead, key=lambda u: (u.fair, u.slots, u.uid))
     return f"; fair share: user {first.name} first"
-
-
-def _shared_room(running: Sequence[Job], res: Resources) -> dict[int, tuple[int, int]]:
-    """Per GPU a --gpu-mem job may go to: (MiB left under the declared sizes, MiB NVML free).
-
-    A GPU held by a job without --gpu-mem is left out: that job has it whole.
-    """
-    if res.gpu_memory is None or res.free_gpus is None:
-        return {}
-    declared: dict[int, int] = {}
-    whole: set[int] = set()
-    for job in running:
-        for index in job.gpu_ids:
-            if job.spec.gpu_mem is None:
-                whole.add(index)
-            else:
-                declared[index] = declared.get(index, 0) + job.spec.gpu_mem
-    pool = None if res.visible_gpus is None else set(res.visible_gpus)
-    return {
-        index: (room.total - room.outside - declared.get(index, 0), room.free)
-        for index, room in res.gpu_memory.items()
-        if index not in whole and (pool is None or index in pool)
-    }
 
 
 def decide(
