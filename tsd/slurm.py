@@ -38,9 +38,10 @@ from tsd.jobtable import JobTable
 from tsd.launch import OUTPUT_PREFIX
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.slurmcmd import Owner
-from tsd.slurmjson import SlurmJob, Snapshot
+from tsd.slurmjson import SlurmJob, Snapshot, by_ref
 from tsd.slurmmap import (
     COMMENT_PREFIX,
+    ArrayPart,
     CancelSkipped,
     Ended,
     Started,
@@ -51,6 +52,7 @@ from tsd.slurmmap import (
     check_spec,
     job_env,
     sbatch_args,
+    slurm_ref,
     verdict,
 )
 
@@ -79,10 +81,27 @@ class SlurmJobTable(JobTable):
 
 def record_forwarded(table: JobTable, job_id: int, slurm_id: int, output: str | None) -> Job:
     """A pending job is now Slurm job `slurm_id`, writing to `output`; durable first."""
-    job = replace(table.jobs[job_id], slurm_id=slurm_id, output_path=output)
-    table.store.set_slurm_id(job_id, slurm_id, output)
-    table.jobs[job_id] = job
-    return job
+    return record_forwarded_many(table, [(job_id, slurm_id, None, output)])[0]
+
+
+def record_forwarded_many(
+    table: JobTable, rows: Sequence[tuple[int, int, int | None, str | None]]
+) -> list[Job]:
+    """Pending jobs are now Slurm jobs (id, array task or None), writing to their
+    outputs; all durable in one commit before any is changed in memory."""
+    table.store.set_slurm_ids(rows)
+    jobs = []
+    for job_id, slurm_id, task, output in rows:
+        job = replace(table.jobs[job_id], slurm_id=slurm_id, slurm_task=task, output_path=output)
+        table.jobs[job_id] = job
+        jobs.append(job)
+    return jobs
+
+
+def ref_of(job: Job) -> str:
+    """How Slurm's commands name a forwarded job: "123", or "123_4" for an array's task."""
+    assert job.slurm_id is not None
+    return slurm_ref(job.slurm_id, job.slurm_task)
 
 
 class Commands(Protocol):
@@ -90,9 +109,9 @@ class Commands(Protocol):
 
     def submit(self, args: Sequence[str], owner: Owner, env: Mapping[str, str]) -> int: ...
 
-    def cancel(self, slurm_id: int, owner: Owner | None) -> None: ...
+    def cancel(self, ref: str, owner: Owner | None) -> None: ...
 
-    def hold(self, slurm_id: int, held: bool, owner: Owner | None) -> None: ...
+    def hold(self, ref: str, held: bool, owner: Owner | None) -> None: ...
 
     def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot: ...
 
@@ -195,23 +214,81 @@ class SlurmEngine:
             job = record_forwarded(self.table, job.id, slurm_id, output)
         except StorageFull:
             with contextlib.suppress(ClusterRefused):
-                await self._offload(self.commands.cancel, slurm_id, owner)
+                await self._offload(self.commands.cancel, str(slurm_id), owner)
             self._drop(job)
             raise
         log.info("job %d forwarded to Slurm as job %d", job.id, slurm_id)
         self.nudge()
         return job
 
-    def _drop(self, job: Job) -> None:
-        """Undo a record that was never forwarded: nothing half-recorded stays."""
-        current = self.table.get(job.id)
-        if current is not None and current.state.pending:
-            with contextlib.suppress(StorageFull):
-                self.table.remove(current)
+    async def forward_array(self, jobs: Sequence[Job]) -> list[Job]:
+        """sbatch the recorded elements of one --array as ONE Slurm job array, as their
+        owner: element with TS_ARRAY_TASK_ID i is Slurm task <array id>_i. All elements
+        are durable with their Slurm ids before we return; on refusal none stays."""
+        ids = {j.id for j in jobs}
+        self._forwarding |= ids
+        try:
+            return await self._forward_array(jobs)
+        finally:
+            self._forwarding -= ids
 
-    def _dependencies(self, job: Job) -> tuple[tuple[int, ...], str | None]:
+    async def _forward_array(self, jobs: Sequence[Job]) -> list[Job]:
+        first = jobs[0]
+        try:
+            owner = Owner.of(first.uid)
+            depend_on, skip = self._dependencies(first)  # the elements share their spec's
+        except (KeyError, NoSuchJob, WrongState) as exc:
+            self._drop(*jobs)
+            if isinstance(exc, KeyError):
+                raise ClusterRefused(f"user {first.uid} does not exist here") from None
+            raise
+        if skip is not None:
+            return [self.table.end_pending(j, JobState.SKIPPED, ExitInfo(note=skip),
+                                           wait_reason=skip) for j in jobs]  # fmt: skip
+        array_job = first.spec.array_job or first.id
+        prefix = self._output_path(first, f"{OUTPUT_PREFIX}{array_job}_")
+        part = ArrayPart(
+            tuple((j.spec.array_task if j.spec.array_task is not None else n, j.id)
+                  for n, j in enumerate(jobs)),
+            first.spec.array_throttle, f".{secrets.token_hex(3)}",
+        )  # fmt: skip
+        settings = self._data.user_settings(first.uid)
+        env = job_env(self._data.env_of(first.id), settings, first.id, first.spec.gpus,
+                      array_job)  # fmt: skip
+        mail = (env.get("TS_MAILTO") or owner.name) if first.spec.mail else None
+        held = first.state is JobState.HELD
+        sub = Submission(array_job, first.spec, prefix, depend_on, mail, held, part)
+        args = sbatch_args(sub, self._config())
+        try:
+            slurm_id = await self._offload(self.commands.submit, args, owner, env)
+        except ClusterRefused:
+            self._drop(*jobs)
+            raise
+        rows = [(job_id, slurm_id, index, part.output_of(prefix, index))
+                for index, job_id in part.elements]  # fmt: skip
+        try:
+            recorded = record_forwarded_many(self.table, rows)
+        except StorageFull:
+            with contextlib.suppress(ClusterRefused):
+                await self._offload(self.commands.cancel, str(slurm_id), owner)
+            self._drop(*jobs)
+            raise
+        log.info("jobs %d-%d (array) forwarded to Slurm as job array %d", jobs[0].id,
+                 jobs[-1].id, slurm_id)  # fmt: skip
+        self.nudge()
+        return recorded
+
+    def _drop(self, *jobs: Job) -> None:
+        """Undo records that were never forwarded: nothing half-recorded stays."""
+        for job in jobs:
+            current = self.table.get(job.id)
+            if current is not None and current.state.pending:
+                with contextlib.suppress(StorageFull):
+                    self.table.remove(current)
+
+    def _dependencies(self, job: Job) -> tuple[tuple[str, ...], str | None]:
         """The Slurm ids to wait on, or why the job is skipped at once (-W, failed dep)."""
-        ids: list[int] = []
+        ids: list[str] = []
         for dep_id in job.spec.depends:
             dep = self.table.get(dep_id)
             if dep is None:
@@ -226,10 +303,10 @@ class SlurmEngine:
                 raise WrongState(
                     f"job {dep_id} is not on Slurm (yet): it cannot be a Slurm job's dependency"
                 )
-            ids.append(dep.slurm_id)
+            ids.append(ref_of(dep))
         return tuple(ids), None
 
-    def _output_path(self, job: Job) -> str:
+    def _output_path(self, job: Job, name: str | None = None) -> str:
         """Where the job writes: -O's name, else ts-out.<id>.<random>, in a shared directory.
 
         The directory: the user's --set_logdir, else cluster.output_dir, else the
@@ -240,7 +317,7 @@ class SlurmEngine:
             or self._config().output_dir
             or job.spec.cwd
         )
-        name = job.spec.output_name or f"{OUTPUT_PREFIX}{job.id}.{secrets.token_hex(3)}"
+        name = name or job.spec.output_name or f"{OUTPUT_PREFIX}{job.id}.{secrets.token_hex(3)}"
         return os.path.join(directory, name)
 
     # ------------------------------------------------------------ ending
@@ -253,16 +330,16 @@ class SlurmEngine:
             owner: Owner | None = Owner.of(job.uid)
         except KeyError:
             owner = None  # the user is gone: the daemon (root) cancels it
-        await self._offload(self.commands.cancel, job.slurm_id, owner)
-        log.info("job %d: cancelled Slurm job %d", job.id, job.slurm_id)
+        await self._offload(self.commands.cancel, ref_of(job), owner)
+        log.info("job %d: cancelled Slurm job %s", job.id, ref_of(job))
         self.nudge()
 
     async def hold(self, job: Job, held: bool) -> None:
         """ts --hold/--release of a forwarded job: scontrol hold/release as its owner."""
         if job.slurm_id is None:
             raise WrongState(f"job {job.id} is still being handed to Slurm: try again")
-        await self._offload(self.commands.hold, job.slurm_id, held, Owner.of(job.uid))
-        log.info("job %d: %s Slurm job %d", job.id, "held" if held else "released", job.slurm_id)
+        await self._offload(self.commands.hold, ref_of(job), held, Owner.of(job.uid))
+        log.info("job %d: %s Slurm job %s", job.id, "held" if held else "released", ref_of(job))
         self.nudge()
 
     # ------------------------------------------------------------ following
@@ -317,7 +394,8 @@ class SlurmEngine:
         jobs = self.tracked()
         if not jobs:
             return False
-        ids = [j.slurm_id for j in jobs if j.slurm_id is not None]
+        # An array's id names all its tasks: one id for the whole array.
+        ids = sorted({j.slurm_id for j in jobs if j.slurm_id is not None})
         try:
             snapshot = await self._offload(self.commands.squeue, ids)
         except ClusterRefused as exc:
@@ -335,7 +413,7 @@ class SlurmEngine:
             current = self.table.get(job.id)
             if current is None or current.state.done or current.slurm_id is None:
                 continue
-            sj = snapshot.jobs.get(current.slurm_id)
+            sj = snapshot.find(current.slurm_id, current.slurm_task)
             if sj is None:
                 missing.append(current)
                 continue
@@ -346,20 +424,20 @@ class SlurmEngine:
 
     async def _look_up_gone(self, jobs: Sequence[Job]) -> bool:
         """Jobs squeue no longer lists: their end from sacct, or lost once long gone."""
-        ids = [j.slurm_id for j in jobs if j.slurm_id is not None]
+        ids = sorted({j.slurm_id for j in jobs if j.slurm_id is not None})
         try:
-            records = await self._offload(self.commands.sacct, ids)
+            records = by_ref((await self._offload(self.commands.sacct, ids)).values())
         except ClusterRefused as exc:
             log.warning("Slurm jobs %s are gone from squeue and sacct failed: %s", ids, exc)
             records = {}
         changed = False
         for job in jobs:
             assert job.slurm_id is not None
-            record = records.get(job.slurm_id)
+            record = records.get((job.slurm_id, job.slurm_task))
             if record is not None and record.end_time is not None:
                 changed |= self._apply(job, verdict(job, record))
             elif time.time() - job.enqueue_time > FORGOTTEN_AFTER:
-                note = f"Slurm no longer knows job {job.slurm_id}"
+                note = f"Slurm no longer knows job {ref_of(job)}"
                 changed |= self._apply(
                     job, Ended(JobState.FINISHED, ExitInfo(lost=True, note=note), None, None)
                 )
@@ -377,7 +455,7 @@ class SlurmEngine:
                 case Started(start, gpus):
                     if job.state.pending:
                         self.table.slurm_started(job.id, start, gpus)
-                        log.info("job %d started in Slurm (job %s)", job.id, job.slurm_id)
+                        log.info("job %d started in Slurm (job %s)", job.id, ref_of(job))
                 case CancelSkipped(reason):
                     self._spawn(self._cancel_quietly(job))
                     self.table.end_pending(job, JobState.SKIPPED, ExitInfo(note=reason), reason)
@@ -400,14 +478,13 @@ class SlurmEngine:
             self.table.slurm_started(job.id, v.start or v.end or time.time(), ())
         ended = self.table.finish(job.id, v.exit, v.end, None)
         if ended is not None and ended.exit is not None:
-            log.info("job %d finished in Slurm (job %s): %s", job.id, job.slurm_id,
+            log.info("job %d finished in Slurm (job %s): %s", job.id, ref_of(job),
                      ended.exit.summary())
             self.table.drop_transparent(ended)
 
     async def _cancel_quietly(self, job: Job) -> None:
         with contextlib.suppress(ClusterRefused, KeyError):
-            assert job.slurm_id is not None
-            await self._offload(self.commands.cancel, job.slurm_id, Owner.of(job.uid))
+            await self._offload(self.commands.cancel, ref_of(job), Owner.of(job.uid))
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -434,7 +511,11 @@ class SlurmEngine:
             (sj.comment, sj.user): sj for sj in snapshot.jobs.values()
             if sj.comment.startswith(COMMENT_PREFIX)
         }
+        arrays: dict[int, list[Job]] = {}
         for job in jobs:
+            if job.spec.array_job is not None:
+                arrays.setdefault(job.spec.array_job, []).append(job)
+                continue
             sj = by_comment.get((f"{COMMENT_PREFIX}{job.id}", job.user))
             if sj is not None:
                 output = sj.output.replace("%%", "%") or job.output_path
@@ -446,4 +527,27 @@ class SlurmEngine:
                 await self.forward(job)
             except (ClusterRefused, NoSuchJob, WrongState, StorageFull) as exc:
                 log.error("job %d could not be forwarded to Slurm: %s", job.id, exc)
+        for array_job, elements in arrays.items():
+            sj = by_comment.get((f"{COMMENT_PREFIX}{array_job}", elements[0].user))
+            try:
+                if sj is not None and sj.array_job_id is not None:
+                    self._adopt_array(sj, elements)
+                else:
+                    await self.forward_array(elements)
+            except (ClusterRefused, NoSuchJob, WrongState, StorageFull) as exc:
+                log.error("jobs %s could not be forwarded to Slurm: %s",
+                          [j.id for j in elements], exc)  # fmt: skip
         self.nudge()
+
+    def _adopt_array(self, sj: SlurmJob, elements: Sequence[Job]) -> None:
+        """An array sbatch took before a crash: its elements are its tasks, by index."""
+        assert sj.array_job_id is not None
+        pattern = sj.output.replace("%%", "\0")  # a NUL is in no path
+        rows = []
+        for n, job in enumerate(elements):
+            index = job.spec.array_task if job.spec.array_task is not None else n
+            output = pattern.replace("%a", str(index)).replace("\0", "%") or job.output_path
+            rows.append((job.id, sj.array_job_id, index, output))
+        record_forwarded_many(self.table, rows)
+        log.info("jobs %s: found as Slurm job array %d", [j.id for j in elements],
+                 sj.array_job_id)  # fmt: skip
