@@ -181,14 +181,18 @@ def id_runs(elements: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, in
 
 
 def task_ids(elements: Sequence[tuple[int, int]]) -> str:
-    """POSIX sh that sets and exports TS_ARRAY_TASK_ID and TS_JOBID from SLURM_ARRAY_TASK_ID."""
-    parts = ['i="$SLURM_ARRAY_TASK_ID"; TS_ARRAY_TASK_ID="$i"']
+    """POSIX sh that sets and exports TS_ARRAY_TASK_ID and TS_JOBID from SLURM_ARRAY_TASK_ID
+    (no other variable: whatever the job's environment holds reaches the command as is)."""
+    t = "TS_ARRAY_TASK_ID"
+    parts = [f'{t}="$SLURM_ARRAY_TASK_ID"']
     for first, last, step, id0, id_step in id_runs(elements):
-        test = f'[ "$i" -eq {first} ]' if first == last else (
-            f'[ "$i" -ge {first} ] && [ "$i" -le {last} ]'
-            f' && [ $(( (i - {first}) % {step} )) -eq 0 ]'
+        test = f'[ "${t}" -eq {first} ]' if first == last else (
+            f'[ "${t}" -ge {first} ] && [ "${t}" -le {last} ]'
+            f" && [ $(( ({t} - {first}) % {step} )) -eq 0 ]"
         )
-        value = str(id0) if first == last else f"$(( {id0} + (i - {first}) / {step} * {id_step} ))"
+        value = str(id0) if first == last else (
+            f"$(( {id0} + ({t} - {first}) / {step} * {id_step} ))"
+        )
         parts.append(f"if {test}; then TS_JOBID={value}; fi")
     parts.append("export TS_ARRAY_TASK_ID TS_JOBID")
     return "; ".join(parts)

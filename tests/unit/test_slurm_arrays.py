@@ -26,6 +26,7 @@ from tsd.slurmjson import (
     parse_squeue,
 )
 from tsd.slurmmap import ArrayPart, Submission, dependency, id_runs, sbatch_args, task_ids, wrap
+from tsd.store import Store
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "slurm"
 
@@ -147,11 +148,12 @@ def test_the_wrapped_array_command_still_execs_the_words_given() -> None:
     out = subprocess.run(["sh", "-c", body], env={"SLURM_ARRAY_TASK_ID": "5"},
                          capture_output=True, text=True, check=True).stdout
     assert out == "[a b][$HOME][%d]"
-    script = wrap(JobSpec(command=("sh", "-c", 'echo "$TS_JOBID $TS_ARRAY_TASK_ID"'), cwd="/",
-                          env=()), ArrayPart(((4, 20), (5, 21))))  # fmt: skip
-    out = subprocess.run(["sh", "-c", script], env={"SLURM_ARRAY_TASK_ID": "5", "PATH": "/bin"},
-                         capture_output=True, text=True, check=True).stdout
-    assert out == "21 5\n"
+    script = wrap(JobSpec(command=("sh", "-c", 'echo "$TS_JOBID $TS_ARRAY_TASK_ID $i $t"'),
+                          cwd="/", env=()), ArrayPart(((4, 20), (5, 21))))  # fmt: skip
+    env = {"SLURM_ARRAY_TASK_ID": "5", "PATH": "/bin", "i": "mine", "t": "too"}
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert out == "21 5 mine too\n"  # the user's own variables reach the command untouched
 
 
 @pytest.mark.parametrize("ref", ["12", "12_3"])
@@ -163,3 +165,24 @@ def test_a_slurm_job_name_is_digits_and_one_task(ref: str) -> None:
 def test_anything_else_never_reaches_a_slurm_command(ref: str) -> None:
     with pytest.raises(ValueError):
         _checked(ref)
+
+
+def test_a_database_from_before_arrays_gets_the_task_column_and_keeps_its_slurm_ids(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    (job,) = store.add_jobs(1000, "alice", [(JobSpec(command=("true",), cwd="/", env=()), 1)],
+                            1.0)  # fmt: skip
+    store.db.executescript(
+        "DROP TABLE slurm_jobs;"
+        "CREATE TABLE slurm_jobs (job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL);"
+        f"INSERT INTO slurm_jobs VALUES ({job.id}, 77);"
+    )  # the table as an older tsd made it
+    store.close()
+    again = Store(path)
+    (loaded,) = again.load_all()
+    assert (loaded.slurm_id, loaded.slurm_task) == (77, None)
+    again.set_slurm_ids([(job.id, 80, 3, "/o_3")])
+    (loaded,) = Store(path).load_all()
+    assert (loaded.slurm_id, loaded.slurm_task, loaded.output_path) == (80, 3, "/o_3")
