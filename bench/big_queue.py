@@ -81,7 +81,7 @@ def plain(n: int) -> None:
               f"daemon RSS {rss:.0f} MiB")
         submit = time_command([TS, "-n", "true"], d.env, 20)
         print(f"submit with {n} queued: median {med_ms(submit):.1f} ms")
-        listing = time_command([TS, "-l"], d.env, 5)
+        listing = time_command([TS, "-l"], d.env, 3)
         print(f"ts -l with {n} queued: median {med_ms(listing):.0f} ms")
         os.environ.update(d.env)
         t0 = time.perf_counter()
