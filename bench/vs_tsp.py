@@ -164,7 +164,12 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, ts: str, python: str, tsp: str) -> None:
         self.args, self.python, self.tsp_path = args, python, tsp
-        self.tsd, self.tsp = tsd_side(ts), tsp_side(tsp)
+        self.tsd = tsd_side(ts)
+        try:
+            self.tsp = tsp_side(tsp)
+        except BaseException:
+            self.tsd.close()
+            raise
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.tsp_cap: int | None = None  # connections tsp held when a submit blocked
