@@ -125,8 +125,8 @@ def _num(r: dict[str, object], key: str) -> float:
 def report(results: dict[tuple[str, int], list[dict[str, object]]], slot_counts: list[int],
            n: int) -> None:
     """The table: jobs/s, ratio to tsp and the goal, CPU per job, tsd's top CPU users."""
-    print(f"system service (booted box, scopes over D-Bus) vs tsp as the same user; "
-          f"{n} `true` jobs per run, medians")
+    print(f"system service (booted box, scopes over D-Bus) vs tsp as the same user; up to "
+          f"{n} `true` jobs per run (tsp holds ~1,000 at most), medians")
     print(f"{'slots':>5} {'tsd jobs/s':>11} {'tsp jobs/s':>11} {'tsd/tsp':>8} "
           f"{'goal >= 0.5x':>12} {'tsd CPU/job':>12} {'tsp CPU/job':>12}")
     for slots in slot_counts:
@@ -150,8 +150,9 @@ def report(results: dict[tuple[str, int], list[dict[str, object]]], slot_counts:
             # Leaves and near-leaves say where it went; "." is the whole box.
             top = sorted(((float(v), k) for k, v in groups.items() if k != "."), reverse=True)
             parts = ", ".join(f"{k} {v / jobs * 1000:.2f}" for v, k in top[:6] if v > 0)
-            note = f" (queue full at {int(jobs)})" if r["full"] else ""
-            print(f"  {which}, {slots} slots, CPU ms/job by cgroup{note}: {parts}")
+            note = ", its queue full" if r["full"] else ""
+            print(f"  {which}, {slots} slots, {int(jobs)} jobs{note}; CPU ms/job by cgroup: "
+                  f"{parts}")
 
 
 if __name__ == "__main__":
