@@ -42,6 +42,8 @@ class JobStore(Protocol):
 
     def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None: ...
 
+    def set_slurm_ids(self, rows: Iterable[tuple[int, int, int | None, str | None]]) -> None: ...
+
 
 class QueueOrder:
     """Queue order keys and holds over the table's jobs (see the module docstring)."""
