@@ -22,7 +22,7 @@ Client side: `python -X importtime` of `ts -l` and `ts true`: the time of all
 imports against the command's wall time, by top-level package, and the slowest
 modules. The client runs from a throwaway regular install unless --editable.
 
-Usage: .venv/bin/python bench/profile.py [--quick] [--jobs N (500)] [--big N (100000)]
+Usage: .venv/bin/python bench/where_time_goes.py [--quick] [--jobs N (500)] [--big N (100000)]
            [--top K (15)] [--only submit,dispatch,listing,client] [--editable]
 """
 
