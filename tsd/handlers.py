@@ -195,8 +195,7 @@ async def submit(
         # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
         p.cluster.check(spec, req.terminal is not None)
         _local_only(p, *(name for name, given in (
-            ("--array", array is not None), ("--retry", spec.retry),
-            ("--priority", spec.priority)) if given))  # fmt: skip
+            ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
     elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
@@ -250,6 +249,10 @@ async def submit(
         specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
         jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
         await _stored(p)
+        if p.cluster is not None:
+            # ONE sbatch --array; on refusal every element is gone again.
+            jobs = await p.cluster.forward_array(jobs)
+            p.dispatcher.schedule()
         log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
                  printable(spec.command_line[:200]))  # fmt: skip
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))

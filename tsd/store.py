@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS slurm_jobs (
-    job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL
+    job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL, task INTEGER
 );
 CREATE TABLE IF NOT EXISTS gpu_peaks (id INTEGER PRIMARY KEY, peak_mib INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_settings (
@@ -390,19 +390,34 @@ class Store(GroupCommit):
                 " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit, attempts"
                 " FROM jobs ORDER BY id"
             ).fetchall()
-            slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
+            slurm = {int(i): (int(s), t) for i, s, t in self.db.execute(
+                "SELECT job_id, slurm_id, task FROM slurm_jobs")}  # fmt: skip
         except sqlite3.DatabaseError as exc:
             raise unusable(self.path, exc) from None
         jobs = [_row_to_job(r) for r in rows]
-        return [replace(j, slurm_id=int(slurm[j.id])) if j.id in slurm else j for j in jobs]
+        return [
+            replace(j, slurm_id=slurm[j.id][0],
+                    slurm_task=None if slurm[j.id][1] is None else int(slurm[j.id][1]))
+            if j.id in slurm else j
+            for j in jobs
+        ]  # fmt: skip
 
     def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None:
         """Record the Slurm job a job was forwarded to, and its output path, in one commit."""
+        self.set_slurm_ids([(job_id, slurm_id, None, output)])
+
+    def set_slurm_ids(self, rows: Iterable[tuple[int, int, int | None, str | None]]) -> None:
+        """Record (job id, Slurm id, array task index or None, output path) for several
+        jobs in ONE commit: an --array's elements are all recorded or none."""
+        rows = list(rows)
         with self._tx():
-            self.db.execute(
-                "INSERT OR REPLACE INTO slurm_jobs VALUES (?, ?)", (job_id, slurm_id)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO slurm_jobs (job_id, slurm_id, task) VALUES (?, ?, ?)",
+                [(j, s, t) for j, s, t, _ in rows],
             )
-            self.db.execute("UPDATE jobs SET output=? WHERE id=?", (output, job_id))
+            self.db.executemany(
+                "UPDATE jobs SET output=? WHERE id=?", [(o, j) for j, _, _, o in rows]
+            )
 
     def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
         """A job's submit-time environment."""
@@ -492,8 +507,13 @@ def _row_to_job(r: tuple[Any, ...]) -> Job:
 _ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 
 
+# slurm_jobs.task: the Slurm array task index of an --array element (NULL otherwise).
+_ADDED_SLURM_COLUMNS = (("task", "INTEGER"),)
+
+
 def _add_missing_columns(db: sqlite3.Connection) -> None:
-    have = {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}
-    for name, decl in _ADDED_COLUMNS:
-        if name not in have:
-            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+    for table, added in (("jobs", _ADDED_COLUMNS), ("slurm_jobs", _ADDED_SLURM_COLUMNS)):
+        have = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, decl in added:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
