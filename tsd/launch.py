@@ -36,7 +36,7 @@ import select
 import signal
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
@@ -249,32 +249,17 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
     cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
 
     start = time.time()
-    status_r, status_w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(status_r)
-            os.close(rep_w)
-            _exec_job(plan, status_w)
-        finally:
-            os._exit(127)
-    os.close(status_w)
-    for fd in plan.out_fds or ():
-        # Only the job writes to the caller's terminal: its end is EOF for a reader there.
-        os.close(fd)
-    # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
-    started = parse_report(_read_all(status_r))
-    failure = started.get("err", "")
-    _report(rep_w, f"pid {child}\nout {started.get('out', '-')}")
+    child, out, failure, main_status = _start_job(plan, rep_w)
+    _report(rep_w, f"pid {'-' if child is None else child}\nout {out}")
     os.close(rep_w)
 
     timed_out = False
     killing_since: float | None = None
     sent_kill = False
-    main_status: int | None = None
     rusage: object | None = None
     deadline = start + plan.timeout if plan.timeout else None
     while main_status is None:
+        assert child is not None
         main_status, rusage = jobtree.reap(child)
         if main_status is not None:
             break
@@ -315,7 +300,7 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
             note=failure,
         ),
         end=end,
-        output=None if started.get("out", "-") == "-" else started["out"],
+        output=None if out == "-" else out,
     )
     _write_report_until_stored(plan, report)
     _after_job(plan, report)
@@ -462,6 +447,95 @@ def reset_nofile(soft: int | None) -> None:
     if hard != resource.RLIM_INFINITY:
         soft = min(soft, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _start_job(plan: LaunchPlan, rep_w: int) -> tuple[int | None, str, str, int | None]:
+    """Start the job's main process: (its pid, its output file or "-", why it could not
+    start, and its wait status when no process was left to wait for)."""
+    if not (plan.drop_privileges or plan.gzip or plan.nofile_soft is not None):
+        return _spawn_job(plan)
+    status_r, status_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(status_r)
+            os.close(rep_w)
+            _exec_job(plan, status_w)
+        finally:
+            os._exit(127)
+    os.close(status_w)
+    # Only the job writes to the caller's terminal: its end is EOF for a reader there.
+    _close_all(plan.out_fds or ())
+    # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
+    started = parse_report(_read_all(status_r))
+    return child, started.get("out", "-"), started.get("err", ""), None
+
+
+def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
+    """`_start_job` without a fork of this process: posix_spawn (vfork and exec).
+
+    For a job that keeps the supervisor's user and limits (the personal daemon):
+    what _exec_job does in the child is done here around the spawn (umask, output
+    files, working directory) or by posix_spawn itself (process group, signals,
+    fds 0-2), with the same results and the same messages when the job cannot start.
+    """
+    old_umask = os.umask(plan.umask)
+    opened: tuple[int, ...] = ()
+    path: str | None = None
+    try:
+        try:
+            out_fd, err_fd, path = _open_outputs(plan, -1)
+            opened = (out_fd, err_fd)
+            os.chdir(plan.cwd)
+        except Exception as exc:
+            return None, path or "-", f"could not start: {exc}", 127 << 8
+        env = dict(plan.env)
+        argv = list(plan.command)
+        try:
+            pid = _spawn_on_path(argv, env, [
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+            ])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(err_fd, f"tsd: cannot run {argv[0]!r}: {exc.strerror}\n".encode())
+            return None, path or "-", "", (127 if isinstance(exc, FileNotFoundError) else 126) << 8
+        return pid, path or "-", "", None
+    finally:
+        os.umask(old_umask)
+        with contextlib.suppress(OSError):
+            os.chdir("/")
+        _close_all(set(opened) | set(plan.out_fds or ()))
+
+
+def _spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
+    """posix_spawn argv[0] searched on env's PATH, as os.execvpe searches it."""
+    cmd = argv[0]
+    found = [cmd] if os.path.dirname(cmd) else [
+        os.path.join(d, cmd) for d in os.get_exec_path(env)
+    ]
+    saved: OSError | None = None
+    last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
+    for exe in found:
+        try:
+            os.stat(exe)  # a missing one costs no clone
+            return os.posix_spawn(
+                exe, argv, env, file_actions=actions, setpgroup=0,
+                setsigmask=(), setsigdef=(signal.SIGPIPE,),
+            )
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last = exc
+        except OSError as exc:
+            last = exc
+            saved = saved or exc
+    raise saved or last
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _exec_job(plan: LaunchPlan, status_w: int) -> None:

@@ -9,7 +9,8 @@ the spawner takes requests from nobody else, and it does nothing but fork
 supervisors, so on the system service (where it runs as root, like the daemon)
 everything a job runs still goes through tsd.launch's privilege drop.
 
-One request at a time, in order, answered before the next is read:
+Once loaded, it says so (READY); then one request at a time, in order, answered
+before the next is read:
 
     daemon -> spawner   header (body length) + marshal(plan fields), and by
                         SCM_RIGHTS: go pipe read end, report pipe write end,
@@ -39,6 +40,7 @@ from tsd import launch
 
 HEADER = struct.Struct("=I")  # length of the marshalled plan that follows
 REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
+READY = b"R"  # sent once, when the spawner has loaded and may be asked
 MAX_FDS = 4  # go, report, and ts -n's stdout and stderr
 MAX_BODY = 64 << 20  # a plan is a command and an environment: far below this
 # The plan's fields that travel in the body; the fds travel beside it.
@@ -166,6 +168,7 @@ def serve(sock_fd: int) -> None:
     signal.set_wakeup_fd(wake_w)  # SIGCHLD wakes the select below: supervisors are reaped
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
+    sock.sendall(READY)
     while True:
         readable, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in readable:

@@ -31,7 +31,8 @@ from tsd import launch, spawner
 
 log = logging.getLogger("tsd")
 
-REPLY_TIMEOUT = 10.0  # seconds: the spawner's start (imports) and one fork, on a busy machine
+STARTUP_TIMEOUT = 30.0  # seconds for a new spawner to load (python, tsd.launch), on a busy machine
+REPLY_TIMEOUT = 5.0  # seconds for one fork, on a busy machine
 BACKOFF = 60.0  # seconds of forking from the daemon after a spawner failed twice in a row
 # -I: no environment variables, no user site, no current directory on the path;
 # -S: no site-packages either: the spawner imports tsd (from where this daemon's
@@ -51,6 +52,7 @@ class SpawnerLauncher:
         self.reply_timeout = reply_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
+        self._ready = False  # the spawner said READY
         self._lock = threading.Lock()
         self._failures = 0  # spawners lost since the last answered request
         self._not_before = 0.0  # monotonic time before which no spawner is started
@@ -119,8 +121,7 @@ class SpawnerLauncher:
             return None
         finally:
             theirs.close()
-        ours.settimeout(self.reply_timeout)
-        self._sock = ours
+        self._sock, self._ready = ours, False
         return ours
 
     def _lost(self, why: str) -> None:
@@ -141,7 +142,22 @@ class SpawnerLauncher:
         pid = proc.pid if proc is not None else "?"
         log.warning("spawner (pid %s) lost: %s", pid, why)
 
+    def _await_ready(self, sock: socket.socket) -> None:
+        """Wait for a new spawner's READY: its start does not count as a hung request."""
+        if self._ready:
+            return
+        sock.settimeout(STARTUP_TIMEOUT)
+        try:
+            word = sock.recv(len(spawner.READY))
+        except OSError as exc:
+            raise SpawnerGone(f"it did not start: {exc or type(exc).__name__}") from exc
+        if word != spawner.READY:
+            raise SpawnerGone("it did not start")
+        sock.settimeout(self.reply_timeout)
+        self._ready = True
+
     def _ask(self, sock: socket.socket, plan: launch.LaunchPlan) -> launch.Launched:
+        self._await_ready(sock)
         go_r, go_w = os.pipe()
         rep_r, rep_w = os.pipe()
         fds = [go_r, rep_w, *(plan.out_fds or ())]
