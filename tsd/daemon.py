@@ -330,6 +330,7 @@ class Daemon:
 
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
+        self.runner.launcher.start()  # the spawner loads while the state does
         running = self.table.load()
         # Jobs run here (also those left from before a switch to Slurm) stay the runner's.
         self.runner.recover([j for j in running if j.slurm_id is None])
@@ -362,6 +363,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.socket_path)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.launcher.close()
         self.store.close()
         log.info("tsd stopped; %d running jobs keep running", len(self.table.running))
 

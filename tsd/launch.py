@@ -14,9 +14,15 @@ due, it sends SIGTERM to the whole tree, waits the grace period and sends
 SIGKILL. When the job's main process exits, whatever it left running is ended
 the same way, so a finished job holds no slot, GPU or process.
 
-The code after fork() runs in a copy of the daemon: it only makes system calls,
-never touches the event loop, the database or logging, and always leaves
-through os._exit.
+Supervisors are forked by the spawner (tsd.spawner), a small process the
+daemon starts at its start, so that a job costs two forks of a small process
+rather than two of the daemon; `spawn` here is the direct fork from the daemon,
+for when there is no spawner. Either way the code after fork() only makes
+system calls, never touches the event loop, the database or logging, and always
+leaves through os._exit.
+
+What the job leaves running when its main process exits is found and ended by
+tsd.jobtree.
 """
 
 from __future__ import annotations
@@ -25,19 +31,27 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
+import select
 import signal
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
-from tsd import exitreport
+from tsd import exitreport, jobtree
 from tsd.model import ExitInfo
 from tsd.paths import SENDMAIL
 
 PR_SET_CHILD_SUBREAPER = 36
 OUTPUT_PREFIX = "ts-out."
 JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login shell gets
+# What the daemon writes to a supervisor's go pipe: run the job; or go away without a
+# trace (a spawner died before telling the daemon this supervisor's pid, and the
+# daemon starts the job again elsewhere). End of file (the daemon died) is "aborted".
+GO = b"g"
+QUIT = b"x"
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,12 @@ class Launched:
     go: Callable[[], None]
     abort: Callable[[], None]
     report_fd: int
+    # After abort(): returns once the supervisor has exited (its "aborted" report is
+    # written). Closes `pidfd`.
+    wait: Callable[[], None] = lambda: None
+    # A pidfd of the supervisor, opened before it could exit and be reaped, for
+    # watching it without a race with pid reuse; the receiver owns it. None: open one.
+    pidfd: int | None = None
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -98,42 +118,81 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def spawn(plan: LaunchPlan) -> Launched:
-    """Fork the supervisor. It waits until `go()` (after the daemon made the job durable
-    and, on the system service, moved it into its scope) and runs nothing if `abort()`."""
+    """Fork the supervisor from this process (the daemon, when there is no spawner).
+
+    It waits until `go()` (after the daemon made the job durable and, on the
+    system service, moved it into its scope) and runs nothing if `abort()`."""
     go_r, go_w = os.pipe()
     rep_r, rep_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # supervisor
-        code = 70
-        try:
-            os.close(go_w)
-            os.close(rep_r)
-            code = _supervise(plan, go_r, rep_w)
-        except BaseException:
-            code = 70
-        finally:
-            os._exit(code)
+    if pid == 0:
+        os.close(go_w)
+        os.close(rep_r)
+        run_supervisor(plan, go_r, rep_w, inherited=True)
     os.close(go_r)
     os.close(rep_w)
-    os.set_blocking(rep_r, False)
+
+    def wait() -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    return launched(pid, proc_start_time(pid), go_w, rep_r, wait=wait)
+
+
+def go_controls(go_w: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """`go` and `abort` for a supervisor waiting on the read end of `go_w`; each closes it."""
 
     def go() -> None:
         try:
-            os.write(go_w, b"g")
+            os.write(go_w, GO)
         finally:
             os.close(go_w)
 
     def abort() -> None:
         os.close(go_w)
 
-    return Launched(pid, proc_start_time(pid), go, abort, rep_r)
+    return go, abort
+
+
+def launched(
+    pid: int, start: int | None, go_w: int, rep_r: int,
+    wait: Callable[[], None], pidfd: int | None = None,
+) -> Launched:
+    """What the daemon keeps of a supervisor waiting for go on `go_w`, reporting on `rep_r`."""
+    os.set_blocking(rep_r, False)
+    go, abort = go_controls(go_w)
+    return Launched(pid, start, go, abort, rep_r, wait=wait, pidfd=pidfd)
+
+
+def wait_pidfd(pidfd: int) -> None:
+    """Block until the process of `pidfd` has exited; close the pidfd."""
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+
+
+def run_supervisor(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> NoReturn:
+    """In a freshly forked child: be the job's supervisor, then exit.
+
+    `inherited`: forked from the daemon, whose signal handlers must all be undone;
+    the spawner's child only has the spawner's own SIGCHLD handler to drop.
+    """
+    code = 70
+    try:
+        code = _supervise(plan, go_r, rep_w, inherited)
+    except BaseException:
+        code = 70
+    finally:
+        os._exit(code)
 
 
 # ------------------------------------------------------------ supervisor side
 
 
-def _reset_process_state(keep: Sequence[int]) -> None:
-    """Forget the daemon: default signal handlers, no wakeup fd, no inherited fds."""
+def default_signals() -> None:
+    """Every signal to its default action, none blocked, no wakeup fd (Python's start
+    ignores SIGPIPE and SIGXFSZ, which exec would pass on to the job)."""
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
@@ -141,6 +200,15 @@ def _reset_process_state(keep: Sequence[int]) -> None:
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _reset_process_state(keep: Sequence[int], inherited: bool) -> None:
+    """Forget the parent: default signal handlers, no wakeup fd, no inherited fds."""
+    if inherited:
+        default_signals()
+    else:  # the spawner set all to default once; only its SIGCHLD wake-up is its own
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
     fds = sorted(keep)
     low = 3
@@ -155,18 +223,21 @@ def _reset_process_state(keep: Sequence[int]) -> None:
         os.close(null)
 
 
-def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
-    _reset_process_state([go_r, rep_w, *(plan.out_fds or ())])
+def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
+    _reset_process_state([go_r, rep_w, *(plan.out_fds or ())], inherited)
     # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
     # the read end of the report pipe: a write there must fail with EPIPE, which
     # _report ignores, not kill the supervisor and orphan the job. Its children
     # get SIGPIPE's default back before they exec (_child_signals).
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    if os.read(go_r, 1) != b"g":
+    word = os.read(go_r, 1)
+    if word == QUIT:
+        return 0  # the daemon never knew us: no report, or it would be taken for the job's
+    if word != GO:
         # The daemon died (or gave up) before the job was recorded as running: run nothing
         # and say so, so that a restarted daemon puts the job back in the queue.
         # One try: on a full disk the job is lost to a restarted daemon rather than
@@ -175,46 +246,31 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         exitreport.write(plan.exits_dir, plan.job_id, aborted)
         return 0
     os.close(go_r)
+    cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
 
     start = time.time()
-    status_r, status_w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(status_r)
-            os.close(rep_w)
-            _exec_job(plan, status_w)
-        finally:
-            os._exit(127)
-    os.close(status_w)
-    for fd in plan.out_fds or ():
-        # Only the job writes to the caller's terminal: its end is EOF for a reader there.
-        os.close(fd)
-    # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
-    started = parse_report(_read_all(status_r))
-    failure = started.get("err", "")
-    _report(rep_w, f"pid {child}")
-    _report(rep_w, f"out {started.get('out', '-')}")
+    child, out, failure, main_status = _start_job(plan, rep_w)
+    _report(rep_w, f"pid {'-' if child is None else child}\nout {out}")
     os.close(rep_w)
 
     timed_out = False
     killing_since: float | None = None
     sent_kill = False
-    main_status: int | None = None
     rusage: object | None = None
     deadline = start + plan.timeout if plan.timeout else None
     while main_status is None:
-        main_status, rusage = _reap(child)
+        assert child is not None
+        main_status, rusage = jobtree.reap(child)
         if main_status is not None:
             break
         now = time.time()
         if deadline is not None and now >= deadline and killing_since is None:
             timed_out = True
             killing_since = now
-            _signal_tree(signal.SIGTERM)
+            jobtree.signal_tree(signal.SIGTERM, cg)
         if killing_since is not None and not sent_kill and now >= killing_since + plan.grace:
             sent_kill = True
-            _signal_tree(signal.SIGKILL)
+            jobtree.signal_tree(signal.SIGKILL, cg)
         wake = [60.0]
         if deadline is not None and killing_since is None:
             wake.append(deadline - now)
@@ -223,12 +279,12 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
         info = signal.sigtimedwait(watched, max(0.0, min(wake)))
         if info is not None and info.si_signo != signal.SIGCHLD and killing_since is None:
             killing_since = time.time()
-            _signal_tree(signal.SIGTERM)
+            jobtree.signal_tree(signal.SIGTERM, cg)
 
     end = time.time()
     # Whatever the job left behind goes too: a finished job holds nothing.
-    _end_leftovers(min(plan.grace, 5.0))
-    cpu, peak = _cgroup_usage()
+    jobtree.end_leftovers(min(plan.grace, 5.0), cg)
+    cpu, peak = jobtree.cgroup_usage(cg)
     if cpu is None and rusage is not None:
         cpu = float(rusage.ru_utime + rusage.ru_stime)  # type: ignore[attr-defined]
     # No rusage fallback for memory: ru_maxrss would count the forked launcher's own
@@ -244,7 +300,7 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> int:
             note=failure,
         ),
         end=end,
-        output=None if started.get("out", "-") == "-" else started["out"],
+        output=None if out == "-" else out,
     )
     _write_report_until_stored(plan, report)
     _after_job(plan, report)
@@ -274,127 +330,6 @@ def _write_report_until_stored(plan: LaunchPlan, report: exitreport.ExitReport) 
 def _child_signals() -> None:
     """In a child about to exec: SIGPIPE back to default (the supervisor ignores it)."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-
-
-def _reap(main: int) -> tuple[int | None, object | None]:
-    """Reap every exited descendant (we are their subreaper); report the main one."""
-    found: tuple[int | None, object | None] = (None, None)
-    while True:
-        try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            return found
-        if pid == 0:
-            return found
-        if pid == main:
-            found = (status, usage)
-
-
-def _descendants() -> list[int]:
-    """Every process below us, by walking /proc (our tree stays ours: we are a subreaper)."""
-    me = os.getpid()
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        try:
-            children.setdefault(int(rest[1]), []).append(int(name))
-        except (IndexError, ValueError):
-            continue
-    out: list[int] = []
-    todo = [me]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            out.append(kid)
-            todo.append(kid)
-    return out
-
-
-def _own_cgroup_dir() -> str | None:
-    """Our cgroup2 directory when we live in a tsd job scope, else None."""
-    try:
-        with open("/proc/self/cgroup") as fh:
-            for line in fh:
-                if line.startswith("0::"):
-                    path = line[3:].strip()
-                    if path.endswith(".scope") and "/tsd-job-" in path:
-                        return _cgroup2_mount() + path
-    except OSError:
-        pass
-    return None
-
-
-def _cgroup2_mount() -> str:
-    """Where the unified hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid hosts."""
-    if os.path.exists("/sys/fs/cgroup/cgroup.procs"):
-        return "/sys/fs/cgroup"
-    return "/sys/fs/cgroup/unified"
-
-
-def _tree() -> set[int]:
-    pids = set(_descendants())
-    cg = _own_cgroup_dir()
-    if cg:
-        try:
-            with open(os.path.join(cg, "cgroup.procs")) as fh:
-                pids.update(int(x) for x in fh.read().split())
-        except (OSError, ValueError):
-            pass
-    pids.discard(os.getpid())
-    return pids
-
-
-def _signal_tree(sig: int) -> None:
-    for pid in _tree():
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
-
-
-def _end_leftovers(grace: float) -> None:
-    if not _tree():
-        return
-    _signal_tree(signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline:
-        _reap(-1)
-        if not _tree():
-            return
-        time.sleep(0.02)
-    _signal_tree(signal.SIGKILL)
-    for _ in range(100):
-        _reap(-1)
-        if not _tree():
-            return
-        time.sleep(0.01)
-
-
-def _cgroup_usage() -> tuple[float | None, int | None]:
-    """CPU time and peak memory from our scope's cgroup, where the kernel keeps them."""
-    cg = _own_cgroup_dir()
-    if not cg:
-        return None, None
-    cpu: float | None = None
-    peak: int | None = None
-    try:
-        with open(os.path.join(cg, "cpu.stat")) as fh:
-            for line in fh:
-                key, _, value = line.partition(" ")
-                if key == "usage_usec":
-                    cpu = int(value) / 1e6
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(os.path.join(cg, "memory.peak")) as fh:
-            peak = int(fh.read().strip())
-    except (OSError, ValueError):
-        pass
-    return cpu, peak
 
 
 def _report(fd: int, line: str) -> None:
@@ -432,6 +367,22 @@ def drop_privileges(uid: int, gid: int, user: str) -> None:
     new_session_keyring()
 
 
+_LIBC: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (the spawner loads it before it forks, see prepare)."""
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def prepare() -> None:
+    """Load now what supervisors and jobs would otherwise each load after fork."""
+    libc = _libc()
+    _ = libc.prctl, libc.syscall
+
+
 KEYCTL_JOIN_SESSION_KEYRING = 1
 KEYCTL_LINK = 8
 KEY_SPEC_USER_KEYRING = -4
@@ -445,7 +396,7 @@ def new_session_keyring() -> None:
     job could read and change the keys another user's job added with `@s`. Call
     it after setuid, so the new keyring belongs to the user.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     machine = os.uname().machine
     nr = _SYS_KEYCTL.get(machine)
     if nr is None:
@@ -492,12 +443,99 @@ def reset_nofile(soft: int | None) -> None:
     many programs assume at most 1024); the hard limit stays, so a job may raise it."""
     if soft is None:
         return
-    import resource
-
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY:
         soft = min(soft, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _start_job(plan: LaunchPlan, rep_w: int) -> tuple[int | None, str, str, int | None]:
+    """Start the job's main process: (its pid, its output file or "-", why it could not
+    start, and its wait status when no process was left to wait for)."""
+    if not (plan.drop_privileges or plan.gzip or plan.nofile_soft is not None):
+        return _spawn_job(plan)
+    status_r, status_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(status_r)
+            os.close(rep_w)
+            _exec_job(plan, status_w)
+        finally:
+            os._exit(127)
+    os.close(status_w)
+    # Only the job writes to the caller's terminal: its end is EOF for a reader there.
+    _close_all(plan.out_fds or ())
+    # The job writes "out PATH" and, if it cannot start, "err REASON"; EOF comes at exec.
+    started = parse_report(_read_all(status_r))
+    return child, started.get("out", "-"), started.get("err", ""), None
+
+
+def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
+    """`_start_job` without a fork of this process: posix_spawn (vfork and exec).
+
+    For a job that keeps the supervisor's user and limits (the personal daemon):
+    what _exec_job does in the child is done here around the spawn (umask, output
+    files, working directory) or by posix_spawn itself (process group, signals,
+    fds 0-2), with the same results and the same messages when the job cannot start.
+    """
+    old_umask = os.umask(plan.umask)
+    opened: tuple[int, ...] = ()
+    path: str | None = None
+    try:
+        try:
+            out_fd, err_fd, path = _open_outputs(plan, -1)
+            opened = (out_fd, err_fd)
+            os.chdir(plan.cwd)
+        except Exception as exc:
+            return None, path or "-", f"could not start: {exc}", 127 << 8
+        env = dict(plan.env)
+        argv = list(plan.command)
+        try:
+            pid = _spawn_on_path(argv, env, [
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+            ])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(err_fd, f"tsd: cannot run {argv[0]!r}: {exc.strerror}\n".encode())
+            return None, path or "-", "", (127 if isinstance(exc, FileNotFoundError) else 126) << 8
+        return pid, path or "-", "", None
+    finally:
+        os.umask(old_umask)
+        with contextlib.suppress(OSError):
+            os.chdir("/")
+        _close_all(set(opened) | set(plan.out_fds or ()))
+
+
+def _spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
+    """posix_spawn argv[0] searched on env's PATH, as os.execvpe searches it."""
+    cmd = argv[0]
+    found = [cmd] if os.path.dirname(cmd) else [
+        os.path.join(d, cmd) for d in os.get_exec_path(env)
+    ]
+    saved: OSError | None = None
+    last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
+    for exe in found:
+        try:
+            os.stat(exe)  # a missing one costs no clone
+            return os.posix_spawn(
+                exe, argv, env, file_actions=actions, setpgroup=0,
+                setsigmask=(), setsigdef=(signal.SIGPIPE,),
+            )
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last = exc
+        except OSError as exc:
+            last = exc
+            saved = saved or exc
+    raise saved or last
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _exec_job(plan: LaunchPlan, status_w: int) -> None:

@@ -1,6 +1,7 @@
 """The runner: turns a scheduled job into a supervised process, and its end into a record.
 
-For each job it builds the launch plan, forks the supervisor (tsd.launch), on
+For each job it builds the launch plan, has the supervisor forked (by the
+spawner, tsd.spawnlink, or tsd.launch directly), on
 the system service puts it into its systemd scope, and only then lets it run.
 It watches the supervisor (a pidfd) and its report pipe (command pid, output
 path), reads the exit report the supervisor leaves, and ends jobs on request
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tsd import exitreport, launch
+from tsd import exitreport, launch, spawnlink
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
@@ -68,17 +69,21 @@ class ScopeManager(Protocol):
 
 
 class Launcher(Protocol):
-    """Forks supervisors (tsd.launch)."""
+    """Forks supervisors (tsd.launch), itself or through the spawner (tsd.spawnlink)."""
+
+    def start(self) -> None: ...
 
     def spawn(self, plan: launch.LaunchPlan) -> launch.Launched: ...
 
     def start_time(self, pid: int) -> int | None: ...
 
+    def close(self) -> None: ...
+
 
 class ProcessWatch(Protocol):
     """Calls back once a process has exited."""
 
-    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool: ...
+    def watch(self, pid: int, on_exit: Callable[[], None], pidfd: int | None = None) -> bool: ...
 
     def forget(self, pid: int) -> None: ...
 
@@ -142,7 +147,13 @@ class GpuSource(Protocol):
 
 
 class ForkLauncher:
-    """The real launcher: tsd.launch's fork, and /proc for a pid's start time."""
+    """Supervisors forked from the daemon itself (tsd.launch), /proc for a pid's start time."""
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
     def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
         """Fork the supervisor (it waits for go)."""
@@ -160,12 +171,16 @@ class PidfdWatch:
         self.loop = loop
         self._fds: dict[int, int] = {}
 
-    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
-        """Call `on_exit` once `pid` exits; False when it is already gone."""
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
+    def watch(self, pid: int, on_exit: Callable[[], None], pidfd: int | None = None) -> bool:
+        """Call `on_exit` once `pid` exits; False when it is already gone.
+
+        `pidfd`: one already open for `pid` (this watch owns it then)."""
+        fd = pidfd
+        if fd is None:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return False
         self._fds[pid] = fd
         self.loop.add_reader(fd, on_exit)
         return True
@@ -221,7 +236,7 @@ class Runner(EndRecorder):
         self._ended = ended
         self._requeued = requeued
         self._waited = waited or _nobody
-        self.launcher = launcher or ForkLauncher()
+        self.launcher: Launcher = launcher or spawnlink.SpawnerLauncher()
         self.procs = procs or PidfdWatch(loop)
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
@@ -340,7 +355,7 @@ class Runner(EndRecorder):
     def _go(self, job: Job, launched: launch.Launched) -> None:
         with contextlib.suppress(OSError):  # killed (ts -k) before its go: its end tells
             launched.go()
-        self._watch(job, launched.report_fd)
+        self._watch(job, launched.report_fd, launched.pidfd)
         log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 
     def _not_stored(
@@ -349,8 +364,7 @@ class Runner(EndRecorder):
         """Not durable, so it must not run: undo the launch, keep the job queued (as the
         store still has it) and try again once space may be back."""
         launched.abort()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(launched.supervisor_pid, 0)  # it exits at once: go never came
+        launched.wait()  # it exits at once: go never came
         if unit is not None:
             self._spawn_task(self._quietly(self.scopes.stop, unit))
         self._abandon_launch(job_id, launched, exc)
@@ -410,8 +424,7 @@ class Runner(EndRecorder):
             )
         except Exception as exc:  # the scope is the job's fence: no scope, no job
             launched.abort()
-            with contextlib.suppress(ChildProcessError):
-                await self._offload(os.waitpid, launched.supervisor_pid, 0)
+            await self._offload(launched.wait)
             exitreport.discard(self.settings.exits_dir, job.id)
             os.close(launched.report_fd)
             log.error("job %d: %s", job.id, exc)
@@ -437,9 +450,9 @@ class Runner(EndRecorder):
 
     # ------------------------------------------------------------ watching
 
-    def _watch(self, job: Job, report_fd: int | None) -> None:
+    def _watch(self, job: Job, report_fd: int | None, pidfd: int | None = None) -> None:
         assert job.supervisor_pid is not None
-        if not self.procs.watch(job.supervisor_pid, lambda: self._job_ended(job.id)):
+        if not self.procs.watch(job.supervisor_pid, lambda: self._job_ended(job.id), pidfd):
             self.loop.call_soon(self._job_ended, job.id)
             if report_fd is not None:
                 os.close(report_fd)

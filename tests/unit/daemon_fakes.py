@@ -201,6 +201,12 @@ class FakeLauncher:
     def pid_of(self, job_id: int) -> int:
         return FAKE_PID_BASE + job_id
 
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
         self.plans[plan.job_id] = plan
         r, w = os.pipe()
@@ -232,7 +238,8 @@ class FakeProcs:
     def __init__(self) -> None:
         self.watched: dict[int, Callable[[], None]] = {}
 
-    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+    def watch(self, pid: int, on_exit: Callable[[], None], pidfd: int | None = None) -> bool:
+        assert pidfd is None  # fake launchers open none
         self.watched[pid] = on_exit
         return True
 

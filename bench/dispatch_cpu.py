@@ -1,0 +1,89 @@
+"""CPU per dispatched job, counted on tsd's own process tree (not the whole machine).
+
+N `true` jobs are queued behind a blocker, then released onto S slots. The CPU is
+read from /proc for the personal daemon and its live children (the spawner) with
+their reaped children (supervisors, and the jobs they reaped): utime + stime +
+cutime + cstime, so other load on a shared machine does not count. Printed: jobs/s,
+and ms of CPU per job split into the daemon itself and everything below it.
+
+Usage: .venv/bin/python bench/dispatch_cpu.py [jobs] [slots] [runs]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import PersonalDaemon
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[float, float, int]:
+    """(own CPU s, reaped children's CPU s, ppid) of a process."""
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    rest = data[data.rfind(b")") + 2 :].split()
+    ut, st, cut, cst = (int(x) for x in rest[11:15])
+    return (ut + st) / TICK, (cut + cst) / TICK, int(rest[1])
+
+
+def tree_cpu(daemon: int) -> tuple[float, float]:
+    """(daemon's own CPU, CPU of everything below it that it or its live children reaped)."""
+    own, below, _ = _stat(daemon)
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == daemon:
+            continue
+        try:
+            kid_own, kid_below, ppid = _stat(int(name))
+        except (OSError, ValueError):
+            continue
+        if ppid == daemon:  # a live child: the spawner (a supervisor still running counts too)
+            below += kid_own + kid_below
+    return own, below
+
+
+def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float]:
+    d.ts("-S", "1")
+    # A FIFO gate: the blocker burns no CPU while the jobs are queued (its CPU would
+    # be counted when its supervisor is reaped, inside the measured run).
+    gate = d.root / "tmp" / f"gate-{time.monotonic_ns()}"
+    os.mkfifo(gate)
+    d.ts("sh", "-c", f"read x < {gate}")
+    last = "0"
+    for _ in range(n):
+        last = d.ts("true").strip()
+    d.ts("-S", str(slots))
+    pid = d.pid()
+    own0, below0 = tree_cpu(pid)
+    t0 = time.perf_counter()
+    with open(gate, "w") as fh:
+        fh.write("go\n")
+    d.ts("-w", last)
+    elapsed = time.perf_counter() - t0
+    time.sleep(0.2)  # the last supervisors are reaped
+    own1, below1 = tree_cpu(pid)
+    d.ts("-C")
+    return n / elapsed, (own1 - own0) / n * 1000, (below1 - below0) / n * 1000
+
+
+def main(n: int = 300, slots: int = 2, runs: int = 3) -> None:
+    d = PersonalDaemon(TS_SLOTS="1", TS_MAXCONN="100000")
+    try:
+        d.ts("-l")
+        rows = [run_once(d, n, slots) for _ in range(runs)]
+        rate = statistics.median(r[0] for r in rows)
+        own = statistics.median(r[1] for r in rows)
+        below = statistics.median(r[2] for r in rows)
+        print(f"{n} true jobs on {slots} slots: {rate:.0f} jobs/s; "
+              f"CPU per job {own + below:.2f} ms = daemon {own:.2f} "
+              f"+ supervisors/spawner/jobs {below:.2f}  "
+              f"(runs: {', '.join(f'{r[0]:.0f}/s {r[1] + r[2]:.2f}ms' for r in rows)})")
+    finally:
+        d.stop()
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:4]))

@@ -1,0 +1,114 @@
+"""A job starts the same whether its supervisor spawns it (posix_spawn) or forks it.
+
+The personal daemon's jobs keep the supervisor's user and are started with
+posix_spawn; jobs that drop privileges, reset limits or gzip their output are
+forked. Both must give a job the same process (working directory, umask, own
+process group, default signals, stdin /dev/null) and the same exit codes and
+messages when it cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tsd import exitreport, launch
+from tsd.exitreport import ExitReport
+
+# nofile_soft set: the supervisor forks the job (the other path); the value is harmless.
+PATHS = {"spawned": {}, "forked": {"nofile_soft": 1024}}
+
+
+def run_job(tmp: Path, how: str, *command: str, cwd: str | None = None) -> tuple[ExitReport, str]:
+    """Run a job through a supervisor forked here; its report and its output."""
+    exits = tmp / "exits"
+    exits.mkdir(exist_ok=True)
+    plan = launch.LaunchPlan(
+        job_id=1, uid=os.getuid(), gid=os.getgid(), user="me", command=command,
+        cwd=cwd or str(tmp), env={"PATH": "/usr/bin:/bin"}, umask=0o027,
+        log_dir=str(tmp), exits_dir=str(exits), drop_privileges=False,
+        **PATHS[how],  # type: ignore[arg-type]
+    )
+    started = launch.spawn(plan)
+    started.go()
+    os.waitpid(started.supervisor_pid, 0)
+    os.close(started.report_fd)
+    report = exitreport.read(exits, 1)
+    assert report is not None
+    exitreport.discard(exits, 1)
+    output = Path(report.output).read_text() if report.output else ""
+    return report, output
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_the_job_gets_its_cwd_umask_own_group_default_signals_and_null_stdin(
+    tmp_path: Path, how: str
+) -> None:
+    report, out = run_job(tmp_path, how, "cat", "/proc/self/status", "/proc/self/stat")
+    assert report.exit.code == 0
+    status = dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+    assert status["Umask"].strip() == "0027"
+    # Signals 1-31 (above are glibc's own and whatever this test's caller ignores).
+    assert int(status["SigIgn"], 16) & 0x7FFFFFFF == 0
+    assert int(status["SigBlk"], 16) & 0x7FFFFFFF == 0
+    stat_line = out.splitlines()[-1]
+    fields = stat_line[stat_line.rfind(")") + 2 :].split()
+    assert fields[2] == stat_line.split()[0]  # pgrp == pid: its own process group
+    report, out = run_job(tmp_path, how, "sh", "-c", "pwd; readlink /proc/self/fd/0")
+    assert out.split() == [str(tmp_path), "/dev/null"]
+    assert stat.S_IMODE(os.stat(report.output or "").st_mode) == 0o600
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_an_unknown_command_exits_127_and_says_so_in_its_output(tmp_path: Path, how: str) -> None:
+    report, out = run_job(tmp_path, how, "no-such-command-here")
+    assert report.exit.code == 127
+    assert out == "tsd: cannot run 'no-such-command-here': No such file or directory\n"
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_a_file_that_is_not_executable_exits_126(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "script"
+    script.write_text("echo no\n")
+    report, out = run_job(tmp_path, how, str(script))
+    assert report.exit.code == 126
+    assert out == f"tsd: cannot run {str(script)!r}: Permission denied\n"
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_a_missing_working_directory_means_the_job_could_not_start(
+    tmp_path: Path, how: str
+) -> None:
+    gone = tmp_path / "gone"
+    report, _ = run_job(tmp_path, how, "true", cwd=str(gone))
+    assert report.exit.code == 127
+    assert report.exit.note.startswith("could not start: ") and str(gone) in report.exit.note
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_a_command_is_found_on_the_jobs_path_not_the_supervisors(
+    tmp_path: Path, how: str
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "my-tool"
+    tool.write_text("#!/bin/sh\necho mine\n")
+    tool.chmod(0o755)
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    plan = launch.LaunchPlan(
+        job_id=2, uid=os.getuid(), gid=os.getgid(), user="me", command=("my-tool",),
+        cwd=str(tmp_path), env={"PATH": f"/nonexistent:{bin_dir}"}, umask=0o022,
+        log_dir=str(tmp_path), exits_dir=str(exits), drop_privileges=False,
+        **PATHS[how],  # type: ignore[arg-type]
+    )
+    started = launch.spawn(plan)
+    started.go()
+    os.waitpid(started.supervisor_pid, 0)
+    os.close(started.report_fd)
+    report = exitreport.read(exits, 2)
+    assert report is not None and report.exit.code == 0 and report.output
+    assert Path(report.output).read_text() == "mine\n"

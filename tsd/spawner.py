@@ -1,0 +1,191 @@
+"""The spawner: a small process that forks job supervisors for the daemon.
+
+Forking the daemon costs what its size costs (page tables copied, pages copied
+on write, all of it torn down at exit), twice per job: once for the supervisor,
+once for the job. The spawner is a fresh Python that loads only tsd.launch, so
+both forks are forks of a small process. The daemon starts it with exec at its
+own start (tsd.spawnlink) and talks to it over a socketpair only the two hold:
+the spawner takes requests from nobody else, and it does nothing but fork
+supervisors, so on the system service (where it runs as root, like the daemon)
+everything a job runs still goes through tsd.launch's privilege drop.
+
+Once loaded, it says so (READY); then one request at a time, in order, answered
+before the next is read:
+
+    daemon -> spawner   header (body length) + marshal(plan fields), and by
+                        SCM_RIGHTS: go pipe read end, report pipe write end,
+                        and the ts -n output fds, if any
+    spawner -> daemon   (pid, start time), and by SCM_RIGHTS a pidfd of the new
+                        supervisor; or (-errno, 0) when fork failed
+
+The supervisors are the spawner's children (it reaps them), and they outlive it:
+they are setsid'd, the spawner exits once the daemon's end of the socket closes
+(its daemon stopped or died), and the daemon watches each supervisor by pidfd,
+not as its parent. Nothing here may block on anything but the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import marshal
+import os
+import select
+import signal
+import socket
+import struct
+from dataclasses import fields
+
+from tsd import launch
+
+HEADER = struct.Struct("=I")  # length of the marshalled plan that follows
+REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
+READY = b"R"  # sent once, when the spawner has loaded and may be asked
+MAX_FDS = 4  # go, report, and ts -n's stdout and stderr
+MAX_BODY = 64 << 20  # a plan is a command and an environment: far below this
+# The plan's fields that travel in the body; the fds travel beside it.
+PLAN_FIELDS = tuple(f.name for f in fields(launch.LaunchPlan) if f.name != "out_fds")
+
+
+def encode(plan: launch.LaunchPlan) -> bytes:
+    """The request body for `plan` (header included), without its fds."""
+    values = {name: getattr(plan, name) for name in PLAN_FIELDS}
+    values["env"] = dict(plan.env)
+    body = marshal.dumps(values)
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes, out_fds: tuple[int, int] | None) -> launch.LaunchPlan:
+    """The plan of a request body, with the received output fds."""
+    values = marshal.loads(body)
+    if not isinstance(values, dict) or set(values) != set(PLAN_FIELDS):
+        raise ValueError("not a launch plan")
+    return launch.LaunchPlan(**values, out_fds=out_fds)
+
+
+def fds_space() -> int:
+    """Ancillary buffer size for the most fds a message carries."""
+    return socket.CMSG_SPACE(MAX_FDS * 4)
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message brought (all of them, to close what is unwanted)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"={usable // 4}i", data[:usable]))
+    return fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class _Gone(Exception):
+    """The daemon's end of the socket closed."""
+
+
+def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One request: its body and its fds. Raises _Gone at end of file."""
+    data, ancdata, _, _ = sock.recvmsg(1 << 16, fds_space(), socket.MSG_CMSG_CLOEXEC)
+    fds = received_fds(ancdata)
+    try:
+        if not data:
+            raise _Gone
+        while len(data) < HEADER.size:
+            more = sock.recv(HEADER.size - len(data))
+            if not more:
+                raise _Gone
+            data += more
+        (length,) = HEADER.unpack_from(data)
+        if length > MAX_BODY:
+            raise ValueError("request too large")
+        body = bytearray(data[HEADER.size :])
+        while len(body) < length:
+            more = sock.recv(min(1 << 20, length - len(body)))
+            if not more:
+                raise _Gone
+            body += more
+        return bytes(body), fds
+    except BaseException:
+        _close(fds)
+        raise
+
+
+def _fork_supervisor(sock: socket.socket, body: bytes, fds: list[int]) -> None:
+    """Fork the supervisor a request asks for and answer with its pid and a pidfd."""
+    pidfd = -1
+    try:
+        try:
+            if len(fds) not in (2, 4):
+                raise ValueError(f"a request brings 2 or 4 fds, not {len(fds)}")
+            go_r, rep_w = fds[:2]
+            plan = decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
+        except (ValueError, TypeError, EOFError):
+            sock.sendall(REPLY.pack(-errno.EINVAL, -1))
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            sock.sendall(REPLY.pack(-(exc.errno or 1), -1))
+            return
+        if pid == 0:
+            launch.run_supervisor(plan, go_r, rep_w, inherited=False)
+        # Before the loop reaps anything: the pid is still ours, not reused.
+        pidfd = os.pidfd_open(pid)
+        start = launch.proc_start_time(pid)
+        sock.sendmsg(
+            [REPLY.pack(pid, -1 if start is None else start)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", pidfd))],
+        )
+    finally:
+        _close(fds)
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(sock_fd: int) -> None:
+    """Answer the daemon's requests on `sock_fd` until it closes its end."""
+    launch.default_signals()
+    launch.prepare()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+    signal.set_wakeup_fd(wake_w)  # SIGCHLD wakes the select below: supervisors are reaped
+    sock = socket.socket(fileno=sock_fd)
+    sock.setblocking(True)
+    sock.sendall(READY)
+    while True:
+        readable, _, _ = select.select([sock_fd, wake_r], [], [])
+        if wake_r in readable:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            _reap()
+        if sock_fd in readable:
+            try:
+                body, fds = _read_request(sock)
+            except (_Gone, ConnectionError):
+                return
+            _fork_supervisor(sock, body, fds)
+
+
+def main(argv: list[str]) -> None:
+    """Entry point: `python -I -S -c ... ROOT FD` (see tsd.spawnlink)."""
+    serve(int(argv[-1]))
