@@ -1,9 +1,9 @@
 """Connect to a daemon and call it; start the personal daemon when needed.
 
 Kept light on purpose: `ts` imports this on every call, so it pulls in only
-the standard library and the error tree; the protocol (thirty dataclasses)
-loads when a request is first sent, since queueing a job (tsd.cli's quick
-submit) sends its frame without it.
+the standard library and the error tree. `ts` sends its requests as they
+travel (plain dicts, tsd.cli_request.wire); the typed protocol (thirty
+dataclasses) loads only when a caller hands over a typed request.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
     from typing import Any
 
     from tsd import protocol
+
+    # A typed request, or one as it travels (tsd.cli_request.wire).
+    Req = protocol.Request | Mapping[str, Any]
 
 
 class Untrusted(ServerUnavailable):
@@ -161,8 +164,11 @@ class Connection:
         self.answer_timeout = answer_timeout
         self._unanswered = False  # a request is out and no frame has come back yet
 
-    def send(self, req: protocol.Request) -> None:
-        """Send one request frame."""
+    def send(self, req: Req) -> None:
+        """Send one request frame: a typed request, or one as it travels."""
+        if isinstance(req, Mapping):
+            self.send_wire(req)
+            return
         from tsd import protocol
 
         self.send_wire(protocol.request_to_wire(req))
@@ -391,29 +397,37 @@ class Client:
             cwd="/",
         )
 
-    def call(self, req: protocol.Request) -> dict[str, Any]:
+    def call(self, req: Req) -> dict[str, Any]:
         """One request, one final response; errors come back as TsdError.
 
-        A long job list arrives in pieces (`jobs` events, each under the frame
-        limit) before the final frame; they are put back together here.
+        A long job list arrives in pieces (`jobs` or `rows` events, each under
+        the frame limit) before the final frame; they are put back together here.
         """
         conn = self.connect()
-        pieces: list[Any] = []
+        pieces: dict[str, list[Any]] = {}
         try:
             conn.send(req)
             while True:
                 frame = conn.recv()
-                if frame.get("event") == "jobs":
-                    pieces.extend(frame.get("jobs") or [])
-                elif "event" not in frame:
+                event = frame.get("event")
+                if event in ("jobs", "rows"):
+                    piece = frame.get(event)
+                    if not isinstance(piece, list):
+                        raise ProtocolError("malformed job list from the daemon")
+                    pieces.setdefault(event, []).extend(piece)
+                elif event is None:
                     final = _check(frame)
-                    if pieces:
-                        final["jobs"] = pieces + list(final.get("jobs") or [])
+                    for key, items in pieces.items():
+                        last = final.get(key) or []
+                        if not isinstance(last, list):
+                            raise ProtocolError("malformed job list from the daemon")
+                        items.extend(last)
+                        final[key] = items
                     return final
         finally:
             conn.close()
 
-    def stream(self, req: protocol.Request) -> Iterator[dict[str, Any]]:
+    def stream(self, req: Req) -> Iterator[dict[str, Any]]:
         """Events of a streaming request, then its final response (last item)."""
         conn = self.connect()
         try:

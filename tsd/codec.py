@@ -197,3 +197,30 @@ def _optional_int(value: Any) -> int | None:
 
 def _float_or_none(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# A row of a listing (`ts -l` asks for rows): what the listing shows of a job, as one
+# JSON array, named by these columns (tsd.jobview reads them by the names, which are
+# the attributes' own). Smaller and far quicker to encode and decode than the
+# records above: 100,000 jobs list in well under a second.
+LIST_COLUMNS = (
+    "id", "uid", "user", "state", "order", "enqueue_time", "start_time", "end_time",
+    "exited", "code", "gpu_ids", "output_path", "unit", "wait_reason", "gpu_idle_since",
+    "attempts", "slurm_id", "gpu_mem_peak", "gpu_mem_now", "gpu_util_now",
+    "command", "cwd", "label", "slots", "gpus", "gpu_indices", "depends", "store_output",
+    "begin", "priority", "retry", "array_job", "array_task", "array_throttle", "gpu_mem",
+)  # fmt: skip
+WAIT_REASON_COLUMN = LIST_COLUMNS.index("wait_reason")
+
+
+def job_row(job: Job) -> list[Any]:
+    """A job as a row of LIST_COLUMNS (tuples stay tuples: JSON writes them as arrays)."""
+    s, ex = job.spec, job.exit
+    return [
+        job.id, job.uid, job.user, job.state.value, job.order, job.enqueue_time,
+        job.start_time, job.end_time, ex is not None, None if ex is None else ex.code,
+        job.gpu_ids, job.output_path, job.unit, job.wait_reason, job.gpu_idle_since,
+        job.attempts, job.slurm_id, job.gpu_mem_peak, job.gpu_mem_now, job.gpu_util_now,
+        s.command, s.cwd, s.label, s.slots, s.gpus, s.gpu_indices, s.depends, s.store_output,
+        s.begin, s.priority, s.retry, s.array_job, s.array_task, s.array_throttle, s.gpu_mem,
+    ]  # fmt: skip

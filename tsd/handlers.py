@@ -29,6 +29,7 @@ from tsd.gpuusage import unmanaged
 from tsd.gpuwatch import GpuWatch
 from tsd.jobtable import JobTable
 from tsd.ledger import Ledger
+from tsd.codec import LIST_COLUMNS, WAIT_REASON_COLUMN, job_row
 from tsd.model import Job, JobState, Peer, UnmanagedUse, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
@@ -296,20 +297,22 @@ def _check_bytes(
 
 async def list_jobs(
     p: Parts, peer: Peer, req: protocol.ListJobs, send: SendEvent
-) -> protocol.JobList:
+) -> protocol.JobList | protocol.JobRows:
     """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
+    if req.rows:
+        table = list_rows(p, peer, req.all_users)  # one snapshot, before any await
+        outside = await _outside(p, req.all_users)
+        last = await send_rows(table, send)
+        return protocol.JobRows(
+            LIST_COLUMNS, last, p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
+        )
     # One snapshot first: the queue may change while a piece is being sent.
     shown = [
         _with_gpu_use(p, p.dispatcher.explain(j))
         for j in p.table.listing()
         if req.all_users or j.uid == peer.uid
     ]
-    outside: tuple[UnmanagedUse, ...] = ()
-    if req.all_users and p.gpus.cached()[0] is not None:
-        # GPU use outside tsd, as of a picture at most one poll old (never NVML's
-        # first load from here: a CPU-only daemon keeps away from it).
-        await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
-        outside = p.gpus.unmanaged()
+    outside = await _outside(p, req.all_users)
     rows: list[Job] = []
     size = 0
     for job in shown:
@@ -325,6 +328,61 @@ async def list_jobs(
     return protocol.JobList(
         tuple(rows), p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
     )
+
+
+async def _outside(p: Parts, all_users: bool) -> tuple[UnmanagedUse, ...]:
+    """ts -A: GPU use outside tsd, as of a picture at most one poll old (never NVML's
+    first load from here: a CPU-only daemon keeps away from it)."""
+    if not all_users or p.gpus.cached()[0] is None:
+        return ()
+    await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
+    return p.gpus.unmanaged()
+
+
+def list_rows(p: Parts, peer: Peer, all_users: bool) -> list[list[Any]]:
+    """The listing as rows (tsd.codec.job_row), as `peer` may see each job.
+
+    No copy of a job is made unless it must change: its wait reason goes into its
+    row, and only GPU jobs (their use) and other users' jobs (redacted) are copied.
+    """
+    rows = []
+    reason = p.dispatcher.wait_reason
+    watch = p.gpu_watch
+    for job in p.table.listing():
+        if job.uid != peer.uid and not all_users:
+            continue
+        if watch is not None:
+            job = watch.annotate(job)
+        row = job_row(auth.visible_to(peer, job))
+        if job.state.pending:
+            row[WAIT_REASON_COLUMN] = reason(job)
+        rows.append(row)
+    return rows
+
+
+async def send_rows(rows: list[list[Any]], send: SendEvent) -> list[list[Any]]:
+    """Send all but the last piece of `rows` as events, each under the frame limit; the last.
+
+    Pieces are sized by their encoded bytes (a row alone always fits: it is smaller
+    than its job's record, which protocol.MAX_RECORD bounds); the piece size adapts.
+    """
+    start, step = 0, 1024
+    while len(rows) - start > step:
+        piece = rows[start : start + step]
+        size = protocol.encoded_size({"event": "rows", "rows": piece})
+        if size > protocol.LIST_CHUNK and step > 1:
+            step //= 2
+            continue
+        await send(protocol.RowsChunk(piece))
+        start += step
+        if size < protocol.LIST_CHUNK // 3:
+            step *= 2
+    last = rows[start:]
+    while len(last) > 1 and protocol.encoded_size({"rows": last}) > protocol.LIST_CHUNK:
+        half = len(last) // 2
+        await send(protocol.RowsChunk(last[:half]))
+        last = last[half:]
+    return last
 
 
 def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:

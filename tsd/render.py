@@ -11,16 +11,21 @@ to uselessness) the format here is the fixed one.
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-
-from tsd.eligibility import when_text
-from tsd.model import Job, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from collections.abc import Iterable, Mapping, Sequence
     from typing import Any
+
+    from tsd.jobview import JobView, UnmanagedView
+    from tsd.model import Job, UnmanagedUse
+
+    # The daemon's records (tsd.model) or the client's views of them (tsd.jobview).
+    AnyJob = Job | JobView
+    AnyUnmanaged = UnmanagedUse | UnmanagedView
+
+_PENDING = frozenset(("queued", "allocating", "held"))  # tsd.model.JobState.pending
 
 # task-spooler's fixed minimum column widths (`%-4s %-10s %-20s %-8s %-6s`).
 ID_WIDTH = 4
@@ -52,21 +57,20 @@ TAB_COLUMNS = (
 
 # C0 controls, DEL and C1 controls: a stored value must not move an admin's cursor,
 # change the terminal's state or start a fake line (older records may hold them).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\x1b": "\\e"}
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    c = m.group()
-    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+_ESCAPES = {
+    c: _NAMED.get(chr(c)) or f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+}
 
 
 def printable(text: str, keep_newlines: bool = False) -> str:
     """`text` with control characters written as escapes (`\\n`, `\\x01`), for a terminal
     or a log line. `keep_newlines` leaves line breaks (TS_ENV's multi-line output)."""
+    if text.isprintable():  # no control character in it: the common case, in C
+        return text
     if keep_newlines:
-        return "\n".join(_CONTROL.sub(_escape_char, line) for line in text.split("\n"))
-    return _CONTROL.sub(_escape_char, text)
+        return "\n".join(line.translate(_ESCAPES) for line in text.split("\n"))
+    return text.translate(_ESCAPES)
 
 
 def time_rep(seconds: float) -> tuple[float, str]:
@@ -87,45 +91,45 @@ def format_duration(seconds: float) -> str:
     return f"{value:5.2f}{unit}"
 
 
-def run_seconds(job: Job, now: float | None) -> float | None:
+def run_seconds(job: AnyJob, now: float | None) -> float | None:
     """How long the job ran (finished) or has been running (running, given `now`)."""
     if job.start_time is None:
         return None
     if job.end_time is not None:
         return max(0.0, job.end_time - job.start_time)
-    if job.state is JobState.RUNNING and now is not None:
+    if job.state == "running" and now is not None:
         return max(0.0, now - job.start_time)
     return None
 
 
-def output_shown(job: Job) -> str:
+def output_shown(job: AnyJob) -> str:
     """The Output column: the file, or task-spooler's placeholder for it."""
-    if job.state is JobState.SKIPPED:
+    if job.state == "skipped":
         return "(no output)"
     if not job.spec.store_output:
         return "stdout"
-    if job.state.pending:
+    if job.state in _PENDING:
         return "(file)"
     if job.redacted:
         return "(hidden)"
     return job.output_path or "(...)"
 
 
-def elevel(job: Job) -> int | None:
+def elevel(job: AnyJob) -> int | None:
     """E-Level of a finished job (-1 when killed by a signal or lost); None otherwise."""
-    if job.state is not JobState.FINISHED or job.exit is None:
+    if job.state != "finished" or job.exit is None:
         return None
     return job.exit.elevel
 
 
-def depend_str(job: Job) -> str:
+def depend_str(job: AnyJob) -> str:
     """task-spooler's dependency prefix, e.g. `[3,4]&& `; empty without dependencies."""
     if not job.spec.depends:
         return ""
     return "[" + ",".join(str(d) for d in job.spec.depends) + "]&& "
 
 
-def gpus_shown(job: Job) -> str:
+def gpus_shown(job: AnyJob) -> str:
     """The GPUs column of `ts -l`: the GPU ids once the job holds them (`0,1`), the
     number it wants until then (`2`), `-` for a job that wants none."""
     if job.gpu_ids:
@@ -135,11 +139,11 @@ def gpus_shown(job: Job) -> str:
     return "-"
 
 
-def state_shown(job: Job) -> str:
+def state_shown(job: AnyJob) -> str:
     """The State column of `ts -l`: the state, `running(idle)` while its GPUs sit idle."""
-    if job.state is JobState.RUNNING and job.gpu_idle_since is not None:
+    if job.state == "running" and job.gpu_idle_since is not None:
         return "running(idle)"
-    return job.state.value
+    return str(job.state)
 
 
 def shorten(text: str, width: int) -> str:
@@ -151,14 +155,14 @@ def shorten(text: str, width: int) -> str:
     return text[: width - 3] + "..."
 
 
-def ordered(jobs: Iterable[Job]) -> list[Job]:
+def ordered(jobs: Iterable[AnyJob]) -> list[AnyJob]:
     """GPU task-spooler's listing order (the same as `JobTable.listing()`): running jobs,
     then queued ones, each in queue order, then ended jobs by end time."""
 
-    def key(job: Job) -> tuple[int, float, int, int]:
-        if job.state is JobState.RUNNING:
+    def key(job: AnyJob) -> tuple[int, float, int, int]:
+        if job.state == "running":
             return (0, 0.0, job.order, job.id)
-        if job.state.pending:
+        if job.state in _PENDING:
             return (1, 0.0, job.order, job.id)
         return (2, job.end_time or job.enqueue_time, 0, job.id)
 
@@ -173,9 +177,9 @@ def _mib(mib: float) -> str:
     return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib:.0f}M"
 
 
-def gpu_use_shown(job: Job) -> str:
+def gpu_use_shown(job: AnyJob) -> str:
     """A running GPU job's current GPU memory and its GPUs' utilisation: `<3.1G 87%> `."""
-    if job.state is not JobState.RUNNING or job.gpu_mem_now is None:
+    if job.state != "running" or job.gpu_mem_now is None:
         return ""
     if job.gpu_mem_now == 0 and job.gpu_util_now is None:
         return ""  # nothing measured: no process on its GPUs and no utilisation sensor
@@ -183,18 +187,18 @@ def gpu_use_shown(job: Job) -> str:
     return f"<{_mib(job.gpu_mem_now)}{util}> "
 
 
-def _unmanaged_user(use: UnmanagedUse) -> str:
+def _unmanaged_user(use: AnyUnmanaged) -> str:
     return use.user or ("?" if use.uid is None else str(use.uid))
 
 
 def list_text(
-    jobs: Sequence[Job],
+    jobs: Sequence[AnyJob],
     slots: int,
     running: int,
     show_user: bool = False,
     now: float | None = None,
     width: int | None = None,
-    unmanaged: Sequence[UnmanagedUse] = (),
+    unmanaged: Sequence[AnyUnmanaged] = (),
 ) -> str:
     """`ts -l`: GPU task-spooler's table. `width` (a terminal's) shortens long commands.
 
@@ -239,7 +243,7 @@ def list_text(
     why_w = out_w + 1 + ELEVEL_WIDTH + 1 + time_w
     for job, st, out, tim, gpu in zip(rows, states, outputs, times, gpus, strict=True):
         lvl = elevel(job)
-        why = printable(job.wait_reason) if job.state.pending else ""
+        why = printable(job.wait_reason) if job.state in _PENDING else ""
         if why:
             span = cells(str(job.id), printable(job.user), st, "", "", "", "")
             span = span[: len(span) - why_w - gpus_w - 2]  # up to the Output column
@@ -268,12 +272,12 @@ def list_text(
     return "\n".join(lines) + "\n"
 
 
-def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
+def job_dict(job: AnyJob, now: float | None = None) -> dict[str, Any]:
     """One job as an object of `ts -M json`: task-spooler's keys plus tsd's."""
     secs = run_seconds(job, now)
     return {
         "ID": job.id,
-        "State": job.state.value,
+        "State": str(job.state),
         "Output": output_shown(job),
         "E-Level": elevel(job),
         "Time_ms": None if secs is None else round(secs * 1000),
@@ -290,8 +294,8 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "End": job.end_time,
         "Unit": job.unit,
         "GPU_Idle_Since": job.gpu_idle_since,
-        "Wait_Reason": job.wait_reason if job.state.pending else None,
-        "Held": job.state is JobState.HELD,
+        "Wait_Reason": job.wait_reason if job.state in _PENDING else None,
+        "Held": job.state == "held",
         "Begin": job.spec.begin,
         "Priority": job.spec.priority,
         "Retry": job.spec.retry,
@@ -307,7 +311,7 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def unmanaged_dict(use: UnmanagedUse) -> dict[str, Any]:
+def unmanaged_dict(use: AnyUnmanaged) -> dict[str, Any]:
     """A process outside tsd on a GPU as an entry of `ts -A -M json` (`ID` null)."""
     return {
         "ID": None,
@@ -323,7 +327,7 @@ def unmanaged_dict(use: UnmanagedUse) -> dict[str, Any]:
 
 
 def list_json(
-    jobs: Sequence[Job], now: float | None = None, unmanaged: Sequence[UnmanagedUse] = ()
+    jobs: Sequence[AnyJob], now: float | None = None, unmanaged: Sequence[AnyUnmanaged] = ()
 ) -> str:
     """`ts -M json`: a JSON array of job objects, in listing order, then unmanaged GPU use."""
     rows = [job_dict(j, now) for j in ordered(jobs)] + [unmanaged_dict(u) for u in unmanaged]
@@ -335,7 +339,7 @@ def _tab_field(text: str) -> str:
     return printable(text.replace("\\", "\\\\"))
 
 
-def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = None) -> str:
+def list_tab(jobs: Sequence[AnyJob], show_user: bool = False, now: float | None = None) -> str:
     """`ts -M tab`: task-spooler's tab-separated fields, the same columns on every row.
 
     Columns: ID, [User,] State, Output, E-Level, Time, Unit, GPUs, Depends,
@@ -351,7 +355,7 @@ def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = N
         if show_user:
             fields.append(job.user)
         fields += [
-            job.state.value,
+            str(job.state),
             output_shown(job),
             "" if lvl is None else str(lvl),
             value,
@@ -368,6 +372,11 @@ def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = N
 # ------------------------------------------------------------------- ts -i
 
 
+def _when(epoch: float) -> str:
+    # tsd.eligibility.when_text, which needs the job model: a --begin time, local.
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
 def _ctime(t: float) -> str:
     return time.ctime(t)
 
@@ -380,9 +389,9 @@ def _bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def exit_status(job: Job) -> str | None:
+def exit_status(job: AnyJob) -> str | None:
     """task-spooler's `Exit status:` wording; None while the job has not ended."""
-    if job.state is JobState.SKIPPED:
+    if job.state == "skipped":
         return "skipped (a -W dependency failed)"
     ex = job.exit
     if ex is None:
@@ -397,7 +406,7 @@ def exit_status(job: Job) -> str | None:
     return f"died with exit code {ex.code}"
 
 
-def info_text(job: Job, now: float) -> str:
+def info_text(job: AnyJob, now: float) -> str:
     """`ts -i`: task-spooler's lines (Exit status, Command, Slots required, times)
     plus what tsd knows besides: user, GPUs, output files, CPU time, peak memory,
     why a pending job waits, and TS_ENV's output.
@@ -414,8 +423,8 @@ def info_text(job: Job, now: float) -> str:
     lines.append(f"Command: {depend_str(job)}{job.spec.command_line}")
     if job.spec.label:
         lines.append(f"Label: {job.spec.label}")
-    lines.append(f"State: {job.state.value}")
-    if job.state.pending and job.wait_reason:
+    lines.append(f"State: {str(job.state)}")
+    if job.state in _PENDING and job.wait_reason:
         lines.append(f"Wait reason: {job.wait_reason}")
     lines += _controls_lines(job)
     lines.append(f"User: {job.user} (uid {job.uid})")
@@ -434,9 +443,9 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Output: {job.output_path}")
         if job.spec.stderr_apart:
             lines.append(f"Stderr: {job.output_path}.e")
-    if job.pid is not None and job.state is JobState.RUNNING:
+    if job.pid is not None and job.state == "running":
         lines.append(f"PID: {job.pid}")
-    if job.gpu_idle_since is not None and job.state is JobState.RUNNING:
+    if job.gpu_idle_since is not None and job.state == "running":
         lines.append(f"Idle since: {_ctime(job.gpu_idle_since)} (its GPUs are not in use)")
     if job.unit:
         lines.append(f"Unit: {job.unit}")
@@ -460,12 +469,12 @@ def info_text(job: Job, now: float) -> str:
     return head + "".join(printable(line) + "\n" for line in lines)
 
 
-def _controls_lines(job: Job) -> list[str]:
+def _controls_lines(job: AnyJob) -> list[str]:
     """-i's lines for the job controls: begin, priority, retries, array."""
     spec = job.spec
     lines = []
     if spec.begin is not None:
-        lines.append(f"Begin: {when_text(spec.begin)}")
+        lines.append(f"Begin: {_when(spec.begin)}")
     if spec.priority:
         lines.append(f"Priority: {spec.priority}")
     if spec.retry:
@@ -478,13 +487,13 @@ def _controls_lines(job: Job) -> list[str]:
     return lines
 
 
-def gpu_memory_lines(job: Job) -> list[str]:
+def gpu_memory_lines(job: AnyJob) -> list[str]:
     """`ts -i`'s GPU memory lines: declared, current use, and the peak (over the declaration?)."""
     lines = []
     mib = 1 << 20
     if job.spec.gpu_mem is not None:
         lines.append(f"GPU memory declared: {_bytes(job.spec.gpu_mem * mib)} per GPU (--gpu-mem)")
-    if job.state is JobState.RUNNING and job.gpu_mem_now is not None:
+    if job.state == "running" and job.gpu_mem_now is not None:
         util = "" if job.gpu_util_now is None else f", its GPUs {job.gpu_util_now}% busy"
         lines.append(f"GPU memory now: {_bytes(job.gpu_mem_now * mib)}{util}")
     if job.gpu_mem_peak is not None:
@@ -500,7 +509,7 @@ def gpu_memory_lines(job: Job) -> list[str]:
 # ------------------------------------------------------------------- ts -g
 
 
-def _gpu_ids_text(job: Job) -> str:
+def _gpu_ids_text(job: AnyJob) -> str:
     return " ".join(str(g) for g in job.gpu_ids)
 
 
@@ -516,7 +525,7 @@ def _sensor(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
+def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[AnyJob] = ()) -> str:
     """`ts -g`: task-spooler's `ID   GPU-IDs` list of running GPU jobs, then the GPUs.
 
     One line per GPU: index, name, memory used/total, free memory, utilisation,

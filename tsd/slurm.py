@@ -145,6 +145,10 @@ class SlurmEngine:
         """The wait reason is Slurm's, as the last poll saw it."""
         return job
 
+    def wait_reason(self, job: Job) -> str:
+        """Slurm's, as the last poll saw it."""
+        return job.wait_reason
+
     def nudge(self) -> None:
         """Poll now and at the fast rate again (after a submit, a cancel, a start)."""
         self._wake.set()
