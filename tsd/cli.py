@@ -28,7 +28,6 @@ from tsd.cli_output import (
     emit,
     follow_output,
     job_of,
-    terminal_width,
     wait_code,
     warn,
 )

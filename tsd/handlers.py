@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from tsd import auth, jobcontrols, protocol
+from tsd.codec import LIST_COLUMNS, WAIT_REASON_COLUMN, job_row
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
@@ -29,7 +30,6 @@ from tsd.gpuusage import unmanaged
 from tsd.gpuwatch import GpuWatch
 from tsd.jobtable import JobTable
 from tsd.ledger import Ledger
-from tsd.codec import LIST_COLUMNS, WAIT_REASON_COLUMN, job_row
 from tsd.model import Job, JobState, Peer, UnmanagedUse, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable

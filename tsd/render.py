@@ -423,7 +423,7 @@ def info_text(job: AnyJob, now: float) -> str:
     lines.append(f"Command: {depend_str(job)}{job.spec.command_line}")
     if job.spec.label:
         lines.append(f"Label: {job.spec.label}")
-    lines.append(f"State: {str(job.state)}")
+    lines.append(f"State: {job.state!s}")
     if job.state in _PENDING and job.wait_reason:
         lines.append(f"Wait reason: {job.wait_reason}")
     lines += _controls_lines(job)
