@@ -11,11 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import stat
 import struct
 import sys
 import time
+
+# The C socket type, not socket.py's subclass of it: that module (with enum and
+# selectors) would be a tenth of a quick `ts` call, for nothing used here.
+from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as Socket
 from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from tsd import framing
@@ -144,9 +148,9 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
         )
 
 
-def peer_uid(sock: socket.socket) -> tuple[int, int]:
+def peer_uid(sock: Socket) -> tuple[int, int]:
     """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
     return pid, uid
 
@@ -159,7 +163,7 @@ class Connection:
     answer is unbounded (ts -w may wait for hours).
     """
 
-    def __init__(self, sock: socket.socket, answer_timeout: float | None = None) -> None:
+    def __init__(self, sock: Socket, answer_timeout: float | None = None) -> None:
         self.sock = sock
         self.answer_timeout = answer_timeout
         self._unanswered = False  # a request is out and no frame has come back yet
@@ -200,7 +204,9 @@ class Connection:
 
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if fds:
-            sent = socket.send_fds(self.sock, [data], list(fds))
+            # socket.send_fds, spelled out (see the import of _socket above).
+            rights = struct.pack(f"{len(fds)}i", *fds)
+            sent = self.sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, rights)])
             data = data[sent:]
         if data:
             self.sock.sendall(data)
@@ -254,7 +260,7 @@ class Connection:
         self.sock.close()
 
 
-def _unread_by_peer(sock: socket.socket) -> int:
+def _unread_by_peer(sock: Socket) -> int:
     """Bytes we sent that the other end has not read yet (SIOCOUTQ); 0 when unknown."""
     import fcntl
     import termios
@@ -351,7 +357,7 @@ class Client:
                 delay = min(delay * 2, 0.05)
 
     def _connect_once(self) -> Connection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = Socket(AF_UNIX, SOCK_STREAM)
         try:
             # connect() blocks while the listener's backlog is full.
             sock.settimeout(ANSWER_TIMEOUT)

@@ -32,14 +32,15 @@ _RENAMED = {"enqueue": "enqueue_time", "start": "start_time", "end": "end_time",
             "output": "output_path"}  # fmt: skip
 
 
-class JobView:
-    """A job record from the daemon, read in place; every attribute has Job's default.
+class JobView(list):  # type: ignore[type-arg]
+    """A job record from the daemon: its row (a list), with Job's attribute names.
 
-    Subclasses made by `view_class` read each column of a row with an itemgetter
-    property; attributes the daemon did not send keep the defaults below.
+    Subclasses made by `view_class` read each column with an itemgetter property
+    (in C: a listing reads millions of them); attributes the daemon did not send
+    keep the defaults below.
     """
 
-    __slots__ = ("_r",)
+    __slots__ = ()
 
     # Job
     id: int = 0
@@ -98,9 +99,6 @@ class JobView:
     cpu_seconds: float | None = None
     max_rss: int | None = None
     note: str = ""
-
-    def __init__(self, row: Sequence[Any]) -> None:
-        self._r = row
 
     @property
     def spec(self) -> JobView:

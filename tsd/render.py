@@ -10,7 +10,6 @@ to uselessness) the format here is the fixed one.
 
 from __future__ import annotations
 
-import json
 import time
 
 TYPE_CHECKING = False
@@ -330,6 +329,8 @@ def list_json(
     jobs: Sequence[AnyJob], now: float | None = None, unmanaged: Sequence[AnyUnmanaged] = ()
 ) -> str:
     """`ts -M json`: a JSON array of job objects, in listing order, then unmanaged GPU use."""
+    import json  # only for -M json: its package compiles regular expressions at import
+
     rows = [job_dict(j, now) for j in ordered(jobs)] + [unmanaged_dict(u) for u in unmanaged]
     return json.dumps(rows, ensure_ascii=False) + "\n"
 
@@ -609,4 +610,6 @@ def gpu_status_json(resp: Mapping[str, Any]) -> str:
                 for p in gpu.get("processes") or []
             ],
         })
+    import json
+
     return json.dumps(out, ensure_ascii=False) + "\n"
