@@ -85,10 +85,10 @@ def job_of(resp: Mapping[str, Any]) -> JobView:
 
 def listing_views(resp: Mapping[str, Any]) -> list[JobView]:
     """The jobs of a listing: rows (what ts asks for) or records (an older daemon, ts -g)."""
-    from tsd.jobview import views_of_records, views_of_rows
+    from tsd.jobview import views_of_pieces, views_of_records
 
     if "rows" in resp:
-        return views_of_rows(resp.get("columns"), resp["rows"])
+        return views_of_pieces(resp.get("pieces", [resp]))
     return views_of_records(resp.get("jobs", []))
 
 

@@ -407,28 +407,34 @@ class Client:
         """One request, one final response; errors come back as TsdError.
 
         A long job list arrives in pieces (`jobs` or `rows` events, each under
-        the frame limit) before the final frame; they are put back together here.
+        the frame limit) before the final frame: records are put back together
+        in `jobs`; pieces of rows are listed in `pieces`, the final frame last.
         """
         conn = self.connect()
-        pieces: dict[str, list[Any]] = {}
+        jobs: list[Any] = []
+        pieces: list[dict[str, Any]] = []  # of a listing in rows (tsd.codec.piece)
         try:
             conn.send(req)
             while True:
                 frame = conn.recv()
                 event = frame.get("event")
-                if event in ("jobs", "rows"):
-                    piece = frame.get(event)
+                if event == "jobs":
+                    piece = frame.get("jobs")
                     if not isinstance(piece, list):
                         raise ProtocolError("malformed job list from the daemon")
-                    pieces.setdefault(event, []).extend(piece)
+                    jobs.extend(piece)
+                elif event == "rows":
+                    pieces.append(frame)
                 elif event is None:
                     final = _check(frame)
-                    for key, items in pieces.items():
-                        last = final.get(key) or []
+                    if jobs:
+                        last = final.get("jobs") or []
                         if not isinstance(last, list):
                             raise ProtocolError("malformed job list from the daemon")
-                        items.extend(last)
-                        final[key] = items
+                        final["jobs"] = jobs + last
+                    if "rows" in final:
+                        # Every piece of the listing in order, the final frame's last.
+                        final["pieces"] = [*pieces, final]
                     return final
         finally:
             conn.close()

@@ -202,12 +202,12 @@ def _float_or_none(value: Any) -> float | None:
 # A row of a listing (`ts -l` asks for rows): what the listing shows of a job, as one
 # JSON array, named by these columns (tsd.jobview reads them by the names, which are
 # the attributes' own). Smaller and far quicker to encode and decode than the
-# records above: 100,000 jobs list in well under a second.
+# records above: 100,000 jobs list in well under a second (see `piece`).
 LIST_COLUMNS = (
     "id", "uid", "user", "state", "order", "enqueue_time", "start_time", "end_time",
     "exited", "code", "gpu_ids", "output_path", "unit", "wait_reason", "gpu_idle_since",
     "attempts", "slurm_id", "gpu_mem_peak", "gpu_mem_now", "gpu_util_now",
-    "command", "cwd", "label", "slots", "gpus", "gpu_indices", "depends", "store_output",
+    "command_line", "cwd", "label", "slots", "gpus", "gpu_indices", "depends", "store_output",
     "begin", "priority", "retry", "array_job", "array_task", "array_throttle", "gpu_mem",
 )  # fmt: skip
 WAIT_REASON_COLUMN = LIST_COLUMNS.index("wait_reason")
@@ -221,6 +221,32 @@ def job_row(job: Job) -> list[Any]:
         job.start_time, job.end_time, ex is not None, None if ex is None else ex.code,
         job.gpu_ids, job.output_path, job.unit, job.wait_reason, job.gpu_idle_since,
         job.attempts, job.slurm_id, job.gpu_mem_peak, job.gpu_mem_now, job.gpu_util_now,
-        s.command, s.cwd, s.label, s.slots, s.gpus, s.gpu_indices, s.depends, s.store_output,
+        s.command_line, s.cwd, s.label, s.slots, s.gpus, s.gpu_indices, s.depends,
+        s.store_output,
         s.begin, s.priority, s.retry, s.array_job, s.array_task, s.array_throttle, s.gpu_mem,
     ]  # fmt: skip
+
+
+def piece(rows: list[list[Any]]) -> dict[str, Any]:
+    """Rows of LIST_COLUMNS as a piece of a listing: `same` holds the columns whose value
+    is the same in every row (once), `columns` names what is left in each of `rows`.
+
+    A long queue is mostly alike (one user, one state, no GPUs, the same wait
+    reason): its rows shrink to a few values, which is what makes the listing
+    cheap to encode, send and decode. `id` always stays a column (it counts rows).
+    """
+    if not rows:
+        return {"columns": list(LIST_COLUMNS), "same": {}, "rows": []}
+    same: dict[str, Any] = {}
+    columns: list[str] = []
+    kept: list[tuple[Any, ...]] = []
+    n = len(rows)
+    for name, column in zip(LIST_COLUMNS, zip(*rows), strict=True):
+        first = column[0]
+        # Equal and of one type: 1, 1.0 and True are equal, yet print differently.
+        if name != "id" and column.count(first) == n and len(set(map(type, column))) == 1:
+            same[name] = first
+        else:
+            columns.append(name)
+            kept.append(column)
+    return {"columns": columns, "same": same, "rows": list(zip(*kept))}

@@ -35,9 +35,20 @@ MAX_TIMEOUT = 10 * 365 * 86400.0
 MAX_GPU_MEM = 1 << 30  # MiB (1 PiB): --gpu-mem's ceiling on the wire; GPUs refuse far less
 
 
+class Encoded(dict):  # type: ignore[type-arg]
+    """A frame's object together with its body, already encoded by whoever built it
+    (a piece of a long listing, encoded once to be sized): `encode` sends that body."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes, obj: Mapping[str, Any]) -> None:
+        super().__init__(obj)
+        self.body = body
+
+
 def encode(obj: Mapping[str, Any]) -> bytes:
     """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
-    body = dumps(obj).encode()
+    body = obj.body if type(obj) is Encoded else dumps(obj).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(body)) + body

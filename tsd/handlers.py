@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from tsd import auth, jobcontrols, protocol
-from tsd.codec import LIST_COLUMNS, WAIT_REASON_COLUMN, job_row
+from tsd import auth, framing, jobcontrols, protocol
+from tsd.codec import WAIT_REASON_COLUMN, job_row, piece
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
@@ -304,7 +304,7 @@ async def list_jobs(
         outside = await _outside(p, req.all_users)
         last = await send_rows(table, send)
         return protocol.JobRows(
-            LIST_COLUMNS, last, p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
+            last, p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
         )
     # One snapshot first: the queue may change while a piece is being sent.
     shown = [
@@ -360,29 +360,27 @@ def list_rows(p: Parts, peer: Peer, all_users: bool) -> list[list[Any]]:
     return rows
 
 
-async def send_rows(rows: list[list[Any]], send: SendEvent) -> list[list[Any]]:
-    """Send all but the last piece of `rows` as events, each under the frame limit; the last.
+async def send_rows(rows: list[list[Any]], send: SendEvent) -> dict[str, Any]:
+    """Send all but the last piece of `rows` (tsd.codec.piece) as events, each under the
+    frame limit; the last piece.
 
     Pieces are sized by their encoded bytes (a row alone always fits: it is smaller
-    than its job's record, which protocol.MAX_RECORD bounds); the piece size adapts.
+    than its job's record, which protocol.MAX_RECORD bounds); their length adapts.
     """
-    start, step = 0, 1024
-    while len(rows) - start > step:
-        piece = rows[start : start + step]
-        size = protocol.encoded_size({"event": "rows", "rows": piece})
-        if size > protocol.LIST_CHUNK and step > 1:
+    start, step = 0, 2048
+    while True:
+        chunk = piece(rows[start : start + step])
+        # Encoded once: to size it, and as the frame that goes out (protocol.Encoded).
+        body = framing.dumps({"event": "rows", **chunk}).encode()
+        if len(body) > protocol.LIST_CHUNK and step > 1:
             step //= 2
             continue
-        await send(protocol.RowsChunk(piece))
         start += step
-        if size < protocol.LIST_CHUNK // 3:
+        if start >= len(rows):
+            return chunk
+        await send(protocol.RowsChunk(chunk, body))
+        if len(body) < protocol.LIST_CHUNK // 3:
             step *= 2
-    last = rows[start:]
-    while len(last) > 1 and protocol.encoded_size({"rows": last}) > protocol.LIST_CHUNK:
-        half = len(last) // 2
-        await send(protocol.RowsChunk(last[:half]))
-        last = last[half:]
-    return last
 
 
 def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:

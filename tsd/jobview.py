@@ -141,31 +141,52 @@ class JobView(list):  # type: ignore[type-arg]
         return self.code if self.code is not None and not self.timed_out else 255
 
 
-NAMES = frozenset(
-    name for name in JobView.__annotations__ if not name.startswith("_")
-)
+# What a column may be: an attribute, or command_line (a listing sends the line alone).
+NAMES = frozenset((*JobView.__annotations__, "command_line"))
 _CLASSES: dict[tuple[str, ...], type[JobView]] = {}
 
 
-def view_class(columns: Sequence[str]) -> type[JobView]:
-    """The view of rows laid out as `columns`; names it does not know are skipped."""
+def view_class(columns: Sequence[str], same: Mapping[str, Any] | None = None) -> type[JobView]:
+    """The view of rows laid out as `columns`, whose other attributes are `same` for
+    every row (tsd.codec.piece); names it does not know are skipped."""
     key = tuple(columns)
-    cls = _CLASSES.get(key)
+    cls = None if same else _CLASSES.get(key)
     if cls is None:
         props: dict[str, Any] = {"__slots__": ()}
+        for name, value in (same or {}).items():
+            if name in NAMES:
+                props[name] = value
         for i, name in enumerate(key):
             if name in NAMES:
                 props[name] = property(itemgetter(i))
-        cls = _CLASSES[key] = type("JobRow", (JobView,), props)
+        cls = type("JobRow", (JobView,), props)
+        if not same:
+            _CLASSES[key] = cls
     return cls
 
 
-def views_of_rows(columns: Any, rows: Any) -> list[JobView]:
-    """A listing's rows (tsd.codec.job_row) as views; a malformed one is a ProtocolError."""
+def views_of_pieces(pieces: Any) -> list[JobView]:
+    """A listing's pieces of rows (tsd.codec.piece) as views; a malformed one is a
+    ProtocolError."""
+    if not isinstance(pieces, list):
+        raise ProtocolError("malformed job list from the daemon: not a list")
+    views: list[JobView] = []
+    for piece in pieces:
+        if not isinstance(piece, dict):
+            raise ProtocolError("malformed job list from the daemon: not an object")
+        views += views_of_rows(piece.get("columns"), piece.get("rows"), piece.get("same"))
+    return views
+
+
+def views_of_rows(columns: Any, rows: Any, same: Any = None) -> list[JobView]:
+    """Rows of `columns` (tsd.codec.job_row), the rest `same` for all, as views."""
+    same = {} if same is None else same
     if (
         not isinstance(columns, list)
         or not all(isinstance(c, str) for c in columns)
-        or not {"id", "state"} <= set(columns)
+        or not isinstance(same, dict)
+        or "id" not in columns
+        or not ("state" in columns or "state" in same)
         or not isinstance(rows, list)
     ):
         raise ProtocolError("malformed job list from the daemon: bad columns")
@@ -173,8 +194,7 @@ def views_of_rows(columns: Any, rows: Any) -> list[JobView]:
     for row in rows:
         if type(row) is not list or len(row) != width:
             raise ProtocolError("malformed job list from the daemon: a row of the wrong shape")
-    cls = view_class(columns)
-    return [cls(row) for row in rows]
+    return list(map(view_class(columns, same), rows))
 
 
 def view_of(record: Any) -> JobView:

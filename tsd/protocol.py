@@ -31,6 +31,7 @@ from tsd.framing import MAX_ID as MAX_ID
 from tsd.framing import MAX_SLOTS as MAX_SLOTS
 from tsd.framing import MAX_TEXT as MAX_TEXT
 from tsd.framing import MAX_TIMEOUT as MAX_TIMEOUT
+from tsd.framing import Encoded
 from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
@@ -590,14 +591,13 @@ class JobList:
 
 @dataclass(frozen=True)
 class JobRows:
-    """list with `rows`: the last piece of the listing as rows of `columns`, and slot use.
+    """list with `rows`: the last piece of the listing (tsd.codec.piece), and slot use.
 
     The rows are already as `auth.visible_to` lets the caller see them: list_jobs
     makes them so, since rows hold no Job for the usual pass to redact.
     """
 
-    columns: tuple[str, ...]
-    rows: list[list[Any]]
+    piece: Mapping[str, Any]
     slots: int
     running: int
     unmanaged: tuple[UnmanagedUse, ...] = ()
@@ -605,8 +605,7 @@ class JobRows:
     def to_wire(self) -> dict[str, Any]:
         """The response body."""
         return {
-            "columns": list(self.columns),
-            "rows": self.rows,
+            **self.piece,
             "slots": self.slots,
             "running": self.running,
             "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
@@ -736,13 +735,16 @@ class JobsChunk:
 
 @dataclass(frozen=True)
 class RowsChunk:
-    """An event of a list stream with `rows`: a piece of a listing too long for one frame."""
+    """An event of a list stream with `rows`: a piece of a listing (tsd.codec.piece)
+    too long for one frame."""
 
-    rows: list[list[Any]]
+    piece: Mapping[str, Any]
+    body: bytes | None = field(default=None, compare=False)  # to_wire's, encoded already
 
     def to_wire(self) -> dict[str, Any]:
         """The event frame."""
-        return {"event": "rows", "rows": self.rows}
+        frame = {"event": "rows", **self.piece}
+        return frame if self.body is None else Encoded(self.body, frame)
 
 
 @dataclass(frozen=True)

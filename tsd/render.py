@@ -207,66 +207,74 @@ def list_text(
     utilisation (`<3.1G 87%> `). `unmanaged` (ts -A): processes outside tsd on
     the GPUs, listed last as `-` entries in state `unmanaged`.
     """
-    rows = ordered(jobs)
-    states = [state_shown(j) for j in rows]
-    state_w = max([STATE_WIDTH, *(len(st) for st in states)])
-    outputs = [printable(output_shown(j)) for j in rows]
-    gpus = [gpus_shown(j) for j in rows]
-    times = []
-    for job in rows:
-        secs = run_seconds(job, now)
-        times.append("" if secs is None else format_duration(secs))
+    # One pass over the jobs for every cell but the command's, then the widths, then
+    # the lines: a listing of 100,000 jobs renders in a fraction of a second.
+    cells = []
+    pending = _PENDING
+    for job in ordered(jobs):
+        spec, state = job.spec, job.state
+        user = job.user if job.user.isprintable() else printable(job.user)
+        st = "running(idle)" if state == "running" and job.gpu_idle_since is not None else (
+            str(state))  # fmt: skip
+        out = output_shown(job)
+        out = out if out.isprintable() else printable(out)
+        if job.gpu_ids:
+            gpu = ",".join(str(g) for g in job.gpu_ids)
+        else:
+            gpu = str(spec.gpus_wanted) if spec.gpus_wanted else "-"
+        secs = run_seconds(job, now) if job.start_time is not None else None
+        why = job.wait_reason if state in pending else ""
+        cells.append((job, str(job.id), user, st, out, gpu,
+                      "" if secs is None else format_duration(secs),
+                      why if why.isprintable() else printable(why)))  # fmt: skip
     outside_out = [f"pid {u.pid}" for u in unmanaged]
     outside_gpus = [",".join(str(g) for g in u.gpus) for u in unmanaged]
     outside_users = [printable(_unmanaged_user(u)) for u in unmanaged]
-    id_w = max([ID_WIDTH, *(len(str(j.id)) for j in rows)])
-    out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs + outside_out)])
-    time_w = max([TIME_WIDTH, *(len(t) for t in times)])
-    user_w = max([USER_WIDTH, *(len(u) for u in [printable(j.user) for j in rows]
-                                + outside_users)])  # fmt: skip
-    gpus_w = max([GPUS_WIDTH, *(len(g) for g in gpus + outside_gpus)])
+    id_w = max([ID_WIDTH, *(len(c[1]) for c in cells)])
+    user_w = max([USER_WIDTH, *(len(c[2]) for c in cells), *map(len, outside_users)])
+    state_w = max([STATE_WIDTH, *(len(c[3]) for c in cells)])
+    out_w = max([OUTPUT_WIDTH, *(len(c[4]) for c in cells), *map(len, outside_out)])
+    gpus_w = max([GPUS_WIDTH, *(len(c[5]) for c in cells), *map(len, outside_gpus)])
+    time_w = max([TIME_WIDTH, *(len(c[6]) for c in cells)])
 
-    def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str, gpu: str) -> str:
-        head = f"{ident:<{id_w}} "
-        if show_user:
-            head += f"{user:<{user_w}} "
-        return (
-            head
-            + f"{state:<{state_w}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
-            + f"{gpu:<{gpus_w}} "
-        )
+    def head(ident: str, user: str, state: str) -> str:
+        users = f"{user:<{user_w}} " if show_user else ""
+        return f"{ident:<{id_w}} {users}{state:<{state_w}} "
 
-    header = cells("ID", "User", "State", "Output", "E-Level", "Time", "GPUs")
+    header = head("ID", "User", "State") + (
+        f"{'Output':<{out_w}} {'E-Level':<{ELEVEL_WIDTH}} {'Time':<{time_w}} {'GPUs':<{gpus_w}} "
+    )
     lines = [header + f"Command [run={running}/{slots}]"]
     # A waiting job has no output, E-Level or time yet: why it waits takes their room.
     why_w = out_w + 1 + ELEVEL_WIDTH + 1 + time_w
-    for job, st, out, tim, gpu in zip(rows, states, outputs, times, gpus, strict=True):
-        lvl = elevel(job)
-        why = printable(job.wait_reason) if job.state in _PENDING else ""
+    for job, ident, user, st, out, gpu, tim, why in cells:
+        spec = job.spec
         if why:
-            span = cells(str(job.id), printable(job.user), st, "", "", "", "")
-            span = span[: len(span) - why_w - gpus_w - 2]  # up to the Output column
-            prefix = span + f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
+            rest = f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
         else:
-            prefix = cells(
-                str(job.id),
-                printable(job.user),
-                st,
-                out,
-                "" if lvl is None else str(lvl),
-                tim.rjust(TIME_WIDTH),
-                gpu,
+            lvl = elevel(job)
+            rest = (
+                f"{out:<{out_w}} {'' if lvl is None else str(lvl):<{ELEVEL_WIDTH}} "
+                f"{tim.rjust(TIME_WIDTH):<{time_w}} {gpu:<{gpus_w}} "
             )
-        label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
-        label = gpu_use_shown(job) + label
-        command = printable(job.spec.command_line)
+        prefix = head(ident, user, st) + rest
+        label = spec.label
+        if label:
+            label = f"[{shorten(label if label.isprintable() else printable(label), LABEL_WIDTH)}]"
+        label = (gpu_use_shown(job) if job.gpu_mem_now is not None else "") + (label or "")
+        command = spec.command_line
+        if not command.isprintable():
+            command = printable(command)
+        deps = depend_str(job) if spec.depends else ""
         if width is not None:
-            room = width - len(prefix) - len(depend_str(job)) - len(label)
+            room = width - len(prefix) - len(deps) - len(label)
             command = shorten(command, max(room, MIN_COMMAND_WIDTH))
-        lines.append(prefix + depend_str(job) + label + command)
+        lines.append(prefix + deps + label + command)
     for use, out, user, gpu in zip(unmanaged, outside_out, outside_users, outside_gpus,
                                    strict=True):  # fmt: skip
-        prefix = cells("-", user, "unmanaged", out, "", "".rjust(TIME_WIDTH), gpu)
+        prefix = head("-", user, "unmanaged") + (
+            f"{out:<{out_w}} {'':<{ELEVEL_WIDTH}} {''.rjust(TIME_WIDTH):<{time_w}} {gpu:<{gpus_w}} "
+        )
         lines.append(prefix + f"<{_mib(use.memory_mib)}> (GPU use outside tsd)")
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from integration.harness import Env, Runner, queue, wait_state
 
 from tsd import protocol
-from tsd.cli_output import listing_text
+from tsd.cli_output import listing_text, listing_views
 from tsd.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,8 +72,8 @@ def test_the_rows_ts_asks_for_list_exactly_as_an_older_clients_records(
     client = Client(path=str(tsd_env.socket))
     rows = client.call({"v": protocol.PROTOCOL_VERSION, "op": "list", "rows": True})
     records = client.call(protocol.ListJobs())
-    assert "jobs" not in rows and "rows" not in records
-    assert [r[0] for r in rows["rows"]] == [j["id"] for j in records["jobs"]] == ids
+    assert "jobs" not in rows and "rows" not in records and len(rows["pieces"]) > 1
+    assert [v.id for v in listing_views(rows)] == [j["id"] for j in records["jobs"]] == ids
     for fmt in ("default", "tab"):
         assert listing_text(rows, fmt, False, width=None) == listing_text(
             records, fmt, False, width=None

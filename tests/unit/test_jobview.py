@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tsd import cli_output, codec, framing, protocol, render
 from tsd.errors import ProtocolError
-from tsd.jobview import JobView, view_of, views_of_records, views_of_rows
+from tsd.jobview import JobView, view_of, views_of_pieces, views_of_records, views_of_rows
 from tsd.model import HIDDEN, DependMode, ExitInfo, Job, JobSpec, JobState, UnmanagedUse
 
 T0 = 1_700_000_000.0
@@ -96,9 +96,11 @@ def wire_trip(obj: object) -> object:
     return framing.loads(framing.dumps(obj))
 
 
-def as_rows(listed: list[Job]) -> list[JobView]:
-    rows = wire_trip([codec.job_row(j) for j in listed])
-    return views_of_rows(list(codec.LIST_COLUMNS), rows)
+def as_rows(listed: list[Job], size: int) -> list[JobView]:
+    """The jobs as a listing in pieces of `size` rows (tsd.codec.piece), as ts reads them."""
+    rows = [codec.job_row(j) for j in listed]
+    pieces = [codec.piece(rows[i : i + size]) for i in range(0, len(rows), size)]
+    return views_of_pieces(wire_trip(pieces or [codec.piece([])]))
 
 
 def as_records(listed: list[Job]) -> list[JobView]:
@@ -106,16 +108,19 @@ def as_records(listed: list[Job]) -> list[JobView]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(jobs(), max_size=6), st.booleans(), st.none() | st.integers(40, 200))
+@given(
+    st.lists(jobs(), max_size=6), st.booleans(), st.none() | st.integers(40, 200),
+    st.integers(1, 4),
+)  # fmt: skip
 def test_rows_and_records_list_exactly_as_the_jobs_do(
-    listed: list[Job], show_user: bool, width: int | None
+    listed: list[Job], show_user: bool, width: int | None, size: int
 ) -> None:
     now = T0 + 10
     outside = [UnmanagedUse(pid=77, uid=None, user=None, gpus=(1,), memory_mib=2048)]
     want_text = render.list_text(listed, 4, 1, show_user, now, width, outside)
     want_tab = render.list_tab(listed, show_user, now)
     want_json = render.list_json(listed, now, outside)
-    for views in (as_rows(listed), as_records(listed)):
+    for views in (as_rows(listed, size), as_records(listed)):
         assert render.list_text(views, 4, 1, show_user, now, width, outside) == want_text
         assert render.list_tab(views, show_user, now) == want_tab
         assert render.list_json(views, now, outside) == want_json
@@ -145,6 +150,22 @@ def test_columns_a_client_does_not_know_are_skipped_and_missing_ones_default() -
     )
 
 
+def test_a_piece_sends_what_every_row_shares_once() -> None:
+    alike = [codec.job_row(Job(
+        id=i, uid=1000, user="alice", spec=JobSpec(command=("echo", "x"), cwd="/w", env=()),
+        state=JobState.QUEUED, order=i, enqueue_time=T0, wait_reason="why",
+    )) for i in range(1, 4)]  # fmt: skip
+    part = codec.piece(alike)
+    assert part["columns"] == ["id", "order"]
+    assert part["same"]["wait_reason"] == "why" and part["same"]["user"] == "alice"
+    assert [v.id for v in views_of_pieces([wire_trip(part)])] == [1, 2, 3]
+    # 1, 1.0 and True are equal but print differently: never one value for them.
+    mixed = [list(alike[0]), list(alike[1])]
+    mixed[0][codec.LIST_COLUMNS.index("gpu_mem_now")] = 1
+    mixed[1][codec.LIST_COLUMNS.index("gpu_mem_now")] = True
+    assert "gpu_mem_now" in codec.piece(mixed)["columns"]
+
+
 @pytest.mark.parametrize(
     "resp",
     [
@@ -159,6 +180,9 @@ def test_columns_a_client_does_not_know_are_skipped_and_missing_ones_default() -
         {"ok": True, "jobs": [{"id": 1, "state": "queued"}]},
         {"ok": True, "jobs": {"id": 1}},
         {"ok": True, "jobs": [], "unmanaged": [{"gpus": [0]}]},
+        {"ok": True, "rows": [], "pieces": [{"columns": ["id"], "same": [], "rows": []}]},
+        {"ok": True, "rows": [], "pieces": [["id"]]},
+        {"ok": True, "rows": [], "pieces": {"columns": ["id", "state"]}},
     ],
 )
 def test_a_malformed_listing_is_one_protocol_error(resp: dict[str, object]) -> None:
