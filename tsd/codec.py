@@ -241,7 +241,7 @@ def piece(rows: list[list[Any]]) -> dict[str, Any]:
     columns: list[str] = []
     kept: list[tuple[Any, ...]] = []
     n = len(rows)
-    for name, column in zip(LIST_COLUMNS, zip(*rows), strict=True):
+    for name, column in zip(LIST_COLUMNS, zip(*rows, strict=True), strict=True):
         first = column[0]
         # Equal and of one type: 1, 1.0 and True are equal, yet print differently.
         if name != "id" and column.count(first) == n and len(set(map(type, column))) == 1:
@@ -249,4 +249,4 @@ def piece(rows: list[list[Any]]) -> dict[str, Any]:
         else:
             columns.append(name)
             kept.append(column)
-    return {"columns": columns, "same": same, "rows": list(zip(*kept))}
+    return {"columns": columns, "same": same, "rows": list(zip(*kept, strict=True))}

@@ -31,8 +31,8 @@ from tsd.framing import MAX_ID as MAX_ID
 from tsd.framing import MAX_SLOTS as MAX_SLOTS
 from tsd.framing import MAX_TEXT as MAX_TEXT
 from tsd.framing import MAX_TIMEOUT as MAX_TIMEOUT
-from tsd.framing import Encoded
 from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
+from tsd.framing import Encoded
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
