@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
 from tsd import auth, framing, jobcontrols, protocol
-from tsd.codec import WAIT_REASON_COLUMN, job_row, piece
+from tsd.codec import piece
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
@@ -339,13 +339,14 @@ async def _outside(p: Parts, all_users: bool) -> tuple[UnmanagedUse, ...]:
     return p.gpus.unmanaged()
 
 
-def list_rows(p: Parts, peer: Peer, all_users: bool) -> list[list[Any]]:
-    """The listing as rows (tsd.codec.job_row), as `peer` may see each job.
+def list_rows(p: Parts, peer: Peer, all_users: bool) -> tuple[list[Job], list[str]]:
+    """The jobs of the listing as `peer` may see each, and their wait reasons.
 
-    No copy of a job is made unless it must change: its wait reason goes into its
-    row, and only GPU jobs (their use) and other users' jobs (redacted) are copied.
+    No copy of a job is made unless it must change: wait reasons come apart (the
+    dispatcher's), and only GPU jobs (their use) and other users' jobs (redacted)
+    are copied.
     """
-    rows = []
+    shown: list[Job] = []
     reason = p.dispatcher.wait_reason
     watch = p.gpu_watch
     for job in p.table.listing():
@@ -353,30 +354,29 @@ def list_rows(p: Parts, peer: Peer, all_users: bool) -> list[list[Any]]:
             continue
         if watch is not None:
             job = watch.annotate(job)
-        row = job_row(auth.visible_to(peer, job))
-        if job.state.pending:
-            row[WAIT_REASON_COLUMN] = reason(job)
-        rows.append(row)
-    return rows
+        shown.append(auth.visible_to(peer, job))
+    return shown, [reason(j) for j in shown]
 
 
-async def send_rows(rows: list[list[Any]], send: SendEvent) -> dict[str, Any]:
-    """Send all but the last piece of `rows` (tsd.codec.piece) as events, each under the
-    frame limit; the last piece.
+async def send_rows(listed: tuple[list[Job], list[str]], send: SendEvent) -> dict[str, Any]:
+    """Send all but the last piece (tsd.codec.piece) of a listing as events, each under
+    the frame limit; the last piece.
 
-    Pieces are sized by their encoded bytes (a row alone always fits: it is smaller
-    than its job's record, which protocol.MAX_RECORD bounds); their length adapts.
+    Pieces are sized by their encoded bytes (one job alone always fits: its row is
+    smaller than its record, which protocol.MAX_RECORD bounds); their length adapts.
     """
+    jobs, reasons = listed
     start, step = 0, 2048
     while True:
-        chunk = piece(rows[start : start + step])
+        end = start + step
+        chunk = piece(jobs[start:end], reasons[start:end])
         # Encoded once: to size it, and as the frame that goes out (protocol.Encoded).
         body = framing.dumps({"event": "rows", **chunk}).encode()
         if len(body) > protocol.LIST_CHUNK and step > 1:
             step //= 2
             continue
-        start += step
-        if start >= len(rows):
+        start = end
+        if start >= len(jobs):
             return chunk
         await send(protocol.RowsChunk(chunk, body))
         if len(body) < protocol.LIST_CHUNK // 3:

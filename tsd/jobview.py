@@ -179,7 +179,7 @@ def views_of_pieces(pieces: Any) -> list[JobView]:
 
 
 def views_of_rows(columns: Any, rows: Any, same: Any = None) -> list[JobView]:
-    """Rows of `columns` (tsd.codec.job_row), the rest `same` for all, as views."""
+    """Rows of `columns` (tsd.codec.LIST_COLUMNS), the rest `same` for all, as views."""
     same = {} if same is None else same
     if (
         not isinstance(columns, list)

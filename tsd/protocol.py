@@ -119,7 +119,7 @@ class PassedFds:
 class ListJobs:
     """ts -l; `all_users` is -A.
 
-    `rows`: answer with rows (`JobRows`, tsd.codec.job_row) rather than job records
+    `rows`: answer with rows (`JobRows`, tsd.codec.piece) rather than job records
     (`JobList`): what ts itself asks for. A daemon that predates rows ignores the
     key and answers records, which ts reads as well.
     """

@@ -9,6 +9,7 @@ like a record is one line, never a traceback.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -98,9 +99,12 @@ def wire_trip(obj: object) -> object:
 
 def as_rows(listed: list[Job], size: int) -> list[JobView]:
     """The jobs as a listing in pieces of `size` rows (tsd.codec.piece), as ts reads them."""
-    rows = [codec.job_row(j) for j in listed]
-    pieces = [codec.piece(rows[i : i + size]) for i in range(0, len(rows), size)]
-    return views_of_pieces(wire_trip(pieces or [codec.piece([])]))
+    reasons = [j.wait_reason for j in listed]
+    pieces = [
+        codec.piece(listed[i : i + size], reasons[i : i + size])
+        for i in range(0, len(listed), size)
+    ]
+    return views_of_pieces(wire_trip(pieces or [codec.piece([], [])]))
 
 
 def as_records(listed: list[Job]) -> list[JobView]:
@@ -151,19 +155,17 @@ def test_columns_a_client_does_not_know_are_skipped_and_missing_ones_default() -
 
 
 def test_a_piece_sends_what_every_row_shares_once() -> None:
-    alike = [codec.job_row(Job(
+    alike = [Job(
         id=i, uid=1000, user="alice", spec=JobSpec(command=("echo", "x"), cwd="/w", env=()),
-        state=JobState.QUEUED, order=i, enqueue_time=T0, wait_reason="why",
-    )) for i in range(1, 4)]  # fmt: skip
-    part = codec.piece(alike)
+        state=JobState.QUEUED, order=i, enqueue_time=T0,
+    ) for i in range(1, 4)]  # fmt: skip
+    part = codec.piece(alike, ["why"] * 3)
     assert part["columns"] == ["id", "order"]
     assert part["same"]["wait_reason"] == "why" and part["same"]["user"] == "alice"
     assert [v.id for v in views_of_pieces([wire_trip(part)])] == [1, 2, 3]
     # 1, 1.0 and True are equal but print differently: never one value for them.
-    mixed = [list(alike[0]), list(alike[1])]
-    mixed[0][codec.LIST_COLUMNS.index("gpu_mem_now")] = 1
-    mixed[1][codec.LIST_COLUMNS.index("gpu_mem_now")] = True
-    assert "gpu_mem_now" in codec.piece(mixed)["columns"]
+    mixed = [replace(alike[0], gpu_mem_now=1), replace(alike[1], gpu_mem_now=True)]
+    assert "gpu_mem_now" in codec.piece(mixed, ["", ""])["columns"]
 
 
 @pytest.mark.parametrize(
