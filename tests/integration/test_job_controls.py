@@ -215,7 +215,9 @@ def test_begin_starts_the_job_after_the_time_not_before(ts: Runner) -> None:
     assert ts("-w", str(job), check=False, timeout=20).returncode == 0
     rec = records(ts)[job]
     assert rec["Start"] >= rec["Begin"]
-    assert 1.5 <= rec["Start"] - rec["Enqueue"] < 6.0  # woken at the time, not by a poll
+    # "+2s" counts from the client's clock reading, before the daemon's Enqueue stamp
+    # (seconds apart on a loaded machine); the start follows the begin time promptly.
+    assert rec["Start"] - rec["Begin"] < 4.0  # woken at the time, not by a poll
 
 
 def test_a_job_waiting_for_its_begin_time_does_not_hold_up_later_jobs(ts: Runner) -> None:
