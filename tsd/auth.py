@@ -151,4 +151,5 @@ def visible_to(peer: Peer, job: Job) -> Job:
         wait_reason=job.wait_reason,
         attempts=job.attempts,
         slurm_id=job.slurm_id,  # squeue shows it to everyone anyway
+        slurm_task=job.slurm_task,
     )

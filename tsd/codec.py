@@ -132,6 +132,7 @@ def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:
         "notice": job.notice,
         "attempts": job.attempts,
         "slurm_id": job.slurm_id,
+        "slurm_task": job.slurm_task,
         "gpu_mem_peak": job.gpu_mem_peak,
         "gpu_mem_now": job.gpu_mem_now,
         "gpu_util_now": job.gpu_util_now,
@@ -164,6 +165,7 @@ def job_from_dict(obj: Mapping[str, Any], spec: JobSpec) -> Job:
         notice=str(obj.get("notice") or ""),
         attempts=int(obj.get("attempts") or 0),
         slurm_id=_optional_int(obj.get("slurm_id")),
+        slurm_task=_optional_int(obj.get("slurm_task")),
         gpu_mem_peak=obj.get("gpu_mem_peak"),
         gpu_mem_now=obj.get("gpu_mem_now"),
         gpu_util_now=obj.get("gpu_util_now"),
@@ -207,7 +209,7 @@ def _float_or_none(value: Any) -> float | None:
 LIST_COLUMNS = (
     "id", "uid", "user", "state", "order", "enqueue_time", "start_time", "end_time",
     "exited", "code", "gpu_ids", "output_path", "unit", "wait_reason", "gpu_idle_since",
-    "attempts", "slurm_id", "gpu_mem_peak", "gpu_mem_now", "gpu_util_now",
+    "attempts", "slurm_id", "slurm_task", "gpu_mem_peak", "gpu_mem_now", "gpu_util_now",
     "command_line", "cwd", "label", "slots", "gpus", "gpu_indices", "depends", "store_output",
     "begin", "priority", "retry", "array_job", "array_task", "array_throttle", "gpu_mem",
 )  # fmt: skip

@@ -9,7 +9,9 @@ whether jobs get a scope and a privilege drop.
 The parts, each owning its state:
 
 * tsd.jobtable.JobTable: the jobs, the queue's indexes, every transition,
-  committed to SQLite before any client hears "ok";
+  committed to SQLite before any client hears "ok" (the writes of one loop
+  turn in one transaction: tsd.store's group commit; the server waits for it
+  before it writes any answer);
 * tsd.policy.Policy: the config, the -S and GPU-threshold overrides, quotas;
 * tsd.gpumonitor.GpuMonitor: the NVML picture and its poll timer;
 * tsd.dispatch.Dispatcher: the scheduler's verdicts applied, -W cascades;
@@ -134,6 +136,8 @@ class Daemon:
         exits_dir = state / "exits"
         exits_dir.mkdir(exist_ok=True, mode=0o700)
         self.store = Store(state / "state.db")
+        # Group commit: the writes of one loop turn share one transaction and one fsync.
+        self.store.group(loop)
         self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="tsd-io")
         self.policy = Policy(config, self.store, settings.system)
         self.waiters = Waiters(loop)
@@ -173,6 +177,7 @@ class Daemon:
             _systemd_scopes,
             ended=self._job_ended,
             requeued=self.schedule,
+            waited=self.waiters.waiting_on,
         )
         self.dispatcher = Dispatcher(
             self.table,
@@ -335,7 +340,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        server = Server(sock, self.handle, self.connection_limits)
+        server = Server(sock, self.handle, self.connection_limits, durable=self.table.durable)
         await server.start()
         sd_notify("READY=1\nSTATUS=serving")
         self.gpu_watch.rearm()  # re-adopted GPU jobs, or the system service's outside watch

@@ -11,6 +11,7 @@ means something else on a cluster (submit, ts -k, ts -r). Protocols only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from tsd.model import Job, JobSpec
@@ -41,6 +42,10 @@ class Cluster(Protocol):
         On refusal the job is removed again (nothing half-recorded) and the
         cluster's reason is raised as ClusterRefused.
         """
+
+    async def forward_array(self, jobs: Sequence[Job]) -> list[Job]:
+        """Hand the just-recorded elements of one --array to the cluster as one job
+        array; all or none, as `forward`."""
 
     async def cancel(self, job: Job) -> None:
         """End a forwarded job in the cluster (ts -k, or ts -r of a queued one)."""

@@ -7,6 +7,7 @@ send events first. Handlers hold no state of their own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from tsd.errors import (
     NoSuchJob,
     OverQuota,
     QueueFull,
+    StorageFull,
     WrongState,
 )
 from tsd.gpumonitor import GpuMonitor
@@ -194,8 +196,7 @@ async def submit(
         # Slots and GPUs are Slurm's to grant: only what Slurm cannot do is refused here.
         p.cluster.check(spec, req.terminal is not None)
         _local_only(p, *(name for name, given in (
-            ("--array", array is not None), ("--retry", spec.retry),
-            ("--priority", spec.priority)) if given))  # fmt: skip
+            ("--retry", spec.retry), ("--priority", spec.priority)) if given))  # fmt: skip
     elif spec.gpus_wanted:
         await p.gpus.snapshot(max_age=1.0)
         pool = p.gpus.pool()
@@ -213,7 +214,8 @@ async def submit(
             spec, limits, p.policy.total_slots(), None if pool is None else len(pool), pool,
             totals,
         )
-    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
+    size = spec.stored_bytes  # computed over the whole environment: once
+    _check_bytes(p, peer, size, limits, count=count)
     if limits.max_queued is not None:
         if count > limits.max_queued:
             raise OverQuota(  # never fits: exit 1, not -B's 2
@@ -230,7 +232,7 @@ async def submit(
                 told = True
             await p.waiters.room_freed()
     # Again: others may have queued meanwhile.
-    _check_bytes(p, peer, spec.stored_bytes, limits, count=count)
+    _check_bytes(p, peer, size, limits, count=count)
     if req.terminal is not None and p.runner.terminals_held(peer.uid) >= MAX_TERMINALS_PER_USER:
         raise QueueFull(
             f"too many of your ts -n jobs wait to write to a terminal "
@@ -247,26 +249,55 @@ async def submit(
     if array is not None:
         specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
         jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
+        await _stored(p)
+        if p.cluster is not None:
+            # ONE sbatch --array; on refusal every element is gone again.
+            jobs = await p.cluster.forward_array(jobs)
+            p.dispatcher.schedule()
         log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
                  printable(spec.command_line[:200]))  # fmt: skip
-        p.dispatcher.schedule()
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
-    if p.cluster is not None:
-        # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
-        job = await p.cluster.forward(job)
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
         # behaviour); the daemon holds them, in memory only, until the job starts.
         out, err = req.terminal.take()
         p.runner.hold_terminal(job, (out, err))
-    # Escaped: a command word may hold a newline, which must not forge a journal line.
+    await _stored(p)
+    if p.cluster is not None:
+        # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
+        job = await p.cluster.forward(job)
+        p.dispatcher.schedule()
+    # Who queued what, for the journal. Escaped: a command word may hold a newline,
+    # which must not forge a journal line.
     log.info("job %d queued by %s: %s", job.id, peer.user, printable(spec.command_line[:200]))
-    p.dispatcher.schedule()
     if not req.wait:
         return protocol.JobId(job.id)
     await send(protocol.Queued(job.id))
     return await _until_done(p, job)
+
+
+async def _stored(p: Parts) -> None:
+    """Until the jobs just queued are on disk (the group commit of this loop turn).
+
+    They are dispatched right after, also when the client hung up meanwhile: after its
+    answer, which the server writes in the step this returns in (tsd.server), so the
+    client is not kept waiting for a launch. (Slurm is nudged once it has the job.)
+    """
+    if p.cluster is None:
+        loop = asyncio.get_running_loop()
+
+        def dispatch_next() -> None:
+            loop.call_soon(p.dispatcher.schedule)
+
+        p.table.after_commit(dispatch_next)
+    try:
+        await p.table.durable()
+    except StorageFull as exc:
+        p.runner.sweep_terminals()  # a ts -n job rolled back holds its terminal no more
+        raise StorageFull(
+            f"the server cannot store the job: no space left on {exc.where}", exc.where
+        ) from None
 
 
 def _settings_bytes(p: Parts, uid: int) -> int:

@@ -1,8 +1,12 @@
 """The job table: every job the daemon knows, its indexes, and the transitions between states.
 
 It owns the in-memory jobs and writes each change to the store before the
-change is visible to anyone, so a client that hears "ok" can rely on it. Every
-state change goes through one method here, which keeps the indexes true:
+change is visible to anyone, so a client that hears "ok" can rely on it. The
+hot transitions (a submit, a launch recorded, a supervisor's report, an end)
+join the store's group commit (tsd.store): memory changes at once, an undo
+is registered in case the group is rolled back, and whatever must wait for
+the disk (waking waiters, a supervisor's go, a reply) runs `after_commit`.
+Every state change goes through one method here, which keeps the indexes true:
 
 * `pending`: ids of queued, allocating and held jobs, in queue order (a held
   job keeps its place; tsd.queueorder hands out the order keys);
@@ -35,6 +39,7 @@ from tsd.errors import NoSuchJob, StorageFull
 from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, run_usage
 from tsd.queueorder import JobStore as JobStore
 from tsd.queueorder import QueueOrder
+from tsd.rollbacks import Rollbacks
 from tsd.scheduler import DepOutcome
 
 
@@ -48,7 +53,7 @@ class JobEvents(Protocol):
     def room(self) -> None: ...
 
 
-class JobTable(QueueOrder):
+class JobTable(QueueOrder, Rollbacks):
     """Jobs by id, the queue and its indexes; every transition, made durable first."""
 
     def __init__(
@@ -176,16 +181,18 @@ class JobTable(QueueOrder):
     def add_many(
         self, uid: int, user: str, specs: list[JobSpec], held: bool = False, array: bool = False
     ) -> list[Job]:
-        """Queue new jobs (of one --priority; held with --hold) in one transaction, durable
-        when returned: after the owner's queued jobs of the same or a higher priority, on
-        the owner's own queue positions (tsd.eligibility.priority_keys)."""
+        """Queue new jobs (of one --priority; held with --hold) in one transaction (durable
+        once `durable()` says so): after the owner's queued jobs of the same or a higher
+        priority, on the owner's own queue positions (tsd.eligibility.priority_keys)."""
         low, high = self._orders
         keys, moved = self.place(uid, specs[0].priority, len(specs))
         state = JobState.HELD if held else JobState.QUEUED
+        before = {i: self.jobs[i].order for i in moved}
+        last = self.last_added.get(uid)
         try:
-            jobs = self.store.add_jobs(
-                uid, user, list(zip(specs, keys, strict=True)), time.time(), state, moved, array
-            )
+            with self.store.deferred():
+                jobs = self.store.add_jobs(uid, user, list(zip(specs, keys, strict=True)),
+                                           time.time(), state, moved, array)  # fmt: skip
         except StorageFull as exc:
             raise StorageFull(
                 f"the server cannot store the job: no space left on {exc.where}", exc.where
@@ -198,6 +205,7 @@ class JobTable(QueueOrder):
             self._index_pending(job)
         self._sort_pending()
         self.last_added[uid] = jobs[-1].id
+        self.store.on_rollback(lambda: self._unadd(jobs, before, last))
         return jobs
 
     def set_waiting(self, updates: Iterable[tuple[int, JobState, str]]) -> None:
@@ -219,7 +227,7 @@ class JobTable(QueueOrder):
         if changed:
             # Only the queued/allocating label: on a full disk it is written with the
             # job's next change instead of failing the dispatcher's pass.
-            with suppress(StorageFull):
+            with suppress(StorageFull), self.store.deferred():
                 self.store.save(*changed)
 
     def end_pending(
@@ -255,18 +263,21 @@ class JobTable(QueueOrder):
     def launched(
         self, job_id: int, supervisor_pid: int, supervisor_start: int | None, unit: str | None
     ) -> Job:
-        """Its supervisor (and scope) exist: running, durably, before the job may run."""
+        """Its supervisor (and scope) exist: running (it may run once that is durable)."""
+        launching, began = self.launching[job_id], self._launch_times.get(job_id)
         job = replace(
-            self.launching[job_id], state=JobState.RUNNING,
-            start_time=self._launch_times.get(job_id) or time.time(),
+            launching, state=JobState.RUNNING, start_time=began or time.time(),
             supervisor_pid=supervisor_pid, supervisor_start=supervisor_start, unit=unit,
-            wait_reason="", attempts=self.launching[job_id].attempts + 1,
+            wait_reason="", attempts=launching.attempts + 1,
         )
-        self.store.save(job)  # first: on StorageFull the job is still launching, unchanged
+        with self.store.deferred():
+            self.store.save(job)  # first: on StorageFull the job is still launching, unchanged
+        last = self.last_run.get(job.uid)
         del self.launching[job_id]
         self._launch_times.pop(job_id, None)
         self.jobs[job_id] = self.running[job_id] = job
-        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
+        self.last_run[job.uid] = max(last or 0, job.id)
+        self.store.on_rollback(lambda: self._unlaunched(launching, began, last))
         return job
 
     def end_launch(self, job_id: int, exit: ExitInfo) -> Job:
@@ -280,16 +291,6 @@ class JobTable(QueueOrder):
         self.jobs[job_id] = job
         self._account_done(job)
         self.events.ended(job_id, job)
-        return job
-
-    def unlaunch(self, job_id: int) -> Job:
-        """A launch abandoned before it was recorded (`launched` failed): back to the queue,
-        in memory only, like `begin_run` (the store still holds the job as pending)."""
-        job = replace(self.launching.pop(job_id), gpu_ids=(), gpu_uuids=())
-        self._launch_times.pop(job_id, None)
-        self.jobs[job_id] = job
-        self._index_pending(job)
-        self._sort_pending()
         return job
 
     def requeue(
@@ -338,11 +339,12 @@ class JobTable(QueueOrder):
         job = self.running.get(job_id)
         if job is None:
             return
-        updated = replace(job, pid=pid or job.pid, output_path=output or job.output_path)
-        if updated != job:
+        pid, output = pid or job.pid, output or job.output_path
+        if pid != job.pid or output != job.output_path:
+            updated = replace(job, pid=pid, output_path=output)
             self.jobs[job_id] = self.running[job_id] = updated
             # On a full disk the pid and output path are saved with the job's end.
-            with suppress(StorageFull):
+            with suppress(StorageFull), self.store.deferred():
                 self.store.save(updated)
         if out_seen:
             self.events.started(job_id)
@@ -351,18 +353,20 @@ class JobTable(QueueOrder):
         self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
     ) -> Job | None:
         """A running job ended this way; None when it was not running."""
-        job = self.running.get(job_id)
-        if job is None:
+        ran = self.running.get(job_id)
+        if ran is None:
             return None
         job = replace(
-            job, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
-            output_path=job.output_path or output, gpu_idle_since=None,
+            ran, state=JobState.FINISHED, end_time=end or time.time(), exit=exit,
+            output_path=ran.output_path or output, gpu_idle_since=None,
         )
-        self._save_end(job)  # first: on StorageFull it is still running, to be retried
-        del self.running[job_id]
-        self.jobs[job_id] = job
-        self._account_done(job)
-        self.events.ended(job_id, job)
+        with self.store.deferred():
+            self._save_end(job)  # first: on StorageFull it is still running, to be retried
+            del self.running[job_id]
+            self.jobs[job_id] = job
+            self.store.on_rollback(lambda: self._unfinish(ran))
+            self._account_done(job)
+        self.store.after_commit(lambda: self.events.ended(job_id, job))
         return job
 
     # ------------------------------------------------------------ forgetting
@@ -385,7 +389,8 @@ class JobTable(QueueOrder):
         -W dependents cascaded), so nothing still needs the record.
         """
         if job.spec.forget and job.state.done and job.id in self.jobs:
-            self.store.delete([job.id])
+            with suppress(StorageFull), self.store.deferred():  # else `load` drops it
+                self.store.delete([job.id])
             self._forget(job.id)
 
     def clear(self, uid: int) -> int:
@@ -439,7 +444,8 @@ class JobTable(QueueOrder):
             drop.append(done.popleft())
         drop = [i for i in drop if i in self.jobs]
         if drop:
-            self.store.delete(drop)
+            with suppress(StorageFull):  # stays stored on a full disk: trimmed later
+                self.store.delete(drop)
             for job_id in drop:
                 self._forget(job_id)
 

@@ -61,6 +61,7 @@ class JobView(list):  # type: ignore[type-arg]
     notice: str = ""
     attempts: int = 0
     slurm_id: int | None = None
+    slurm_task: int | None = None
     gpu_mem_peak: int | None = None
     gpu_mem_now: int | None = None
     gpu_util_now: int | None = None

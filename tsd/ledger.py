@@ -36,6 +36,8 @@ class LedgerStore(Protocol):
         self, job: Job, usage: tuple[int, float, float] | None, ran: Job | None = None
     ) -> None: ...
 
+    def on_rollback(self, undo: Callable[[], None]) -> None: ...
+
     def load_usage(self) -> dict[int, tuple[float, float]]: ...
 
     def set_usage(self, uid: int, value: float, at: float) -> None: ...
@@ -94,7 +96,10 @@ class Ledger:
         row = None if usage is None else (job.uid, usage.value, usage.at)
         self.store.save_ended(job, row, ran)
         if usage is not None:
+            before = self.book.usage(job.uid)
             self.book.set(job.uid, usage)
+            # A grouped write (tsd.store) may still be rolled back: the book follows.
+            self.store.on_rollback(lambda: self.book.set(job.uid, before))
 
     def charge(
         self, uid: int, slot_seconds: float, gpu_seconds: float, at: float | None = None

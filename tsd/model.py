@@ -176,6 +176,7 @@ class Job:
     notice: str = ""
     attempts: int = 0  # times it was started (--retry starts it again under the same id)
     slurm_id: int | None = None  # the Slurm job it was forwarded to (cluster.engine: slurm)
+    slurm_task: int | None = None  # an --array element: its task in Slurm job array slurm_id
     # GPU use as NVML's per-process memory shows it (tsd.gpuusage), MiB; the peak is
     # kept with the job, the current figures only while it runs.
     gpu_mem_peak: int | None = None

@@ -9,12 +9,13 @@ keep a job's place. Every change is written to the store before it is visible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Protocol
 
 from tsd.eligibility import priority_keys
-from tsd.errors import WrongState
+from tsd.errors import StorageFull, WrongState
 from tsd.model import Job, JobSpec, JobState
 
 
@@ -41,6 +42,19 @@ class JobStore(Protocol):
     def load_all(self) -> list[Job]: ...
 
     def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None: ...
+
+    def set_slurm_ids(self, rows: Iterable[tuple[int, int, int | None, str | None]]) -> None: ...
+
+    def deferred(self) -> AbstractContextManager[None]: ...
+
+    @property
+    def pending(self) -> bool: ...
+
+    def after_commit(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None: ...
+
+    def on_rollback(self, undo: Callable[[], None]) -> None: ...
 
 
 class QueueOrder:

@@ -310,7 +310,8 @@ def job_dict(job: AnyJob, now: float | None = None) -> dict[str, Any]:
         "Array_Job": job.spec.array_job,
         "Array_Task": job.spec.array_task,
         "Array_Throttle": job.spec.array_throttle,
-        "Slurm_ID": job.slurm_id,
+        "Slurm_ID": job.slurm_id,  # an --array element: the Slurm array's id ...
+        "Slurm_Array_Task": job.slurm_task,  # ... and its task: Slurm job "<ID>_<task>"
         "GPU_Mem_Declared_MiB": job.spec.gpu_mem,  # declared per GPU (--gpu-mem); null: whole GPUs
         "GPU_Mem_Peak_MiB": job.gpu_mem_peak,
         "GPU_Mem_Now_MiB": job.gpu_mem_now,
@@ -459,7 +460,8 @@ def info_text(job: AnyJob, now: float) -> str:
     if job.unit:
         lines.append(f"Unit: {job.unit}")
     if job.slurm_id is not None:
-        lines.append(f"Slurm job: {job.slurm_id}")
+        task = "" if job.slurm_task is None else f"_{job.slurm_task}"
+        lines.append(f"Slurm job: {job.slurm_id}{task}")
     lines.append(f"Enqueue time: {_ctime(job.enqueue_time)}")
     if job.start_time is not None:
         lines.append(f"Start time: {_ctime(job.start_time)}")

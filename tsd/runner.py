@@ -10,8 +10,11 @@ D-Bus and NVML calls block (starting a scope waits up to 10 s for systemd), so
 they run in the daemon's worker threads; their results are applied on the loop.
 A job whose launch is under way already holds its slots and GPUs in the job
 table. It is recorded as running (with its supervisor, in its scope) before it
-may run; a supervisor that is never told to go (the daemon died first) leaves
-an "aborted" report, and the job goes back to the queue.
+may run: `go` is sent once that record is committed (tsd.store's group
+commit); a supervisor that is never told to go (the daemon died first) leaves
+an "aborted" report, and the job goes back to the queue. Likewise a job's end
+is acted on (exit report removed, dependents and the next job dispatched)
+once the end is committed.
 """
 
 from __future__ import annotations
@@ -32,16 +35,16 @@ from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch
 from tsd.config import Config
-from tsd.eligibility import should_retry
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
 from tsd.model import ExitInfo, Job, JobLimits, JobState
+from tsd.runend import STORE_RETRY, EndRecorder
+from tsd.runend import EndReason as EndReason
 
 log = logging.getLogger("tsd")
 
 KILL_BACKSTOP = 10.0  # seconds past the grace before the daemon SIGKILLs a stuck job itself
-STORE_RETRY = 2.0  # seconds between tries to record a job's end while the state dir is full
 
 _T = TypeVar("_T")
 
@@ -101,7 +104,11 @@ class JobTableView(Protocol):
 
     def move_front(self, job: Job) -> Job: ...
 
-    def unlaunch(self, job_id: int) -> Job: ...
+    def unlaunch(self, job_id: int) -> Job | None: ...
+
+    def after_commit(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None: ...
 
     def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
 
@@ -172,14 +179,6 @@ class PidfdWatch:
 
 
 @dataclass(frozen=True)
-class EndReason:
-    """Why the daemon itself ends a running job (its GPUs sat idle), for the job's record."""
-
-    note: str  # added to its exit note, or the requeued job's notice
-    requeue: bool = False  # queue it again (front of its owner's queue) instead of finishing
-
-
-@dataclass(frozen=True)
 class RunnerSettings:
     """What the runner needs to know of its daemon."""
 
@@ -188,8 +187,11 @@ class RunnerSettings:
     on_finish: str | None = None  # TS_ONFINISH of the personal daemon
 
 
-class Runner:
+class Runner(EndRecorder):
     """Launches jobs, watches their supervisors, records their ends, ends them on request."""
+
+    settings: RunnerSettings
+    table: JobTableView
 
     def __init__(
         self,
@@ -205,6 +207,7 @@ class Runner:
         requeued: Callable[[], None],
         launcher: Launcher | None = None,
         procs: ProcessWatch | None = None,
+        waited: Callable[[int], bool] | None = None,
     ) -> None:
         self.loop = loop
         self._executor = executor
@@ -217,6 +220,7 @@ class Runner:
         self._scopes: ScopeManager | None = None
         self._ended = ended
         self._requeued = requeued
+        self._waited = waited or _nobody
         self.launcher = launcher or ForkLauncher()
         self.procs = procs or PidfdWatch(loop)
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
@@ -321,14 +325,35 @@ class Runner:
                 job.id, launched.supervisor_pid, launched.supervisor_start, None
             )
         except StorageFull as exc:
-            launched.abort()
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(launched.supervisor_pid, 0)  # it exits at once: go never came
-            self._abandon_launch(job.id, launched, exc)
+            self._not_stored(job.id, launched, None, exc)
             return
-        launched.go()
+        self._go_once_stored(job, launched, None)
+
+    def _go_once_stored(self, job: Job, launched: launch.Launched, unit: str | None) -> None:
+        """Tell the supervisor to go once the job is durably running; undo the launch if
+        that record is rolled back instead."""
+        self.table.after_commit(
+            functools.partial(self._go, job, launched),
+            functools.partial(self._not_stored, job.id, launched, unit),
+        )
+
+    def _go(self, job: Job, launched: launch.Launched) -> None:
+        with contextlib.suppress(OSError):  # killed (ts -k) before its go: its end tells
+            launched.go()
         self._watch(job, launched.report_fd)
-        log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+        log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+
+    def _not_stored(
+        self, job_id: int, launched: launch.Launched, unit: str | None, exc: StorageFull
+    ) -> None:
+        """Not durable, so it must not run: undo the launch, keep the job queued (as the
+        store still has it) and try again once space may be back."""
+        launched.abort()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(launched.supervisor_pid, 0)  # it exits at once: go never came
+        if unit is not None:
+            self._spawn_task(self._quietly(self.scopes.stop, unit))
+        self._abandon_launch(job_id, launched, exc)
 
     def _plan(self, job: Job, pw: pwd.struct_passwd) -> launch.LaunchPlan:
         settings = self._env.user_settings(job.uid)
@@ -398,17 +423,9 @@ class Runner:
                 job.id, launched.supervisor_pid, launched.supervisor_start, unit
             )
         except StorageFull as exc:
-            # Not durable, so it must not run: undo the launch, keep the job queued
-            # (as the store still has it) and try again once space may be back.
-            launched.abort()
-            with contextlib.suppress(ChildProcessError):
-                await self._offload(os.waitpid, launched.supervisor_pid, 0)
-            self._spawn_task(self._quietly(self.scopes.stop, unit))
-            self._abandon_launch(job.id, launched, exc)
+            self._not_stored(job.id, launched, unit, exc)
             return
-        launched.go()  # durable and in its scope: now it may run
-        self._watch(job, launched.report_fd)
-        log.info("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
+        self._go_once_stored(job, launched, unit)  # durable and in its scope: it may run
 
     def _abandon_launch(self, job_id: int, launched: launch.Launched, exc: StorageFull) -> None:
         """`launched` could not be stored: the job stays queued, tried again in a while."""
@@ -489,57 +506,6 @@ class Runner:
             self._spawn_task(self._quietly(self.scopes.stop, job.unit))
         self._record_end(job_id)
 
-    def _record_end(self, job_id: int) -> None:
-        """Record the ended job from its exit report; on a full disk keep both and retry.
-
-        The report stays in exits/ until the store holds the job's end, so neither a
-        full disk now nor a restart before space returns loses the exit code.
-        """
-        first_try = self._store_retries.pop(job_id, None) is None
-        if job_id not in self.table.running:
-            return
-        report = exitreport.read(self.settings.exits_dir, job_id)
-        job, killed = self.table.running[job_id], job_id in self._killed
-        why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
-        retry = bool(report and not report.aborted and not why and should_retry(
-            job, report.exit, killed))
-        try:
-            if report is not None and report.aborted:
-                self.table.requeue(job_id)
-            elif why is not None and why.requeue:
-                self.table.move_front(self.table.requeue(job_id, notice=why.note))
-            elif retry and report is not None:
-                self.table.requeue(job_id, failed=report.exit)
-            elif report is None:
-                note = "its supervisor vanished (killed, or host reboot)"
-                ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
-            else:
-                ex = report.exit if why is None else _noted(report.exit, why.note)
-                ended = self.table.finish(job_id, ex, report.end, report.output)
-        except StorageFull as exc:
-            if first_try:  # one line per job, not one per retry
-                log.warning("job %d ended; recording it once space returns: %s", job_id, exc)
-            self._store_retries[job_id] = self.loop.call_later(
-                STORE_RETRY, self._record_end, job_id
-            )
-            return
-        exitreport.discard(self.settings.exits_dir, job_id)
-        self._killed.discard(job_id)
-        self._reasons.pop(job_id, None)
-        again = _queued_again(report, why, retry)
-        if again:
-            log.info("job %d: %s, queued again", job_id, again)
-            self._requeued()
-            return
-        if ended is not None:
-            # For people reading the journal: "job 1 finished: exit 0 after 3.2s".
-            took = ""
-            if ended.start_time is not None and ended.end_time is not None:
-                took = f" after {max(0.0, ended.end_time - ended.start_time):.1f}s"
-            summary = ended.exit.summary() if ended.exit else "ended"
-            log.info("job %d finished: %s%s", job_id, summary, took)
-            self._ended(ended)
-
     async def _quietly(self, fn: Callable[..., object], *args: Any) -> None:
         with contextlib.suppress(Exception):
             await self._offload(fn, *args)
@@ -590,17 +556,8 @@ class Runner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _queued_again(report: exitreport.ExitReport | None, why: EndReason | None, retry: bool) -> str:
-    """Why an ended job went back to the queue, for the log; "" when it did not."""
-    if report is not None and report.aborted:
-        return "never started"
-    if why is not None and why.requeue:
-        return why.note
-    return f"{report.exit.summary()} (--retry)" if retry and report is not None else ""
-
-
-def _noted(ex: ExitInfo, note: str) -> ExitInfo:
-    return dataclasses.replace(ex, note="; ".join(n for n in (note, ex.note) if n))
+def _nobody(job_id: int) -> bool:
+    return False
 
 
 def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:

@@ -189,11 +189,16 @@ class Server:
     """Serves requests on a listening unix socket, within `limits()` (read at each accept)."""
 
     def __init__(
-        self, sock: socket.socket, handler: Handler, limits: Callable[[], ConnectionLimits]
+        self, sock: socket.socket, handler: Handler, limits: Callable[[], ConnectionLimits],
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
         self.limits = limits
+        # Until everything the daemon changed so far is on disk (tsd.jobtable's
+        # `durable`): awaited before any frame goes out, so no answer gets ahead of
+        # the state it tells of. StorageFull when that state was rolled back.
+        self.durable = durable
         self.fd_budget = descriptor_budget()
         self.tasks: set[asyncio.Task[None]] = set()
         self.open = 0  # accepted and not yet closed
@@ -377,6 +382,8 @@ class Server:
         passed: protocol.PassedFds,
     ) -> None:
         async def write(frame: dict[str, Any]) -> None:
+            if self.durable is not None and frame.get("ok") is not False:  # not errors
+                await self.durable()
             writer.write(protocol.encode(frame))
             await writer.drain()
 
@@ -426,27 +433,37 @@ class Server:
     ) -> None:
         # The caller may hang up while we wait for a job: stop waiting then.
         _caller_there.set(lambda: _peer_open(reader, fd))
-        handling = asyncio.ensure_future(self.handler(creds, request, send))
+        # The answer is written by the task that computed it, in the same step where
+        # nothing had to wait: a waiter woken by a job's end answers before whatever
+        # the loop does next (the next job's launch).
+        handling = asyncio.ensure_future(self._handle_and_answer(write, creds, request, send))
         hangup = asyncio.ensure_future(reader.read(1))
         try:
             done, _ = await asyncio.wait({handling, hangup}, return_when=asyncio.FIRST_COMPLETED)
             if handling not in done:
                 handling.cancel()
-                return
-            try:
-                response = handling.result()
-            except TsdError as exc:
-                await _reply_error(write, exc)
-                return
-            except Exception:
-                log.exception("internal error serving %s", type(request).__name__)
-                await _reply_error(write, Internal("internal error in the daemon (see its log)"))
-                return
-            await write({"ok": True, **response.to_wire()})
         finally:
             hangup.cancel()
             if not handling.done():
                 handling.cancel()
+
+    async def _handle_and_answer(
+        self,
+        write: _Write,
+        creds: tuple[int, int, int],
+        request: protocol.Request,
+        send: SendEvent,
+    ) -> None:
+        try:
+            response = await self.handler(creds, request, send)
+            await write({"ok": True, **response.to_wire()})
+        except TsdError as exc:
+            await _reply_error(write, exc)
+        except ConnectionError:
+            pass  # the caller is gone: nobody to answer
+        except Exception:
+            log.exception("internal error serving %s", type(request).__name__)
+            await _reply_error(write, Internal("internal error in the daemon (see its log)"))
 
 
 def _with_fds(request: protocol.Request, passed: protocol.PassedFds) -> protocol.Request:

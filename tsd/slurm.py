@@ -4,7 +4,9 @@ With `cluster.engine: slurm` the system daemon is a front end to a Slurm
 cluster. A submit is recorded (tsd keeps its own id), handed to sbatch run
 with the owner's uid, groups and captured environment, and the Slurm id is
 committed before the client hears "ok"; when Slurm refuses, the record is
-removed again and the client gets Slurm's reason in one line.
+removed again and the client gets Slurm's reason in one line (that half is
+tsd.slurmsubmit). An --array is one Slurm job array; each element follows its
+task ("<array id>_<index>").
 
 One poll follows every forwarded job that is not over: a single
 `squeue --json --states=all --jobs=...` per interval, `poll_seconds` while
@@ -22,118 +24,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import os
-import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
-from dataclasses import replace
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from tsd.config import ClusterConfig
-from tsd.errors import BadRequest, ClusterRefused, NoSuchJob, StorageFull, WrongState
-from tsd.jobtable import JobTable
-from tsd.launch import OUTPUT_PREFIX
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.errors import ClusterRefused, NoSuchJob, StorageFull, WrongState
+from tsd.model import ExitInfo, Job, JobState
 from tsd.slurmcmd import Owner
-from tsd.slurmjson import SlurmJob, Snapshot
-from tsd.slurmmap import (
-    COMMENT_PREFIX,
-    CancelSkipped,
-    Ended,
-    Started,
-    Submission,
-    Unsupported,
-    Verdict,
-    Waiting,
-    check_spec,
-    job_env,
-    sbatch_args,
-    verdict,
+from tsd.slurmjson import SlurmJob, by_ref
+from tsd.slurmmap import COMMENT_PREFIX, CancelSkipped, Ended, Started, Verdict, Waiting, verdict
+from tsd.slurmsubmit import (
+    Commands,
+    JobData,
+    SlurmJobTable,
+    SlurmSubmitter,
+    record_forwarded,
+    record_forwarded_many,
+    ref_of,
 )
+
+__all__ = ["Commands", "JobData", "SlurmEngine", "SlurmJobTable"]
 
 log = logging.getLogger("tsd")
 
-_T = TypeVar("_T")
 # Seconds after its submit when a job that neither squeue nor sacct knows counts as lost.
 FORGOTTEN_AFTER = 60.0
 
 
-class SlurmJobTable(JobTable):
-    """The job table with the one transition only Slurm makes: queued -> running elsewhere."""
-
-    def slurm_started(self, job_id: int, start: float, gpu_ids: tuple[int, ...]) -> Job:
-        """A pending job runs in Slurm since `start`: out of the queue, durably first."""
-        job = replace(self.jobs[job_id], state=JobState.RUNNING, start_time=start,
-                      gpu_ids=gpu_ids, wait_reason="")
-        self.store.save(job)
-        self._unindex_pending(job)
-        self.jobs[job_id] = self.running[job_id] = job
-        self.last_run[job.uid] = max(self.last_run.get(job.uid, 0), job.id)
-        self.events.room()
-        self.events.started(job_id)
-        return job
-
-
-def record_forwarded(table: JobTable, job_id: int, slurm_id: int, output: str | None) -> Job:
-    """A pending job is now Slurm job `slurm_id`, writing to `output`; durable first."""
-    job = replace(table.jobs[job_id], slurm_id=slurm_id, output_path=output)
-    table.store.set_slurm_id(job_id, slurm_id, output)
-    table.jobs[job_id] = job
-    return job
-
-
-class Commands(Protocol):
-    """Slurm's client commands (tsd.slurmcmd.SlurmCommands); blocking calls."""
-
-    def submit(self, args: Sequence[str], owner: Owner, env: Mapping[str, str]) -> int: ...
-
-    def cancel(self, slurm_id: int, owner: Owner | None) -> None: ...
-
-    def hold(self, slurm_id: int, held: bool, owner: Owner | None) -> None: ...
-
-    def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot: ...
-
-    def sacct(self, slurm_ids: Sequence[int]) -> dict[int, SlurmJob]: ...
-
-
-class JobData(Protocol):
-    """Where a job's environment and its owner's settings are kept (tsd.store.Store)."""
-
-    def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]: ...
-
-    def user_settings(self, uid: int) -> dict[str, str]: ...
-
-
-class SlurmEngine:
+class SlurmEngine(SlurmSubmitter):
     """Forwards jobs to Slurm and keeps tsd's records in step with Slurm's."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        executor: Executor | None,
-        config: Callable[[], ClusterConfig],
-        table: SlurmJobTable,
-        data: JobData,
-        commands: Commands,
-    ) -> None:
-        self.loop = loop
-        self._executor = executor
-        self._config = config
-        self.table = table
-        self._data = data
-        self.commands = commands
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._forwarding: set[int] = set()  # jobs between their record and their sbatch
-        self.problem = ""  # why the last poll failed ("" when it worked)
-        self.polls = 0  # squeue calls made (for tests and the log)
-
-    async def _offload(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await self.loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     # ------------------------------------------------------------ Scheduling
 
@@ -149,104 +69,6 @@ class SlurmEngine:
         """Slurm's, as the last poll saw it."""
         return job.wait_reason
 
-    def nudge(self) -> None:
-        """Poll now and at the fast rate again (after a submit, a cancel, a start)."""
-        self._wake.set()
-
-    # ------------------------------------------------------------ submitting
-
-    def check(self, spec: JobSpec, terminal: bool) -> None:
-        """Refuse in one line what Slurm cannot run as asked (-n, -z, -g)."""
-        try:
-            check_spec(spec, terminal)
-        except Unsupported as exc:
-            raise BadRequest(str(exc)) from None
-
-    async def forward(self, job: Job) -> Job:
-        """sbatch the recorded job as its owner; its Slurm id is durable before we return."""
-        self._forwarding.add(job.id)
-        try:
-            return await self._forward(job)
-        finally:
-            self._forwarding.discard(job.id)
-
-    async def _forward(self, job: Job) -> Job:
-        try:
-            owner = Owner.of(job.uid)
-            depend_on, skip = self._dependencies(job)
-        except (KeyError, NoSuchJob, WrongState) as exc:
-            self._drop(job)
-            if isinstance(exc, KeyError):
-                raise ClusterRefused(f"user {job.uid} does not exist here") from None
-            raise
-        if skip is not None:
-            # A -W dependency already failed: the job is skipped, as the local engine does.
-            return self.table.end_pending(
-                job, JobState.SKIPPED, ExitInfo(note=skip), wait_reason=skip
-            )
-        output = self._output_path(job)
-        settings = self._data.user_settings(job.uid)
-        env = job_env(self._data.env_of(job.id), settings, job.id, job.spec.gpus)
-        mail = (env.get("TS_MAILTO") or owner.name) if job.spec.mail else None
-        sub = Submission(job.id, job.spec, output, depend_on, mail, job.state is JobState.HELD)
-        args = sbatch_args(sub, self._config())
-        try:
-            slurm_id = await self._offload(self.commands.submit, args, owner, env)
-        except ClusterRefused:
-            self._drop(job)
-            raise
-        try:
-            job = record_forwarded(self.table, job.id, slurm_id, output)
-        except StorageFull:
-            with contextlib.suppress(ClusterRefused):
-                await self._offload(self.commands.cancel, slurm_id, owner)
-            self._drop(job)
-            raise
-        log.info("job %d forwarded to Slurm as job %d", job.id, slurm_id)
-        self.nudge()
-        return job
-
-    def _drop(self, job: Job) -> None:
-        """Undo a record that was never forwarded: nothing half-recorded stays."""
-        current = self.table.get(job.id)
-        if current is not None and current.state.pending:
-            with contextlib.suppress(StorageFull):
-                self.table.remove(current)
-
-    def _dependencies(self, job: Job) -> tuple[tuple[int, ...], str | None]:
-        """The Slurm ids to wait on, or why the job is skipped at once (-W, failed dep)."""
-        ids: list[int] = []
-        for dep_id in job.spec.depends:
-            dep = self.table.get(dep_id)
-            if dep is None:
-                raise NoSuchJob(f"job {dep_id} does not exist (cannot depend on it)")
-            if dep.state.done:
-                succeeded = dep.state is JobState.FINISHED and dep.exit is not None \
-                    and dep.exit.success
-                if job.spec.depend_mode is DependMode.SUCCESS and not succeeded:
-                    return (), f"job {dep.id} did not succeed"
-                continue  # over already: nothing to wait for
-            if dep.slurm_id is None:
-                raise WrongState(
-                    f"job {dep_id} is not on Slurm (yet): it cannot be a Slurm job's dependency"
-                )
-            ids.append(dep.slurm_id)
-        return tuple(ids), None
-
-    def _output_path(self, job: Job) -> str:
-        """Where the job writes: -O's name, else ts-out.<id>.<random>, in a shared directory.
-
-        The directory: the user's --set_logdir, else cluster.output_dir, else the
-        job's working directory (on a cluster /tmp is the node's own).
-        """
-        directory = (
-            self._data.user_settings(job.uid).get("logdir")
-            or self._config().output_dir
-            or job.spec.cwd
-        )
-        name = job.spec.output_name or f"{OUTPUT_PREFIX}{job.id}.{secrets.token_hex(3)}"
-        return os.path.join(directory, name)
-
     # ------------------------------------------------------------ ending
 
     async def cancel(self, job: Job) -> None:
@@ -257,16 +79,16 @@ class SlurmEngine:
             owner: Owner | None = Owner.of(job.uid)
         except KeyError:
             owner = None  # the user is gone: the daemon (root) cancels it
-        await self._offload(self.commands.cancel, job.slurm_id, owner)
-        log.info("job %d: cancelled Slurm job %d", job.id, job.slurm_id)
+        await self._offload(self.commands.cancel, ref_of(job), owner)
+        log.info("job %d: cancelled Slurm job %s", job.id, ref_of(job))
         self.nudge()
 
     async def hold(self, job: Job, held: bool) -> None:
         """ts --hold/--release of a forwarded job: scontrol hold/release as its owner."""
         if job.slurm_id is None:
             raise WrongState(f"job {job.id} is still being handed to Slurm: try again")
-        await self._offload(self.commands.hold, job.slurm_id, held, Owner.of(job.uid))
-        log.info("job %d: %s Slurm job %d", job.id, "held" if held else "released", job.slurm_id)
+        await self._offload(self.commands.hold, ref_of(job), held, Owner.of(job.uid))
+        log.info("job %d: %s Slurm job %s", job.id, "held" if held else "released", ref_of(job))
         self.nudge()
 
     # ------------------------------------------------------------ following
@@ -321,7 +143,8 @@ class SlurmEngine:
         jobs = self.tracked()
         if not jobs:
             return False
-        ids = [j.slurm_id for j in jobs if j.slurm_id is not None]
+        # An array's id names all its tasks: one id for the whole array.
+        ids = sorted({j.slurm_id for j in jobs if j.slurm_id is not None})
         try:
             snapshot = await self._offload(self.commands.squeue, ids)
         except ClusterRefused as exc:
@@ -339,7 +162,7 @@ class SlurmEngine:
             current = self.table.get(job.id)
             if current is None or current.state.done or current.slurm_id is None:
                 continue
-            sj = snapshot.jobs.get(current.slurm_id)
+            sj = snapshot.find(current.slurm_id, current.slurm_task)
             if sj is None:
                 missing.append(current)
                 continue
@@ -350,20 +173,20 @@ class SlurmEngine:
 
     async def _look_up_gone(self, jobs: Sequence[Job]) -> bool:
         """Jobs squeue no longer lists: their end from sacct, or lost once long gone."""
-        ids = [j.slurm_id for j in jobs if j.slurm_id is not None]
+        ids = sorted({j.slurm_id for j in jobs if j.slurm_id is not None})
         try:
-            records = await self._offload(self.commands.sacct, ids)
+            records = by_ref((await self._offload(self.commands.sacct, ids)).values())
         except ClusterRefused as exc:
             log.warning("Slurm jobs %s are gone from squeue and sacct failed: %s", ids, exc)
             records = {}
         changed = False
         for job in jobs:
             assert job.slurm_id is not None
-            record = records.get(job.slurm_id)
+            record = records.get((job.slurm_id, job.slurm_task))
             if record is not None and record.end_time is not None:
                 changed |= self._apply(job, verdict(job, record))
             elif time.time() - job.enqueue_time > FORGOTTEN_AFTER:
-                note = f"Slurm no longer knows job {job.slurm_id}"
+                note = f"Slurm no longer knows job {ref_of(job)}"
                 changed |= self._apply(
                     job, Ended(JobState.FINISHED, ExitInfo(lost=True, note=note), None, None)
                 )
@@ -381,7 +204,7 @@ class SlurmEngine:
                 case Started(start, gpus):
                     if job.state.pending:
                         self.table.slurm_started(job.id, start, gpus)
-                        log.info("job %d started in Slurm (job %s)", job.id, job.slurm_id)
+                        log.info("job %d started in Slurm (job %s)", job.id, ref_of(job))
                 case CancelSkipped(reason):
                     self._spawn(self._cancel_quietly(job))
                     self.table.end_pending(job, JobState.SKIPPED, ExitInfo(note=reason), reason)
@@ -404,14 +227,13 @@ class SlurmEngine:
             self.table.slurm_started(job.id, v.start or v.end or time.time(), ())
         ended = self.table.finish(job.id, v.exit, v.end, None)
         if ended is not None and ended.exit is not None:
-            log.info("job %d finished in Slurm (job %s): %s", job.id, job.slurm_id,
+            log.info("job %d finished in Slurm (job %s): %s", job.id, ref_of(job),
                      ended.exit.summary())
             self.table.drop_transparent(ended)
 
     async def _cancel_quietly(self, job: Job) -> None:
         with contextlib.suppress(ClusterRefused, KeyError):
-            assert job.slurm_id is not None
-            await self._offload(self.commands.cancel, job.slurm_id, Owner.of(job.uid))
+            await self._offload(self.commands.cancel, ref_of(job), Owner.of(job.uid))
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -438,7 +260,11 @@ class SlurmEngine:
             (sj.comment, sj.user): sj for sj in snapshot.jobs.values()
             if sj.comment.startswith(COMMENT_PREFIX)
         }
+        arrays: dict[int, list[Job]] = {}
         for job in jobs:
+            if job.spec.array_job is not None:
+                arrays.setdefault(job.spec.array_job, []).append(job)
+                continue
             sj = by_comment.get((f"{COMMENT_PREFIX}{job.id}", job.user))
             if sj is not None:
                 output = sj.output.replace("%%", "%") or job.output_path
@@ -450,4 +276,27 @@ class SlurmEngine:
                 await self.forward(job)
             except (ClusterRefused, NoSuchJob, WrongState, StorageFull) as exc:
                 log.error("job %d could not be forwarded to Slurm: %s", job.id, exc)
+        for array_job, elements in arrays.items():
+            sj = by_comment.get((f"{COMMENT_PREFIX}{array_job}", elements[0].user))
+            try:
+                if sj is not None and sj.array_job_id is not None:
+                    self._adopt_array(sj, elements)
+                else:
+                    await self.forward_array(elements)
+            except (ClusterRefused, NoSuchJob, WrongState, StorageFull) as exc:
+                log.error("jobs %s could not be forwarded to Slurm: %s",
+                          [j.id for j in elements], exc)  # fmt: skip
         self.nudge()
+
+    def _adopt_array(self, sj: SlurmJob, elements: Sequence[Job]) -> None:
+        """An array sbatch took before a crash: its elements are its tasks, by index."""
+        assert sj.array_job_id is not None
+        pattern = sj.output.replace("%%", "\0")  # a NUL is in no path
+        rows = []
+        for n, job in enumerate(elements):
+            index = job.spec.array_task if job.spec.array_task is not None else n
+            output = pattern.replace("%a", str(index)).replace("\0", "%") or job.output_path
+            rows.append((job.id, sj.array_job_id, index, output))
+        record_forwarded_many(self.table, rows)
+        log.info("jobs %s: found as Slurm job array %d", [j.id for j in elements],
+                 sj.array_job_id)  # fmt: skip

@@ -23,11 +23,14 @@ from tsd.slurmjson import (
     SlurmJob,
     SlurmParseError,
     Snapshot,
+    config_value,
     one_line_error,
+    parse_jobcomp,
     parse_sacct,
     parse_squeue,
 )
 
+JOBCOMP_TAIL = 16 << 20  # bytes of the jobcomp file read for ended array tasks
 TIMEOUT = 30.0  # seconds for one Slurm command; a hung controller must not hang a worker
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -48,6 +51,14 @@ class Owner:
         return cls(uid, pw.pw_gid, pw.pw_name, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
+def _checked(ref: str) -> str:
+    """A job name for a Slurm command: digits, or digits_digits; never an option."""
+    job, sep, task = ref.partition("_")
+    if not (job.isdigit() and job.isascii() and (not sep or (task.isdigit() and task.isascii()))):
+        raise ValueError(f"not a Slurm job id: {ref!r}")
+    return ref
+
+
 def _tool(name: str) -> str:
     return shutil.which(name, path=_CLEAN_ENV["PATH"]) or f"/usr/bin/{name}"
 
@@ -62,6 +73,7 @@ class SlurmCommands:
         self.squeue_bin = _tool("squeue")
         self.sacct_bin = _tool("sacct")
         self.sacct_jobcomp: bool | None = None  # sacct -c (jobcomp file), once known
+        self.jobcomp_loc: str | None = None  # the jobcomp file ("" when none), once known
 
     def _run(
         self, argv: Sequence[str], owner: Owner | None, env: Mapping[str, str] | None = None
@@ -102,20 +114,21 @@ class SlurmCommands:
             raise ClusterRefused(f"Slurm refused the job: {reason}")
         return int(out)
 
-    def cancel(self, slurm_id: int, owner: Owner | None) -> None:
-        """scancel as the owner (or as the daemon with None)."""
-        r = self._run([self.scancel_bin, str(slurm_id)], owner)
+    def cancel(self, ref: str, owner: Owner | None) -> None:
+        """scancel as the owner (or as the daemon with None); `ref` is "123" or an
+        array's task "123_4" (that task alone)."""
+        r = self._run([self.scancel_bin, _checked(ref)], owner)
         if r.returncode != 0:
             reason = one_line_error(r.stderr, f"scancel exited {r.returncode}")
-            raise ClusterRefused(f"Slurm did not cancel job {slurm_id}: {reason}")
+            raise ClusterRefused(f"Slurm did not cancel job {ref}: {reason}")
 
-    def hold(self, slurm_id: int, held: bool, owner: Owner | None) -> None:
+    def hold(self, ref: str, held: bool, owner: Owner | None) -> None:
         """scontrol hold (or release) as the owner: a user's hold, which the user may lift."""
         verb = "hold" if held else "release"
-        r = self._run([self.scontrol_bin, verb, str(slurm_id)], owner)
+        r = self._run([self.scontrol_bin, verb, _checked(ref)], owner)
         if r.returncode != 0:
             reason = one_line_error(r.stderr, f"scontrol {verb} exited {r.returncode}")
-            raise ClusterRefused(f"Slurm did not {verb} job {slurm_id}: {reason}")
+            raise ClusterRefused(f"Slurm did not {verb} job {ref}: {reason}")
 
     def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot:
         """One squeue --json for these jobs (every state; all jobs with None)."""
@@ -145,6 +158,29 @@ class SlurmCommands:
             r = self._run([*base, "-c"] if jobcomp else base, None)
             if r.returncode == 0:
                 self.sacct_jobcomp = jobcomp
-                return parse_sacct(r.stdout)
+                found = parse_sacct(r.stdout)
+                if jobcomp:
+                    found.update(self._jobcomp_tasks(set(slurm_ids)))
+                return found
             last = one_line_error(r.stderr, f"sacct exited {r.returncode}")
         raise ClusterRefused(f"sacct failed: {last}")
+
+    def _jobcomp_tasks(self, arrays: set[int]) -> dict[int, SlurmJob]:
+        """The ended tasks of these job arrays from the jobcomp file itself (its newest
+        JOBCOMP_TAIL bytes): `sacct -c` does not say which array a task was of."""
+        if self.jobcomp_loc is None:
+            r = self._run([self.scontrol_bin, "show", "config"], None)
+            self.jobcomp_loc = (config_value(r.stdout, "JobCompLoc") or "") \
+                if r.returncode == 0 else None
+        if not self.jobcomp_loc or not self.jobcomp_loc.startswith("/"):
+            return {}
+        try:
+            with open(self.jobcomp_loc, "rb") as f:
+                start = max(0, os.fstat(f.fileno()).st_size - JOBCOMP_TAIL)
+                f.seek(start)
+                text = f.read(JOBCOMP_TAIL).decode(errors="replace")
+        except OSError:
+            return {}
+        if start:
+            text = text.partition("\n")[2]  # the first line read is cut
+        return {j.job_id: j for j in parse_jobcomp(text) if j.array_job_id in arrays}

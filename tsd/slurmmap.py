@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tsd.config import ClusterConfig
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
-from tsd.slurmjson import SlurmJob
+from tsd.slurmjson import SlurmJob, compress_tasks
 
 # Slurm states in which the job has not started yet.
 PENDING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
@@ -57,8 +57,14 @@ def escape_path(path: str) -> str:
     return path.replace("%", "%%")
 
 
-def dependency(mode: DependMode, slurm_ids: Sequence[int]) -> str | None:
-    """-D/-d -> afterany, -W -> afterok, over the dependencies' Slurm ids."""
+def slurm_ref(slurm_id: int, task: int | None) -> str:
+    """A Slurm job as Slurm's commands name it: "123", or "123_4" for an array's task."""
+    return str(slurm_id) if task is None else f"{slurm_id}_{task}"
+
+
+def dependency(mode: DependMode, slurm_ids: Sequence[int | str]) -> str | None:
+    """-D/-d -> afterany, -W -> afterok, over the dependencies' Slurm ids ("123_4" for
+    an array's task: Slurm waits for that task alone)."""
     if not slurm_ids:
         return None
     kind = "afterok" if mode is DependMode.SUCCESS else "afterany"
@@ -66,15 +72,29 @@ def dependency(mode: DependMode, slurm_ids: Sequence[int]) -> str | None:
 
 
 @dataclass(frozen=True)
-class Submission:
-    """What the engine needs to submit one job, decided by the daemon."""
+class ArrayPart:
+    """An --array submitted as one Slurm job array: which tsd job each index is."""
 
-    job_id: int
+    elements: tuple[tuple[int, int], ...]  # (Slurm task index = TS_ARRAY_TASK_ID, tsd id)
+    throttle: int | None = None  # %K: Slurm runs at most K tasks at once
+    output_tail: str = ""  # each task writes to output + its index + output_tail
+
+    def output_of(self, output: str, index: int) -> str:
+        """The output file of the task with this index."""
+        return f"{output}{index}{self.output_tail}"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the engine needs to submit one job (or one --array), decided by the daemon."""
+
+    job_id: int  # the job's id; an array's: its first element's (TS_ARRAY_JOB_ID)
     spec: JobSpec
-    output: str  # absolute path of the job's output file
-    depend_on: tuple[int, ...] = ()  # Slurm ids of the dependencies still to wait for
+    output: str  # absolute path of the job's output file (an array's: up to the index)
+    depend_on: tuple[int | str, ...] = ()  # Slurm ids of the dependencies still to wait for
     mail_to: str | None = None
     held: bool = False  # ts --hold: Slurm keeps it pending until ts --release
+    array: ArrayPart | None = None
 
 
 def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
@@ -85,10 +105,13 @@ def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
         f"--job-name={spec.label or f'tsd-{sub.job_id}'}",
         f"--comment={COMMENT_PREFIX}{sub.job_id}",
         f"--chdir={spec.cwd}",
-        f"--output={escape_path(sub.output)}",
+        f"--output={output_pattern(sub)}",
     ]
     if spec.stderr_apart:
-        args.append(f"--error={escape_path(sub.output)}.e")
+        args.append(f"--error={output_pattern(sub)}.e")
+    if sub.array is not None:
+        throttle = "" if sub.array.throttle is None else f"%{sub.array.throttle}"
+        args.append(f"--array={compress_tasks(i for i, _ in sub.array.elements)}{throttle}")
     if spec.slots > 1:
         args.append(f"--cpus-per-task={spec.slots}")
     if spec.gpus:
@@ -112,18 +135,72 @@ def sbatch_args(sub: Submission, cluster: ClusterConfig) -> list[str]:
         if value:
             args.append(f"--{key}={value}")
     args += list(cluster.extra_args)
-    args.append(f"--wrap={wrap(spec)}")
+    args.append(f"--wrap={wrap(spec, sub.array)}")
     return args
 
 
-def wrap(spec: JobSpec) -> str:
+def output_pattern(sub: Submission) -> str:
+    """--output's value: the path with % escaped; an array's with Slurm's %a (the index)."""
+    if sub.array is None:
+        return escape_path(sub.output)
+    return f"{escape_path(sub.output)}%a{escape_path(sub.array.output_tail)}"
+
+
+def wrap(spec: JobSpec, array: ArrayPart | None = None) -> str:
     """The batch script's body: the submitter's umask, then the words exec'd as given
-    (as tsd's local runner does: no shell in between for the command itself)."""
-    return f"umask {spec.umask:04o}; exec {shlex.join(spec.command)}"
+    (as tsd's local runner does: no shell in between for the command itself).
+
+    An array's tasks share one script and one environment: the script sets each
+    task's TS_ARRAY_TASK_ID (Slurm's index) and TS_JOBID (its tsd id) first.
+    """
+    prelude = "" if array is None else f"{task_ids(array.elements)}; "
+    return f"umask {spec.umask:04o}; {prelude}exec {shlex.join(spec.command)}"
+
+
+def id_runs(elements: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """(index, tsd id) pairs -> runs (first, last, step, first id, id step) in which
+    both go up evenly, fewest first: an A-B[:S] array is one run."""
+    pairs = sorted(elements)
+    runs: list[tuple[int, int, int, int, int]] = []
+    i = 0
+    while i < len(pairs):
+        j = i
+        if i + 1 < len(pairs):
+            step = pairs[i + 1][0] - pairs[i][0]
+            id_step = pairs[i + 1][1] - pairs[i][1]
+            j = i + 1
+            while j + 1 < len(pairs) and (pairs[j + 1][0] - pairs[j][0],
+                                          pairs[j + 1][1] - pairs[j][1]) == (step, id_step):
+                j += 1
+        if j == i:
+            runs.append((pairs[i][0], pairs[i][0], 1, pairs[i][1], 0))
+        else:
+            runs.append((pairs[i][0], pairs[j][0], step, pairs[i][1], id_step))
+        i = j + 1
+    return runs
+
+
+def task_ids(elements: Sequence[tuple[int, int]]) -> str:
+    """POSIX sh that sets and exports TS_ARRAY_TASK_ID and TS_JOBID from SLURM_ARRAY_TASK_ID
+    (no other variable: whatever the job's environment holds reaches the command as is)."""
+    t = "TS_ARRAY_TASK_ID"
+    parts = [f'{t}="$SLURM_ARRAY_TASK_ID"']
+    for first, last, step, id0, id_step in id_runs(elements):
+        test = f'[ "${t}" -eq {first} ]' if first == last else (
+            f'[ "${t}" -ge {first} ] && [ "${t}" -le {last} ]'
+            f" && [ $(( ({t} - {first}) % {step} )) -eq 0 ]"
+        )
+        value = str(id0) if first == last else (
+            f"$(( {id0} + ({t} - {first}) / {step} * {id_step} ))"
+        )
+        parts.append(f"if {test}; then TS_JOBID={value}; fi")
+    parts.append("export TS_ARRAY_TASK_ID TS_JOBID")
+    return "; ".join(parts)
 
 
 def job_env(
-    captured: Sequence[tuple[str, str]], settings: Mapping[str, str], job_id: int, gpus: int
+    captured: Sequence[tuple[str, str]], settings: Mapping[str, str], job_id: int, gpus: int,
+    array_job: int | None = None,
 ) -> dict[str, str]:
     """sbatch's environment (exported to the job): the owner's, as captured at submit.
 
@@ -135,7 +212,9 @@ def job_env(
     for key, value in settings.items():
         if key.startswith("env:"):
             env[key[4:]] = value
-    env["TS_JOBID"] = str(job_id)
+    env["TS_JOBID"] = str(job_id)  # an array's script sets each task's own (wrap)
+    if array_job is not None:
+        env["TS_ARRAY_JOB_ID"] = str(array_job)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if gpus:
         env.pop("CUDA_VISIBLE_DEVICES", None)

@@ -1,26 +1,43 @@
 """SQLite state: jobs, settings, per-user settings, schema version.
 
-The only SQL in the tree. Every write is its own committed transaction in WAL
-mode with synchronous=FULL, so once a method returns the change survives a
-crash of the daemon or the machine. Jobs are kept in memory by the daemon
-without their environment (which can be large); `env_of` fetches it at launch.
+The only SQL in the tree. WAL mode; a change is fsynced (by SQLite, or in
+group mode by tsd.groupcommit) before anyone acts on it, so it survives a
+crash of the daemon or the machine. Jobs are kept in memory by the
+daemon without their environment (which can be large); `env_of` fetches it at
+launch.
+
+Two ways a write is committed:
+
+* on its own (the default): the method returns once its transaction is
+  committed, or raises StorageFull having changed nothing;
+* grouped (group commit, the daemon's hot path): inside `deferred()`, after
+  `group()` was called, writes join one open transaction, each in its own
+  savepoint, and `commit()` (on the loop's next turn once someone waits for
+  it) makes them all durable with one fsync (tsd.groupcommit). Whoever must
+  not act before a grouped write is durable (a reply, a supervisor's go)
+  registers with `after_commit`; whoever changed memory ahead of it
+  registers an undo with `on_rollback`. A commit that fails rolls the whole
+  group back (nothing half-written), runs the undos at once and the `failed`
+  callbacks after.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tsd.codec import exit_from_dict, exit_to_dict, spec_from_dict, spec_to_dict
-from tsd.errors import StorageFull
+from tsd.groupcommit import SQLITE_FULL, GroupCommit, primary
 from tsd.model import Job, JobSpec, JobState
+
+log = logging.getLogger("tsd")
 
 SCHEMA_VERSION = 1
 
@@ -49,7 +66,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS slurm_jobs (
-    job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL
+    job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL, task INTEGER
 );
 CREATE TABLE IF NOT EXISTS gpu_peaks (id INTEGER PRIMARY KEY, peak_mib INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS user_settings (
@@ -95,7 +112,6 @@ class StoreError(Exception):
 
 
 # SQLite's primary result codes (sqlite3.h) that say what an admin must fix.
-_SQLITE_FULL = 13
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 _SQLITE_CANTOPEN = 14
@@ -104,19 +120,15 @@ _SQLITE_READONLY = 8
 _SQLITE_IOERR = 10
 
 
-def _primary(exc: sqlite3.Error) -> int:
-    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-
-
 def unusable(path: str | os.PathLike[str], exc: sqlite3.Error) -> StoreError:
     """The one-line StoreError for a database the daemon cannot start with."""
-    code = _primary(exc)
+    code = primary(exc)
     if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
         return StoreError(
             f"{path} is not a database (corrupt): move it aside and start tsd again;"
             " the jobs in it are lost"
         )
-    if code == _SQLITE_FULL:
+    if code == SQLITE_FULL:
         return StoreError(
             f"no space left on {Path(path).parent} for {path}: free some space and start tsd again"
         )
@@ -128,7 +140,7 @@ def unusable(path: str | os.PathLike[str], exc: sqlite3.Error) -> StoreError:
     return StoreError(f"cannot use {path}: {exc}")
 
 
-class Store:
+class Store(GroupCommit):
     """The daemon's durable state."""
 
     def __init__(self, path: str | os.PathLike[str], durable: bool = True) -> None:
@@ -139,6 +151,7 @@ class Store:
         """
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
+        self._init_group()
         try:
             self._open(durable)
         except sqlite3.Error as exc:
@@ -162,30 +175,9 @@ class Store:
                 f"{path}: state schema version {row[0]}, this tsd understands {SCHEMA_VERSION}"
             )
 
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One committed transaction; a full disk becomes StorageFull, nothing half-written."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (SQLITE_FULL does): no second error.
-                if self.db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self.db.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            if _primary(exc) == _SQLITE_FULL:
-                raise StorageFull(
-                    f"the server cannot save its state: no space left on {self.path.parent}",
-                    where=str(self.path.parent),
-                ) from None
-            raise
-
     def close(self) -> None:
-        """Close the database."""
+        """Commit what is open and close the database."""
+        self.close_group()
         self.db.close()
 
     # ------------------------------------------------------------ jobs
@@ -398,19 +390,34 @@ class Store:
                 " sup_pid, sup_start, gpu_ids, gpu_uuids, output, unit, attempts"
                 " FROM jobs ORDER BY id"
             ).fetchall()
-            slurm = dict(self.db.execute("SELECT job_id, slurm_id FROM slurm_jobs").fetchall())
+            slurm = {int(i): (int(s), t) for i, s, t in self.db.execute(
+                "SELECT job_id, slurm_id, task FROM slurm_jobs")}  # fmt: skip
         except sqlite3.DatabaseError as exc:
             raise unusable(self.path, exc) from None
         jobs = [_row_to_job(r) for r in rows]
-        return [replace(j, slurm_id=int(slurm[j.id])) if j.id in slurm else j for j in jobs]
+        return [
+            replace(j, slurm_id=slurm[j.id][0],
+                    slurm_task=None if slurm[j.id][1] is None else int(slurm[j.id][1]))
+            if j.id in slurm else j
+            for j in jobs
+        ]  # fmt: skip
 
     def set_slurm_id(self, job_id: int, slurm_id: int, output: str | None) -> None:
         """Record the Slurm job a job was forwarded to, and its output path, in one commit."""
+        self.set_slurm_ids([(job_id, slurm_id, None, output)])
+
+    def set_slurm_ids(self, rows: Iterable[tuple[int, int, int | None, str | None]]) -> None:
+        """Record (job id, Slurm id, array task index or None, output path) for several
+        jobs in ONE commit: an --array's elements are all recorded or none."""
+        rows = list(rows)
         with self._tx():
-            self.db.execute(
-                "INSERT OR REPLACE INTO slurm_jobs VALUES (?, ?)", (job_id, slurm_id)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO slurm_jobs (job_id, slurm_id, task) VALUES (?, ?, ?)",
+                [(j, s, t) for j, s, t, _ in rows],
             )
-            self.db.execute("UPDATE jobs SET output=? WHERE id=?", (output, job_id))
+            self.db.executemany(
+                "UPDATE jobs SET output=? WHERE id=?", [(o, j) for j, _, _, o in rows]
+            )
 
     def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
         """A job's submit-time environment."""
@@ -500,8 +507,13 @@ def _row_to_job(r: tuple[Any, ...]) -> Job:
 _ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 
 
+# slurm_jobs.task: the Slurm array task index of an --array element (NULL otherwise).
+_ADDED_SLURM_COLUMNS = (("task", "INTEGER"),)
+
+
 def _add_missing_columns(db: sqlite3.Connection) -> None:
-    have = {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}
-    for name, decl in _ADDED_COLUMNS:
-        if name not in have:
-            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+    for table, added in (("jobs", _ADDED_COLUMNS), ("slurm_jobs", _ADDED_SLURM_COLUMNS)):
+        have = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, decl in added:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")

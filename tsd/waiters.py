@@ -21,6 +21,7 @@ class Waiters:
         self._ends: dict[int, list[asyncio.Future[Job | None]]] = defaultdict(list)
         self._starts: dict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self._room = asyncio.Condition()
+        self._room_waiting = 0  # blocked submitters: only they need a wake-up task
 
     # -- hooks the job table calls (tsd.jobtable.JobEvents)
 
@@ -41,7 +42,8 @@ class Waiters:
 
     def room(self) -> None:
         """A pending job left some queue: blocked submitters check again."""
-        self.loop.create_task(self._notify_room())
+        if self._room_waiting:
+            self.loop.create_task(self._notify_room())
 
     async def _notify_room(self) -> None:
         async with self._room:
@@ -63,8 +65,16 @@ class Waiters:
 
     async def room_freed(self) -> None:
         """Until some pending job leaves the queue."""
-        async with self._room:
-            await self._room.wait()
+        self._room_waiting += 1
+        try:
+            async with self._room:
+                await self._room.wait()
+        finally:
+            self._room_waiting -= 1
+
+    def waiting_on(self, job_id: int) -> bool:
+        """Whether a client waits for this job's end."""
+        return bool(self._ends.get(job_id))
 
     def parked(self) -> int:
         """How many job futures are parked (tests check nothing leaks)."""

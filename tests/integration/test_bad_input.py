@@ -152,7 +152,8 @@ def test_bad_ids_and_impossible_jobs_get_one_line_and_exit_1(
 
 
 def test_removing_a_running_job_is_refused(ts: Runner, started: object) -> None:
-    jid = ts("sleep", "2").stdout.strip()
+    # Long enough to be still running after three `ts` calls on a loaded machine.
+    jid = ts("sleep", "60").stdout.strip()
     time.sleep(0.3)
     r = ts("-r", jid, check=False)
     assert r.returncode == 1 and "running" in r.stderr

@@ -70,6 +70,8 @@ def test_nf_behind_a_running_job_waits_its_turn_then_leaves_no_entry(
     )
     try:
         queued = blocker + 1
+        # The -nf client starts as this test polls: its job may not exist yet.
+        wait_until(lambda: ts("-s", str(queued), check=False).returncode == 0)
         wait_state(ts, queued, "queued")  # in the queue like any job, behind the slot holder
         assert not marker.exists()
         assert waiter.poll() is None

@@ -6,6 +6,7 @@ the one that stops Slurm comes last.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -214,6 +215,103 @@ def test_list_shows_own_jobs_and_all_users_with_a(sbox: Box) -> None:
     assert "User" in everyone[0].split()
     row = [line for line in everyone[1:] if line.split()[0] == str(bobs)]
     assert row and "bob" in row[0].split()
+
+
+def array_ids(b: Box, user: str, *args: str) -> list[int]:
+    """Submit an --array as `user` in /tmp; every element's tsd id, in index order."""
+    return [int(w) for w in b.run(["ts", "--array", *args], user=user, cwd="/tmp").stdout.split()]
+
+
+def slurm_tasks(b: Box, array_id: int) -> dict[int, dict[str, Any]]:
+    """Slurm's own records of an array's split-off tasks, by index."""
+    out = b.run(["squeue", "--json", "--states=all", f"--jobs={array_id}"]).stdout
+    return {j["array_task_id"]: j for j in json.loads(out)["jobs"]
+            if j["array_job_id"] == array_id and j["array_task_id"] is not None}
+
+
+def test_an_array_runs_as_one_slurm_job_array_with_each_elements_ids_and_exit_code(
+    sbox: Box,
+) -> None:
+    ids = array_ids(sbox, "alice", "0-2", "sh", "-c",
+                    'echo "$TS_ARRAY_TASK_ID $TS_JOBID $TS_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID"; '
+                    "exit $TS_ARRAY_TASK_ID")
+    assert len(ids) == 3
+    assert [ts(sbox, "alice", "-w", str(j), check=False).returncode for j in ids] == [0, 1, 2]
+    listed = jobs(sbox, "alice")
+    array_id = listed[ids[0]]["Slurm_ID"]
+    assert [(listed[j]["Slurm_ID"], listed[j]["Slurm_Array_Task"]) for j in ids] == [
+        (array_id, 0), (array_id, 1), (array_id, 2)]
+    assert f"Slurm job: {array_id}_1" in ts(sbox, "alice", "-i", str(ids[1])).stdout
+    for index, jid in enumerate(ids):
+        assert f"_{index}." in listed[jid]["Output"]
+        assert sbox.read_file(listed[jid]["Output"]).split() == [
+            str(index), str(jid), str(ids[0]), str(index)]
+        assert listed[jid]["E-Level"] == index
+    tasks = slurm_tasks(sbox, array_id)
+    assert sorted(tasks) == [0, 1, 2]  # three tasks of ONE sbatch, as alice
+    assert {(t["user_name"], t["comment"]) for t in tasks.values()} == {("alice", f"tsd:{ids[0]}")}
+    assert [tasks[i]["job_state"] for i in range(3)] == ["COMPLETED", "FAILED", "FAILED"]
+    # What the engine reads once squeue forgets them: sacct (here the jobcomp file).
+    code = ("from tsd.slurmcmd import SlurmCommands; from tsd.slurmjson import by_ref; "
+            f"r = by_ref(SlurmCommands().sacct([{array_id}]).values()); "
+            f"print(sorted((k[1], j.exit_status) for k, j in r.items() if k[0] == {array_id}))")
+    assert sbox.run([sbox.python, "-c", code]).stdout.strip() == "[(0, 0), (1, 256), (2, 512)]"
+
+
+def test_an_array_throttled_to_one_runs_its_tasks_one_at_a_time(sbox: Box) -> None:
+    ids = array_ids(sbox, "alice", "1-3%1", "sh", "-c", "date +%s.%N; sleep 1; date +%s.%N")
+    sid = jobs(sbox, "alice")[ids[0]]["Slurm_ID"]
+    assert slurm_job(sbox, sid)["array_max_tasks"] == 1
+    for j in ids:
+        assert ts(sbox, "alice", "-w", str(j), check=False).returncode == 0
+    listed = jobs(sbox, "alice")
+    spans = sorted(tuple(map(float, sbox.read_file(listed[j]["Output"]).split())) for j in ids)
+    assert len(spans) == 3
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end  # the next task started only after the previous one ended
+
+
+def test_killing_one_array_element_cancels_only_its_slurm_task(sbox: Box) -> None:
+    ids = array_ids(sbox, "alice", "0-1", "sh", "-c", "sleep 5; exit 6")
+    wait_for(lambda: all(jobs(sbox)[j]["State"] == "running" for j in ids), timeout=20)
+    ts(sbox, "alice", "-k", str(ids[0]))
+    assert ts(sbox, "alice", "-w", str(ids[0]), check=False).returncode == 255
+    assert ts(sbox, "alice", "-w", str(ids[1]), check=False).returncode == 6
+    tasks = slurm_tasks(sbox, jobs(sbox)[ids[0]]["Slurm_ID"])
+    assert (tasks[0]["job_state"], tasks[1]["job_state"]) == ("CANCELLED", "FAILED")
+
+
+def test_array_elements_are_held_released_and_depended_on_one_by_one(sbox: Box) -> None:
+    ids = array_ids(sbox, "alice", "0-1", "--hold", "true")
+    after = submit(sbox, "alice", "-D", str(ids[1]), "true")
+    listed = jobs(sbox, "alice")
+    sid = listed[ids[0]]["Slurm_ID"]
+    assert [listed[j]["State"] for j in ids] == ["held", "held"]
+    assert f"afterany:{sid}_1" in slurm_job(sbox, listed[after]["Slurm_ID"])["dependency"]
+    ts(sbox, "alice", "--release", str(ids[0]))
+    assert ts(sbox, "alice", "-w", str(ids[0]), check=False).returncode == 0
+    assert slurm_tasks(sbox, sid)[1]["state_reason"] == "JobHeldUser"
+    assert jobs(sbox, "alice")[after]["State"] == "queued"
+    ts(sbox, "alice", "--release", str(ids[1]))
+    assert ts(sbox, "alice", "-w", str(after), check=False).returncode == 0
+    assert jobs(sbox, "alice")[ids[1]]["E-Level"] == 0
+
+
+def test_an_array_slurm_refuses_fails_in_one_line_and_records_no_element(sbox: Box) -> None:
+    before = set(jobs(sbox))
+    r = sbox.run(["ts", "--array", "0,5000", "true"], user="alice", check=False)  # MaxArraySize
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "Invalid job array specification" in r.stderr
+    assert set(jobs(sbox)) == before
+
+
+def test_restart_keeps_following_array_elements(sbox: Box) -> None:
+    ids = array_ids(sbox, "alice", "0-2%1", "sh", "-c", "sleep 1; exit $TS_ARRAY_TASK_ID")
+    wait_for(lambda: jobs(sbox)[ids[0]]["State"] == "running", timeout=20)
+    sbox.systemctl("restart", "tsd")
+    assert [ts(sbox, "alice", "-w", str(j), check=False).returncode for j in ids] == [0, 1, 2]
+    listed = jobs(sbox, "alice")
+    assert [listed[j]["Slurm_Array_Task"] for j in ids] == [0, 1, 2]
 
 
 def test_restart_while_slurm_jobs_run_keeps_following_them(sbox: Box) -> None:

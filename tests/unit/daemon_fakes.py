@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from tsd import launch
+from tsd.errors import StorageFull
 from tsd.gpu import GpuUnavailable
+from tsd.gpumonitor import GpuReader
 from tsd.model import Gpu, Job, JobLimits, JobSpec, JobState
 
 # Pids no fake process has: far above any pid this machine hands out in a test run.
@@ -64,6 +66,20 @@ class FakeStore:
             self.rows[job_id] = replace(self.rows[job_id], order=key)
         self.writes += 1 - len(specs)  # one transaction
         return jobs
+
+    # Group commit (tsd.store.Store): every write here is durable at once.
+    pending = False
+
+    def deferred(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def after_commit(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None:
+        ok()
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        pass
 
     def save(self, *jobs: Job) -> None:
         for job in jobs:
@@ -256,3 +272,21 @@ def gpu(index: int, used_gib: int = 0) -> Gpu:
         index=index, uuid=f"GPU-{index}", name="Fake", memory_total=16 << 30,
         memory_used=used_gib << 30,
     )
+
+
+class FakeGpuSource:
+    """tsd.runner.GpuSource."""
+
+    def __init__(self) -> None:
+        self.nvml = FakeNvml()
+        self.problem = ""
+
+    @property
+    def reader(self) -> GpuReader:
+        return self.nvml
+
+    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]:
+        return tuple(f"GPU-{i}" for i in indices)
+
+    def mark_unavailable(self, problem: str) -> None:
+        self.problem = problem

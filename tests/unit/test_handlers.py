@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -78,6 +78,9 @@ class Rig:
 
     async def call(self, req: protocol.Request, creds: tuple[int, int, int] = ALICE) -> Any:
         response = await handlers.handle(self.parts, creds, req, self.send)
+        # The server writes the answer now; what the handler left for after it (a
+        # submit's dispatch) runs next.
+        await asyncio.sleep(0)
         return response.to_wire()
 
     async def submit(self, *command: str, creds: tuple[int, int, int] = ALICE, **kw: Any) -> int:
@@ -287,6 +290,7 @@ def test_submit_with_wait_streams_queued_then_the_final_record_of_a_forgotten_jo
             rig.call(protocol.Submit(spec=spec(store_output=False, forget=True), wait=True))
         )
         await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the dispatch that follows the submit's answer
         assert rig.events == [{"event": "queued", "id": 1}]
         ended = rig.table.finish(1, ExitInfo(code=3), None, None)
         assert ended is not None
@@ -425,8 +429,15 @@ class _Slurmish:
     def check(self, spec: object, terminal: bool) -> None:
         pass
 
+    def __init__(self) -> None:
+        self.arrays: list[list[int]] = []
+
     async def forward(self, job: Job) -> Job:
         return job
+
+    async def forward_array(self, jobs: Sequence[Job]) -> list[Job]:
+        self.arrays.append([j.id for j in jobs])
+        return list(jobs)
 
     async def cancel(self, job: Job) -> None:
         pass
@@ -435,10 +446,22 @@ class _Slurmish:
         pass
 
 
+def test_an_array_under_a_cluster_engine_is_forwarded_whole_in_one_call() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        cluster = _Slurmish()
+        rig.parts.cluster = cluster
+        answer = await rig.call(protocol.Submit(spec=spec(), array="3-5%1"))
+        assert cluster.arrays == [answer["ids"]] and len(answer["ids"]) == 3
+        tasks = [rig.table.jobs[i].spec.array_task for i in answer["ids"]]
+        assert tasks == [3, 4, 5]
+
+    run(body)
+
+
 @pytest.mark.parametrize(
     "req",
     [
-        protocol.Submit(spec=spec(), array="1-2"),
         protocol.Submit(spec=spec(retry=1)),
         protocol.Submit(spec=spec(priority=-1)),
     ],

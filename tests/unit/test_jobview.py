@@ -86,6 +86,7 @@ def jobs(draw: st.DrawFn) -> Job:
         notice=draw(words),
         attempts=draw(st.integers(0, 3)),
         slurm_id=draw(maybe_int),
+        slurm_task=draw(maybe_int),
         gpu_mem_peak=draw(maybe_int),
         gpu_mem_now=draw(maybe_int),
         gpu_util_now=draw(st.none() | st.integers(0, 100)),

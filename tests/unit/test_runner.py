@@ -5,42 +5,30 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from unit.daemon_fakes import Events, FakeLauncher, FakeNvml, FakeProcs, FakeScopes, FakeStore, spec
+from unit.daemon_fakes import (
+    Events,
+    FakeGpuSource,
+    FakeLauncher,
+    FakeProcs,
+    FakeScopes,
+    FakeStore,
+    spec,
+)
 
-from tsd import exitreport
-from tsd import runner as runner_module
+from tsd import exitreport, runend
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.exitreport import ExitReport
-from tsd.gpumonitor import GpuReader
 from tsd.jobtable import JobTable
 from tsd.model import ExitInfo, Job, JobState
 from tsd.runner import Runner, RunnerSettings
 
 ME = os.getuid()
-
-
-class FakeGpuSource:
-    """tsd.runner.GpuSource."""
-
-    def __init__(self) -> None:
-        self.nvml = FakeNvml()
-        self.problem = ""
-
-    @property
-    def reader(self) -> GpuReader:
-        return self.nvml
-
-    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]:
-        return tuple(f"GPU-{i}" for i in indices)
-
-    def mark_unavailable(self, problem: str) -> None:
-        self.problem = problem
 
 
 class Rig:
@@ -239,7 +227,7 @@ def test_recover_readopts_live_supervisors_and_settles_the_rest(tmp_path: Path) 
 def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_space_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner_module, "STORE_RETRY", 0.02)
+    monkeypatch.setattr(runend, "STORE_RETRY", 0.02)
 
     async def body() -> None:
         rig = Rig(tmp_path, system=False)

@@ -22,7 +22,7 @@ from tsd.errors import ClusterRefused
 from tsd.model import DependMode, JobSpec, JobState
 from tsd.slurm import SlurmEngine, SlurmJobTable
 from tsd.slurmcmd import Owner
-from tsd.slurmjson import SlurmJob, Snapshot
+from tsd.slurmjson import SlurmJob, Snapshot, array_tasks
 from tsd.store import Store
 from tsd.waiters import Waiters
 
@@ -41,28 +41,46 @@ class Cluster:
         self.submits: list[tuple[list[str], Owner, dict[str, str]]] = []
         self.squeues = 0
         self.saccts: list[list[int]] = []
-        self.cancelled: list[int] = []
+        self.cancelled: list[str] = []
 
     def submit(self, args: Sequence[str], owner: Owner, env: Mapping[str, str]) -> int:
         if self.refuse:
             raise ClusterRefused(f"Slurm refused the job: {self.refuse}")
         self.submits.append((list(args), owner, dict(env)))
         self.next_id += 1
-        self.jobs[self.next_id] = SlurmJob(self.next_id, "PENDING", "Priority", 0,
-                                           user=owner.name)
+        array = [a.split("=", 1)[1] for a in args if a.startswith("--array=")]
+        # An array is first one pending record for all its tasks ("0-2%1"), as in squeue.
+        self.jobs[self.next_id] = SlurmJob(
+            self.next_id, "PENDING", "Priority", 0, user=owner.name,
+            array_job_id=self.next_id if array else None, array_tasks=array[0] if array else "",
+        )  # fmt: skip
         return self.next_id
 
-    def cancel(self, slurm_id: int, owner: Owner | None) -> None:
-        self.cancelled.append(slurm_id)
-        self.set(slurm_id, "CANCELLED", status=15)
+    def cancel(self, ref: str, owner: Owner | None) -> None:
+        self.cancelled.append(ref)
+        if "_" in ref:
+            array, task = map(int, ref.split("_"))
+            self.set_task(array, task, "CANCELLED", status=15)
+        else:
+            self.set(int(ref), "CANCELLED", status=15)
 
     def squeue(self, slurm_ids: Sequence[int] | None) -> Snapshot:
         self.squeues += 1
-        return Snapshot(dict(self.jobs))
+        return Snapshot(dict(self.jobs), None, array_tasks(self.jobs.values()))
 
     def sacct(self, slurm_ids: Sequence[int]) -> dict[int, SlurmJob]:
         self.saccts.append(sorted(slurm_ids))
-        return {i: self.forgotten[i] for i in slurm_ids if i in self.forgotten}
+        return {j.job_id: j for j in self.forgotten.values()
+                if (j.array_job_id or j.job_id) in slurm_ids}  # fmt: skip
+
+    def set_task(self, array: int, task: int, state: str, reason: str = "None",
+                 status: int = 0) -> int:
+        """Task `task` of `array` splits off the pending record (own job id), in `state`."""
+        own = array * 1000 + task
+        self.jobs[own] = SlurmJob(own, "PENDING", user=self.jobs[array].user,
+                                  array_job_id=array, array_task_id=task)
+        self.set(own, state, reason, status)
+        return own
 
     def set(self, slurm_id: int, state: str, reason: str = "None", status: int = 0) -> None:
         self.jobs[slurm_id] = replace(
@@ -148,7 +166,7 @@ def test_one_squeue_per_poll_applies_every_jobs_change(tmp_path: Path) -> None:
         assert t.jobs[ids[4]].wait_reason == "Slurm: pending (Priority)"
         assert t.jobs[waits].state is JobState.SKIPPED
         await asyncio.sleep(0.05)  # the skipped job's scancel runs in a worker
-        assert cluster.cancelled == [106]
+        assert cluster.cancelled == ["106"]
         # Nothing changed since: a poll that records nothing (what the back-off counts).
         assert not await rig.engine.poll_once() and cluster.squeues == 2
     run(main())
@@ -241,4 +259,137 @@ def test_a_burst_of_submits_does_not_become_a_burst_of_squeues(tmp_path: Path) -
         await rig.engine.stop()
         # One squeue per nudge would be 40; at most one per 0.1 s is far fewer.
         assert 1 <= polls <= elapsed / 0.1 + 2 and polls < 40
+    run(main())
+
+
+# ------------------------------------------------------------ --array as a Slurm job array
+
+
+async def submit_array(rig: Rig, indices: Sequence[int], throttle: int | None = None,
+                       **kw: object) -> list[int]:
+    specs = [spec(array_task=i, array_throttle=throttle, **kw) for i in indices]
+    jobs = rig.table.add_many(ME, MY_NAME, specs, array=True)
+    return [j.id for j in await rig.engine.forward_array(jobs)]
+
+
+def test_an_array_is_one_sbatch_and_every_element_is_on_disk_as_its_task(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop())
+        ids = await submit_array(rig, [3, 4, 5], throttle=1)
+        assert len(cluster.submits) == 1
+        args, _, env = cluster.submits[0]
+        assert "--array=3-5%1" in args and f"--comment=tsd:{ids[0]}" in args
+        (pattern,) = [a.split("=", 1)[1] for a in args if a.startswith("--output=")]
+        assert pattern.startswith(f"/tmp/ts-out.{ids[0]}_%a.")
+        assert env["TS_ARRAY_JOB_ID"] == str(ids[0])
+        stored = {j.id: j for j in Store(tmp_path / "state.db").load_all()}
+        assert [(stored[j].slurm_id, stored[j].slurm_task) for j in ids] == [
+            (101, 3), (101, 4), (101, 5)]
+        assert [stored[j].output_path for j in ids] == [
+            pattern.replace("%a", str(i)) for i in (3, 4, 5)]
+    run(main())
+
+
+def test_a_refused_array_leaves_no_element(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        cluster.refuse = "Invalid job array specification"
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop())
+        with pytest.raises(ClusterRefused, match="Invalid job array specification"):
+            await submit_array(rig, [0, 5000])
+        assert rig.table.jobs == {} and Store(tmp_path / "state.db").load_all() == []
+    run(main())
+
+
+def test_one_squeue_follows_each_array_task_collapsed_or_split_off(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop())
+        ids = await submit_array(rig, [0, 1, 2, 3], throttle=2)
+        cluster.jobs[101] = replace(cluster.jobs[101], reason="JobArrayTaskLimit",
+                                    array_tasks="2-3%2")
+        cluster.set_task(101, 0, "RUNNING")
+        cluster.set_task(101, 1, "FAILED", "NonZeroExitCode", status=4 << 8)
+        assert await rig.engine.poll_once() and cluster.squeues == 1
+        t = rig.table
+        assert t.jobs[ids[0]].state is JobState.RUNNING
+        assert t.jobs[ids[1]].exit is not None and t.jobs[ids[1]].exit.code == 4
+        for j in ids[2:]:
+            assert t.jobs[j].wait_reason == "Slurm: pending (JobArrayTaskLimit)"
+        # ts -k of one element cancels that task alone
+        await rig.engine.cancel(t.jobs[ids[0]])
+        assert cluster.cancelled == ["101_0"]
+        await rig.engine.poll_once()
+        assert t.jobs[ids[0]].exit is not None and t.jobs[ids[0]].exit.wait_code == 255
+        assert t.jobs[ids[2]].state is JobState.QUEUED
+    run(main())
+
+
+def test_a_dependency_on_an_array_element_waits_for_that_task(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop())
+        ids = await submit_array(rig, [0, 1])
+        await rig.submit(spec(depends=(ids[1],)))
+        assert "--dependency=afterany:101_1" in cluster.submits[1][0]
+    run(main())
+
+
+def test_array_tasks_squeue_forgot_are_found_in_sacct_by_task(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        rig = Rig(tmp_path / "state.db", cluster, asyncio.get_running_loop())
+        ids = await submit_array(rig, [7, 8])
+        for task, code in ((7, 0), (8, 9)):
+            own = cluster.set_task(101, task, "COMPLETED" if not code else "FAILED",
+                                   status=code << 8)
+            cluster.forgotten[own] = cluster.jobs.pop(own)
+        del cluster.jobs[101]
+        await rig.engine.poll_once()
+        assert cluster.saccts == [[101]]
+        assert [rig.table.jobs[j].exit.code for j in ids] == [0, 9]  # type: ignore[union-attr]
+    run(main())
+
+
+def test_after_a_restart_array_elements_are_followed_by_task(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        loop = asyncio.get_running_loop()
+        first = Rig(tmp_path / "state.db", cluster, loop)
+        ids = await submit_array(first, [0, 1])
+        first.store.close()
+        cluster.set_task(101, 0, "COMPLETED")
+        cluster.set_task(101, 1, "FAILED", status=3 << 8)
+        again = Rig(tmp_path / "state.db", cluster, loop)
+        assert [(j.slurm_id, j.slurm_task) for j in again.engine.tracked()] == [(101, 0), (101, 1)]
+        again.engine.recover()
+        await again.engine.poll_once()
+        assert [again.table.jobs[j].exit.code for j in ids] == [0, 3]  # type: ignore[union-attr]
+        assert len(cluster.submits) == 1
+    run(main())
+
+
+def test_an_array_sbatch_took_before_a_crash_is_adopted_whole(tmp_path: Path) -> None:
+    async def main() -> None:
+        cluster = Cluster()
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path / "state.db", cluster, loop)
+        jobs = rig.table.add_many(ME, MY_NAME, [spec(array_task=i) for i in (2, 4)], array=True)
+        cluster.next_id += 1  # the daemon died during its sbatch, which went through
+        cluster.jobs[101] = SlurmJob(101, "PENDING", user=MY_NAME, comment=f"tsd:{jobs[0].id}",
+                                     output="/tmp/o%%x_%a.y", array_job_id=101,
+                                     array_tasks="2,4")
+        rig.store.close()
+        again = Rig(tmp_path / "state.db", cluster, loop)
+        again.engine.recover()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if all(again.table.jobs[j.id].slurm_id is not None for j in jobs):
+                break
+        adopted = [again.table.jobs[j.id] for j in jobs]
+        assert [(j.slurm_id, j.slurm_task, j.output_path) for j in adopted] == [
+            (101, 2, "/tmp/o%x_2.y"), (101, 4, "/tmp/o%x_4.y")]
+        assert cluster.submits == []
+        await again.engine.stop()
     run(main())

@@ -1,0 +1,339 @@
+"""Group commit (tsd.groupcommit, tsd.store): the writes of one loop turn share one
+transaction; nobody acts on them before it is committed; a commit that fails leaves
+nothing half-written, memory back as the disk has it, and one clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unit.daemon_fakes import Events, FakeGpuSource, FakeLauncher, FakeProcs, FakeScopes, spec
+
+from tsd import groupcommit, protocol, server
+from tsd.config import Config
+from tsd.errors import StorageFull
+from tsd.exitreport import ExitReport, write
+from tsd.jobtable import JobTable
+from tsd.model import ExitInfo, JobState
+from tsd.runner import Runner, RunnerSettings
+from tsd.server import ConnectionLimits, Server
+from tsd.store import Store
+
+
+def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(body())
+
+
+def grouped(path: Path) -> Store:
+    """A store in group mode on the running loop, as the daemon sets it up."""
+    loop = asyncio.get_running_loop()
+    store = Store(path / "state.db")
+    store.group(loop)
+    return store
+
+
+def on_disk(path: Path) -> dict[int, str]:
+    """Job id -> state as another reader of the database sees it: what is committed."""
+    db = sqlite3.connect(path / "state.db")
+    try:
+        return {int(i): str(s) for i, s in db.execute("SELECT id, state FROM jobs")}
+    finally:
+        db.close()
+
+
+def full(store: Store) -> None:
+    """Every further page allocation fails with SQLITE_FULL, as on a full disk."""
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count={pages}")
+
+
+class CommitsFail:
+    """The store's connection, but COMMIT fails as on a full disk: SQLite rolls the
+    transaction back and answers SQLITE_FULL. (Small writes stay in SQLite's page
+    cache until COMMIT, so that is where a full disk shows first.)"""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.failing = True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.failing:
+            self.db.execute("ROLLBACK")
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = 13  # SQLITE_FULL
+            raise exc
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def test_the_writes_of_one_turn_are_one_commit_and_waiters_run_only_after_it(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        heard: list[dict[int, str]] = []
+        a = table.add(1000, "alice", spec("a"))
+        b = table.add(1000, "bob", spec("b"))
+        table.after_commit(lambda: heard.append(on_disk(tmp_path)))
+        assert store.pending and on_disk(tmp_path) == {} and heard == []
+        await table.durable()
+        assert not store.pending
+        assert heard == [{a.id: "queued", b.id: "queued"}]  # both, before anyone heard
+
+    run(body)
+
+
+def test_a_write_nobody_waits_for_is_committed_within_the_lazy_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groupcommit, "LAZY_COMMIT", 0.05)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        job = table.add(1000, "alice", spec())
+        await asyncio.sleep(0.01)
+        assert on_disk(tmp_path) == {}  # nobody waits: still open
+        await asyncio.sleep(0.1)
+        assert on_disk(tmp_path) == {job.id: "queued"}
+
+    run(body)
+
+
+def test_a_group_that_cannot_be_committed_is_undone_in_memory_and_on_disk(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        events = Events()
+        table = JobTable(store, events, lambda: 1000)
+        kept = table.add(1000, "alice", spec())
+        running = table.add(1000, "alice", spec())
+        table.begin_run(running, (), ())
+        table.launched(running.id, 4000, 1, None)
+        await table.durable()
+        failing = CommitsFail(store.db)
+        store.db = failing  # type: ignore[assignment]
+        # One turn: a submit, and the running job's end.
+        added = table.add(1000, "alice", spec("x"))
+        table.finish(running.id, ExitInfo(code=3), 1.0, None)
+        errors: list[StorageFull] = []
+        table.after_commit(lambda: errors.append(StorageFull("wrongly ok", "")), errors.append)
+        with pytest.raises(StorageFull) as err:
+            await table.durable()
+        assert str(err.value) == f"the server cannot save its state: no space left on {tmp_path}"
+        assert [str(e) for e in errors] == [str(err.value)]
+        # Nothing of the group on disk, memory as the disk has it, nobody told of the end.
+        assert on_disk(tmp_path) == {kept.id: "queued", running.id: "running"}
+        assert set(table.jobs) == {kept.id, running.id} and table.pending == [kept.id]
+        assert added.id not in table.jobs and table.last_added[1000] == running.id
+        assert table.running[running.id].state is JobState.RUNNING
+        assert list(table.finished_by_user[1000]) == [] and events.ends == []
+        failing.failing = False
+        table.finish(running.id, ExitInfo(code=3), 1.0, None)
+        again = table.add(1000, "alice", spec())
+        await table.durable()
+        assert on_disk(tmp_path) == {kept.id: "queued", running.id: "finished", again.id: "queued"}
+        assert again.id > running.id  # (the rolled-back id was never told to anyone)
+        assert events.ends == [running.id]
+
+    run(body)
+
+
+def test_a_write_that_fails_at_once_changes_nothing_and_the_group_still_commits(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        kept = table.add(1000, "alice", spec())
+        await table.durable()
+        full(store)
+        with pytest.raises(StorageFull) as err:
+            for _ in range(200):  # until a page is needed
+                table.add(1000, "alice", spec("x" * 3000))
+        assert str(err.value) == f"the server cannot store the job: no space left on {tmp_path}"
+        # SQLite may have dropped the whole group: then it is undone as a whole.
+        with contextlib.suppress(StorageFull):
+            await table.durable()
+        disk = on_disk(tmp_path)
+        assert set(disk) == set(table.jobs) and kept.id in disk  # memory and disk agree
+
+    run(body)
+
+
+def test_a_write_that_must_be_durable_on_return_commits_the_open_group_first(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        a = table.add(1000, "alice", spec())
+        b = table.add(1000, "alice", spec())
+        table.swap(a, b)  # ts -U: its own transaction, committed when it returns
+        assert not store.db.in_transaction
+        assert set(on_disk(tmp_path)) == {a.id, b.id}
+        await table.durable()
+        assert not store.pending
+
+    run(body)
+
+
+def test_a_supervisor_is_told_to_go_only_once_its_job_is_durably_running(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        launcher = FakeLauncher()
+        exits = tmp_path / "exits"
+        exits.mkdir()
+        runner = Runner(
+            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
+            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
+            requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
+        )
+        job = table.add(1000, "alice", spec())
+        await table.durable()
+        runner.start(job, ())
+        assert launcher.gone == [] and on_disk(tmp_path)[job.id] == "queued"
+        await table.durable()
+        assert launcher.gone == [job.id] and on_disk(tmp_path)[job.id] == "running"
+        # Its end: the exit report stays until the end is on disk.
+        write(str(exits), job.id, ExitReport(ExitInfo(code=0), end=2.0, output=None))
+        runner._record_end(job.id)
+        assert (exits / f"{job.id}.json").exists() and on_disk(tmp_path)[job.id] == "running"
+        await table.durable()
+        await asyncio.sleep(0)
+        assert on_disk(tmp_path)[job.id] == "finished"
+        assert not (exits / f"{job.id}.json").exists()
+        launcher.close_all()
+
+    run(body)
+
+
+def test_a_launch_whose_record_is_rolled_back_never_runs_and_goes_back_to_the_queue(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        launcher = FakeLauncher()
+        exits = tmp_path / "exits"
+        exits.mkdir()
+        requeued: list[int] = []
+        runner = Runner(
+            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
+            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
+            requeued=lambda: requeued.append(1), launcher=launcher, procs=FakeProcs(),
+        )
+        job = table.add(1000, "alice", spec())
+        await table.durable()
+        store.db = CommitsFail(store.db)  # type: ignore[assignment]
+        runner.start(job, ())
+        with pytest.raises(StorageFull):
+            await table.durable()
+        await asyncio.sleep(0)
+        assert launcher.gone == [] and launcher.aborted == [job.id]
+        assert table.pending == [job.id] and not table.running and not table.launching
+        assert on_disk(tmp_path) == {job.id: "queued"}
+        launcher.close_all()
+
+    run(body)
+
+
+def _ask(path: str, frame: bytes, state_dir: Path) -> tuple[dict[str, Any], dict[int, str]]:
+    """Send one request; the answer, and what was on disk the moment it arrived."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(frame)
+        s.settimeout(10)
+        raw = s.recv(65536)
+        disk = on_disk(state_dir)
+    return json.loads(raw[4:]), disk
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_server_answers_only_once_what_the_handler_changed_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    monkeypatch.setattr(server, "peer_credentials", lambda s: (1, 1000, 1000))
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        if fails:
+            store.db = CommitsFail(store.db)  # type: ignore[assignment]
+
+        async def handler(
+            creds: tuple[int, int, int], req: protocol.Request, send: object
+        ) -> protocol.Response:
+            return protocol.JobId(table.add(1000, "alice", spec()).id)  # not awaiting the disk
+
+        path = str(tmp_path / "s")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(8)
+        srv = Server(sock, handler, lambda: ConnectionLimits(), durable=table.durable)
+        await srv.start()
+        frame = protocol.encode(protocol.request_to_wire(protocol.CountRunning()))
+        try:
+            answer, disk = await asyncio.get_running_loop().run_in_executor(
+                None, _ask, path, frame, tmp_path
+            )
+        finally:
+            await srv.close()
+            sock.close()
+        if fails:
+            assert answer == {
+                "ok": False, "code": "storage_full",
+                "error": f"the server cannot save its state: no space left on {tmp_path}",
+            }
+            assert disk == {} and table.jobs == {}
+        else:
+            assert answer == {"ok": True, "id": 1} and disk == {1: "queued"}
+
+    run(body)
+
+
+def test_nobody_hears_of_a_commit_before_the_wal_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        gate.wait(10)
+        real(fd)
+        synced.append(fd)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        monkeypatch.setattr(groupcommit.os, "fdatasync", slow_fdatasync)
+        table = JobTable(store, Events(), lambda: 1000)
+        heard: list[int] = []
+        job = table.add(1000, "alice", spec())
+        table.after_commit(lambda: heard.append(len(synced)))
+        await asyncio.sleep(0.1)
+        assert on_disk(tmp_path) == {job.id: "queued"}  # committed by SQLite...
+        assert heard == [] and store.pending  # ...but not fsynced: nobody told
+        gate.set()
+        await table.durable()
+        assert heard == [1]
+
+    run(body)

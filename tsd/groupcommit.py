@@ -1,0 +1,289 @@
+"""Group commit for the store: the writes of one event-loop turn in one transaction.
+
+`tsd.store.Store` builds on `GroupCommit`; see its module docstring for the two
+ways a write is committed. The daemon calls `group()` once; from then on the
+writes its hot paths make inside `deferred()` share one open transaction, each
+in its own savepoint, and `commit()` (scheduled once per turn) makes them all
+durable with one fsync.
+
+In group mode SQLite's commit does not fsync (synchronous=NORMAL, still crash-
+consistent: WAL frames carry checksums and a torn tail is dropped at recovery);
+the WAL file is fdatasynced here instead, in one worker thread, and a group's
+`after_commit` callbacks run once an fdatasync that began after its COMMIT has
+returned. The loop keeps serving meanwhile, and one fsync covers every group
+committed while the previous one was under way. A write committed on its own
+fsyncs inline before it returns, as before.
+
+A group is committed as soon as something waits for it (`after_commit`: a
+reply, a supervisor's go, waking the clients waiting on a job's end), on the
+next turn of the loop; a group nobody waits for (a job's pid and output path,
+a queued/allocating label, forgetting jobs beyond the finished cap) within
+LAZY_COMMIT seconds, so that it mostly rides along with the next urgent one.
+Nobody is ever told of such a change before it is on disk: any answer waits
+for the group first (tsd.server), which makes it urgent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from tsd.errors import StorageFull
+
+log = logging.getLogger("tsd")
+
+_Callbacks = tuple[Callable[[], None], Callable[[StorageFull], None] | None]
+
+SQLITE_FULL = 13  # SQLite's primary result code for a full disk (sqlite3.h)
+LAZY_COMMIT = 0.1  # seconds a group nobody waits for stays open, at most
+
+
+def primary(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of an error."""
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+class GroupCommit:
+    """Transactions for the store's writes, on their own or grouped."""
+
+    db: sqlite3.Connection
+    path: Path
+    _deferring = 0
+    _urgent = False  # the open group's commit is scheduled for the next turn
+    _groups = 0  # groups opened so far: which one a lazy timer was armed for
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wal = -1  # our descriptor of the WAL file, fdatasynced in group mode
+    _syncer: ThreadPoolExecutor | None = None
+    _syncing = False  # an fdatasync is under way
+    _dirty = False  # committed since the fdatasync under way (if any) began
+
+    def _init_group(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self._after: list[_Callbacks] = []
+        self._unsynced: list[_Callbacks] = []  # committed, for the next fdatasync
+        self._in_flight: list[_Callbacks] = []  # committed, for the fdatasync under way
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write: committed on its own, or (inside `deferred`) joining the group."""
+        if self._deferring and self._loop is not None:
+            with self._grouped():
+                yield
+            return
+        if self.db.in_transaction:
+            # A write that must be durable when it returns, while a group is open:
+            # the group goes first (its callbacks run from the loop, not from here).
+            self._commit_group(inline=False)
+        with self._own_tx():
+            yield
+
+    @contextmanager
+    def _own_tx(self) -> Iterator[None]:
+        """One committed transaction; a full disk becomes StorageFull, nothing half-written."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.db.execute("COMMIT")
+                if self._wal >= 0:  # group mode: SQLite no longer fsyncs on commit
+                    os.fdatasync(self._wal)
+            except BaseException:
+                # SQLite may have rolled back already (SQLITE_FULL does): no second error.
+                if self.db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if primary(exc) == SQLITE_FULL:
+                raise self._full() from None
+            raise
+
+    def _full(self, exc: sqlite3.Error | None = None) -> StorageFull:
+        if exc is not None and primary(exc) != SQLITE_FULL:
+            return StorageFull(f"the server cannot save its state: {exc}", str(self.path.parent))
+        return StorageFull(
+            f"the server cannot save its state: no space left on {self.path.parent}",
+            where=str(self.path.parent),
+        )
+
+    @contextmanager
+    def _grouped(self) -> Iterator[None]:
+        """A write in the open group's transaction (begun here if none is open), in a
+        savepoint: when it fails, only it is undone and StorageFull raised, unless SQLite
+        dropped the whole transaction, which fails the group."""
+        assert self._loop is not None
+        if not self.db.in_transaction:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise self._full(exc) from None
+            self._groups += 1
+            self._urgent = False
+            self._loop.call_later(LAZY_COMMIT, functools.partial(self._lazy_commit, self._groups))
+        self.db.execute("SAVEPOINT w")
+        try:
+            yield
+            self.db.execute("RELEASE w")
+        except BaseException as exc:
+            if self.db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK TO w")
+                    self.db.execute("RELEASE w")
+            else:  # SQLite rolled the whole group back (SQLITE_FULL may)
+                self._group_failed(self._full(), inline=False)
+            if isinstance(exc, sqlite3.OperationalError) and primary(exc) == SQLITE_FULL:
+                raise self._full(exc) from None
+            raise
+
+    # ------------------------------------------------------------ group commit
+
+    def group(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Turn group commit on, on this event loop (the daemon's)."""
+        self._loop = loop
+        self._commit_group(inline=True)
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        # The WAL exists once the database has been read (Store does at open); it
+        # stays, same inode, while this connection is open. Its directory entry is
+        # made durable once, here.
+        self._wal = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(self._wal)
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="tsd-fsync")
+
+    def _lazy_commit(self, group: int) -> None:
+        if group == self._groups:  # that group is still open: nobody made it urgent
+            self.commit()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Writes in this block join the open group instead of committing on their own
+        (on their own as before when group commit is off)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    @property
+    def pending(self) -> bool:
+        """Some writes are not durable yet (a group is open, or not fsynced yet)."""
+        return self.db.in_transaction or self._syncing or self._dirty
+
+    def after_commit(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None:
+        """Run `ok` once the writes made so far are durable (now when they are), or
+        `failed` if their group is rolled back instead."""
+        if self.db.in_transaction:
+            self._after.append((ok, failed))
+            if not self._urgent and self._loop is not None:
+                self._urgent = True
+                self._loop.call_soon(self.commit)
+        elif self._dirty:
+            self._unsynced.append((ok, failed))
+        elif self._syncing:
+            self._in_flight.append((ok, failed))
+        else:
+            ok()
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Run `undo` at once if the open group is rolled back (memory ahead of the disk
+        goes back); never when no group is open (the write was committed already)."""
+        if self.db.in_transaction:
+            self._undo.append(undo)
+
+    def commit(self) -> None:
+        """Commit the open group (one fsync), then run its `after_commit` callbacks.
+
+        On failure nothing of it is written: the undos run, then the `failed`
+        callbacks, with the StorageFull.
+        """
+        self._commit_group(inline=True)
+
+    def _commit_group(self, inline: bool) -> None:
+        if not self.db.in_transaction:
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            self._group_failed(self._full(exc), inline)
+            return
+        after, self._after, self._undo = self._after, [], []
+        if self._syncer is None:  # SQLite fsynced (synchronous=FULL)
+            self._run([ok for ok, _ in after], inline)
+            return
+        self._unsynced += after
+        self._dirty = True
+        self._sync()
+
+    def _sync(self) -> None:
+        """Start an fdatasync of the WAL for what was committed, unless one is under way."""
+        if self._syncing or not self._dirty:
+            return
+        assert self._syncer is not None and self._loop is not None
+        self._in_flight, self._unsynced = self._unsynced, []
+        self._syncing, self._dirty = True, False
+        future = self._syncer.submit(os.fdatasync, self._wal)
+        loop = self._loop
+        future.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._synced, f.exception())
+        )
+
+    def _synced(self, exc: BaseException | None) -> None:
+        done, self._in_flight = self._in_flight, []
+        self._syncing = False
+        if exc is None:
+            self._run([ok for ok, _ in done], inline=True)
+        else:
+            # Committed in SQLite, not known to be on disk: nobody is told it is. Memory
+            # stays as SQLite has it (nothing to undo); the disk itself is failing.
+            log.error("cannot fsync %s-wal: %s", self.path, exc)
+            err = StorageFull(f"the server cannot save its state: {exc}", str(self.path.parent))
+            self._run([functools.partial(f, err) for _, f in done if f is not None], True)
+        self._sync()
+
+    def close_group(self) -> None:
+        """Commit and fsync whatever is open (the daemon stops), inline."""
+        self._commit_group(inline=True)
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            os.fdatasync(self._wal)
+            os.close(self._wal)
+            self._syncer, self._wal = None, -1
+            done, self._in_flight, self._unsynced = self._in_flight + self._unsynced, [], []
+            self._syncing = self._dirty = False
+            self._run([ok for ok, _ in done], inline=True)
+
+    def _group_failed(self, exc: StorageFull, inline: bool) -> None:
+        undo, after, self._undo, self._after = self._undo, self._after, [], []
+        for fn in reversed(undo):  # memory back to what the disk holds, newest first
+            fn()
+        self._run([functools.partial(f, exc) for _, f in after if f is not None], inline)
+
+    def _run(self, callbacks: list[Callable[[], None]], inline: bool) -> None:
+        if not callbacks:
+            return
+        if not inline:
+            assert self._loop is not None
+            self._loop.call_soon(functools.partial(self._run, callbacks, True))
+            return
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # one broken callback must not keep the others from running
+                log.exception("after a commit")
