@@ -1,12 +1,15 @@
-"""Submit latency of `ts -n true` against `python -c pass`, interleaved, same environment.
+"""Start-up of everyday `ts` calls against `python -c pass`, interleaved, same environment.
 
-Prints medians in ms and their ratio (the aim is at most 3x). The client runs
+Prints medians (wall and CPU, in ms) and their ratios to `python -c pass` (the
+aim is at most 2x); `python -c 'import re'` is the floor of any console script
+(pip's launcher imports re). The client runs
 from a throwaway venv with tsd installed the way users get it (a regular, byte-
 compiled install, not the editable one the tests use), so import costs are real.
 """
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,12 @@ def installed_venv() -> Path:
     return venv
 
 
+def child_cpu() -> float:
+    """CPU seconds of the children so far: steadier than wall time on a busy machine."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def main(runs: int = 40) -> None:
     venv = installed_venv()
     ts, python = str(venv / "bin" / "ts"), str(venv / "bin" / "python")
@@ -40,18 +49,31 @@ def main(runs: int = 40) -> None:
     try:
         d.env.pop("PYTHONDONTWRITEBYTECODE", None)
         subprocess.run([ts, "true"], env=d.env, check=True, capture_output=True)
-        submit: list[float] = []
-        listing: list[float] = []
-        bare: list[float] = []
+        d.ts("-S", "0")  # nothing runs: the submits below only queue
+        for i in range(10):
+            d.ts("echo", str(i))  # ts -l lists 10 jobs
+        calls = {
+            "python -c pass": [python, "-c", "pass"],
+            # The floor of any console script: pip's launcher imports re (and enum).
+            "python -c 'import re'": [python, "-c", "import re"],
+            "ts -n true (submit)": [ts, "-n", "true"],
+            "ts true (submit)": [ts, "true"],
+            "ts -l (10 jobs)": [ts, "-l"],
+            "ts -i 1": [ts, "-i", "1"],
+            "ts -S": [ts, "-S"],
+        }
+        wall: dict[str, list[float]] = {name: [] for name in calls}
+        cpu: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(runs):
-            bare += time_command([python, "-c", "pass"], d.env, 1)
-            submit += time_command([ts, "-n", "true"], d.env, 1)
-            listing += time_command([ts, "-l"], d.env, 1)
-        print(f"python -c pass      median {med_ms(bare):7.1f} ms")
-        print(f"ts -n true (submit) median {med_ms(submit):7.1f} ms  "
-              f"ratio {med_ms(submit) / med_ms(bare):.2f}x")
-        print(f"ts -l               median {med_ms(listing):7.1f} ms  "
-              f"ratio {med_ms(listing) / med_ms(bare):.2f}x")
+            for name, argv in calls.items():
+                c0 = child_cpu()
+                wall[name] += time_command(argv, d.env, 1)
+                cpu[name].append(child_cpu() - c0)
+        base_wall, base_cpu = med_ms(wall["python -c pass"]), med_ms(cpu["python -c pass"])
+        for name in calls:
+            print(f"{name:22s} median {med_ms(wall[name]):7.1f} ms "
+                  f"({med_ms(wall[name]) / base_wall:.2f}x)   CPU {med_ms(cpu[name]):6.1f} ms "
+                  f"({med_ms(cpu[name]) / base_cpu:.2f}x)")
     finally:
         d.stop()
         subprocess.run(["rm", "-rf", str(venv)], check=False)

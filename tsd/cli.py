@@ -7,8 +7,10 @@ failure ends as one `ts: ...` line on stderr (`_edge`).
 
 Kept fast to start: queueing a job (the call `ts` makes most) imports only
 the standard library and tsd's light modules (no click, no dataclasses,
-nothing from `typing` at run time). The typed protocol, the job model and
-the renderers load when an action needs them.
+nothing from `typing` at run time), and so does every other action: requests
+travel as built by tsd.cli_request, answers are read through tsd.jobview's
+views, never the typed protocol or the job model; the renderers load when an
+action prints a job.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ from tsd.cli_output import (
     emit,
     follow_output,
     job_of,
-    terminal_width,
     wait_code,
     warn,
 )
-from tsd.cli_request import GET_DEFAULTS, Invocation, invocation
+from tsd.cli_request import GET_DEFAULTS, Invocation, invocation, wire
 from tsd.client import Client, choose_socket
 from tsd.errors import BadRequest, ServerUnavailable, TsdError
 from tsd.framing import MAX_TEXT
@@ -41,8 +42,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from collections.abc import Iterator, Mapping, Sequence
     from typing import Any, NoReturn
 
-    from tsd import protocol
-    from tsd.model import Job, UnmanagedUse
+    from tsd.jobview import JobView
 
 TS_ENV_TIMEOUT = 30.0
 
@@ -78,23 +78,23 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
 
     Prints the new id (not with -nf); with -f waits and exits with the job's code.
     """
-    wire = inv.wire
-    assert wire is not None
+    req = inv.wire
+    assert req is not None
     info = _ts_env_info(environ)
     if info is not None:
-        wire["spec"]["env_info"] = info
-    if wire["spec"].get("mail") and not os.path.exists(SENDMAIL):
+        req["spec"]["env_info"] = info
+    if req["spec"].get("mail") and not os.path.exists(SENDMAIL):
         # Queued anyway (the job is what matters); `ts -i` later says the mail failed.
         warn(f"warning: -m: {SENDMAIL} does not exist, so no mail will be sent")
-    name = wire["spec"].get("output_name")
+    name = req["spec"].get("output_name")
     if isinstance(name, str) and "/" not in name:
-        _check_new_output(client, name, bool(wire["spec"].get("stderr_apart")), environ)
-    fds = _terminal_fds() if wire["spec"].get("store_output") is False else ()
-    if wire.get("wait"):
-        return _submit_and_wait(client, wire, fds)
+        _check_new_output(client, name, bool(req["spec"].get("stderr_apart")), environ)
+    fds = _terminal_fds() if req["spec"].get("store_output") is False else ()
+    if req.get("wait"):
+        return _submit_and_wait(client, req, fds)
     conn = client.connect()
     try:
-        conn.send_wire(wire, fds)
+        conn.send_wire(req, fds)
         while True:
             # Ctrl-C here leaves through _edge (exit 130); the daemon sees the hang-up
             # and drops the job it had not queued yet.
@@ -117,14 +117,12 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         emit("".join(f"{i}\n" for i in ids))
     if not inv.foreground:
         return 0
-    from tsd import protocol
-
     try:
-        return wait_code(job_of(_stream_final(client, protocol.Wait(id=job_id))))
+        return wait_code(job_of(_stream_final(client, wire("wait", id=job_id))))
     except KeyboardInterrupt:
         # task-spooler's -f runs the job in the foreground: Ctrl-C ends it.
         with contextlib.suppress(TsdError, OSError):
-            client.call(protocol.Kill(id=job_id))
+            client.call(wire("kill", id=job_id))
         return 130
 
 
@@ -147,23 +145,21 @@ def _terminal_fds() -> tuple[int, ...]:
     return (1, 2)
 
 
-def _submit_and_wait(client: Client, wire: dict[str, Any], fds: tuple[int, ...] = ()) -> int:
+def _submit_and_wait(client: Client, req: dict[str, Any], fds: tuple[int, ...] = ()) -> int:
     """ts -nf: queue and wait on one connection; exit with the job's code, print nothing
     (the job itself writes to our stdout and stderr)."""
     job_id: int | None = None
     conn = client.connect()
     try:
-        conn.send_wire(wire, fds)
+        conn.send_wire(req, fds)
         while True:
             try:
                 frame = conn.recv()
             except KeyboardInterrupt:
                 # As with -f: Ctrl-C ends the job it runs in the foreground.
                 if job_id is not None:
-                    from tsd import protocol
-
                     with contextlib.suppress(TsdError, OSError):
-                        client.call(protocol.Kill(id=job_id))
+                        client.call(wire("kill", id=job_id))
                 return 130
             _say_queue_full(frame)
             if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
@@ -186,9 +182,7 @@ def _check_new_output(
     The job creates its output with O_EXCL and fails with a note if the name is
     taken meanwhile; this check only makes the common case one line at submit.
     """
-    from tsd import protocol
-
-    resp = client.call(protocol.LogDir())
+    resp = client.call(wire("logdir", path=None))
     directory = str(resp.get("path")) if resp.get("custom") else environ.get("TMPDIR") or "/tmp"
     path = os.path.join(directory, name)
     for taken in (path, path + ".e") if stderr_apart else (path,):
@@ -198,7 +192,7 @@ def _check_new_output(
             )
 
 
-def _stream_final(client: Client, req: protocol.Request) -> dict[str, Any]:
+def _stream_final(client: Client, req: Mapping[str, Any]) -> dict[str, Any]:
     final: dict[str, Any] = {}
     for frame in client.stream(req):
         if "event" not in frame:
@@ -221,70 +215,42 @@ def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
         return 0
     if inv.action == "submit":
         return submit(Client(), inv, environ)
+    req = inv.wire
+    assert req is not None
     if inv.action == "shutdown":
-        assert inv.request is not None
         client = Client(may_start=False)
         try:
-            client.call(inv.request)
+            client.call(req)
         except ServerUnavailable:
             if choose_socket(environ)[1]:
                 return 0  # no personal daemon running: nothing to shut down
             raise
         return 0
     client = Client()
-    assert inv.request is not None
     if inv.action in ("tail", "cat"):
         conn = client.connect()
         try:
-            conn.send(inv.request)
+            conn.send_wire(req)
             tail = TAIL_LINES if inv.action == "tail" else None
             return follow_output(conn, tail, sys.stdout.buffer)
         finally:
             conn.close()
     if inv.action == "wait":
-        return wait_code(job_of(_stream_final(client, inv.request)))
+        return wait_code(job_of(_stream_final(client, req)))
     if inv.action == "list" and inv.params.get("watch"):
         from tsd.cli_watch import watch
 
-        return watch(client, inv.request, inv.all_users, float(inv.params["watch"]), environ)
-    return _show(inv, client.call(inv.request))
-
-
-def _jobs(resp: Mapping[str, Any]) -> list[Job]:
-    from tsd.protocol import job_from_wire
-
-    return [job_from_wire(r) for r in resp.get("jobs", [])]
-
-
-def _unmanaged(resp: Mapping[str, Any]) -> list[UnmanagedUse]:
-    from tsd.protocol import unmanaged_from_wire
-
-    return [unmanaged_from_wire(u) for u in resp.get("unmanaged") or []]
+        return watch(client, req, inv.all_users, float(inv.params["watch"]), environ)
+    return _show(inv, client.call(req))
 
 
 def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
     """Print the answer to a one-shot request; the exit code."""
     action = inv.action
-    if action == "list":
-        from tsd import render
+    if action in ("list", "gpu_status"):
+        from tsd.cli_output import listing_text
 
-        jobs, now = _jobs(resp), time.time()
-        outside = _unmanaged(resp)
-        if inv.list_format == "json":
-            emit(render.list_json(jobs, now=now, unmanaged=outside))
-        elif inv.list_format == "tab":
-            emit(render.list_tab(jobs, show_user=inv.all_users, now=now))
-        else:
-            slots, running = int(resp.get("slots", 0)), int(resp.get("running", 0))
-            emit(render.list_text(jobs, slots, running, show_user=inv.all_users, now=now,
-                                  width=terminal_width(), unmanaged=outside))  # fmt: skip
-    elif action == "gpu_status":
-        from tsd import render
-
-        if inv.list_format == "json":
-            emit(render.gpu_status_json(resp))
-        else:
-            emit(render.gpu_status_text(resp, _jobs(resp)))
+        emit(listing_text(resp, inv.list_format, inv.all_users, action == "gpu_status"))
     elif action == "stats":
         from tsd.statsview import stats_json, stats_text
 
@@ -308,13 +274,13 @@ def _show(inv: Invocation, resp: Mapping[str, Any]) -> int:
     return 0
 
 
-def _show_job(action: str, job: Job) -> int:
+def _show_job(action: str, job: JobView) -> int:
     if action == "info":
         from tsd import render
 
         emit(render.info_text(job, time.time()))
     elif action == "state":
-        emit(f"{job.state.value}\n")
+        emit(f"{job.state}\n")
     elif action == "last_queue_id":
         emit(f"{job.id}\n")
     elif action == "get_label":
@@ -323,13 +289,13 @@ def _show_job(action: str, job: Job) -> int:
         emit(f"{job.spec.command_line}\n")
     elif action == "pid":
         if job.pid is None:
-            raise TsdError(f"job {job.id} has no process ({job.state.value})")
+            raise TsdError(f"job {job.id} has no process ({job.state})")
         emit(f"{job.pid}\n")
     elif action == "output":
         if not job.spec.store_output:
             raise TsdError(f"job {job.id} does not store its output (-n)")
         if not job.output_path:
-            raise TsdError(f"job {job.id} has no output file yet ({job.state.value})")
+            raise TsdError(f"job {job.id} has no output file yet ({job.state})")
         emit(f"{job.output_path}\n")
     return 0
 

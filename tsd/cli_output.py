@@ -1,7 +1,9 @@
-"""Writing `ts`'s output: stdout and stderr, and following a job's output file (-t, -c).
+"""Writing `ts`'s output: stdout and stderr, listings, and following a job's output
+file (-t, -c).
 
-Standard library only at import; the job model loads when a job record
-arrives (it is not needed to queue a job).
+Standard library only at import; job records are read through tsd.jobview's
+light views (never the job model's dataclasses), and the renderers load when
+something is to be printed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import stat
 import sys
 import zlib
 
-from tsd.errors import TsdError, from_wire
+from tsd.errors import ProtocolError, TsdError, from_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
@@ -21,7 +23,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import IO, Any
 
     from tsd.client import Connection
-    from tsd.model import Job
+    from tsd.jobview import JobView
 
 PROG = "ts"
 TAIL_LINES = 10
@@ -55,11 +57,9 @@ def terminal_width() -> int | None:
     return None
 
 
-def wait_code(job: Job) -> int:
+def wait_code(job: JobView) -> int:
     """What -w/-t/-c/-f exit with: the job's code; 255 when skipped, killed or lost."""
-    from tsd.model import JobState
-
-    if job.state is JobState.FINISHED and job.exit is not None:
+    if job.state == "finished" and job.exit is not None:
         return job.exit.wait_code
     return 255
 
@@ -73,13 +73,57 @@ def check(frame: Mapping[str, Any]) -> dict[str, Any]:
     raise TsdError("malformed response from the daemon")
 
 
-def job_of(resp: Mapping[str, Any]) -> Job:
+def job_of(resp: Mapping[str, Any]) -> JobView:
+    """The job record of an answer (get, wait, a `started` event), as a view."""
     rec = resp.get("job")
     if not isinstance(rec, dict):
         raise TsdError("malformed response from the daemon: no job record")
-    from tsd.protocol import job_from_wire  # the typed records: only when a job arrives
+    from tsd.jobview import view_of
 
-    return job_from_wire(rec)
+    return view_of(rec)
+
+
+def listing_views(resp: Mapping[str, Any]) -> list[JobView]:
+    """The jobs of a listing: rows (what ts asks for) or records (an older daemon, ts -g)."""
+    from tsd.jobview import views_of_pieces, views_of_records
+
+    if "rows" in resp:
+        return views_of_pieces(resp.get("pieces", [resp]))
+    return views_of_records(resp.get("jobs", []))
+
+
+def listing_text(
+    resp: Mapping[str, Any], fmt: str, all_users: bool, gpus: bool = False,
+    width: int | None = -1,
+) -> str:
+    """ts -l (-M json|tab), or ts -g with `gpus`: the daemon's answer as text.
+
+    `width` -1: this terminal's. The daemon is trusted for the shape of its
+    records, not relied on: anything that does not read as one is one line.
+    """
+    import time
+
+    from tsd import render
+    from tsd.jobview import unmanaged_views
+
+    try:
+        if gpus:
+            if fmt == "json":
+                return render.gpu_status_json(resp)
+            return render.gpu_status_text(resp, listing_views(resp))
+        jobs, now = listing_views(resp), time.time()
+        outside = unmanaged_views(resp.get("unmanaged"))
+        if fmt == "json":
+            return render.list_json(jobs, now=now, unmanaged=outside)
+        if fmt == "tab":
+            return render.list_tab(jobs, show_user=all_users, now=now)
+        slots, running = int(resp.get("slots", 0)), int(resp.get("running", 0))
+        return render.list_text(
+            jobs, slots, running, show_user=all_users, now=now,
+            width=terminal_width() if width == -1 else width, unmanaged=outside,
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ProtocolError(f"malformed job list from the daemon: {exc}") from None
 
 
 class OutputFollower:
@@ -243,15 +287,13 @@ def follow_output(
             follower.close()
 
 
-def follower_for(job: Job, out: IO[bytes], tail: int | None) -> OutputFollower | None:
+def follower_for(job: JobView, out: IO[bytes], tail: int | None) -> OutputFollower | None:
     """A follower of the job's output file; None (with a warning) when it has none."""
     if not job.spec.store_output:
         warn(f"job {job.id} does not store its output (-n)")
         return None
     if not job.output_path:
-        from tsd.model import JobState
-
-        if job.state is not JobState.SKIPPED:
+        if job.state != "skipped":
             warn(f"job {job.id} has no output file")
         return None
     return OutputFollower(job.output_path, job.spec.gzip, out, tail, owner=job.uid)

@@ -3,13 +3,12 @@
 `parse` (tsd.cli_options) gives the options' values; here they pick
 the action (`-l`, `-t`, ... or queueing a command) and become a request.
 
-Queueing a job has one path: `submit_wire` builds the request as it travels.
-`ts` sends it as it is, so that queueing (the call that must start fastest)
-never loads the typed protocol, and the daemon checks the job spec with
-tsd.protocol.parse_spec. `parse_argv`, the pure form used by tests and tools,
-checks it here with that very function (`protocol.parse_request`). Only
-what the command line alone can get wrong (`-D` with `-W`, `-m` with `-n`)
-is checked in this module.
+Every request has one path: it is built here as it travels (a plain dict),
+and `ts` sends it as it is, so that no call (queueing a job above all) loads
+the typed protocol; the daemon checks it with tsd.protocol.parse_request.
+`parse_argv`, the pure form used by tests and tools, types it here with that
+very function. Only what the command line alone can get wrong (`-D` with
+`-W`, `-m` with `-n`) is checked in this module.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
 class Invocation:
     """What a command line asks for: an action, the request it sends, and display options.
 
-    `wire` is the request as it travels; `request` is the typed one, set
-    for every action but queueing a job (there only by parse_argv).
+    `wire` is the request as it travels (None for help and version): `ts` sends
+    it as it is, without loading the typed protocol. `request` is the typed one,
+    as the daemon reads it: set by parse_argv only (tests and tools).
     """
 
     __slots__ = (
@@ -123,7 +123,7 @@ def parse_argv(
     cwd: str | None = None,
     umask: int = 0o022,
 ) -> Invocation:
-    """`invocation`, with a job to queue checked and typed the way the daemon does it."""
+    """`invocation`, with its request checked and typed the way the daemon reads it."""
     inv = invocation(argv, environ, cwd, umask)
     if inv.wire is not None:
         from tsd import protocol
@@ -170,12 +170,16 @@ def _job_id(value: Any) -> int | None:
     return None if value is None or value == ABSENT else int(value)
 
 
-def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None) -> Invocation:
-    """The Invocation of an action that queues nothing."""
-    from tsd import protocol  # the typed requests: not needed to queue a job
+def wire(op: str, **fields: Any) -> dict[str, Any]:
+    """A request as it travels (tsd.protocol.request_to_wire's shape), built without
+    the typed protocol: `ts` sends every request this way."""
+    return {"v": PROTOCOL_VERSION, "op": op, **fields}
 
+
+def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None) -> Invocation:
+    """The Invocation of an action that queues nothing, its request as it travels."""
     inv = Invocation(action, option=option, params=params)
-    req: protocol.Request | None
+    req: dict[str, Any] | None
     value = params.get(action)
     match action:
         case "version":
@@ -185,71 +189,59 @@ def _action(action: str, option: str, params: Mapping[str, Any], cwd: str | None
             inv.list_format = params["serialize"] or "default"
             if params.get("watch") and inv.list_format != "default":
                 raise UsageError("--watch shows the table of ts -l; it does not go with -M")
-            req = protocol.ListJobs(all_users=inv.all_users)
+            req = wire("list", all_users=inv.all_users, rows=True)
         case "gpu_status":
             inv.list_format = params["serialize"] or "default"
-            req = protocol.GpuStatus()
+            req = wire("gpu_status")
         case "stats":
             inv.all_users = bool(params["all_users"])
             inv.list_format = params["serialize"] or "default"
             since = params["since"]
             # Before the epoch means "everything kept".
-            req = protocol.Stats(
-                since=None if since is None else max(0.0, since), all_users=inv.all_users
+            req = wire(
+                "stats", since=None if since is None else max(0.0, since), all_users=inv.all_users
             )
         case "info" | "pid" | "output" | "state" | "get_label" | "full_cmd":
-            run = GET_DEFAULTS[action] == "run"
-            req = protocol.GetJob(id=_job_id(value), default="run" if run else "added")
+            req = wire("get", id=_job_id(value), default=GET_DEFAULTS[action])
         case "last_queue_id":
-            req = protocol.GetJob(id=None, default="added")
-        case "remove":
-            req = protocol.Remove(id=_job_id(value))
-        case "urgent":
-            req = protocol.Urgent(id=_job_id(value))
-        case "hold":
-            req = protocol.Hold(id=_job_id(value))
-        case "release":
-            req = protocol.Hold(id=_job_id(value), release=True)
+            req = wire("get", id=None, default="added")
+        case "remove" | "urgent" | "kill":
+            req = wire(action, id=_job_id(value))
+        case "hold" | "release":
+            req = wire("hold", id=_job_id(value), release=action == "release")
         case "swap":
             a, b = value or (0, 0)
-            req = protocol.Swap(a=a, b=b)
-        case "kill":
-            req = protocol.Kill(id=_job_id(value))
-        case "kill_all":
-            req = protocol.KillAll()
-        case "clear":
-            req = protocol.Clear()
-        case "shutdown":
-            req = protocol.Shutdown()
+            req = wire("swap", a=a, b=b)
+        case "kill_all" | "clear" | "shutdown" | "count_running":
+            req = wire(action)
         case "slots":
-            req = protocol.Slots(value=_job_id(value))
-        case "count_running":
-            req = protocol.CountRunning()
+            req = wire("slots", value=_job_id(value))
         case "wait":
-            req = protocol.Wait(id=_job_id(value), default="added")
+            req = wire("wait", id=_job_id(value), default="added", notify_start=False)
         case "tail" | "cat":
-            req = protocol.Wait(id=_job_id(value), default="run", notify_start=True)
+            req = wire("wait", id=_job_id(value), default="run", notify_start=True)
         case "getenv" | "unsetenv":
             name = str(value)
             if not name or "=" in name:
                 raise UsageError(f"{option} needs a variable name without '='")
-            req = protocol.Env(action="get" if action == "getenv" else "unset", name=name)
+            req = wire("env", action="get" if action == "getenv" else "unset", name=name,
+                       value=None)  # fmt: skip
         case "setenv":
             name, eq, val = str(value).partition("=")
             if not name or not eq:
                 raise UsageError("--setenv needs VAR=VALUE")
-            req = protocol.Env(action="set", name=name, value=val)
+            req = wire("env", action="set", name=name, value=val)
         case "get_logdir":
-            req = protocol.LogDir(path=None)
+            req = wire("logdir", path=None)
         case "set_logdir":
-            req = protocol.LogDir(path=_logdir(str(value), cwd))
+            req = wire("logdir", path=_logdir(str(value), cwd))
         case "get_gpu_free_perc":
-            req = protocol.GpuFreePerc(value=None)
+            req = wire("gpu_free_perc", value=None)
         case "set_gpu_free_perc":
-            req = protocol.GpuFreePerc(value=float(value or 0))
+            req = wire("gpu_free_perc", value=float(value or 0))
         case _:
             raise AssertionError(f"unhandled action {action}")
-    inv.request = req
+    inv.wire = req
     return inv
 
 

@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from collections.abc import Iterator, Mapping
     from typing import Any, TextIO
 
-    from tsd import protocol
     from tsd.client import Client
+
+    Request = Mapping[str, Any]  # a request as it travels (tsd.cli_request.wire)
 
 ESC = "\x1b["
 ALT_SCREEN_ON, ALT_SCREEN_OFF = f"{ESC}?1049h", f"{ESC}?1049l"
@@ -113,19 +114,13 @@ def _screen(out: TextIO) -> Iterator[None]:
         out.flush()
 
 
-def _listing(client: Client, request: protocol.Request, all_users: bool,
-             width: int | None) -> str:
-    from tsd import render
-    from tsd.protocol import job_from_wire
+def _listing(client: Client, request: Request, all_users: bool, width: int | None) -> str:
+    from tsd.cli_output import listing_text
 
-    resp: Mapping[str, Any] = client.call(request)
-    jobs = [job_from_wire(r) for r in resp.get("jobs", [])]
-    slots, running = int(resp.get("slots", 0)), int(resp.get("running", 0))
-    return render.list_text(jobs, slots, running, show_user=all_users, now=time.time(),
-                            width=width)
+    return listing_text(client.call(request), "default", all_users, width=width)
 
 
-def watch(client: Client, request: protocol.Request | None, all_users: bool, every: float,
+def watch(client: Client, request: Request | None, all_users: bool, every: float,
           environ: Mapping[str, str]) -> int:
     """Show the list until q, Ctrl-C or a closed pipe; the exit code."""
     assert request is not None
@@ -173,7 +168,7 @@ def _quit_pressed(fd: int | None, timeout: float) -> bool:
     return not key or b"q" in key.lower()
 
 
-def _plain(client: Client, request: protocol.Request, all_users: bool, every: float) -> int:
+def _plain(client: Client, request: Request, all_users: bool, every: float) -> int:
     """Not a terminal: the plain table every interval, a blank line between two."""
     from tsd.cli_output import emit
 

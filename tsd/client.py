@@ -1,9 +1,9 @@
 """Connect to a daemon and call it; start the personal daemon when needed.
 
 Kept light on purpose: `ts` imports this on every call, so it pulls in only
-the standard library and the error tree; the protocol (thirty dataclasses)
-loads when a request is first sent, since queueing a job (tsd.cli's quick
-submit) sends its frame without it.
+the standard library and the error tree. `ts` sends its requests as they
+travel (plain dicts, tsd.cli_request.wire); the typed protocol (thirty
+dataclasses) loads only when a caller hands over a typed request.
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import stat
 import struct
 import sys
 import time
+
+# The C socket type, not socket.py's subclass of it: that module (with enum and
+# selectors) would be a tenth of a quick `ts` call, for nothing used here.
+from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as Socket
 from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from tsd import framing
@@ -27,6 +31,9 @@ if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it he
     from typing import Any
 
     from tsd import protocol
+
+    # A typed request, or one as it travels (tsd.cli_request.wire).
+    Req = protocol.Request | Mapping[str, Any]
 
 
 class Untrusted(ServerUnavailable):
@@ -141,9 +148,9 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
         )
 
 
-def peer_uid(sock: socket.socket) -> tuple[int, int]:
+def peer_uid(sock: Socket) -> tuple[int, int]:
     """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
     return pid, uid
 
@@ -156,13 +163,16 @@ class Connection:
     answer is unbounded (ts -w may wait for hours).
     """
 
-    def __init__(self, sock: socket.socket, answer_timeout: float | None = None) -> None:
+    def __init__(self, sock: Socket, answer_timeout: float | None = None) -> None:
         self.sock = sock
         self.answer_timeout = answer_timeout
         self._unanswered = False  # a request is out and no frame has come back yet
 
-    def send(self, req: protocol.Request) -> None:
-        """Send one request frame."""
+    def send(self, req: Req) -> None:
+        """Send one request frame: a typed request, or one as it travels."""
+        if isinstance(req, Mapping):
+            self.send_wire(req)
+            return
         from tsd import protocol
 
         self.send_wire(protocol.request_to_wire(req))
@@ -194,7 +204,9 @@ class Connection:
 
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if fds:
-            sent = socket.send_fds(self.sock, [data], list(fds))
+            # socket.send_fds, spelled out (see the import of _socket above).
+            rights = struct.pack(f"{len(fds)}i", *fds)
+            sent = self.sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, rights)])
             data = data[sent:]
         if data:
             self.sock.sendall(data)
@@ -248,7 +260,7 @@ class Connection:
         self.sock.close()
 
 
-def _unread_by_peer(sock: socket.socket) -> int:
+def _unread_by_peer(sock: Socket) -> int:
     """Bytes we sent that the other end has not read yet (SIOCOUTQ); 0 when unknown."""
     import fcntl
     import termios
@@ -345,7 +357,7 @@ class Client:
                 delay = min(delay * 2, 0.05)
 
     def _connect_once(self) -> Connection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = Socket(AF_UNIX, SOCK_STREAM)
         try:
             # connect() blocks while the listener's backlog is full.
             sock.settimeout(ANSWER_TIMEOUT)
@@ -391,29 +403,43 @@ class Client:
             cwd="/",
         )
 
-    def call(self, req: protocol.Request) -> dict[str, Any]:
+    def call(self, req: Req) -> dict[str, Any]:
         """One request, one final response; errors come back as TsdError.
 
-        A long job list arrives in pieces (`jobs` events, each under the frame
-        limit) before the final frame; they are put back together here.
+        A long job list arrives in pieces (`jobs` or `rows` events, each under
+        the frame limit) before the final frame: records are put back together
+        in `jobs`; pieces of rows are listed in `pieces`, the final frame last.
         """
         conn = self.connect()
-        pieces: list[Any] = []
+        jobs: list[Any] = []
+        pieces: list[dict[str, Any]] = []  # of a listing in rows (tsd.codec.piece)
         try:
             conn.send(req)
             while True:
                 frame = conn.recv()
-                if frame.get("event") == "jobs":
-                    pieces.extend(frame.get("jobs") or [])
-                elif "event" not in frame:
+                event = frame.get("event")
+                if event == "jobs":
+                    piece = frame.get("jobs")
+                    if not isinstance(piece, list):
+                        raise ProtocolError("malformed job list from the daemon")
+                    jobs.extend(piece)
+                elif event == "rows":
+                    pieces.append(frame)
+                elif event is None:
                     final = _check(frame)
-                    if pieces:
-                        final["jobs"] = pieces + list(final.get("jobs") or [])
+                    if jobs:
+                        last = final.get("jobs") or []
+                        if not isinstance(last, list):
+                            raise ProtocolError("malformed job list from the daemon")
+                        final["jobs"] = jobs + last
+                    if "rows" in final:
+                        # Every piece of the listing in order, the final frame's last.
+                        final["pieces"] = [*pieces, final]
                     return final
         finally:
             conn.close()
 
-    def stream(self, req: protocol.Request) -> Iterator[dict[str, Any]]:
+    def stream(self, req: Req) -> Iterator[dict[str, Any]]:
         """Events of a streaming request, then its final response (last item)."""
         conn = self.connect()
         try:

@@ -235,11 +235,18 @@ class Dispatcher:
 
     def explain(self, job: Job) -> Job:
         """The job with the wait reason ts -i and -l show (the scheduler's, or the last pass's)."""
-        apart = apart_reason(job, time.time()) if job.state.pending else None
+        reason = self.wait_reason(job)
+        return job if reason == job.wait_reason else replace(job, wait_reason=reason)
+
+    def wait_reason(self, job: Job) -> str:
+        """explain()'s wait reason alone: a listing of 100,000 jobs copies none of them."""
+        if not job.state.pending:
+            return job.wait_reason
+        apart = apart_reason(job, time.time())
         if apart is not None:  # held or not begun: whatever the last pass saw or missed
-            return replace(job, wait_reason=apart)
-        if job.state.pending and not job.wait_reason and self.unvisited_reason:
-            return replace(job, wait_reason=self.unvisited_reason)
+            return apart
+        if not job.wait_reason and self.unvisited_reason:
+            return self.unvisited_reason
         if job.state is JobState.ALLOCATING:
             held, tsd_pids = self.table.gpu_holders()
             busy = self.gpus.busy(held, tsd_pids, self.policy.free_threshold())
@@ -247,5 +254,5 @@ class Dispatcher:
                 f"GPU {i} {why}" for i, why in sorted(busy.items()) if why.startswith("used by")
             )
             if outside:
-                return replace(job, wait_reason=f"{job.wait_reason}; {outside}")
-        return job
+                return f"{job.wait_reason}; {outside}"
+        return job.wait_reason

@@ -26,6 +26,9 @@ class Scheduling(Protocol):
     def explain(self, job: Job) -> Job:
         """The job with the wait reason ts -i and ts -l show."""
 
+    def wait_reason(self, job: Job) -> str:
+        """explain()'s wait reason alone, without a copy of the job."""
+
 
 class Cluster(Protocol):
     """A cluster engine as request handlers use it (tsd.slurm.SlurmEngine)."""

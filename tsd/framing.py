@@ -1,20 +1,21 @@
 """Frames on the wire, and the protocol's limits: the light half of the protocol.
 
 A frame is a 4-byte big-endian length and a UTF-8 JSON object. This module
-needs only json and struct, so the `ts` client can queue a job without
-loading the typed requests (tsd.protocol, which re-exports all of this).
+needs only struct and the json package's C half (`_json`), so the `ts` client
+can send any request without loading the typed requests (tsd.protocol, which
+re-exports all of this).
 """
 
 from __future__ import annotations
 
-import json
+import _json
 import struct
-from collections.abc import Mapping
 
 from tsd.errors import ProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    from collections.abc import Mapping
     from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -34,9 +35,20 @@ MAX_TIMEOUT = 10 * 365 * 86400.0
 MAX_GPU_MEM = 1 << 30  # MiB (1 PiB): --gpu-mem's ceiling on the wire; GPUs refuse far less
 
 
+class Encoded(dict):  # type: ignore[type-arg]
+    """A frame's object together with its body, already encoded by whoever built it
+    (a piece of a long listing, encoded once to be sized): `encode` sends that body."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes, obj: Mapping[str, Any]) -> None:
+        super().__init__(obj)
+        self.body = body
+
+
 def encode(obj: Mapping[str, Any]) -> bytes:
     """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    body = obj.body if type(obj) is Encoded else dumps(obj).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(body)) + body
@@ -53,9 +65,60 @@ def frame_length(header: bytes) -> int:
 def decode(body: bytes) -> dict[str, Any]:
     """Parse a frame body into a JSON object, or raise ProtocolError."""
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed frame: expected a JSON object")
+    return obj
+
+
+# ------------------------------------------------------------------ JSON
+# json.dumps(obj, separators=(",", ":"), ensure_ascii=False) and json.loads(text),
+# byte for byte, from the C accelerators those very calls use (CPython's _json).
+# The json package around them compiles a few regular expressions at import: a
+# tenth of a quick `ts` call.
+
+_WHITESPACE = " \t\n\r"
+
+
+def _not_serializable(o: Any) -> Any:
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+class _DecodeContext:
+    """What json.decoder.JSONDecoder() gives the C scanner: the defaults of json.loads."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                      "NaN": float("nan")}.__getitem__  # fmt: skip
+    memo: dict[str, str] = {}
+
+
+_scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
+
+
+def dumps(obj: Any) -> str:
+    """json.dumps(obj, separators=(",", ":"), ensure_ascii=False)."""
+    encode = _json.make_encoder(
+        {}, _not_serializable, _json.encode_basestring, None, ":", ",", False, False, True
+    )
+    return "".join(encode(obj, 0))
+
+
+def loads(text: str) -> Any:
+    """json.loads(text): a ValueError (json.JSONDecodeError) for anything but one value."""
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM")
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        obj, end = _scan(text, start)
+    except StopIteration as exc:
+        raise ValueError(f"Expecting value at {exc.value}") from None
+    if end != len(text) and text[end:].strip(_WHITESPACE):
+        raise ValueError(f"Extra data at {end}")
     return obj

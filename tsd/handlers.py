@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from tsd import auth, jobcontrols, protocol
+from tsd import auth, framing, jobcontrols, protocol
+from tsd.codec import piece
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
     BadRequest,
@@ -327,20 +328,22 @@ def _check_bytes(
 
 async def list_jobs(
     p: Parts, peer: Peer, req: protocol.ListJobs, send: SendEvent
-) -> protocol.JobList:
+) -> protocol.JobList | protocol.JobRows:
     """ts -l (-A: everyone's). A long list goes out in pieces under the frame limit."""
+    if req.rows:
+        table = list_rows(p, peer, req.all_users)  # one snapshot, before any await
+        outside = await _outside(p, req.all_users)
+        last = await send_rows(table, send)
+        return protocol.JobRows(
+            last, p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
+        )
     # One snapshot first: the queue may change while a piece is being sent.
     shown = [
         _with_gpu_use(p, p.dispatcher.explain(j))
         for j in p.table.listing()
         if req.all_users or j.uid == peer.uid
     ]
-    outside: tuple[UnmanagedUse, ...] = ()
-    if req.all_users and p.gpus.cached()[0] is not None:
-        # GPU use outside tsd, as of a picture at most one poll old (never NVML's
-        # first load from here: a CPU-only daemon keeps away from it).
-        await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
-        outside = p.gpus.unmanaged()
+    outside = await _outside(p, req.all_users)
     rows: list[Job] = []
     size = 0
     for job in shown:
@@ -356,6 +359,59 @@ async def list_jobs(
     return protocol.JobList(
         tuple(rows), p.policy.total_slots(), p.table.used_slots(), unmanaged=outside
     )
+
+
+async def _outside(p: Parts, all_users: bool) -> tuple[UnmanagedUse, ...]:
+    """ts -A: GPU use outside tsd, as of a picture at most one poll old (never NVML's
+    first load from here: a CPU-only daemon keeps away from it)."""
+    if not all_users or p.gpus.cached()[0] is None:
+        return ()
+    await p.gpus.snapshot(max_age=p.policy.config.gpus.poll_seconds)
+    return p.gpus.unmanaged()
+
+
+def list_rows(p: Parts, peer: Peer, all_users: bool) -> tuple[list[Job], list[str]]:
+    """The jobs of the listing as `peer` may see each, and their wait reasons.
+
+    No copy of a job is made unless it must change: wait reasons come apart (the
+    dispatcher's), and only GPU jobs (their use) and other users' jobs (redacted)
+    are copied.
+    """
+    shown: list[Job] = []
+    reason = p.dispatcher.wait_reason
+    watch = p.gpu_watch
+    for job in p.table.listing():
+        if job.uid != peer.uid and not all_users:
+            continue
+        if watch is not None:
+            job = watch.annotate(job)
+        shown.append(auth.visible_to(peer, job))
+    return shown, [reason(j) for j in shown]
+
+
+async def send_rows(listed: tuple[list[Job], list[str]], send: SendEvent) -> dict[str, Any]:
+    """Send all but the last piece (tsd.codec.piece) of a listing as events, each under
+    the frame limit; the last piece.
+
+    Pieces are sized by their encoded bytes (one job alone always fits: its row is
+    smaller than its record, which protocol.MAX_RECORD bounds); their length adapts.
+    """
+    jobs, reasons = listed
+    start, step = 0, 2048
+    while True:
+        end = start + step
+        chunk = piece(jobs[start:end], reasons[start:end])
+        # Encoded once: to size it, and as the frame that goes out (protocol.Encoded).
+        body = framing.dumps({"event": "rows", **chunk}).encode()
+        if len(body) > protocol.LIST_CHUNK and step > 1:
+            step //= 2
+            continue
+        start = end
+        if start >= len(jobs):
+            return chunk
+        await send(protocol.RowsChunk(chunk, body))
+        if len(body) < protocol.LIST_CHUNK // 3:
+            step *= 2
 
 
 def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:

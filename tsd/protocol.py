@@ -32,6 +32,7 @@ from tsd.framing import MAX_SLOTS as MAX_SLOTS
 from tsd.framing import MAX_TEXT as MAX_TEXT
 from tsd.framing import MAX_TIMEOUT as MAX_TIMEOUT
 from tsd.framing import PROTOCOL_VERSION as PROTOCOL_VERSION
+from tsd.framing import Encoded
 from tsd.framing import decode as decode
 from tsd.framing import encode as encode
 from tsd.framing import frame_length as frame_length
@@ -116,9 +117,15 @@ class PassedFds:
 
 @dataclass(frozen=True)
 class ListJobs:
-    """ts -l; `all_users` is -A."""
+    """ts -l; `all_users` is -A.
+
+    `rows`: answer with rows (`JobRows`, tsd.codec.piece) rather than job records
+    (`JobList`): what ts itself asks for. A daemon that predates rows ignores the
+    key and answers records, which ts reads as well.
+    """
 
     all_users: bool = False
+    rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -424,7 +431,7 @@ def parse_request(obj: dict[str, Any]) -> Request:
                 raise BadRequest(f"bad request: {exc}") from None
             return submit
         case "list":
-            return ListJobs(all_users=f.flag("all_users"))
+            return ListJobs(all_users=f.flag("all_users"), rows=f.flag("rows"))
         case "get":
             return GetJob(id=f.integer("id", 0, MAX_ID), default=default)
         case "remove":
@@ -583,6 +590,29 @@ class JobList:
 
 
 @dataclass(frozen=True)
+class JobRows:
+    """list with `rows`: the last piece of the listing (tsd.codec.piece), and slot use.
+
+    The rows are already as `auth.visible_to` lets the caller see them: list_jobs
+    makes them so, since rows hold no Job for the usual pass to redact.
+    """
+
+    piece: Mapping[str, Any]
+    slots: int
+    running: int
+    unmanaged: tuple[UnmanagedUse, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        """The response body."""
+        return {
+            **self.piece,
+            "slots": self.slots,
+            "running": self.running,
+            "unmanaged": [codec.unmanaged_to_dict(u) for u in self.unmanaged],
+        }
+
+
+@dataclass(frozen=True)
 class SlotCount:
     """slots: the server's slot count."""
 
@@ -687,7 +717,7 @@ class GpuReport:
 
 
 Response = (
-    JobId | Count | Done | JobRecord | JobList | SlotCount | EnvValue | LogDirPath
+    JobId | Count | Done | JobRecord | JobList | JobRows | SlotCount | EnvValue | LogDirPath
     | GpuThreshold | GpuReport | StatsReport
 )
 
@@ -701,6 +731,20 @@ class JobsChunk:
     def to_wire(self) -> dict[str, Any]:
         """The event frame."""
         return {"event": "jobs", "jobs": [job_to_wire(j) for j in self.jobs]}
+
+
+@dataclass(frozen=True)
+class RowsChunk:
+    """An event of a list stream with `rows`: a piece of a listing (tsd.codec.piece)
+    too long for one frame."""
+
+    piece: Mapping[str, Any]
+    body: bytes | None = field(default=None, compare=False)  # to_wire's, encoded already
+
+    def to_wire(self) -> dict[str, Any]:
+        """The event frame."""
+        frame = {"event": "rows", **self.piece}
+        return frame if self.body is None else Encoded(self.body, frame)
 
 
 @dataclass(frozen=True)
@@ -740,4 +784,4 @@ class QueueFullWait:
         return {"event": "queue_full", "waiting": self.waiting}
 
 
-Event = JobsChunk | Started | Queued | QueueFullWait
+Event = JobsChunk | RowsChunk | Started | Queued | QueueFullWait

@@ -10,17 +10,21 @@ to uselessness) the format here is the fixed one.
 
 from __future__ import annotations
 
-import json
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-
-from tsd.eligibility import when_text
-from tsd.model import Job, JobState, UnmanagedUse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from collections.abc import Iterable, Mapping, Sequence
     from typing import Any
+
+    from tsd.jobview import JobView, UnmanagedView
+    from tsd.model import Job, UnmanagedUse
+
+    # The daemon's records (tsd.model) or the client's views of them (tsd.jobview).
+    AnyJob = Job | JobView
+    AnyUnmanaged = UnmanagedUse | UnmanagedView
+
+_PENDING = frozenset(("queued", "allocating", "held"))  # tsd.model.JobState.pending
 
 # task-spooler's fixed minimum column widths (`%-4s %-10s %-20s %-8s %-6s`).
 ID_WIDTH = 4
@@ -52,21 +56,20 @@ TAB_COLUMNS = (
 
 # C0 controls, DEL and C1 controls: a stored value must not move an admin's cursor,
 # change the terminal's state or start a fake line (older records may hold them).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\x1b": "\\e"}
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    c = m.group()
-    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+_ESCAPES = {
+    c: _NAMED.get(chr(c)) or f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+}
 
 
 def printable(text: str, keep_newlines: bool = False) -> str:
     """`text` with control characters written as escapes (`\\n`, `\\x01`), for a terminal
     or a log line. `keep_newlines` leaves line breaks (TS_ENV's multi-line output)."""
+    if text.isprintable():  # no control character in it: the common case, in C
+        return text
     if keep_newlines:
-        return "\n".join(_CONTROL.sub(_escape_char, line) for line in text.split("\n"))
-    return _CONTROL.sub(_escape_char, text)
+        return "\n".join(line.translate(_ESCAPES) for line in text.split("\n"))
+    return text.translate(_ESCAPES)
 
 
 def time_rep(seconds: float) -> tuple[float, str]:
@@ -87,45 +90,45 @@ def format_duration(seconds: float) -> str:
     return f"{value:5.2f}{unit}"
 
 
-def run_seconds(job: Job, now: float | None) -> float | None:
+def run_seconds(job: AnyJob, now: float | None) -> float | None:
     """How long the job ran (finished) or has been running (running, given `now`)."""
     if job.start_time is None:
         return None
     if job.end_time is not None:
         return max(0.0, job.end_time - job.start_time)
-    if job.state is JobState.RUNNING and now is not None:
+    if job.state == "running" and now is not None:
         return max(0.0, now - job.start_time)
     return None
 
 
-def output_shown(job: Job) -> str:
+def output_shown(job: AnyJob) -> str:
     """The Output column: the file, or task-spooler's placeholder for it."""
-    if job.state is JobState.SKIPPED:
+    if job.state == "skipped":
         return "(no output)"
     if not job.spec.store_output:
         return "stdout"
-    if job.state.pending:
+    if job.state in _PENDING:
         return "(file)"
     if job.redacted:
         return "(hidden)"
     return job.output_path or "(...)"
 
 
-def elevel(job: Job) -> int | None:
+def elevel(job: AnyJob) -> int | None:
     """E-Level of a finished job (-1 when killed by a signal or lost); None otherwise."""
-    if job.state is not JobState.FINISHED or job.exit is None:
+    if job.state != "finished" or job.exit is None:
         return None
     return job.exit.elevel
 
 
-def depend_str(job: Job) -> str:
+def depend_str(job: AnyJob) -> str:
     """task-spooler's dependency prefix, e.g. `[3,4]&& `; empty without dependencies."""
     if not job.spec.depends:
         return ""
     return "[" + ",".join(str(d) for d in job.spec.depends) + "]&& "
 
 
-def gpus_shown(job: Job) -> str:
+def gpus_shown(job: AnyJob) -> str:
     """The GPUs column of `ts -l`: the GPU ids once the job holds them (`0,1`), the
     number it wants until then (`2`), `-` for a job that wants none."""
     if job.gpu_ids:
@@ -135,11 +138,11 @@ def gpus_shown(job: Job) -> str:
     return "-"
 
 
-def state_shown(job: Job) -> str:
+def state_shown(job: AnyJob) -> str:
     """The State column of `ts -l`: the state, `running(idle)` while its GPUs sit idle."""
-    if job.state is JobState.RUNNING and job.gpu_idle_since is not None:
+    if job.state == "running" and job.gpu_idle_since is not None:
         return "running(idle)"
-    return job.state.value
+    return str(job.state)
 
 
 def shorten(text: str, width: int) -> str:
@@ -151,14 +154,14 @@ def shorten(text: str, width: int) -> str:
     return text[: width - 3] + "..."
 
 
-def ordered(jobs: Iterable[Job]) -> list[Job]:
+def ordered(jobs: Iterable[AnyJob]) -> list[AnyJob]:
     """GPU task-spooler's listing order (the same as `JobTable.listing()`): running jobs,
     then queued ones, each in queue order, then ended jobs by end time."""
 
-    def key(job: Job) -> tuple[int, float, int, int]:
-        if job.state is JobState.RUNNING:
+    def key(job: AnyJob) -> tuple[int, float, int, int]:
+        if job.state == "running":
             return (0, 0.0, job.order, job.id)
-        if job.state.pending:
+        if job.state in _PENDING:
             return (1, 0.0, job.order, job.id)
         return (2, job.end_time or job.enqueue_time, 0, job.id)
 
@@ -173,9 +176,9 @@ def _mib(mib: float) -> str:
     return f"{mib / 1024:.1f}G" if mib >= 1024 else f"{mib:.0f}M"
 
 
-def gpu_use_shown(job: Job) -> str:
+def gpu_use_shown(job: AnyJob) -> str:
     """A running GPU job's current GPU memory and its GPUs' utilisation: `<3.1G 87%> `."""
-    if job.state is not JobState.RUNNING or job.gpu_mem_now is None:
+    if job.state != "running" or job.gpu_mem_now is None:
         return ""
     if job.gpu_mem_now == 0 and job.gpu_util_now is None:
         return ""  # nothing measured: no process on its GPUs and no utilisation sensor
@@ -183,18 +186,18 @@ def gpu_use_shown(job: Job) -> str:
     return f"<{_mib(job.gpu_mem_now)}{util}> "
 
 
-def _unmanaged_user(use: UnmanagedUse) -> str:
+def _unmanaged_user(use: AnyUnmanaged) -> str:
     return use.user or ("?" if use.uid is None else str(use.uid))
 
 
 def list_text(
-    jobs: Sequence[Job],
+    jobs: Sequence[AnyJob],
     slots: int,
     running: int,
     show_user: bool = False,
     now: float | None = None,
     width: int | None = None,
-    unmanaged: Sequence[UnmanagedUse] = (),
+    unmanaged: Sequence[AnyUnmanaged] = (),
 ) -> str:
     """`ts -l`: GPU task-spooler's table. `width` (a terminal's) shortens long commands.
 
@@ -204,76 +207,84 @@ def list_text(
     utilisation (`<3.1G 87%> `). `unmanaged` (ts -A): processes outside tsd on
     the GPUs, listed last as `-` entries in state `unmanaged`.
     """
-    rows = ordered(jobs)
-    states = [state_shown(j) for j in rows]
-    state_w = max([STATE_WIDTH, *(len(st) for st in states)])
-    outputs = [printable(output_shown(j)) for j in rows]
-    gpus = [gpus_shown(j) for j in rows]
-    times = []
-    for job in rows:
-        secs = run_seconds(job, now)
-        times.append("" if secs is None else format_duration(secs))
+    # One pass over the jobs for every cell but the command's, then the widths, then
+    # the lines: a listing of 100,000 jobs renders in a fraction of a second.
+    cells = []
+    pending = _PENDING
+    for job in ordered(jobs):
+        spec, state = job.spec, job.state
+        user = job.user if job.user.isprintable() else printable(job.user)
+        st = "running(idle)" if state == "running" and job.gpu_idle_since is not None else (
+            str(state))  # fmt: skip
+        out = output_shown(job)
+        out = out if out.isprintable() else printable(out)
+        if job.gpu_ids:
+            gpu = ",".join(str(g) for g in job.gpu_ids)
+        else:
+            gpu = str(spec.gpus_wanted) if spec.gpus_wanted else "-"
+        secs = run_seconds(job, now) if job.start_time is not None else None
+        why = job.wait_reason if state in pending else ""
+        cells.append((job, str(job.id), user, st, out, gpu,
+                      "" if secs is None else format_duration(secs),
+                      why if why.isprintable() else printable(why)))  # fmt: skip
     outside_out = [f"pid {u.pid}" for u in unmanaged]
     outside_gpus = [",".join(str(g) for g in u.gpus) for u in unmanaged]
     outside_users = [printable(_unmanaged_user(u)) for u in unmanaged]
-    id_w = max([ID_WIDTH, *(len(str(j.id)) for j in rows)])
-    out_w = max([OUTPUT_WIDTH, *(len(o) for o in outputs + outside_out)])
-    time_w = max([TIME_WIDTH, *(len(t) for t in times)])
-    user_w = max([USER_WIDTH, *(len(u) for u in [printable(j.user) for j in rows]
-                                + outside_users)])  # fmt: skip
-    gpus_w = max([GPUS_WIDTH, *(len(g) for g in gpus + outside_gpus)])
+    id_w = max([ID_WIDTH, *(len(c[1]) for c in cells)])
+    user_w = max([USER_WIDTH, *(len(c[2]) for c in cells), *map(len, outside_users)])
+    state_w = max([STATE_WIDTH, *(len(c[3]) for c in cells)])
+    out_w = max([OUTPUT_WIDTH, *(len(c[4]) for c in cells), *map(len, outside_out)])
+    gpus_w = max([GPUS_WIDTH, *(len(c[5]) for c in cells), *map(len, outside_gpus)])
+    time_w = max([TIME_WIDTH, *(len(c[6]) for c in cells)])
 
-    def cells(ident: str, user: str, state: str, out: str, lvl: str, tim: str, gpu: str) -> str:
-        head = f"{ident:<{id_w}} "
-        if show_user:
-            head += f"{user:<{user_w}} "
-        return (
-            head
-            + f"{state:<{state_w}} {out:<{out_w}} {lvl:<{ELEVEL_WIDTH}} {tim:<{time_w}} "
-            + f"{gpu:<{gpus_w}} "
-        )
+    def head(ident: str, user: str, state: str) -> str:
+        users = f"{user:<{user_w}} " if show_user else ""
+        return f"{ident:<{id_w}} {users}{state:<{state_w}} "
 
-    header = cells("ID", "User", "State", "Output", "E-Level", "Time", "GPUs")
+    header = head("ID", "User", "State") + (
+        f"{'Output':<{out_w}} {'E-Level':<{ELEVEL_WIDTH}} {'Time':<{time_w}} {'GPUs':<{gpus_w}} "
+    )
     lines = [header + f"Command [run={running}/{slots}]"]
     # A waiting job has no output, E-Level or time yet: why it waits takes their room.
     why_w = out_w + 1 + ELEVEL_WIDTH + 1 + time_w
-    for job, st, out, tim, gpu in zip(rows, states, outputs, times, gpus, strict=True):
-        lvl = elevel(job)
-        why = printable(job.wait_reason) if job.state.pending else ""
+    for job, ident, user, st, out, gpu, tim, why in cells:
+        spec = job.spec
         if why:
-            span = cells(str(job.id), printable(job.user), st, "", "", "", "")
-            span = span[: len(span) - why_w - gpus_w - 2]  # up to the Output column
-            prefix = span + f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
+            rest = f"{'(' + shorten(why, why_w - 2) + ')':<{why_w}} {gpu:<{gpus_w}} "
         else:
-            prefix = cells(
-                str(job.id),
-                printable(job.user),
-                st,
-                out,
-                "" if lvl is None else str(lvl),
-                tim.rjust(TIME_WIDTH),
-                gpu,
+            lvl = elevel(job)
+            rest = (
+                f"{out:<{out_w}} {'' if lvl is None else str(lvl):<{ELEVEL_WIDTH}} "
+                f"{tim.rjust(TIME_WIDTH):<{time_w}} {gpu:<{gpus_w}} "
             )
-        label = f"[{shorten(printable(job.spec.label), LABEL_WIDTH)}]" if job.spec.label else ""
-        label = gpu_use_shown(job) + label
-        command = printable(job.spec.command_line)
+        prefix = head(ident, user, st) + rest
+        label = spec.label
+        if label:
+            label = f"[{shorten(label if label.isprintable() else printable(label), LABEL_WIDTH)}]"
+        label = (gpu_use_shown(job) if job.gpu_mem_now is not None else "") + (label or "")
+        command = spec.command_line
+        if not command.isprintable():
+            command = printable(command)
+        deps = depend_str(job) if spec.depends else ""
         if width is not None:
-            room = width - len(prefix) - len(depend_str(job)) - len(label)
+            room = width - len(prefix) - len(deps) - len(label)
             command = shorten(command, max(room, MIN_COMMAND_WIDTH))
-        lines.append(prefix + depend_str(job) + label + command)
+        lines.append(prefix + deps + label + command)
     for use, out, user, gpu in zip(unmanaged, outside_out, outside_users, outside_gpus,
                                    strict=True):  # fmt: skip
-        prefix = cells("-", user, "unmanaged", out, "", "".rjust(TIME_WIDTH), gpu)
+        prefix = head("-", user, "unmanaged") + (
+            f"{out:<{out_w}} {'':<{ELEVEL_WIDTH}} {''.rjust(TIME_WIDTH):<{time_w}} {gpu:<{gpus_w}} "
+        )
         lines.append(prefix + f"<{_mib(use.memory_mib)}> (GPU use outside tsd)")
     return "\n".join(lines) + "\n"
 
 
-def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
+def job_dict(job: AnyJob, now: float | None = None) -> dict[str, Any]:
     """One job as an object of `ts -M json`: task-spooler's keys plus tsd's."""
     secs = run_seconds(job, now)
     return {
         "ID": job.id,
-        "State": job.state.value,
+        "State": str(job.state),
         "Output": output_shown(job),
         "E-Level": elevel(job),
         "Time_ms": None if secs is None else round(secs * 1000),
@@ -290,8 +301,8 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
         "End": job.end_time,
         "Unit": job.unit,
         "GPU_Idle_Since": job.gpu_idle_since,
-        "Wait_Reason": job.wait_reason if job.state.pending else None,
-        "Held": job.state is JobState.HELD,
+        "Wait_Reason": job.wait_reason if job.state in _PENDING else None,
+        "Held": job.state == "held",
         "Begin": job.spec.begin,
         "Priority": job.spec.priority,
         "Retry": job.spec.retry,
@@ -308,7 +319,7 @@ def job_dict(job: Job, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def unmanaged_dict(use: UnmanagedUse) -> dict[str, Any]:
+def unmanaged_dict(use: AnyUnmanaged) -> dict[str, Any]:
     """A process outside tsd on a GPU as an entry of `ts -A -M json` (`ID` null)."""
     return {
         "ID": None,
@@ -324,9 +335,11 @@ def unmanaged_dict(use: UnmanagedUse) -> dict[str, Any]:
 
 
 def list_json(
-    jobs: Sequence[Job], now: float | None = None, unmanaged: Sequence[UnmanagedUse] = ()
+    jobs: Sequence[AnyJob], now: float | None = None, unmanaged: Sequence[AnyUnmanaged] = ()
 ) -> str:
     """`ts -M json`: a JSON array of job objects, in listing order, then unmanaged GPU use."""
+    import json  # only for -M json: its package compiles regular expressions at import
+
     rows = [job_dict(j, now) for j in ordered(jobs)] + [unmanaged_dict(u) for u in unmanaged]
     return json.dumps(rows, ensure_ascii=False) + "\n"
 
@@ -336,7 +349,7 @@ def _tab_field(text: str) -> str:
     return printable(text.replace("\\", "\\\\"))
 
 
-def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = None) -> str:
+def list_tab(jobs: Sequence[AnyJob], show_user: bool = False, now: float | None = None) -> str:
     """`ts -M tab`: task-spooler's tab-separated fields, the same columns on every row.
 
     Columns: ID, [User,] State, Output, E-Level, Time, Unit, GPUs, Depends,
@@ -352,7 +365,7 @@ def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = N
         if show_user:
             fields.append(job.user)
         fields += [
-            job.state.value,
+            str(job.state),
             output_shown(job),
             "" if lvl is None else str(lvl),
             value,
@@ -369,6 +382,11 @@ def list_tab(jobs: Sequence[Job], show_user: bool = False, now: float | None = N
 # ------------------------------------------------------------------- ts -i
 
 
+def _when(epoch: float) -> str:
+    # tsd.eligibility.when_text, which needs the job model: a --begin time, local.
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
 def _ctime(t: float) -> str:
     return time.ctime(t)
 
@@ -381,9 +399,9 @@ def _bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def exit_status(job: Job) -> str | None:
+def exit_status(job: AnyJob) -> str | None:
     """task-spooler's `Exit status:` wording; None while the job has not ended."""
-    if job.state is JobState.SKIPPED:
+    if job.state == "skipped":
         return "skipped (a -W dependency failed)"
     ex = job.exit
     if ex is None:
@@ -398,7 +416,7 @@ def exit_status(job: Job) -> str | None:
     return f"died with exit code {ex.code}"
 
 
-def info_text(job: Job, now: float) -> str:
+def info_text(job: AnyJob, now: float) -> str:
     """`ts -i`: task-spooler's lines (Exit status, Command, Slots required, times)
     plus what tsd knows besides: user, GPUs, output files, CPU time, peak memory,
     why a pending job waits, and TS_ENV's output.
@@ -415,8 +433,8 @@ def info_text(job: Job, now: float) -> str:
     lines.append(f"Command: {depend_str(job)}{job.spec.command_line}")
     if job.spec.label:
         lines.append(f"Label: {job.spec.label}")
-    lines.append(f"State: {job.state.value}")
-    if job.state.pending and job.wait_reason:
+    lines.append(f"State: {job.state!s}")
+    if job.state in _PENDING and job.wait_reason:
         lines.append(f"Wait reason: {job.wait_reason}")
     lines += _controls_lines(job)
     lines.append(f"User: {job.user} (uid {job.uid})")
@@ -435,9 +453,9 @@ def info_text(job: Job, now: float) -> str:
         lines.append(f"Output: {job.output_path}")
         if job.spec.stderr_apart:
             lines.append(f"Stderr: {job.output_path}.e")
-    if job.pid is not None and job.state is JobState.RUNNING:
+    if job.pid is not None and job.state == "running":
         lines.append(f"PID: {job.pid}")
-    if job.gpu_idle_since is not None and job.state is JobState.RUNNING:
+    if job.gpu_idle_since is not None and job.state == "running":
         lines.append(f"Idle since: {_ctime(job.gpu_idle_since)} (its GPUs are not in use)")
     if job.unit:
         lines.append(f"Unit: {job.unit}")
@@ -462,12 +480,12 @@ def info_text(job: Job, now: float) -> str:
     return head + "".join(printable(line) + "\n" for line in lines)
 
 
-def _controls_lines(job: Job) -> list[str]:
+def _controls_lines(job: AnyJob) -> list[str]:
     """-i's lines for the job controls: begin, priority, retries, array."""
     spec = job.spec
     lines = []
     if spec.begin is not None:
-        lines.append(f"Begin: {when_text(spec.begin)}")
+        lines.append(f"Begin: {_when(spec.begin)}")
     if spec.priority:
         lines.append(f"Priority: {spec.priority}")
     if spec.retry:
@@ -480,13 +498,13 @@ def _controls_lines(job: Job) -> list[str]:
     return lines
 
 
-def gpu_memory_lines(job: Job) -> list[str]:
+def gpu_memory_lines(job: AnyJob) -> list[str]:
     """`ts -i`'s GPU memory lines: declared, current use, and the peak (over the declaration?)."""
     lines = []
     mib = 1 << 20
     if job.spec.gpu_mem is not None:
         lines.append(f"GPU memory declared: {_bytes(job.spec.gpu_mem * mib)} per GPU (--gpu-mem)")
-    if job.state is JobState.RUNNING and job.gpu_mem_now is not None:
+    if job.state == "running" and job.gpu_mem_now is not None:
         util = "" if job.gpu_util_now is None else f", its GPUs {job.gpu_util_now}% busy"
         lines.append(f"GPU memory now: {_bytes(job.gpu_mem_now * mib)}{util}")
     if job.gpu_mem_peak is not None:
@@ -502,7 +520,7 @@ def gpu_memory_lines(job: Job) -> list[str]:
 # ------------------------------------------------------------------- ts -g
 
 
-def _gpu_ids_text(job: Job) -> str:
+def _gpu_ids_text(job: AnyJob) -> str:
     return " ".join(str(g) for g in job.gpu_ids)
 
 
@@ -518,7 +536,7 @@ def _sensor(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[Job] = ()) -> str:
+def gpu_status_text(resp: Mapping[str, Any], jobs: Sequence[AnyJob] = ()) -> str:
     """`ts -g`: task-spooler's `ID   GPU-IDs` list of running GPU jobs, then the GPUs.
 
     One line per GPU: index, name, memory used/total, free memory, utilisation,
@@ -602,4 +620,6 @@ def gpu_status_json(resp: Mapping[str, Any]) -> str:
                 for p in gpu.get("processes") or []
             ],
         })
+    import json
+
     return json.dumps(out, ensure_ascii=False) + "\n"

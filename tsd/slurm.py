@@ -65,6 +65,10 @@ class SlurmEngine(SlurmSubmitter):
         """The wait reason is Slurm's, as the last poll saw it."""
         return job
 
+    def wait_reason(self, job: Job) -> str:
+        """Slurm's, as the last poll saw it."""
+        return job.wait_reason
+
     # ------------------------------------------------------------ ending
 
     async def cancel(self, job: Job) -> None:

@@ -195,14 +195,14 @@ def test_command_words_that_are_not_utf8_are_refused() -> None:
 def test_no_arguments_lists_own_jobs() -> None:
     inv = parse()
     assert inv.action == "list"
-    assert inv.request == protocol.ListJobs(all_users=False)
+    assert inv.request == protocol.ListJobs(all_users=False, rows=True)
     assert inv.list_format == "default"
 
 
 def test_list_variants() -> None:
-    assert parse("-l").request == protocol.ListJobs()
+    assert parse("-l").request == protocol.ListJobs(rows=True)
     every = parse("-A")
-    assert every.request == protocol.ListJobs(all_users=True) and every.all_users
+    assert every.request == protocol.ListJobs(all_users=True, rows=True) and every.all_users
     assert parse("-M", "json").list_format == "json"
     assert parse("--serialize", "tab").list_format == "tab"
     assert parse("--serialize=json").list_format == "json"
@@ -490,6 +490,8 @@ COMMON_COMMAND_LINES = [
     ["-W", "3", "true"], ["-O", "log", "true"], ["-zEB", "true"], ["-nf", "true"], ["-m", "x"],
     ["--timeout", "90", "true"], ["--timeout=1.5h", "true"], ["--timeout", "30m", "true"],
     ["-n", "-L", "lab", "-N", "1", "-G", "1", "-D", "4", "-O", "o", "-z", "-E", "-B", "true"],
+    ["--hold", "3"], ["--release", "3"], ["--stats"], ["--stats", "-A", "-M", "json"],
+    ["--unsetenv", "FOO"], ["--get_logdir"], ["-l", "--watch"],
 ]
 
 
@@ -557,6 +559,12 @@ def _typed_wire(
     return protocol.request_to_wire(inv.request)
 
 
+def _read_back(argv: list[str]) -> dict[str, object] | None:
+    """Any request as the daemon reads it back (None for help and version)."""
+    inv = parse_argv(argv, ENV, "/work/dir", 0o027)
+    return None if inv.request is None else protocol.request_to_wire(inv.request)
+
+
 SUBMIT_LINES = [line for line in COMMON_COMMAND_LINES if _typed_wire(line) is not None]
 
 
@@ -567,9 +575,22 @@ def test_the_submit_ts_sends_is_what_the_daemon_reads(argv: list[str]) -> None:
     assert inv.wire == _typed_wire(argv)
 
 
-def test_actions_send_typed_requests_and_foreground_jobs_the_same_submit() -> None:
-    for argv in (["-l"], ["-t", "3"], ["-h", "true"]):
-        assert invocation(argv, ENV, "/work/dir", 0o027).wire is None
+@pytest.mark.parametrize("argv", COMMON_COMMAND_LINES, ids=" ".join)
+def test_every_request_ts_sends_is_what_the_daemon_reads(argv: list[str]) -> None:
+    # ts builds every request as it travels (no typed protocol on its path); the
+    # daemon's parse_request must read back exactly that, field for field.
+    try:
+        inv = invocation(argv, ENV, "/work/dir", 0o027)
+    except UsageError:
+        return
+    assert inv.wire == _read_back(argv)
+
+
+def test_actions_send_their_requests_untyped_and_foreground_jobs_the_same_submit() -> None:
+    assert invocation(["-h", "true"], ENV, "/work/dir", 0o027).wire is None
+    for argv in (["-l"], ["-t", "3"]):
+        inv = invocation(argv, ENV, "/work/dir", 0o027)
+        assert inv.wire is not None and inv.request is None
     for argv in (["-f", "true"], ["-nf", "true"]):
         inv = invocation(argv, ENV, "/work/dir", 0o027)
         assert inv.wire is not None and inv.foreground

@@ -9,14 +9,15 @@ from typing import Any
 import pytest
 from unit.daemon_fakes import FakeNvml, FakeStore, gpu, spec
 
-from tsd import handlers, protocol
+from tsd import framing, handlers, protocol
 from tsd.config import Config
 from tsd.dispatch import Dispatcher
 from tsd.errors import NeverFits, PermissionDenied, QueueFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
-from tsd.model import ExitInfo, Gpu, Job, UserLimits
+from tsd.jobview import JobView, views_of_pieces
+from tsd.model import ExitInfo, Gpu, Job, JobSpec, UserLimits
 from tsd.policy import Policy
 from tsd.waiters import Waiters
 
@@ -196,6 +197,51 @@ def test_list_shows_only_the_callers_jobs_unless_A() -> None:
         assert [j["uid"] for j in mine["jobs"]] == [1000]
         everyone = await rig.call(protocol.ListJobs(all_users=True))
         assert sorted(j["uid"] for j in everyone["jobs"]) == [1000, 2000]
+
+    run(body)
+
+
+def rows_of(rig: Rig, final: dict[str, Any]) -> list[JobView]:
+    """The listing in rows as ts reads it: every piece (events, then the final frame)."""
+    pieces = [*(e for e in rig.events if e["event"] == "rows"), final]
+    return views_of_pieces(framing.loads(framing.dumps(pieces)))
+
+
+def test_list_in_rows_streams_long_listings_in_pieces_each_under_the_frame_limit() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        for i in range(60):
+            await rig.submit("echo", f"{i}" * 20_000)
+        final = await rig.call(protocol.ListJobs(rows=True))
+        assert rig.events and all(e["event"] == "rows" for e in rig.events)
+        assert all(len(framing.encode(e)) < protocol.MAX_FRAME for e in rig.events)
+        views = rows_of(rig, final)
+        assert [v.id for v in views] == list(range(1, 61))
+        assert [v.command_line for v in views] == [f"echo {i}" + f"{i}" * 19_999 for i in
+                                                   range(60)]  # fmt: skip
+        assert {v.state for v in views[1:]} == {"queued"} and views[0].state == "running"
+        assert final["slots"] == 1 and final["running"] == 1
+
+    run(body)
+
+
+@pytest.mark.usefixtures("anyone_may_connect")
+def test_list_in_rows_shows_the_callers_jobs_and_with_A_others_only_redacted() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        private = JobSpec(command=("alice-job",), cwd="/home/alice/private", env=())
+        await rig.call(protocol.Submit(spec=private), ALICE)
+        await rig.submit("bob-job", creds=BOB)
+        mine = rows_of(rig, await rig.call(protocol.ListJobs(rows=True)))
+        assert [(v.uid, v.cwd) for v in mine] == [(1000, "/home/alice/private")]
+        rig.events.clear()
+        everyone = await rig.call(protocol.ListJobs(all_users=True, rows=True), creds=BOB)
+        views = rows_of(rig, everyone)
+        assert [v.uid for v in views] == [1000, 2000]
+        alices = views[0]
+        assert alices.redacted and alices.cwd == "" and alices.command_line == "alice-job"
+        assert alices.wait_reason  # what ts -A -l shows of it stays
+        assert "private" not in str(everyone["same"]) + str(everyone["rows"])
 
     run(body)
 
