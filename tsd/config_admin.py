@@ -1,6 +1,6 @@
 """The config keys of the admin's view: `gpu.idle_*` (tsd.idle) and `metrics.textfile`.
 
-Part of tsd.config (which re-exports these names and drives the parsing): the
+Part of tsd.config (which re-exports these names; tsd.configfile drives the parsing): the
 records, and how their YAML values are read. Every error is the parser's
 one-line error naming the file, the line and the key path. No I/O.
 """
@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Final, NoReturn, Protocol
 
-import yaml
-
 from tsd.usage import FairShareSettings, parse_duration
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import yaml
 
 IDLE_ACTIONS: Final = ("none", "kill", "requeue")
 IDLE_KEYS: Final = ("idle_after", "idle_threshold", "idle_action", "idle_grace", "idle_notify")
@@ -82,6 +84,8 @@ class Parser(Protocol):
 
 def idle_key(p: Parser, idle: IdleConfig, key: str, value: yaml.Node) -> IdleConfig:
     """One `gpu.idle_*` key applied to `idle`."""
+    import yaml  # only while parsing (tsd.configfile): these records load without it
+
     path = f"gpu.{key}"
     if key == "idle_after":
         return dataclasses.replace(idle, after=duration(p, value, path, off=True))
@@ -110,6 +114,8 @@ def idle_key(p: Parser, idle: IdleConfig, key: str, value: yaml.Node) -> IdleCon
 def duration(p: Parser, node: yaml.Node, path: str, *, off: bool) -> float | None:
     """Seconds from a number or `90s`, `30m`, `2h`, `1d`, `2w` (tsd.usage.parse_duration);
     with `off`, null/`off` -> None."""
+    import yaml  # only while parsing (tsd.configfile): these records load without it
+
     want = "a duration such as 90s, 30m, 2h or 7d" + (", or off" if off else "")
     if isinstance(node, yaml.ScalarNode):
         # YAML 1.1 reads a bare `off` as false.
@@ -129,6 +135,8 @@ def duration(p: Parser, node: yaml.Node, path: str, *, off: bool) -> float | Non
 
 def metrics_section(p: Parser, node: yaml.Node) -> MetricsConfig:
     """The `metrics:` section."""
+    import yaml  # only while parsing (tsd.configfile): these records load without it
+
     metrics = MetricsConfig()
     for _, _, value in p.mapping(node, "metrics", _METRICS_KEYS):
         if p.is_null(value):  # `textfile:` with nothing: off, as ""

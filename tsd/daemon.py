@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tsd import __version__, handlers, protocol
-from tsd.config import Config, GpuConfig, load_config, unknown_names
+from tsd.config import Config, GpuConfig, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.engine import Scheduling
 from tsd.errors import ConfigError
@@ -67,11 +67,21 @@ from tsd.server import (
     bind_system,
     inherited_socket,
 )
-from tsd.slurm import SlurmEngine, SlurmJobTable
 from tsd.store import Store, StoreError
 from tsd.waiters import Waiters
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # tsd.slurm (json, secrets, hashlib) loads only with cluster.engine: slurm
+    from tsd.slurm import SlurmEngine
+
 log = logging.getLogger("tsd")
+
+
+def _load_config(path: str | os.PathLike[str]) -> Config:
+    """tsd.configfile.load_config, imported here: YAML loads only where a config file is read."""
+    from tsd.configfile import load_config
+
+    return load_config(path)
 
 IO_THREADS = 4  # D-Bus and NVML calls at once; each adapter serialises its own anyway
 
@@ -143,7 +153,11 @@ class Daemon:
         self.waiters = Waiters(loop)
         self.ledger = Ledger(self.store, lambda: self.policy.config)
         # Under Slurm the table also knows "running on the cluster" (tsd.slurm).
-        table_type = SlurmJobTable if config.cluster.slurm else JobTable
+        table_type = JobTable
+        if config.cluster.slurm:
+            from tsd.slurm import SlurmJobTable
+
+            table_type = SlurmJobTable
         self.table = table_type(
             self.store, self.waiters, lambda: self.policy.config.max_finished,
             save_end=self.ledger.save_ended,
@@ -199,8 +213,11 @@ class Daemon:
         self._wake: tuple[float, asyncio.TimerHandle] | None = None
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
-        if isinstance(self.table, SlurmJobTable):
+        if config.cluster.slurm:
+            from tsd.slurm import SlurmEngine, SlurmJobTable
             from tsd.slurmcmd import SlurmCommands
+
+            assert isinstance(self.table, SlurmJobTable)
 
             self.slurm = SlurmEngine(
                 loop, self.executor, lambda: self.policy.config.cluster, self.table,
@@ -293,7 +310,7 @@ class Daemon:
         if not self.settings.config_path:
             return
         try:
-            config = load_config(self.settings.config_path)
+            config = _load_config(self.settings.config_path)
         except ConfigError as exc:
             log.error("config not reloaded, keeping the previous one: %s", exc)
             return
@@ -466,7 +483,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
             return 1
         path = config_path or SYSTEM_CONFIG
         try:
-            config = load_config(path) if os.path.exists(path) or config_path else Config()
+            config = _load_config(path) if os.path.exists(path) or config_path else Config()
         except ConfigError as exc:
             print(f"tsd: {exc}", file=sys.stderr)
             return 1
@@ -480,7 +497,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
         from tsd.client import personal_socket_path
 
         try:
-            config = load_config(config_path) if config_path else Config()
+            config = _load_config(config_path) if config_path else Config()
         except ConfigError as exc:
             print(f"tsd: {exc}", file=sys.stderr)
             return 1
@@ -559,7 +576,7 @@ def check_config(path: str = SYSTEM_CONFIG) -> int:
         print(f"{path}: absent; the service runs with the defaults")
         return 0
     try:
-        config = load_config(path)
+        config = _load_config(path)
     except ConfigError as exc:
         print(f"tsd: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
@@ -35,6 +34,8 @@ def write_atomically(path: str, text: str) -> None:
     Runs in a worker thread. The directory is created (0755) if missing, as
     node_exporter's package would have it.
     """
+    import tempfile  # only with metrics on: keep it (and random, shutil) off the daemon's start
+
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o755, exist_ok=True)
     # node_exporter reads only *.prom files: the temporary name ends otherwise.

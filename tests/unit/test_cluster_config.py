@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tsd.config import ClusterConfig, parse_config
+from tsd.config import ClusterConfig
+from tsd.configfile import parse_config
 from tsd.errors import ConfigError
 
 

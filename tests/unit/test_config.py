@@ -21,9 +21,8 @@ from tsd.config import (
     ConnectionConfig,
     GpuConfig,
     LimitOverride,
-    load_config,
-    parse_config,
 )
+from tsd.configfile import load_config, parse_config
 from tsd.errors import ConfigError
 from tsd.model import JobLimits, UserLimits
 

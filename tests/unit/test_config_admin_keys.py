@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tsd.config import DEFAULT_METRICS_TEXTFILE, Config, IdleConfig, MetricsConfig, parse_config
+from tsd.config import DEFAULT_METRICS_TEXTFILE, Config, IdleConfig, MetricsConfig
+from tsd.configfile import parse_config
 from tsd.errors import ConfigError
 
 SRC = "/etc/tsd/tsd.yaml"

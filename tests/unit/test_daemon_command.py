@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tsd import daemon
-from tsd.config import parse_config, unknown_names
+from tsd.config import unknown_names
+from tsd.configfile import parse_config
 
 GHOSTS = (
     'admins: [root, nosuch-admin-x, "@nosuch-group-x"]\n'

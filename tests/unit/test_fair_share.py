@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsd.backfill import Holder, Need, plan
-from tsd.config import Config, parse_config
+from tsd.config import Config
+from tsd.configfile import parse_config
 from tsd.ledger import Ledger
 from tsd.model import ExitInfo, Job, JobSpec, JobState, UserLimits
 from tsd.scheduler import DepOutcome, Resources, decide

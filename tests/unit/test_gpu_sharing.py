@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tsd.cli_options import UsageError, gpu_mem_size, parse
 from tsd.cli_request import parse_argv
-from tsd.config import parse_config
+from tsd.configfile import parse_config
 from tsd.errors import ConfigError
 from tsd.gpuusage import (
     ProcOwner,
