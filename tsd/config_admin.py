@@ -61,7 +61,7 @@ class MetricsConfig:
 
 
 class Parser(Protocol):
-    """What these readers need of tsd.config's parser."""
+    """What these readers need of tsd.configfile's parser."""
 
     def fail(self, node: yaml.Node, path: str, message: str) -> NoReturn: ...
 
