@@ -111,6 +111,41 @@ def test_take_dependents_hands_them_out_once() -> None:
     assert table.take_dependents(dep.id) == []
 
 
+def test_jobs_waiting_on_an_unended_dependency_are_offered_once_their_last_one_ends() -> None:
+    table, _, _ = make()
+    a, b = table.add(1000, "alice", spec()), table.add(1000, "alice", spec())
+    both = table.add(1000, "alice", spec(depends=(a.id, b.id)))
+    on_b = table.add(1000, "alice", spec(depends=(b.id,)))
+    free = table.add(1000, "alice", spec())
+
+    def offered() -> list[int]:
+        return [j.id for j in table.offered_queue()]
+
+    assert offered() == [a.id, b.id, free.id]
+    assert table.dep_blocked == {both.id, on_b.id}
+    run(table, table.jobs[a.id])  # running is not ended: still blocked
+    assert offered() == [b.id, free.id]
+    ended = table.finish(a.id, ExitInfo(code=1), None, None)
+    assert ended is not None
+    assert table.take_dependents(a.id) == [both.id]
+    assert offered() == [b.id, free.id]  # b has not ended
+    table.remove(table.jobs[b.id])  # a forgotten dependency counts as ended well
+    assert offered() == [both.id, on_b.id, free.id]
+    assert table.dep_blocked == set()
+    late = table.add(1000, "alice", spec(depends=(a.id,)))  # on an ended job: offered
+    assert offered()[-1] == late.id
+
+
+def test_load_blocks_a_job_whose_dependency_comes_later_in_the_store() -> None:
+    table, store, _ = make()
+    early = table.add(1000, "alice", spec(depends=(2,)))  # job 2 does not exist yet
+    later = table.add(1000, "alice", spec())
+    assert later.id == 2 and table.offered == [early.id, later.id]
+    again, _, _ = make(store=store)
+    again.load()
+    assert again.dep_blocked == {early.id} and again.offered == [later.id]
+
+
 def test_forgetting_a_finished_job_beyond_max_finished_drops_its_dependents_entry() -> None:
     table, store, _ = make(max_finished=1)
     old = table.add(1000, "alice", spec())
@@ -188,6 +223,7 @@ def test_load_rebuilds_the_indexes_and_returns_the_running_jobs() -> None:
     running = again.load()
     assert [j.id for j in running] == [a.id]
     assert again.pending == [b.id] and again.dependents == {a.id: {b.id}}
+    assert again.dep_blocked == {b.id} and again.offered == []  # a runs: b is not offered
     assert again.last_added[1000] == b.id and again.last_run[1000] == a.id
     c = again.add(1000, "alice", spec())
     assert c.order > b.order
@@ -295,6 +331,7 @@ def test_queue_stays_in_order_through_priorities_moves_swaps_starts_and_requeues
         return [j.id for j in sorted(pending, key=lambda j: (j.order, j.id))]
 
     assert table.pending == expected()
+    assert table.offered == expected()  # no dependencies: every pending job is offered
     for uid in (1000, 1001, 1002):
         own = [(j.id, j.order, j.spec.priority) for j in table.queue() if j.uid == uid]
         for priority in (-9, 0, 1, 9):
