@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from unit.daemon_fakes import Events, FakeStore, spec
 
 from tsd.eligibility import priority_keys
@@ -134,6 +136,38 @@ def test_jobs_waiting_on_an_unended_dependency_are_offered_once_their_last_one_e
     assert table.dep_blocked == set()
     late = table.add(1000, "alice", spec(depends=(a.id,)))  # on an ended job: offered
     assert offered()[-1] == late.id
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("asfrmq"), st.integers(0, 30), st.integers(0, 30)),
+                max_size=40))  # fmt: skip
+def test_offered_is_the_queue_without_jobs_waiting_on_an_unended_dependency(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    # Whatever mix of submits (with dependencies), starts, ends (each followed by the
+    # dispatcher's take_dependents), removals, moves and requeues: the scheduler is
+    # offered exactly the pending jobs none of whose dependencies is still to end.
+    table, _, _ = make()
+    for op, x, y in ops:
+        ids = sorted(table.jobs)
+        pick = table.jobs[ids[x % len(ids)]] if ids else None
+        if op == "a" or pick is None:
+            deps = tuple(sorted({ids[x % len(ids)], ids[y % len(ids)]})) if ids and y % 3 else ()
+            table.add(1000 + y % 2, "u", spec(depends=deps))
+        elif op == "s" and table.is_queued(pick):
+            run(table, pick)
+        elif op == "f" and pick.id in table.running:
+            table.finish(pick.id, ExitInfo(code=y % 2), None, None)
+            table.take_dependents(pick.id)
+        elif op == "r" and pick.id not in table.running:
+            table.remove(pick)
+        elif op == "m" and table.is_queued(pick):
+            table.move_front(pick)
+        elif op == "q" and pick.id in table.running:
+            table.requeue(pick.id)
+        blocked = [i for i in table.pending if table.waits_on_dependency(table.jobs[i])]
+        assert table.dep_blocked == set(blocked)
+        assert table.offered == [i for i in table.pending if i not in blocked]
 
 
 def test_load_blocks_a_job_whose_dependency_comes_later_in_the_store() -> None:
