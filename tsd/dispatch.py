@@ -18,7 +18,7 @@ from tsd.eligibility import apart_reason
 from tsd.errors import StorageFull
 from tsd.gpuusage import hold_reasons, outside_gpus
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
-from tsd.scheduler import DepOutcome, GpuRoom, Resources, decide
+from tsd.scheduler import DepOutcome, GpuRoom, Resources, decide, dep_ready
 
 log = logging.getLogger("tsd")
 
@@ -29,10 +29,11 @@ class Table(Protocol):
     pending: list[int]
     pending_gpu_jobs: int
     pending_count: dict[int, int]
+    dep_blocked: set[int]  # pending jobs waiting on a dependency not ended (not offered)
 
     def get(self, job_id: int) -> Job | None: ...
 
-    def queue(self) -> Iterable[Job]: ...
+    def offered_queue(self) -> Iterable[Job]: ...
 
     def dep_outcome(self, job_id: int) -> DepOutcome: ...
 
@@ -174,7 +175,7 @@ class Dispatcher:
             reserved_hint=self.reserved,
             pending_users=waiting,
         )
-        decision = decide(table.queue(), holding, table.dep_outcome, res)
+        decision = decide(table.offered_queue(), holding, table.dep_outcome, res)
         if decision.reserved is not None or not decision.unvisited_reason:
             self.reserved = decision.reserved
         self.unvisited_reason = decision.unvisited_reason
@@ -245,6 +246,10 @@ class Dispatcher:
         apart = apart_reason(job, time.time())
         if apart is not None:  # held or not begun: whatever the last pass saw or missed
             return apart
+        if job.id in self.table.dep_blocked:  # no pass reads it: the scheduler's words, now
+            why = dep_ready(job.spec, self.table.dep_outcome)[1]
+            if why:
+                return why
         if not job.wait_reason and self.unvisited_reason:
             return self.unvisited_reason
         if job.state is JobState.ALLOCATING:

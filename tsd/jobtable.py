@@ -19,7 +19,12 @@ Every state change goes through one method here, which keeps the indexes true:
   at `max_finished` (the oldest beyond the cap are forgotten);
 * `dependents`: for a job, the pending jobs that depend on it. Only pending
   jobs are listed, and a job's own entry goes when it ends or is forgotten, so
-  the index never outgrows the queue.
+  the index never outgrows the queue;
+* `dep_blocked`: pending jobs waiting on a dependency that has not ended, and
+  `offered`: the other pending jobs, in queue order, which is all a scheduling
+  pass reads (`offered_queue`). A blocked job is offered again when its last
+  unended dependency ends (`take_dependents`) or is forgotten, so a pass costs
+  nothing per job that waits on a running or queued job.
 
 It does no scheduling and starts no process: the dispatcher and the runner
 decide, the table records. Hooks (`JobEvents`) tell waiters what happened.
@@ -74,6 +79,8 @@ class JobTable(QueueOrder, Rollbacks):
         # its scope takes to come up (fair share is judged by when jobs were started).
         self._launch_times: dict[int, float] = {}
         self.dependents: dict[int, set[int]] = {}
+        self.dep_blocked: set[int] = set()
+        self.offered: list[int] = []
         self.last_added: dict[int, int] = {}
         self.last_run: dict[int, int] = {}
         self.pending_count: dict[int, int] = defaultdict(int)
@@ -114,6 +121,7 @@ class JobTable(QueueOrder, Rollbacks):
                 low = job.order
             if high is None or job.order > high:
                 high = job.order
+        self._block_late()
         if ended_transparent:
             self.store.delete(ended_transparent)
         if low is not None and high is not None:
@@ -181,10 +189,6 @@ class JobTable(QueueOrder, Rollbacks):
             assert job.exit is not None
             return DepOutcome.SUCCEEDED if job.exit.success else DepOutcome.FAILED
         return DepOutcome.PENDING
-
-    def take_dependents(self, job_id: int) -> list[int]:
-        """The pending jobs waiting on a job that just ended, once (the entry goes)."""
-        return sorted(self.dependents.pop(job_id, ()))
 
     # ------------------------------------------------------------ pending jobs
 
@@ -448,7 +452,8 @@ class JobTable(QueueOrder, Rollbacks):
     def _forget(self, job_id: int) -> None:
         job = self.jobs.pop(job_id)
         self.stored_bytes[job.uid] -= job.spec.stored_bytes
-        self.dependents.pop(job_id, None)
+        self._release(self.dependents.pop(job_id, ()))  # it counts as ended well now
+        self.dep_blocked.discard(job_id)
 
 
 def _end_key(job: Job) -> tuple[float, int]:

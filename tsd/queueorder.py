@@ -69,11 +69,43 @@ class QueueOrder:
     pending_count: dict[int, int]
     pending_gpu_jobs: int
     dependents: dict[int, set[int]]
+    # Pending jobs waiting on a dependency that has not ended: left out of `offered`
+    # until it ends (`_release`), so a scheduling pass never reads them.
+    dep_blocked: set[int]
+    offered: list[int]  # `pending` without `dep_blocked`, in the same order
     _orders: tuple[int, int]  # lowest and highest queue order keys handed out
 
     def queue(self) -> Iterator[Job]:
         """Pending jobs in queue order."""
         return (self.jobs[i] for i in self.pending)
+
+    def offered_queue(self) -> Iterator[Job]:
+        """Pending jobs in queue order but those waiting on a dependency not ended yet:
+        what the scheduler reads (their wait reason is worked out when shown)."""
+        return (self.jobs[i] for i in self.offered)
+
+    def waits_on_dependency(self, job: Job) -> bool:
+        """Whether a dependency of the job has not ended (the scheduler's PENDING)."""
+        jobs = self.jobs
+        return any(
+            (dep := jobs.get(i)) is not None and not dep.state.done for i in job.spec.depends
+        )
+
+    def take_dependents(self, job_id: int) -> list[int]:
+        """The pending jobs waiting on a job that just ended, once (the entry goes);
+        those it was the last unended dependency of are offered to the scheduler again."""
+        waiting = sorted(self.dependents.pop(job_id, ()))
+        self._release(waiting)
+        return waiting
+
+    def _release(self, ids: Iterable[int]) -> None:
+        """Jobs whose dependency ended or went: offered again once none is left waiting."""
+        for job_id in ids:
+            job = self.jobs.get(job_id)
+            if job_id in self.dep_blocked and (job is None or not self.waits_on_dependency(job)):
+                self.dep_blocked.discard(job_id)
+                if job is not None and self._is_pending(job_id):
+                    _insert(self.offered, job, self._pending_key)
 
     def place(self, uid: int, priority: int, count: int) -> tuple[list[int], dict[int, int]]:
         """Keys for `count` new jobs of `priority` of user `uid`, and the changed keys of
@@ -127,8 +159,20 @@ class QueueOrder:
         self.store.save(a, b)
         self._rekey({a.id: a, b.id: b})
 
+    def _block_late(self) -> None:
+        """After a load: a dependency read after its dependent (ids are handed out in
+        order, so only in a store written otherwise) blocks it all the same."""
+        for job_id in [i for i in self.offered if self.jobs[i].spec.depends]:
+            job = self.jobs[job_id]
+            if self.waits_on_dependency(job):
+                self._unplace_pending(job)
+                self.dep_blocked.add(job_id)
+                self._place_pending(job)
+
     def _index_pending(self, job: Job) -> None:
         """A job joins the queue: its place, its user's counts, its dependencies."""
+        if job.spec.depends and self.waits_on_dependency(job):
+            self.dep_blocked.add(job.id)
         self._place_pending(job)
         self.pending_count[job.uid] += 1
         prios = self.pending_prios[job.uid]
@@ -141,6 +185,7 @@ class QueueOrder:
     def _unindex_pending(self, job: Job) -> None:
         """A job leaves the queue (it starts, ends or goes)."""
         self._unplace_pending(job)
+        self.dep_blocked.discard(job.id)
         self.pending_count[job.uid] -= 1
         prios = self.pending_prios[job.uid]
         prios[job.spec.priority] -= 1
@@ -164,21 +209,16 @@ class QueueOrder:
         return (self.jobs[job_id].order, job_id)
 
     def _place_pending(self, job: Job) -> None:
-        """Put a pending job (already in `jobs`) at its place in `pending`."""
-        pending, key = self.pending, (job.order, job.id)
-        if not pending or self._pending_key(pending[-1]) < key:
-            pending.append(job.id)  # a new job: last
-        else:
-            pending.insert(bisect_left(pending, key, key=self._pending_key), job.id)
+        """Put a pending job (already in `jobs`) at its place in `pending` (and `offered`)."""
+        _insert(self.pending, job, self._pending_key)
+        if job.id not in self.dep_blocked:
+            _insert(self.offered, job, self._pending_key)
 
     def _unplace_pending(self, job: Job) -> None:
         """Take a job out of `pending` (its key as `jobs` holds it while it is listed)."""
-        pending = self.pending
-        at = bisect_left(pending, self._pending_key(job.id), key=self._pending_key)
-        if at < len(pending) and pending[at] == job.id:
-            del pending[at]
-        else:
-            pending.remove(job.id)
+        _remove(self.pending, job, self._pending_key)
+        if job.id not in self.dep_blocked:
+            _remove(self.offered, job, self._pending_key)
 
     def _rekey(self, changed: Mapping[int, Job]) -> None:
         """Records with new order keys replace theirs, moving in `pending` as needed."""
@@ -197,3 +237,21 @@ class QueueOrder:
 
     def _sort_pending(self) -> None:
         """`pending` is kept in order as jobs come and go: nothing left to sort."""
+
+
+def _insert(ids: list[int], job: Job, key: Callable[[int], tuple[int, int]]) -> None:
+    """Put a job's id at its place in a list of ids kept sorted by `key`."""
+    at = (job.order, job.id)
+    if not ids or key(ids[-1]) < at:
+        ids.append(job.id)  # a new job: last
+    else:
+        ids.insert(bisect_left(ids, at, key=key), job.id)
+
+
+def _remove(ids: list[int], job: Job, key: Callable[[int], tuple[int, int]]) -> None:
+    """Take a job's id out of a list kept sorted by `key` (its key as `jobs` holds it)."""
+    at = bisect_left(ids, key(job.id), key=key)
+    if at < len(ids) and ids[at] == job.id:
+        del ids[at]
+    else:
+        ids.remove(job.id)

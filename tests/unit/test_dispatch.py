@@ -105,6 +105,24 @@ def test_a_failed_dependency_skips_w_jobs_transitively_but_not_d_jobs() -> None:
     assert rig.table.dependents == {}
 
 
+def test_a_job_waiting_on_a_dependency_is_not_read_by_passes_yet_shows_why_it_waits() -> None:
+    rig = Rig(slots=2)
+    first = rig.table.add(1000, "alice", spec()).id
+    d = rig.table.add(1000, "alice", spec(depends=(first,))).id
+    rig.dispatcher.schedule()
+    job = rig.table.jobs[d]
+    assert job.wait_reason == ""  # no pass recorded a reason for it ...
+    assert rig.dispatcher.explain(job).wait_reason == f"waiting for job {first}"  # ... shown
+    rig.table.set_held(job, True)
+    assert rig.dispatcher.wait_reason(rig.table.jobs[d]).startswith("held")
+    rig.table.set_held(rig.table.jobs[d], False)
+    late = rig.table.add(1000, "alice", spec()).id
+    rig.dispatcher.schedule()  # the free slot goes to the later job
+    assert [s[0] for s in rig.started] == [first, late]
+    rig.finish(first, 0)
+    assert [s[0] for s in rig.started] == [first, late, d]
+
+
 def test_gpu_jobs_are_decided_only_on_a_fresh_nvml_picture() -> None:
     monitor = FakeMonitor(fresh=False)
     rig = Rig(monitor=monitor)

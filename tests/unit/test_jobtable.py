@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from unit.daemon_fakes import Events, FakeStore, spec
 
 from tsd.eligibility import priority_keys
@@ -111,6 +113,73 @@ def test_take_dependents_hands_them_out_once() -> None:
     assert table.take_dependents(dep.id) == []
 
 
+def test_jobs_waiting_on_an_unended_dependency_are_offered_once_their_last_one_ends() -> None:
+    table, _, _ = make()
+    a, b = table.add(1000, "alice", spec()), table.add(1000, "alice", spec())
+    both = table.add(1000, "alice", spec(depends=(a.id, b.id)))
+    on_b = table.add(1000, "alice", spec(depends=(b.id,)))
+    free = table.add(1000, "alice", spec())
+
+    def offered() -> list[int]:
+        return [j.id for j in table.offered_queue()]
+
+    assert offered() == [a.id, b.id, free.id]
+    assert table.dep_blocked == {both.id, on_b.id}
+    run(table, table.jobs[a.id])  # running is not ended: still blocked
+    assert offered() == [b.id, free.id]
+    ended = table.finish(a.id, ExitInfo(code=1), None, None)
+    assert ended is not None
+    assert table.take_dependents(a.id) == [both.id]
+    assert offered() == [b.id, free.id]  # b has not ended
+    table.remove(table.jobs[b.id])  # a forgotten dependency counts as ended well
+    assert offered() == [both.id, on_b.id, free.id]
+    assert table.dep_blocked == set()
+    late = table.add(1000, "alice", spec(depends=(a.id,)))  # on an ended job: offered
+    assert offered()[-1] == late.id
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("asfrmq"), st.integers(0, 30), st.integers(0, 30)),
+                max_size=40))  # fmt: skip
+def test_offered_is_the_queue_without_jobs_waiting_on_an_unended_dependency(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    # Whatever mix of submits (with dependencies), starts, ends (each followed by the
+    # dispatcher's take_dependents), removals, moves and requeues: the scheduler is
+    # offered exactly the pending jobs none of whose dependencies is still to end.
+    table, _, _ = make()
+    for op, x, y in ops:
+        ids = sorted(table.jobs)
+        pick = table.jobs[ids[x % len(ids)]] if ids else None
+        if op == "a" or pick is None:
+            deps = tuple(sorted({ids[x % len(ids)], ids[y % len(ids)]})) if ids and y % 3 else ()
+            table.add(1000 + y % 2, "u", spec(depends=deps))
+        elif op == "s" and table.is_queued(pick):
+            run(table, pick)
+        elif op == "f" and pick.id in table.running:
+            table.finish(pick.id, ExitInfo(code=y % 2), None, None)
+            table.take_dependents(pick.id)
+        elif op == "r" and pick.id not in table.running:
+            table.remove(pick)
+        elif op == "m" and table.is_queued(pick):
+            table.move_front(pick)
+        elif op == "q" and pick.id in table.running:
+            table.requeue(pick.id)
+        blocked = [i for i in table.pending if table.waits_on_dependency(table.jobs[i])]
+        assert table.dep_blocked == set(blocked)
+        assert table.offered == [i for i in table.pending if i not in blocked]
+
+
+def test_load_blocks_a_job_whose_dependency_comes_later_in_the_store() -> None:
+    table, store, _ = make()
+    early = table.add(1000, "alice", spec(depends=(2,)))  # job 2 does not exist yet
+    later = table.add(1000, "alice", spec())
+    assert later.id == 2 and table.offered == [early.id, later.id]
+    again, _, _ = make(store=store)
+    again.load()
+    assert again.dep_blocked == {early.id} and again.offered == [later.id]
+
+
 def test_forgetting_a_finished_job_beyond_max_finished_drops_its_dependents_entry() -> None:
     table, store, _ = make(max_finished=1)
     old = table.add(1000, "alice", spec())
@@ -188,6 +257,7 @@ def test_load_rebuilds_the_indexes_and_returns_the_running_jobs() -> None:
     running = again.load()
     assert [j.id for j in running] == [a.id]
     assert again.pending == [b.id] and again.dependents == {a.id: {b.id}}
+    assert again.dep_blocked == {b.id} and again.offered == []  # a runs: b is not offered
     assert again.last_added[1000] == b.id and again.last_run[1000] == a.id
     c = again.add(1000, "alice", spec())
     assert c.order > b.order
@@ -295,6 +365,7 @@ def test_queue_stays_in_order_through_priorities_moves_swaps_starts_and_requeues
         return [j.id for j in sorted(pending, key=lambda j: (j.order, j.id))]
 
     assert table.pending == expected()
+    assert table.offered == expected()  # no dependencies: every pending job is offered
     for uid in (1000, 1001, 1002):
         own = [(j.id, j.order, j.spec.priority) for j in table.queue() if j.uid == uid]
         for priority in (-9, 0, 1, 9):
