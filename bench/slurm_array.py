@@ -18,26 +18,10 @@ Usage: .venv/bin/python bench/slurm_array.py [N] [rounds]    (default 100 tasks,
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "system"))
-
-from box import Box  # noqa: E402
-from deploy import deploy  # noqa: E402
-from slurmbox import slurm_installed, start_cluster  # noqa: E402
-
-CONFIG = """\
-admins: [root]
-cluster:
-  engine: slurm
-  partition: debug
-  poll_seconds: 0.1
-  max_poll_seconds: 1
-"""
+from slurmbench import run_as_alice
 
 # Runs inside the box as alice: plain Python, timing with the box's clock.
 INNER = r"""
@@ -96,16 +80,7 @@ print(json.dumps(out))
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    why = slurm_installed() or (None if Box.can_boot()[0] else Box.can_boot()[1])
-    if why:
-        raise SystemExit(f"slurm_array: {why}")
-    with Box.start(REPO) as box:
-        start_cluster(box)
-        deploy(box, CONFIG)
-        box.write_file("/tmp/slurm_array_inner.py", INNER)
-        r = box.run(["python3", "/tmp/slurm_array_inner.py", str(n), str(rounds)],
-                    user="alice", timeout=1800)
-        data = json.loads(r.stdout)
+    data = run_as_alice("slurm_array", INNER, [str(n), str(rounds)], timeout=1800)
     med = {k: statistics.median(v) for k, v in data.items()}
     print(f"Slurm 22.05 one-node cluster in a box, arrays of {n} trivial tasks, "
           f"{rounds} rounds, medians (seconds):")

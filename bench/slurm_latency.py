@@ -14,26 +14,10 @@ Usage: .venv/bin/python bench/slurm_latency.py [runs]    (default 20)
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "system"))
-
-from box import Box  # noqa: E402
-from deploy import deploy  # noqa: E402
-from slurmbox import slurm_installed, start_cluster  # noqa: E402
-
-CONFIG = """\
-admins: [root]
-cluster:
-  engine: slurm
-  partition: debug
-  poll_seconds: 0.1
-  max_poll_seconds: 1
-"""
+from slurmbench import run_as_alice
 
 # Runs inside the box as alice: plain Python, timing with the box's clock.
 INNER = r"""
@@ -82,16 +66,7 @@ print(json.dumps(out))
 
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    why = slurm_installed() or (None if Box.can_boot()[0] else Box.can_boot()[1])
-    if why:
-        raise SystemExit(f"slurm_latency: {why}")
-    with Box.start(REPO) as box:
-        start_cluster(box)
-        deploy(box, CONFIG)
-        box.write_file("/tmp/slurm_latency_inner.py", INNER)
-        r = box.run(["python3", "/tmp/slurm_latency_inner.py", str(runs)], user="alice",
-                    timeout=600)
-        data = json.loads(r.stdout)
+    data = run_as_alice("slurm_latency", INNER, [str(runs)], timeout=600)
     med = {k: statistics.median(v) for k, v in data.items()}
     print(f"Slurm 22.05 one-node cluster in a box, {runs} runs each, medians (min-max):")
     for what in ("submit", "start"):
