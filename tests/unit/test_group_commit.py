@@ -191,21 +191,26 @@ def test_a_write_that_must_be_durable_on_return_commits_the_open_group_first(
     run(body)
 
 
+def _runner(tmp_path: Path) -> tuple[Store, JobTable, Runner, FakeLauncher, Path]:
+    """A runner on a grouped store with fake launcher, scopes, GPUs and process watch."""
+    store = grouped(tmp_path)
+    table = JobTable(store, Events(), lambda: 1000)
+    launcher = FakeLauncher()
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    runner = Runner(
+        asyncio.get_running_loop(), None, RunnerSettings(False, exits), lambda: Config(),
+        table, store, FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
+        requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
+    )
+    return store, table, runner, launcher, exits
+
+
 def test_a_supervisor_is_told_to_go_only_once_its_job_is_durably_running(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        store = grouped(tmp_path)
-        table = JobTable(store, Events(), lambda: 1000)
-        launcher = FakeLauncher()
-        exits = tmp_path / "exits"
-        exits.mkdir()
-        runner = Runner(
-            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
-            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
-            requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
-        )
+        _, table, runner, launcher, exits = _runner(tmp_path)
         job = table.add(1000, "alice", spec())
         await table.durable()
         runner.start(job, ())
@@ -229,18 +234,7 @@ def test_a_launch_whose_record_is_rolled_back_never_runs_and_goes_back_to_the_qu
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        store = grouped(tmp_path)
-        table = JobTable(store, Events(), lambda: 1000)
-        launcher = FakeLauncher()
-        exits = tmp_path / "exits"
-        exits.mkdir()
-        requeued: list[int] = []
-        runner = Runner(
-            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
-            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
-            requeued=lambda: requeued.append(1), launcher=launcher, procs=FakeProcs(),
-        )
+        store, table, runner, launcher, _ = _runner(tmp_path)
         job = table.add(1000, "alice", spec())
         await table.durable()
         store.db = CommitsFail(store.db)  # type: ignore[assignment]
