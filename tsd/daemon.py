@@ -461,6 +461,13 @@ def personal_state_dir(env: dict[str, str]) -> Path:
 
 
 def _setup_logging(system: bool, state_dir: Path) -> None:
+    # The formats below use none of the caller's file and line, thread or process: a
+    # record that skips collecting them costs a third less (a line per job ended). These
+    # are logging's documented switches (the logging HOWTO, "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if system:
         # journald adds time and unit; keep lines short.
         logging.basicConfig(
