@@ -30,10 +30,12 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+import threading
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+from queue import SimpleQueue
+from types import TracebackType
 
 from tsd.errors import StorageFull
 
@@ -50,6 +52,97 @@ def primary(exc: sqlite3.Error) -> int:
     return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
 
 
+class _Write:
+    """The context of one write (`GroupCommit._tx`). A class rather than a generator:
+    every write on the daemon's hot path enters one."""
+
+    __slots__ = ("_gc", "_grouped")
+
+    def __init__(self, gc: GroupCommit) -> None:
+        self._gc = gc
+        self._grouped = False
+
+    def __enter__(self) -> None:
+        gc = self._gc
+        if gc._deferring and gc._loop is not None:
+            gc._join_group()
+            self._grouped = True
+            return
+        if gc.db.in_transaction:
+            # A write that must be durable when it returns, while a group is open:
+            # the group goes first (its callbacks run from the loop, not from here).
+            gc._commit_group(inline=False)
+        gc._begin_own()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A failure not turned into StorageFull here goes on as it is.
+        if self._grouped:
+            self._gc._leave_group(exc)
+        else:
+            self._gc._end_own(exc)
+
+
+class _Deferred:
+    """`GroupCommit.deferred()`: a counter, so blocks may nest."""
+
+    __slots__ = ("_gc",)
+
+    def __init__(self, gc: GroupCommit) -> None:
+        self._gc = gc
+
+    def __enter__(self) -> None:
+        self._gc._deferring += 1
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._gc._deferring -= 1
+
+
+class _Syncer:
+    """One thread that fdatasyncs the WAL each time it is asked, and hands each result
+    (None, or the exception) to `done` on the loop. Leaner than an executor: no future,
+    no condition, per commit."""
+
+    def __init__(
+        self, fd: int, loop: asyncio.AbstractEventLoop,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        self._asks: SimpleQueue[bool] = SimpleQueue()
+        self._thread = threading.Thread(
+            target=_serve_syncs, args=(self._asks, fd, loop, done), name="tsd-fsync",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def ask(self) -> None:
+        """fdatasync once more (after the one under way, if any)."""
+        self._asks.put(True)
+
+    def stop(self) -> None:
+        """Let the fdatasyncs asked for finish, then end the thread."""
+        self._asks.put(False)
+        self._thread.join()
+
+
+def _serve_syncs(
+    asks: SimpleQueue[bool], fd: int, loop: asyncio.AbstractEventLoop,
+    done: Callable[[BaseException | None], None],
+) -> None:
+    while asks.get():
+        exc: BaseException | None = None
+        try:
+            os.fdatasync(fd)
+        except Exception as failed:
+            exc = failed
+        with suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            loop.call_soon_threadsafe(done, exc)
+
+
 class GroupCommit:
     """Transactions for the store's writes, on their own or grouped."""
 
@@ -57,11 +150,12 @@ class GroupCommit:
     path: Path
     _deferring = 0
     _urgent = False  # the open group's commit is scheduled for the next turn
-    _groups = 0  # groups opened so far: which one a lazy timer was armed for
+    _opened = 0.0  # loop time the open group began (it is committed LAZY_COMMIT later)
+    _lazy_armed = False  # a lazy-commit timer is pending (one at a time, not one per group)
 
     _loop: asyncio.AbstractEventLoop | None = None
     _wal = -1  # our descriptor of the WAL file, fdatasynced in group mode
-    _syncer: ThreadPoolExecutor | None = None
+    _syncer: _Syncer | None = None
     _syncing = False  # an fdatasync is under way
     _dirty = False  # committed since the fdatasync under way (if any) began
 
@@ -70,41 +164,44 @@ class GroupCommit:
         self._after: list[_Callbacks] = []
         self._unsynced: list[_Callbacks] = []  # committed, for the next fdatasync
         self._in_flight: list[_Callbacks] = []  # committed, for the fdatasync under way
+        self._deferred = _Deferred(self)
 
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
+    def _tx(self) -> _Write:
         """One write: committed on its own, or (inside `deferred`) joining the group."""
-        if self._deferring and self._loop is not None:
-            with self._grouped():
-                yield
-            return
-        if self.db.in_transaction:
-            # A write that must be durable when it returns, while a group is open:
-            # the group goes first (its callbacks run from the loop, not from here).
-            self._commit_group(inline=False)
-        with self._own_tx():
-            yield
+        return _Write(self)
 
-    @contextmanager
-    def _own_tx(self) -> Iterator[None]:
-        """One committed transaction; a full disk becomes StorageFull, nothing half-written."""
+    def _begin_own(self) -> None:
+        """Begin a write's own transaction (see _end_own)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-                if self._wal >= 0:  # group mode: SQLite no longer fsyncs on commit
-                    os.fdatasync(self._wal)
-            except BaseException:
-                # SQLite may have rolled back already (SQLITE_FULL does): no second error.
-                if self.db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self.db.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:
             if primary(exc) == SQLITE_FULL:
                 raise self._full() from None
             raise
+
+    def _end_own(self, exc: BaseException | None) -> None:
+        """Commit the write's own transaction, or (it failed: `exc`) roll it back; a full
+        disk becomes StorageFull, nothing half-written."""
+        if exc is None:
+            try:
+                self.db.execute("COMMIT")
+                if self._wal >= 0:  # group mode: SQLite no longer fsyncs on commit
+                    os.fdatasync(self._wal)
+            except BaseException as failed:
+                self._rollback_own()
+                if isinstance(failed, sqlite3.OperationalError) and primary(failed) == SQLITE_FULL:
+                    raise self._full() from None
+                raise
+            return
+        self._rollback_own()
+        if isinstance(exc, sqlite3.OperationalError) and primary(exc) == SQLITE_FULL:
+            raise self._full() from None
+
+    def _rollback_own(self) -> None:
+        # SQLite may have rolled back already (SQLITE_FULL does): no second error.
+        if self.db.in_transaction:
+            with suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
     def _full(self, exc: sqlite3.Error | None = None) -> StorageFull:
         if exc is not None and primary(exc) != SQLITE_FULL:
@@ -114,34 +211,43 @@ class GroupCommit:
             where=str(self.path.parent),
         )
 
-    @contextmanager
-    def _grouped(self) -> Iterator[None]:
-        """A write in the open group's transaction (begun here if none is open), in a
-        savepoint: when it fails, only it is undone and StorageFull raised, unless SQLite
-        dropped the whole transaction, which fails the group."""
+    def _join_group(self) -> None:
+        """A write joins the open group's transaction (begun here if none is open), in a
+        savepoint: when it fails, only it is undone (_leave_group)."""
         assert self._loop is not None
         if not self.db.in_transaction:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise self._full(exc) from None
-            self._groups += 1
             self._urgent = False
-            self._loop.call_later(LAZY_COMMIT, functools.partial(self._lazy_commit, self._groups))
+            self._opened = self._loop.time()
+            if not self._lazy_armed:
+                self._arm_lazy(LAZY_COMMIT)
         self.db.execute("SAVEPOINT w")
-        try:
-            yield
-            self.db.execute("RELEASE w")
-        except BaseException as exc:
-            if self.db.in_transaction:
-                with suppress(sqlite3.Error):
-                    self.db.execute("ROLLBACK TO w")
-                    self.db.execute("RELEASE w")
-            else:  # SQLite rolled the whole group back (SQLITE_FULL may)
-                self._group_failed(self._full(), inline=False)
-            if isinstance(exc, sqlite3.OperationalError) and primary(exc) == SQLITE_FULL:
-                raise self._full(exc) from None
-            raise
+
+    def _leave_group(self, exc: BaseException | None) -> None:
+        """The grouped write is done (`exc` None) or failed: then only it is undone and
+        StorageFull raised, unless SQLite dropped the whole transaction, which fails the
+        group."""
+        if exc is None:
+            try:
+                self.db.execute("RELEASE w")
+            except BaseException as failed:
+                self._undo_write(failed)
+                raise
+            return
+        self._undo_write(exc)
+
+    def _undo_write(self, exc: BaseException) -> None:
+        if self.db.in_transaction:
+            with suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK TO w")
+                self.db.execute("RELEASE w")
+        else:  # SQLite rolled the whole group back (SQLITE_FULL may)
+            self._group_failed(self._full(), inline=False)
+        if isinstance(exc, sqlite3.OperationalError) and primary(exc) == SQLITE_FULL:
+            raise self._full(exc) from None
 
     # ------------------------------------------------------------ group commit
 
@@ -160,21 +266,30 @@ class GroupCommit:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="tsd-fsync")
+        self._syncer = _Syncer(self._wal, loop, self._synced)
 
-    def _lazy_commit(self, group: int) -> None:
-        if group == self._groups:  # that group is still open: nobody made it urgent
+    def _arm_lazy(self, delay: float) -> None:
+        assert self._loop is not None
+        self._lazy_armed = True
+        self._loop.call_later(delay, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        """A group open LAZY_COMMIT seconds that nobody made urgent is committed now; a
+        younger one (the timer's own was committed meanwhile) when its time comes."""
+        self._lazy_armed = False
+        if not self.db.in_transaction:
+            return
+        assert self._loop is not None
+        left = self._opened + LAZY_COMMIT - self._loop.time()
+        if left > 0:
+            self._arm_lazy(left)
+        else:
             self.commit()
 
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
+    def deferred(self) -> _Deferred:
         """Writes in this block join the open group instead of committing on their own
         (on their own as before when group commit is off)."""
-        self._deferring += 1
-        try:
-            yield
-        finally:
-            self._deferring -= 1
+        return self._deferred
 
     @property
     def pending(self) -> bool:
@@ -235,14 +350,10 @@ class GroupCommit:
         """Start an fdatasync of the WAL for what was committed, unless one is under way."""
         if self._syncing or not self._dirty:
             return
-        assert self._syncer is not None and self._loop is not None
+        assert self._syncer is not None
         self._in_flight, self._unsynced = self._unsynced, []
         self._syncing, self._dirty = True, False
-        future = self._syncer.submit(os.fdatasync, self._wal)
-        loop = self._loop
-        future.add_done_callback(
-            lambda f: loop.call_soon_threadsafe(self._synced, f.exception())
-        )
+        self._syncer.ask()
 
     def _synced(self, exc: BaseException | None) -> None:
         done, self._in_flight = self._in_flight, []
@@ -261,7 +372,7 @@ class GroupCommit:
         """Commit and fsync whatever is open (the daemon stops), inline."""
         self._commit_group(inline=True)
         if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
+            self._syncer.stop()
             os.fdatasync(self._wal)
             os.close(self._wal)
             self._syncer, self._wal = None, -1
