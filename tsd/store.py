@@ -152,6 +152,8 @@ class Store(GroupCommit):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self._init_group()
+        # uid -> that user's settings, as stored: read at every launch, written rarely.
+        self._settings: dict[int, dict[str, str]] = {}
         try:
             self._open(durable)
         except sqlite3.Error as exc:
@@ -337,8 +339,8 @@ class Store(GroupCommit):
                         j.pid,
                         j.supervisor_pid,
                         j.supervisor_start,
-                        json.dumps(j.gpu_ids),
-                        json.dumps(j.gpu_uuids),
+                        json.dumps(j.gpu_ids) if j.gpu_ids else "[]",
+                        json.dumps(j.gpu_uuids) if j.gpu_uuids else "[]",
                         j.output_path,
                         j.unit,
                         j.attempts,
@@ -431,7 +433,8 @@ class Store(GroupCommit):
         row = self.db.execute("SELECT env FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return ()
-        return tuple((str(k), str(v)) for k, v in json.loads(row[0]))
+        # Stored by json.dumps of the spec's (str, str) pairs: strings they come back as.
+        return tuple(map(tuple, json.loads(row[0])))
 
     # -------------------------------------------------------- GPU memory peaks
 
@@ -466,18 +469,28 @@ class Store(GroupCommit):
 
     def user_settings(self, uid: int) -> dict[str, str]:
         """All of one user's settings (env:NAME, logdir)."""
-        rows = self.db.execute("SELECT key, value FROM user_settings WHERE uid=?", (uid,))
-        return {str(k): str(v) for k, v in rows}
+        settings = self._settings.get(uid)
+        if settings is None:
+            rows = self.db.execute("SELECT key, value FROM user_settings WHERE uid=?", (uid,))
+            settings = self._settings[uid] = {str(k): str(v) for k, v in rows}
+        return dict(settings)
 
     def set_user_setting(self, uid: int, key: str, value: str | None) -> None:
         """Set or (with None) clear one of a user's settings."""
-        with self._tx():
-            if value is None:
-                self.db.execute("DELETE FROM user_settings WHERE uid=? AND key=?", (uid, key))
-            else:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO user_settings VALUES (?, ?, ?)", (uid, key, value)
-                )
+        try:
+            with self._tx():
+                if value is None:
+                    self.db.execute("DELETE FROM user_settings WHERE uid=? AND key=?", (uid, key))
+                else:
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO user_settings VALUES (?, ?, ?)", (uid, key, value)
+                    )
+        finally:  # read again next time, whatever the write did (or a rollback undoes)
+            self._reread_settings(uid)
+            self.on_rollback(lambda: self._reread_settings(uid))
+
+    def _reread_settings(self, uid: int) -> None:
+        self._settings.pop(uid, None)
 
 
 def _without_env(spec: JobSpec) -> JobSpec:

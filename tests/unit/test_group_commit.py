@@ -152,6 +152,37 @@ def test_a_group_that_cannot_be_committed_is_undone_in_memory_and_on_disk(
     run(body)
 
 
+def test_a_users_settings_read_are_what_was_last_written_or_is_left_after_a_rollback(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        assert store.user_settings(1000) == {}
+        store.set_user_setting(1000, "logdir", "/a")
+        store.set_user_setting(1000, "env:X", "1")
+        assert store.user_settings(1000) == {"logdir": "/a", "env:X": "1"}
+        store.user_settings(1000)["logdir"] = "/changed by a caller"
+        assert store.user_settings(1000)["logdir"] == "/a"
+        failing = CommitsFail(store.db)
+        store.db = failing  # type: ignore[assignment]
+        with store.deferred():  # joins a group that will not commit
+            store.set_user_setting(1000, "logdir", "/b")
+        assert store.user_settings(1000)["logdir"] == "/b"
+        with pytest.raises(StorageFull):
+            await store_durable(store)
+        assert store.user_settings(1000) == {"logdir": "/a", "env:X": "1"}
+        failing.failing = False
+        store.set_user_setting(1000, "env:X", None)
+        assert store.user_settings(1000) == {"logdir": "/a"}
+
+    run(body)
+
+
+async def store_durable(store: Store) -> None:
+    """Until the store's writes so far are on disk (StorageFull when they never will be)."""
+    await JobTable(store, Events(), lambda: 1000).durable()
+
+
 def test_a_write_that_fails_at_once_changes_nothing_and_the_group_still_commits(
     tmp_path: Path,
 ) -> None:
