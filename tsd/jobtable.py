@@ -36,12 +36,11 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
-from dataclasses import replace
 from typing import Literal, Protocol
 
 from tsd import auth
 from tsd.errors import NoSuchJob, StorageFull
-from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, run_usage
+from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, replace, run_usage
 from tsd.queueorder import JobStore as JobStore
 from tsd.queueorder import QueueOrder
 from tsd.rollbacks import Rollbacks

@@ -13,12 +13,11 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from typing import Protocol
 
 from tsd.eligibility import priority_keys
 from tsd.errors import StorageFull, WrongState
-from tsd.model import Job, JobSpec, JobState
+from tsd.model import Job, JobSpec, JobState, replace
 
 
 class JobStore(Protocol):
@@ -77,12 +76,14 @@ class QueueOrder:
 
     def queue(self) -> Iterator[Job]:
         """Pending jobs in queue order."""
-        return (self.jobs[i] for i in self.pending)
+        return map(self.jobs.__getitem__, self.pending)
 
     def offered_queue(self) -> Iterator[Job]:
         """Pending jobs in queue order but those waiting on a dependency not ended yet:
         what the scheduler reads (their wait reason is worked out when shown)."""
-        return (self.jobs[i] for i in self.offered)
+        # A map, not a generator: the scheduler stops reading early, and closing a
+        # generator early raises GeneratorExit in it.
+        return map(self.jobs.__getitem__, self.offered)
 
     def waits_on_dependency(self, job: Job) -> bool:
         """Whether a dependency of the job has not ended (the scheduler's PENDING)."""

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 
 from tsd.errors import StorageFull
-from tsd.model import Job
+from tsd.model import Job, replace
 from tsd.queueorder import JobStore
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
-from tsd import codec, exitreport, protocol
+from tsd import codec, exitreport, model, protocol
 from tsd.exitreport import ExitReport
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
@@ -34,6 +34,18 @@ def test_a_job_survives_the_wire_and_the_store_unchanged(tmp_path: Path) -> None
     store.save(saved)
     assert store.load_all() == [saved]
     store.close()
+
+
+def test_the_daemons_fast_copy_of_a_job_equals_dataclasses_replace_whatever_changes() -> None:
+    job = a_job()
+    for f in fields(Job):
+        value = object()
+        copied = model.replace(job, **{f.name: value})
+        assert copied == replace(job, **{f.name: value}) and getattr(copied, f.name) is value
+    assert model.replace(job) == job and model.replace(job) is not job
+    assert job == a_job()  # the original is left as it was
+    # Any other record is copied by dataclasses.replace itself.
+    assert model.replace(job.spec, label="x") == replace(job.spec, label="x")
 
 
 def test_exit_info_encodes_in_field_order_as_before() -> None:
