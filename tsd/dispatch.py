@@ -158,7 +158,9 @@ class Dispatcher:
         holding = table.holding()
         keys: dict[int, float] = {}
         waiting = frozenset(uid for uid, n in table.pending_count.items() if n > 0)
-        if self.fair is not None:
+        # Fair share orders users: with one user waiting (always, on a personal daemon)
+        # their key is only ever compared with itself, and the floor is that same key.
+        if self.fair is not None and len(waiting) > 1:
             keys = self.fair.keys(holding, waiting, self.policy.share)
         res = Resources(
             total_slots=self.policy.total_slots(),
