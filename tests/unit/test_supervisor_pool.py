@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from unit.test_spawner import alive, gated, plan, ppid, wait_until
 
 from tsd import exitreport, launch
 from tsd.spawnlink import SpawnerLauncher
-from unit.test_spawner import alive, gated, plan, ppid, wait_until
 
 
 def reusable(tmp: Path, job_id: int, script: str) -> launch.LaunchPlan:
