@@ -1,10 +1,11 @@
 """CPU per dispatched job, counted on tsd's own process tree (not the whole machine).
 
 N `true` jobs are queued behind a blocker, then released onto S slots. The CPU is
-read from /proc for the personal daemon and its live children (the spawner) with
-their reaped children (supervisors, and the jobs they reaped): utime + stime +
-cutime + cstime, so other load on a shared machine does not count. Printed: jobs/s,
-and ms of CPU per job split into the daemon itself and everything below it.
+read from /proc for the personal daemon and all its live descendants (the spawner,
+the pooled supervisors that stay between jobs) with what each reaped (supervisors,
+jobs): utime + stime + cutime + cstime, so other load on a shared machine does not
+count. Printed: jobs/s, and ms of CPU per job split into the daemon itself and
+everything below it.
 
 Usage: .venv/bin/python bench/dispatch_cpu.py [jobs] [slots] [runs]
 """
@@ -31,17 +32,26 @@ def _stat(pid: int) -> tuple[float, float, int]:
 
 
 def tree_cpu(daemon: int) -> tuple[float, float]:
-    """(daemon's own CPU, CPU of everything below it that it or its live children reaped)."""
+    """(daemon's own CPU, CPU of everything below it: its live descendants (the spawner,
+    the pooled supervisors that stay between jobs) with all they reaped)."""
     own, below, _ = _stat(daemon)
+    stats: dict[int, tuple[float, float, int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == daemon:
             continue
         try:
-            kid_own, kid_below, ppid = _stat(int(name))
+            stats[int(name)] = _stat(int(name))
         except (OSError, ValueError):
             continue
-        if ppid == daemon:  # a live child: the spawner (a supervisor still running counts too)
-            below += kid_own + kid_below
+    kids: dict[int, list[int]] = {}
+    for pid, (_, _, ppid) in stats.items():
+        kids.setdefault(ppid, []).append(pid)
+    todo = list(kids.get(daemon, []))
+    while todo:
+        pid = todo.pop()
+        kid_own, kid_below, _ = stats[pid]
+        below += kid_own + kid_below
+        todo.extend(kids.get(pid, []))
     return own, below
 
 

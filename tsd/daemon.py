@@ -164,8 +164,12 @@ class Daemon:
         )
         self.gpus = GpuMonitor(
             loop, self.executor, lambda: self.policy.config.gpus.visible, self.schedule,
+            # A reused supervisor may still be listed for the job it ended a moment ago:
+            # the one that started last is the one it runs now.
             supervisors=lambda: {
-                j.supervisor_pid: j.id for j in self.table.running.values() if j.supervisor_pid
+                j.supervisor_pid: j.id
+                for j in sorted(self.table.running.values(), key=lambda j: j.start_time or 0.0)
+                if j.supervisor_pid
             },
             scopes=settings.system,
         )

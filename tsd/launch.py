@@ -15,11 +15,15 @@ SIGKILL. When the job's main process exits, whatever it left running is ended
 the same way, so a finished job holds no slot, GPU or process.
 
 Supervisors are forked by the spawner (tsd.spawner), a small process the
-daemon starts at its start, so that a job costs two forks of a small process
-rather than two of the daemon; `spawn` here is the direct fork from the daemon,
-for when there is no spawner. Either way the code after fork() only makes
-system calls, never touches the event loop, the database or logging, and always
-leaves through os._exit.
+daemon starts at its start, so that a job costs forks of a small process
+rather than of the daemon; `spawn` here is the direct fork from the daemon,
+for when there is no spawner. On the personal daemon a supervisor is reused:
+once its job's report is written it takes the next job the spawner hands it
+(`supervise` runs one job; `become_supervisor` is done once), so a job costs
+one posix_spawn of its command. The daemon learns a job's end from the end of
+file on its report pipe, which the supervisor closes after the exit report.
+Either way the code after fork() only makes system calls, never touches the
+event loop, the database or logging, and always leaves through os._exit.
 
 What the job leaves running when its main process exits is found and ended by
 tsd.jobtree.
@@ -83,6 +87,9 @@ class LaunchPlan:
     # ts -n: the submitting ts's stdout and stderr (the daemon's copies), to become the
     # job's fds 1 and 2; None sends a not-stored output to /dev/null.
     out_fds: tuple[int, int] | None = None
+    # May run in a supervisor that ran another job before and stays for the next one
+    # (tsd.spawner's pool): only where no scope holds the supervisor (the personal daemon).
+    reuse: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,10 @@ def run_supervisor(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> 
     """
     code = 70
     try:
-        code = _supervise(plan, go_r, rep_w, inherited)
+        reset_process_state([go_r, rep_w, *(plan.out_fds or ())], inherited)
+        become_supervisor()
+        supervise(plan, go_r, rep_w)
+        code = 0
     except BaseException:
         code = 70
     finally:
@@ -202,7 +212,7 @@ def default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _reset_process_state(keep: Sequence[int], inherited: bool) -> None:
+def reset_process_state(keep: Sequence[int], inherited: bool) -> None:
     """Forget the parent: default signal handlers, no wakeup fd, no inherited fds."""
     if inherited:
         default_signals()
@@ -223,8 +233,14 @@ def _reset_process_state(keep: Sequence[int], inherited: bool) -> None:
         os.close(null)
 
 
-def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
-    _reset_process_state([go_r, rep_w, *(plan.out_fds or ())], inherited)
+# What a supervisor waits for (sigtimedwait): its job's processes ending, and being told
+# to end the job. Blocked for good once it is a supervisor.
+WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def become_supervisor() -> None:
+    """Turn this process into a supervisor, once (a reused one keeps all of it): the
+    subreaper of every job it runs, with the signals it waits for blocked."""
     # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
     # the read end of the report pipe: a write there must fail with EPIPE, which
     # _report ignores, not kill the supervisor and orphan the job. Its children
@@ -232,11 +248,24 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+
+
+def forget_signals() -> None:
+    """Drop the watched signals still pending: in a reused supervisor they were meant
+    for its previous job (a ts -k that crossed that job's end), not the next one."""
+    while signal.sigtimedwait(WATCHED, 0) is not None:
+        pass
+
+
+def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
+    """Run one job once the daemon says go and leave its exit report. True when the
+    job's turn is over: the caller closes `rep_w` then (the daemon's end of file there
+    is the job's end) and may run another; False when it ran nothing (told to quit,
+    or aborted) and must exit, as the daemon waits for its exit then."""
     word = os.read(go_r, 1)
     if word == QUIT:
-        return 0  # the daemon never knew us: no report, or it would be taken for the job's
+        return False  # the daemon never knew us: no report, or it would be taken for the job's
     if word != GO:
         # The daemon died (or gave up) before the job was recorded as running: run nothing
         # and say so, so that a restarted daemon puts the job back in the queue.
@@ -244,14 +273,13 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
         # this process blocking the daemon that is waiting for it after abort().
         aborted = exitreport.ExitReport(ExitInfo(), aborted=True)
         exitreport.write(plan.exits_dir, plan.job_id, aborted)
-        return 0
+        return False
     os.close(go_r)
     cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
 
     start = time.time()
     child, out, failure, main_status = _start_job(plan, rep_w)
     _report(rep_w, f"pid {'-' if child is None else child}\nout {out}")
-    os.close(rep_w)
 
     timed_out = False
     killing_since: float | None = None
@@ -276,7 +304,7 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
             wake.append(deadline - now)
         if killing_since is not None and not sent_kill:
             wake.append(killing_since + plan.grace - now)
-        info = signal.sigtimedwait(watched, max(0.0, min(wake)))
+        info = signal.sigtimedwait(WATCHED, max(0.0, min(wake)))
         if info is not None and info.si_signo != signal.SIGCHLD and killing_since is None:
             killing_since = time.time()
             jobtree.signal_tree(signal.SIGTERM, cg)
@@ -302,15 +330,20 @@ def _supervise(plan: LaunchPlan, go_r: int, rep_w: int, inherited: bool) -> int:
         end=end,
         output=None if out == "-" else out,
     )
-    _write_report_until_stored(plan, report)
+    # A daemon still reading the report pipe records the end and syncs it itself; with
+    # none there (restart, crash) the report must survive a crash on its own.
+    durable = not _report(rep_w, "end -")
+    _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
-    return 0
+    return True
 
 
 REPORT_RETRY = 1.0  # seconds between tries to write the exit report on a full disk
 
 
-def _write_report_until_stored(plan: LaunchPlan, report: exitreport.ExitReport) -> None:
+def _write_report_until_stored(
+    plan: LaunchPlan, report: exitreport.ExitReport, durable: bool
+) -> None:
     """Write the exit report, waiting for space to return when the state dir is full.
 
     The supervisor stays alive (the job shows as running) until its report is
@@ -319,7 +352,7 @@ def _write_report_until_stored(plan: LaunchPlan, report: exitreport.ExitReport) 
     """
     while True:
         try:
-            exitreport.write(plan.exits_dir, plan.job_id, report)
+            exitreport.write(plan.exits_dir, plan.job_id, report, durable)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -332,9 +365,13 @@ def _child_signals() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
-def _report(fd: int, line: str) -> None:
-    with contextlib.suppress(OSError):
+def _report(fd: int, line: str) -> bool:
+    """Tell the daemon a line; whether anyone was there to read it."""
+    try:
         os.write(fd, (line + "\n").encode())
+    except OSError:
+        return False
+    return True
 
 
 def _read_all(fd: int) -> str:

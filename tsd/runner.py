@@ -3,8 +3,10 @@
 For each job it builds the launch plan, has the supervisor forked (by the
 spawner, tsd.spawnlink, or tsd.launch directly), on
 the system service puts it into its systemd scope, and only then lets it run.
-It watches the supervisor (a pidfd) and its report pipe (command pid, output
-path), reads the exit report the supervisor leaves, and ends jobs on request
+It follows each job by its report pipe (command pid, output path, then end of
+file once the exit report is written: a reused supervisor stays alive), or by
+its supervisor's pidfd after a restart, reads the exit report the supervisor
+leaves, and ends jobs on request
 (SIGTERM through the scope, SIGKILL after the grace period as a backstop).
 
 D-Bus and NVML calls block (starting a scope waits up to 10 s for systemd), so
@@ -396,6 +398,8 @@ class Runner(EndRecorder):
             mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
             drop_privileges=os.getuid() == 0,
             nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
+            # A system job's supervisor lives in the job's scope, which goes with the job.
+            reuse=not self.settings.system,
         )
 
     async def _launch_in_scope(
@@ -451,37 +455,48 @@ class Runner(EndRecorder):
     # ------------------------------------------------------------ watching
 
     def _watch(self, job: Job, report_fd: int | None, pidfd: int | None = None) -> None:
+        """Follow a job to its end: the end of file on its report pipe when the daemon
+        launched it (the supervisor closes the pipe once its exit report is written, or
+        dies; a reused supervisor lives on), else the exit of its supervisor (re-adopted
+        after a restart: with no daemon to serve, it exits once its job is over)."""
+        if report_fd is not None:
+            if pidfd is not None:
+                os.close(pidfd)
+            self._reports[job.id] = report_fd
+            self.loop.add_reader(report_fd, self._report_readable, job.id, report_fd)
+            return
         assert job.supervisor_pid is not None
         if not self.procs.watch(job.supervisor_pid, lambda: self._job_ended(job.id), pidfd):
             self.loop.call_soon(self._job_ended, job.id)
-            if report_fd is not None:
-                os.close(report_fd)
             return
         self._watched[job.id] = job.supervisor_pid
-        if report_fd is not None:
-            self._reports[job.id] = report_fd
-            self.loop.add_reader(report_fd, self._read_report, job.id, report_fd)
 
-    def _read_report(self, job_id: int, fd: int) -> None:
-        """The supervisor's "pid N" and "out PATH" lines, as they come."""
+    def _report_readable(self, job_id: int, fd: int) -> None:
+        if self._read_report(job_id, fd):
+            self._job_ended(job_id)
+
+    def _read_report(self, job_id: int, fd: int) -> bool:
+        """The supervisor's "pid N" and "out PATH" lines, as they come; True at the end
+        of file (the pipe is closed then)."""
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
-        if data:
-            fields = launch.parse_report(data.decode(errors="replace"))
-            pid, out = fields.get("pid"), fields.get("out")
+        if not data:
+            self._close_report(job_id)
+            return True
+        fields = launch.parse_report(data.decode(errors="replace"))
+        pid, out = fields.get("pid"), fields.get("out")
+        if pid is not None or out is not None:
             self.table.report(
                 job_id,
                 int(pid) if pid and pid.isdigit() else None,
                 None if out in (None, "-") else out,
                 out is not None,
             )
-        job = self.table.get(job_id)
-        if not data or (job is not None and job.output_path is not None):
-            self._close_report(job_id)
+        return False
 
     def _close_report(self, job_id: int) -> None:
         fd = self._reports.pop(job_id, None)

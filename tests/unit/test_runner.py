@@ -59,8 +59,11 @@ class Rig:
     def report(self, job_id: int, report: ExitReport) -> None:
         exitreport.write(str(self.exits), job_id, report)
 
-    def exit(self, job_id: int) -> None:
-        self.procs.exit(self.launcher.pid_of(job_id))
+    async def exit(self, job_id: int) -> None:
+        """The job's supervisor is done (or gone): it closes its report pipe, and the
+        runner, reading end of file there, settles the job."""
+        os.close(self.launcher.report_w.pop(job_id))
+        await until(lambda: job_id not in self.runner._reports)
 
 
 async def until(check: Callable[[], object], timeout: float = 5.0) -> None:
@@ -111,8 +114,8 @@ def test_an_exit_report_finishes_the_job_and_is_then_discarded(tmp_path: Path) -
         job = rig.queue()
         rig.runner.start(job, ())
         rig.report(job.id, ExitReport(ExitInfo(code=4, cpu_seconds=0.5), end=9.0, output=None))
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
         done = rig.store.rows[job.id]
         assert done.state is JobState.FINISHED and done.exit == ExitInfo(code=4, cpu_seconds=0.5)
         assert done.end_time == 9.0
@@ -127,8 +130,8 @@ def test_a_supervisor_gone_without_a_report_leaves_the_job_lost(tmp_path: Path) 
         rig = Rig(tmp_path, system=False)
         job = rig.queue()
         rig.runner.start(job, ())
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
         ex = rig.store.rows[job.id].exit
         assert ex is not None and ex.lost and "vanished" in ex.note
 
@@ -141,8 +144,8 @@ def test_an_aborted_report_puts_the_job_back_in_the_queue(tmp_path: Path) -> Non
         job = rig.queue()
         rig.runner.start(job, ())
         rig.report(job.id, ExitReport(ExitInfo(), aborted=True))
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
         assert rig.store.rows[job.id].state is JobState.QUEUED
         assert rig.table.pending == [job.id] and rig.requeued == 1 and rig.ended == []
 
@@ -195,8 +198,8 @@ def test_kill_signals_the_scope_off_the_loop_and_refuses_a_job_not_running(
         await until(lambda: rig.scopes.killed)
         assert rig.scopes.killed == [(f"tsd-job-{job.id}.scope", 15)]
         rig.report(job.id, ExitReport(ExitInfo(signal=15), end=1.0))
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
         await until(lambda: rig.scopes.stopped)  # the scope goes with its job
         await rig.runner.drain()
 
@@ -242,8 +245,8 @@ def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_spac
 
         monkeypatch.setattr(rig.store, "save", save)
         rig.report(job.id, ExitReport(ExitInfo(code=3), end=9.0, output=None))
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
         await asyncio.sleep(0.1)
         assert job.id in rig.table.running and rig.ended == []
         assert exitreport.path(rig.exits, job.id).exists()  # kept until recorded
@@ -266,8 +269,8 @@ def test_the_log_says_how_a_job_ended_in_words_not_a_repr(
         start = rig.store.rows[job.id].start_time
         assert start is not None
         rig.report(job.id, ExitReport(ExitInfo(code=0), end=start + 3.2, output=None))
+        await rig.exit(job.id)
         rig.launcher.close_all()
-        rig.exit(job.id)
 
     with caplog.at_level("INFO", logger="tsd"):
         run(body)
