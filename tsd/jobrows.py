@@ -22,9 +22,11 @@ Pure: text and tuples in, records out (tsd.store runs the query).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, fields, replace
 from typing import Any, TypeVar
 
@@ -154,6 +156,23 @@ class RowDecoder:
             r[16],
             int(r[17] or 0),
         )
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection in the block (then as before): for the daemon's load.
+
+    The load makes a few objects per job that all live on (100,000 jobs: 0.15 s of
+    collections that find nothing, each full one walking every record made so far);
+    what it drops is freed by its reference count, as it has no cycles.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ job as it was saved, whatever its spec and state.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tsd.jobrows import record_builder
+from tsd.jobrows import gc_paused, record_builder
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
 
@@ -140,3 +141,31 @@ def test_load_all_gives_back_every_saved_job(
             store.close()
     assert loaded == saved
     assert [type(j.spec) for j in loaded] == [JobSpec] * len(saved)
+
+
+def test_collection_is_paused_in_the_block_and_after_it_as_it_was() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("the load failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own pause is not ended by the load's
+    finally:
+        gc.enable()
+
+
+@given(specs, st.lists(st.tuples(words, words), max_size=4), st.text(st.characters(codec=None)))
+def test_stored_bytes_are_the_utf8_bytes_of_every_text_the_user_gave(
+    spec: JobSpec, env: list[tuple[str, str]], odd: str
+) -> None:
+    # `odd` may hold lone surrogates (undecodable bytes of a command line, escaped).
+    spec = replace(spec, env=tuple(env), command=(*spec.command, odd))
+    texts = [*spec.command, spec.cwd, *(t for kv in spec.env for t in kv)]
+    texts += [t for t in (spec.label, spec.env_info, spec.output_name) if t is not None]
+    assert spec.stored_bytes == sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
