@@ -1,10 +1,13 @@
 """Start-up of everyday `ts` calls against `python -c pass`, interleaved, same environment.
 
 Prints medians (wall and CPU, in ms) and their ratios to `python -c pass` (the
-aim is at most 2x); `python -c 'import re'` is the floor of any console script
-(pip's launcher imports re). The client runs
-from a throwaway venv with tsd installed the way users get it (a regular, byte-
-compiled install, not the editable one the tests use), so import costs are real.
+aim is at most 2x). The client runs from a throwaway venv with tsd installed
+the way install.sh installs it: a regular, byte-compiled install (not the
+editable one the tests use) whose bin/ts is the lean launcher of tsd/entry.py
+(`python -S`, written by `python -m tsd.entry` as install.sh does), so import
+costs are real. For comparison: pip's console script for the same install
+(`ts-pip`: it imports re, and Python runs site.py), `python -c 'import re'`
+(the floor of that script) and `python -S -c pass` (the floor of the launcher).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def installed_venv() -> Path:
-    """A venv with tsd installed non-editable; reuses the system's click etc."""
+    """A venv with tsd installed as install.sh installs it; reuses the system's click etc.
+
+    bin/ts is the lean launcher; pip's console script stays as bin/ts-pip.
+    """
     venv = Path(tempfile.mkdtemp(prefix="tsd-bench-venv-", dir="/tmp"))
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
@@ -33,6 +39,13 @@ def installed_venv() -> Path:
     )
     subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(venv)],
                    check=True, stdout=subprocess.DEVNULL)
+    ts = venv / "bin" / "ts"
+    ts.rename(venv / "bin" / "ts-pip")
+    # As install.sh writes /opt/tsd/bin/ts.
+    launcher = subprocess.run([str(venv / "bin" / "python"), "-I", "-m", "tsd.entry"],
+                              check=True, capture_output=True, text=True).stdout
+    ts.write_text(launcher)
+    ts.chmod(0o755)
     return venv
 
 
@@ -45,6 +58,7 @@ def child_cpu() -> float:
 def main(runs: int = 40) -> None:
     venv = installed_venv()
     ts, python = str(venv / "bin" / "ts"), str(venv / "bin" / "python")
+    ts_pip = str(venv / "bin" / "ts-pip")
     d = PersonalDaemon(TS_SLOTS="4")
     try:
         d.env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -54,11 +68,15 @@ def main(runs: int = 40) -> None:
             d.ts("echo", str(i))  # ts -l lists 10 jobs
         calls = {
             "python -c pass": [python, "-c", "pass"],
-            # The floor of any console script: pip's launcher imports re (and enum).
+            # The floor of the lean launcher: no site.py.
+            "python -S -c pass": [python, "-S", "-c", "pass"],
+            # The floor of pip's console script: it imports re (and enum).
             "python -c 'import re'": [python, "-c", "import re"],
             "ts -n true (submit)": [ts, "-n", "true"],
             "ts true (submit)": [ts, "true"],
+            "ts true (pip script)": [ts_pip, "true"],
             "ts -l (10 jobs)": [ts, "-l"],
+            "ts -l (pip script)": [ts_pip, "-l"],
             "ts -i 1": [ts, "-i", "1"],
             "ts -S": [ts, "-S"],
         }

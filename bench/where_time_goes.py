@@ -325,10 +325,11 @@ class Imp:
     module: str
 
 
-def importtime(python: str, ts: str, args: list[str], env: dict[str, str]) -> list[Imp]:
-    """The imports of one `ts ARGS` run."""
-    r = subprocess.run([python, "-X", "importtime", ts, *args], env=env, capture_output=True,
-                       text=True)
+def importtime(ts: str, args: list[str], env: dict[str, str]) -> list[Imp]:
+    """The imports of one `ts ARGS` run, started by its own shebang line (the lean
+    launcher's `python -S` included): -X importtime through its variable."""
+    r = subprocess.run([ts, *args], env={**env, "PYTHONPROFILEIMPORTTIME": "1"},
+                       capture_output=True, text=True)
     out = []
     for line in r.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
@@ -346,7 +347,7 @@ def client_profiles(python: str, ts: str, top: int) -> None:
             d.ts("true")
         d.ts("-w")
         for args in (["-l"], ["true"]):
-            runs = [importtime(python, ts, args, d.env) for _ in range(5)]
+            runs = [importtime(ts, args, d.env) for _ in range(5)]
             walls, bare = [], []
             for _ in range(5):
                 t0 = time.perf_counter()

@@ -106,18 +106,19 @@ install -m 0644 "$PYNVML" "$VENDOR/pynvml.py"
 echo "/usr/lib/tsd/vendor" > "$PYDIR/tsd-vendor.pth"
 chmod 0644 "$PYDIR/tsd-vendor.pth"
 
-for prog in ts:tsd.cli tsd:tsd.daemon; do
-    name="${prog%%:*}"
-    module="${prog#*:}"
-    cat > "$ROOT/usr/bin/$name" <<EOF
+# ts: the lean launcher of tsd/entry.py (python3 -S, dist-packages put on the path by
+# the script itself), not a script that runs site.py over every .pth file on each call.
+# -P: a tsd in the current directory must not stand in for the packaged one.
+PYTHONPATH="$PYDIR" python3 -P -m tsd.entry --python /usr/bin/python3 \
+    --site /usr/lib/python3/dist-packages > "$ROOT/usr/bin/ts" || die "python -m tsd.entry failed"
+cat > "$ROOT/usr/bin/tsd" <<EOF
 #!/usr/bin/python3
-# $name from the tsd package ($module.main).
-from $module import main
+# tsd from the tsd package (tsd.daemon.main).
+from tsd.daemon import main
 
 main()
 EOF
-    chmod 0755 "$ROOT/usr/bin/$name"
-done
+chmod 0755 "$ROOT/usr/bin/ts" "$ROOT/usr/bin/tsd"
 
 install -D -m 0644 -t "$ROOT/usr/lib/systemd/system" \
     "$SRC/systemd/tsd.socket" "$SRC/systemd/tsd.service" "$SRC/systemd/tsd.slice"

@@ -7,7 +7,8 @@
 #   /opt/tsd                               a venv (/usr/bin/python3 -m venv --system-site-packages,
 #                                          so it uses Debian's python3-gi and python3-pydbus)
 #                                          holding tsd and nvidia-ml-py
-#   /usr/local/bin/ts, /usr/local/bin/tsd  links into /opt/tsd/bin
+#   /usr/local/bin/ts, /usr/local/bin/tsd  links into /opt/tsd/bin (/opt/tsd/bin/ts is the
+#                                          lean launcher of tsd/entry.py, not pip's script)
 #   /usr/local/lib/systemd/system/         tsd.socket, tsd.service, tsd.slice
 #   /usr/local/lib/sysusers.d/tsd.conf     group tsd
 #   /usr/local/lib/tmpfiles.d/tsd.conf     /etc/tsd and /var/lib/tsd
@@ -204,6 +205,11 @@ if [ "$(cat "$SHARE/source.sha256" 2>/dev/null)" != "$SOURCE_SUM" ] \
     CHANGED=1
 fi
 got="$("$VENV/bin/tsd" --version 2>&1)" || die "the installed tsd does not run: $got"
+# ts is the lean launcher (tsd/entry.py), not pip's console script: that one
+# imports re and runs site.py over every .pth file, more than `ts true` costs.
+# -I: the checkout in the current directory must not stand in for the installed tsd.
+"$VPY" -I -m tsd.entry > "$TMP/ts.launcher" || die "python -m tsd.entry failed"
+install_file "$TMP/ts.launcher" "$VENV/bin/ts" 0755
 
 link "$VENV/bin/ts" "$BIN_DIR/ts"
 link "$VENV/bin/tsd" "$BIN_DIR/tsd"

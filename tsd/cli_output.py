@@ -36,6 +36,8 @@ class StdoutGone(Exception):
 
 def emit(text: str | bytes) -> None:
     data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    if sys.stdout is None:  # started with fd 1 closed (`ts -l >&-`), as cat says it
+        raise TsdError("write error: standard output is closed")
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -50,7 +52,7 @@ def warn(message: str) -> None:
 
 def terminal_width() -> int | None:
     try:
-        if sys.stdout.isatty():
+        if sys.stdout is not None and sys.stdout.isatty():
             return os.get_terminal_size(sys.stdout.fileno()).columns
     except OSError:
         pass

@@ -193,9 +193,11 @@ class _Pool:
         try:
             data = HEADER.pack(len(body)) + body
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
-            sent = member.link.sendmsg([data], rights)
+            # MSG_NOSIGNAL: a member dead since the last select is EPIPE here, not a
+            # SIGPIPE that would end the spawner (its signals are at their defaults).
+            sent = member.link.sendmsg([data], rights, socket.MSG_NOSIGNAL)
             if sent < len(data):
-                member.link.sendall(data[sent:])
+                member.link.sendall(data[sent:], socket.MSG_NOSIGNAL)
             word = member.link.recv(1)
         except OSError:
             word = b""

@@ -76,6 +76,18 @@ def test_no_arguments_lists_jobs_under_task_spoolers_header(ts: Runner) -> None:
     assert ts("-l").stdout == proc.stdout
 
 
+def test_a_listing_to_a_closed_stdout_is_one_line_error_not_a_traceback(
+    tsd_env: Env, ts: Runner
+) -> None:
+    queue(ts, "true")
+    proc = subprocess.run(
+        ["sh", "-c", f"exec {TS} -l >&-"], env=dict(tsd_env), capture_output=True,
+        text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "ts: write error: standard output is closed\n"
+
+
 def test_list_shows_label_before_command_and_the_error_level(ts: Runner) -> None:
     job = queue(ts, "-L", "exp1", "sh", "-c", "exit 3")
     assert finish(ts, job) == 3

@@ -18,6 +18,7 @@ from test_install import (
     REPO,
     VERSION,
     check_jobs_survived,
+    check_lean_ts,
     main_pid,
     report,
     run_session,
@@ -157,6 +158,12 @@ def test_users_in_group_tsd_share_the_packaged_server(box: Box, users: None) -> 
 def test_ts_and_tsd_report_the_package_version(box: Box, users: None) -> None:
     assert versions(box) == (VERSION, VERSION)
     assert box.run(["dpkg-query", "-W", "-f=${Version}", "tsd"]).stdout == VERSION
+
+
+def test_ts_is_the_lean_launcher_and_loads_no_site_or_re_on_an_everyday_call(
+    box: Box, users: None
+) -> None:
+    check_lean_ts(box, "/usr/bin/ts", "/usr/bin/python3", "/usr/lib/python3/dist-packages")
 
 
 def test_upgrade_restarts_the_daemon_and_running_and_queued_jobs_survive(

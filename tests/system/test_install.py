@@ -84,6 +84,35 @@ def submit(box: Box, user: str | None, *cmd: str) -> int:
     return int(out)
 
 
+def check_lean_ts(box: Box, launcher: str, python: str, site: str) -> None:
+    """The installed `ts` is tsd/entry.py's launcher run by PYTHON -S, and works as ts.
+
+    An everyday call (as alice, through PATH) loads neither site.py and its .pth
+    files' modules nor re; errors and exit codes are ts's own; a module outside
+    the standard library (a rarely used path's) is still found, site loaded then.
+    """
+    assert box.read_file(launcher).splitlines()[0] == f"#!{python} -S"
+    listed = box.run(["ts", "-l"], user="alice", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    mods = {
+        x.rsplit("|", 1)[1].strip() for x in listed.stderr.splitlines()
+        if x.startswith("import time:")
+    }  # fmt: skip
+    assert "tsd.cli" in mods, listed.stderr
+    heavy = {"site", "sitecustomize", "_distutils_hack", "re", "enum", "typing", "dataclasses"}
+    assert not mods & heavy, sorted(mods & heavy)
+    bad = ts(box, "alice", "-x", check=False)
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == "ts: unknown option -x (see ts -h)\n"
+    assert ts(box, "alice", "-h").stdout.startswith(f"Task Spooler v{VERSION} (tsd)")
+    job = submit(box, "alice", "sh", "-c", "exit 3")
+    assert ts(box, "alice", "-w", str(job), check=False).returncode == 3
+    third_party = (
+        f"import sys; sys.path.append({site!r}); from tsd.entry import SiteOnDemand; "
+        "sys.meta_path.append(SiteOnDemand); import click, yaml, psutil, pynvml"
+    )
+    box.run([python, "-S", "-c", third_party], user="alice")
+
+
 def jobs(box: Box) -> dict[int, dict[str, Any]]:
     """Every user's jobs, as root sees them (`ts -A -M json`), by id."""
     return {j["ID"]: j for j in json.loads(ts(box, None, "-A", "-M", "json").stdout)}
@@ -320,6 +349,15 @@ def test_users_in_group_tsd_share_the_server_and_cannot_kill_each_others_jobs(
 
 def test_ts_and_tsd_report_the_installed_version(box: Box, users: None) -> None:
     assert versions(box) == (VERSION, VERSION)
+
+
+def test_ts_is_the_lean_launcher_and_loads_no_site_or_re_on_an_everyday_call(
+    box: Box, users: None
+) -> None:
+    where = "import os, tsd; print(os.path.dirname(os.path.dirname(tsd.__file__)))"
+    site = box.run(["/opt/tsd/bin/python", "-I", "-c", where]).stdout.strip()
+    assert site.startswith("/opt/tsd/lib/python3.")
+    check_lean_ts(box, "/opt/tsd/bin/ts", "/opt/tsd/bin/python", site)
 
 
 def test_second_run_changes_nothing_and_keeps_running_and_queued_jobs(

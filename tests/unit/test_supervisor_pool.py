@@ -186,3 +186,51 @@ def test_closing_the_spawner_lets_idle_supervisors_go_and_running_jobs_finish(
     gate.touch()
     wait_until(lambda: not alive(busy.supervisor_pid))  # it leaves once its job is over
     assert code_of(tmp_path, 2) == 9  # and its report is there for the next daemon
+
+
+def _report_durability(tmp: Path, daemon_reads: bool) -> bool:
+    """Whether a supervisor asked for a durable exit report, its daemon reading the report
+    pipe or gone (run in a forked child: a supervisor blocks signals and is a subreaper)."""
+    go_r, go_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    out_r, out_w = os.pipe()
+    p = reusable(tmp, 1, "exit 0")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (out_r, rep_r, go_w):
+                os.close(fd)
+            asked: list[bool] = []
+            real = exitreport.write
+            exitreport.write = lambda d, j, r, durable=True: (  # type: ignore[assignment]
+                asked.append(durable), real(d, j, r, durable))[-1]
+            launch.become_supervisor()
+            launch.supervise(p, go_r, rep_w)
+            os.write(out_w, b"1" if asked == [True] else b"0")
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(go_r)
+    os.close(rep_w)
+    if not daemon_reads:
+        os.close(rep_r)
+    os.write(go_w, launch.GO)
+    os.close(go_w)
+    answer = os.read(out_r, 1)
+    os.waitpid(pid, 0)
+    if daemon_reads:
+        os.close(rep_r)
+    os.close(out_r)
+    assert code_of(tmp, 1) == 0
+    return answer == b"1"
+
+
+def test_the_exit_report_is_synced_only_when_no_daemon_reads_the_report_pipe(
+    tmp_path: Path,
+) -> None:
+    # A daemon reading the pipe records the end in its own synced commit at once; with
+    # none there (restarting, crashed), the report alone must survive a crash.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    assert _report_durability(tmp_path / "a", daemon_reads=False)
+    assert not _report_durability(tmp_path / "b", daemon_reads=True)
