@@ -1,10 +1,11 @@
-"""Rows -> records at the daemon's start (tsd.jobrows): the same records, built faster.
+"""The daemon's start (tsd.jobrows, JobTable.load): the same records and indexes, faster.
 
 `record_builder`'s functions fill a record's slots directly instead of going
 through a frozen dataclass's `__init__`; what they build must be the record the
 class builds (equal, hashed, shown and frozen alike). The store's `load_all`,
 which decodes with them and shares repeated spec texts, must give back every
-job as it was saved, whatever its spec and state.
+job as it was saved, whatever its spec and state; the table's queue indexes,
+built for all loaded jobs at once, must be what their definitions say.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import tempfile
+from collections import Counter
 from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from unit.daemon_fakes import Events, FakeStore
 
 from tsd.jobrows import gc_paused, record_builder
+from tsd.jobtable import JobTable
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
 
@@ -169,3 +173,49 @@ def test_stored_bytes_are_the_utf8_bytes_of_every_text_the_user_gave(
     texts = [*spec.command, spec.cwd, *(t for kv in spec.env for t in kv)]
     texts += [t for t in (spec.label, spec.env_info, spec.output_name) if t is not None]
     assert spec.stored_bytes == sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+@st.composite
+def stored_tables(draw: st.DrawFn) -> list[Job]:
+    """Jobs 1..n as a store may hold them: any states, orders (-u/-U, priorities move
+    them), dependencies on jobs before, after, or no longer there."""
+    n = draw(st.integers(1, 25))
+    orders = draw(st.lists(st.integers(-50, 50), min_size=n, max_size=n, unique=True))
+    return [
+        Job(
+            id=i, uid=draw(st.sampled_from([1000, 1001])), user="u",
+            spec=JobSpec(
+                command=("true",), cwd="/", env=(),
+                depends=tuple(draw(st.lists(st.integers(1, n + 2), max_size=2, unique=True))),
+                priority=draw(st.integers(-1, 1)), gpus=draw(st.integers(0, 1)),
+            ),
+            state=draw(st.sampled_from(list(JobState))), order=orders[i - 1], enqueue_time=1.0,
+        )
+        for i in range(1, n + 1)
+    ]  # fmt: skip
+
+
+@given(stored_tables())
+def test_a_loaded_queue_is_indexed_as_its_definitions_say(stored: list[Job]) -> None:
+    table = JobTable(FakeStore(stored), Events(), lambda: 1000)  # type: ignore[arg-type]
+    table.load()
+    jobs = {j.id: j for j in stored}
+    pending = sorted((j for j in stored if j.state.pending), key=lambda j: (j.order, j.id))
+    blocked = {
+        j.id for j in pending
+        if any(d in jobs and not jobs[d].state.done for d in j.spec.depends)
+    }  # fmt: skip
+    assert table.pending == [j.id for j in pending]
+    assert table.dep_blocked == blocked
+    assert table.offered == [j.id for j in pending if j.id not in blocked]
+    assert table.pending_count == Counter(j.uid for j in pending)
+    assert table.pending_prios == {
+        uid: Counter(j.spec.priority for j in pending if j.uid == uid)
+        for uid in {j.uid for j in pending}
+    }
+    assert table.pending_gpu_jobs == sum(1 for j in pending if j.spec.gpus)
+    dependents: dict[int, set[int]] = {}
+    for j in pending:
+        for d in j.spec.depends:
+            dependents.setdefault(d, set()).add(j.id)
+    assert table.dependents == dependents
