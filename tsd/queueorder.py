@@ -169,7 +169,12 @@ class QueueOrder:
         blocked = self.dep_blocked
         counts = self.pending_count
         prios = self.pending_prios
+        last = None
+        in_order = not self.pending  # then `jobs` (in id order) is the queue unless...
         for job in jobs:
+            if last is not None and job.order < last:
+                in_order = False  # ... -u/-U or a priority put a job before an older one
+            last = job.order
             spec = job.spec
             if spec.depends:
                 if self.waits_on_dependency(job):
@@ -180,8 +185,10 @@ class QueueOrder:
             prios[job.uid][spec.priority] += 1
             if spec.gpus_wanted:
                 self.pending_gpu_jobs += 1
-        # Sorted as they come (by id) unless -u/-U or priorities reordered them: linear.
-        self.pending = sorted([*self.pending, *(j.id for j in jobs)], key=self._pending_key)
+        ids = [j.id for j in jobs]
+        # Sorted only when out of order: a sort holds a key per job at once (MiBs of
+        # them at 100,000 jobs, which the daemon's RSS would keep).
+        self.pending = ids if in_order else sorted([*self.pending, *ids], key=self._pending_key)
         self.offered = [i for i in self.pending if i not in blocked]
 
     def _index_pending(self, job: Job) -> None:
