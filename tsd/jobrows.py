@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, fields, replace
+from types import MemberDescriptorType
 from typing import Any, TypeVar
 
 from tsd.codec import exit_from_dict, spec_from_dict
@@ -61,14 +62,16 @@ def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
     unknown = set(names) - {f.name for f in fs}
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"{cls.__name__}: not its fields, or repeated: {sorted(unknown)}")
+    slots = [cls.__dict__.get(f.name) for f in fs]
+    if hasattr(cls, "__post_init__") or not all(
+        isinstance(slot, MemberDescriptorType) for slot in slots
+    ):
+        raise TypeError(f"{cls.__name__} is not a slotted dataclass without __post_init__")
     ns: dict[str, Any] = {"new": object.__new__, "cls": cls}
     params = [f"v{i}" for i in range(len(names))]  # any field name may be a keyword
     body = []
-    for i, f in enumerate(fs):
-        slot: Any = cls.__dict__.get(f.name)
-        if type(slot).__name__ != "member_descriptor" or hasattr(cls, "__post_init__"):
-            raise TypeError(f"{cls.__name__} is not a slotted dataclass without __post_init__")
-        ns[f"set{i}"] = slot.__set__
+    for i, (f, slot) in enumerate(zip(fs, slots, strict=True)):
+        ns[f"set{i}"] = slot.__set__  # type: ignore[union-attr]
         if f.name in names:
             value = params[names.index(f.name)]
         elif f.default is not MISSING:
@@ -159,14 +162,16 @@ class RowDecoder:
 
 
 @contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection in the block; after it, what it made is kept out of
-    every later collection (gc.freeze), and collection is as before: the daemon's load.
+def gc_paused_then_frozen() -> Iterator[None]:
+    """No cyclic garbage collection in the block; at its end every object alive is
+    frozen out of later collections (gc.freeze), and collection goes on as before.
 
-    The load makes a few objects per job that all live on and hold no cycles (what it
-    drops is freed by its reference count): collections in it find nothing, yet cost
-    0.15 s on 100,000 jobs, and each later one would walk every record again (the
-    first, right after the load, all 300,000 objects made during it).
+    For the daemon's load: it makes a few objects per job that all live on and hold
+    no cycles (what it drops is freed by its reference count). Collections during it
+    find nothing, yet cost 0.15 s on 100,000 jobs, and each later full one would walk
+    every record again (the first, right after the load, walked all 300,000 objects
+    made in it). Frozen objects that later become cyclic garbage are not reclaimed:
+    the records are freed by reference count, the rest (modules, the loop) live on.
     """
     enabled = gc.isenabled()
     gc.disable()

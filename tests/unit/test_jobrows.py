@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit.daemon_fakes import Events, FakeStore
 
-from tsd.jobrows import gc_paused, record_builder
+from tsd.jobrows import gc_paused_then_frozen, record_builder
 from tsd.jobtable import JobTable
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
@@ -147,20 +147,20 @@ def test_load_all_gives_back_every_saved_job(
     assert [type(j.spec) for j in loaded] == [JobSpec] * len(saved)
 
 
-def test_collection_is_paused_in_the_block_and_after_it_as_it_was() -> None:
+def test_collection_is_paused_in_the_block_then_what_lives_is_frozen_out_of_it() -> None:
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
     try:
-        with gc_paused():
+        with gc_paused_then_frozen():
             assert not gc.isenabled()
             made = [[i] for i in range(100)]
         assert gc.isenabled()
         assert gc.get_freeze_count() >= frozen + len(made)  # left out of later collections
-        with pytest.raises(RuntimeError), gc_paused():
+        with pytest.raises(RuntimeError), gc_paused_then_frozen():
             raise RuntimeError("the load failed")
         assert gc.isenabled()
         gc.disable()
-        with gc_paused():
+        with gc_paused_then_frozen():
             pass
         assert not gc.isenabled()  # a caller's own pause is not ended by the load's
     finally:
