@@ -68,8 +68,10 @@ class BigQueue:
     seed_s: float  # seeding the database (not the daemon's work)
     start_s: float  # `ts -S` with no daemon: its start on the full queue plus one call
     rss_start_mib: float  # right after that first call
+    start_cpu_s: float = 0.0  # the daemon's CPU (user + system) until then: less noisy
     list_s: list[float] = field(default_factory=list)  # wall seconds of each `ts -l`
     rss_mib: float = 0.0  # the highest RSS seen (after the listings)
+    list_cpu_s: float = 0.0  # the daemon's CPU per `ts -l`
 
 
 def rss_mib(pid: int) -> float:
@@ -88,8 +90,11 @@ def open_big(n: int, list_runs: int, ts: str = TS) -> tuple[BigQueue, PersonalDa
         seeded = seed(d.state_dir, n, d.env)
         t0 = time.perf_counter()
         d.ts("-S")
-        big = BigQueue(n, seeded, time.perf_counter() - t0, rss_mib(d.pid()))
+        cpu = psutil.Process(d.pid()).cpu_times()
+        big = BigQueue(n, seeded, time.perf_counter() - t0, rss_mib(d.pid()), cpu.user + cpu.system)
         big.list_s = time_command([ts, "-l"], d.env, list_runs)
+        after = psutil.Process(d.pid()).cpu_times()
+        big.list_cpu_s = (after.user + after.system - big.start_cpu_s) / max(1, list_runs)
         big.rss_mib = max(big.rss_start_mib, rss_mib(d.pid()))
     except BaseException:
         d.stop()
@@ -142,10 +147,12 @@ def main(n: int = 100_000) -> None:
     big, d = open_big(n, 3)
     try:
         print(f"seeded {n} jobs in {big.seed_s:.1f} s; daemon start + first call "
-              f"{big.start_s:.2f} s; daemon RSS {big.rss_start_mib:.0f} MiB")
+              f"{big.start_s:.2f} s (daemon CPU {big.start_cpu_s:.2f} s); "
+              f"daemon RSS {big.rss_start_mib:.0f} MiB")
         submit = time_command([TS, "-n", "true"], d.env, 20)
         print(f"submit with {n} queued: median {med_ms(submit):.1f} ms")
-        print(f"ts -l with {n} queued: median {med_ms(big.list_s):.0f} ms")
+        print(f"ts -l with {n} queued: median {med_ms(big.list_s):.0f} ms "
+              f"(daemon CPU {big.list_cpu_s * 1000:.0f} ms)")
         from tsd import protocol
         from tsd.client import Client
 

@@ -77,7 +77,7 @@ def snapshot(*_):
 signal.signal(signal.SIGUSR2, snapshot)
 profiles[0].enable()
 try:
-    from tsd.daemon import main
+    from tsd.daemon_entry import main  # as ts starts a daemon
     main(["--user", "--socket", sock])
 except SystemExit:
     pass

@@ -113,8 +113,8 @@ PYTHONPATH="$PYDIR" python3 -P -m tsd.entry --python /usr/bin/python3 \
     --site /usr/lib/python3/dist-packages > "$ROOT/usr/bin/ts" || die "python -m tsd.entry failed"
 cat > "$ROOT/usr/bin/tsd" <<EOF
 #!/usr/bin/python3
-# tsd from the tsd package (tsd.daemon.main).
-from tsd.daemon import main
+# tsd from the tsd package (tsd.daemon.main, without TLS: tsd.daemon_entry).
+from tsd.daemon_entry import main
 
 main()
 EOF

@@ -393,7 +393,7 @@ class Client:
 
         env = dict(os.environ)
         subprocess.Popen(
-            [sys.executable, "-m", "tsd.daemon", "--user", "--socket", self.path],
+            [sys.executable, "-m", "tsd.daemon_entry", "--user", "--socket", self.path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -51,6 +51,7 @@ from tsd.errors import ConfigError
 from tsd.gpumonitor import GpuMonitor
 from tsd.gpuwatch import GpuWatch
 from tsd.idlewatch import IdleWatch
+from tsd.jobrows import gc_paused_then_frozen
 from tsd.jobtable import JobTable
 from tsd.ledger import PRUNE_EVERY, Ledger
 from tsd.metrics import MetricsState
@@ -352,7 +353,8 @@ class Daemon:
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
         self.runner.launcher.start()  # the spawner loads while the state does
-        running = self.table.load()
+        with gc_paused_then_frozen():
+            running = self.table.load()
         # Jobs run here (also those left from before a switch to Slurm) stay the runner's.
         self.runner.recover([j for j in running if j.slurm_id is None])
         if self.slurm is not None:

@@ -98,6 +98,7 @@ class JobTable(QueueOrder, Rollbacks):
         jobs = self.jobs
         running: list[Job] = []
         done: list[Job] = []
+        pending: list[Job] = []
         low = high = None
         for job in self.store.load_all():
             if job.spec.forget and job.state.done:
@@ -107,7 +108,7 @@ class JobTable(QueueOrder, Rollbacks):
             self.stored_bytes[job.uid] += job.spec.stored_bytes
             state = job.state
             if state.pending:
-                self._index_pending(job)
+                pending.append(job)
             elif state.done:
                 done.append(job)
             elif state is JobState.RUNNING:
@@ -120,7 +121,7 @@ class JobTable(QueueOrder, Rollbacks):
                 low = job.order
             if high is None or job.order > high:
                 high = job.order
-        self._block_late()
+        self._index_loaded(pending)
         if ended_transparent:
             self.store.delete(ended_transparent)
         if low is not None and high is not None:

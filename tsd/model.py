@@ -14,7 +14,7 @@ import enum
 import operator
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 
 
 class JobState(enum.StrEnum):
@@ -105,11 +105,14 @@ class JobSpec:
 
         What the per-user caps (`max_job_bytes`, `max_stored_bytes`) count.
         """
-        texts = [*self.command, *(t for kv in self.env for t in kv), self.cwd]
-        texts += [t for t in (self.label, self.env_info, self.output_name) if t]
         # One string: ASCII text (most) is as many bytes as characters, and the daemon
-        # counts every job this way at start.
-        text = "".join(texts)
+        # counts every job this way at start (joined in C: no per-item Python loop).
+        text = "".join(
+            (*self.command, self.cwd, self.label or "", self.env_info or "",
+             self.output_name or "")
+        )  # fmt: skip
+        if self.env:
+            text += "".join(chain.from_iterable(self.env))
         return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 

@@ -160,15 +160,37 @@ class QueueOrder:
         self.store.save(a, b)
         self._rekey({a.id: a, b.id: b})
 
-    def _block_late(self) -> None:
-        """After a load: a dependency read after its dependent (ids are handed out in
-        order, so only in a store written otherwise) blocks it all the same."""
-        for job_id in [i for i in self.offered if self.jobs[i].spec.depends]:
-            job = self.jobs[job_id]
-            if self.waits_on_dependency(job):
-                self._unplace_pending(job)
-                self.dep_blocked.add(job_id)
-                self._place_pending(job)
+    def _index_loaded(self, jobs: list[Job]) -> None:
+        """After a load (every job read): its pending jobs join the queue together.
+
+        The same indexes as `_index_pending` one job at a time, with one sort instead
+        of a bisection each; a dependency stored after its dependent (ids are handed
+        out in order, so only in a store written otherwise) blocks it all the same.
+        """
+        blocked = self.dep_blocked
+        counts = self.pending_count
+        prios = self.pending_prios
+        last = None
+        in_order = not self.pending  # then `jobs` (in id order) is the queue unless...
+        for job in jobs:
+            if last is not None and job.order < last:
+                in_order = False  # ... -u/-U or a priority put a job before an older one
+            last = job.order
+            spec = job.spec
+            if spec.depends:
+                if self.waits_on_dependency(job):
+                    blocked.add(job.id)
+                for dep in spec.depends:
+                    self.dependents.setdefault(dep, set()).add(job.id)
+            counts[job.uid] += 1
+            prios[job.uid][spec.priority] += 1
+            if spec.gpus_wanted:
+                self.pending_gpu_jobs += 1
+        ids = [j.id for j in jobs]
+        # Sorted only when out of order: a sort holds a key per job at once (6 MiB of
+        # them at 100,000 jobs, freed after it but not all given back to the system).
+        self.pending = ids if in_order else sorted([*self.pending, *ids], key=self._pending_key)
+        self.offered = [i for i in self.pending if i not in blocked]
 
     def _index_pending(self, job: Job) -> None:
         """A job joins the queue: its place, its user's counts, its dependencies."""
