@@ -14,11 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from integration.harness import TS, Env, Runner, queue, wait_state
+from integration.harness import TS, Env, Runner, queue, wait_state, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 # What only a full start-up (site.py and its .pth files) or pip's launcher loads,
@@ -138,7 +137,9 @@ def test_a_signal_ends_a_waiting_launcher_as_it_ends_pips_script(
                 [launcher, "-w", str(job)], env=tsd_env, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=str(tsd_env.tmp),
             )  # fmt: skip
-            time.sleep(0.5)  # it is waiting: the job runs for a minute
+            # Signalled once it waits on the daemon's socket (not after a fixed time, which
+            # a loaded machine may spend still starting the interpreter).
+            wait_until(lambda p=proc: _connected(p.pid), timeout=30, what="ts -w connected")
             assert proc.poll() is None
             os.kill(proc.pid, sig)
             proc.communicate(timeout=30)
@@ -146,3 +147,14 @@ def test_a_signal_ends_a_waiting_launcher_as_it_ends_pips_script(
     pip_codes, lean_codes = codes[:2], codes[2:]
     assert lean_codes == pip_codes == [130, -signal.SIGTERM]
     ts("-k", str(job))
+
+
+def _connected(pid: int) -> bool:
+    """Whether the process holds a socket (ts connects only once it has started)."""
+    try:
+        return any(
+            os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            for fd in os.listdir(f"/proc/{pid}/fd")
+        )
+    except OSError:
+        return False
