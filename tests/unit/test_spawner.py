@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tsd import exitreport, launch
 from tsd.spawnlink import SpawnerLauncher
@@ -53,14 +50,6 @@ def finish(started: launch.Launched) -> None:
     assert started.pidfd is not None
     launch.wait_pidfd(started.pidfd)
     os.close(started.report_fd)
-
-
-@pytest.fixture
-def spawner() -> Iterator[SpawnerLauncher]:
-    s = SpawnerLauncher()
-    s.start()
-    yield s
-    s.close()
 
 
 def test_the_spawner_forks_a_supervisor_that_records_the_real_exit_code(

@@ -7,10 +7,8 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from unit.test_spawner import alive, gated, plan, ppid, wait_until
 
 from tsd import exitreport, launch
@@ -50,14 +48,6 @@ def code_of(tmp: Path, job_id: int) -> int | None:
     report = exitreport.read(tmp / "exits", job_id)
     assert report is not None, f"no exit report for job {job_id}"
     return report.exit.code
-
-
-@pytest.fixture
-def spawner() -> Iterator[SpawnerLauncher]:
-    s = SpawnerLauncher()
-    s.start()
-    yield s
-    s.close()
 
 
 def test_jobs_one_after_another_run_on_one_supervisor_each_with_its_own_exit_code(
