@@ -236,6 +236,10 @@ def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
         finally:
             conn.close()
     if inv.action == "wait":
+        # Read the answer's reader now, while the job still runs: loaded after the
+        # answer, it would sit between the job's end and this ts returning.
+        import tsd.jobview  # noqa: F401
+
         return wait_code(job_of(_stream_final(client, req)))
     if inv.action == "list" and inv.params.get("watch"):
         from tsd.cli_watch import watch

@@ -8,10 +8,10 @@ reader and writer, so both sides agree on the file's name and fields.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from tsd.codec import exit_from_dict, exit_to_dict
 from tsd.model import ExitInfo
@@ -27,9 +27,42 @@ class ExitReport:
     aborted: bool = False  # the daemon never said go: the job did not run
 
 
-def path(exits_dir: str | os.PathLike[str], job_id: int) -> Path:
+def path(exits_dir: str | os.PathLike[str], job_id: int) -> str:
     """Where the supervisor of job `job_id` leaves its report."""
-    return Path(exits_dir) / f"{job_id}.json"
+    return os.path.join(exits_dir, f"{job_id}.json")
+
+
+def encode(report: ExitReport) -> str:
+    """The report as one line of JSON: the file's content, and what a supervisor sends
+    its daemon on the report pipe ("end <json>") so that the end is recorded without
+    waiting for the file."""
+    body: dict[str, object] = {"aborted": True} if report.aborted else {
+        **exit_to_dict(report.exit),
+        "end": report.end,
+        "output": report.output if report.output is not None else "-",
+    }
+    return json.dumps(body)
+
+
+def decode(text: str) -> ExitReport | None:
+    """A report from `encode`'s text; None when it is not one."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("aborted"):
+        return ExitReport(exit=ExitInfo(), aborted=True)
+    try:
+        ex = exit_from_dict(obj)
+        end = float(obj["end"]) if obj.get("end") else None
+    except (TypeError, ValueError, KeyError):
+        return None
+    if not ex.note and ex.timed_out:
+        ex = replace(ex, note="timed out")
+    out = obj.get("output")
+    return ExitReport(exit=ex, end=end, output=None if out in (None, "-") else str(out))
 
 
 def write(exits_dir: str, job_id: int, report: ExitReport, durable: bool = True) -> None:
@@ -40,16 +73,11 @@ def write(exits_dir: str, job_id: int, report: ExitReport, durable: bool = True)
 
     Runs in the supervisor after fork: only system calls, nothing shared with the daemon.
     """
-    body: dict[str, object] = {"aborted": True} if report.aborted else {
-        **exit_to_dict(report.exit),
-        "end": report.end,
-        "output": report.output if report.output is not None else "-",
-    }
     final = path(exits_dir, job_id)
-    tmp = final.with_suffix(".tmp")
+    tmp = final[: -len(".json")] + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, json.dumps(body).encode())
+        os.write(fd, encode(report).encode())
         if durable:
             os.fsync(fd)
     finally:
@@ -67,24 +95,14 @@ def write(exits_dir: str, job_id: int, report: ExitReport, durable: bool = True)
 def read(exits_dir: str | os.PathLike[str], job_id: int) -> ExitReport | None:
     """The report of job `job_id`, or None when there is none (or it is unreadable)."""
     try:
-        obj = json.loads(path(exits_dir, job_id).read_text())
+        with open(path(exits_dir, job_id), encoding="utf-8") as fh:
+            text = fh.read()
     except (OSError, ValueError):
         return None
-    if not isinstance(obj, dict):
-        return None
-    if obj.get("aborted"):
-        return ExitReport(exit=ExitInfo(), aborted=True)
-    ex = exit_from_dict(obj)
-    if not ex.note and ex.timed_out:
-        ex = replace(ex, note="timed out")
-    out = obj.get("output")
-    return ExitReport(
-        exit=ex,
-        end=float(obj["end"]) if obj.get("end") else None,
-        output=None if out in (None, "-") else str(out),
-    )
+    return decode(text)
 
 
 def discard(exits_dir: str | os.PathLike[str], job_id: int) -> None:
     """Remove the report once the daemon has recorded it."""
-    path(exits_dir, job_id).unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path(exits_dir, job_id))

@@ -331,8 +331,13 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
         output=None if out == "-" else out,
     )
     # A daemon still reading the report pipe records the end and syncs it itself; with
-    # none there (restart, crash) the report must survive a crash on its own.
-    durable = not _report(rep_w, "end -")
+    # none there (restart, crash) the report must survive a crash on its own. A reused
+    # supervisor with nothing left to run after the job sends the report itself, so the
+    # daemon records the end while the file (its copy for a daemon that crashes before
+    # that) is written; TS_ONFINISH or mail may still change the report, so with those
+    # the daemon reads the file once the pipe closes.
+    early = plan.reuse and not (plan.on_finish or plan.mail_to)
+    durable = not _report(rep_w, f"end {exitreport.encode(report)}" if early else "end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
     return True

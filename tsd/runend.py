@@ -75,6 +75,11 @@ class EndRecorder:
     _ended: Callable[[Job], None]
     _requeued: Callable[[], None]
     _waited: Callable[[int], bool]  # whether a client waits for this job's end
+    _early: dict[int, exitreport.ExitReport]  # reports that came on the report pipe
+
+    def _discard_report(self, job_id: int) -> None:
+        """Remove the job's exit report, recorded now (the runner waits for its file)."""
+        exitreport.discard(self.settings.exits_dir, job_id)
 
     def _record_end(self, job_id: int) -> None:
         """Record the ended job from its exit report; on a full disk keep both and retry.
@@ -85,7 +90,7 @@ class EndRecorder:
         first_try = self._store_retries.pop(job_id, None) is None
         if job_id not in self.table.running:
             return
-        report = exitreport.read(self.settings.exits_dir, job_id)
+        report = self._early.get(job_id) or exitreport.read(self.settings.exits_dir, job_id)
         job, killed = self.table.running[job_id], job_id in self._killed
         why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
         retry = bool(report and not report.aborted and not why and should_retry(
@@ -134,7 +139,7 @@ class EndRecorder:
             self._act_on_end(job_id, again, ended, False)
 
     def _act_on_end(self, job_id: int, again: str, ended: Job | None, dispatch: bool) -> None:
-        exitreport.discard(self.settings.exits_dir, job_id)
+        self._discard_report(job_id)
         self._killed.discard(job_id)
         self._reasons.pop(job_id, None)
         if again:

@@ -42,6 +42,7 @@ from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
 from tsd.model import ExitInfo, Job, JobLimits, JobState
+from tsd.reportpipe import ReportPipes
 from tsd.runend import STORE_RETRY, EndRecorder
 from tsd.runend import EndReason as EndReason
 
@@ -204,7 +205,7 @@ class RunnerSettings:
     on_finish: str | None = None  # TS_ONFINISH of the personal daemon
 
 
-class Runner(EndRecorder):
+class Runner(ReportPipes, EndRecorder):
     """Launches jobs, watches their supervisors, records their ends, ends them on request."""
 
     settings: RunnerSettings
@@ -241,6 +242,9 @@ class Runner(EndRecorder):
         self.launcher: Launcher = launcher or spawnlink.SpawnerLauncher()
         self.procs = procs or PidfdWatch(loop)
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
+        self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
+        self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
+        self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
@@ -290,7 +294,7 @@ class Runner(EndRecorder):
             return False
         if self.launcher.start_time(job.supervisor_pid) != job.supervisor_start:
             return False
-        return not exitreport.path(self.settings.exits_dir, job.id).exists()
+        return not os.path.exists(exitreport.path(self.settings.exits_dir, job.id))
 
     # ------------------------------------------------------------ ts -n terminals
 
@@ -396,7 +400,9 @@ class Runner(EndRecorder):
             grace=self._config().kill_grace_seconds,
             on_finish=on_finish,
             mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
-            drop_privileges=os.getuid() == 0,
+            # Root's own personal daemon runs root's jobs: nothing to drop, so they take
+            # the supervisor's cheap spawn path like any user's personal jobs.
+            drop_privileges=os.getuid() == 0 and (self.settings.system or job.uid != 0),
             nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
             # A system job's supervisor lives in the job's scope, which goes with the job.
             reuse=not self.settings.system,
@@ -462,48 +468,13 @@ class Runner(EndRecorder):
         if report_fd is not None:
             if pidfd is not None:
                 os.close(pidfd)
-            self._reports[job.id] = report_fd
-            self.loop.add_reader(report_fd, self._report_readable, job.id, report_fd)
+            self._follow_pipe(job.id, report_fd)
             return
         assert job.supervisor_pid is not None
         if not self.procs.watch(job.supervisor_pid, lambda: self._job_ended(job.id), pidfd):
             self.loop.call_soon(self._job_ended, job.id)
             return
         self._watched[job.id] = job.supervisor_pid
-
-    def _report_readable(self, job_id: int, fd: int) -> None:
-        if self._read_report(job_id, fd):
-            self._job_ended(job_id)
-
-    def _read_report(self, job_id: int, fd: int) -> bool:
-        """The supervisor's "pid N" and "out PATH" lines, as they come; True at the end
-        of file (the pipe is closed then)."""
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self._close_report(job_id)
-            return True
-        fields = launch.parse_report(data.decode(errors="replace"))
-        pid, out = fields.get("pid"), fields.get("out")
-        if pid is not None or out is not None:
-            self.table.report(
-                job_id,
-                int(pid) if pid and pid.isdigit() else None,
-                None if out in (None, "-") else out,
-                out is not None,
-            )
-        return False
-
-    def _close_report(self, job_id: int) -> None:
-        fd = self._reports.pop(job_id, None)
-        if fd is not None:
-            self.loop.remove_reader(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _job_ended(self, job_id: int) -> None:
         """The job's supervisor is gone: record the report it left, or that it was lost."""
@@ -517,14 +488,13 @@ class Runner(EndRecorder):
         pid = self._watched.pop(job_id, None)
         if pid is not None:
             self.procs.forget(pid)  # first: a pidfd left readable would call us forever
-        fd = self._reports.get(job_id)
-        if fd is not None:
-            self._read_report(job_id, fd)  # what it said just before it went
-            self._close_report(job_id)
+        self._last_words(job_id)
         job = self.table.running.get(job_id)
         if job is None:
             return
-        if job.supervisor_pid is not None:
+        if job.supervisor_pid is not None and isinstance(self.launcher, ForkLauncher):
+            # Only a supervisor this daemon forked is its child; the spawner reaps
+            # those it forked, and a re-adopted one was never ours.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(job.supervisor_pid, os.WNOHANG)
         timer = self._kill_timers.pop(job_id, None)

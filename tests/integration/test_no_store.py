@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -17,19 +18,23 @@ def test_nf_prints_the_jobs_output_on_ts_stdout(ts: Runner) -> None:
 def test_n_job_writes_to_the_pipes_of_the_ts_that_queued_it(ts: Runner, tsd_env: Env) -> None:
     queuer = subprocess.Popen(
         [TS, "-n", "sh", "-c", "echo out; echo err >&2"], env=dict(tsd_env),
-        cwd=str(tsd_env.tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=str(tsd_env.tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     assert queuer.stdout is not None
-    lines = [queuer.stdout.readline().rstrip("\n")]
-    while not lines[-1].isdigit():  # the job may write before ts prints the id
-        lines.append(queuer.stdout.readline().rstrip("\n"))
-    job = lines[-1]
+    # Raw reads, as communicate() reads: a buffered readline could take the job's line
+    # too (it may come right after the id, or before it), where communicate() never looks.
+    said = b""
+    while not re.search(rb"^\d+\n", said, re.MULTILINE):
+        chunk = os.read(queuer.stdout.fileno(), 4096)
+        assert chunk, f"ts printed no job id: {said!r}"
+        said += chunk
+    job = re.findall(rb"^(\d+)\n", said, re.MULTILINE)[0].decode()
     ts("-w", job)
     # EOF comes only once ts, the job, its supervisor and the daemon all closed them.
     out, err = queuer.communicate(timeout=20)
     assert queuer.returncode == 0
-    assert sorted(lines + out.splitlines()) == sorted([job, "out"])
-    assert err == "err\n"
+    assert sorted((said + out).decode().splitlines()) == sorted([job, "out"])
+    assert err == b"err\n"
 
 
 def test_n_job_queued_across_a_daemon_restart_runs_with_output_to_devnull(

@@ -56,7 +56,7 @@ def test_exit_info_encodes_in_field_order_as_before() -> None:
 
 def test_exit_report_round_trips_and_reads_dash_as_no_output(tmp_path: Path) -> None:
     exitreport.write(str(tmp_path), 5, ExitReport(ExitInfo(signal=9), end=7.0, output=None))
-    assert json.loads(exitreport.path(tmp_path, 5).read_text())["output"] == "-"
+    assert json.loads(Path(exitreport.path(tmp_path, 5)).read_text())["output"] == "-"
     assert exitreport.read(tmp_path, 5) == ExitReport(ExitInfo(signal=9), end=7.0, output=None)
     exitreport.discard(tmp_path, 5)
     assert exitreport.read(tmp_path, 5) is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -120,7 +122,70 @@ def test_an_exit_report_finishes_the_job_and_is_then_discarded(tmp_path: Path) -
         assert done.state is JobState.FINISHED and done.exit == ExitInfo(code=4, cpu_seconds=0.5)
         assert done.end_time == 9.0
         assert [j.id for j in rig.ended] == [job.id]
-        assert not exitreport.path(rig.exits, job.id).exists()
+        assert not os.path.exists(exitreport.path(rig.exits, job.id))
+
+    run(body)
+
+
+def test_a_report_sent_on_the_pipe_ends_the_job_before_the_pipe_closes(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        report = ExitReport(ExitInfo(code=3, cpu_seconds=0.25), end=8.0, output="/tmp/o")
+        rig.launcher.say(job.id, f"pid 9\nout /tmp/o\nend {exitreport.encode(report)}\n")
+        await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
+        done = rig.store.rows[job.id]
+        assert done.exit == ExitInfo(code=3, cpu_seconds=0.25) and done.end_time == 8.0
+        assert [j.id for j in rig.ended] == [job.id]
+        # The supervisor writes its copy of the report after sending it: that copy goes
+        # only once the pipe closes, never while it may still be written.
+        rig.report(job.id, report)
+        await asyncio.sleep(0.05)
+        assert os.path.exists(exitreport.path(rig.exits, job.id))
+        os.close(rig.launcher.report_w.pop(job.id))
+        await until(lambda: not os.path.exists(exitreport.path(rig.exits, job.id)))
+        assert not rig.runner._tails and not rig.runner._early
+
+    run(body)
+
+
+def test_a_report_line_cut_short_is_not_taken_and_the_file_is_read_at_the_end(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.launcher.say(job.id, 'end {"code": 1, "sig')
+        await asyncio.sleep(0.05)
+        assert rig.store.rows[job.id].state is JobState.RUNNING
+        rig.report(job.id, ExitReport(ExitInfo(code=5), end=2.0))
+        await rig.exit(job.id)
+        assert rig.store.rows[job.id].exit == ExitInfo(code=5)
+        assert not os.path.exists(exitreport.path(rig.exits, job.id))
+
+    run(body)
+
+
+def test_jobs_of_roots_own_personal_daemon_keep_its_identity_and_system_jobs_drop(
+    tmp_path: Path,
+) -> None:
+    """Root's personal daemon runs root's jobs: nothing to drop, so they take the
+    supervisor's spawn path like any user's; the system service always drops (as root)."""
+
+    async def body() -> None:
+        for system, sub in ((False, "personal"), (True, "system")):
+            (tmp_path / sub).mkdir()
+            rig = Rig(tmp_path / sub, system=system)
+            job = rig.queue()
+            rig.runner.start(job, ())
+            await until(functools.partial(operator.contains, rig.launcher.plans, job.id))
+            plan = rig.launcher.plans[job.id]
+            assert plan.drop_privileges is (system and os.getuid() == 0)
+            rig.launcher.close_all()
 
     run(body)
 
@@ -249,12 +314,12 @@ def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_spac
         rig.launcher.close_all()
         await asyncio.sleep(0.1)
         assert job.id in rig.table.running and rig.ended == []
-        assert exitreport.path(rig.exits, job.id).exists()  # kept until recorded
+        assert os.path.exists(exitreport.path(rig.exits, job.id))  # kept until recorded
         disk_full[0] = False
         await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
         assert rig.store.rows[job.id].exit == ExitInfo(code=3)
         assert [j.id for j in rig.ended] == [job.id]
-        assert not exitreport.path(rig.exits, job.id).exists()
+        assert not os.path.exists(exitreport.path(rig.exits, job.id))
 
     run(body)
 

@@ -224,3 +224,28 @@ def test_the_exit_report_is_synced_only_when_no_daemon_reads_the_report_pipe(
         (tmp_path / name).mkdir()
     assert _report_durability(tmp_path / "a", daemon_reads=False)
     assert not _report_durability(tmp_path / "b", daemon_reads=True)
+
+
+def test_a_reused_supervisor_sends_its_report_on_the_pipe_and_leaves_the_same_in_the_file(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    _, said = run_to_end(spawner, reusable(tmp_path, 1, "echo out; exit 6"))
+    end = launch.parse_report(said)["end"]
+    sent = exitreport.decode(end)
+    assert sent is not None and sent.exit.code == 6 and sent.output is not None
+    assert sent == exitreport.read(tmp_path / "exits", 1)
+
+
+def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    """TS_ONFINISH (and mail) run after the job and may change its report: the daemon
+    reads the file then, at the pipe's end of file, not a report sent before."""
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/hooked\n")
+    hook.chmod(0o755)
+    p = dataclasses.replace(reusable(tmp_path, 1, "exit 2"), on_finish=str(hook))
+    _, said = run_to_end(spawner, p)
+    assert launch.parse_report(said)["end"] == "-"
+    assert (tmp_path / "hooked").read_text().startswith("1 2 ")
+    assert code_of(tmp_path, 1) == 2

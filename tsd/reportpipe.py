@@ -1,0 +1,141 @@
+"""The runner's reading of report pipes: what a job's supervisor tells its daemon.
+
+A part of the runner (tsd.runner.Runner builds on `ReportPipes`). A supervisor
+says "pid N" and "out PATH" once its job runs, and at the job's end either
+"end REPORT" (the exit report itself, tsd.exitreport.encode) or "end -" (read
+the report from its file once the pipe closes: TS_ONFINISH or mail may still
+change it). Then it writes its copy of the report to exits/ and closes the
+pipe. A job whose report came on the pipe is recorded at once; its pipe is read
+on to the end of file, and only then is the file removed, never while the
+supervisor may still be writing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+from tsd import exitreport, launch
+
+
+class ReportTable(Protocol):
+    """The job table as report lines update it (tsd.jobtable.JobTable)."""
+
+    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
+
+
+class ReportSettings(Protocol):
+    """Where supervisors leave exit reports (tsd.runner.RunnerSettings)."""
+
+    @property
+    def exits_dir(self) -> Path: ...
+
+
+class ReportPipes:
+    """Reads supervisors' report pipes for the runner (see the module docstring)."""
+
+    loop: asyncio.AbstractEventLoop
+    table: ReportTable
+    settings: ReportSettings
+    _reports: dict[int, int]  # job id -> report pipe fd
+    _early: dict[int, exitreport.ExitReport]  # reports that came on the pipe
+    _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
+    _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
+
+    def _job_ended(self, job_id: int) -> None:
+        """The job is over (the runner records its end)."""
+        raise NotImplementedError
+
+    def _follow_pipe(self, job_id: int, fd: int) -> None:
+        """Read the job's report pipe as it is written; the job ends at its report or
+        at the pipe's end of file, whichever comes first."""
+        self._reports[job_id] = fd
+        self.loop.add_reader(fd, self._report_readable, job_id, fd)
+
+    def _last_words(self, job_id: int) -> None:
+        """The job ended: read what its supervisor said just before, then stop reading
+        the pipe (or read on to its end of file, when its report came on it)."""
+        fd = self._reports.get(job_id)
+        if fd is None:
+            return
+        if job_id not in self._early:
+            self._read_report(job_id, fd)
+        if job_id in self._early:
+            self._tail(job_id, fd)
+        else:
+            self._close_report(job_id)
+
+    def _report_readable(self, job_id: int, fd: int) -> None:
+        if self._read_report(job_id, fd):
+            self._job_ended(job_id)
+
+    def _read_report(self, job_id: int, fd: int) -> bool:
+        """The supervisor's "pid N", "out PATH" and "end REPORT" lines, as they come;
+        True at the end of file (the pipe is closed then) or once the report came."""
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._close_report(job_id)
+            return True
+        fields = launch.parse_report(data.decode(errors="replace"))
+        pid, out, end = fields.get("pid"), fields.get("out"), fields.get("end")
+        if pid is not None or out is not None:
+            self.table.report(
+                job_id,
+                int(pid) if pid and pid.isdigit() else None,
+                None if out in (None, "-") else out,
+                out is not None,
+            )
+        if end and end != "-" and job_id not in self._early:
+            # Not one (a line cut by a short read): the file is read at the end of file.
+            report = exitreport.decode(end)
+            if report is not None:
+                self._early[job_id] = report
+                return True
+        return False
+
+    def _tail(self, job_id: int, fd: int) -> None:
+        """The job ended by its report: read its pipe on to the end of file, the sign
+        that the supervisor's copy of the report is written and may be removed."""
+        self._reports.pop(job_id, None)
+        self._tails[job_id] = fd
+        self.loop.remove_reader(fd)
+        self.loop.add_reader(fd, self._tail_readable, job_id, fd)
+
+    def _tail_readable(self, job_id: int, fd: int) -> None:
+        try:
+            if os.read(fd, 65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.loop.remove_reader(fd)
+        self._tails.pop(job_id, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if job_id in self._discard_at_eof:
+            self._discard_at_eof.discard(job_id)
+            exitreport.discard(self.settings.exits_dir, job_id)
+
+    def _discard_report(self, job_id: int) -> None:
+        """The job's end is on disk: its exit report may go, once it is all written."""
+        self._early.pop(job_id, None)
+        if job_id in self._tails:
+            self._discard_at_eof.add(job_id)
+        else:
+            exitreport.discard(self.settings.exits_dir, job_id)
+
+    def _close_report(self, job_id: int) -> None:
+        fd = self._reports.pop(job_id, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
