@@ -59,6 +59,11 @@ def import_gi() -> tuple[Any, Any]:
     return pydbus, GLib
 
 
+# Seconds the pids are looked for in /proc alone before systemd is asked whether
+# the scope failed: its start job moves them within a few milliseconds.
+QUIET_WAIT = 0.05
+
+
 class SystemdScopes:
     """Creates, signals and stops job scopes on the system bus.
 
@@ -217,28 +222,32 @@ class SystemdScopes:
         raise ScopeError(f"cannot start {unit}: a stale scope of that name would not go away")
 
     def _wait_for_pids(self, unit: str, pids: Sequence[int]) -> str:
-        """Poll /proc until every pid's cgroup is the scope's; return that cgroup path.
+        """Poll /proc until every pid is in the scope's cgroup; return that cgroup path.
 
-        The scope's start job runs after StartTransientUnit returns; its cgroup
-        is known only once it ran. Polling /proc is cheap and needs no D-Bus
-        signal subscription (and so no GLib main loop in the daemon).
+        The scope's start job runs after StartTransientUnit returns, and it moves
+        the pids within a few milliseconds. Their cgroup path names the unit
+        (unit names are unique), so /proc alone says when they are in: systemd
+        is asked (two D-Bus calls per question) only while they are not, to
+        fail at once on a scope that failed. No D-Bus signal subscription (and
+        so no GLib main loop in the daemon).
         """
         deadline = time.monotonic() + self.start_timeout
-        cgroup: str | None = None
+        quiet_until = time.monotonic() + QUIET_WAIT
         while True:
-            if cgroup is None:
+            paths = [_cgroup_of(p) for p in pids]
+            if all(p is not None and p.endswith(f"/{unit}") for p in paths):
+                return str(paths[0])
+            now = time.monotonic()
+            if now > quiet_until:
                 state = self._property(unit, "Unit", "ActiveState")
                 if state is None or state == "failed":
                     # CollectMode unloads a failed scope at once: gone means failed.
                     raise ScopeError(f"systemd could not start {unit}: see its journal")
-                cgroup = self._property(unit, "Scope", "ControlGroup") or None
-            if cgroup is not None and all(_in_cgroup(p, cgroup) for p in pids):
-                return cgroup
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise ScopeError(
                     f"{unit}: pids {list(pids)} not in its cgroup after {self.start_timeout}s"
                 )
-            time.sleep(0.002)
+            time.sleep(0.0005 if now <= quiet_until else 0.002)
 
     def kill(self, unit: str, sig: int) -> bool:
         """Send `sig` to every process in `unit`; False when the unit (or every process) is gone."""
@@ -304,18 +313,17 @@ class SystemdScopes:
             raise ScopeError(f"cannot read {name} of {unit}: {_message(e)}") from e
 
 
-def _in_cgroup(pid: int, cgroup: str) -> bool:
-    """Whether `pid`'s cgroup2 path is `cgroup` (systemd's name for it)."""
+def _cgroup_of(pid: int) -> str | None:
+    """`pid`'s cgroup2 path (outside systemd's cgroup namespace with a prefix), None
+    where it has none (cgroup v1 only)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
                 if line.startswith("0::"):
-                    path = line[3:].strip()
-                    # Outside systemd's cgroup namespace the path has a prefix.
-                    return path == cgroup or path.endswith(cgroup)
+                    return line[3:].strip()
     except (FileNotFoundError, ProcessLookupError):
         raise ScopeError(f"process {pid} exited before it reached its scope") from None
-    return False
+    return None
 
 
 def _dbus_error_name(e: BaseException) -> str | None:
