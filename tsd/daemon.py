@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tsd import __version__, handlers, protocol
+from tsd import __version__, handlers, heap, protocol
 from tsd.config import Config, GpuConfig, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.engine import Scheduling
@@ -353,8 +353,11 @@ class Daemon:
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
         self.runner.launcher.start()  # the spawner loads while the state does
+        heap.steady()
         with gc_paused_then_frozen():
             running = self.table.load()
+        if len(self.table.jobs) >= heap.BIG:
+            heap.give_back()  # what the load made and dropped (rows, JSON, SQLite's cache)
         # Jobs run here (also those left from before a switch to Slurm) stay the runner's.
         self.runner.recover([j for j in running if j.slurm_id is None])
         if self.slurm is not None:
