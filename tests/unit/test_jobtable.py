@@ -371,3 +371,18 @@ def test_queue_stays_in_order_through_priorities_moves_swaps_starts_and_requeues
         for priority in (-9, 0, 1, 9):
             next_key = table._orders[1] + 1
             assert table.place(uid, priority, 2) == priority_keys(own, priority, 2, next_key)
+
+
+def test_stored_bytes_after_a_load_count_every_kept_job_also_across_adds_and_removes() -> None:
+    table, store, _ = make()
+    a = table.add(1000, "alice", spec("echo", "aaaa"))
+    table.add(1001, "bob", spec("echo", "bb"))
+    again, _, _ = make(store=store)
+    again.load()
+    # A change before anyone asked, then one after: both counted once.
+    c = again.add(1000, "alice", spec("echo", "c"))
+    expect = a.spec.stored_bytes + c.spec.stored_bytes
+    assert again.stored_bytes[1000] == expect
+    again.remove(again.get(a.id))
+    assert again.stored_bytes[1000] == c.spec.stored_bytes
+    assert again.stored_bytes[1001] == spec("echo", "bb").stored_bytes
