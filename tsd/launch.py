@@ -20,8 +20,10 @@ rather than of the daemon; `spawn` here is the direct fork from the daemon,
 for when there is no spawner. On the personal daemon a supervisor is reused:
 once its job's report is written it takes the next job the spawner hands it
 (`supervise` runs one job; `become_supervisor` is done once), so a job costs
-one posix_spawn of its command. The daemon learns a job's end from the end of
-file on its report pipe, which the supervisor closes after the exit report.
+one posix_spawn of its command. The daemon learns a job's end from its report
+pipe: a reused supervisor sends the exit report itself there ("end REPORT",
+unless TS_ONFINISH or mail may still change it), then writes the file and closes
+the pipe; otherwise the end of file, after the file is written, is the end.
 Either way the code after fork() only makes system calls, never touches the
 event loop, the database or logging, and always leaves through os._exit.
 

@@ -3,10 +3,10 @@
 For each job it builds the launch plan, has the supervisor forked (by the
 spawner, tsd.spawnlink, or tsd.launch directly), on
 the system service puts it into its systemd scope, and only then lets it run.
-It follows each job by its report pipe (command pid, output path, then end of
-file once the exit report is written: a reused supervisor stays alive), or by
-its supervisor's pidfd after a restart, reads the exit report the supervisor
-leaves, and ends jobs on request
+It follows each job by its report pipe (command pid, output path, then the
+exit report itself or end of file once its file is written: a reused
+supervisor stays alive; tsd.reportpipe), or by its supervisor's pidfd after a
+restart, reads the exit report the supervisor leaves, and ends jobs on request
 (SIGTERM through the scope, SIGKILL after the grace period as a backstop).
 
 D-Bus and NVML calls block (starting a scope waits up to 10 s for systemd), so
