@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+# Started in the background of a non-interactive shell (`./tests/run &`), the run
+# ignores SIGINT, and so would every ts it starts: Ctrl-C tests would find their
+# client deaf to it. With Python's handler here instead, children get SIGINT's
+# default at exec, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Make tests/fixtures importable as `fixtures` whatever pytest's import mode.
 _TESTS = str(Path(__file__).resolve().parent)

@@ -316,7 +316,7 @@ def _check_bytes(
         )
     if limits.max_stored_bytes is None:
         return
-    stored = p.table.stored_bytes[peer.uid] + _settings_bytes(p, peer.uid) - removing
+    stored = p.table.stored.of(peer.uid) + _settings_bytes(p, peer.uid) - removing
     adding *= count
     if stored + adding > limits.max_stored_bytes:
         raise OverQuota(

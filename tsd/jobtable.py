@@ -45,6 +45,7 @@ from tsd.queueorder import JobStore as JobStore
 from tsd.queueorder import QueueOrder
 from tsd.rollbacks import Rollbacks
 from tsd.scheduler import DepOutcome
+from tsd.storedbytes import StoredBytes
 
 
 class JobEvents(Protocol):
@@ -87,26 +88,10 @@ class JobTable(QueueOrder, Rollbacks):
         self.pending_prios: dict[int, Counter[int]] = defaultdict(Counter)
         self.pending_gpu_jobs = 0
         self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)
-        # Per user: JobSpec.stored_bytes summed; None until first asked after a load
-        # (only a max_stored_bytes limit asks: 100,000 jobs' sums cost ~80 ms at start).
-        self._stored_bytes: dict[int, int] | None = defaultdict(int)
+        self.stored = StoredBytes(self.jobs)
         self._orders = (0, -1)  # lowest and highest queue order keys handed out
 
     # ------------------------------------------------------------ loading
-
-    @property
-    def stored_bytes(self) -> dict[int, int]:
-        """Per user: the bytes of text their jobs keep in the store (JobSpec.stored_bytes)."""
-        if self._stored_bytes is None:
-            totals: dict[int, int] = defaultdict(int)
-            for job in self.jobs.values():
-                totals[job.uid] += job.spec.stored_bytes
-            self._stored_bytes = totals
-        return self._stored_bytes
-
-    def _count_bytes(self, uid: int, delta: int) -> None:
-        if self._stored_bytes is not None:  # else counted when first asked
-            self._stored_bytes[uid] += delta
 
     def load(self) -> list[Job]:
         """Fill the table from the store; return the jobs recorded as running."""
@@ -136,7 +121,7 @@ class JobTable(QueueOrder, Rollbacks):
                 low = job.order
             if high is None or job.order > high:
                 high = job.order
-        self._stored_bytes = None
+        self.stored.recount()
         self._index_loaded(pending)
         if ended_transparent:
             self.store.delete(ended_transparent)
@@ -235,7 +220,7 @@ class JobTable(QueueOrder, Rollbacks):
         self.reorder(moved)
         for job in jobs:
             self.jobs[job.id] = job
-            self._count_bytes(uid, job.spec.stored_bytes)
+            self.stored.add(uid, job.spec.stored_bytes)
             self._index_pending(job)
         self._sort_pending()
         self.last_added[uid] = jobs[-1].id
@@ -467,7 +452,7 @@ class JobTable(QueueOrder, Rollbacks):
 
     def _forget(self, job_id: int) -> None:
         job = self.jobs.pop(job_id)
-        self._count_bytes(job.uid, -job.spec.stored_bytes)
+        self.stored.add(job.uid, -job.spec.stored_bytes)
         self._release(self.dependents.pop(job_id, ()))  # it counts as ended well now
         self.dep_blocked.discard(job_id)
 

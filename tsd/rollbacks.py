@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from tsd.errors import StorageFull
 from tsd.model import Job, replace
 from tsd.queueorder import JobStore
+from tsd.storedbytes import StoredBytes
 
 
 class Rollbacks:
@@ -29,14 +30,12 @@ class Rollbacks:
     last_added: dict[int, int]
     last_run: dict[int, int]
     finished_by_user: dict[int, deque[int]]
+    stored: StoredBytes
 
     def _unindex_pending(self, job: Job) -> None:
         raise NotImplementedError
 
     def _forget(self, job_id: int) -> None:
-        raise NotImplementedError
-
-    def _count_bytes(self, uid: int, delta: int) -> None:
         raise NotImplementedError
 
     def reorder(self, moved: Mapping[int, int]) -> None:
@@ -109,7 +108,7 @@ class Rollbacks:
         if done is not None and ran.id in done:
             done.remove(ran.id)
         if ran.id not in self.jobs:  # forgotten meanwhile (a -nf job)
-            self._count_bytes(ran.uid, ran.spec.stored_bytes)
+            self.stored.add(ran.uid, ran.spec.stored_bytes)
         self.jobs[ran.id] = self.running[ran.id] = ran
 
     def unlaunch(self, job_id: int) -> Job | None:

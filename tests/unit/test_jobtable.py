@@ -382,7 +382,7 @@ def test_stored_bytes_after_a_load_count_every_kept_job_also_across_adds_and_rem
     # A change before anyone asked, then one after: both counted once.
     c = again.add(1000, "alice", spec("echo", "c"))
     expect = a.spec.stored_bytes + c.spec.stored_bytes
-    assert again.stored_bytes[1000] == expect
+    assert again.stored.of(1000) == expect
     again.remove(again.get(a.id))
-    assert again.stored_bytes[1000] == c.spec.stored_bytes
-    assert again.stored_bytes[1001] == spec("echo", "bb").stored_bytes
+    assert again.stored.of(1000) == c.spec.stored_bytes
+    assert again.stored.of(1001) == spec("echo", "bb").stored_bytes

@@ -84,9 +84,9 @@ def test_stored_bytes_are_counted_per_user_and_given_back_when_forgotten() -> No
     table = JobTable(FakeStore(), Events(), lambda: 1000)
     s = replace(spec(), command=("echo", "é"), label="xy")
     job = table.add(1, "a", s)
-    assert table.stored_bytes[1] == s.stored_bytes > len("echo") + 2 + 2
+    assert table.stored.of(1) == s.stored_bytes > len("echo") + 2 + 2
     table.remove(job)
-    assert table.stored_bytes[1] == 0
+    assert table.stored.of(1) == 0
 
 
 def test_a_record_too_big_for_one_frame_is_refused_at_submit() -> None:
