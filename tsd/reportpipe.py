@@ -69,7 +69,9 @@ class ReportPipes:
             self._close_report(job_id)
 
     def _report_readable(self, job_id: int, fd: int) -> None:
-        if self._read_report(job_id, fd):
+        if job_id in self._tails:
+            self._tail_readable(job_id, fd)
+        elif self._read_report(job_id, fd):
             self._job_ended(job_id)
 
     def _read_report(self, job_id: int, fd: int) -> bool:
@@ -105,9 +107,7 @@ class ReportPipes:
         """The job ended by its report: read its pipe on to the end of file, the sign
         that the supervisor's copy of the report is written and may be removed."""
         self._reports.pop(job_id, None)
-        self._tails[job_id] = fd
-        self.loop.remove_reader(fd)
-        self.loop.add_reader(fd, self._tail_readable, job_id, fd)
+        self._tails[job_id] = fd  # the same reader goes on, to _tail_readable now
 
     def _tail_readable(self, job_id: int, fd: int) -> None:
         try:
