@@ -52,19 +52,26 @@ def _cpu_s(live: list[int] | None = None) -> float:
     return total
 
 
+def _start_job(root: Path, job: int, devnull: int) -> int:
+    """Job `job`: `true` spawned into its own new output file; its pid."""
+    out = os.open(root / f"out.{job}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return os.posix_spawn("/usr/bin/true", ["true"], os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, out, 2),
+        ], setpgroup=0)
+    finally:
+        os.close(out)
+
+
 def _helper(root: Path, req_r: int, rep_w: int) -> None:
     """A job's parent that is not the loop (what lets a job outlive its daemon): reads a
     job id, runs the job into its output file, waits for it, reports "id code"."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     while line := os.read(req_r, 64):
         job = int(line)
-        out = os.open(root / f"out.{job}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        pid = os.posix_spawn("/usr/bin/true", ["true"], os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, devnull, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, out, 2),
-        ], setpgroup=0)
-        os.close(out)
+        pid = _start_job(root, job, devnull)
         code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         os.write(rep_w, f"{job} {code}\n".encode())
 
@@ -170,13 +177,7 @@ def floor_run(n: int, slots: int) -> tuple[float, float]:
             _record(db, wal, ended, starting)
             ended.clear()
             for job in starting:
-                out = os.open(root / f"out.{job}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                pid = os.posix_spawn("/usr/bin/true", ["true"], os.environ, file_actions=[
-                    (os.POSIX_SPAWN_DUP2, devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, out, 1),
-                    (os.POSIX_SPAWN_DUP2, out, 2),
-                ], setpgroup=0)
-                os.close(out)
+                pid = _start_job(root, job, devnull)
                 pidfd = os.pidfd_open(pid)
                 epoll.register(pidfd, select.EPOLLIN)
                 running[pidfd] = (job, pid)
