@@ -22,8 +22,10 @@ once its job's report is written it takes the next job the spawner hands it
 (`supervise` runs one job; `become_supervisor` is done once), so a job costs
 one posix_spawn of its command. The daemon learns a job's end from its report
 pipe: a reused supervisor sends the exit report itself there ("end REPORT",
-unless TS_ONFINISH or mail may still change it), then writes the file and closes
-the pipe; otherwise the end of file, after the file is written, is the end.
+unless TS_ONFINISH or mail may still change it) and waits on its go pipe for
+the daemon's ACK that the end is stored, writing the report file only when none
+comes (`acks_end`); otherwise the end of file, after the file is written, is
+the end.
 Either way the code after fork() only makes system calls, never touches the
 event loop, the database or logging, and always leaves through os._exit.
 
@@ -34,10 +36,8 @@ tsd.jobtree.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import resource
 import select
 import signal
 import time
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from tsd import exitreport, jobtree
+from tsd import exitreport, jobtree, privdrop
 from tsd.model import ExitInfo
 from tsd.paths import SENDMAIL
 
@@ -58,6 +58,9 @@ JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login she
 # daemon starts the job again elsewhere). End of file (the daemon died) is "aborted".
 GO = b"g"
 QUIT = b"x"
+# What the daemon writes to the go pipe (kept open for it, see `acks_end`) once a job's
+# end, sent on the report pipe, is stored: no exit report file is needed then.
+ACK = b"a"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,18 @@ class Launched:
     # A pidfd of the supervisor, opened before it could exit and be reaped, for
     # watching it without a race with pid reuse; the receiver owns it. None: open one.
     pidfd: int | None = None
+    # The go pipe, kept open by go() when the supervisor waits for ACK after sending its
+    # job's end (`acks_end`); the receiver writes ACK or closes it. None: go() closed it.
+    ack_fd: int | None = None
+
+
+def acks_end(plan: LaunchPlan) -> bool:
+    """Whether the supervisor sends the job's exit report on the report pipe and waits
+    on the go pipe for the daemon to say it is stored (ACK), writing the report file
+    only when no ACK comes (the daemon died, or gave up on the job). A reused
+    supervisor does, unless TS_ONFINISH or mail may still change the report after the
+    job: those send "end -", and the daemon reads the file."""
+    return plan.reuse and not (plan.on_finish or plan.mail_to)
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -145,17 +160,21 @@ def spawn(plan: LaunchPlan) -> Launched:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
 
-    return launched(pid, proc_start_time(pid), go_w, rep_r, wait=wait)
+    return launched(pid, proc_start_time(pid), go_w, rep_r, wait=wait, keep_go=acks_end(plan))
 
 
-def go_controls(go_w: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """`go` and `abort` for a supervisor waiting on the read end of `go_w`; each closes it."""
+def go_controls(
+    go_w: int, keep: bool = False
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """`go` and `abort` for a supervisor waiting on the read end of `go_w`; each closes
+    it, but go() keeps it open when `keep` (for the end's ACK)."""
 
     def go() -> None:
         try:
             os.write(go_w, GO)
         finally:
-            os.close(go_w)
+            if not keep:
+                os.close(go_w)
 
     def abort() -> None:
         os.close(go_w)
@@ -165,12 +184,16 @@ def go_controls(go_w: int) -> tuple[Callable[[], None], Callable[[], None]]:
 
 def launched(
     pid: int, start: int | None, go_w: int, rep_r: int,
-    wait: Callable[[], None], pidfd: int | None = None,
+    wait: Callable[[], None], pidfd: int | None = None, keep_go: bool = False,
 ) -> Launched:
-    """What the daemon keeps of a supervisor waiting for go on `go_w`, reporting on `rep_r`."""
+    """What the daemon keeps of a supervisor waiting for go on `go_w`, reporting on `rep_r`;
+    `keep_go`: it waits on `go_w` for the end's ACK too (`acks_end`)."""
     os.set_blocking(rep_r, False)
-    go, abort = go_controls(go_w)
-    return Launched(pid, start, go, abort, rep_r, wait=wait, pidfd=pidfd)
+    go, abort = go_controls(go_w, keep_go)
+    return Launched(
+        pid, start, go, abort, rep_r, wait=wait, pidfd=pidfd,
+        ack_fd=go_w if keep_go else None,
+    )
 
 
 def wait_pidfd(pidfd: int) -> None:
@@ -249,7 +272,7 @@ def become_supervisor() -> None:
     # get SIGPIPE's default back before they exec (_child_signals).
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
-        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        privdrop.libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
 
 
@@ -276,7 +299,9 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
         aborted = exitreport.ExitReport(ExitInfo(), aborted=True)
         exitreport.write(plan.exits_dir, plan.job_id, aborted)
         return False
-    os.close(go_r)
+    acked = acks_end(plan)
+    if not acked:
+        os.close(go_r)
     cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
 
     start = time.time()
@@ -334,15 +359,30 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
     )
     # A daemon still reading the report pipe records the end and syncs it itself; with
     # none there (restart, crash) the report must survive a crash on its own. A reused
-    # supervisor with nothing left to run after the job sends the report itself, so the
-    # daemon records the end while the file (its copy for a daemon that crashes before
-    # that) is written; TS_ONFINISH or mail may still change the report, so with those
-    # the daemon reads the file once the pipe closes.
-    early = plan.reuse and not (plan.on_finish or plan.mail_to)
-    durable = not _report(rep_w, f"end {exitreport.encode(report)}" if early else "end -")
+    # supervisor sends the report itself and waits for the daemon's ACK that it is
+    # stored: then no file is needed. Without the ACK (the daemon died first, or gave
+    # up on the job) the file is written, durably. TS_ONFINISH or mail may still change
+    # the report, so with those the daemon reads the file once the pipe closes.
+    if acked:
+        told = _report(rep_w, f"end {exitreport.encode(report)}")
+        if told and _read_word(go_r) == ACK:
+            os.close(go_r)
+            return True
+        os.close(go_r)
+        _write_report_until_stored(plan, report, durable=True)
+        return True
+    durable = not _report(rep_w, "end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
     return True
+
+
+def _read_word(fd: int) -> bytes:
+    """One byte from the daemon; b"" at end of file or on an error."""
+    try:
+        return os.read(fd, 1)
+    except OSError:
+        return b""
 
 
 REPORT_RETRY = 1.0  # seconds between tries to write the exit report on a full disk
@@ -396,101 +436,6 @@ def _read_all(fd: int) -> str:
 
 
 # ------------------------------------------------------------- job side
-
-
-def drop_privileges(uid: int, gid: int, user: str) -> None:
-    """Become the user for good: supplementary groups, then gid, then uid (that order)."""
-    if os.getuid() == 0 and uid != 0:
-        os.initgroups(user, gid)
-    elif os.getuid() == 0:
-        os.setgroups(os.getgrouplist(user, gid))
-    os.setgid(gid)
-    os.setuid(uid)
-    if uid != 0 and (os.geteuid() == 0 or os.getegid() != gid):
-        raise PermissionError("privileges were not dropped")
-    new_session_keyring()
-
-
-_LIBC: list[ctypes.CDLL] = []
-
-
-def _libc() -> ctypes.CDLL:
-    """The C library, loaded once (the spawner loads it before it forks, see prepare)."""
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]
-
-
-def prepare() -> None:
-    """Load now what supervisors and jobs would otherwise each load after fork."""
-    libc = _libc()
-    _ = libc.prctl, libc.syscall
-
-
-KEYCTL_JOIN_SESSION_KEYRING = 1
-KEYCTL_LINK = 8
-KEY_SPEC_USER_KEYRING = -4
-KEY_SPEC_SESSION_KEYRING = -3
-
-
-def new_session_keyring() -> None:
-    """Join a fresh session keyring owned by the current user, as pam_keyinit does at login.
-
-    Without it every job would share the daemon's session keyring, and one user's
-    job could read and change the keys another user's job added with `@s`. Call
-    it after setuid, so the new keyring belongs to the user.
-    """
-    libc = _libc()
-    machine = os.uname().machine
-    nr = _SYS_KEYCTL.get(machine)
-    if nr is None:
-        # Fail closed: running the job in the daemon's keyring is what this prevents.
-        raise OSError(errno.ENOSYS, f"keyctl's system call number on {machine} is unknown")
-    syscall = libc.syscall
-    syscall.restype = ctypes.c_long
-    # NULL name: a new anonymous keyring, not a named one other processes could join.
-    if syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
-        err = ctypes.get_errno()
-        # ENOSYS (no keyrings in this kernel) or EPERM/EACCES (a seccomp filter or LSM
-        # blocks keyctl, and blocks it for the job too): there is no keyring a job
-        # could use, so nothing is shared. Anything else (EDQUOT...) would leave the
-        # job in the daemon's keyring: refuse to start it.
-        if err in (errno.ENOSYS, errno.EPERM, errno.EACCES):
-            return
-        raise OSError(err, f"cannot make a session keyring: {os.strerror(err)}")
-    # Like pam_keyinit: the user's own keyring stays reachable from the session.
-    syscall(
-        ctypes.c_long(nr),
-        ctypes.c_long(KEYCTL_LINK),
-        ctypes.c_long(KEY_SPEC_USER_KEYRING),
-        ctypes.c_long(KEY_SPEC_SESSION_KEYRING),
-    )
-
-
-# keyctl's system call number, per architecture (asm/unistd.h).
-_SYS_KEYCTL = {
-    "x86_64": 250,
-    "aarch64": 219,
-    "riscv64": 219,
-    "loongarch64": 219,
-    "ppc64le": 271,
-    "ppc64": 271,
-    "s390x": 280,
-    "i686": 288,
-    "i386": 288,
-    "armv7l": 311,
-}
-
-
-def reset_nofile(soft: int | None) -> None:
-    """Give the job the usual soft file limit, not the daemon's raised one (select() and
-    many programs assume at most 1024); the hard limit stays, so a job may raise it."""
-    if soft is None:
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _start_job(plan: LaunchPlan, rep_w: int) -> tuple[int | None, str, str, int | None]:
@@ -587,9 +532,9 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
     _child_signals()
     os.setpgid(0, 0)
     try:
-        reset_nofile(plan.nofile_soft)
+        privdrop.reset_nofile(plan.nofile_soft)
         if plan.drop_privileges:
-            drop_privileges(plan.uid, plan.gid, plan.user)
+            privdrop.drop_privileges(plan.uid, plan.gid, plan.user)
         os.umask(plan.umask)
         out_fd, err_fd, path = _open_outputs(plan, status_w)
         _report(status_w, f"out {path}" if path else "out -")
@@ -751,9 +696,9 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> int |
         try:
             os.close(w)
             _child_signals()
-            reset_nofile(plan.nofile_soft)
+            privdrop.reset_nofile(plan.nofile_soft)
             if plan.drop_privileges:
-                drop_privileges(plan.uid, plan.gid, plan.user)
+                privdrop.drop_privileges(plan.uid, plan.gid, plan.user)
             os.dup2(r, 0)
             os.chdir(plan.cwd)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])

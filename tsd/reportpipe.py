@@ -4,10 +4,12 @@ A part of the runner (tsd.runner.Runner builds on `ReportPipes`). A supervisor
 says "pid N" and "out PATH" once its job runs, and at the job's end either
 "end REPORT" (the exit report itself, tsd.exitreport.encode) or "end -" (read
 the report from its file once the pipe closes: TS_ONFINISH or mail may still
-change it). Then it writes its copy of the report to exits/ and closes the
-pipe. A job whose report came on the pipe is recorded at once; its pipe is read
-on to the end of file, and only then is the file removed, never while the
-supervisor may still be writing it.
+change it). A job whose report came on the pipe is recorded at once, and once
+its end is stored the daemon says ACK on the job's go pipe (tsd.launch.acks_end),
+which the supervisor waits for: it writes no exit report file then, and the
+pipe is closed. A supervisor that gets no ACK (the daemon died, or gave up on
+the job) writes the file; the daemon still there reads the pipe on to its end of
+file and only then removes the file, never while it may still be written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class ReportPipes:
     _early: dict[int, exitreport.ExitReport]  # reports that came on the pipe
     _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
+    _acks: dict[int, int]  # job id -> go pipe of a supervisor that waits for ACK
 
     def _job_ended(self, job_id: int) -> None:
         """The job is over (the runner records its end)."""
@@ -66,6 +69,7 @@ class ReportPipes:
         if job_id in self._early:
             self._tail(job_id, fd)
         else:
+            self._drop_ack(job_id)  # no report to acknowledge: it ended without one
             self._close_report(job_id)
 
     def _report_readable(self, job_id: int, fd: int) -> None:
@@ -117,21 +121,38 @@ class ReportPipes:
             return
         except OSError:
             pass
-        self.loop.remove_reader(fd)
-        self._tails.pop(job_id, None)
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        self._end_tail(job_id)
         if job_id in self._discard_at_eof:
             self._discard_at_eof.discard(job_id)
             exitreport.discard(self.settings.exits_dir, job_id)
 
+    def _end_tail(self, job_id: int) -> None:
+        fd = self._tails.pop(job_id, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def _discard_report(self, job_id: int) -> None:
-        """The job's end is on disk: its exit report may go, once it is all written."""
-        self._early.pop(job_id, None)
+        """The job's end is on disk: tell a supervisor that waits for it, so that it
+        writes no report file; else the report file may go, once it is all written."""
+        early = self._early.pop(job_id, None)
+        ack = self._acks.pop(job_id, None)
+        if ack is not None and early is not None and _say_ack(ack):
+            self._end_tail(job_id)  # nothing more comes on it that matters
+            return
+        if ack is not None and early is None:
+            _close(ack)
         if job_id in self._tails:
             self._discard_at_eof.add(job_id)
         else:
             exitreport.discard(self.settings.exits_dir, job_id)
+
+    def _drop_ack(self, job_id: int) -> None:
+        """No ACK will come for this job: its supervisor (if any) writes the file."""
+        ack = self._acks.pop(job_id, None)
+        if ack is not None:
+            _close(ack)
 
     def _close_report(self, job_id: int) -> None:
         fd = self._reports.pop(job_id, None)
@@ -139,3 +160,20 @@ class ReportPipes:
             self.loop.remove_reader(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _say_ack(fd: int) -> bool:
+    """ACK on a go pipe, closed then; False when its supervisor is gone (it wrote no
+    file then, or is writing one: the end of file on its report pipe tells)."""
+    try:
+        os.write(fd, launch.ACK)
+        return True
+    except OSError:
+        return False
+    finally:
+        _close(fd)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -245,6 +245,7 @@ class Runner(ReportPipes, EndRecorder):
         self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
+        self._acks: dict[int, int] = {}  # job id -> go pipe, for ACK once its end is stored
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
@@ -361,6 +362,8 @@ class Runner(ReportPipes, EndRecorder):
     def _go(self, job: Job, launched: launch.Launched) -> None:
         with contextlib.suppress(OSError):  # killed (ts -k) before its go: its end tells
             launched.go()
+        if launched.ack_fd is not None:
+            self._acks[job.id] = launched.ack_fd
         self._watch(job, launched.report_fd, launched.pidfd)
         log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 
@@ -491,6 +494,7 @@ class Runner(ReportPipes, EndRecorder):
         self._last_words(job_id)
         job = self.table.running.get(job_id)
         if job is None:
+            self._drop_ack(job_id)  # nothing to record: its supervisor writes the file
             return
         if job.supervisor_pid is not None and isinstance(self.launcher, ForkLauncher):
             # Only a supervisor this daemon forked is its child; the spawner reaps

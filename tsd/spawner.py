@@ -44,7 +44,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import NoReturn
 
-from tsd import launch
+from tsd import launch, privdrop
 
 HEADER = struct.Struct("=I")  # length of the marshalled plan that follows
 REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
@@ -272,8 +272,8 @@ def run_pooled(plan: launch.LaunchPlan, go_r: int, rep_w: int, link_fd: int) -> 
         link.setblocking(True)
         while launch.supervise(plan, go_r, rep_w):
             try:
-                # IDLE before the job's end reaches the daemon: the spawner knows us idle
-                # by the time the daemon asks for the next job's supervisor.
+                # IDLE once the job's end is stored (ACK) or its report file written:
+                # the spawner hands over no job before this one's end is settled.
                 link.sendall(IDLE)
                 os.close(rep_w)
                 body, fds = _read_request(link)
@@ -305,7 +305,7 @@ def _reap() -> None:
 def serve(sock_fd: int) -> None:
     """Answer the daemon's requests on `sock_fd` until it closes its end."""
     launch.default_signals()
-    launch.prepare()
+    privdrop.prepare()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

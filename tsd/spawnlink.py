@@ -175,7 +175,8 @@ class SpawnerLauncher:
             os.close(go_r)  # the supervisor has its own copies now
             os.close(rep_w)
         return launch.launched(
-            pid, start, go_w, rep_r, wait=lambda: launch.wait_pidfd(pidfd), pidfd=pidfd
+            pid, start, go_w, rep_r, wait=lambda: launch.wait_pidfd(pidfd), pidfd=pidfd,
+            keep_go=launch.acks_end(plan),
         )
 
     def _request(

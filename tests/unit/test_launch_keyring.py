@@ -1,4 +1,4 @@
-"""A job's process joins a session keyring of its own (launch.new_session_keyring)."""
+"""A job's process joins a session keyring of its own (privdrop.new_session_keyring)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tsd import launch
+from tsd import privdrop
 
 KEYCTL_GET_KEYRING_ID = 0
 
@@ -16,14 +16,14 @@ def session_keyring_id(create: bool) -> int:
     """The serial of this process's session keyring (keyctl GET_KEYRING_ID @s)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    nr = launch._SYS_KEYCTL[os.uname().machine]
+    nr = privdrop._SYS_KEYCTL[os.uname().machine]
     return int(libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_GET_KEYRING_ID),
-                            ctypes.c_long(launch.KEY_SPEC_SESSION_KEYRING),
+                            ctypes.c_long(privdrop.KEY_SPEC_SESSION_KEYRING),
                             ctypes.c_long(int(create))))
 
 
 def test_new_session_keyring_replaces_the_inherited_one_in_the_child_only() -> None:
-    if os.uname().machine not in launch._SYS_KEYCTL:
+    if os.uname().machine not in privdrop._SYS_KEYCTL:
         pytest.skip("keyctl's number is unknown on this architecture")
     before = session_keyring_id(create=True)
     if before < 0:
@@ -33,7 +33,7 @@ def test_new_session_keyring_replaces_the_inherited_one_in_the_child_only() -> N
     if pid == 0:
         try:
             os.close(r)
-            launch.new_session_keyring()
+            privdrop.new_session_keyring()
             os.write(w, str(session_keyring_id(create=False)).encode())
         finally:
             os._exit(0)
