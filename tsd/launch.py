@@ -18,16 +18,17 @@ Supervisors are forked by the spawner (tsd.spawner), a small process the
 daemon starts at its start, so that a job costs forks of a small process
 rather than of the daemon; `spawn` here is the direct fork from the daemon,
 for when there is no spawner. On the personal daemon a supervisor is reused:
-once its job's report is written it takes the next job the spawner hands it
-(`supervise` runs one job; `become_supervisor` is done once), so a job costs
-one posix_spawn of its command. The daemon learns a job's end from its report
-pipe: a reused supervisor sends the exit report itself there ("end REPORT",
-unless TS_ONFINISH or mail may still change it) and waits on its go pipe for
-the daemon's ACK that the end is stored, writing the report file only when none
-comes (`acks_end`); otherwise the end of file, after the file is written, is
-the end.
-Either way the code after fork() only makes system calls, never touches the
-event loop, the database or logging, and always leaves through os._exit.
+once its job's end is settled it takes the next job the daemon sends it on its
+link (tsd.spawner.run_member, tsd.supervisorpool; `run_job` runs one job,
+`become_supervisor` is done once), so a job costs one posix_spawn of its
+command. The daemon learns a job's end from its report pipe: a reused
+supervisor sends the exit report itself there ("end REPORT", unless
+TS_ONFINISH or mail may still change it) and waits (on its link, or on the go
+pipe of one forked for a single job) for the daemon's ACK that the end is
+stored, writing the report file only when none comes (`acks_end`); otherwise
+the end of file, after the file is written, is the end. Either way the code
+after fork() only makes system calls, never touches the event loop, the
+database or logging, and always leaves through os._exit.
 
 What the job leaves running when its main process exits is found and ended by
 tsd.jobtree.
@@ -59,8 +60,10 @@ JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login she
 GO = b"g"
 QUIT = b"x"
 # What the daemon writes to the go pipe (kept open for it, see `acks_end`) once a job's
-# end, sent on the report pipe, is stored: no exit report file is needed then.
+# end, sent on the report pipe, is stored: no exit report file is needed then; or
+# NAK (as end of file does): it will not record that report, write the file.
 ACK = b"a"
+NAK = b"n"
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class LaunchPlan:
     # job's fds 1 and 2; None sends a not-stored output to /dev/null.
     out_fds: tuple[int, int] | None = None
     # May run in a supervisor that ran another job before and stays for the next one
-    # (tsd.spawner's pool): only where no scope holds the supervisor (the personal daemon).
+    # (tsd.supervisorpool): only where no scope holds the supervisor (the personal daemon).
     reuse: bool = False
 
 
@@ -112,9 +115,11 @@ class Launched:
     # A pidfd of the supervisor, opened before it could exit and be reaped, for
     # watching it without a race with pid reuse; the receiver owns it. None: open one.
     pidfd: int | None = None
-    # The go pipe, kept open by go() when the supervisor waits for ACK after sending its
-    # job's end (`acks_end`); the receiver writes ACK or closes it. None: go() closed it.
-    ack_fd: int | None = None
+    # When the supervisor waits for an answer after sending its job's end (`acks_end`):
+    # answer(ACK) once the end is stored, answer(NAK) to have it write the file
+    # instead, answer(None) when it sent no end to answer; called once (after go()),
+    # True when it was told. None: it waits for nothing.
+    answer: Callable[[bytes | None], bool] | None = None
 
 
 def acks_end(plan: LaunchPlan) -> bool:
@@ -167,7 +172,7 @@ def go_controls(
     go_w: int, keep: bool = False
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """`go` and `abort` for a supervisor waiting on the read end of `go_w`; each closes
-    it, but go() keeps it open when `keep` (for the end's ACK)."""
+    it, but go() keeps it open when `keep` (for the end's answer, `answer_on`)."""
 
     def go() -> None:
         try:
@@ -192,8 +197,25 @@ def launched(
     go, abort = go_controls(go_w, keep_go)
     return Launched(
         pid, start, go, abort, rep_r, wait=wait, pidfd=pidfd,
-        ack_fd=go_w if keep_go else None,
+        answer=answer_on(go_w) if keep_go else None,
     )
+
+
+def answer_on(go_w: int) -> Callable[[bytes | None], bool]:
+    """Launched.answer for a supervisor that waits on the read end of `go_w` (its end
+    of file is a NAK); closes it."""
+
+    def answer(word: bytes | None) -> bool:
+        try:
+            if word:
+                os.write(go_w, word)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(go_w)
+
+    return answer
 
 
 def wait_pidfd(pidfd: int) -> None:
@@ -302,6 +324,19 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
     acked = acks_end(plan)
     if not acked:
         os.close(go_r)
+    try:
+        run_job(plan, rep_w, go_r if acked else None)
+    finally:
+        if acked:
+            os.close(go_r)
+    return True
+
+
+def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
+    """Run the job the daemon just said go for, to its end, and report the end on
+    `rep_w`: sent there, then ACK awaited on `ack_from` when it is given (see
+    `acks_end`), else (or when no ACK comes) written to the exit report file. The
+    caller closes `rep_w` afterwards: the daemon's end of file."""
     cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
 
     start = time.time()
@@ -363,18 +398,17 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
     # stored: then no file is needed. Without the ACK (the daemon died first, or gave
     # up on the job) the file is written, durably. TS_ONFINISH or mail may still change
     # the report, so with those the daemon reads the file once the pipe closes.
-    if acked:
-        told = _report(rep_w, f"end {exitreport.encode(report)}")
-        if told and _read_word(go_r) == ACK:
-            os.close(go_r)
-            return True
-        os.close(go_r)
+    line = f"end {exitreport.encode(report)}"
+    # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
+    # waits for an ACK of a report it could not read; a longer one goes in the file.
+    if ack_from is not None and len(line.encode()) < select.PIPE_BUF:
+        if _report(rep_w, line) and _read_word(ack_from) == ACK:
+            return
         _write_report_until_stored(plan, report, durable=True)
-        return True
+        return
     durable = not _report(rep_w, "end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
-    return True
 
 
 def _read_word(fd: int) -> bytes:

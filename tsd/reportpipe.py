@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -46,10 +47,14 @@ class ReportPipes:
     _early: dict[int, exitreport.ExitReport]  # reports that came on the pipe
     _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
-    _acks: dict[int, int]  # job id -> go pipe of a supervisor that waits for ACK
+    _acks: dict[int, Callable[[bytes | None], bool]]  # supervisors that wait for ACK
 
     def _job_ended(self, job_id: int) -> None:
         """The job is over (the runner records its end)."""
+        raise NotImplementedError
+
+    def _started(self, job_id: int, signal_held: bool = True) -> None:
+        """The job's supervisor said its pid: it runs the job (the runner acts on it)."""
         raise NotImplementedError
 
     def _follow_pipe(self, job_id: int, fd: int) -> None:
@@ -69,7 +74,7 @@ class ReportPipes:
         if job_id in self._early:
             self._tail(job_id, fd)
         else:
-            self._drop_ack(job_id)  # no report to acknowledge: it ended without one
+            self._drop_ack(job_id, told=False)  # it ended without a report to acknowledge
             self._close_report(job_id)
 
     def _report_readable(self, job_id: int, fd: int) -> None:
@@ -92,6 +97,8 @@ class ReportPipes:
             return True
         fields = launch.parse_report(data.decode(errors="replace"))
         pid, out, end = fields.get("pid"), fields.get("out"), fields.get("end")
+        if pid is not None:
+            self._started(job_id)
         if pid is not None or out is not None:
             self.table.report(
                 job_id,
@@ -100,11 +107,12 @@ class ReportPipes:
                 out is not None,
             )
         if end and end != "-" and job_id not in self._early:
-            # Not one (a line cut by a short read): the file is read at the end of file.
             report = exitreport.decode(end)
             if report is not None:
                 self._early[job_id] = report
                 return True
+            # Not a report: its supervisor writes the file, read at the end of file.
+            self._drop_ack(job_id, told=True)
         return False
 
     def _tail(self, job_id: int, fd: int) -> None:
@@ -138,21 +146,24 @@ class ReportPipes:
         writes no report file; else the report file may go, once it is all written."""
         early = self._early.pop(job_id, None)
         ack = self._acks.pop(job_id, None)
-        if ack is not None and early is not None and _say_ack(ack):
+        if ack is not None and early is not None and ack(launch.ACK):
             self._end_tail(job_id)  # nothing more comes on it that matters
             return
         if ack is not None and early is None:
-            _close(ack)
+            ack(None)
         if job_id in self._tails:
             self._discard_at_eof.add(job_id)
         else:
             exitreport.discard(self.settings.exits_dir, job_id)
 
-    def _drop_ack(self, job_id: int) -> None:
-        """No ACK will come for this job: its supervisor (if any) writes the file."""
+    def _drop_ack(self, job_id: int, told: bool) -> None:
+        """No ACK will come for this job. `told`: its supervisor sent a report and waits
+        for the answer (NAK: write the file, which is then read at the end of file); a
+        link to a reused supervisor carries nothing else, so it is only said then."""
         ack = self._acks.pop(job_id, None)
-        if ack is not None:
-            _close(ack)
+        if ack is None:
+            return
+        ack(launch.NAK if told else None)
 
     def _close_report(self, job_id: int) -> None:
         fd = self._reports.pop(job_id, None)
@@ -160,18 +171,6 @@ class ReportPipes:
             self.loop.remove_reader(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _say_ack(fd: int) -> bool:
-    """ACK on a go pipe, closed then; False when its supervisor is gone (it wrote no
-    file then, or is writing one: the end of file on its report pipe tells)."""
-    try:
-        os.write(fd, launch.ACK)
-        return True
-    except OSError:
-        return False
-    finally:
-        _close(fd)
 
 
 def _close(fd: int) -> None:

@@ -245,7 +245,12 @@ class Runner(ReportPipes, EndRecorder):
         self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
-        self._acks: dict[int, int] = {}  # job id -> go pipe, for ACK once its end is stored
+        # job id -> how to tell its supervisor that its end is stored (launch.Launched)
+        self._acks: dict[int, Callable[[bytes | None], bool]] = {}
+        # Personal jobs launched whose "pid" line has not come yet, and the signal held
+        # for each until then (see _signal_supervisor).
+        self._unstarted: set[int] = set()
+        self._held: dict[int, int] = {}
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
         self._kill_timers: dict[int, asyncio.TimerHandle] = {}
         self._killed: set[int] = set()  # ended by ts -k/-T: never retried (--retry)
@@ -338,10 +343,10 @@ class Runner(ReportPipes, EndRecorder):
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
-        try:
-            launched = self.launcher.spawn(plan)
-        finally:
-            _close_all(terminal)  # the supervisor has its own copies now
+        launched = self._spawn(job, plan)
+        if launched is None:
+            return
+        self._unstarted.add(job.id)
         try:
             job = self.table.launched(
                 job.id, launched.supervisor_pid, launched.supervisor_start, None
@@ -350,6 +355,22 @@ class Runner(ReportPipes, EndRecorder):
             self._not_stored(job.id, launched, None, exc)
             return
         self._go_once_stored(job, launched, None)
+
+    def _spawn(self, job: Job, plan: launch.LaunchPlan) -> launch.Launched | None:
+        """The job's supervisor, forked (or reused); None when that failed (out of file
+        descriptors or processes): the job is back in the queue then, tried again in a
+        while, with the terminal of a ts -n job still held for it."""
+        try:
+            launched = self.launcher.spawn(plan)
+        except OSError as exc:
+            if plan.out_fds is not None:
+                self._terminals[job.id] = (job.uid, plan.out_fds)
+            self.table.requeue(job.id)
+            log.warning("job %d not started, retrying in %.0fs: %s", job.id, STORE_RETRY, exc)
+            self.loop.call_later(STORE_RETRY, self._requeued)
+            return None
+        _close_all(plan.out_fds)  # the supervisor has its own copies now
+        return launched
 
     def _go_once_stored(self, job: Job, launched: launch.Launched, unit: str | None) -> None:
         """Tell the supervisor to go once the job is durably running; undo the launch if
@@ -362,8 +383,8 @@ class Runner(ReportPipes, EndRecorder):
     def _go(self, job: Job, launched: launch.Launched) -> None:
         with contextlib.suppress(OSError):  # killed (ts -k) before its go: its end tells
             launched.go()
-        if launched.ack_fd is not None:
-            self._acks[job.id] = launched.ack_fd
+        if launched.answer is not None:
+            self._acks[job.id] = launched.answer
         self._watch(job, launched.report_fd, launched.pidfd)
         log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 
@@ -374,6 +395,7 @@ class Runner(ReportPipes, EndRecorder):
         store still has it) and try again once space may be back."""
         launched.abort()
         launched.wait()  # it exits at once: go never came
+        self._started(job_id, signal_held=False)
         if unit is not None:
             self._spawn_task(self._quietly(self.scopes.stop, unit))
         self._abandon_launch(job_id, launched, exc)
@@ -425,10 +447,9 @@ class Runner(ReportPipes, EndRecorder):
             self.table.requeue(job.id)
             self._requeued()
             return
-        try:
-            launched = self.launcher.spawn(plan)
-        finally:
-            _close_all(plan.out_fds)  # the supervisor has its own copies now
+        launched = self._spawn(job, plan)
+        if launched is None:
+            return
         description = f"tsd job {job.id} of {job.user}: {job.spec.command_line[:100]}"
         try:
             unit = await self._offload(
@@ -492,9 +513,11 @@ class Runner(ReportPipes, EndRecorder):
         if pid is not None:
             self.procs.forget(pid)  # first: a pidfd left readable would call us forever
         self._last_words(job_id)
+        self._started(job_id, signal_held=False)
         job = self.table.running.get(job_id)
         if job is None:
-            self._drop_ack(job_id)  # nothing to record: its supervisor writes the file
+            # Nothing to record: its supervisor writes the file, if it waits.
+            self._drop_ack(job_id, told=self._early.pop(job_id, None) is not None)
             return
         if job.supervisor_pid is not None and isinstance(self.launcher, ForkLauncher):
             # Only a supervisor this daemon forked is its child; the spawner reaps
@@ -547,7 +570,21 @@ class Runner(ReportPipes, EndRecorder):
         if job.id in self.table.running:
             self._signal_supervisor(job, sig)
 
+    def _started(self, job_id: int, signal_held: bool = True) -> None:
+        """The job's "pid" line came (or it is over): a signal held for it goes now."""
+        self._unstarted.discard(job_id)
+        sig = self._held.pop(job_id, None)
+        job = self.table.running.get(job_id)
+        if signal_held and sig is not None and job is not None:
+            self._signal_supervisor(job, sig)
+
     def _signal_supervisor(self, job: Job, sig: int) -> None:
+        if sig != signal.SIGKILL and job.id in self._unstarted:
+            # A reused supervisor drops the signals pending when it takes a job (they
+            # were for its previous one), and it tells its pid once it has: until then
+            # the signal waits here. SIGKILL, the backstop for a stuck job, does not.
+            self._held[job.id] = sig
+            return
         if job.supervisor_pid and self._supervisor_alive(job):
             with contextlib.suppress(OSError):
                 os.kill(job.supervisor_pid, sig)

@@ -18,17 +18,20 @@ before the next is read:
     spawner -> daemon   (pid, start time), and by SCM_RIGHTS a pidfd of the new
                         supervisor; or (-errno, 0) when fork failed
 
-A plan with `reuse` (the personal daemon's) goes to an idle supervisor of the
-pool (_Pool) when there is one: the same pid, start time and pidfd come back,
-and the supervisor runs that job next. Other plans, and reusable ones when none
-is idle, get a new fork.
+Or the body is marshal("member") with one fd, a socket (the link): the spawner
+forks a reused supervisor (the personal daemon's), which keeps the link and
+runs, one at a time, each job the daemon sends it there (`run_member`; the
+daemon's side is tsd.supervisorpool). A fork of even this small process, and
+the pages the forked Python touches before it has started the job, cost several
+times what the job's own posix_spawn does; a supervisor that stays costs them
+once, and the daemon hands it a job with one message, no spawner in between.
 
 The supervisors are the spawner's children (it reaps them), and they outlive it:
 they are setsid'd, the spawner exits once the daemon's end of the socket closes
-(its daemon stopped or died), a pooled supervisor exits once its job is over
-and the spawner is gone, and the daemon follows each job by its report pipe,
+(its daemon stopped or died), a reused supervisor exits once its job is over
+and its link is closed, and the daemon follows each job by its report pipe,
 not as the supervisor's parent. Nothing here blocks on anything but the
-daemon's socket and a pooled supervisor's link.
+daemon's socket.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import select
 import signal
 import socket
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import NoReturn
 
 from tsd import launch, privdrop
@@ -123,91 +126,8 @@ def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
         raise
 
 
-IDLE = b"i"  # pooled supervisor -> spawner: its job's turn is over, it may take another
-TAKEN = b"t"  # pooled supervisor -> spawner: it holds the request, old signals dropped
-MAX_IDLE = 32  # idle pooled supervisors kept; more are let go after a burst
-
-
-@dataclass
-class _Pooled:
-    """A reusable supervisor as the spawner sees it: its identity and its link."""
-
-    pid: int
-    start: int | None
-    pidfd: int  # the spawner's own, duplicated into each answer to the daemon
-    link: socket.socket
-    idle: bool = False
-
-
-class _Pool:
-    """Supervisors kept for plans with `reuse`: one job at a time each, then the next.
-
-    A fork of even this small process, and the pages the forked Python touches
-    before it has started the job, cost several times what the job's own
-    posix_spawn does; a supervisor that stays costs them once. Each is linked
-    to the spawner by a socketpair: the spawner hands it a request (the same
-    bytes and fds the daemon sent) and waits for TAKEN, so that every signal
-    sent for its previous job is dropped before the daemon learns it runs the
-    next one; it says IDLE when its job's turn is over.
-    """
-
-    def __init__(self) -> None:
-        self.members: dict[int, _Pooled] = {}  # link fd -> member
-
-    def add(self, member: _Pooled) -> None:
-        """A supervisor forked for a reusable plan: busy with that job now."""
-        self.members[member.link.fileno()] = member
-
-    def take(self) -> _Pooled | None:
-        """An idle member, now busy; None when none is idle."""
-        for member in self.members.values():
-            if member.idle:
-                member.idle = False
-                return member
-        return None
-
-    def drop(self, member: _Pooled) -> None:
-        """Let a member go: at end of file on its link it exits (or it is gone already)."""
-        self.members.pop(member.link.fileno(), None)
-        member.link.close()
-        with contextlib.suppress(OSError):
-            os.close(member.pidfd)
-
-    def heard(self, fd: int) -> None:
-        """A member's link is readable: IDLE, or end of file (it died)."""
-        member = self.members[fd]
-        try:
-            word = member.link.recv(1)
-        except OSError:
-            word = b""
-        if word != IDLE:
-            self.drop(member)
-            return
-        member.idle = True
-        idle = [m for m in self.members.values() if m.idle]
-        for extra in idle[MAX_IDLE:]:
-            self.drop(extra)
-
-    def hand(self, member: _Pooled, body: bytes, fds: list[int]) -> bool:
-        """Give a request to an idle member; False (and the member dropped) if it failed."""
-        try:
-            data = HEADER.pack(len(body)) + body
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
-            # MSG_NOSIGNAL: a member dead since the last select is EPIPE here, not a
-            # SIGPIPE that would end the spawner (its signals are at their defaults).
-            sent = member.link.sendmsg([data], rights, socket.MSG_NOSIGNAL)
-            if sent < len(data):
-                member.link.sendall(data[sent:], socket.MSG_NOSIGNAL)
-            word = member.link.recv(1)
-        except OSError:
-            word = b""
-        if word == TAKEN:
-            return True
-        if word:  # it holds the request and said something else: it must not run it
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(member.pidfd, signal.SIGKILL)
-        self.drop(member)
-        return False
+IDLE = b"i"  # reused supervisor -> daemon, on its link: its job's turn is over
+MEMBER = "member"  # the request body (marshalled) for a reused supervisor, not a plan
 
 
 def _answer(sock: socket.socket, pid: int, start: int | None, pidfd: int) -> None:
@@ -217,74 +137,72 @@ def _answer(sock: socket.socket, pid: int, start: int | None, pidfd: int) -> Non
     )
 
 
-def _supervisor_for(sock: socket.socket, body: bytes, fds: list[int], pool: _Pool) -> None:
-    """Give a request a supervisor, pooled or forked, and answer with its pid and a pidfd."""
+def _supervisor_for(sock: socket.socket, body: bytes, fds: list[int]) -> None:
+    """Fork a supervisor for a plan (it waits for go), or a reused supervisor that waits
+    for jobs on its link (the request's one fd), and answer with its pid and a pidfd."""
     pidfd = -1
-    kept = False
     try:
+        member = len(fds) == 1 and _is_member(body)
         try:
-            if len(fds) not in (2, 4):
-                raise ValueError(f"a request brings 2 or 4 fds, not {len(fds)}")
-            go_r, rep_w = fds[:2]
-            plan = decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
+            if not member and len(fds) not in (2, 4):
+                raise ValueError(f"a request brings 1, 2 or 4 fds, not {len(fds)}")
+            plan = None if member else decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
         except (ValueError, TypeError, EOFError):
             sock.sendall(REPLY.pack(-errno.EINVAL, -1))
             return
-        if plan.reuse:
-            member = pool.take()
-            while member is not None:
-                if pool.hand(member, body, fds):
-                    _answer(sock, member.pid, member.start, member.pidfd)
-                    return
-                member = pool.take()
         try:
-            links = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if plan.reuse else None
             pid = os.fork()
         except OSError as exc:
             sock.sendall(REPLY.pack(-(exc.errno or 1), -1))
             return
         if pid == 0:
-            if links is not None:
-                run_pooled(plan, go_r, rep_w, links[1].fileno())
-            launch.run_supervisor(plan, go_r, rep_w, inherited=False)
+            if plan is None:
+                run_member(fds[0])
+            launch.run_supervisor(plan, fds[0], fds[1], inherited=False)
         # Before the loop reaps anything: the pid is still ours, not reused.
         pidfd = os.pidfd_open(pid)
-        start = launch.proc_start_time(pid)
-        if links is not None:
-            links[1].close()
-            pool.add(_Pooled(pid, start, pidfd, links[0]))
-            kept = True
-        _answer(sock, pid, start, pidfd)
+        _answer(sock, pid, launch.proc_start_time(pid), pidfd)
     finally:
         _close(fds)
-        if pidfd >= 0 and not kept:
+        if pidfd >= 0:
             os.close(pidfd)
 
 
-def run_pooled(plan: launch.LaunchPlan, go_r: int, rep_w: int, link_fd: int) -> NoReturn:
-    """In a freshly forked child: supervise this job, then each one the spawner hands
-    over on `link_fd`, until the spawner lets go (or a job never ran), then exit."""
+def _is_member(body: bytes) -> bool:
+    try:
+        return bool(marshal.loads(body) == MEMBER)
+    except (ValueError, TypeError, EOFError):
+        return False
+
+
+def run_member(link_fd: int) -> NoReturn:
+    """In a freshly forked child: a reused supervisor. It runs each job its daemon sends
+    on `link_fd` (the job runs once it is sent: the daemon sends it once it is stored as
+    running), says IDLE after each, and exits once the daemon is gone (end of file)."""
     code = 70
     try:
-        launch.reset_process_state([go_r, rep_w, link_fd, *(plan.out_fds or ())], False)
+        launch.reset_process_state([link_fd], False)
         launch.become_supervisor()
         link = socket.socket(fileno=link_fd)
         link.setblocking(True)
-        while launch.supervise(plan, go_r, rep_w):
+        while True:
             try:
-                # IDLE once the job's end is stored (ACK) or its report file written:
-                # the spawner hands over no job before this one's end is settled.
-                link.sendall(IDLE)
-                os.close(rep_w)
                 body, fds = _read_request(link)
             except (_Gone, OSError):
-                break  # the spawner is gone (its daemon stopped) or let us go
-            if len(fds) not in (2, 4):
-                break  # closing them: the daemon sees the job's end at once
-            go_r, rep_w = fds[:2]
-            plan = decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
+                break  # the daemon is gone (stopped, died) or let us go
+            if len(fds) not in (1, 3):
+                _close(fds)
+                break
+            rep_w = fds[0]
+            plan = decode(body, (fds[1], fds[2]) if len(fds) == 3 else None)
+            # Signals sent for the previous job (a ts -k that crossed its end) are not
+            # for this one; the daemon sends none for this one before its "pid" line.
             launch.forget_signals()
-            link.sendall(TAKEN)
+            try:
+                launch.run_job(plan, rep_w, link_fd if launch.acks_end(plan) else None)
+            finally:
+                os.close(rep_w)  # the job's end of file, then: idle
+            link.sendall(IDLE)
         code = 0
     except BaseException:
         code = 70
@@ -313,10 +231,9 @@ def serve(sock_fd: int) -> None:
     signal.set_wakeup_fd(wake_w)  # SIGCHLD wakes the select below: supervisors are reaped
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
-    pool = _Pool()
     sock.sendall(READY)
     while True:
-        readable, _, _ = select.select([sock_fd, wake_r, *pool.members], [], [])
+        readable, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in readable:
             try:
                 while os.read(wake_r, 512):
@@ -324,15 +241,12 @@ def serve(sock_fd: int) -> None:
             except BlockingIOError:
                 pass
             _reap()
-        for fd in readable:
-            if fd in pool.members:  # first: a supervisor just idle serves the request below
-                pool.heard(fd)
         if sock_fd in readable:
             try:
                 body, fds = _read_request(sock)
             except (_Gone, ConnectionError):
                 return
-            _supervisor_for(sock, body, fds, pool)
+            _supervisor_for(sock, body, fds)
 
 
 def main(argv: list[str]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import marshal
 import os
 import socket
 import struct
@@ -28,6 +29,7 @@ import threading
 import time
 
 from tsd import launch, spawner
+from tsd.supervisorpool import Member, SupervisorPool
 
 log = logging.getLogger("tsd")
 
@@ -38,6 +40,8 @@ BACKOFF = 60.0  # seconds of forking from the daemon after a spawner failed twic
 # -S: no site-packages either: the spawner imports tsd (from where this daemon's
 # came) and the standard library, nothing else.
 START = "import sys; sys.path.insert(0, sys.argv[1]); import tsd.spawner as s; s.main(sys.argv)"
+_MEMBER_BODY = marshal.dumps(spawner.MEMBER)
+MEMBER_REQUEST = spawner.HEADER.pack(len(_MEMBER_BODY)) + _MEMBER_BODY
 
 
 class SpawnerGone(Exception):
@@ -56,6 +60,7 @@ class SpawnerLauncher:
         self._lock = threading.Lock()
         self._failures = 0  # spawners lost since the last answered request
         self._not_before = 0.0  # monotonic time before which no spawner is started
+        self.pool = SupervisorPool()  # reused supervisors (plans with `reuse`)
 
     @property
     def spawner_pid(self) -> int | None:
@@ -72,6 +77,7 @@ class SpawnerLauncher:
         with self._lock:
             proc, sock = self._proc, self._sock
             self._proc = self._sock = None
+            self.pool.close()
         if sock is not None:
             sock.close()  # end of file: the spawner exits
         if proc is not None:
@@ -86,7 +92,13 @@ class SpawnerLauncher:
         return launch.proc_start_time(pid)
 
     def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
-        """Have the spawner fork the supervisor (it waits for go); fork it here without one."""
+        """A reused supervisor for a plan with `reuse` (idle, or forked by the spawner);
+        else have the spawner fork the supervisor (it waits for go); fork it here
+        without a spawner."""
+        if plan.reuse:
+            member = self.pool.take() or self._new_member()
+            if member is not None:
+                return self.pool.launched(member, plan)
         with self._lock:
             for _ in range(2):
                 sock = self._ensure()
@@ -100,6 +112,31 @@ class SpawnerLauncher:
                 self._failures = 0
                 return launched
         return launch.spawn(plan)
+
+    def _new_member(self) -> Member | None:
+        """A new reused supervisor, forked by the spawner; None without a spawner."""
+        with self._lock:
+            for _ in range(2):
+                sock = self._ensure()
+                if sock is None:
+                    break
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    self._await_ready(sock)
+                    pid, start, pidfd = self._request(sock, MEMBER_REQUEST, [theirs.fileno()])
+                except SpawnerGone as exc:
+                    ours.close()  # a supervisor forked all the same exits at its end of file
+                    self._lost(str(exc))
+                    continue
+                except BaseException:
+                    ours.close()
+                    raise
+                finally:
+                    theirs.close()
+                os.close(pidfd)
+                self._failures = 0
+                return self.pool.add(pid, start, ours)
+        return None
 
     def _ensure(self) -> socket.socket | None:
         if self._sock is not None:

@@ -197,9 +197,13 @@ class FakeLauncher:
         self.aborted: list[int] = []
         self.report_w: dict[int, int] = {}  # job id -> write end of its report pipe
         self.alive: dict[int, int] = {}  # pid -> start time
+        self.acks = False  # supervisors wait for the ACK of their report (launch.acks_end)
+        self.ack_r: dict[int, int] = {}  # job id -> read end of its ACK pipe
+        self.real: dict[int, int] = {}  # job id -> a real process standing in as supervisor
+        self.fail: OSError | None = None  # what the next spawn raises
 
     def pid_of(self, job_id: int) -> int:
-        return FAKE_PID_BASE + job_id
+        return self.real.get(job_id, FAKE_PID_BASE + job_id)
 
     def start(self) -> None:
         pass
@@ -208,14 +212,22 @@ class FakeLauncher:
         pass
 
     def spawn(self, plan: launch.LaunchPlan) -> launch.Launched:
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
         self.plans[plan.job_id] = plan
         r, w = os.pipe()
         os.set_blocking(r, False)
         self.report_w[plan.job_id] = w
         job_id = plan.job_id
+        answer = None
+        if self.acks:
+            self.ack_r[job_id], ack_w = os.pipe()
+            answer = launch.answer_on(ack_w)
         return launch.Launched(
             self.pid_of(job_id), 1234,
             lambda: self.gone.append(job_id), lambda: self.aborted.append(job_id), r,
+            answer=answer,
         )
 
     def start_time(self, pid: int) -> int | None:
@@ -226,10 +238,11 @@ class FakeLauncher:
         os.write(self.report_w[job_id], text.encode())
 
     def close_all(self) -> None:
-        for fd in self.report_w.values():
+        for fd in (*self.report_w.values(), *self.ack_r.values()):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.report_w.clear()
+        self.ack_r.clear()
 
 
 class FakeProcs:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import operator
 import os
+import select
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,7 +26,7 @@ from unit.daemon_fakes import (
     spec,
 )
 
-from tsd import exitreport, runend
+from tsd import exitreport, launch, runend
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.exitreport import ExitReport
@@ -148,6 +152,119 @@ def test_a_report_sent_on_the_pipe_ends_the_job_before_the_pipe_closes(
         os.close(rig.launcher.report_w.pop(job.id))
         await until(lambda: not os.path.exists(exitreport.path(rig.exits, job.id)))
         assert not rig.runner._tails and not rig.runner._early
+
+    run(body)
+
+
+def test_a_report_on_the_pipe_is_acked_once_stored_and_no_file_is_looked_for(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        rig.launcher.acks = True
+        job = rig.queue()
+        rig.runner.start(job, ())
+        report = ExitReport(ExitInfo(code=3), end=8.0, output=None)
+        rig.launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
+        await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
+        # The ACK comes once the end is stored, and the runner stops reading the pipe:
+        # the supervisor writes nothing more that matters.
+        assert os.read(rig.launcher.ack_r[job.id], 8) == launch.ACK
+        await until(lambda: not rig.runner._tails and not rig.runner._acks)
+        assert not rig.runner._early and not rig.runner._reports
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_a_report_that_is_not_one_gets_a_nak_and_the_file_is_read_at_the_end(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        rig.launcher.acks = True
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.launcher.say(job.id, "end {not json\n")
+        assert await asyncio.to_thread(os.read, rig.launcher.ack_r[job.id], 8) == launch.NAK
+        assert rig.store.rows[job.id].state is JobState.RUNNING
+        rig.report(job.id, ExitReport(ExitInfo(code=5), end=2.0))
+        await rig.exit(job.id)
+        assert rig.store.rows[job.id].exit == ExitInfo(code=5)
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_a_job_that_ends_without_a_report_on_the_pipe_gets_no_ack(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        rig.launcher.acks = True
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.report(job.id, ExitReport(ExitInfo(code=6), end=2.0))
+        await rig.exit(job.id)
+        assert rig.store.rows[job.id].exit == ExitInfo(code=6)
+        # Nothing was sent to acknowledge: its ACK pipe is only closed (end of file).
+        assert os.read(rig.launcher.ack_r[job.id], 8) == b""
+        rig.launcher.close_all()
+
+    run(body)
+
+
+def test_a_kill_before_the_supervisor_tells_the_pid_waits_for_it(tmp_path: Path) -> None:
+    """A reused supervisor drops the signals pending when it takes a job (they were for
+    its last one): ts -k of a job it has not started yet is sent once its pid comes."""
+
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        stand_in = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *_: print('term', flush=True))\n"
+             "print('ready', flush=True); time.sleep(30)"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert stand_in.stdout is not None and stand_in.stdout.readline() == "ready\n"
+            job = rig.queue()
+            rig.launcher.real[job.id] = stand_in.pid
+            rig.launcher.alive[stand_in.pid] = 1234
+            rig.runner.start(job, ())
+            await until(lambda: rig.launcher.gone == [job.id])  # stored: go was given
+            rig.runner.kill(rig.table.running[job.id])
+            ready, _, _ = select.select([stand_in.stdout], [], [], 0.3)
+            assert not ready  # held
+            rig.launcher.say(job.id, "pid 77\n")
+            got = await asyncio.to_thread(stand_in.stdout.readline)
+            assert got == "term\n"
+        finally:
+            stand_in.kill()
+            stand_in.wait()
+            rig.launcher.close_all()
+
+    run(body)
+
+
+def test_a_job_whose_supervisor_cannot_be_forked_goes_back_to_the_queue_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runend, "STORE_RETRY", 0.05)
+    monkeypatch.setattr("tsd.runner.STORE_RETRY", 0.05)
+
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        r, w = os.pipe()
+        rig.runner.hold_terminal(job, (r, w))  # a ts -n job: its terminal stays held
+        rig.launcher.fail = OSError(errno.EMFILE, "Too many open files")
+        rig.runner.start(job, ())
+        assert rig.store.rows[job.id].state is JobState.QUEUED
+        assert rig.table.pending == [job.id] and rig.runner.terminals_held(ME) == 1
+        await until(lambda: rig.requeued == 1)  # the dispatcher is asked again, later
+        rig.runner.start(rig.table.get(job.id), ())  # type: ignore[arg-type]
+        assert rig.store.rows[job.id].state is JobState.RUNNING
+        assert rig.launcher.plans[job.id].out_fds == (r, w)
+        rig.launcher.close_all()
 
     run(body)
 

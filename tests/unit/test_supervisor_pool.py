@@ -1,4 +1,5 @@
-"""Reused supervisors (tsd.spawner's pool): one job at a time each, every job's end intact."""
+"""Reused supervisors (tsd.spawner.run_member, tsd.supervisorpool): linked to the daemon,
+one job at a time each, every job's end intact."""
 
 from __future__ import annotations
 
@@ -19,35 +20,52 @@ def reusable(tmp: Path, job_id: int, script: str) -> launch.LaunchPlan:
     return dataclasses.replace(plan(tmp, job_id, script), reuse=True)
 
 
-def until_end(started: launch.Launched, timeout: float = 20.0) -> str:
-    """What the supervisor said on the report pipe, read until its end of file (the job's end)."""
+def read_until(started: launch.Launched, done: object, timeout: float = 20.0) -> str:
+    """What the supervisor said on the report pipe, until `done(said)` or end of file."""
     said = b""
     deadline = time.monotonic() + timeout
-    while True:
+    while not done(said.decode()):  # type: ignore[operator]
         left = deadline - time.monotonic()
-        assert left > 0, "no end of file on the report pipe"
+        assert left > 0, f"the supervisor said only {said!r}"
         ready, _, _ = select.select([started.report_fd], [], [], left)
         if not ready:
             continue
         chunk = os.read(started.report_fd, 4096)
         if not chunk:
-            os.close(started.report_fd)
-            if started.pidfd is not None:
-                os.close(started.pidfd)
-            return said.decode()
+            break
         said += chunk
+    return said.decode()
+
+
+def said_end(said: str) -> bool:
+    return "\nend " in said or said.startswith("end ")
+
+
+def until_end(started: launch.Launched, answer: bytes | None = launch.ACK) -> str:
+    """Read the report pipe as a daemon does: to the end's line, then `answer` it (ACK:
+    stored; NAK: write the file; None: the daemon is gone) and read on to the end of file."""
+    said = read_until(started, said_end)
+    if started.answer is not None:
+        started.answer(answer)
+    said += read_until(started, lambda _: False)
+    os.close(started.report_fd)
+    return said
+
+
+def report_in(said: str) -> exitreport.ExitReport:
+    sent = exitreport.decode(launch.parse_report(said)["end"])
+    assert sent is not None, said
+    return sent
 
 
 def run_to_end(spawner: SpawnerLauncher, p: launch.LaunchPlan) -> tuple[int, str]:
+    """Run a job to its end, ACKed; then wait for its supervisor to be idle again."""
+    idle = spawner.pool.idle()
     started = spawner.spawn(p)
     started.go()
-    return started.supervisor_pid, until_end(started)
-
-
-def code_of(tmp: Path, job_id: int) -> int | None:
-    report = exitreport.read(tmp / "exits", job_id)
-    assert report is not None, f"no exit report for job {job_id}"
-    return report.exit.code
+    said = until_end(started)
+    wait_until(lambda: spawner.pool.idle() > idle - (idle > 0))
+    return started.supervisor_pid, said
 
 
 def test_jobs_one_after_another_run_on_one_supervisor_each_with_its_own_exit_code(
@@ -55,15 +73,14 @@ def test_jobs_one_after_another_run_on_one_supervisor_each_with_its_own_exit_cod
 ) -> None:
     first, said = run_to_end(spawner, reusable(tmp_path, 1, "echo one; exit 7"))
     assert ppid(first) == spawner.spawner_pid
-    # The end of file comes once the exit report is written: it is there to read.
-    assert code_of(tmp_path, 1) == 7
-    assert "pid " in said and "out " in said
-    second, _ = run_to_end(spawner, reusable(tmp_path, 2, "echo two; exit 8"))
+    assert report_in(said).exit.code == 7 and "pid " in said and "out " in said
+    second, said = run_to_end(spawner, reusable(tmp_path, 2, "echo two; exit 8"))
     assert second == first and alive(first)  # it stayed, and took the next job
-    assert code_of(tmp_path, 2) == 8
-    report = exitreport.read(tmp_path / "exits", 2)
-    assert report is not None and report.output is not None
+    report = report_in(said)
+    assert report.exit.code == 8 and report.output is not None
     assert Path(report.output).read_text() == "two\n"
+    # ACKed: the daemon stored both ends, so no exit report file was written.
+    assert not any((tmp_path / "exits").iterdir())
 
 
 def test_jobs_at_the_same_time_get_a_supervisor_each(
@@ -76,9 +93,24 @@ def test_jobs_at_the_same_time_get_a_supervisor_each(
     b.go()
     assert a.supervisor_pid != b.supervisor_pid
     gate.touch()
-    until_end(a)
-    until_end(b)
-    assert (code_of(tmp_path, 1), code_of(tmp_path, 2)) == (1, 2)
+    assert (report_in(until_end(a)).exit.code, report_in(until_end(b)).exit.code) == (1, 2)
+
+
+def test_a_job_runs_only_once_it_is_sent_and_an_abort_gives_the_supervisor_back(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
+    mark = tmp_path / "ran"
+    started = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
+    assert started.supervisor_pid == first
+    time.sleep(0.2)
+    assert not mark.exists()  # not sent (not stored as running yet): nothing runs
+    started.abort()
+    os.close(started.report_fd)
+    again = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
+    assert again.supervisor_pid == first
+    again.go()
+    assert report_in(until_end(again)).exit.code == 3 and not mark.exists()
 
 
 def test_a_kill_that_crossed_the_previous_jobs_end_does_not_reach_the_next_job(
@@ -93,9 +125,8 @@ def test_a_kill_that_crossed_the_previous_jobs_end_does_not_reach_the_next_job(
     started.go()
     time.sleep(0.3)  # time enough for a stale SIGTERM to end the job, were it kept
     gate.touch()
-    until_end(started)
-    report = exitreport.read(tmp_path / "exits", 2)
-    assert report is not None and report.exit.code == 5 and report.exit.signal is None
+    report = report_in(until_end(started))
+    assert report.exit.code == 5 and report.exit.signal is None
 
 
 def test_a_kill_of_the_current_job_still_ends_it(tmp_path: Path, spawner: SpawnerLauncher) -> None:
@@ -103,11 +134,9 @@ def test_a_kill_of_the_current_job_still_ends_it(tmp_path: Path, spawner: Spawne
     started = spawner.spawn(reusable(tmp_path, 2, "sleep 300"))
     assert started.supervisor_pid == first
     started.go()
-    time.sleep(0.2)
+    read_until(started, lambda said: "pid " in said)  # the runner signals only after it
     os.kill(first, signal.SIGTERM)  # what ts -k does on the personal daemon
-    until_end(started)
-    report = exitreport.read(tmp_path / "exits", 2)
-    assert report is not None and report.exit.signal == signal.SIGTERM
+    assert report_in(until_end(started)).exit.signal == signal.SIGTERM
     assert alive(first)  # and the supervisor serves on
 
 
@@ -116,23 +145,35 @@ def test_what_a_job_left_running_is_ended_before_its_supervisor_takes_another(
 ) -> None:
     pid_file = tmp_path / "left.pid"
     script = f"setsid sleep 300 & echo $! > {pid_file}; sleep 300 & echo $! >> {pid_file}; exit 3"
-    first, _ = run_to_end(spawner, reusable(tmp_path, 1, script))
+    first, said = run_to_end(spawner, reusable(tmp_path, 1, script))
     left = [int(p) for p in pid_file.read_text().split()]
     assert len(left) == 2 and not any(alive(p) for p in left)
-    assert code_of(tmp_path, 1) == 3
-    second, _ = run_to_end(spawner, reusable(tmp_path, 2, "exit 4"))
-    assert second == first and code_of(tmp_path, 2) == 4
+    assert report_in(said).exit.code == 3
+    second, said = run_to_end(spawner, reusable(tmp_path, 2, "exit 4"))
+    assert second == first and report_in(said).exit.code == 4
 
 
-def test_a_pooled_supervisor_that_died_is_replaced_by_a_new_one(
+def test_a_supervisor_that_died_idle_is_replaced_by_a_new_one(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
     first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not alive(first))
-    time.sleep(0.1)  # the spawner hears its link close
-    second, _ = run_to_end(spawner, reusable(tmp_path, 2, "exit 6"))
-    assert second != first and code_of(tmp_path, 2) == 6
+    second, said = run_to_end(spawner, reusable(tmp_path, 2, "exit 6"))
+    assert second != first and report_in(said).exit.code == 6
+
+
+def test_a_job_sent_to_a_supervisor_that_just_died_goes_back_to_the_queue(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
+    mark = tmp_path / "ran"
+    started = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
+    assert started.supervisor_pid == first
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not alive(first))
+    started.go()  # it cannot be sent: the job never ran, and its pipe says so
+    assert report_in(until_end(started, answer=None)).aborted and not mark.exists()
 
 
 def test_a_supervisor_that_dies_with_its_job_gives_the_daemon_an_end_of_file_at_once(
@@ -140,10 +181,10 @@ def test_a_supervisor_that_dies_with_its_job_gives_the_daemon_an_end_of_file_at_
 ) -> None:
     started = spawner.spawn(reusable(tmp_path, 1, "sleep 300"))
     started.go()
-    time.sleep(0.2)
+    read_until(started, lambda said: "pid " in said)
     os.kill(started.supervisor_pid, signal.SIGKILL)
-    until_end(started, timeout=5)  # the end, with no report: the daemon records it as lost
-    assert exitreport.read(tmp_path / "exits", 1) is None
+    said = read_until(started, lambda _: False, timeout=5)  # end of file, with no report
+    assert "end " not in said and exitreport.read(tmp_path / "exits", 1) is None
 
 
 def test_plans_without_reuse_get_a_supervisor_of_their_own_that_exits(
@@ -151,15 +192,16 @@ def test_plans_without_reuse_get_a_supervisor_of_their_own_that_exits(
 ) -> None:
     first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
     started = spawner.spawn(plan(tmp_path, 2, "exit 2"))  # a system job: its scope goes with it
-    assert started.supervisor_pid != first
+    assert started.supervisor_pid != first and started.answer is None
     pidfd = os.pidfd_open(started.supervisor_pid)
     started.go()
-    until_end(started)
+    assert "end -" in until_end(started)
     launch.wait_pidfd(pidfd)  # it exits
-    assert code_of(tmp_path, 2) == 2
+    report = exitreport.read(tmp_path / "exits", 2)
+    assert report is not None and report.exit.code == 2
 
 
-def test_closing_the_spawner_lets_idle_supervisors_go_and_running_jobs_finish(
+def test_closing_the_launcher_lets_idle_supervisors_go_and_running_jobs_finish(
     tmp_path: Path,
 ) -> None:
     spawner = SpawnerLauncher()
@@ -169,71 +211,74 @@ def test_closing_the_spawner_lets_idle_supervisors_go_and_running_jobs_finish(
     busy.go()
     idle, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
     assert idle != busy.supervisor_pid
-    spawner.close()  # the daemon stops: its report pipes go with it
+    spawner.close()  # the daemon stops: its report pipes and ACKs go with it
     os.close(busy.report_fd)
     wait_until(lambda: not alive(idle))
     assert alive(busy.supervisor_pid)
     gate.touch()
     wait_until(lambda: not alive(busy.supervisor_pid))  # it leaves once its job is over
-    assert code_of(tmp_path, 2) == 9  # and its report is there for the next daemon
+    report = exitreport.read(tmp_path / "exits", 2)  # its report is there for the next daemon
+    assert report is not None and report.exit.code == 9
 
 
-def _report_durability(tmp: Path, daemon_reads: bool) -> bool:
-    """Whether a supervisor asked for a durable exit report, its daemon reading the report
-    pipe or gone (run in a forked child: a supervisor blocks signals and is a subreaper)."""
-    go_r, go_w = os.pipe()
+def test_a_nak_has_the_report_written_to_its_file_before_the_end_of_file(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    """NAK: the daemon will not record the report it was sent (the daemon's own end is
+    in test_closing_the_launcher...): the supervisor writes the file, then closes."""
+    started = spawner.spawn(reusable(tmp_path, 1, "exit 11"))
+    started.go()
+    sent = report_in(until_end(started, answer=launch.NAK))
+    assert exitreport.read(tmp_path / "exits", 1) == sent and sent.exit.code == 11
+    wait_until(lambda: spawner.pool.idle() == 1)  # and it serves on
+
+
+def _report_durability(tmp: Path, answer: bytes | None) -> list[bool]:
+    """The `durable` of each exit report file a supervisor wrote after sending its
+    report, the daemon answering `answer` (None: gone). Run in a forked child: a
+    supervisor blocks signals and is a subreaper."""
+    ack_r, ack_w = os.pipe()
     rep_r, rep_w = os.pipe()
     out_r, out_w = os.pipe()
     p = reusable(tmp, 1, "exit 0")
     pid = os.fork()
     if pid == 0:
         try:
-            for fd in (out_r, rep_r, go_w):
+            for fd in (out_r, rep_r, ack_w):
                 os.close(fd)
             asked: list[bool] = []
             real = exitreport.write
             exitreport.write = lambda d, j, r, durable=True: (  # type: ignore[assignment]
                 asked.append(durable), real(d, j, r, durable))[-1]
             launch.become_supervisor()
-            launch.supervise(p, go_r, rep_w)
-            os.write(out_w, b"1" if asked == [True] else b"0")
+            launch.run_job(p, rep_w, ack_r)
+            os.write(out_w, b"".join(b"1" if d else b"0" for d in asked) or b"-")
         finally:
             os._exit(0)
-    os.close(out_w)
-    os.close(go_r)
-    os.close(rep_w)
-    if not daemon_reads:
-        os.close(rep_r)
-    os.write(go_w, launch.GO)
-    os.close(go_w)
-    answer = os.read(out_r, 1)
+    for fd in (out_w, ack_r, rep_w):
+        os.close(fd)
+    said = b""
+    while b"end " not in said:
+        said += os.read(rep_r, 4096)
+    if answer is not None:
+        os.write(ack_w, answer)
+    os.close(ack_w)
+    written = os.read(out_r, 16)
+    assert written, "the supervisor failed"
     os.waitpid(pid, 0)
-    if daemon_reads:
-        os.close(rep_r)
+    os.close(rep_r)
     os.close(out_r)
-    assert code_of(tmp, 1) == 0
-    return answer == b"1"
+    return [] if written == b"-" else [c == ord("1") for c in written]
 
 
-def test_the_exit_report_is_synced_only_when_no_daemon_reads_the_report_pipe(
-    tmp_path: Path,
-) -> None:
-    # A daemon reading the pipe records the end in its own synced commit at once; with
-    # none there (restarting, crashed), the report alone must survive a crash.
-    for name in ("a", "b"):
+def test_the_exit_report_file_is_written_synced_only_when_no_ack_comes(tmp_path: Path) -> None:
+    # An ACK says the daemon's own synced commit holds the end: no file at all. With no
+    # ACK (NAK, or no daemon: restarting, crashed) the report alone must survive a crash.
+    for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
-    assert _report_durability(tmp_path / "a", daemon_reads=False)
-    assert not _report_durability(tmp_path / "b", daemon_reads=True)
-
-
-def test_a_reused_supervisor_sends_its_report_on_the_pipe_and_leaves_the_same_in_the_file(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    _, said = run_to_end(spawner, reusable(tmp_path, 1, "echo out; exit 6"))
-    end = launch.parse_report(said)["end"]
-    sent = exitreport.decode(end)
-    assert sent is not None and sent.exit.code == 6 and sent.output is not None
-    assert sent == exitreport.read(tmp_path / "exits", 1)
+    assert _report_durability(tmp_path / "a", launch.ACK) == []
+    assert _report_durability(tmp_path / "b", launch.NAK) == [True]
+    assert _report_durability(tmp_path / "c", None) == [True]
 
 
 def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
@@ -245,7 +290,11 @@ def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
     hook.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/hooked\n")
     hook.chmod(0o755)
     p = dataclasses.replace(reusable(tmp_path, 1, "exit 2"), on_finish=str(hook))
-    _, said = run_to_end(spawner, p)
+    started = spawner.spawn(p)
+    assert started.answer is None
+    started.go()
+    said = until_end(started)
     assert launch.parse_report(said)["end"] == "-"
     assert (tmp_path / "hooked").read_text().startswith("1 2 ")
-    assert code_of(tmp_path, 1) == 2
+    report = exitreport.read(tmp_path / "exits", 1)
+    assert report is not None and report.exit.code == 2

@@ -1,0 +1,159 @@
+"""The personal daemon's reused supervisors, linked to it directly.
+
+A reused supervisor (tsd.spawner.run_member) is forked once by the spawner and
+then kept: the daemon holds one end of a socketpair (its link) and hands it
+each job there, with the job's report pipe (and ts -n's output fds) beside it.
+The message is sent only once the job is stored as running, so it is the
+job's "go": the supervisor starts the job as soon as it reads it, with no
+spawner and no round trip in between. After the job the supervisor says IDLE
+on its link and waits for the next one; when the daemon is gone (the link's end
+of file) it exits, once the job it runs, if any, is over.
+
+A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
+the link too (Launched.answer); nothing else is sent to it while a job is out,
+as it is not idle again before IDLE.
+
+Signals: a supervisor drops the signals still pending from its previous job
+(a ts -k that crossed that job's end) when it reads the next job, so the runner
+sends none for a job before its "pid" line (tsd.runner holds them until then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import struct
+from dataclasses import dataclass
+
+from tsd import exitreport, launch, spawner
+from tsd.model import ExitInfo
+
+MAX_IDLE = 32  # idle supervisors kept; more are let go after a burst
+
+
+@dataclass
+class Member:
+    """A reused supervisor as the daemon knows it."""
+
+    pid: int
+    start: int | None
+    link: socket.socket
+    idle: bool = False
+
+
+class SupervisorPool:
+    """The daemon's reused supervisors: which is idle, and handing one a job."""
+
+    def __init__(self) -> None:
+        self._members: dict[int, Member] = {}  # link fd -> member
+        self._epoll = select.epoll()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, pid: int, start: int | None, link: socket.socket) -> Member:
+        """A supervisor just forked on `link`, taken for a job at once."""
+        member = Member(pid, start, link)
+        self._members[link.fileno()] = member
+        self._epoll.register(link.fileno(), select.EPOLLIN)
+        return member
+
+    def idle(self) -> int:
+        """How many supervisors are idle now."""
+        self._hear()
+        return sum(1 for m in self._members.values() if m.idle)
+
+    def take(self) -> Member | None:
+        """An idle supervisor, now taken for a job; None when none is idle."""
+        self._hear()
+        for member in self._members.values():
+            if member.idle:
+                member.idle = False
+                return member
+        return None
+
+    def _hear(self) -> None:
+        """Read what the links said: IDLE, or end of file (that supervisor is gone)."""
+        for fd, _ in self._epoll.poll(0):
+            member = self._members.get(fd)
+            if member is None:
+                continue
+            try:
+                said = member.link.recv(64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                said = b""
+            if not said or said.strip(spawner.IDLE):
+                self.drop(member)  # gone, or said what a supervisor never says
+            else:
+                member.idle = True
+        idle = [m for m in self._members.values() if m.idle]
+        for extra in idle[MAX_IDLE:]:
+            self.drop(extra)
+
+    def drop(self, member: Member) -> None:
+        """Let a supervisor go: at the end of file on its link it exits (after its job)."""
+        if self._members.pop(member.link.fileno(), None) is not None:
+            self._epoll.unregister(member.link.fileno())
+        member.link.close()
+
+    def close(self) -> None:
+        """Let every supervisor go (the daemon stops): jobs running finish on their own."""
+        for member in list(self._members.values()):
+            self.drop(member)
+        self._epoll.close()
+
+    def launched(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
+        """The job of `plan` on `member`: go() sends it (and it runs), abort() gives the
+        member back unused."""
+        rep_r, rep_w = os.pipe()
+        # The caller closes its ts -n fds once this returns; the job gets them at go().
+        outs = [os.dup(fd) for fd in plan.out_fds or ()]
+        request = spawner.encode(plan)
+
+        def go() -> None:
+            try:
+                _send(member.link, request, [rep_w, *outs])
+            except OSError:
+                # It died while idle: the job never ran. Say so on its report pipe as a
+                # supervisor that was never told to go would, so it is queued again.
+                self.drop(member)
+                with contextlib.suppress(OSError):
+                    os.write(rep_w, f"end {exitreport.encode(ABORTED)}\n".encode())
+            finally:
+                for fd in (rep_w, *outs):
+                    os.close(fd)
+
+        def abort() -> None:
+            for fd in (rep_w, *outs):
+                os.close(fd)
+            member.idle = True
+
+        def answer(word: bytes | None) -> bool:
+            if word is None:
+                return True  # it waits for nothing: it sent no end to answer
+            try:
+                member.link.send(word, socket.MSG_NOSIGNAL)
+                return True
+            except OSError:
+                return False
+
+        os.set_blocking(rep_r, False)
+        return launch.Launched(
+            member.pid, member.start, go, abort, rep_r, pidfd=None,
+            answer=answer if launch.acks_end(plan) else None,
+        )
+
+
+ABORTED = exitreport.ExitReport(ExitInfo(), aborted=True)
+
+
+def _send(link: socket.socket, data: bytes, fds: list[int]) -> None:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
+    # MSG_NOSIGNAL: a supervisor gone since it said IDLE is EPIPE here, not a SIGPIPE.
+    sent = link.sendmsg([data], rights, socket.MSG_NOSIGNAL)
+    if sent < len(data):
+        link.sendall(data[sent:], socket.MSG_NOSIGNAL)
