@@ -135,11 +135,7 @@ class ReportPipes:
             exitreport.discard(self.settings.exits_dir, job_id)
 
     def _end_tail(self, job_id: int) -> None:
-        fd = self._tails.pop(job_id, None)
-        if fd is not None:
-            self.loop.remove_reader(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._stop_reading(self._tails, job_id)
 
     def _discard_report(self, job_id: int) -> None:
         """The job's end is on disk: tell a supervisor that waits for it, so that it
@@ -166,13 +162,11 @@ class ReportPipes:
         ack(launch.NAK if told else None)
 
     def _close_report(self, job_id: int) -> None:
-        fd = self._reports.pop(job_id, None)
+        self._stop_reading(self._reports, job_id)
+
+    def _stop_reading(self, pipes: dict[int, int], job_id: int) -> None:
+        fd = pipes.pop(job_id, None)
         if fd is not None:
             self.loop.remove_reader(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
