@@ -27,6 +27,11 @@ class ExitReport:
     aborted: bool = False  # the daemon never said go: the job did not run
 
 
+# What a supervisor leaves when it ran nothing (never told to go): the job goes back
+# to the queue.
+ABORTED = ExitReport(exit=ExitInfo(), aborted=True)
+
+
 def path(exits_dir: str | os.PathLike[str], job_id: int) -> str:
     """Where the supervisor of job `job_id` leaves its report."""
     return os.path.join(exits_dir, f"{job_id}.json")

@@ -318,17 +318,12 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
         # and say so, so that a restarted daemon puts the job back in the queue.
         # One try: on a full disk the job is lost to a restarted daemon rather than
         # this process blocking the daemon that is waiting for it after abort().
-        aborted = exitreport.ExitReport(ExitInfo(), aborted=True)
-        exitreport.write(plan.exits_dir, plan.job_id, aborted)
+        exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
         return False
-    acked = acks_end(plan)
-    if not acked:
-        os.close(go_r)
     try:
-        run_job(plan, rep_w, go_r if acked else None)
+        run_job(plan, rep_w, go_r if acks_end(plan) else None)
     finally:
-        if acked:
-            os.close(go_r)
+        os.close(go_r)
     return True
 
 

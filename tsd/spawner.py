@@ -79,6 +79,15 @@ def fds_space() -> int:
     return socket.CMSG_SPACE(MAX_FDS * 4)
 
 
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send `data` with `fds` (SCM_RIGHTS, with its first bytes), all of it. MSG_NOSIGNAL:
+    a peer gone is EPIPE here, not a SIGPIPE."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
+    sent = sock.sendmsg([data], rights, socket.MSG_NOSIGNAL)
+    if sent < len(data):
+        sock.sendall(data[sent:], socket.MSG_NOSIGNAL)
+
+
 def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """The fds an SCM_RIGHTS message brought (all of them, to close what is unwanted)."""
     fds: list[int] = []

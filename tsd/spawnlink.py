@@ -22,16 +22,19 @@ import logging
 import marshal
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from tsd import launch, spawner
 from tsd.supervisorpool import Member, SupervisorPool
 
 log = logging.getLogger("tsd")
+
+_T = TypeVar("_T")
 
 STARTUP_TIMEOUT = 30.0  # seconds for a new spawner to load (python, tsd.launch), on a busy machine
 REPLY_TIMEOUT = 5.0  # seconds for one fork, on a busy machine
@@ -96,47 +99,41 @@ class SpawnerLauncher:
         else have the spawner fork the supervisor (it waits for go); fork it here
         without a spawner."""
         if plan.reuse:
-            member = self.pool.take() or self._new_member()
+            member = self.pool.take() or self._through_spawner(self._new_member)
             if member is not None:
                 return self.pool.launched(member, plan)
-        with self._lock:
-            for _ in range(2):
-                sock = self._ensure()
-                if sock is None:
-                    break
-                try:
-                    launched = self._ask(sock, plan)
-                except SpawnerGone as exc:
-                    self._lost(str(exc))
-                    continue
-                self._failures = 0
-                return launched
-        return launch.spawn(plan)
+        launched = self._through_spawner(lambda sock: self._ask(sock, plan))
+        return launched if launched is not None else launch.spawn(plan)
 
-    def _new_member(self) -> Member | None:
-        """A new reused supervisor, forked by the spawner; None without a spawner."""
+    def _through_spawner(self, ask: Callable[[socket.socket], _T]) -> _T | None:
+        """`ask` the spawner (a new one when it failed once); None without a spawner."""
         with self._lock:
             for _ in range(2):
                 sock = self._ensure()
                 if sock is None:
                     break
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
-                    self._await_ready(sock)
-                    pid, start, pidfd = self._request(sock, MEMBER_REQUEST, [theirs.fileno()])
+                    answer = ask(sock)
                 except SpawnerGone as exc:
-                    ours.close()  # a supervisor forked all the same exits at its end of file
                     self._lost(str(exc))
                     continue
-                except BaseException:
-                    ours.close()
-                    raise
-                finally:
-                    theirs.close()
-                os.close(pidfd)
                 self._failures = 0
-                return self.pool.add(pid, start, ours)
+                return answer
         return None
+
+    def _new_member(self, sock: socket.socket) -> Member:
+        """A new reused supervisor, forked by the spawner, linked to this daemon."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._await_ready(sock)
+            pid, start, pidfd = self._request(sock, MEMBER_REQUEST, [theirs.fileno()])
+        except BaseException:
+            ours.close()  # a supervisor forked all the same exits at its end of file
+            raise
+        finally:
+            theirs.close()
+        os.close(pidfd)
+        return self.pool.add(pid, start, ours)
 
     def _ensure(self) -> socket.socket | None:
         if self._sock is not None:
@@ -222,10 +219,7 @@ class SpawnerLauncher:
         """Send one request; its answer: pid, start time, pidfd."""
         got: list[int] = []
         try:
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
-            sent = sock.sendmsg([data], rights)
-            if sent < len(data):
-                sock.sendall(data[sent:])
+            spawner.send_with_fds(sock, data, fds)
             reply, ancdata, _, _ = sock.recvmsg(
                 spawner.REPLY.size, spawner.fds_space(), socket.MSG_CMSG_CLOEXEC
             )

@@ -24,11 +24,9 @@ import contextlib
 import os
 import select
 import socket
-import struct
 from dataclasses import dataclass
 
 from tsd import exitreport, launch, spawner
-from tsd.model import ExitInfo
 
 MAX_IDLE = 32  # idle supervisors kept; more are let go after a burst
 
@@ -49,9 +47,6 @@ class SupervisorPool:
     def __init__(self) -> None:
         self._members: dict[int, Member] = {}  # link fd -> member
         self._epoll = select.epoll()
-
-    def __len__(self) -> int:
-        return len(self._members)
 
     def add(self, pid: int, start: int | None, link: socket.socket) -> Member:
         """A supervisor just forked on `link`, taken for a job at once."""
@@ -116,13 +111,13 @@ class SupervisorPool:
 
         def go() -> None:
             try:
-                _send(member.link, request, [rep_w, *outs])
+                spawner.send_with_fds(member.link, request, [rep_w, *outs])
             except OSError:
                 # It died while idle: the job never ran. Say so on its report pipe as a
                 # supervisor that was never told to go would, so it is queued again.
                 self.drop(member)
                 with contextlib.suppress(OSError):
-                    os.write(rep_w, f"end {exitreport.encode(ABORTED)}\n".encode())
+                    os.write(rep_w, f"end {exitreport.encode(exitreport.ABORTED)}\n".encode())
             finally:
                 for fd in (rep_w, *outs):
                     os.close(fd)
@@ -146,14 +141,3 @@ class SupervisorPool:
             member.pid, member.start, go, abort, rep_r, pidfd=None,
             answer=answer if launch.acks_end(plan) else None,
         )
-
-
-ABORTED = exitreport.ExitReport(ExitInfo(), aborted=True)
-
-
-def _send(link: socket.socket, data: bytes, fds: list[int]) -> None:
-    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds))]
-    # MSG_NOSIGNAL: a supervisor gone since it said IDLE is EPIPE here, not a SIGPIPE.
-    sent = link.sendmsg([data], rights, socket.MSG_NOSIGNAL)
-    if sent < len(data):
-        link.sendall(data[sent:], socket.MSG_NOSIGNAL)
