@@ -5,11 +5,12 @@ says "pid N" and "out PATH" once its job runs, and at the job's end either
 "end REPORT" (the exit report itself, tsd.exitreport.encode) or "end -" (read
 the report from its file once the pipe closes: TS_ONFINISH or mail may still
 change it). A job whose report came on the pipe is recorded at once, and once
-its end is stored the daemon says ACK on the job's go pipe (tsd.launch.acks_end),
-which the supervisor waits for: it writes no exit report file then, and the
-pipe is closed. A supervisor that gets no ACK (the daemon died, or gave up on
-the job) writes the file; the daemon still there reads the pipe on to its end of
-file and only then removes the file, never while it may still be written.
+its end is stored the daemon answers ACK (tsd.launch.acks_end: on the link of a
+reused supervisor, or on the go pipe), which the supervisor waits for: it
+writes no exit report file then, and the pipe is closed. A supervisor that
+gets NAK or nothing (the daemon died, or gave up on the job) writes the file;
+the daemon still there reads the pipe on to its end of file and only then
+removes the file, never while it may still be written.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ReportPipes:
         if job_id in self._early:
             self._tail(job_id, fd)
         else:
-            self._drop_ack(job_id, told=False)  # it ended without a report to acknowledge
+            self._answer(job_id, None)  # it ended without a report to acknowledge
             self._close_report(job_id)
 
     def _report_readable(self, job_id: int, fd: int) -> None:
@@ -112,7 +113,7 @@ class ReportPipes:
                 self._early[job_id] = report
                 return True
             # Not a report: its supervisor writes the file, read at the end of file.
-            self._drop_ack(job_id, told=True)
+            self._answer(job_id, launch.NAK)
         return False
 
     def _tail(self, job_id: int, fd: int) -> None:
@@ -141,25 +142,22 @@ class ReportPipes:
         """The job's end is on disk: tell a supervisor that waits for it, so that it
         writes no report file; else the report file may go, once it is all written."""
         early = self._early.pop(job_id, None)
-        ack = self._acks.pop(job_id, None)
-        if ack is not None and early is not None and ack(launch.ACK):
+        if early is not None and self._answer(job_id, launch.ACK):
             self._end_tail(job_id)  # nothing more comes on it that matters
             return
-        if ack is not None and early is None:
-            ack(None)
+        self._answer(job_id, None)  # it sent no report to acknowledge (or is gone)
         if job_id in self._tails:
             self._discard_at_eof.add(job_id)
         else:
             exitreport.discard(self.settings.exits_dir, job_id)
 
-    def _drop_ack(self, job_id: int, told: bool) -> None:
-        """No ACK will come for this job. `told`: its supervisor sent a report and waits
-        for the answer (NAK: write the file, which is then read at the end of file); a
-        link to a reused supervisor carries nothing else, so it is only said then."""
-        ack = self._acks.pop(job_id, None)
-        if ack is None:
-            return
-        ack(launch.NAK if told else None)
+    def _answer(self, job_id: int, word: bytes | None) -> bool:
+        """Answer the report of a supervisor that waits for it, once: ACK (stored), NAK
+        (write the file, read then at the end of file), or None when it sent no report
+        (a link to a reused supervisor carries nothing else then). True when it was
+        told; False when it is gone or waits for nothing."""
+        answer = self._acks.pop(job_id, None)
+        return answer is not None and answer(word)
 
     def _close_report(self, job_id: int) -> None:
         self._stop_reading(self._reports, job_id)

@@ -517,7 +517,7 @@ class Runner(ReportPipes, EndRecorder):
         job = self.table.running.get(job_id)
         if job is None:
             # Nothing to record: its supervisor writes the file, if it waits.
-            self._drop_ack(job_id, told=self._early.pop(job_id, None) is not None)
+            self._answer(job_id, None if self._early.pop(job_id, None) is None else launch.NAK)
             return
         if job.supervisor_pid is not None and isinstance(self.launcher, ForkLauncher):
             # Only a supervisor this daemon forked is its child; the spawner reaps
