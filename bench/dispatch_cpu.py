@@ -4,8 +4,8 @@ N `true` jobs are queued behind a blocker, then released onto S slots. The CPU i
 read from /proc for the personal daemon and all its live descendants (the spawner,
 the pooled supervisors that stay between jobs) with what each reaped (supervisors,
 jobs): utime + stime + cutime + cstime, so other load on a shared machine does not
-count. Printed: jobs/s, and ms of CPU per job split into the daemon itself and
-everything below it.
+count. Printed: jobs/s, and ms of CPU per job split into the daemon itself, the
+supervisors and spawner (their own CPU), and the jobs they reaped.
 
 Usage: .venv/bin/python bench/dispatch_cpu.py [jobs] [slots] [runs]
 """
@@ -31,10 +31,11 @@ def _stat(pid: int) -> tuple[float, float, int]:
     return (ut + st) / TICK, (cut + cst) / TICK, int(rest[1])
 
 
-def tree_cpu(daemon: int) -> tuple[float, float]:
-    """(daemon's own CPU, CPU of everything below it: its live descendants (the spawner,
-    the pooled supervisors that stay between jobs) with all they reaped)."""
-    own, below, _ = _stat(daemon)
+def tree_cpu(daemon: int) -> tuple[float, float, float]:
+    """(daemon's own CPU, own CPU of its live descendants (the spawner, the pooled
+    supervisors that stay between jobs), CPU of all they reaped (the jobs))."""
+    own, reaped, _ = _stat(daemon)
+    live = 0.0
     stats: dict[int, tuple[float, float, int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == daemon:
@@ -50,12 +51,13 @@ def tree_cpu(daemon: int) -> tuple[float, float]:
     while todo:
         pid = todo.pop()
         kid_own, kid_below, _ = stats[pid]
-        below += kid_own + kid_below
+        live += kid_own
+        reaped += kid_below
         todo.extend(kids.get(pid, []))
-    return own, below
+    return own, live, reaped
 
 
-def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float]:
+def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float, float]:
     d.ts("-S", "1")
     # A FIFO gate: the blocker burns no CPU while the jobs are queued (its CPU would
     # be counted when its supervisor is reaped, inside the measured run).
@@ -67,16 +69,17 @@ def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float
         last = d.ts("true").strip()
     d.ts("-S", str(slots))
     pid = d.pid()
-    own0, below0 = tree_cpu(pid)
+    before = tree_cpu(pid)
     t0 = time.perf_counter()
     with open(gate, "w") as fh:
         fh.write("go\n")
     d.ts("-w", last)
     elapsed = time.perf_counter() - t0
     time.sleep(0.2)  # the last supervisors are reaped
-    own1, below1 = tree_cpu(pid)
+    after = tree_cpu(pid)
     d.ts("-C")
-    return n / elapsed, (own1 - own0) / n * 1000, (below1 - below0) / n * 1000
+    own, live, reaped = ((a - b) / n * 1000 for a, b in zip(after, before, strict=True))
+    return n / elapsed, own, live, reaped
 
 
 def main(n: int = 300, slots: int = 2, runs: int = 3) -> None:
@@ -86,11 +89,12 @@ def main(n: int = 300, slots: int = 2, runs: int = 3) -> None:
         rows = [run_once(d, n, slots) for _ in range(runs)]
         rate = statistics.median(r[0] for r in rows)
         own = statistics.median(r[1] for r in rows)
-        below = statistics.median(r[2] for r in rows)
+        live = statistics.median(r[2] for r in rows)
+        reaped = statistics.median(r[3] for r in rows)
         print(f"{n} true jobs on {slots} slots: {rate:.0f} jobs/s; "
-              f"CPU per job {own + below:.2f} ms = daemon {own:.2f} "
-              f"+ supervisors/spawner/jobs {below:.2f}  "
-              f"(runs: {', '.join(f'{r[0]:.0f}/s {r[1] + r[2]:.2f}ms' for r in rows)})")
+              f"CPU per job {own + live + reaped:.2f} ms = daemon {own:.2f} "
+              f"+ supervisors/spawner {live:.2f} + what they reaped (jobs) {reaped:.2f}  "
+              f"(runs: {', '.join(f'{r[0]:.0f}/s {sum(r[1:]):.2f}ms' for r in rows)})")
     finally:
         d.stop()
 

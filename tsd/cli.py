@@ -3,7 +3,7 @@
 The command line is parsed by the option table in tsd.cli_options and turned
 into a request by tsd.cli_request; this module carries the request out
 against the daemon, prints the answer and chooses the exit code. Every
-failure ends as one `ts: ...` line on stderr (`_edge`).
+failure ends as one `ts: ...` line on stderr (`_at_edge`).
 
 Kept fast to start: queueing a job (the call `ts` makes most) imports only
 the standard library and tsd's light modules (no click, no dataclasses,
@@ -15,7 +15,6 @@ action prints a job.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from tsd.paths import SENDMAIL
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any, NoReturn
 
     from tsd.jobview import JobView
@@ -96,7 +95,7 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     try:
         conn.send_wire(req, fds)
         while True:
-            # Ctrl-C here leaves through _edge (exit 130); the daemon sees the hang-up
+            # Ctrl-C here leaves through _at_edge (exit 130); the daemon sees the hang-up
             # and drops the job it had not queued yet.
             frame = conn.recv()
             if "event" not in frame:
@@ -121,8 +120,7 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         return wait_code(job_of(_stream_final(client, wire("wait", id=job_id))))
     except KeyboardInterrupt:
         # task-spooler's -f runs the job in the foreground: Ctrl-C ends it.
-        with contextlib.suppress(TsdError, OSError):
-            client.call(wire("kill", id=job_id))
+        _kill_quietly(client, job_id)
         return 130
 
 
@@ -158,8 +156,7 @@ def _submit_and_wait(client: Client, req: dict[str, Any], fds: tuple[int, ...] =
             except KeyboardInterrupt:
                 # As with -f: Ctrl-C ends the job it runs in the foreground.
                 if job_id is not None:
-                    with contextlib.suppress(TsdError, OSError):
-                        client.call(wire("kill", id=job_id))
+                    _kill_quietly(client, job_id)
                 return 130
             _say_queue_full(frame)
             if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
@@ -318,11 +315,14 @@ def _cwd() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def _edge() -> Iterator[None]:
-    """Where every failure becomes one `ts: ...` line and an exit code."""
+def _at_edge(inv: Callable[[], int]) -> int:
+    """Run `inv`; where every failure becomes one `ts: ...` line and an exit code.
+
+    A plain try rather than a context manager: contextlib (and the collections and
+    functools it loads) would cost every `ts` call more than the rest of its imports.
+    """
     try:
-        yield
+        return inv()
     except UsageError as exc:
         warn(str(exc))
         sys.exit(1)
@@ -331,14 +331,25 @@ def _edge() -> Iterator[None]:
         sys.exit(exc.exit_code)
     except StdoutGone:
         # Like any filter whose reader went away: stop quietly.
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (no contextlib on ts's path, see above)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
         sys.exit(141)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:
         warn(f"lost the connection to the daemon: {exc.strerror or exc}")
         sys.exit(1)
+
+
+def _kill_quietly(client: Client, job_id: int) -> None:
+    """Ctrl-C on a job run in the foreground (-f, -nf) ends it, as task-spooler's does;
+    a daemon already gone or a job already over is no error then."""
+    try:  # noqa: SIM105 (no contextlib on ts's path, see _at_edge)
+        client.call(wire("kill", id=job_id))
+    except (TsdError, OSError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -349,17 +360,17 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         from tsd.cli_completion import complete
 
         sys.exit(complete())
-    code = 1
-    with _edge():
-        code = run(invocation(args, os.environ, _cwd(), _current_umask()))
+    code = _at_edge(lambda: run(invocation(args, os.environ, _cwd(), _current_umask())))
     if argv is None:
         # Run as the program and done: all output was flushed as it was written
         # and every connection and file is closed, so skip tearing the
         # interpreter down module by module (a tenth of a quick `ts` call).
-        # Failures leave through sys.exit in _edge, the usual way.
-        with contextlib.suppress(OSError, ValueError):
+        # Failures leave through sys.exit in _at_edge, the usual way.
+        try:
             sys.stdout.flush()
             sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
         os._exit(code)
     sys.exit(code)
 

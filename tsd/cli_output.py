@@ -13,12 +13,12 @@ import os
 import select
 import stat
 import sys
-import zlib
 
 from tsd.errors import ProtocolError, TsdError, from_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
+    import zlib
     from collections.abc import Mapping
     from typing import IO, Any
 
@@ -128,6 +128,13 @@ def listing_text(
         raise ProtocolError(f"malformed job list from the daemon: {exc}") from None
 
 
+def _inflater() -> zlib._Decompress:
+    """A gzip reader; zlib is loaded only for a job whose output is gzipped (-z)."""
+    import zlib
+
+    return zlib.decompressobj(wbits=31)
+
+
 class OutputFollower:
     """Copies a job's output file to a stream as it grows; gunzips -z output on the fly."""
 
@@ -145,7 +152,7 @@ class OutputFollower:
         self.out = out
         self.tail_lines = tail_lines  # None: everything (-c); N: start with the last N lines (-t)
         self.file: IO[bytes] | None = None
-        self.inflater = zlib.decompressobj(wbits=31) if gzipped else None
+        self.inflater = _inflater() if gzipped else None
 
     def _open(self) -> bool:
         if self.file is not None:
@@ -175,6 +182,8 @@ class OutputFollower:
         self._write(last_lines(buf, lines))
 
     def _inflate(self, data: bytes) -> bytes:
+        import zlib
+
         assert self.inflater is not None
         out = []
         while data:
@@ -185,7 +194,7 @@ class OutputFollower:
             if self.inflater.eof:
                 # gzip files may hold several members; start the next one.
                 data = self.inflater.unused_data
-                self.inflater = zlib.decompressobj(wbits=31)
+                self.inflater = _inflater()
             else:
                 data = b""
         return b"".join(out)

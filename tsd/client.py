@@ -16,11 +16,14 @@ import struct
 import sys
 import time
 
+# os has loaded _collections_abc already; collections.abc would load the collections
+# package (and its imports) on every `ts` call for one isinstance check.
+from _collections_abc import Mapping
+
 # The C socket type, not socket.py's subclass of it: that module (with enum and
 # selectors) would be a tenth of a quick `ts` call, for nothing used here.
 from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as Socket
-from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from tsd import framing
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
@@ -28,6 +31,7 @@ from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
+    from collections.abc import Collection, Iterator, Sequence
     from typing import Any
 
     from tsd import protocol
