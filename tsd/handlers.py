@@ -280,17 +280,17 @@ async def submit(
 async def _stored(p: Parts) -> None:
     """Until the jobs just queued are on disk (the group commit of this loop turn).
 
-    They are dispatched right after, also when the client hung up meanwhile: after its
-    answer, which the server writes in the step this returns in (tsd.server), so the
-    client is not kept waiting for a launch. (Slurm is nudged once it has the job.)
+    Those that can start now are launched first, into the same group: one fsync makes
+    both the jobs and their starts durable, their supervisors' go goes out right after
+    it, then the answer (the server writes it in the step this returns in). Dispatched
+    after the commit instead, a start would wait for a second fsync, and the answer
+    with it (it waits for every change made before it is written). A launch only
+    stores and plans here and takes an idle supervisor (the spawner forks one only
+    when none is); the job itself starts after the commit. (Slurm is nudged once it
+    has the job.)
     """
     if p.cluster is None:
-        loop = asyncio.get_running_loop()
-
-        def dispatch_next() -> None:
-            loop.call_soon(p.dispatcher.schedule)
-
-        p.table.after_commit(dispatch_next)
+        p.dispatcher.schedule()
     try:
         await p.table.durable()
     except StorageFull as exc:
