@@ -273,6 +273,16 @@ class Bench:
         a = med(starts["tsd"])
         self.rows.append(Row("submit -> job starts (free slot)", "ms", a, med(starts["tsp"]),
                              "<= 10 ms", a <= 10))
+        # The floor of any Python ts: its interpreter's bare start (as the launcher runs
+        # it: no site) before the first byte is sent, then everything tsp takes.
+        bare = med([wall_ms([self.python, "-I", "-S", "-c", "pass"], self.tsd.spooler.env)
+                    for _ in range(runs)])
+        floor = bare + med(starts["tsp"])
+        self.notes.append(
+            f"submit -> start, the floor of a client in Python: `python -I -S -c pass` "
+            f"{bare:.2f} ms (the launcher's interpreter, before any import) + tsp's "
+            f"{med(starts['tsp']):.2f} ms = {floor:.2f} ms; tsd is {a - floor:.2f} ms above it"
+        )
 
     def big_rows(self, ts: str) -> None:
         """A big queue: tsd from a seeded db; tsp filled until a submit blocks."""
