@@ -23,15 +23,21 @@ TS = str(BIN / "ts")
 class PersonalDaemon:
     """A personal tsd in a temp dir, started by the first `ts` call, stopped by pid."""
 
-    def __init__(self, ts: str = TS, **extra_env: str) -> None:
+    def __init__(self, ts: str = TS, outputs: str | None = None, **extra_env: str) -> None:
         self.ts_path = ts
         self.root = Path(tempfile.mkdtemp(prefix="tsd-bench-", dir="/tmp"))
-        (self.root / "tmp").mkdir()
+        # TMPDIR, where the jobs' output files go: in the root, or in a directory of
+        # its own under `outputs` (another file system), removed with the root.
+        self.tmp = self.root / "tmp"
+        if outputs is None:
+            self.tmp.mkdir()
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix="tsd-bench-out-", dir=outputs))
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("TS_", "XDG_"))
         }
         self.env.update(
-            TMPDIR=str(self.root / "tmp"),
+            TMPDIR=str(self.tmp),
             XDG_STATE_HOME=str(self.root / "state"),
             TS_SOCKET=str(self.root / "run" / "tsd.sock"),
             **extra_env,
@@ -69,6 +75,7 @@ class PersonalDaemon:
             else:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def time_command(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

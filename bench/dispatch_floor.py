@@ -76,10 +76,16 @@ def _helper(root: Path, req_r: int, rep_w: int) -> None:
         os.write(rep_w, f"{job} {code}\n".encode())
 
 
-def split_run(n: int, slots: int) -> tuple[float, float]:
+def _out_dir(root: Path, outputs: str | None) -> Path:
+    """Where the jobs' output files go: the state's own directory, or one under `outputs`."""
+    return root if outputs is None else Path(tempfile.mkdtemp(prefix="tsd-floor-", dir=outputs))
+
+
+def split_run(n: int, slots: int, outputs: str | None = None) -> tuple[float, float]:
     """floor_run with one long-lived helper process per slot as the jobs' parent (the
     restart-surviving shape: the loop only sends job ids and reads exit codes)."""
     root = Path(tempfile.mkdtemp(prefix="tsd-floor-", dir="/tmp"))
+    out = _out_dir(root, outputs)
     helpers: list[tuple[int, int, int]] = []  # (pid, request fd, report fd)
     try:
         for _ in range(slots):
@@ -93,7 +99,7 @@ def split_run(n: int, slots: int) -> tuple[float, float]:
                     for _, w, r in helpers:
                         os.close(w)
                         os.close(r)
-                    _helper(root, req_r, rep_w)
+                    _helper(out, req_r, rep_w)
                 finally:
                     os._exit(0)
             os.close(req_r)
@@ -136,6 +142,7 @@ def split_run(n: int, slots: int) -> tuple[float, float]:
             os.close(rep_r)
             os.waitpid(pid, 0)
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _state(root: Path, n: int) -> tuple[sqlite3.Connection, int]:
@@ -160,10 +167,11 @@ def _record(
     os.fdatasync(wal)
 
 
-def floor_run(n: int, slots: int) -> tuple[float, float]:
+def floor_run(n: int, slots: int, outputs: str | None = None) -> tuple[float, float]:
     """(jobs/s, CPU ms per job) of the minimal durable loop over n `true` jobs, the loop
-    itself the jobs' parent."""
+    itself the jobs' parent; their outputs under `outputs` when given."""
     root = Path(tempfile.mkdtemp(prefix="tsd-floor-", dir="/tmp"))
+    out = _out_dir(root, outputs)
     try:
         db, wal = _state(root, n)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -177,7 +185,7 @@ def floor_run(n: int, slots: int) -> tuple[float, float]:
             _record(db, wal, ended, starting)
             ended.clear()
             for job in starting:
-                pid = _start_job(root, job, devnull)
+                pid = _start_job(out, job, devnull)
                 pidfd = os.pidfd_open(pid)
                 epoll.register(pidfd, select.EPOLLIN)
                 running[pidfd] = (job, pid)
@@ -195,6 +203,7 @@ def floor_run(n: int, slots: int) -> tuple[float, float]:
         return n / elapsed, used / n * 1000
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -202,8 +211,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=900)  # tsp holds ~1,000 at most
     ap.add_argument("--slots", default="2,16")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--outputs", metavar="DIR",
+                    help="where the jobs' outputs go, for both (e.g. a tmpfs); default /tmp")
     args = ap.parse_args()
-    side = tsp_side(ensure_tsp())
+    side = tsp_side(ensure_tsp(), args.outputs)
     try:
         print(f"durable Python floors vs tsp, {args.jobs} `true` jobs, medians of "
               f"{args.runs} interleaved runs; {os.cpu_count()} CPUs. one: the loop is the "
@@ -213,8 +224,8 @@ def main() -> None:
         for slots in (int(s) for s in args.slots.split(",")):
             one, split, tsp = [], [], []
             for _ in range(args.runs):
-                one.append(floor_run(args.jobs, slots))
-                split.append(split_run(args.jobs, slots))
+                one.append(floor_run(args.jobs, slots, args.outputs))
+                split.append(split_run(args.jobs, slots, args.outputs))
                 with side.ctx() as s:
                     r = dispatch(s, args.jobs, slots, side.cpu_s)
                 tsp.append((r.rate, r.cpu_ms_per_job))

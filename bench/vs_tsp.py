@@ -98,19 +98,21 @@ class Side:
             self.cgroup.remove()
 
 
-def tsd_side(ts: str) -> Side:
-    """A fresh personal tsd (1 slot) started by its first client call."""
-    d = PersonalDaemon(ts=ts, TS_SLOTS="1", TS_MAXCONN="100000")
+def tsd_side(ts: str, outputs: str | None = None) -> Side:
+    """A fresh personal tsd (1 slot) started by its first client call; its jobs'
+    outputs in a directory under `outputs` when given."""
+    d = PersonalDaemon(ts=ts, outputs=outputs, TS_SLOTS="1", TS_MAXCONN="100000")
     d.env.pop("PYTHONDONTWRITEBYTECODE", None)
-    side = Side(Spooler("tsd", ts, d.env, d.root / "tmp"), Cgroup.make("tsd-bench-tsd"), d.stop)
+    side = Side(Spooler("tsd", ts, d.env, d.tmp), Cgroup.make("tsd-bench-tsd"), d.stop)
     with side.ctx() as s:
         s.run("-l")
     return side
 
 
-def tsp_side(tsp: str) -> Side:
-    """A fresh task-spooler server (1 slot) with its own socket and TMPDIR."""
-    root = Path(tempfile.mkdtemp(prefix="tsp-bench-", dir="/tmp"))
+def tsp_side(tsp: str, outputs: str | None = None) -> Side:
+    """A fresh task-spooler server (1 slot) with its own socket and TMPDIR (under
+    `outputs` when given)."""
+    root = Path(tempfile.mkdtemp(prefix="tsp-bench-", dir=outputs or "/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
     env.update(TMPDIR=str(root), TS_SOCKET=str(root / "sock"), TS_SLOTS="1",
                TS_MAXFINISHED="100000")
@@ -164,9 +166,9 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, ts: str, python: str, tsp: str) -> None:
         self.args, self.python, self.tsp_path = args, python, tsp
-        self.tsd = tsd_side(ts)
+        self.tsd = tsd_side(ts, args.outputs)
         try:
-            self.tsp = tsp_side(tsp)
+            self.tsp = tsp_side(tsp, args.outputs)
         except BaseException:
             self.tsd.close()
             raise
@@ -219,6 +221,8 @@ class Bench:
         cpu_from = "each spooler's own cgroup" if self.tsd.cgroup else \
             "the whole machine's busy time (not root: anything else running counts too)"
         self.notes.append(f"CPU per job is from {cpu_from}")
+        if self.args.outputs:
+            self.notes.append(f"job outputs (TMPDIR) of both spoolers under {self.args.outputs}")
 
     def client_rows(self) -> None:
         """`ts -l` with 10 jobs and `ts true`, both spoolers and python -c pass, interleaved."""
@@ -386,6 +390,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--big", type=int, help="jobs in tsd's big queue (100000; 20000)")
     p.add_argument("--list-runs", type=int, help="ts -l runs on the big queue (3; 2)")
     p.add_argument("--tsp-probe", type=int, help="most submits tried on tsp (3000; 1500)")
+    p.add_argument("--outputs", metavar="DIR",
+                   help="where both spoolers' job outputs go (TMPDIR), e.g. a tmpfs; "
+                        "default: beside tsd's state, and /tmp for tsp")
     p.add_argument("--editable", action="store_true",
                    help="use this checkout's .venv `ts` instead of a fresh regular install")
     args = p.parse_args(argv)
