@@ -7,7 +7,6 @@ send events first. Handlers hold no state of their own.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -290,7 +289,13 @@ async def _stored(p: Parts) -> None:
     has the job.)
     """
     if p.cluster is None:
-        p.dispatcher.schedule()
+        try:
+            p.dispatcher.schedule()
+        except Exception:
+            # The jobs are queued whatever a launch did: the client hears its id, and the
+            # next pass (any end, submit or timer) tries again, as after a failed pass
+            # run from the loop.
+            log.exception("dispatch after a submit")
     try:
         await p.table.durable()
     except StorageFull as exc:

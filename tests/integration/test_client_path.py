@@ -3,8 +3,9 @@
 Every `ts` call pays for what it imports: the quick paths (queue a job, list,
 -i, -s, -w, -c, -S) run on the standard library's light modules and tsd's own
 light ones, never dataclasses, typing, enum, re, json's package, socket.py,
-contextlib, collections, functools, zlib or the typed protocol and job model. A behaviour test (timing stays in bench/):
-it runs the real client code against a real daemon and looks at sys.modules.
+contextlib, collections, functools, zlib or the typed protocol and job model.
+A behaviour test (timing stays in bench/): it runs the real client code
+against a real daemon and looks at sys.modules.
 """
 
 from __future__ import annotations

@@ -16,17 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from unit.daemon_fakes import Events, FakeGpuSource, FakeLauncher, FakeProcs, FakeScopes, spec
+from unit.daemon_fakes import (
+    Events,
+    FakeGpuSource,
+    FakeLauncher,
+    FakeNvml,
+    FakeProcs,
+    FakeScopes,
+    spec,
+)
+from unit.test_handlers import ALICE, FakeRunner
 
-from tsd import groupcommit, protocol, server
+from tsd import groupcommit, handlers, protocol, server
 from tsd.config import Config
+from tsd.dispatch import Dispatcher
 from tsd.errors import StorageFull
 from tsd.exitreport import ExitReport, write
+from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
 from tsd.model import ExitInfo, JobState
+from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings
 from tsd.server import ConnectionLimits, Server
 from tsd.store import Store
+from tsd.waiters import Waiters
 
 
 def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -360,5 +373,39 @@ def test_nobody_hears_of_a_commit_before_the_wal_is_fsynced(
         gate.set()
         await table.durable()
         assert heard == [1]
+
+    run(body)
+
+
+def test_a_submit_with_a_free_slot_is_one_commit_holding_the_job_and_its_start(
+    tmp_path: Path,
+) -> None:
+    """The job that can start at once is launched into its submit's group: one fsync for
+    both, and the answer waits for no second one (nothing is left pending after it)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store = grouped(tmp_path)
+        waiters = Waiters(loop)
+        table = JobTable(store, waiters, lambda: 1000)
+        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
+        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+        runner = FakeRunner(table)
+        parts = handlers.Parts(
+            system=False, my_uid=1000, table=table, policy=policy, gpus=gpus,
+            dispatcher=Dispatcher(table, policy, gpus, runner.start, lambda: 5.0),
+            runner=runner, waiters=waiters, settings=store, stop=lambda: None,
+        )  # fmt: skip
+        commits: list[str] = []
+        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+
+        async def send(event: protocol.Event) -> None:
+            raise AssertionError(f"a plain submit sends no event: {event}")
+
+        answer = await handlers.handle(parts, ALICE, protocol.Submit(spec=spec("true")), send)
+        job_id = answer.to_wire()["id"]
+        assert commits == ["COMMIT"]
+        assert on_disk(tmp_path) == {job_id: "running"}
+        assert not store.pending  # the server writes the answer at once
 
     run(body)

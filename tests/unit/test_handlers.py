@@ -103,6 +103,22 @@ def test_submit_answers_the_new_id_and_the_job_starts_when_a_slot_is_free() -> N
     run(body)
 
 
+def test_a_launch_that_breaks_after_a_submit_still_answers_the_id_and_keeps_the_job() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+
+        def broken(job: Job, gpu_ids: tuple[int, ...]) -> None:
+            raise RuntimeError("a bug in a launch")
+
+        rig.dispatcher = rig.parts.dispatcher = Dispatcher(
+            rig.table, rig.policy, rig.gpus, broken, lambda: 5.0
+        )
+        job_id = await rig.submit("true")
+        assert rig.table.pending == [job_id] and not rig.table.running
+
+    run(body)
+
+
 def test_submit_on_a_full_queue_with_B_is_refused() -> None:
     async def body() -> None:
         rig = Rig(Config(slots=0, defaults=UserLimits(max_queued=1)))
