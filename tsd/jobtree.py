@@ -100,13 +100,13 @@ def own_cgroup_dir() -> str | None:
                 if line.startswith("0::"):
                     path = line[3:].strip()
                     if path.endswith(".scope") and "/tsd-job-" in path:
-                        return _cgroup2_mount() + path
+                        return cgroup2_mount() + path
     except OSError:
         pass
     return None
 
 
-def _cgroup2_mount() -> str:
+def cgroup2_mount() -> str:
     """Where the unified hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid hosts."""
     if os.path.exists("/sys/fs/cgroup/cgroup.procs"):
         return "/sys/fs/cgroup"

@@ -70,6 +70,8 @@ class ScopeManager(Protocol):
 
     def stop(self, unit: str) -> None: ...
 
+    def occupied(self, unit: str, uid: int) -> bool: ...
+
 
 class Launcher(Protocol):
     """Forks supervisors (tsd.launch), itself or through the spawner (tsd.spawnlink)."""
@@ -527,7 +529,8 @@ class Runner(ReportPipes, EndRecorder):
         timer = self._kill_timers.pop(job_id, None)
         if timer is not None:
             timer.cancel()
-        if job.unit and self.settings.system:
+        if job.unit and self.settings.system and self.scopes.occupied(job.unit, job.uid):
+            # Something outlived the supervisor (killed before it ended them all).
             self._spawn_task(self._quietly(self.scopes.stop, job.unit))
         self._record_end(job_id)
 

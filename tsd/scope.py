@@ -15,6 +15,7 @@ talk to systemd.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
+from tsd import jobtree
 from tsd.model import JobLimits
 
 _SYSTEMD = "org.freedesktop.systemd1"
@@ -75,10 +77,12 @@ class SystemdScopes:
     # How long start() waits for the pids to appear in the scope's cgroup.
     start_timeout = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, cgroup_root: str | None = None) -> None:
         self._bus: Any = None
         self._manager: Any = None
         self._lock = threading.RLock()
+        # Where systemd's cgroup tree is seen from here (the daemon runs beside it).
+        self.cgroup_root = cgroup_root or jobtree.cgroup2_mount()
 
     # ---- names -----------------------------------------------------------------
 
@@ -274,6 +278,28 @@ class SystemdScopes:
                 if _dbus_error_name(e) in _GONE_ERRORS:
                     return
                 raise ScopeError(f"cannot stop {unit}: {_message(e)}") from e
+
+    def occupied(self, unit: str, uid: int) -> bool:
+        """Whether a process is left in job scope `unit` of user `uid`, read from its
+        cgroup (no D-Bus call); True whenever that cannot be told for sure.
+
+        A scope whose last process is gone stops and unloads itself (CollectMode):
+        asking systemd to stop it as well costs it, D-Bus and the daemon a round trip
+        per job for nothing.
+        """
+        user_slice = os.path.join(self.cgroup_root, "tsd.slice", self.slice_name(uid))
+        scope = os.path.join(user_slice, unit)
+        try:
+            with open(os.path.join(scope, "cgroup.events")) as f:
+                for line in f:
+                    if line.startswith("populated "):
+                        return line.split()[1] != "0"
+        except FileNotFoundError:
+            # Gone already, if its slice is where we look; else we cannot tell.
+            return os.path.isdir(scope) or not os.path.isdir(user_slice)
+        except OSError:
+            pass
+        return True
 
     # ---- helpers ---------------------------------------------------------------
 

@@ -86,6 +86,24 @@ def test_kill_ends_the_whole_tree_including_daemonized_children(sbox: Box) -> No
     wait_for(lambda: sbox.systemctl("is-active", unit, check=False).stdout.strip() != "active")
 
 
+def test_a_job_that_ends_leaving_a_daemonized_child_leaves_no_process_and_no_scope(
+    sbox: Box,
+) -> None:
+    marker = "tsd-leftover-test"
+    jid = job_id(sbox.run(
+        ["ts", "sh", "-c", f"setsid sh -c 'exec -a {marker} sleep 1000' & sleep 0.5"],
+        user="alice",
+    ))
+    assert ts(sbox, "alice", "-w", str(jid), check=False).returncode == 0
+    wait_for(lambda: sbox.run(["pgrep", "-u", "alice", "-f", marker], check=False).returncode != 0)
+    # Left empty by its supervisor, the scope stops and unloads on its own (CollectMode):
+    # the daemon does not ask systemd to stop it.
+    unit = f"tsd-job-{jid}.scope"
+    wait_for(lambda: sbox.systemctl(
+        "show", "-p", "LoadState", "--value", unit, check=False
+    ).stdout.strip() == "not-found")
+
+
 def test_user_quota_of_one_running_slot_holds_while_others_run(sbox: Box) -> None:
     flag = "/tmp/quota-go"
     sbox.run(["rm", "-f", flag])

@@ -157,6 +157,7 @@ class FakeScopes:
         self.stopped: list[str] = []
         self.start_threads: list[str] = []
         self.kill_answer = True
+        self.left_over = True  # occupied(): what a job's scope still holds after it
 
     def unit_name(self, job_id: int) -> str:
         return f"tsd-job-{job_id}.scope"
@@ -182,6 +183,9 @@ class FakeScopes:
 
     def stop(self, unit: str) -> None:
         self.stopped.append(unit)
+
+    def occupied(self, unit: str, uid: int) -> bool:
+        return self.left_over
 
 
 class FakeLauncher:

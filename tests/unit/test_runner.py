@@ -388,6 +388,22 @@ def test_kill_signals_the_scope_off_the_loop_and_refuses_a_job_not_running(
     run(body)
 
 
+def test_a_scope_left_empty_by_its_job_is_not_stopped_over_d_bus(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = Rig(tmp_path, system=True)
+        rig.scopes.left_over = False  # the supervisor ended all; systemd unloads the scope
+        job = rig.queue()
+        rig.runner.start(job, ())
+        await until(lambda: rig.launcher.gone)
+        rig.report(job.id, ExitReport(ExitInfo(code=0), end=1.0))
+        await rig.exit(job.id)
+        await until(lambda: job.id not in rig.table.running)
+        await rig.runner.drain()
+        assert rig.scopes.stopped == []
+
+    run(body)
+
+
 def test_recover_readopts_live_supervisors_and_settles_the_rest(tmp_path: Path) -> None:
     async def body() -> None:
         rig = Rig(tmp_path, system=False)
