@@ -235,10 +235,12 @@ def test_a_write_that_must_be_durable_on_return_commits_the_open_group_first(
     run(body)
 
 
-def _runner(tmp_path: Path) -> tuple[Store, JobTable, Runner, FakeLauncher, Path]:
+def _runner(
+    tmp_path: Path, events: Events | Waiters | None = None
+) -> tuple[Store, JobTable, Runner, FakeLauncher, Path]:
     """A runner on a grouped store with fake launcher, scopes, GPUs and process watch."""
     store = grouped(tmp_path)
-    table = JobTable(store, Events(), lambda: 1000)
+    table = JobTable(store, events or Events(), lambda: 1000)
     launcher = FakeLauncher()
     exits = tmp_path / "exits"
     exits.mkdir()
@@ -407,5 +409,38 @@ def test_a_submit_with_a_free_slot_is_one_commit_holding_the_job_and_its_start(
         assert commits == ["COMMIT"]
         assert on_disk(tmp_path) == {job_id: "running"}
         assert not store.pending  # the server writes the answer at once
+
+    run(body)
+
+
+def test_a_submit_whose_group_cannot_be_committed_queues_nothing_and_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    """The job and the start it got in its submit's group go back together: the caller
+    hears StorageFull, its supervisor is given back without a go, nothing is on disk."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        waiters = Waiters(loop)
+        store, table, runner, launcher, _ = _runner(tmp_path, waiters)
+        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
+        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+        parts = handlers.Parts(
+            system=False, my_uid=1000, table=table, policy=policy, gpus=gpus,
+            dispatcher=Dispatcher(table, policy, gpus, runner.start, lambda: 5.0),
+            runner=runner, waiters=waiters, settings=store, stop=lambda: None,
+        )  # fmt: skip
+        store.db = CommitsFail(store.db)  # type: ignore[assignment]
+
+        async def send(event: protocol.Event) -> None:
+            raise AssertionError(f"a plain submit sends no event: {event}")
+
+        with pytest.raises(StorageFull):
+            await handlers.handle(parts, ALICE, protocol.Submit(spec=spec("true")), send)
+        await asyncio.sleep(0)
+        assert launcher.gone == [] and len(launcher.aborted) == 1
+        assert not table.jobs and not table.running and not table.launching
+        assert on_disk(tmp_path) == {}
+        launcher.close_all()
 
     run(body)
