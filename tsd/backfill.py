@@ -318,6 +318,15 @@ class Reservation(Generic[U]):
         shadow = plan(need(reserved.spec), d.free_slots, d.free_gpus or [], self.holders)
         return shadow.allows(need(job.spec), end_of(job, d.res.now), d.free_gpus or ())
 
+    def explain_held(self, reserved_id: int | None, reasons: dict[int, str]) -> None:
+        """Wait reasons of the held jobs (held for job `reserved_id`, by default the
+        reservation they were last checked against) and of their users' later jobs."""
+        rid = self.checked_against if reserved_id is None else reserved_id
+        for uid, job_id in self.held.items():
+            reasons[job_id] = f"behind reservation for job {rid}"
+            for later in self.d.users[uid].ready:
+                reasons[later.id] = f"queued behind job {job_id}"
+
     def protected(self, job: Job) -> set[int]:
         """Pinned GPUs of a reservation `job` comes after: it takes others first."""
         reserved = self.job()
@@ -334,10 +343,7 @@ class Reservation(Generic[U]):
     def explain(self, reserved: Job, reasons: dict[int, str]) -> None:
         """Wait reasons of the held jobs, and of the reserved job while it holds some."""
         d = self.d
-        for uid, job_id in self.held.items():
-            reasons[job_id] = f"behind reservation for job {reserved.id}"
-            for later in d.users[uid].ready:
-                reasons[later.id] = f"queued behind job {job_id}"
+        self.explain_held(reserved.id, reasons)
         if self.held:  # else its own wait reason says enough
             gpus = d.free_gpus or ()
             reasons[reserved.id] = reserved_reason(

@@ -121,7 +121,8 @@ class Decision:
     reasons: Mapping[int, str] = field(default_factory=_no_reasons, hash=False)
     unvisited_reason: str = ""
     reserved: int | None = None  # the job holding the reservation, if any
-    # The earliest --begin time a visited job waits for: decide again then.
+    # When to decide again: the earliest --begin time a visited job waits for, or now
+    # when jobs were held for a reservation that this decision's own starts dissolved.
     wake_at: float | None = None
 
 
@@ -680,6 +681,12 @@ class _Decider:
             _full_server_reasons(self)  # read but cut short by the full server
         elif reserved is not None:
             self.rsv.explain(reserved, self.reasons)
+        elif self.rsv.held:
+            # Held for a reservation that a later start dissolved (it made another head
+            # of that user block, one that reserves nothing): they say what held them
+            # in this pass, and the next one, right away, may start them.
+            self.rsv.explain_held(None, self.reasons)
+            self.wake_at = self.res.now
         return Decision(
             start=tuple(self.starts),
             skip=tuple(self.skips),

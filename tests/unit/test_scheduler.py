@@ -991,6 +991,27 @@ def test_order_is_kept_within_a_user_except_cpu_jobs_passing_gpu_waiters(sc: Sce
                 assert b.spec.gpus_wanted == 0
 
 
+def test_a_job_held_for_a_reservation_its_own_pass_dissolved_says_so_and_is_decided_again_now(
+) -> None:
+    # Found by hypothesis. Alice's GPU head (2 slots, no GPU information) lets her CPU
+    # jobs pass while it fits; her next one (3 slots) holds the reservation. Bob's first
+    # job starts on one of the 2 free slots: now alice's GPU head no longer fits and
+    # blocks her queue, which dissolves the reservation his second job was held for.
+    pending = [
+        job(7, 1000, order=11, slots=2, gpus=1), job(5, 1000, order=12, slots=3),
+        job(1, 1000, order=13), job(8, 1001, order=18), job(9, 1001, order=19),
+    ]  # fmt: skip
+    active = [job(300, start=0), job(301, start=0), job(302, slots=2, timeout=30.0, start=0)]
+    sc = Scenario(pending, active, 6, {}, None, None, now=100.0)
+    d = sc.decide()
+    assert started(d) == [8] and d.reserved is None
+    assert d.reasons[9] == "behind reservation for job 5"
+    assert d.wake_at == 100.0  # decide again at once
+    again = Scenario(pending[:3] + pending[4:], [*active, job(8, 1001, start=100.0)], 6, {},
+                     None, None, now=100.0)  # fmt: skip
+    assert started(again.decide()) == [9]
+
+
 @PROPS
 @given(scenarios())
 def test_every_visited_job_that_does_not_start_has_a_reason(sc: Scenario) -> None:
