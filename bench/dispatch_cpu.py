@@ -61,7 +61,7 @@ def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float
     d.ts("-S", "1")
     # A FIFO gate: the blocker burns no CPU while the jobs are queued (its CPU would
     # be counted when its supervisor is reaped, inside the measured run).
-    gate = d.root / "tmp" / f"gate-{time.monotonic_ns()}"
+    gate = d.tmp / f"gate-{time.monotonic_ns()}"
     os.mkfifo(gate)
     d.ts("sh", "-c", f"read x < {gate}")
     last = "0"

@@ -277,7 +277,7 @@ def daemon_profiles(jobs: int, top: int, only: list[str]) -> None:
     d = PersonalDaemon(TS_SLOTS="0", TS_MAXCONN=str(jobs + 100))
     p = Profiled(d)
     try:
-        s = Spooler("tsd", TS, d.env, d.root / "tmp")
+        s = Spooler("tsd", TS, d.env, d.tmp)
         with p.measure() as got:
             ids, _ = submit_many(s, ["true"], jobs, workers=2)
         stats, wall = got

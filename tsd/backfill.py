@@ -318,12 +318,11 @@ class Reservation(Generic[U]):
         shadow = plan(need(reserved.spec), d.free_slots, d.free_gpus or [], self.holders)
         return shadow.allows(need(job.spec), end_of(job, d.res.now), d.free_gpus or ())
 
-    def explain_held(self, reserved_id: int | None, reasons: dict[int, str]) -> None:
-        """Wait reasons of the held jobs (held for job `reserved_id`, by default the
-        reservation they were last checked against) and of their users' later jobs."""
-        rid = self.checked_against if reserved_id is None else reserved_id
+    def explain_held(self, reserved_id: int, reasons: dict[int, str]) -> None:
+        """Wait reasons of the held jobs (held for job `reserved_id`) and of their users'
+        later jobs."""
         for uid, job_id in self.held.items():
-            reasons[job_id] = f"behind reservation for job {rid}"
+            reasons[job_id] = f"behind reservation for job {reserved_id}"
             for later in self.d.users[uid].ready:
                 reasons[later.id] = f"queued behind job {job_id}"
 

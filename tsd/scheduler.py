@@ -684,8 +684,10 @@ class _Decider:
         elif self.rsv.held:
             # Held for a reservation that a later start dissolved (it made another head
             # of that user block, one that reserves nothing): they say what held them
-            # in this pass, and the next one, right away, may start them.
-            self.rsv.explain_held(None, self.reasons)
+            # in this pass (the one they were checked against), and the next pass, right
+            # away, may start them.
+            assert self.rsv.checked_against is not None  # set whenever one is held
+            self.rsv.explain_held(self.rsv.checked_against, self.reasons)
             self.wake_at = self.res.now
         return Decision(
             start=tuple(self.starts),

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
-from tsd import jobtree
+from tsd import cgroupcheck, jobtree
 from tsd.model import JobLimits
 
 _SYSTEMD = "org.freedesktop.systemd1"
@@ -287,7 +287,7 @@ class SystemdScopes:
         asking systemd to stop it as well costs it, D-Bus and the daemon a round trip
         per job for nothing.
         """
-        user_slice = os.path.join(self.cgroup_root, "tsd.slice", self.slice_name(uid))
+        user_slice = os.path.join(self.cgroup_root, cgroupcheck.SLICE, self.slice_name(uid))
         scope = os.path.join(user_slice, unit)
         try:
             with open(os.path.join(scope, "cgroup.events")) as f:

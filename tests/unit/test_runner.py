@@ -156,14 +156,21 @@ def test_a_report_sent_on_the_pipe_ends_the_job_before_the_pipe_closes(
     run(body)
 
 
+def acking_start(tmp_path: Path) -> tuple[Rig, Job]:
+    """A personal rig whose supervisors wait for the ACK of their reports, and a job
+    started on it."""
+    rig = Rig(tmp_path, system=False)
+    rig.launcher.acks = True
+    job = rig.queue()
+    rig.runner.start(job, ())
+    return rig, job
+
+
 def test_a_report_on_the_pipe_is_acked_once_stored_and_no_file_is_looked_for(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        rig = Rig(tmp_path, system=False)
-        rig.launcher.acks = True
-        job = rig.queue()
-        rig.runner.start(job, ())
+        rig, job = acking_start(tmp_path)
         report = ExitReport(ExitInfo(code=3), end=8.0, output=None)
         rig.launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
         await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
@@ -181,10 +188,7 @@ def test_a_report_that_is_not_one_gets_a_nak_and_the_file_is_read_at_the_end(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        rig = Rig(tmp_path, system=False)
-        rig.launcher.acks = True
-        job = rig.queue()
-        rig.runner.start(job, ())
+        rig, job = acking_start(tmp_path)
         rig.launcher.say(job.id, "end {not json\n")
         assert await asyncio.to_thread(os.read, rig.launcher.ack_r[job.id], 8) == launch.NAK
         assert rig.store.rows[job.id].state is JobState.RUNNING
@@ -198,10 +202,7 @@ def test_a_report_that_is_not_one_gets_a_nak_and_the_file_is_read_at_the_end(
 
 def test_a_job_that_ends_without_a_report_on_the_pipe_gets_no_ack(tmp_path: Path) -> None:
     async def body() -> None:
-        rig = Rig(tmp_path, system=False)
-        rig.launcher.acks = True
-        job = rig.queue()
-        rig.runner.start(job, ())
+        rig, job = acking_start(tmp_path)
         rig.report(job.id, ExitReport(ExitInfo(code=6), end=2.0))
         await rig.exit(job.id)
         assert rig.store.rows[job.id].exit == ExitInfo(code=6)

@@ -96,13 +96,22 @@ def test_jobs_at_the_same_time_get_a_supervisor_each(
     assert (report_in(until_end(a)).exit.code, report_in(until_end(b)).exit.code) == (1, 2)
 
 
-def test_a_job_runs_only_once_it_is_sent_and_an_abort_gives_the_supervisor_back(
+def second_job_taken(
     tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
+) -> tuple[int, Path, launch.Launched]:
+    """Job 1 run to its end, then job 2 (it touches the returned mark when it runs) given
+    to that same supervisor and not sent yet: (the supervisor's pid, mark, job 2)."""
     first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
     mark = tmp_path / "ran"
     started = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
     assert started.supervisor_pid == first
+    return first, mark, started
+
+
+def test_a_job_runs_only_once_it_is_sent_and_an_abort_gives_the_supervisor_back(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, mark, started = second_job_taken(tmp_path, spawner)
     time.sleep(0.2)
     assert not mark.exists()  # not sent (not stored as running yet): nothing runs
     started.abort()
@@ -166,10 +175,7 @@ def test_a_supervisor_that_died_idle_is_replaced_by_a_new_one(
 def test_a_job_sent_to_a_supervisor_that_just_died_goes_back_to_the_queue(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, _ = run_to_end(spawner, reusable(tmp_path, 1, "exit 0"))
-    mark = tmp_path / "ran"
-    started = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
-    assert started.supervisor_pid == first
+    first, mark, started = second_job_taken(tmp_path, spawner)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not alive(first))
     started.go()  # it cannot be sent: the job never ran, and its pipe says so
