@@ -208,6 +208,14 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_switches() -> int:
+    """Context switches of the whole machine since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    return 0
+
+
 def cgroup_usages(root: Path, depth: int = 3) -> dict[str, float]:
     """usage seconds of `root` and of its groups down to `depth` levels, by relative path."""
     out: dict[str, float] = {}

@@ -58,6 +58,7 @@ from spoolers import (
     end_to_wait_ms,
     ensure_tsp,
     machine_busy_s,
+    machine_switches,
     med,
     submit_many,
     submit_to_start_ms,
@@ -192,14 +193,22 @@ class Bench:
         n, reps = self.args.jobs, self.args.reps
         for slots in (2, 16):
             got: dict[str, list[DispatchResult]] = {"tsd": [], "tsp": []}
+            switched: dict[str, list[float]] = {"tsd": [], "tsp": []}
             for rep in range(reps):
                 for side in (self.tsd, self.tsp):
                     want = n
                     if side is self.tsp and self.tsp_cap is not None:
                         want = min(n, self.tsp_cap - slots - 1)
                     progress(f"dispatch {side.name}: {want} jobs, {slots} slots, run {rep + 1}")
+                    marks: list[int] = []
+
+                    def meter(side: Side = side, marks: list[int] = marks) -> float:
+                        marks.append(machine_switches())
+                        return side.cpu_s()
+
                     with side.ctx() as s:
-                        r = dispatch(s, want, slots, side.cpu_s)
+                        r = dispatch(s, want, slots, meter)
+                    switched[side.name].append((marks[-1] - marks[0]) / r.jobs)
                     if r.full and side is self.tsp:
                         self.tsp_cap = r.jobs + slots
                     got[side.name].append(r)
@@ -210,6 +219,10 @@ class Bench:
             c = med(r.cpu_ms_per_job for r in got["tsd"])
             self.rows.append(Row(f"CPU per dispatched job, {slots} slots", "ms", c,
                                  med(r.cpu_ms_per_job for r in got["tsp"]), "<= 4 ms", c <= 4))
+            self.notes.append(
+                f"dispatch, {slots} slots: context switches per job (the whole machine's, "
+                f"over the same span): tsd {med(switched['tsd']):.1f}, "
+                f"tsp {med(switched['tsp']):.1f}")
             for name in ("tsd", "tsp"):
                 sizes = sorted({r.jobs for r in got[name]})
                 if sizes != [n]:

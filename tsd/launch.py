@@ -284,6 +284,11 @@ def reset_process_state(keep: Sequence[int], inherited: bool) -> None:
 # to end the job. Blocked for good once it is a supervisor.
 WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
+# A job that ends this soon after its start is told to the daemon in one message
+# (pid, output and end): the daemon wakes and reads once for it, not twice. A longer
+# job's pid is told then (the daemon holds signals for a job until it knows its pid).
+TELL_AFTER = 0.002
+
 
 def become_supervisor() -> None:
     """Turn this process into a supervisor, once (a reused one keeps all of it): the
@@ -336,7 +341,12 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
 
     start = time.time()
     child, out, failure, main_status = _start_job(plan, rep_w)
-    _report(rep_w, f"pid {'-' if child is None else child}\nout {out}")
+    started = f"pid {'-' if child is None else child}\nout {out}"
+    # The daemon hears of the start with the end when the job ends within TELL_AFTER.
+    told_at = time.monotonic() + TELL_AFTER
+    told = main_status is not None
+    if told:
+        _report(rep_w, started)
 
     timed_out = False
     killing_since: float | None = None
@@ -361,7 +371,12 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
             wake.append(deadline - now)
         if killing_since is not None and not sent_kill:
             wake.append(killing_since + plan.grace - now)
+        if not told:
+            wake.append(told_at - time.monotonic())
         info = signal.sigtimedwait(WATCHED, max(0.0, min(wake)))
+        if not told and time.monotonic() >= told_at:
+            _report(rep_w, started)
+            told = True
         if info is not None and info.si_signo != signal.SIGCHLD and killing_since is None:
             killing_since = time.time()
             jobtree.signal_tree(signal.SIGTERM, cg)
@@ -394,6 +409,8 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
     # up on the job) the file is written, durably. TS_ONFINISH or mail may still change
     # the report, so with those the daemon reads the file once the pipe closes.
     line = f"end {exitreport.encode(report)}"
+    if not told:
+        line = f"{started}\n{line}"
     # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
     # waits for an ACK of a report it could not read; a longer one goes in the file.
     if ack_from is not None and len(line.encode()) < select.PIPE_BUF:
@@ -401,7 +418,7 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
             return
         _write_report_until_stored(plan, report, durable=True)
         return
-    durable = not _report(rep_w, "end -")
+    durable = not _report(rep_w, "end -" if told else f"{started}\nend -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
 
