@@ -10,8 +10,12 @@ on its link and waits for the next one; when the daemon is gone (the link's end
 of file) it exits, once the job it runs, if any, is over.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
-the link too (Launched.answer); nothing else is sent to it while a job is out,
-as it is not idle again before IDLE.
+the link too (Launched.answer). Once its job's report has come (Launched.reported)
+it may be handed the next job before its IDLE: that job is sent right behind the
+answer, never before it (a go that comes first is held until the answer), so the
+supervisor wakes once for both, and it goes first when the daemon picks a
+supervisor. Its IDLEs are counted, one per job sent: the one still to come for
+the job before does not make it idle while it runs the next.
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
@@ -24,7 +28,8 @@ import contextlib
 import os
 import select
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tsd import exitreport, launch, spawner
 
@@ -38,11 +43,20 @@ class Member:
     pid: int
     start: int | None
     link: socket.socket
-    idle: bool = False
+    busy: int = 0  # jobs sent whose IDLE has not come yet
+    taken: bool = True  # chosen for a job not sent yet (a new one is, at once)
+    finishing: bool = False  # its job's end report came; only its IDLE is still to come
+    answered: bool = True  # its job's end report was answered (or needs no answer)
+    held: list[Callable[[], None]] = field(default_factory=list)  # a go until answered
+
+    @property
+    def free(self) -> bool:
+        """It may be handed a job: idle, or only the IDLE of an ended job to come."""
+        return not self.taken and (self.busy == 0 or (self.busy == 1 and self.finishing))
 
 
 class SupervisorPool:
-    """The daemon's reused supervisors: which is idle, and handing one a job."""
+    """The daemon's reused supervisors: which is free, and handing one a job."""
 
     def __init__(self) -> None:
         self._members: dict[int, Member] = {}  # link fd -> member
@@ -56,18 +70,24 @@ class SupervisorPool:
         return member
 
     def idle(self) -> int:
-        """How many supervisors are idle now."""
+        """How many supervisors are free now."""
         self._hear()
-        return sum(1 for m in self._members.values() if m.idle)
+        return sum(1 for m in self._members.values() if m.free)
 
     def take(self) -> Member | None:
-        """An idle supervisor, now taken for a job; None when none is idle."""
+        """A free supervisor, now taken for a job; None when none is free. One whose job
+        just ended comes first: its next job follows the answer to its report on the
+        link, and it wakes once for both."""
         self._hear()
+        chosen = None
         for member in self._members.values():
-            if member.idle:
-                member.idle = False
-                return member
-        return None
+            if member.free:
+                chosen = member
+                if member.finishing:
+                    break
+        if chosen is not None:
+            chosen.taken = True
+        return chosen
 
     def _hear(self) -> None:
         """Read what the links said: IDLE, or end of file (that supervisor is gone)."""
@@ -81,12 +101,14 @@ class SupervisorPool:
                 continue
             except OSError:
                 said = b""
-            if not said or said.strip(spawner.IDLE):
+            if not said or said.strip(spawner.IDLE) or len(said) > member.busy:
                 self.drop(member)  # gone, or said what a supervisor never says
-            else:
-                member.idle = True
-        idle = [m for m in self._members.values() if m.idle]
-        for extra in idle[MAX_IDLE:]:
+                continue
+            member.busy -= len(said)
+            if member.busy == 0:
+                member.finishing = False
+        free = [m for m in self._members.values() if m.free and m.busy == 0]
+        for extra in free[MAX_IDLE:]:
             self.drop(extra)
 
     def drop(self, member: Member) -> None:
@@ -94,6 +116,9 @@ class SupervisorPool:
         if self._members.pop(member.link.fileno(), None) is not None:
             self._epoll.unregister(member.link.fileno())
         member.link.close()
+        held, member.held = member.held, []
+        for send in held:
+            send()  # fails, the link being closed: that job is queued again
 
     def close(self) -> None:
         """Let every supervisor go (the daemon stops): jobs running finish on their own."""
@@ -102,15 +127,20 @@ class SupervisorPool:
         self._epoll.close()
 
     def launched(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
-        """The job of `plan` on `member`: go() sends it (and it runs), abort() gives the
+        """The job of `plan` on `member`: go() sends it (and it runs; after the answer
+        to its previous job's report, when that is still to be sent), abort() gives the
         member back unused."""
         rep_r, rep_w = os.pipe()
         # The caller closes its ts -n fds once this returns; the job gets them at go().
         outs = [os.dup(fd) for fd in plan.out_fds or ()]
         request = spawner.encode(plan)
+        acks = launch.acks_end(plan)
 
-        def go() -> None:
+        def send() -> None:
+            member.answered = not acks  # it waits for the answer to this job's report
             try:
+                if member.link.fileno() < 0:
+                    raise OSError("the supervisor was let go")
                 spawner.send_with_fds(member.link, request, [rep_w, *outs])
             except OSError:
                 # It died while idle: the job never ran. Say so on its report pipe as a
@@ -122,22 +152,38 @@ class SupervisorPool:
                 for fd in (rep_w, *outs):
                     os.close(fd)
 
+        def go() -> None:
+            member.taken = False
+            member.busy += 1
+            member.finishing = False
+            if member.answered:
+                send()
+            else:  # its previous job's answer comes first on the link
+                member.held.append(send)
+
         def abort() -> None:
             for fd in (rep_w, *outs):
                 os.close(fd)
-            member.idle = True
+            member.taken = False
 
         def answer(word: bytes | None) -> bool:
-            if word is None:
-                return True  # it waits for nothing: it sent no end to answer
-            try:
-                member.link.send(word, socket.MSG_NOSIGNAL)
-                return True
-            except OSError:
-                return False
+            told = True  # None: it waits for nothing, it sent no end to answer
+            if word is not None:
+                try:
+                    member.link.send(word, socket.MSG_NOSIGNAL)
+                except OSError:
+                    told = False
+            member.answered = True
+            held, member.held = member.held, []
+            for send in held:
+                send()
+            return told
+
+        def reported() -> None:
+            member.finishing = True
 
         os.set_blocking(rep_r, False)
         return launch.Launched(
             member.pid, member.start, go, abort, rep_r, pidfd=None,
-            answer=answer if launch.acks_end(plan) else None,
+            answer=answer if acks else None, reported=reported if acks else None,
         )

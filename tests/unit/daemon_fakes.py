@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -203,6 +204,8 @@ class FakeLauncher:
         self.alive: dict[int, int] = {}  # pid -> start time
         self.acks = False  # supervisors wait for the ACK of their report (launch.acks_end)
         self.ack_r: dict[int, int] = {}  # job id -> read end of its ACK pipe
+        # Launched.reported calls: (job id, whether its ACK had been sent by then)
+        self.reported: list[tuple[int, bool]] = []
         self.real: dict[int, int] = {}  # job id -> a real process standing in as supervisor
         self.fail: OSError | None = None  # what the next spawn raises
 
@@ -224,14 +227,19 @@ class FakeLauncher:
         os.set_blocking(r, False)
         self.report_w[plan.job_id] = w
         job_id = plan.job_id
-        answer = None
+        answer = reported = None
         if self.acks:
             self.ack_r[job_id], ack_w = os.pipe()
             answer = launch.answer_on(ack_w)
+
+            def reported() -> None:
+                acked = bool(select.select([self.ack_r[job_id]], [], [], 0)[0])
+                self.reported.append((job_id, acked))
+
         return launch.Launched(
             self.pid_of(job_id), 1234,
             lambda: self.gone.append(job_id), lambda: self.aborted.append(job_id), r,
-            answer=answer,
+            answer=answer, reported=reported,
         )
 
     def start_time(self, pid: int) -> int | None:

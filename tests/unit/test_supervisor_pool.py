@@ -304,3 +304,67 @@ def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
     assert (tmp_path / "hooked").read_text().startswith("1 2 ")
     report = exitreport.read(tmp_path / "exits", 1)
     assert report is not None and report.exit.code == 2
+
+
+def reported_unanswered(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> tuple[launch.Launched, str]:
+    """Job 1 on a new supervisor, to its end's report, told to the pool as the runner
+    does (Launched.reported), not answered yet: the supervisor waits for the answer."""
+    first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
+    first.go()
+    said = read_until(first, said_end)
+    assert first.reported is not None and first.answer is not None
+    first.reported()
+    return first, said
+
+
+def test_a_supervisor_whose_job_just_ended_takes_the_next_job_sent_after_the_answer(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, said = reported_unanswered(tmp_path, spawner)
+    mark = tmp_path / "ran"
+    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}; exit 2"))
+    # Not a new supervisor: the one that waits for its answer, the next job queued behind it.
+    assert second.supervisor_pid == first.supervisor_pid
+    second.go()  # its previous job's answer is not sent yet: the job waits for it
+    time.sleep(0.2)
+    assert not mark.exists()
+    assert first.answer is not None and first.answer(launch.ACK)
+    assert report_in(until_end(second)).exit.code == 2 and mark.exists()
+    assert report_in(said).exit.code == 1
+    assert read_until(first, lambda _: False) == ""  # its pipe: closed after the ACK
+    os.close(first.report_fd)
+    assert exitreport.read(tmp_path / "exits", 1) is None  # ACKed: no file written
+    wait_until(lambda: spawner.pool.idle() == 1)  # both IDLEs heard: idle, not busy
+
+
+def test_a_job_held_for_an_answer_goes_back_to_the_queue_when_its_supervisor_dies_first(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, _ = reported_unanswered(tmp_path, spawner)
+    mark = tmp_path / "ran"
+    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
+    assert second.supervisor_pid == first.supervisor_pid
+    second.go()
+    os.kill(first.supervisor_pid, signal.SIGKILL)
+    wait_until(lambda: not alive(first.supervisor_pid))
+    assert first.answer is not None and not first.answer(launch.ACK)  # nobody to tell
+    assert report_in(until_end(second, answer=None)).aborted and not mark.exists()
+    os.close(first.report_fd)
+
+
+def test_an_abort_on_a_supervisor_that_waits_for_its_answer_sends_nothing_and_keeps_it(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, _ = reported_unanswered(tmp_path, spawner)
+    mark = tmp_path / "ran"
+    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
+    second.abort()  # its start was not stored
+    os.close(second.report_fd)
+    assert first.answer is not None and first.answer(launch.ACK)
+    os.close(first.report_fd)
+    third = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
+    assert third.supervisor_pid == first.supervisor_pid
+    third.go()
+    assert report_in(until_end(third)).exit.code == 3 and not mark.exists()
