@@ -306,27 +306,28 @@ def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
     assert report is not None and report.exit.code == 2
 
 
-def reported_unanswered(
+def handed_over(
     tmp_path: Path, spawner: SpawnerLauncher
-) -> tuple[launch.Launched, str]:
+) -> tuple[launch.Launched, str, launch.Launched, Path]:
     """Job 1 on a new supervisor, to its end's report, told to the pool as the runner
-    does (Launched.reported), not answered yet: the supervisor waits for the answer."""
+    does (Launched.reported) and not answered yet (the supervisor waits for the
+    answer); then job 2 (it exits 2 after touching the returned path), taken from the
+    pool: by that same supervisor, its next job to follow the answer."""
     first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
     first.go()
     said = read_until(first, said_end)
     assert first.reported is not None and first.answer is not None
     first.reported()
-    return first, said
+    mark = tmp_path / "ran"
+    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}; exit 2"))
+    assert second.supervisor_pid == first.supervisor_pid  # not a new supervisor
+    return first, said, second, mark
 
 
 def test_a_supervisor_whose_job_just_ended_takes_the_next_job_sent_after_the_answer(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, said = reported_unanswered(tmp_path, spawner)
-    mark = tmp_path / "ran"
-    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}; exit 2"))
-    # Not a new supervisor: the one that waits for its answer, the next job queued behind it.
-    assert second.supervisor_pid == first.supervisor_pid
+    first, said, second, mark = handed_over(tmp_path, spawner)
     second.go()  # its previous job's answer is not sent yet: the job waits for it
     time.sleep(0.2)
     assert not mark.exists()
@@ -342,10 +343,7 @@ def test_a_supervisor_whose_job_just_ended_takes_the_next_job_sent_after_the_ans
 def test_a_job_held_for_an_answer_goes_back_to_the_queue_when_its_supervisor_dies_first(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, _ = reported_unanswered(tmp_path, spawner)
-    mark = tmp_path / "ran"
-    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
-    assert second.supervisor_pid == first.supervisor_pid
+    first, _, second, mark = handed_over(tmp_path, spawner)
     second.go()
     os.kill(first.supervisor_pid, signal.SIGKILL)
     wait_until(lambda: not alive(first.supervisor_pid))
@@ -357,9 +355,7 @@ def test_a_job_held_for_an_answer_goes_back_to_the_queue_when_its_supervisor_die
 def test_an_abort_on_a_supervisor_that_waits_for_its_answer_sends_nothing_and_keeps_it(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, _ = reported_unanswered(tmp_path, spawner)
-    mark = tmp_path / "ran"
-    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}"))
+    first, _, second, mark = handed_over(tmp_path, spawner)
     second.abort()  # its start was not stored
     os.close(second.report_fd)
     assert first.answer is not None and first.answer(launch.ACK)
