@@ -143,11 +143,15 @@ class SupervisorPool:
                     raise OSError("the supervisor was let go")
                 spawner.send_with_fds(member.link, request, [rep_w, *outs])
             except OSError:
-                # It died while idle: the job never ran. Say so on its report pipe as a
-                # supervisor that was never told to go would, so it is queued again.
+                # It died while idle, or was let go (the daemon stops) with this job held
+                # for its answer: the job never ran. Say so on its report pipe and in its
+                # report file, as a supervisor never told to go would, so that this
+                # daemon, or the next one, queues it again.
                 self.drop(member)
                 with contextlib.suppress(OSError):
                     os.write(rep_w, f"end {exitreport.encode(exitreport.ABORTED)}\n".encode())
+                with contextlib.suppress(OSError):
+                    exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
             finally:
                 for fd in (rep_w, *outs):
                     os.close(fd)

@@ -352,6 +352,23 @@ def test_a_job_held_for_an_answer_goes_back_to_the_queue_when_its_supervisor_die
     os.close(first.report_fd)
 
 
+def test_a_job_held_for_an_answer_when_the_daemon_stops_is_left_aborted_for_the_next_one(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, _, second, mark = handed_over(tmp_path, spawner)
+    second.go()
+    spawner.close()  # the daemon stops before job 1's end was answered
+    held = exitreport.read(tmp_path / "exits", 2)
+    assert held is not None and held.aborted  # a restarted daemon queues it again
+    assert report_in(until_end(second, answer=None)).aborted and not mark.exists()
+    # Job 1's supervisor got no answer: it writes its report, and exits.
+    wait_until(lambda: exitreport.read(tmp_path / "exits", 1) is not None)
+    done = exitreport.read(tmp_path / "exits", 1)
+    assert done is not None and done.exit.code == 1
+    wait_until(lambda: not alive(first.supervisor_pid))
+    os.close(first.report_fd)
+
+
 def test_an_abort_on_a_supervisor_that_waits_for_its_answer_sends_nothing_and_keeps_it(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
