@@ -341,7 +341,10 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
     `rep_w`: sent there, then ACK awaited on `ack_from` when it is given (see
     `acks_end`), else (or when no ACK comes) written to the exit report file. The
     caller closes `rep_w` afterwards: the daemon's end of file."""
-    cg = jobtree.own_cgroup_dir()  # the daemon moved us into the job's scope before go
+    # The system daemon moved us into the job's scope before go. A reused supervisor
+    # (the personal daemon's) has none: a tsd-job scope it is in belongs to a system
+    # job that started this personal daemon, and is not this job's to end or count.
+    cg = None if plan.reuse else jobtree.own_cgroup_dir()
 
     start = time.time()
     child, out, failure, main_status = _start_job(plan, rep_w)
