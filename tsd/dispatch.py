@@ -137,7 +137,18 @@ class Dispatcher:
         self.reserved: int | None = None
 
     def schedule(self) -> None:
-        """Start whatever may start now. Cheap when nothing can: decide() stops early."""
+        """Start whatever may start now. Cheap when nothing can: decide() stops early.
+
+        Never raises: a pass is run after a change that is already made (a submit, a
+        job's end, ts -S, a release), and a pass that fails (a launch that raised) must
+        not turn that change's answer into an error. What it did not start waits for
+        the next pass: any submit, end or timer."""
+        try:
+            self._pass()
+        except Exception:
+            log.exception("dispatch pass")
+
+    def _pass(self) -> None:
         table = self.table
         if not table.pending:
             self.gpus.stop_poll()

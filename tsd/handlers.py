@@ -289,13 +289,7 @@ async def _stored(p: Parts) -> None:
     has the job.)
     """
     if p.cluster is None:
-        try:
-            p.dispatcher.schedule()
-        except Exception:
-            # The jobs are queued whatever a launch did: the client hears its id, and the
-            # next pass (any end, submit or timer) tries again, as after a failed pass
-            # run from the loop.
-            log.exception("dispatch after a submit")
+        p.dispatcher.schedule()  # never raises: the jobs are queued whatever a launch did
     try:
         await p.table.durable()
     except StorageFull as exc:

@@ -103,17 +103,35 @@ def test_submit_answers_the_new_id_and_the_job_starts_when_a_slot_is_free() -> N
     run(body)
 
 
+def broken_launches(rig: Rig) -> None:
+    """Every launch of the rig's dispatcher raises (a bug in a launch)."""
+
+    def broken(job: Job, gpu_ids: tuple[int, ...]) -> None:
+        raise RuntimeError("a bug in a launch")
+
+    rig.dispatcher = rig.parts.dispatcher = Dispatcher(
+        rig.table, rig.policy, rig.gpus, broken, lambda: 5.0
+    )
+
+
 def test_a_launch_that_breaks_after_a_submit_still_answers_the_id_and_keeps_the_job() -> None:
     async def body() -> None:
         rig = Rig(Config(slots=1))
-
-        def broken(job: Job, gpu_ids: tuple[int, ...]) -> None:
-            raise RuntimeError("a bug in a launch")
-
-        rig.dispatcher = rig.parts.dispatcher = Dispatcher(
-            rig.table, rig.policy, rig.gpus, broken, lambda: 5.0
-        )
+        broken_launches(rig)
         job_id = await rig.submit("true")
+        assert rig.table.pending == [job_id] and not rig.table.running
+
+    run(body)
+
+
+def test_a_launch_that_breaks_after_a_slot_change_still_answers_the_change() -> None:
+    async def body() -> None:
+        rig = Rig(Config(slots=0))
+        job_id = await rig.submit("true")
+        broken_launches(rig)
+        # The pass that -S runs fails; the new count is set all the same, and says so.
+        assert await rig.call(protocol.Slots(value=2)) == {"slots": 2}
+        assert rig.store.settings["slots"] == "2"
         assert rig.table.pending == [job_id] and not rig.table.running
 
     run(body)
