@@ -29,7 +29,7 @@ import os
 import select
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tsd import exitreport, launch, spawner
 
@@ -47,12 +47,20 @@ class Member:
     taken: bool = True  # chosen for a job not sent yet (a new one is, at once)
     finishing: bool = False  # its job's end report came; only its IDLE is still to come
     answered: bool = True  # its job's end report was answered (or needs no answer)
-    held: list[Callable[[], None]] = field(default_factory=list)  # a go until answered
+    # The go of its next job, held until its job's report is answered. One at most:
+    # a supervisor with a job held is busy with two, and free again only after both.
+    held: Callable[[], None] | None = None
 
     @property
     def free(self) -> bool:
         """It may be handed a job: idle, or only the IDLE of an ended job to come."""
         return not self.taken and (self.busy == 0 or (self.busy == 1 and self.finishing))
+
+    def release(self) -> None:
+        """Send the go held for the answer (it was sent, or never will be: gone)."""
+        send, self.held = self.held, None
+        if send is not None:
+            send()
 
 
 class SupervisorPool:
@@ -116,9 +124,7 @@ class SupervisorPool:
         if self._members.pop(member.link.fileno(), None) is not None:
             self._epoll.unregister(member.link.fileno())
         member.link.close()
-        held, member.held = member.held, []
-        for send in held:
-            send()  # fails, the link being closed: that job is queued again
+        member.release()  # a held go fails, the link being closed: its job is queued again
 
     def close(self) -> None:
         """Let every supervisor go (the daemon stops): jobs running finish on their own."""
@@ -163,7 +169,7 @@ class SupervisorPool:
             if member.answered:
                 send()
             else:  # its previous job's answer comes first on the link
-                member.held.append(send)
+                member.held = send
 
         def abort() -> None:
             for fd in (rep_w, *outs):
@@ -178,9 +184,7 @@ class SupervisorPool:
                 except OSError:
                     told = False
             member.answered = True
-            held, member.held = member.held, []
-            for send in held:
-                send()
+            member.release()
             return told
 
         def reported() -> None:
