@@ -216,6 +216,7 @@ class Daemon:
             self.metrics_state, self._refresh_gpus_for_metrics,
         )
         self._wake: tuple[float, asyncio.TimerHandle] | None = None
+        self._prune: asyncio.TimerHandle | None = None
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
         if config.cluster.slurm:
@@ -348,7 +349,7 @@ class Daemon:
             self.ledger.prune()
         except Exception as exc:  # a full disk or a locked db: try again tomorrow
             log.warning("accounting history not pruned: %s", exc)
-        self.loop.call_later(PRUNE_EVERY, self.prune_history)
+        self._prune = self.loop.call_later(PRUNE_EVERY, self.prune_history)
 
     async def run(self, sock: socket.socket) -> None:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
@@ -390,8 +391,20 @@ class Daemon:
                 os.unlink(self.settings.socket_path)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.runner.launcher.close()
+        self._quiet()
         self.store.close()
         log.info("tsd stopped; %d running jobs keep running", len(self.table.running))
+
+    def _quiet(self) -> None:
+        # asyncio.run turns the loop a few more times after we return: no timer of ours
+        # may then schedule, poll or prune against a closed store.
+        if self._wake is not None:
+            self._wake[1].cancel()
+            self._wake = None
+        if self._prune is not None:
+            self._prune.cancel()
+        self.gpus.stop_poll()
+        self.gpus.stop_sample()
 
     def connection_limits(self) -> ConnectionLimits:
         """The server's caps: the config's on the system service, TS_MAXCONN on a personal one."""

@@ -151,7 +151,7 @@ class GroupCommit:
     _deferring = 0
     _urgent = False  # the open group's commit is scheduled for the next turn
     _opened = 0.0  # loop time the open group began (it is committed LAZY_COMMIT later)
-    _lazy_armed = False  # a lazy-commit timer is pending (one at a time, not one per group)
+    _lazy: asyncio.TimerHandle | None = None  # the lazy-commit timer (one, not one per group)
 
     _loop: asyncio.AbstractEventLoop | None = None
     _wal = -1  # our descriptor of the WAL file, fdatasynced in group mode
@@ -222,7 +222,7 @@ class GroupCommit:
                 raise self._full(exc) from None
             self._urgent = False
             self._opened = self._loop.time()
-            if not self._lazy_armed:
+            if self._lazy is None:
                 self._arm_lazy(LAZY_COMMIT)
         self.db.execute("SAVEPOINT w")
 
@@ -270,13 +270,12 @@ class GroupCommit:
 
     def _arm_lazy(self, delay: float) -> None:
         assert self._loop is not None
-        self._lazy_armed = True
-        self._loop.call_later(delay, self._lazy_due)
+        self._lazy = self._loop.call_later(delay, self._lazy_due)
 
     def _lazy_due(self) -> None:
         """A group open LAZY_COMMIT seconds that nobody made urgent is committed now; a
         younger one (the timer's own was committed meanwhile) when its time comes."""
-        self._lazy_armed = False
+        self._lazy = None
         if not self.db.in_transaction:
             return
         assert self._loop is not None
@@ -371,6 +370,9 @@ class GroupCommit:
     def close_group(self) -> None:
         """Commit and fsync whatever is open (the daemon stops), inline."""
         self._commit_group(inline=True)
+        if self._lazy is not None:  # its group is committed; it must not fire on a closed db
+            self._lazy.cancel()
+            self._lazy = None
         if self._syncer is not None:
             self._syncer.stop()
             os.fdatasync(self._wal)

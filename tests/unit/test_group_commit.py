@@ -125,6 +125,26 @@ def test_a_write_nobody_waits_for_is_committed_within_the_lazy_delay(
     run(body)
 
 
+def test_a_store_closed_with_a_group_open_commits_it_and_its_lazy_timer_never_fires(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon closes its store and its loop runs on a little (shutdown): the lazy
+    # commit's timer must not touch the closed connection (it logged a traceback).
+    monkeypatch.setattr(groupcommit, "LAZY_COMMIT", 0.05)
+    failures: list[dict[str, Any]] = []
+
+    async def body() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: failures.append(ctx))
+        store = grouped(tmp_path)
+        job = JobTable(store, Events(), lambda: 1000).add(1000, "alice", spec())
+        store.close()
+        assert on_disk(tmp_path) == {job.id: "queued"}
+        await asyncio.sleep(0.1)
+
+    run(body)
+    assert failures == []
+
+
 def test_a_group_that_cannot_be_committed_is_undone_in_memory_and_on_disk(
     tmp_path: Path,
 ) -> None:
