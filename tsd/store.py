@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     unit TEXT,
     attempts INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+-- jobs_state, an index no query used, cost each state change a write: gone.
+DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS slurm_jobs (
     job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL, task INTEGER
 );
