@@ -97,3 +97,21 @@ def test_specs_load_as_written_whatever_their_commands_and_options(tmp_path: Pat
     assert [j.spec for j in loaded[1:]] == [replace(s, env=()) for s in specs[1:]]
     assert loaded[0].spec == JobSpec(command=("true",), cwd="/old", env=())
     assert loaded[1].spec.cwd is loaded[2].spec.cwd  # one object for a repeated value
+
+
+def test_a_database_from_before_keeps_its_jobs_and_loses_only_the_unused_state_index(
+    tmp_path: Path,
+) -> None:
+    # Older tsd indexed jobs by state: no query read it, every state change wrote it.
+    job = a_job()
+    store = Store(tmp_path / "state.db", durable=False)
+    added = store.add_job(job.uid, job.user, job.spec, job.order, job.enqueue_time)
+    store.db.execute("CREATE INDEX jobs_state ON jobs(state)")
+    store.close()
+    store = Store(tmp_path / "state.db", durable=False)
+    indexes = {
+        str(r[0]) for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+    }
+    assert "jobs_state" not in indexes
+    assert [j.id for j in store.load_all()] == [added.id]
+    store.close()
