@@ -217,6 +217,7 @@ class Daemon:
         )
         self._wake: tuple[float, asyncio.TimerHandle] | None = None
         self._prune: asyncio.TimerHandle | None = None
+        self._stopped = False  # the store is closing or closed: nothing may start
         self.slurm: SlurmEngine | None = None
         scheduling: Scheduling = self.dispatcher
         if config.cluster.slurm:
@@ -252,8 +253,9 @@ class Daemon:
         self.loop.call_later(0.05, self.stopping.set)
 
     def schedule(self) -> None:
-        """Start whatever may start now (here: nothing starts here under Slurm)."""
-        if self.slurm is None:
+        """Start whatever may start now (here: nothing starts here under Slurm, nor once
+        the daemon has stopped: a retry timer may still fire then)."""
+        if self.slurm is None and not self._stopped:
             self.dispatcher.schedule()
 
     def _wake_at(self, when: float | None) -> None:
@@ -391,13 +393,17 @@ class Daemon:
                 os.unlink(self.settings.socket_path)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.runner.launcher.close()
+        # The open group is committed first: its callbacks (a go, a watch) run now, and
+        # nothing is watched or timed after _quiet.
+        self.store.close_group()
         self._quiet()
         self.store.close()
         log.info("tsd stopped; %d running jobs keep running", len(self.table.running))
 
     def _quiet(self) -> None:
-        # asyncio.run turns the loop a few more times after we return: no timer of ours
-        # may then schedule, poll or prune against a closed store.
+        # asyncio.run turns the loop a few more times after we return: no timer or
+        # reader of ours may then schedule, poll, prune or record an end on a closed
+        # store.
         if self._wake is not None:
             self._wake[1].cancel()
             self._wake = None
@@ -405,6 +411,8 @@ class Daemon:
             self._prune.cancel()
         self.gpus.stop_poll()
         self.gpus.stop_sample()
+        self.runner.stop_watching()
+        self._stopped = True
 
     def connection_limits(self) -> ConnectionLimits:
         """The server's caps: the config's on the system service, TS_MAXCONN on a personal one."""

@@ -164,6 +164,13 @@ class ReportPipes:
         answer = self._acks.pop(job_id, None)
         return answer is not None and answer(word)
 
+    def _stop_reading_all(self) -> None:
+        """Read no pipe any more (the daemon stops): a supervisor that writes one now
+        fails to, and so leaves its report durably in its file (tsd.launch)."""
+        for pipes in (self._reports, self._tails):
+            for job_id in list(pipes):
+                self._stop_reading(pipes, job_id)
+
     def _close_report(self, job_id: int) -> None:
         self._stop_reading(self._reports, job_id)
 

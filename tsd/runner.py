@@ -600,6 +600,14 @@ class Runner(ReportPipes, EndRecorder):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def stop_watching(self) -> None:
+        """The daemon stops (its store closes next): hear of no end, fire no timer of ours."""
+        self._stop_reading_all()
+        for job_id in list(self._watched):
+            self.procs.forget(self._watched.pop(job_id))
+        for timer in (*self._kill_timers.values(), *self._store_retries.values()):
+            timer.cancel()
+
 
 def _nobody(job_id: int) -> bool:
     return False

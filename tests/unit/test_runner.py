@@ -535,3 +535,31 @@ def test_a_removed_ts_n_job_no_longer_holds_its_terminal(tmp_path: Path) -> None
         assert _pipe_closed_everywhere(r)
 
     run(body)
+
+
+def test_a_stopping_daemon_hears_of_no_end_after_it_stops_watching_and_the_report_stays(
+    tmp_path: Path,
+) -> None:
+    """At stop the store closes while the loop still turns a little: an end read then
+    could not be stored. The supervisor finds nobody reading and keeps its report."""
+
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        job = rig.queue()
+        rig.runner.start(job, ())
+        rig.runner.kill(rig.table.running[job.id])  # its SIGKILL backstop is timed
+        writes = rig.store.writes
+        rig.runner.stop_watching()
+        report = ExitReport(ExitInfo(code=3), end=8.0, output=None)
+        with pytest.raises(BrokenPipeError):  # as the supervisor's write fails
+            rig.launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
+        rig.report(job.id, report)
+        assert rig.launcher.pid_of(job.id) not in rig.procs.watched  # nor its exit
+        await asyncio.sleep(0.15)
+        assert rig.store.writes == writes and rig.ended == []
+        assert [t.cancelled() for t in rig.runner._kill_timers.values()] == [True]
+        assert rig.table.running[job.id].state is JobState.RUNNING
+        assert os.path.exists(exitreport.path(rig.exits, job.id))  # for the next daemon
+        rig.launcher.close_all()
+
+    run(body)
