@@ -415,9 +415,9 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
     # stored: then no file is needed. Without the ACK (the daemon died first, or gave
     # up on the job) the file is written, durably. TS_ONFINISH or mail may still change
     # the report, so with those the daemon reads the file once the pipe closes.
-    line = f"end {exitreport.encode(report)}"
-    if not told:
-        line = f"{started}\n{line}"
+    # A start not told yet goes in the same message as the end.
+    untold = "" if told else f"{started}\n"
+    line = f"{untold}end {exitreport.encode(report)}"
     # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
     # waits for an ACK of a report it could not read; a longer one goes in the file.
     if ack_from is not None and len(line.encode()) < select.PIPE_BUF:
@@ -425,7 +425,7 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
             return
         _write_report_until_stored(plan, report, durable=True)
         return
-    durable = not _report(rep_w, "end -" if told else f"{started}\nend -")
+    durable = not _report(rep_w, f"{untold}end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
 
