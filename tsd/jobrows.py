@@ -54,24 +54,32 @@ def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
     """A function of the fields `names` (positional, in that order) that returns the same
     record as `cls(**dict(zip(names, values)))`, every other field at its default.
 
-    For a slotted dataclass without `__post_init__` (as the model's records are): it
-    sets the slots straight through their descriptors, which is what the generated
-    `__init__` of a frozen one does too, by name and through `object.__setattr__`.
+    For a slotted dataclass without `__post_init__` whose only base is `object` (as the
+    model's records are). A frozen record refuses plain attribute stores, so its own
+    `__init__` sets each field by name through `object.__setattr__`, and calling each
+    slot's descriptor is not much cheaper. The builder instead fills a twin: a plain
+    class with the very same slots, hence the same memory layout, whose stores are the
+    interpreter's fast slot stores; the filled object then becomes a `cls` (CPython
+    allows `__class__` to change between classes of one layout). Half the time of the
+    descriptors, which was a third of a 100,000-job load.
     """
     fs = fields(cls)  # type: ignore[arg-type]
     unknown = set(names) - {f.name for f in fs}
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"{cls.__name__}: not its fields, or repeated: {sorted(unknown)}")
-    slots = [cls.__dict__.get(f.name) for f in fs]
-    if hasattr(cls, "__post_init__") or not all(
-        isinstance(slot, MemberDescriptorType) for slot in slots
+    slots = tuple(getattr(cls, "__slots__", ()))
+    if (
+        hasattr(cls, "__post_init__")
+        or cls.__bases__ != (object,)
+        or slots != tuple(f.name for f in fs)
+        or not all(isinstance(cls.__dict__.get(n), MemberDescriptorType) for n in slots)
     ):
         raise TypeError(f"{cls.__name__} is not a slotted dataclass without __post_init__")
-    ns: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    twin = type(f"_{cls.__name__}Twin", (), {"__slots__": slots})
+    ns: dict[str, Any] = {"new": object.__new__, "twin": twin, "cls": cls}
     params = [f"v{i}" for i in range(len(names))]  # any field name may be a keyword
     body = []
-    for i, (f, slot) in enumerate(zip(fs, slots, strict=True)):
-        ns[f"set{i}"] = slot.__set__  # type: ignore[union-attr]
+    for i, f in enumerate(fs):
         if f.name in names:
             value = params[names.index(f.name)]
         elif f.default is not MISSING:
@@ -79,8 +87,11 @@ def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
             value = f"default{i}"
         else:
             raise ValueError(f"{cls.__name__}.{f.name} has no default and is not given")
-        body.append(f"    set{i}(o, {value})\n")
-    src = f"def build({', '.join(params)}):\n    o = new(cls)\n{''.join(body)}    return o\n"
+        body.append(f"    o.{f.name} = {value}\n")
+    src = (
+        f"def build({', '.join(params)}):\n    o = new(twin)\n{''.join(body)}"
+        "    o.__class__ = cls\n    return o\n"
+    )
     exec(src, ns)  # as dataclasses builds __init__: one straight-line function per class
     build: Callable[..., R] = ns["build"]
     return build

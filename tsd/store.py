@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     uid INTEGER NOT NULL,
     user TEXT NOT NULL,
     spec TEXT NOT NULL,
-    env TEXT NOT NULL,
     state TEXT NOT NULL,
     ord INTEGER NOT NULL,
     enqueue REAL NOT NULL,
@@ -66,6 +65,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- jobs_state, an index no query used, cost each state change a write: gone.
 DROP INDEX IF EXISTS jobs_state;
+-- A job's environment, apart: read once, at its launch. In its jobs row it made each
+-- row span a page (1-4 KB), and the daemon's start read every one of them.
+CREATE TABLE IF NOT EXISTS job_envs (id INTEGER PRIMARY KEY, env TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS slurm_jobs (
     job_id INTEGER PRIMARY KEY, slurm_id INTEGER NOT NULL, task INTEGER
 );
@@ -170,6 +172,7 @@ class Store(GroupCommit):
             if stmt.strip():
                 self.db.execute(stmt)
         _add_missing_columns(self.db)
+        _move_envs_out(self.db)
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -189,31 +192,7 @@ class Store(GroupCommit):
         self, uid: int, user: str, spec: JobSpec, order: int, enqueue_time: float
     ) -> Job:
         """Insert a queued job and return it with its new, never reused id."""
-        with self._tx():
-            cur = self.db.execute(
-                "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    uid,
-                    user,
-                    json.dumps(spec_to_dict(spec, include_env=False)),
-                    json.dumps(spec.env),
-                    JobState.QUEUED.value,
-                    order,
-                    enqueue_time,
-                ),
-            )
-        job_id = cur.lastrowid
-        assert job_id is not None
-        return Job(
-            id=job_id,
-            uid=uid,
-            user=user,
-            spec=_without_env(spec),
-            state=JobState.QUEUED,
-            order=order,
-            enqueue_time=enqueue_time,
-        )
+        return self.add_jobs(uid, user, [(spec, order)], enqueue_time)[0]
 
     def add_jobs(
         self,
@@ -234,12 +213,16 @@ class Store(GroupCommit):
                 if array:
                     spec = replace(spec, array_job=jobs[0].id if jobs else None)
                 cur = self.db.execute(
-                    "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (uid, user, spec, state, ord, enqueue)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     (uid, user, json.dumps(spec_to_dict(spec, include_env=False)),
-                     json.dumps(spec.env), state.value, order, enqueue_time),
+                     state.value, order, enqueue_time),
                 )  # fmt: skip
                 assert cur.lastrowid is not None
+                self.db.execute(
+                    "INSERT INTO job_envs (id, env) VALUES (?, ?)",
+                    (cur.lastrowid, json.dumps(spec.env)),
+                )
                 if array and not jobs:  # the first element names the array: itself
                     spec = replace(spec, array_job=cur.lastrowid)
                     self.db.execute(
@@ -382,6 +365,7 @@ class Store(GroupCommit):
         rows = [(i,) for i in ids]
         with self._tx():
             self.db.executemany("DELETE FROM jobs WHERE id=?", rows)
+            self.db.executemany("DELETE FROM job_envs WHERE id=?", rows)
             self.db.executemany("DELETE FROM slurm_jobs WHERE job_id=?", rows)
             self.db.executemany("DELETE FROM gpu_peaks WHERE id=?", rows)
 
@@ -434,7 +418,7 @@ class Store(GroupCommit):
 
     def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]:
         """A job's submit-time environment."""
-        row = self.db.execute("SELECT env FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self.db.execute("SELECT env FROM job_envs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return ()
         # Stored by json.dumps of the spec's (str, str) pairs: strings they come back as.
@@ -508,6 +492,22 @@ _ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 
 # slurm_jobs.task: the Slurm array task index of an --array element (NULL otherwise).
 _ADDED_SLURM_COLUMNS = (("task", "INTEGER"),)
+
+
+def _move_envs_out(db: sqlite3.Connection) -> None:
+    """A database from before job_envs: its jobs' environments move there, in one
+    transaction (a crash in it leaves the database as it was, to be moved next time)."""
+    if "env" not in {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}:
+        return
+    log.info("moving the jobs' environments into their own table (once)")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("INSERT OR REPLACE INTO job_envs (id, env) SELECT id, env FROM jobs")
+        db.execute("ALTER TABLE jobs DROP COLUMN env")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -184,8 +184,8 @@ def test_usage_and_history_survive_reopening_the_store(tmp_path: Path) -> None:
         7, 1234, "alice", JobSpec(command=("x",), cwd="/", env=(), slots=2),
         JobState.FINISHED, 7, 0.0, start_time=900.0, end_time=1000.0, exit=ExitInfo(code=0),
     )
-    store.db.execute("INSERT INTO jobs (id, uid, user, spec, env, state, ord, enqueue)"
-                     " VALUES (7, 1234, 'alice', '{}', '[]', 'running', 7, 0)")
+    store.db.execute("INSERT INTO jobs (id, uid, user, spec, state, ord, enqueue)"
+                     " VALUES (7, 1234, 'alice', '{}', 'running', 7, 0)")
     ledger.save_ended(ran)
     ledger.charge(4321, 0.0, 10.0, at=1000.0)
     store.close()

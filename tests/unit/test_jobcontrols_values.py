@@ -156,10 +156,10 @@ def test_an_older_database_gets_the_attempts_column(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE jobs DROP COLUMN attempts")
     db.execute(
-        "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue) VALUES"
+        "INSERT INTO jobs (uid, user, spec, state, ord, enqueue) VALUES"
         " (1000, 'alice', '{\"command\": [\"x\"], \"cwd\": \"/\", \"umask\": 18, \"slots\": 1,"
         " \"gpus\": 0, \"depends\": [], \"depend_mode\": \"after\", \"store_output\": true,"
-        " \"gzip\": false, \"stderr_apart\": false, \"mail\": false}', '[]', 'queued', 1, 0)"
+        " \"gzip\": false, \"stderr_apart\": false, \"mail\": false}', 'queued', 1, 0)"
     )
     db.commit()
     db.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -115,3 +116,48 @@ def test_a_database_from_before_keeps_its_jobs_and_loses_only_the_unused_state_i
     assert "jobs_state" not in indexes
     assert [j.id for j in store.load_all()] == [added.id]
     store.close()
+
+
+# The jobs table as tsd wrote it before environments moved to job_envs.
+_OLD_JOBS = """CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, uid INTEGER NOT NULL, user TEXT NOT NULL,
+    spec TEXT NOT NULL, env TEXT NOT NULL, state TEXT NOT NULL, ord INTEGER NOT NULL,
+    enqueue REAL NOT NULL, start REAL, end_ REAL, exit TEXT, pid INTEGER, sup_pid INTEGER,
+    sup_start INTEGER, gpu_ids TEXT NOT NULL DEFAULT '[]',
+    gpu_uuids TEXT NOT NULL DEFAULT '[]', output TEXT, unit TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0)"""
+
+
+def test_a_database_with_environments_in_its_jobs_rows_keeps_every_job_and_environment(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute(_OLD_JOBS)
+    spec = ('{"command": ["x", "%d"], "cwd": "/tmp", "umask": 18, "slots": 1, "gpus": 0,'
+            ' "depends": [], "depend_mode": "after", "store_output": true, "gzip": false,'
+            ' "stderr_apart": false, "mail": false}')
+    db.executemany(
+        "INSERT INTO jobs (uid, user, spec, env, state, ord, enqueue) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(1000, "alice", spec % i, json.dumps([["HOME", f"/h{i}"], ["A", "b"]]), "queued", i, 1.0)
+         for i in range(3)],
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    store = Store(path, durable=False)
+    assert [j.spec.command for j in store.load_all()] == [("x", str(i)) for i in range(3)]
+    assert [store.env_of(i) for i in (1, 2, 3)] == [
+        (("HOME", f"/h{i}"), ("A", "b")) for i in range(3)
+    ]
+    columns = {str(r[1]) for r in store.db.execute("PRAGMA table_info(jobs)")}
+    assert "env" not in columns and "spec" in columns
+    new = JobSpec(command=("y",), cwd="/", env=(("C", "d"),))
+    added = store.add_job(1000, "alice", new, 3, 2.0)
+    assert added.id == 4 and store.env_of(4) == (("C", "d"),)
+    store.delete([1, 4])
+    assert store.env_of(1) == () and store.env_of(4) == ()
+    store.close()
+    again = Store(path, durable=False)  # moved once: opening again changes nothing
+    assert [j.id for j in again.load_all()] == [2, 3]
+    assert again.env_of(2) == (("HOME", "/h1"), ("A", "b"))
+    again.close()
