@@ -15,12 +15,21 @@ committed while the previous one was under way. A write committed on its own
 fsyncs inline before it returns, as before.
 
 A group is committed as soon as something waits for it (`after_commit`: a
-reply, a supervisor's go, waking the clients waiting on a job's end), on the
-next turn of the loop; a group nobody waits for (a job's pid and output path,
+reply, waking the clients waiting on a job's end; `after_write`: a supervisor's
+go), on the next turn of the loop; a group nobody waits for (a job's pid and output path,
 a queued/allocating label, forgetting jobs beyond the finished cap) within
 LAZY_COMMIT seconds, so that it mostly rides along with the next urgent one.
 Nobody is ever told of such a change before it is on disk: any answer waits
 for the group first (tsd.server), which makes it urgent.
+
+`after_write` callbacks run right after their group's COMMIT, while its
+fdatasync is under way. A committed group survives a crash of the daemon (the
+WAL's pages are in the kernel's page cache, which the next daemon reads); only
+a crash of the machine can lose it. That is enough for a supervisor's go: a job
+whose start record dies with the machine is queued again after the reboot (as
+it would be had the machine died a moment before its start), and nobody was
+told it ran. It takes the fsync off the path from one job's end to the next
+one's start.
 """
 
 from __future__ import annotations
@@ -162,6 +171,7 @@ class GroupCommit:
     def _init_group(self) -> None:
         self._undo: list[Callable[[], None]] = []
         self._after: list[_Callbacks] = []
+        self._written: list[_Callbacks] = []  # of the open group, run at its COMMIT
         self._unsynced: list[_Callbacks] = []  # committed, for the next fdatasync
         self._in_flight: list[_Callbacks] = []  # committed, for the fdatasync under way
         self._deferred = _Deferred(self)
@@ -302,15 +312,31 @@ class GroupCommit:
         `failed` if their group is rolled back instead."""
         if self.db.in_transaction:
             self._after.append((ok, failed))
-            if not self._urgent and self._loop is not None:
-                self._urgent = True
-                self._loop.call_soon(self.commit)
+            self._urge()
         elif self._dirty:
             self._unsynced.append((ok, failed))
         elif self._syncing:
             self._in_flight.append((ok, failed))
         else:
             ok()
+
+    def after_write(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None:
+        """Run `ok` once the writes made so far are committed, before they are fsynced
+        (see the module docstring: safe after a crash of the daemon, not of the machine),
+        or `failed` if their group is rolled back instead."""
+        if self.db.in_transaction:
+            self._written.append((ok, failed))
+            self._urge()
+        else:
+            ok()
+
+    def _urge(self) -> None:
+        """Commit the open group on the loop's next turn."""
+        if not self._urgent and self._loop is not None:
+            self._urgent = True
+            self._loop.call_soon(self.commit)
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         """Run `undo` at once if the open group is rolled back (memory ahead of the disk
@@ -338,12 +364,14 @@ class GroupCommit:
             self._group_failed(self._full(exc), inline)
             return
         after, self._after, self._undo = self._after, [], []
+        written, self._written = self._written, []
         if self._syncer is None:  # SQLite fsynced (synchronous=FULL)
-            self._run([ok for ok, _ in after], inline)
+            self._run([ok for ok, _ in written + after], inline)
             return
         self._unsynced += after
         self._dirty = True
-        self._sync()
+        self._sync()  # first: the fdatasync runs while the callbacks do
+        self._run([ok for ok, _ in written], inline)
 
     def _sync(self) -> None:
         """Start an fdatasync of the WAL for what was committed, unless one is under way."""
@@ -384,6 +412,7 @@ class GroupCommit:
 
     def _group_failed(self, exc: StorageFull, inline: bool) -> None:
         undo, after, self._undo, self._after = self._undo, self._after, [], []
+        after, self._written = self._written + after, []
         for fn in reversed(undo):  # memory back to what the disk holds, newest first
             fn()
         self._run([functools.partial(f, exc) for _, f in after if f is not None], inline)

@@ -55,6 +55,10 @@ class JobStore(Protocol):
         self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
     ) -> None: ...
 
+    def after_write(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None: ...
+
     def on_rollback(self, undo: Callable[[], None]) -> None: ...
 
 

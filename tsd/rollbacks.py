@@ -54,6 +54,14 @@ class Rollbacks:
         `failed` if the group holding them is rolled back (their undos ran first)."""
         self.store.after_commit(ok, failed)
 
+    def after_write(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None:
+        """Run `ok` once every change made so far is committed, before its fsync (safe
+        against a crash of the daemon, not of the machine: tsd.groupcommit), or `failed`
+        if the group holding them is rolled back."""
+        self.store.after_write(ok, failed)
+
     async def durable(self) -> None:
         """Until every change made so far is on disk; StorageFull when it never will be."""
         if not self.store.pending:

@@ -14,10 +14,11 @@ they run in the daemon's worker threads; their results are applied on the loop.
 A job whose launch is under way already holds its slots and GPUs in the job
 table. It is recorded as running (with its supervisor, in its scope) before it
 may run: `go` is sent once that record is committed (tsd.store's group
-commit); a supervisor that is never told to go (the daemon died first) leaves
-an "aborted" report, and the job goes back to the queue. Likewise a job's end
-is acted on (exit report removed, dependents and the next job dispatched)
-once the end is committed.
+commit; without waiting for its fsync, see tsd.groupcommit's `after_write`); a
+supervisor that is never told to go (the daemon died first) leaves an
+"aborted" report, and the job goes back to the queue. A job's end is acted on
+(exit report removed, waiters woken) once the end is on disk; the next job may
+be chosen in the same group.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class JobTableView(Protocol):
     def unlaunch(self, job_id: int) -> Job | None: ...
 
     def after_commit(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None: ...
+
+    def after_write(
         self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
     ) -> None: ...
 
@@ -376,9 +381,9 @@ class Runner(ReportPipes, EndRecorder):
         return launched
 
     def _go_once_stored(self, job: Job, launched: launch.Launched, unit: str | None) -> None:
-        """Tell the supervisor to go once the job is durably running; undo the launch if
-        that record is rolled back instead."""
-        self.table.after_commit(
+        """Tell the supervisor to go once the job's running record is committed (its
+        fsync need not be done: tsd.groupcommit); undo the launch if rolled back."""
+        self.table.after_write(
             functools.partial(self._go, job, launched),
             functools.partial(self._not_stored, job.id, launched, unit),
         )

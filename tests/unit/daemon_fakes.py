@@ -79,6 +79,8 @@ class FakeStore:
     ) -> None:
         ok()
 
+    after_write = after_commit
+
     def on_rollback(self, undo: Callable[[], None]) -> None:
         pass
 

@@ -296,6 +296,42 @@ def test_a_supervisor_is_told_to_go_only_once_its_job_is_durably_running(
     run(body)
 
 
+def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waiters_still_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A committed group outlives a crash of the daemon (the WAL is in the page cache):
+    # the next job's start need not wait for the disk, a client hearing of an end must.
+    gate = threading.Event()
+    real = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        gate.wait(10)
+        real(fd)
+
+    async def body() -> None:
+        _, table, runner, launcher, _ = _runner(tmp_path)
+        job = table.add(1000, "alice", spec())
+        await table.durable()
+        monkeypatch.setattr(groupcommit.os, "fdatasync", held_fdatasync)
+        runner.start(job, ())
+        heard: list[str] = []
+        table.after_commit(lambda: heard.append("durable"))
+        assert launcher.gone == []  # nothing committed yet: no go
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert launcher.gone == [job.id] and on_disk(tmp_path)[job.id] == "running"
+        assert heard == []  # its fsync is held: nobody is told
+        gate.set()
+        await table.durable()
+        assert heard == ["durable"]
+        launcher.close_all()
+
+    try:
+        run(body)
+    finally:
+        gate.set()
+
+
 def test_a_launch_whose_record_is_rolled_back_never_runs_and_goes_back_to_the_queue(
     tmp_path: Path,
 ) -> None:
