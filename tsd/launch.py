@@ -120,10 +120,6 @@ class Launched:
     # instead, answer(None) when it sent no end to answer; called once (after go()),
     # True when it was told. None: it waits for nothing.
     answer: Callable[[bytes | None], bool] | None = None
-    # Called when the job's end report came on the pipe (the answer is to follow): a
-    # reused supervisor may be handed its next job then, sent right after the answer,
-    # so that it wakes once for both. None: nothing to tell.
-    reported: Callable[[], None] | None = None
 
 
 def acks_end(plan: LaunchPlan) -> bool:

@@ -49,7 +49,6 @@ class ReportPipes:
     _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
     _acks: dict[int, Callable[[bytes | None], bool]]  # supervisors that wait for ACK
-    _reported: dict[int, Callable[[], None]]  # to call when the job's report came
 
     def _job_ended(self, job_id: int) -> None:
         """The job is over (the runner records its end)."""
@@ -112,9 +111,6 @@ class ReportPipes:
             report = exitreport.decode(end)
             if report is not None:
                 self._early[job_id] = report
-                reported = self._reported.pop(job_id, None)
-                if reported is not None:
-                    reported()
                 return True
             # Not a report: its supervisor writes the file, read at the end of file.
             self._answer(job_id, launch.NAK)
@@ -160,7 +156,6 @@ class ReportPipes:
         (write the file, read then at the end of file), or None when it sent no report
         (a link to a reused supervisor carries nothing else then). True when it was
         told; False when it is gone or waits for nothing."""
-        self._reported.pop(job_id, None)
         answer = self._acks.pop(job_id, None)
         return answer is not None and answer(word)
 

@@ -254,7 +254,6 @@ class Runner(ReportPipes, EndRecorder):
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
         # job id -> how to tell its supervisor that its end is stored (launch.Launched)
         self._acks: dict[int, Callable[[bytes | None], bool]] = {}
-        self._reported: dict[int, Callable[[], None]] = {}
         # Personal jobs launched whose "pid" line has not come yet, and the signal held
         # for each until then (see _signal_supervisor).
         self._unstarted: set[int] = set()
@@ -393,8 +392,6 @@ class Runner(ReportPipes, EndRecorder):
             launched.go()
         if launched.answer is not None:
             self._acks[job.id] = launched.answer
-            if launched.reported is not None:
-                self._reported[job.id] = launched.reported
         self._watch(job, launched.report_fd, launched.pidfd)
         log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 

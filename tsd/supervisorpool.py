@@ -10,12 +10,11 @@ on its link and waits for the next one; when the daemon is gone (the link's end
 of file) it exits, once the job it runs, if any, is over.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
-the link too (Launched.answer). Once its job's report has come (Launched.reported)
-it may be handed the next job before its IDLE: that job is sent right behind the
-answer, never before it (a go that comes first is held until the answer), so the
-supervisor wakes once for both, and it goes first when the daemon picks a
-supervisor. Its IDLEs are counted, one per job sent: the one still to come for
-the job before does not make it idle while it runs the next.
+the link too (Launched.answer), and says IDLE after it. Only an idle supervisor
+is handed a job: the ACK follows the fsync of the job's end, and a job's go
+need not wait for that (tsd.groupcommit's after_write), so the next job goes to
+another supervisor (a new one when none is idle: the pool grows to about one
+more than the jobs that run at once) rather than wait behind that ACK.
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
@@ -28,7 +27,6 @@ import contextlib
 import os
 import select
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tsd import exitreport, launch, spawner
@@ -45,22 +43,11 @@ class Member:
     link: socket.socket
     busy: int = 0  # jobs sent whose IDLE has not come yet
     taken: bool = True  # chosen for a job not sent yet (a new one is, at once)
-    finishing: bool = False  # its job's end report came; only its IDLE is still to come
-    answered: bool = True  # its job's end report was answered (or needs no answer)
-    # The go of its next job, held until its job's report is answered. One at most:
-    # a supervisor with a job held is busy with two, and free again only after both.
-    held: Callable[[], None] | None = None
 
     @property
     def free(self) -> bool:
-        """It may be handed a job: idle, or only the IDLE of an ended job to come."""
-        return not self.taken and (self.busy == 0 or (self.busy == 1 and self.finishing))
-
-    def release(self) -> None:
-        """Send the go held for the answer (it was sent, or never will be: gone)."""
-        send, self.held = self.held, None
-        if send is not None:
-            send()
+        """It may be handed a job: idle (every job sent to it said IDLE), not taken."""
+        return not self.taken and self.busy == 0
 
 
 class SupervisorPool:
@@ -83,19 +70,13 @@ class SupervisorPool:
         return sum(1 for m in self._members.values() if m.free)
 
     def take(self) -> Member | None:
-        """A free supervisor, now taken for a job; None when none is free. One whose job
-        just ended comes first: its next job follows the answer to its report on the
-        link, and it wakes once for both."""
+        """A free supervisor, now taken for a job; None when none is free."""
         self._hear()
-        chosen = None
         for member in self._members.values():
             if member.free:
-                chosen = member
-                if member.finishing:
-                    break
-        if chosen is not None:
-            chosen.taken = True
-        return chosen
+                member.taken = True
+                return member
+        return None
 
     def _hear(self) -> None:
         """Read what the links said: IDLE, or end of file (that supervisor is gone)."""
@@ -113,9 +94,7 @@ class SupervisorPool:
                 self.drop(member)  # gone, or said what a supervisor never says
                 continue
             member.busy -= len(said)
-            if member.busy == 0:
-                member.finishing = False
-        free = [m for m in self._members.values() if m.free and m.busy == 0]
+        free = [m for m in self._members.values() if m.free]
         for extra in free[MAX_IDLE:]:
             self.drop(extra)
 
@@ -124,7 +103,6 @@ class SupervisorPool:
         if self._members.pop(member.link.fileno(), None) is not None:
             self._epoll.unregister(member.link.fileno())
         member.link.close()
-        member.release()  # a held go fails, the link being closed: its job is queued again
 
     def close(self) -> None:
         """Let every supervisor go (the daemon stops): jobs running finish on their own."""
@@ -133,8 +111,7 @@ class SupervisorPool:
         self._epoll.close()
 
     def launched(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
-        """The job of `plan` on `member`: go() sends it (and it runs; after the answer
-        to its previous job's report, when that is still to be sent), abort() gives the
+        """The job of `plan` on `member`: go() sends it (and it runs), abort() gives the
         member back unused."""
         rep_r, rep_w = os.pipe()
         # The caller closes its ts -n fds once this returns; the job gets them at go().
@@ -142,17 +119,18 @@ class SupervisorPool:
         request = spawner.encode(plan)
         acks = launch.acks_end(plan)
 
-        def send() -> None:
-            member.answered = not acks  # it waits for the answer to this job's report
+        def go() -> None:
+            member.taken = False
+            member.busy += 1
             try:
                 if member.link.fileno() < 0:
                     raise OSError("the supervisor was let go")
                 spawner.send_with_fds(member.link, request, [rep_w, *outs])
             except OSError:
-                # It died while idle, or was let go (the daemon stops) with this job held
-                # for its answer: the job never ran. Say so on its report pipe and in its
-                # report file, as a supervisor never told to go would, so that this
-                # daemon, or the next one, queues it again.
+                # It died while idle, or was let go (the daemon stops) since it was
+                # taken: the job never ran. Say so on its report pipe and in its report
+                # file, as a supervisor never told to go would, so that this daemon, or
+                # the next one, queues it again.
                 self.drop(member)
                 with contextlib.suppress(OSError):
                     os.write(rep_w, f"end {exitreport.encode(exitreport.ABORTED)}\n".encode())
@@ -161,15 +139,6 @@ class SupervisorPool:
             finally:
                 for fd in (rep_w, *outs):
                     os.close(fd)
-
-        def go() -> None:
-            member.taken = False
-            member.busy += 1
-            member.finishing = False
-            if member.answered:
-                send()
-            else:  # its previous job's answer comes first on the link
-                member.held = send
 
         def abort() -> None:
             for fd in (rep_w, *outs):
@@ -183,15 +152,10 @@ class SupervisorPool:
                     member.link.send(word, socket.MSG_NOSIGNAL)
                 except OSError:
                     told = False
-            member.answered = True
-            member.release()
             return told
-
-        def reported() -> None:
-            member.finishing = True
 
         os.set_blocking(rep_r, False)
         return launch.Launched(
             member.pid, member.start, go, abort, rep_r, pidfd=None,
-            answer=answer if acks else None, reported=reported if acks else None,
+            answer=answer if acks else None,
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -207,7 +206,6 @@ class FakeLauncher:
         self.acks = False  # supervisors wait for the ACK of their report (launch.acks_end)
         self.ack_r: dict[int, int] = {}  # job id -> read end of its ACK pipe
         # Launched.reported calls: (job id, whether its ACK had been sent by then)
-        self.reported: list[tuple[int, bool]] = []
         self.real: dict[int, int] = {}  # job id -> a real process standing in as supervisor
         self.fail: OSError | None = None  # what the next spawn raises
 
@@ -229,19 +227,14 @@ class FakeLauncher:
         os.set_blocking(r, False)
         self.report_w[plan.job_id] = w
         job_id = plan.job_id
-        answer = reported = None
+        answer = None
         if self.acks:
             self.ack_r[job_id], ack_w = os.pipe()
             answer = launch.answer_on(ack_w)
-
-            def reported() -> None:
-                acked = bool(select.select([self.ack_r[job_id]], [], [], 0)[0])
-                self.reported.append((job_id, acked))
-
         return launch.Launched(
             self.pid_of(job_id), 1234,
             lambda: self.gone.append(job_id), lambda: self.aborted.append(job_id), r,
-            answer=answer, reported=reported,
+            answer=answer,
         )
 
     def start_time(self, pid: int) -> int | None:

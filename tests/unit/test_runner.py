@@ -177,9 +177,6 @@ def test_a_report_on_the_pipe_is_acked_once_stored_and_no_file_is_looked_for(
         # The ACK comes once the end is stored, and the runner stops reading the pipe:
         # the supervisor writes nothing more that matters.
         assert os.read(rig.launcher.ack_r[job.id], 8) == launch.ACK
-        # The launcher heard of the report as it came, before the ACK: a reused
-        # supervisor may be handed its next job, to follow the ACK on its link.
-        assert rig.launcher.reported == [(job.id, False)]
         await until(lambda: not rig.runner._tails and not rig.runner._acks)
         assert not rig.runner._early and not rig.runner._reports
         rig.launcher.close_all()

@@ -306,78 +306,37 @@ def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
     assert report is not None and report.exit.code == 2
 
 
-def handed_over(
+def test_a_supervisor_waiting_for_its_answer_gets_no_job_another_runs_the_next_at_once(
     tmp_path: Path, spawner: SpawnerLauncher
-) -> tuple[launch.Launched, str, launch.Launched, Path]:
-    """Job 1 on a new supervisor, to its end's report, told to the pool as the runner
-    does (Launched.reported) and not answered yet (the supervisor waits for the
-    answer); then job 2 (it exits 2 after touching the returned path), taken from the
-    pool: by that same supervisor, its next job to follow the answer."""
+) -> None:
+    # Its answer follows the fsync of its job's end; the next job's go need not wait.
     first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
     first.go()
     said = read_until(first, said_end)
-    assert first.reported is not None and first.answer is not None
-    first.reported()
     mark = tmp_path / "ran"
     second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}; exit 2"))
-    assert second.supervisor_pid == first.supervisor_pid  # not a new supervisor
-    return first, said, second, mark
-
-
-def test_a_supervisor_whose_job_just_ended_takes_the_next_job_sent_after_the_answer(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    first, said, second, mark = handed_over(tmp_path, spawner)
-    second.go()  # its previous job's answer is not sent yet: the job waits for it
-    time.sleep(0.2)
-    assert not mark.exists()
-    assert first.answer is not None and first.answer(launch.ACK)
+    assert second.supervisor_pid != first.supervisor_pid
+    second.go()
     assert report_in(until_end(second)).exit.code == 2 and mark.exists()
+    assert first.answer is not None and first.answer(launch.ACK)  # answered only now
     assert report_in(said).exit.code == 1
     assert read_until(first, lambda _: False) == ""  # its pipe: closed after the ACK
     os.close(first.report_fd)
     assert exitreport.read(tmp_path / "exits", 1) is None  # ACKed: no file written
-    wait_until(lambda: spawner.pool.idle() == 1)  # both IDLEs heard: idle, not busy
+    wait_until(lambda: spawner.pool.idle() == 2)  # both idle again, both kept
+    assert run_to_end(spawner, reusable(tmp_path, 3, "exit 3"))[0] in (
+        first.supervisor_pid, second.supervisor_pid)  # fmt: skip
 
 
-def test_a_job_held_for_an_answer_goes_back_to_the_queue_when_its_supervisor_dies_first(
+def test_a_supervisor_still_waiting_for_its_answer_when_the_daemon_stops_writes_its_report(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, _, second, mark = handed_over(tmp_path, spawner)
-    second.go()
-    os.kill(first.supervisor_pid, signal.SIGKILL)
-    wait_until(lambda: not alive(first.supervisor_pid))
-    assert first.answer is not None and not first.answer(launch.ACK)  # nobody to tell
-    assert report_in(until_end(second, answer=None)).aborted and not mark.exists()
-    os.close(first.report_fd)
-
-
-def test_a_job_held_for_an_answer_when_the_daemon_stops_is_left_aborted_for_the_next_one(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    first, _, second, mark = handed_over(tmp_path, spawner)
-    second.go()
+    first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
+    first.go()
+    read_until(first, said_end)
     spawner.close()  # the daemon stops before job 1's end was answered
-    held = exitreport.read(tmp_path / "exits", 2)
-    assert held is not None and held.aborted  # a restarted daemon queues it again
-    assert report_in(until_end(second, answer=None)).aborted and not mark.exists()
-    # Job 1's supervisor got no answer: it writes its report, and exits.
     wait_until(lambda: exitreport.read(tmp_path / "exits", 1) is not None)
     done = exitreport.read(tmp_path / "exits", 1)
-    assert done is not None and done.exit.code == 1
+    assert done is not None and done.exit.code == 1  # for the next daemon to record
     wait_until(lambda: not alive(first.supervisor_pid))
     os.close(first.report_fd)
-
-
-def test_an_abort_on_a_supervisor_that_waits_for_its_answer_sends_nothing_and_keeps_it(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    first, _, second, mark = handed_over(tmp_path, spawner)
-    second.abort()  # its start was not stored
-    os.close(second.report_fd)
-    assert first.answer is not None and first.answer(launch.ACK)
-    os.close(first.report_fd)
-    third = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
-    assert third.supervisor_pid == first.supervisor_pid
-    third.go()
-    assert report_in(until_end(third)).exit.code == 3 and not mark.exists()
