@@ -7,6 +7,7 @@ send events first. Handlers hold no state of their own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from tsd.gpuusage import unmanaged
 from tsd.gpuwatch import GpuWatch
 from tsd.jobtable import JobTable
 from tsd.ledger import Ledger
-from tsd.model import Job, JobState, Peer, UnmanagedUse, UserLimits
+from tsd.model import Job, JobSpec, JobState, Peer, UnmanagedUse, UserLimits
 from tsd.policy import Policy
 from tsd.render import printable
 from tsd.scheduler import check_fits
@@ -257,6 +258,22 @@ async def submit(
                  printable(spec.command_line[:200]))  # fmt: skip
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
+    # ts -nf waits for its end from now: the job starts once its start is committed,
+    # before the answer (which waits for the fsync), and a quick one may be over, and
+    # forgotten (-nf jobs are), before the answer is sent.
+    ended = p.waiters.end_ticket(job.id) if req.wait else None
+    try:
+        return await _submitted(p, peer, req, send, spec, job, ended)
+    finally:
+        if ended is not None:
+            p.waiters.drop_ticket(job.id, ended)
+
+
+async def _submitted(
+    p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent, spec: JobSpec, job: Job,
+    ended: asyncio.Future[Job | None] | None,
+) -> protocol.JobId | protocol.JobRecord:
+    """The rest of `submit` for one job, queued in memory: durable, then answered."""
     if req.terminal is not None:
         # ts -n: the job writes to the submitting ts's stdout and stderr (task-spooler's
         # behaviour); the daemon holds them, in memory only, until the job starts.
@@ -273,15 +290,16 @@ async def submit(
     if not req.wait:
         return protocol.JobId(job.id)
     await send(protocol.Queued(job.id))
-    return await _until_done(p, job)
+    return await _until_done(p, job, ended)
 
 
 async def _stored(p: Parts) -> None:
     """Until the jobs just queued are on disk (the group commit of this loop turn).
 
     Those that can start now are launched first, into the same group: one fsync makes
-    both the jobs and their starts durable, their supervisors' go goes out right after
-    it, then the answer (the server writes it in the step this returns in). Dispatched
+    both the jobs and their starts durable; their supervisors' go goes out at its
+    COMMIT (tsd.groupcommit's after_write), the answer after the fsync (the server
+    writes it in the step this returns in). Dispatched
     after the commit instead, a start would wait for a second fsync, and the answer
     with it (it waits for every change made before it is written). A launch only
     stores and plans here and takes an idle supervisor (the spawner forks one only
@@ -545,11 +563,15 @@ async def wait(p: Parts, peer: Peer, req: protocol.Wait, send: SendEvent) -> pro
     return await _until_done(p, job)
 
 
-async def _until_done(p: Parts, job: Job) -> protocol.JobRecord:
-    """The job's record once it is done (a -nf job's even though it is then forgotten)."""
+async def _until_done(
+    p: Parts, job: Job, ended: asyncio.Future[Job | None] | None = None
+) -> protocol.JobRecord:
+    """The job's record once it is done (a -nf job's even though it is then forgotten:
+    `ended`, its end_ticket, taken before it could end)."""
     current = p.table.get(job.id) or job
     while not current.state.done:
-        final = await p.waiters.next_end(job.id)
+        final = await (ended if ended is not None else p.waiters.next_end(job.id))
+        ended = None
         current = final if final is not None else _still_there(p, current)
     return protocol.JobRecord(current)
 

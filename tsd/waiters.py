@@ -59,9 +59,24 @@ class Waiters:
 
     async def next_end(self, job_id: int) -> Job | None:
         """Until job `job_id` ends (its final record) or is removed (None)."""
+        return await self.end_ticket(job_id)
+
+    def end_ticket(self, job_id: int) -> asyncio.Future[Job | None]:
+        """Job `job_id`'s end (its final record) or removal (None), waited for from now
+        on: an end that comes before anyone awaits it is not missed. `drop_ticket` it
+        when it will not be awaited."""
         fut: asyncio.Future[Job | None] = self.loop.create_future()
         self._ends[job_id].append(fut)
-        return await fut
+        return fut
+
+    def drop_ticket(self, job_id: int, fut: asyncio.Future[Job | None]) -> None:
+        """Forget an `end_ticket` (awaited, or never to be)."""
+        futures = self._ends.get(job_id)
+        if futures is not None and fut in futures:
+            futures.remove(fut)
+            if not futures:
+                del self._ends[job_id]
+        fut.cancel()
 
     async def room_freed(self) -> None:
         """Until some pending job leaves the queue."""

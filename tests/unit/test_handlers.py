@@ -336,6 +336,41 @@ def test_submit_with_wait_streams_queued_then_the_final_record_of_a_forgotten_jo
     run(body)
 
 
+def test_a_nf_job_over_and_forgotten_before_its_answer_went_out_answers_its_final_record() -> None:
+    # Its start is committed before the answer's fsync: a quick job can end (and a -nf
+    # one be forgotten) while the answer is still on its way.
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        real_start = rig.runner.start
+
+        def start_and_end_at_once(job: Job, gpu_ids: tuple[int, ...]) -> None:
+            real_start(job, gpu_ids)
+
+            def over() -> None:
+                ended = rig.table.finish(job.id, ExitInfo(code=4), None, None)
+                assert ended is not None
+                rig.dispatcher.job_ended(ended)
+
+            asyncio.get_running_loop().call_soon(over)
+
+        rig.dispatcher._start = start_and_end_at_once
+
+        async def slow_send(event: protocol.Event) -> None:
+            rig.events.append(event.to_wire())
+            for _ in range(5):  # the socket takes a few turns: the job is over by then
+                await asyncio.sleep(0)
+
+        rig.send = slow_send  # type: ignore[method-assign]
+        final = await asyncio.wait_for(
+            rig.call(protocol.Submit(spec=spec(store_output=False, forget=True), wait=True)), 5
+        )
+        assert rig.events == [{"event": "queued", "id": 1}]
+        assert final["job"]["id"] == 1 and final["job"]["exit"]["code"] == 4
+        assert rig.table.get(1) is None and rig.waiters.parked() == 0
+
+    run(body)
+
+
 @pytest.mark.usefixtures("anyone_may_connect")
 def test_setting_slots_on_the_system_service_is_for_admins() -> None:
     async def body() -> None:
