@@ -15,12 +15,13 @@ committed while the previous one was under way. A write committed on its own
 fsyncs inline before it returns, as before.
 
 A group is committed as soon as something waits for it (`after_commit`: a
-reply, waking the clients waiting on a job's end; `after_write`: a supervisor's
-go), on the next turn of the loop; a group nobody waits for (a job's pid and output path,
-a queued/allocating label, forgetting jobs beyond the finished cap) within
-LAZY_COMMIT seconds, so that it mostly rides along with the next urgent one.
-Nobody is ever told of such a change before it is on disk: any answer waits
-for the group first (tsd.server), which makes it urgent.
+reply, waking the clients waiting on a job's end; `after_write`: a
+supervisor's go), on the next turn of the loop; a group nobody waits for (a
+job's pid and output path, a queued/allocating label, forgetting jobs beyond
+the finished cap) within LAZY_COMMIT seconds, so that it mostly rides along
+with the next urgent one. Nobody is ever told of such a change before it is
+on disk: any answer waits for the group first (tsd.server), which makes it
+urgent.
 
 `after_write` callbacks run right after their group's COMMIT, while its
 fdatasync is under way. A committed group survives a crash of the daemon (the

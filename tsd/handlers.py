@@ -299,9 +299,9 @@ async def _stored(p: Parts) -> None:
     Those that can start now are launched first, into the same group: one fsync makes
     both the jobs and their starts durable; their supervisors' go goes out at its
     COMMIT (tsd.groupcommit's after_write), the answer after the fsync (the server
-    writes it in the step this returns in). Dispatched
-    after the commit instead, a start would wait for a second fsync, and the answer
-    with it (it waits for every change made before it is written). A launch only
+    writes it in the step this returns in). Dispatched after the commit instead, a
+    start would wait for a second commit, and the answer with it (it waits for
+    every change made before it is written). A launch only
     stores and plans here and takes an idle supervisor (the spawner forks one only
     when none is); the job itself starts after the commit. (Slurm is nudged once it
     has the job.)

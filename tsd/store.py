@@ -494,10 +494,14 @@ _ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 _ADDED_SLURM_COLUMNS = (("task", "INTEGER"),)
 
 
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 def _move_envs_out(db: sqlite3.Connection) -> None:
     """A database from before job_envs: its jobs' environments move there, in one
     transaction (a crash in it leaves the database as it was, to be moved next time)."""
-    if "env" not in {str(row[1]) for row in db.execute("PRAGMA table_info(jobs)")}:
+    if "env" not in _columns(db, "jobs"):
         return
     log.info("moving the jobs' environments into their own table (once)")
     db.execute("BEGIN IMMEDIATE")
@@ -512,7 +516,7 @@ def _move_envs_out(db: sqlite3.Connection) -> None:
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     for table, added in (("jobs", _ADDED_COLUMNS), ("slurm_jobs", _ADDED_SLURM_COLUMNS)):
-        have = {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+        have = _columns(db, table)
         for name, decl in added:
             if name not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
