@@ -29,6 +29,7 @@ from tsd.scheduler import GpuRoom
 log = logging.getLogger("tsd")
 
 Snapshot = tuple[tuple[Gpu, ...] | None, str]  # the GPUs (None: unknown), and why unknown
+_STALE = float("-inf")  # the time of a picture that must be read again, however young
 
 
 class GpuReader(Protocol):
@@ -85,7 +86,7 @@ class GpuMonitor:
         self._on_refresh = on_refresh
         self._make_reader = reader
         self._reader: GpuReader | None = None
-        self._taken = 0.0
+        self._taken = _STALE
         self._gpus: tuple[Gpu, ...] | None = None
         self._problem = ""
         self._absent = False  # the last failure was "no NVML on this machine"
@@ -124,8 +125,11 @@ class GpuMonitor:
         return self.cached()
 
     def expire(self, keep_problem: bool = True) -> None:
-        """Forget the picture; keep its problem so a failure is not logged at every poll."""
-        self._taken, self._gpus = 0.0, None
+        """Make the picture stale: the next `request` or `snapshot` reads NVML again. The
+        stale picture still explains (`ts -i`'s "GPU 0 used by ...", `ts -A`, metrics)
+        while that read is under way; nothing is placed on it (`request` is False until
+        the new one is in). Keep its problem so a failure is not logged at every poll."""
+        self._taken = _STALE
         if not keep_problem:
             self._problem = ""
 

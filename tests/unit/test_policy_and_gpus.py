@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 
 import pytest
 from unit.daemon_fakes import FakeNvml, FakeStore, gpu
 
 from tsd.config import Config
 from tsd.gpumonitor import GpuMonitor
-from tsd.model import UserLimits
+from tsd.model import Gpu, GpuProcess, UserLimits
 from tsd.policy import LIMITS_TTL, Policy
 
 
@@ -98,3 +100,40 @@ def test_the_poll_timer_runs_only_while_armed() -> None:
 async def _until(check: object) -> None:
     while not check():  # type: ignore[operator]
         await asyncio.sleep(0.005)
+
+
+def test_a_poll_keeps_the_last_picture_to_explain_while_nvml_is_read_again() -> None:
+    """`ts -i` during a poll's read still names who uses a busy GPU (it once said
+    nothing: the poll dropped the picture until NVML answered)."""
+
+    async def body() -> None:
+        nvml = FakeNvml([gpu(0), gpu(1)])
+        monitor = GpuMonitor(
+            asyncio.get_running_loop(), None, lambda: None, lambda: None, lambda: nvml
+        )
+        await monitor.snapshot()
+        stranger = GpuProcess(pid=4242, used_memory=1 << 30)
+        nvml.gpus = (dataclasses.replace(gpu(0, used_gib=1), processes=(stranger,)), gpu(1))
+        monitor.expire()
+        await monitor.snapshot()
+        entered, release = threading.Event(), threading.Event()
+        slow_read = nvml.snapshot
+
+        def blocked_read() -> tuple[Gpu, ...]:
+            entered.set()
+            release.wait(5)
+            return slow_read()
+
+        nvml.snapshot = blocked_read  # type: ignore[method-assign]
+        monitor.arm_poll(0.0)
+        await asyncio.wait_for(asyncio.to_thread(entered.wait, 5), 6)
+        try:
+            assert monitor.request(10.0) is False  # stale: nothing is placed on it
+            assert monitor.busy({}, set(), 90.0) == {0: "used by pid 4242, 1.0 GiB"}
+            assert monitor.pool() == (0, 1) and monitor.cached()[0] is not None
+        finally:
+            release.set()
+        await asyncio.wait_for(_until(lambda: monitor.request(10.0)), 5)
+        assert nvml.reads == 3
+
+    asyncio.run(body())
