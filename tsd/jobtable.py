@@ -351,11 +351,14 @@ class JobTable(QueueOrder, Rollbacks):
         if (job := self.running.get(job_id)) is not None and job.gpu_idle_since != since:
             self.jobs[job_id] = self.running[job_id] = replace(job, gpu_idle_since=since)
 
-    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None:
+    def report(
+        self, job_id: int, pid: int | None, output: str | None, out_seen: bool, save: bool = True
+    ) -> None:
         """What a running job's supervisor reported: its command's pid, its output path.
 
         `out_seen`: the output line came (`output` None then means -n): the job has
-        started for good, and -t/-c waiting for it may follow its output.
+        started for good, and -t/-c waiting for it may follow its output. `save`
+        False: only in memory, as its end, recorded next, writes the whole row.
         """
         job = self.running.get(job_id)
         if job is None:
@@ -364,9 +367,9 @@ class JobTable(QueueOrder, Rollbacks):
         if pid != job.pid or output != job.output_path:
             updated = replace(job, pid=pid, output_path=output)
             self.jobs[job_id] = self.running[job_id] = updated
-            # On a full disk the pid and output path are saved with the job's end.
-            with suppress(StorageFull), self.store.deferred():
-                self.store.save(updated)
+            if save:  # on a full disk the pid and output path are saved with the job's end
+                with suppress(StorageFull), self.store.deferred():
+                    self.store.save(updated)
         if out_seen:
             self.events.started(job_id)
 

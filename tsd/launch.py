@@ -550,24 +550,39 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
 def _spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
     """posix_spawn argv[0] searched on env's PATH, as os.execvpe searches it."""
     cmd = argv[0]
-    found = [cmd] if os.path.dirname(cmd) else [
-        os.path.join(d, cmd) for d in os.get_exec_path(env)
+    # f-strings, not os.path.join: this runs for every job, once per directory of PATH
+    # (an empty entry is the working directory, as for execvp).
+    found = [cmd] if "/" in cmd else [
+        f"{d}/{cmd}" if d else cmd for d in os.get_exec_path(env)
     ]
-    saved: OSError | None = None
-    last: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cmd)
+    tried: list[tuple[str, OSError | None]] = []
     for exe in found:
+        # A missing one costs no clone; access() says so without an exception.
+        if not os.access(exe, os.F_OK):
+            tried.append((exe, None))  # why, asked only when nothing runs
+            continue
         try:
-            os.stat(exe)  # a missing one costs no clone
             return os.posix_spawn(
                 exe, argv, env, file_actions=actions, setpgroup=0,
                 setsigmask=(), setsigdef=(signal.SIGPIPE,),
             )
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            last = exc
         except OSError as exc:
-            last = exc
-            saved = saved or exc
-    raise saved or last
+            tried.append((exe, exc))
+    errors = [exc or _why_missing(exe) for exe, exc in tried]
+    # As execvp: the first failure other than "not there" (EACCES...) wins, else the last.
+    for error in errors:
+        if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+            raise error
+    raise errors[-1] if errors else _why_missing(cmd)
+
+
+def _why_missing(path: str) -> OSError:
+    """Why `path` cannot be run, found not to exist: stat's error (ENOENT, EACCES...)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
 def _close_all(fds: Iterable[int]) -> None:

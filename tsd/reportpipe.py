@@ -28,7 +28,10 @@ from tsd import exitreport, launch
 class ReportTable(Protocol):
     """The job table as report lines update it (tsd.jobtable.JobTable)."""
 
-    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
+    def report(
+        self, job_id: int, pid: int | None, output: str | None, out_seen: bool,
+        save: bool = True,
+    ) -> None: ...
 
 
 class ReportSettings(Protocol):
@@ -98,6 +101,12 @@ class ReportPipes:
             return True
         fields = launch.parse_report(data.decode(errors="replace"))
         pid, out, end = fields.get("pid"), fields.get("out"), fields.get("end")
+        report = None
+        if end and end != "-" and job_id not in self._early:
+            report = exitreport.decode(end)
+            if report is None:
+                # Not a report: its supervisor writes the file, read at the end of file.
+                self._answer(job_id, launch.NAK)
         if pid is not None:
             self._started(job_id)
         if pid is not None or out is not None:
@@ -106,14 +115,12 @@ class ReportPipes:
                 int(pid) if pid and pid.isdigit() else None,
                 None if out in (None, "-") else out,
                 out is not None,
+                # A job that ended at once tells its start with its end: one write.
+                save=report is None,
             )
-        if end and end != "-" and job_id not in self._early:
-            report = exitreport.decode(end)
-            if report is not None:
-                self._early[job_id] = report
-                return True
-            # Not a report: its supervisor writes the file, read at the end of file.
-            self._answer(job_id, launch.NAK)
+        if report is not None:
+            self._early[job_id] = report
+            return True
         return False
 
     def _tail(self, job_id: int, fd: int) -> None:

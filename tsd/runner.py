@@ -125,7 +125,10 @@ class JobTableView(Protocol):
         self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
     ) -> None: ...
 
-    def report(self, job_id: int, pid: int | None, output: str | None, out_seen: bool) -> None: ...
+    def report(
+        self, job_id: int, pid: int | None, output: str | None, out_seen: bool,
+        save: bool = True,
+    ) -> None: ...
 
     def finish(
         self, job_id: int, exit: ExitInfo, end: float | None, output: str | None

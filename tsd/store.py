@@ -157,6 +157,9 @@ class Store(GroupCommit):
         self._init_group()
         # uid -> that user's settings, as stored: read at every launch, written rarely.
         self._settings: dict[int, dict[str, str]] = {}
+        # The last environment read, with its text: jobs submitted from one shell share
+        # it, and the launch of each job reads it (env_of).
+        self._last_env: tuple[str, tuple[tuple[str, str], ...]] = ("", ())
         try:
             self._open(durable)
         except sqlite3.Error as exc:
@@ -421,8 +424,12 @@ class Store(GroupCommit):
         row = self.db.execute("SELECT env FROM job_envs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             return ()
-        # Stored by json.dumps of the spec's (str, str) pairs: strings they come back as.
-        return tuple(map(tuple, json.loads(row[0])))
+        text, (last_text, last) = row[0], self._last_env
+        if text != last_text:
+            # Stored by json.dumps of the spec's (str, str) pairs: strings they come back as.
+            last = tuple(map(tuple, json.loads(text)))
+            self._last_env = (text, last)
+        return last
 
     # -------------------------------------------------------- GPU memory peaks
 

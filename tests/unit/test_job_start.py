@@ -22,13 +22,15 @@ from tsd.exitreport import ExitReport
 PATHS = {"spawned": {}, "forked": {"nofile_soft": 1024}}
 
 
-def run_job(tmp: Path, how: str, *command: str, cwd: str | None = None) -> tuple[ExitReport, str]:
+def run_job(
+    tmp: Path, how: str, *command: str, cwd: str | None = None, path: str = "/usr/bin:/bin"
+) -> tuple[ExitReport, str]:
     """Run a job through a supervisor forked here; its report and its output."""
     exits = tmp / "exits"
     exits.mkdir(exist_ok=True)
     plan = launch.LaunchPlan(
         job_id=1, uid=os.getuid(), gid=os.getgid(), user="me", command=command,
-        cwd=cwd or str(tmp), env={"PATH": "/usr/bin:/bin"}, umask=0o027,
+        cwd=cwd or str(tmp), env={"PATH": path}, umask=0o027,
         log_dir=str(tmp), exits_dir=str(exits), drop_privileges=False,
         **PATHS[how],  # type: ignore[arg-type]
     )
@@ -112,3 +114,24 @@ def test_a_command_is_found_on_the_jobs_path_not_the_supervisors(
     report = exitreport.read(exits, 2)
     assert report is not None and report.exit.code == 0 and report.output
     assert Path(report.output).read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("how", PATHS)
+def test_path_is_searched_as_execvp_does(tmp_path: Path, how: str) -> None:
+    """The first executable on PATH runs: a directory without it or with a file that
+    cannot run is passed over, and an empty entry is the job's working directory."""
+    (tmp_path / "none").mkdir()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "hello").write_text("#!/bin/sh\necho blocked\n")  # mode 0644
+    for where in ("first", "second"):
+        (tmp_path / where).mkdir()
+        exe = tmp_path / where / "hello"
+        exe.write_text(f"#!/bin/sh\necho {where}\n")
+        exe.chmod(0o755)
+    dirs = [tmp_path / d for d in ("none", "blocked", "first", "second")]
+    report, out = run_job(tmp_path, how, "hello", path=":".join(map(str, dirs)))
+    assert (report.exit.code, out) == (0, "first\n")
+    report, out = run_job(
+        tmp_path, how, "hello", cwd=str(tmp_path / "second"), path=f"{tmp_path / 'none'}::/bin"
+    )
+    assert (report.exit.code, out) == (0, "second\n")

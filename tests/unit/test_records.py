@@ -161,3 +161,15 @@ def test_a_database_with_environments_in_its_jobs_rows_keeps_every_job_and_envir
     assert [j.id for j in again.load_all()] == [2, 3]
     assert again.env_of(2) == (("HOME", "/h1"), ("A", "b"))
     again.close()
+
+
+def test_each_job_gets_its_own_environment_when_neighbours_share_or_differ(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "state.db", durable=False)
+    shell = (("HOME", "/h"), ("PATH", "/bin"))
+    other = (("HOME", "/other"),)
+    ids = [store.add_job(1000, "alice", JobSpec(command=("x",), cwd="/", env=env), i, 1.0).id
+           for i, env in enumerate((shell, shell, other, shell))]  # fmt: skip
+    assert [store.env_of(i) for i in (*ids, ids[2])] == [shell, shell, other, shell, other]
+    store.close()

@@ -184,6 +184,23 @@ def test_a_report_on_the_pipe_is_acked_once_stored_and_no_file_is_looked_for(
     run(body)
 
 
+def test_a_start_told_with_its_end_is_written_once_with_the_end(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig, job = acking_start(tmp_path)
+        writes = rig.store.writes
+        report = ExitReport(ExitInfo(code=0), end=8.0, output="/tmp/ts-out.1.x")
+        rig.launcher.say(
+            job.id, f"pid 9\nout /tmp/ts-out.1.x\nend {exitreport.encode(report)}\n"
+        )
+        await until(lambda: rig.store.rows[job.id].state is JobState.FINISHED)
+        row = rig.store.rows[job.id]
+        assert (row.pid, row.output_path) == (9, "/tmp/ts-out.1.x")
+        assert rig.store.writes == writes + 1  # the end's row carries the pid and output
+        rig.launcher.close_all()
+
+    run(body)
+
+
 def test_a_report_that_is_not_one_gets_a_nak_and_the_file_is_read_at_the_end(
     tmp_path: Path,
 ) -> None:
