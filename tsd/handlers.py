@@ -8,6 +8,7 @@ send events first. Handlers hold no state of their own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -249,29 +250,30 @@ async def submit(
     if array is not None:
         specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
         jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
+        queued = _queued_line(p, f"jobs {jobs[0].id}-{jobs[-1].id} (array)", peer, spec)
         await _stored(p)
         if p.cluster is not None:
             # ONE sbatch --array; on refusal every element is gone again.
             jobs = await p.cluster.forward_array(jobs)
             p.dispatcher.schedule()
-        log.info("jobs %d-%d (array) queued by %s: %s", jobs[0].id, jobs[-1].id, peer.user,
-                 printable(spec.command_line[:200]))  # fmt: skip
+            log.info("%s", queued)
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
+    queued = _queued_line(p, f"job {job.id}", peer, spec)
     # ts -nf waits for its end from now: the job starts once its start is committed,
     # before the answer (which waits for the fsync), and a quick one may be over, and
     # forgotten (-nf jobs are), before the answer is sent.
     ended = p.waiters.end_ticket(job.id) if req.wait else None
     try:
-        return await _submitted(p, peer, req, send, spec, job, ended)
+        return await _submitted(p, peer, req, send, job, ended, queued)
     finally:
         if ended is not None:
             p.waiters.drop_ticket(job.id, ended)
 
 
 async def _submitted(
-    p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent, spec: JobSpec, job: Job,
-    ended: asyncio.Future[Job | None] | None,
+    p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent, job: Job,
+    ended: asyncio.Future[Job | None] | None, queued: str,
 ) -> protocol.JobId | protocol.JobRecord:
     """The rest of `submit` for one job, queued in memory: durable, then answered."""
     if req.terminal is not None:
@@ -284,13 +286,23 @@ async def _submitted(
         # sbatch as the owner; on refusal the record is gone again and Slurm's reason raised.
         job = await p.cluster.forward(job)
         p.dispatcher.schedule()
-    # Who queued what, for the journal. Escaped: a command word may hold a newline,
-    # which must not forge a journal line.
-    log.info("job %d queued by %s: %s", job.id, peer.user, printable(spec.command_line[:200]))
+        log.info("%s", queued)
     if not req.wait:
         return protocol.JobId(job.id)
     await send(protocol.Queued(job.id))
     return await _until_done(p, job, ended)
+
+
+def _queued_line(p: Parts, what: str, peer: Peer, spec: JobSpec) -> str:
+    """Who queued what, for the journal. Here, the line is logged once it is on disk,
+    with the commit that stores it: before any line of its start or end (a quick job
+    may be over before the submit's answer), and not for a submit rolled back (full
+    disk). Forwarded to Slurm, the caller logs it once Slurm took the job. Escaped: a
+    command word may hold a newline, which must not forge a journal line."""
+    line = f"{what} queued by {peer.user}: {printable(spec.command_line[:200])}"
+    if p.cluster is None:
+        p.table.after_commit(functools.partial(log.info, "%s", line))
+    return line
 
 
 async def _stored(p: Parts) -> None:

@@ -1,0 +1,28 @@
+"""The daemon's log (the journal on the system service) tells each job's story in order."""
+
+from __future__ import annotations
+
+import re
+
+from integration.harness import Env, Runner, queue
+
+
+def test_a_job_is_logged_as_queued_before_it_is_logged_as_finished(
+    ts: Runner, tsd_env: Env
+) -> None:
+    # Quick jobs on free slots: each may be over before its submit is answered, and
+    # the "queued" line once came after the "finished" one then.
+    ts("-S", "4")
+    ids = [queue(ts, "true") for _ in range(30)]
+    for _ in range(10):  # -nf prints no id: the test is the only client, ids go one by one
+        assert ts("-nf", "true").returncode == 0
+        ids.append(ids[-1] + 1)
+    for job in ids[:30]:
+        assert ts("-w", str(job), check=False).returncode == 0
+    log = (tsd_env.state / "tsd" / "tsd.log").read_text()
+    lines = log.splitlines()
+    for job in ids:
+        queued = [i for i, line in enumerate(lines) if re.search(rf"\bjob {job} queued by ", line)]
+        finished = [i for i, line in enumerate(lines) if re.search(rf"\bjob {job} finished", line)]
+        assert len(queued) == 1 and len(finished) == 1, (job, log)
+        assert queued[0] < finished[0], (job, lines[queued[0]], lines[finished[0]])
