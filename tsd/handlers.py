@@ -265,14 +265,14 @@ async def submit(
     # forgotten (-nf jobs are), before the answer is sent.
     ended = p.waiters.end_ticket(job.id) if req.wait else None
     try:
-        return await _submitted(p, peer, req, send, job, ended, queued)
+        return await _submitted(p, req, send, job, ended, queued)
     finally:
         if ended is not None:
             p.waiters.drop_ticket(job.id, ended)
 
 
 async def _submitted(
-    p: Parts, peer: Peer, req: protocol.Submit, send: SendEvent, job: Job,
+    p: Parts, req: protocol.Submit, send: SendEvent, job: Job,
     ended: asyncio.Future[Job | None] | None, queued: str,
 ) -> protocol.JobId | protocol.JobRecord:
     """The rest of `submit` for one job, queued in memory: durable, then answered."""
