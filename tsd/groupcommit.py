@@ -66,16 +66,17 @@ class _Write:
     """The context of one write (`GroupCommit._tx`). A class rather than a generator:
     every write on the daemon's hot path enters one."""
 
-    __slots__ = ("_gc", "_grouped")
+    __slots__ = ("_gc", "_grouped", "_saved")
 
     def __init__(self, gc: GroupCommit) -> None:
         self._gc = gc
         self._grouped = False
+        self._saved = False  # in a savepoint of its own (not the group's first write)
 
     def __enter__(self) -> None:
         gc = self._gc
         if gc._deferring and gc._loop is not None:
-            gc._join_group()
+            self._saved = gc._join_group()
             self._grouped = True
             return
         if gc.db.in_transaction:
@@ -90,7 +91,7 @@ class _Write:
     ) -> None:
         # A failure not turned into StorageFull here goes on as it is.
         if self._grouped:
-            self._gc._leave_group(exc)
+            self._gc._leave_group(exc, self._saved)
         else:
             self._gc._end_own(exc)
 
@@ -222,39 +223,48 @@ class GroupCommit:
             where=str(self.path.parent),
         )
 
-    def _join_group(self) -> None:
-        """A write joins the open group's transaction (begun here if none is open), in a
-        savepoint: when it fails, only it is undone (_leave_group)."""
+    def _join_group(self) -> bool:
+        """A write joins the open group's transaction, in a savepoint: when it fails, only
+        it is undone (_leave_group). The write that begins the group needs none (undoing
+        it is rolling the transaction back), which saves two statements a group. True
+        when the write is in a savepoint."""
         assert self._loop is not None
-        if not self.db.in_transaction:
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise self._full(exc) from None
-            self._urgent = False
-            self._opened = self._loop.time()
-            if self._lazy is None:
-                self._arm_lazy(LAZY_COMMIT)
-        self.db.execute("SAVEPOINT w")
+        if self.db.in_transaction:
+            self.db.execute("SAVEPOINT w")
+            return True
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._full(exc) from None
+        self._urgent = False
+        self._opened = self._loop.time()
+        if self._lazy is None:
+            self._arm_lazy(LAZY_COMMIT)
+        return False
 
-    def _leave_group(self, exc: BaseException | None) -> None:
+    def _leave_group(self, exc: BaseException | None, saved: bool) -> None:
         """The grouped write is done (`exc` None) or failed: then only it is undone and
         StorageFull raised, unless SQLite dropped the whole transaction, which fails the
         group."""
         if exc is None:
+            if not saved:
+                return
             try:
                 self.db.execute("RELEASE w")
             except BaseException as failed:
-                self._undo_write(failed)
+                self._undo_write(failed, saved)
                 raise
             return
-        self._undo_write(exc)
+        self._undo_write(exc, saved)
 
-    def _undo_write(self, exc: BaseException) -> None:
+    def _undo_write(self, exc: BaseException, saved: bool) -> None:
         if self.db.in_transaction:
             with suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK TO w")
-                self.db.execute("RELEASE w")
+                if saved:
+                    self.db.execute("ROLLBACK TO w")
+                    self.db.execute("RELEASE w")
+                else:  # the group's first write: the group is nothing but it
+                    self.db.execute("ROLLBACK")
         else:  # SQLite rolled the whole group back (SQLITE_FULL may)
             self._group_failed(self._full(), inline=False)
         if isinstance(exc, sqlite3.OperationalError) and primary(exc) == SQLITE_FULL:

@@ -500,3 +500,38 @@ def test_a_submit_whose_group_cannot_be_committed_queues_nothing_and_runs_nothin
         launcher.close_all()
 
     run(body)
+
+
+def test_only_the_writes_after_a_groups_first_take_a_savepoint_and_undo_only_themselves(
+    tmp_path: Path,
+) -> None:
+    """The write that begins a group needs no savepoint (undoing it is rolling the
+    group back); each later one has its own, so that its failure undoes only itself."""
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        said: list[str] = []
+        store.db.set_trace_callback(said.append)
+        first = table.add(1000, "alice", spec())
+        second = table.add(1000, "alice", spec())
+        await table.durable()
+        store.db.set_trace_callback(None)
+        assert said[0] == "BEGIN IMMEDIATE" and said[-1] == "COMMIT"
+        assert said.count("SAVEPOINT w") == said.count("RELEASE w") == 1
+        assert said.index("SAVEPOINT w") > 1  # taken by the second write only
+        # A group whose first write fails (it needs pages a full disk has not): nothing
+        # of it anywhere, no transaction left open, and the store goes on.
+        full(store)
+        with pytest.raises(StorageFull):
+            table.add(1000, "alice", spec("x" * 200_000))
+        assert not store.db.in_transaction
+        await table.durable()
+        assert set(on_disk(tmp_path)) == set(table.jobs) == {first.id, second.id}
+        store.db.execute("PRAGMA max_page_count=1000000")
+        third = table.add(1000, "alice", spec())
+        await table.durable()
+        assert third.id in on_disk(tmp_path)
+        store.close()
+
+    run(body)
