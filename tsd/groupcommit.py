@@ -3,8 +3,8 @@
 `tsd.store.Store` builds on `GroupCommit`; see its module docstring for the two
 ways a write is committed. The daemon calls `group()` once; from then on the
 writes its hot paths make inside `deferred()` share one open transaction, each
-in its own savepoint, and `commit()` (scheduled once per turn) makes them all
-durable with one fsync.
+after the first in its own savepoint (a failed write undoes only itself), and
+`commit()` (scheduled once per turn) makes them all durable with one fsync.
 
 In group mode SQLite's commit does not fsync (synchronous=NORMAL, still crash-
 consistent: WAL frames carry checksums and a torn tail is dropped at recovery);

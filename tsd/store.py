@@ -11,8 +11,8 @@ Two ways a write is committed:
 * on its own (the default): the method returns once its transaction is
   committed, or raises StorageFull having changed nothing;
 * grouped (group commit, the daemon's hot path): inside `deferred()`, after
-  `group()` was called, writes join one open transaction, each in its own
-  savepoint, and `commit()` (on the loop's next turn once someone waits for
+  `group()` was called, writes join one open transaction, each after the
+  first in its own savepoint, and `commit()` (on the loop's next turn once someone waits for
   it) makes them all durable with one fsync (tsd.groupcommit). Whoever must
   not act before a grouped write is durable (a reply, a supervisor's go)
   registers with `after_commit`; whoever changed memory ahead of it
