@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -349,7 +348,7 @@ class Runner(ReportPipes, EndRecorder):
             return
         uuids = self._gpus.uuids(gpu_ids) if gpu_ids else ()
         job = self.table.begin_run(job, gpu_ids, uuids)
-        plan = dataclasses.replace(self._plan(job, pw), out_fds=terminal)
+        plan = self._plan(job, pw, terminal)
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
@@ -410,7 +409,9 @@ class Runner(ReportPipes, EndRecorder):
             self._spawn_task(self._quietly(self.scopes.stop, unit))
         self._abandon_launch(job_id, launched, exc)
 
-    def _plan(self, job: Job, pw: pwd.struct_passwd) -> launch.LaunchPlan:
+    def _plan(
+        self, job: Job, pw: pwd.struct_passwd, out_fds: tuple[int, int] | None
+    ) -> launch.LaunchPlan:
         settings = self._env.user_settings(job.uid)
         env = job_env(job, self._env.env_of(job.id), settings)
         on_finish = env.get("TS_ONFINISH") or (
@@ -439,6 +440,7 @@ class Runner(ReportPipes, EndRecorder):
             # the supervisor's cheap spawn path like any user's personal jobs.
             drop_privileges=os.getuid() == 0 and (self.settings.system or job.uid != 0),
             nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
+            out_fds=out_fds,  # ts -n: the submitter's terminal
             # A system job's supervisor lives in the job's scope, which goes with the job.
             reuse=not self.settings.system,
         )
