@@ -250,7 +250,7 @@ async def submit(
     if array is not None:
         specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
         jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
-        queued = _queued_line(p, f"jobs {jobs[0].id}-{jobs[-1].id} (array)", peer, spec)
+        queued = _log_queued(p, f"jobs {jobs[0].id}-{jobs[-1].id} (array)", peer, spec)
         await _stored(p)
         if p.cluster is not None:
             # ONE sbatch --array; on refusal every element is gone again.
@@ -259,7 +259,7 @@ async def submit(
             log.info("%s", queued)
         return protocol.JobId(jobs[0].id, tuple(j.id for j in jobs))
     job = p.table.add_many(peer.uid, peer.user, [spec], held=req.hold)[0]
-    queued = _queued_line(p, f"job {job.id}", peer, spec)
+    queued = _log_queued(p, f"job {job.id}", peer, spec)
     # ts -nf waits for its end from now: the job starts once its start is committed,
     # before the answer (which waits for the fsync), and a quick one may be over, and
     # forgotten (-nf jobs are), before the answer is sent.
@@ -293,12 +293,12 @@ async def _submitted(
     return await _until_done(p, job, ended)
 
 
-def _queued_line(p: Parts, what: str, peer: Peer, spec: JobSpec) -> str:
-    """Who queued what, for the journal. Here, the line is logged once it is on disk,
-    with the commit that stores it: before any line of its start or end (a quick job
-    may be over before the submit's answer), and not for a submit rolled back (full
-    disk). Forwarded to Slurm, the caller logs it once Slurm took the job. Escaped: a
-    command word may hold a newline, which must not forge a journal line."""
+def _log_queued(p: Parts, what: str, peer: Peer, spec: JobSpec) -> str:
+    """Log who queued what, for the journal, once it is on disk: with the commit that
+    stores it, before any line of its start or end (a quick job may be over before the
+    submit's answer), and not for a submit rolled back (full disk). Returns the line:
+    forwarded to Slurm, the job is logged by the caller once Slurm took it, not here.
+    Escaped: a command word may hold a newline, which must not forge a journal line."""
     line = f"{what} queued by {peer.user}: {printable(spec.command_line[:200])}"
     if p.cluster is None:
         p.table.after_commit(functools.partial(log.info, "%s", line))

@@ -568,12 +568,13 @@ def _spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[obj
             )
         except OSError as exc:
             tried.append((exe, exc))
+    # Something was tried: PATH splits into one entry at least (get_exec_path).
     errors = [exc or _why_missing(exe) for exe, exc in tried]
     # As execvp: the first failure other than "not there" (EACCES...) wins, else the last.
     for error in errors:
         if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
             raise error
-    raise errors[-1] if errors else _why_missing(cmd)
+    raise errors[-1]
 
 
 def _why_missing(path: str) -> OSError:

@@ -12,13 +12,13 @@ Two ways a write is committed:
   committed, or raises StorageFull having changed nothing;
 * grouped (group commit, the daemon's hot path): inside `deferred()`, after
   `group()` was called, writes join one open transaction, each after the
-  first in its own savepoint, and `commit()` (on the loop's next turn once someone waits for
-  it) makes them all durable with one fsync (tsd.groupcommit). Whoever must
-  not act before a grouped write is durable (a reply, a supervisor's go)
-  registers with `after_commit`; whoever changed memory ahead of it
-  registers an undo with `on_rollback`. A commit that fails rolls the whole
-  group back (nothing half-written), runs the undos at once and the `failed`
-  callbacks after.
+  first in its own savepoint, and `commit()` (on the loop's next turn once
+  someone waits for it) makes them all durable with one fsync
+  (tsd.groupcommit). Whoever must not act before a grouped write is durable
+  (a reply, a supervisor's go) registers with `after_commit`; whoever changed
+  memory ahead of it registers an undo with `on_rollback`. A commit that
+  fails rolls the whole group back (nothing half-written), runs the undos at
+  once and the `failed` callbacks after.
 """
 
 from __future__ import annotations
