@@ -504,11 +504,26 @@ def _setup_logging(system: bool, state_dir: Path) -> None:
             level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr
         )
     else:
-        logging.basicConfig(
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(message)s",
-            filename=str(state_dir / "tsd.log"),
-        )
+        handler = logging.FileHandler(state_dir / "tsd.log")
+        handler.setFormatter(SecondFormatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+class SecondFormatter(logging.Formatter):
+    """logging's default time format (`2026-12-03 18:53:32,081`), with the part before
+    the milliseconds made once a second rather than once a line (localtime and
+    strftime are a third of the cost of a busy daemon's line per job)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The record's local time, as logging.Formatter writes it without a datefmt."""
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -> int:

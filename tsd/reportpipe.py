@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -41,10 +42,56 @@ class ReportSettings(Protocol):
     def exits_dir(self) -> Path: ...
 
 
+class PipeWatch:
+    """Readable fds for the event loop through one epoll of their own, which is one
+    reader of the loop's: a job's report pipe is followed for one job only, and two
+    epoll_ctl calls cost a fraction of the loop's per-fd bookkeeping (a selector key
+    and a handle made, and dropped, per job).
+
+    Level-triggered, as the loop's readers are: what one call leaves unread, or a call
+    that raised leaves untried, is ready again at the loop's next turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll: select.epoll | None = None
+        self._calls: dict[int, Callable[[], None]] = {}
+
+    def add(self, fd: int, call: Callable[[], None]) -> None:
+        """Call `call` whenever `fd` is readable, until `remove`."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._loop.add_reader(self._epoll.fileno(), self._ready)
+        self._epoll.register(fd, select.EPOLLIN)
+        self._calls[fd] = call
+
+    def remove(self, fd: int) -> None:
+        """Stop watching `fd` (before it is closed: its number may come back)."""
+        if self._calls.pop(fd, None) is not None and self._epoll is not None:
+            self._epoll.unregister(fd)
+
+    def close(self) -> None:
+        """Watch nothing more; the epoll goes (a later `add` makes a new one)."""
+        for fd in list(self._calls):
+            self.remove(fd)
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+
+    def _ready(self) -> None:
+        if self._epoll is None:
+            return
+        for fd, _ in self._epoll.poll(0):
+            call = self._calls.get(fd)  # None: removed by an earlier call of this turn
+            if call is not None:
+                call()
+
+
 class ReportPipes:
     """Reads supervisors' report pipes for the runner (see the module docstring)."""
 
     loop: asyncio.AbstractEventLoop
+    _pipes: PipeWatch  # where the report pipes are followed
     table: ReportTable
     settings: ReportSettings
     _reports: dict[int, int]  # job id -> report pipe fd
@@ -65,7 +112,7 @@ class ReportPipes:
         """Read the job's report pipe as it is written; the job ends at its report or
         at the pipe's end of file, whichever comes first."""
         self._reports[job_id] = fd
-        self.loop.add_reader(fd, self._report_readable, job_id, fd)
+        self._pipes.add(fd, lambda: self._report_readable(job_id, fd))
 
     def _last_words(self, job_id: int) -> None:
         """The job ended: read what its supervisor said just before, then stop reading
@@ -172,6 +219,7 @@ class ReportPipes:
         for pipes in (self._reports, self._tails):
             for job_id in list(pipes):
                 self._stop_reading(pipes, job_id)
+        self._pipes.close()
 
     def _close_report(self, job_id: int) -> None:
         self._stop_reading(self._reports, job_id)
@@ -179,6 +227,6 @@ class ReportPipes:
     def _stop_reading(self, pipes: dict[int, int], job_id: int) -> None:
         fd = pipes.pop(job_id, None)
         if fd is not None:
-            self.loop.remove_reader(fd)
+            self._pipes.remove(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -36,17 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tsd import exitreport, launch, spawnlink
+from tsd import exitreport, launch, spawnlink, userdb
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
 from tsd.gpumonitor import GpuReader
 from tsd.model import ExitInfo, Job, JobLimits, JobState
-from tsd.reportpipe import ReportPipes
+from tsd.reportpipe import PipeWatch, ReportPipes
 from tsd.runend import STORE_RETRY, EndRecorder
 from tsd.runend import EndReason as EndReason
 
 log = logging.getLogger("tsd")
+_USERS = userdb.UserDb()  # job owners' passwd entries, each asked once a second at most
 
 KILL_BACKSTOP = 10.0  # seconds past the grace before the daemon SIGKILLs a stuck job itself
 
@@ -250,14 +251,14 @@ class Runner(ReportPipes, EndRecorder):
         self._waited = waited or _nobody
         self.launcher: Launcher = launcher or spawnlink.SpawnerLauncher()
         self.procs = procs or PidfdWatch(loop)
+        self._pipes = PipeWatch(loop)
         self._reports: dict[int, int] = {}  # job id -> report pipe fd
         self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
         # job id -> how to tell its supervisor that its end is stored (launch.Launched)
         self._acks: dict[int, Callable[[bytes | None], bool]] = {}
-        # Personal jobs launched whose "pid" line has not come yet, and the signal held
-        # for each until then (see _signal_supervisor).
+        # Personal jobs whose "pid" line has not come, and the signal held for each then.
         self._unstarted: set[int] = set()
         self._held: dict[int, int] = {}
         self._watched: dict[int, int] = {}  # job id -> supervisor pid being watched
@@ -336,7 +337,7 @@ class Runner(ReportPipes, EndRecorder):
         held = self._terminals.pop(job.id, None)
         terminal = None if held is None else held[1]
         try:
-            pw = pwd.getpwuid(job.uid)
+            pw = _USERS.entry(job.uid)
         except KeyError:
             _close_all(terminal)
             ended = self.table.end_pending(

@@ -1,0 +1,80 @@
+"""UserDb: job owners' passwd entries through a cache of a second."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from tsd import userdb
+from tsd.userdb import UserDb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_entry_is_asked_once_within_the_ttl_and_again_after_it() -> None:
+    asked: list[int] = []
+    me = pwd.getpwuid(os.getuid())
+
+    def lookup(uid: int) -> pwd.struct_passwd:
+        asked.append(uid)
+        return me
+
+    clock = Clock()
+    users = UserDb(lookup, clock)
+    assert users.entry(7) is me
+    clock.now += userdb.TTL / 2
+    assert users.entry(7) is me
+    assert asked == [7]
+    clock.now += userdb.TTL
+    users.entry(7)
+    assert asked == [7, 7]
+
+
+def test_a_change_in_the_user_database_is_seen_after_the_ttl() -> None:
+    names = {"now": "alice"}
+    base = pwd.getpwuid(os.getuid())
+
+    def lookup(uid: int) -> pwd.struct_passwd:
+        return pwd.struct_passwd((names["now"], *tuple(base)[1:]))
+
+    clock = Clock()
+    users = UserDb(lookup, clock)
+    assert users.entry(1).pw_name == "alice"
+    names["now"] = "bob"
+    assert users.entry(1).pw_name == "alice"
+    clock.now += userdb.TTL
+    assert users.entry(1).pw_name == "bob"
+
+
+def test_an_unknown_uid_is_never_cached_and_a_removed_user_goes_after_the_ttl() -> None:
+    known = {5: pwd.getpwuid(os.getuid())}
+    asked: list[int] = []
+
+    def lookup(uid: int) -> pwd.struct_passwd:
+        asked.append(uid)
+        return known[uid]
+
+    clock = Clock()
+    users = UserDb(lookup, clock)
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            users.entry(6)
+    assert asked == [6, 6]
+    users.entry(5)
+    del known[5]  # userdel
+    users.entry(5)  # still within the TTL
+    clock.now += userdb.TTL
+    with pytest.raises(KeyError):
+        users.entry(5)
+
+
+def test_the_real_database_gives_this_users_entry() -> None:
+    assert UserDb().entry(os.getuid()) == pwd.getpwuid(os.getuid())
