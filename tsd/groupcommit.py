@@ -8,9 +8,10 @@ after the first in its own savepoint (a failed write undoes only itself), and
 
 In group mode SQLite's commit does not fsync (synchronous=NORMAL, still crash-
 consistent: WAL frames carry checksums and a torn tail is dropped at recovery);
-the WAL file is fdatasynced here instead, in one worker thread, and a group's
-`after_commit` callbacks run once an fdatasync that began after its COMMIT has
-returned. The loop keeps serving meanwhile, and one fsync covers every group
+the WAL file is fdatasynced here instead, by the kernel through Linux AIO
+(tsd.aiosync: no thread, no GIL handed back and forth) or, where that cannot be
+used, in one worker thread, and a group's `after_commit` callbacks run once an
+fdatasync that began after its COMMIT has returned. The loop keeps serving meanwhile, and one fsync covers every group
 committed while the previous one was under way. A write committed on its own
 fsyncs inline before it returns, as before.
 
@@ -47,6 +48,7 @@ from pathlib import Path
 from queue import SimpleQueue
 from types import TracebackType
 
+from tsd.aiosync import AioSyncer, open_aio_syncer
 from tsd.errors import StorageFull
 
 log = logging.getLogger("tsd")
@@ -166,7 +168,7 @@ class GroupCommit:
 
     _loop: asyncio.AbstractEventLoop | None = None
     _wal = -1  # our descriptor of the WAL file, fdatasynced in group mode
-    _syncer: _Syncer | None = None
+    _syncer: _Syncer | AioSyncer | None = None
     _syncing = False  # an fdatasync is under way
     _dirty = False  # committed since the fdatasync under way (if any) began
 
@@ -287,7 +289,9 @@ class GroupCommit:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-        self._syncer = _Syncer(self._wal, loop, self._synced)
+        self._syncer = open_aio_syncer(self._wal, loop, self._synced) or _Syncer(
+            self._wal, loop, self._synced
+        )
 
     def _arm_lazy(self, delay: float) -> None:
         assert self._loop is not None

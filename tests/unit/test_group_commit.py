@@ -308,6 +308,9 @@ def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waite
         gate.wait(10)
         real(fd)
 
+    # The thread's fdatasync, which a test can hold (the kernel's AIO one it cannot).
+    monkeypatch.setattr(groupcommit, "open_aio_syncer", lambda *_: None)
+
     async def body() -> None:
         _, table, runner, launcher, _ = _runner(tmp_path)
         job = table.add(1000, "alice", spec())
@@ -417,6 +420,9 @@ def test_nobody_hears_of_a_commit_before_the_wal_is_fsynced(
         gate.wait(10)
         real(fd)
         synced.append(fd)
+
+    # The thread's fdatasync, which a test can hold (the kernel's AIO one it cannot).
+    monkeypatch.setattr(groupcommit, "open_aio_syncer", lambda *_: None)
 
     async def body() -> None:
         store = grouped(tmp_path)
