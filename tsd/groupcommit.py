@@ -11,9 +11,10 @@ consistent: WAL frames carry checksums and a torn tail is dropped at recovery);
 the WAL file is fdatasynced here instead, by the kernel through Linux AIO
 (tsd.aiosync: no thread, no GIL handed back and forth) or, where that cannot be
 used, in one worker thread, and a group's `after_commit` callbacks run once an
-fdatasync that began after its COMMIT has returned. The loop keeps serving meanwhile, and one fsync covers every group
-committed while the previous one was under way. A write committed on its own
-fsyncs inline before it returns, as before.
+fdatasync that began after its COMMIT has returned. The loop keeps serving
+meanwhile, and one fsync covers every group committed while the previous one
+was under way. A write committed on its own fsyncs inline before it returns,
+as before.
 
 A group is committed as soon as something waits for it (`after_commit`: a
 reply, waking the clients waiting on a job's end; `after_write`: a

@@ -27,11 +27,16 @@ import contextlib
 import os
 import select
 import socket
+import time
 from dataclasses import dataclass
 
 from tsd import exitreport, launch, spawner
 
-MAX_IDLE = 32  # idle supervisors kept; more are let go after a burst
+MAX_IDLE = 32  # idle supervisors kept for good; more are let go after a burst...
+# ...once idle this long: within a burst the pool is what its ends not yet synced
+# need (each supervisor waits for its ACK), and one let go at a lull would have to
+# be forked again at the next (a fork, with the loop waiting for it, per job then).
+IDLE_KEEP = 30.0
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Member:
     link: socket.socket
     busy: int = 0  # jobs sent whose IDLE has not come yet
     taken: bool = True  # chosen for a job not sent yet (a new one is, at once)
+    idle_since: float = 0.0  # monotonic time its last IDLE was heard
 
     @property
     def free(self) -> bool:
@@ -94,9 +100,13 @@ class SupervisorPool:
                 self.drop(member)  # gone, or said what a supervisor never says
                 continue
             member.busy -= len(said)
+            member.idle_since = time.monotonic()
         free = [m for m in self._members.values() if m.free]
-        for extra in free[MAX_IDLE:]:
-            self.drop(extra)
+        if len(free) > MAX_IDLE:
+            now = time.monotonic()
+            for extra in free[MAX_IDLE:]:  # the newest: take() prefers the oldest
+                if now - extra.idle_since >= IDLE_KEEP:
+                    self.drop(extra)
 
     def drop(self, member: Member) -> None:
         """Let a supervisor go: at the end of file on its link it exits (after its job)."""

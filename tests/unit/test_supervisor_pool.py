@@ -10,9 +10,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from unit.test_spawner import alive, gated, plan, ppid, wait_until
 
-from tsd import exitreport, launch
+from tsd import exitreport, launch, supervisorpool
 from tsd.spawnlink import SpawnerLauncher
 
 
@@ -340,3 +341,25 @@ def test_a_supervisor_still_waiting_for_its_answer_when_the_daemon_stops_writes_
     assert done is not None and done.exit.code == 1  # for the next daemon to record
     wait_until(lambda: not alive(first.supervisor_pid))
     os.close(first.report_fd)
+
+
+def test_idle_supervisors_beyond_the_kept_number_go_only_after_a_while_idle(
+    tmp_path: Path, spawner: SpawnerLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A burst's pool stays for the next burst (no fork per job at each lull), then shrinks.
+    monkeypatch.setattr(supervisorpool, "MAX_IDLE", 1)
+    gate = tmp_path / "gate"
+    jobs = [spawner.spawn(reusable(tmp_path, n, gated(gate, n))) for n in (1, 2, 3)]
+    for job in jobs:
+        job.go()
+    assert len({job.supervisor_pid for job in jobs}) == 3
+    gate.touch()
+    for n, job in enumerate(jobs, 1):
+        assert report_in(until_end(job)).exit.code == n
+    wait_until(lambda: spawner.pool.idle() == 3)  # more than MAX_IDLE, idle a moment only
+    assert all(alive(job.supervisor_pid) for job in jobs)
+    monkeypatch.setattr(supervisorpool, "IDLE_KEEP", 0.0)  # now idle long enough
+    assert spawner.pool.idle() == 1
+    kept = run_to_end(spawner, reusable(tmp_path, 4, "exit 4"))[0]
+    assert kept == jobs[0].supervisor_pid  # the oldest is kept, the newer ones went
+    wait_until(lambda: not any(alive(job.supervisor_pid) for job in jobs[1:]))
