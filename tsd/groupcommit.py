@@ -290,9 +290,9 @@ class GroupCommit:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-        self._syncer = open_aio_syncer(self._wal, loop, self._synced) or _Syncer(
-            self._wal, loop, self._synced
-        )
+        aio = open_aio_syncer(self._wal, loop, self._synced)
+        self._syncer = aio or _Syncer(self._wal, loop, self._synced)
+        log.info("the state's WAL is fdatasynced by %s", "the kernel (AIO)" if aio else "a thread")
 
     def _arm_lazy(self, delay: float) -> None:
         assert self._loop is not None

@@ -26,3 +26,11 @@ def test_a_job_is_logged_as_queued_before_it_is_logged_as_finished(
         finished = [i for i, line in enumerate(lines) if re.search(rf"\bjob {job} finished", line)]
         assert len(queued) == 1 and len(finished) == 1, (job, log)
         assert queued[0] < finished[0], (job, lines[queued[0]], lines[finished[0]])
+
+
+def test_the_log_says_how_the_state_is_made_durable(ts: Runner, tsd_env: Env) -> None:
+    ts("-l")
+    log = (tsd_env.state / "tsd" / "tsd.log").read_text()
+    assert "the state's WAL is fdatasynced by the kernel (AIO)" in log or (
+        "the state's WAL is fdatasynced by a thread" in log
+    ), log
