@@ -5,9 +5,14 @@ says "pid N" and "out PATH" once its job runs, and at the job's end either
 "end REPORT" (the exit report itself, tsd.exitreport.encode) or "end -" (read
 the report from its file once the pipe closes: TS_ONFINISH or mail may still
 change it). A job whose report came on the pipe is recorded at once, and once
-its end is stored the daemon answers ACK (tsd.launch.acks_end: on the link of a
-reused supervisor, or on the go pipe), which the supervisor waits for: it
-writes no exit report file then, and the pipe is closed. A supervisor that
+its end is committed the daemon answers ACK (tsd.launch.acks_end: on the link of
+a reused supervisor, or on the go pipe), which the supervisor waits for: it
+writes no exit report file then, and the pipe is closed. The ACK need not wait
+for the commit's fsync (clients hearing of the end do): a committed end outlives
+a crash of the daemon (the WAL is in the page cache, tsd.groupcommit), and only
+a crash of the machine can lose it, which takes the supervisor, and the file it
+would have written instead, with it. On a busy machine that fsync is
+milliseconds away, and a supervisor waiting for it cannot take the next job. A supervisor that
 gets NAK or nothing (the daemon died, or gave up on the job) writes the file;
 the daemon still there reads the pipe on to its end of file and only then
 removes the file, never while it may still be written.
@@ -99,6 +104,7 @@ class ReportPipes:
     _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
     _acks: dict[int, Callable[[bytes | None], bool]]  # supervisors that wait for ACK
+    _acked: set[int]  # ACKed at the commit of their end, before its fsync
 
     def _job_ended(self, job_id: int) -> None:
         """The job is over (the runner records its end)."""
@@ -192,9 +198,20 @@ class ReportPipes:
     def _end_tail(self, job_id: int) -> None:
         self._stop_reading(self._tails, job_id)
 
+    def _end_written(self, job_id: int) -> None:
+        """The job's end is committed: a supervisor that sent its report and waits for
+        the ACK gets it now (see the module docstring), and the pipe is done with."""
+        if job_id in self._early and self._answer(job_id, launch.ACK):
+            del self._early[job_id]
+            self._end_tail(job_id)
+            self._acked.add(job_id)
+
     def _discard_report(self, job_id: int) -> None:
         """The job's end is on disk: tell a supervisor that waits for it, so that it
         writes no report file; else the report file may go, once it is all written."""
+        if job_id in self._acked:
+            self._acked.discard(job_id)  # ACKed at its commit: it wrote no file
+            return
         early = self._early.pop(job_id, None)
         if early is not None and self._answer(job_id, launch.ACK):
             self._end_tail(job_id)  # nothing more comes on it that matters

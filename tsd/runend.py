@@ -43,6 +43,10 @@ class EndTable(Protocol):
         self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
     ) -> None: ...
 
+    def after_write(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None: ...
+
 
 class ExitsDir(Protocol):
     """Where supervisors leave exit reports (tsd.runner.RunnerSettings)."""
@@ -79,6 +83,10 @@ class EndRecorder:
 
     def _discard_report(self, job_id: int) -> None:
         """The job's end is stored: its exit report may go (tsd.reportpipe)."""
+        raise NotImplementedError
+
+    def _end_written(self, job_id: int) -> None:
+        """The job's end is committed, not yet synced: ACK it (tsd.reportpipe)."""
         raise NotImplementedError
 
     def _record_end(self, job_id: int) -> None:
@@ -118,6 +126,7 @@ class EndRecorder:
         early = ended is not None and not self._waited(job_id)
         if early and ended is not None:
             self._ended(ended)
+        self.table.after_write(functools.partial(self._end_written, job_id))
         self.table.after_commit(
             functools.partial(
                 self._recorded, job_id, _queued_again(report, why, retry), ended, early

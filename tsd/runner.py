@@ -256,8 +256,8 @@ class Runner(ReportPipes, EndRecorder):
         self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
-        # job id -> how to tell its supervisor that its end is stored (launch.Launched)
-        self._acks: dict[int, Callable[[bytes | None], bool]] = {}
+        self._acks: dict[int, Callable[[bytes | None], bool]] = {}  # (launch.Launched.answer)
+        self._acked: set[int] = set()
         # Personal jobs whose "pid" line has not come, and the signal held for each then.
         self._unstarted: set[int] = set()
         self._held: dict[int, int] = {}

@@ -11,10 +11,11 @@ of file) it exits, once the job it runs, if any, is over.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
 the link too (Launched.answer), and says IDLE after it. Only an idle supervisor
-is handed a job: the ACK follows the fsync of the job's end, and a job's go
-need not wait for that (tsd.groupcommit's after_write), so the next job goes to
-another supervisor (a new one when none is idle: the pool grows to about one
-more than the jobs that run at once) rather than wait behind that ACK.
+is handed a job: the ACK follows the commit of the job's end (tsd.reportpipe),
+and a job's go need not wait for that (tsd.groupcommit's after_write), so the
+next job goes to another supervisor (a new one when none is idle: the pool
+grows to a few more than the jobs that run at once) rather than wait behind
+that ACK.
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner

@@ -27,7 +27,7 @@ from unit.daemon_fakes import (
 )
 from unit.test_handlers import ALICE, FakeRunner
 
-from tsd import groupcommit, handlers, protocol, server
+from tsd import exitreport, groupcommit, handlers, launch, protocol, server
 from tsd.config import Config
 from tsd.dispatch import Dispatcher
 from tsd.errors import StorageFull
@@ -327,6 +327,58 @@ def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waite
         gate.set()
         await table.durable()
         assert heard == ["durable"]
+        launcher.close_all()
+
+    try:
+        run(body)
+    finally:
+        gate.set()
+
+
+def test_a_supervisor_gets_its_ack_at_the_commit_of_its_end_and_waiters_after_the_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The committed end outlives a crash of the daemon (the WAL is in the page cache):
+    # the supervisor need not write its report file, nor wait for the disk to take the
+    # next job. A client hearing of the end still waits for the fsync.
+    gate = threading.Event()
+    real = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        gate.wait(10)
+        real(fd)
+
+    # The thread's fdatasync, which a test can hold (the kernel's AIO one it cannot).
+    monkeypatch.setattr(groupcommit, "open_aio_syncer", lambda *_: None)
+
+    async def body() -> None:
+        _, table, runner, launcher, exits = _runner(tmp_path)
+        launcher.acks = True
+        job = table.add(1000, "alice", spec())
+        runner.start(job, ())
+        await table.durable()
+        monkeypatch.setattr(groupcommit.os, "fdatasync", held_fdatasync)
+        report = ExitReport(ExitInfo(code=4), end=9.0, output=None)
+        launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
+        heard: list[str] = []
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if on_disk(tmp_path)[job.id] == "finished":
+                break
+        table.after_commit(lambda: heard.append("durable"))
+        os.set_blocking(launcher.ack_r[job.id], False)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            with contextlib.suppress(BlockingIOError):
+                assert os.read(launcher.ack_r[job.id], 8) == launch.ACK
+                break
+        else:
+            raise AssertionError("no ACK at the commit")
+        assert on_disk(tmp_path)[job.id] == "finished" and heard == []  # fsync held
+        gate.set()
+        await table.durable()
+        assert heard == ["durable"]
+        assert not (exits / f"{job.id}.json").exists() and not runner._acked
         launcher.close_all()
 
     try:
