@@ -24,6 +24,13 @@ def _syncer(
     return syncer
 
 
+def _wal_syncer(tmp: Path) -> tuple[int, list[BaseException | None], AioSyncer]:
+    """A file, the results told for it, and its syncer on the running loop."""
+    fd = os.open(tmp / "wal", os.O_RDWR | os.O_CREAT, 0o600)
+    results: list[BaseException | None] = []
+    return fd, results, _syncer(fd, asyncio.get_running_loop(), results.append)
+
+
 async def _until(check: Callable[[], object], timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -36,10 +43,7 @@ def test_each_ask_is_one_fdatasync_told_on_the_loop_and_one_asked_meanwhile_foll
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        fd = os.open(tmp_path / "wal", os.O_RDWR | os.O_CREAT, 0o600)
-        results: list[BaseException | None] = []
-        syncer = _syncer(fd, loop, results.append)
+        fd, results, syncer = _wal_syncer(tmp_path)
         os.write(fd, b"x" * 4096)
         syncer.ask()
         syncer.ask()  # while the first is under way: it runs after it, not beside it
@@ -58,10 +62,7 @@ def test_each_ask_is_one_fdatasync_told_on_the_loop_and_one_asked_meanwhile_foll
 
 def test_a_failed_fdatasync_reaches_done_as_an_oserror(tmp_path: Path) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        fd = os.open(tmp_path / "wal", os.O_RDWR | os.O_CREAT, 0o600)
-        results: list[BaseException | None] = []
-        syncer = _syncer(fd, loop, results.append)
+        fd, results, syncer = _wal_syncer(tmp_path)
         # The same file number is now a pipe, which has no fsync: the kernel refuses it.
         r, w = os.pipe()
         os.dup2(r, fd)
@@ -77,10 +78,7 @@ def test_a_failed_fdatasync_reaches_done_as_an_oserror(tmp_path: Path) -> None:
 
 def test_stop_waits_for_the_fdatasync_under_way_and_tells_nobody(tmp_path: Path) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        fd = os.open(tmp_path / "wal", os.O_RDWR | os.O_CREAT, 0o600)
-        results: list[BaseException | None] = []
-        syncer = _syncer(fd, loop, results.append)
+        fd, results, syncer = _wal_syncer(tmp_path)
         os.write(fd, b"y" * 65536)
         syncer.ask()
         syncer.stop()
@@ -91,6 +89,20 @@ def test_stop_waits_for_the_fdatasync_under_way_and_tells_nobody(tmp_path: Path)
     asyncio.run(body())
 
 
+async def _grouped_write(tmp: Path) -> object:
+    """One write through a grouped store, waited for until durable; its syncer."""
+    store = Store(tmp / "tsd.db")
+    store.group(asyncio.get_running_loop())
+    syncer = store._syncer
+    heard: list[str] = []
+    with store.deferred():
+        store.set_usage(1, 2.0, 3.0)
+    store.after_commit(lambda: heard.append("durable"))
+    await _until(lambda: heard)
+    store.close_group()
+    return syncer
+
+
 def test_where_aio_is_unknown_the_group_commit_syncs_in_its_thread_and_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,15 +110,8 @@ def test_where_aio_is_unknown_the_group_commit_syncs_in_its_thread_and_works(
 
     async def body() -> None:
         assert open_aio_syncer(0, asyncio.get_running_loop(), lambda _: None) is None
-        store = Store(tmp_path / "tsd.db")
-        store.group(asyncio.get_running_loop())
-        assert isinstance(store._syncer, groupcommit._Syncer)
-        heard: list[str] = []
-        with store.deferred():
-            store.set_usage(1, 2.0, 3.0)
-        store.after_commit(lambda: heard.append("durable"))
-        await _until(lambda: heard)
-        store.close_group()
+        syncer = await _grouped_write(tmp_path)
+        assert isinstance(syncer, groupcommit._Syncer)
         assert Store(tmp_path / "tsd.db").load_usage() == {1: (2.0, 3.0)}
 
     asyncio.run(body())
@@ -119,14 +124,6 @@ def test_the_daemons_group_commit_uses_the_kernels_fdatasync_here(tmp_path: Path
         fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT, 0o600)
         _syncer(fd, loop, lambda _: None).stop()  # skips where there is no AIO fsync
         os.close(fd)
-        store = Store(tmp_path / "tsd.db")
-        store.group(asyncio.get_running_loop())
-        assert isinstance(store._syncer, AioSyncer)
-        heard: list[str] = []
-        with store.deferred():
-            store.set_usage(1, 2.0, 3.0)
-        store.after_commit(lambda: heard.append("durable"))
-        await _until(lambda: heard)
-        store.close_group()
+        assert isinstance(await _grouped_write(tmp_path), AioSyncer)
 
     asyncio.run(body())

@@ -296,11 +296,11 @@ def test_a_supervisor_is_told_to_go_only_once_its_job_is_durably_running(
     run(body)
 
 
-def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waiters_still_do(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A committed group outlives a crash of the daemon (the WAL is in the page cache):
-    # the next job's start need not wait for the disk, a client hearing of an end must.
+def _holdable_fsync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, Callable[[], None]]:
+    """The group commit's fdatasync in its thread, which a test can hold (the kernel's AIO
+    one it cannot): the gate that lets it go on, and the call that starts holding it."""
     gate = threading.Event()
     real = os.fdatasync
 
@@ -308,14 +308,22 @@ def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waite
         gate.wait(10)
         real(fd)
 
-    # The thread's fdatasync, which a test can hold (the kernel's AIO one it cannot).
     monkeypatch.setattr(groupcommit, "open_aio_syncer", lambda *_: None)
+    return gate, lambda: monkeypatch.setattr(groupcommit.os, "fdatasync", held_fdatasync)
+
+
+def test_a_go_follows_its_records_commit_without_waiting_for_the_fsync_and_waiters_still_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A committed group outlives a crash of the daemon (the WAL is in the page cache):
+    # the next job's start need not wait for the disk, a client hearing of an end must.
+    gate, hold = _holdable_fsync(monkeypatch)
 
     async def body() -> None:
         _, table, runner, launcher, _ = _runner(tmp_path)
         job = table.add(1000, "alice", spec())
         await table.durable()
-        monkeypatch.setattr(groupcommit.os, "fdatasync", held_fdatasync)
+        hold()
         runner.start(job, ())
         heard: list[str] = []
         table.after_commit(lambda: heard.append("durable"))
@@ -341,15 +349,7 @@ def test_a_supervisor_gets_its_ack_at_the_commit_of_its_end_and_waiters_after_th
     # The committed end outlives a crash of the daemon (the WAL is in the page cache):
     # the supervisor need not write its report file, nor wait for the disk to take the
     # next job. A client hearing of the end still waits for the fsync.
-    gate = threading.Event()
-    real = os.fdatasync
-
-    def held_fdatasync(fd: int) -> None:
-        gate.wait(10)
-        real(fd)
-
-    # The thread's fdatasync, which a test can hold (the kernel's AIO one it cannot).
-    monkeypatch.setattr(groupcommit, "open_aio_syncer", lambda *_: None)
+    gate, hold = _holdable_fsync(monkeypatch)
 
     async def body() -> None:
         _, table, runner, launcher, exits = _runner(tmp_path)
@@ -357,7 +357,7 @@ def test_a_supervisor_gets_its_ack_at_the_commit_of_its_end_and_waiters_after_th
         job = table.add(1000, "alice", spec())
         runner.start(job, ())
         await table.durable()
-        monkeypatch.setattr(groupcommit.os, "fdatasync", held_fdatasync)
+        hold()
         report = ExitReport(ExitInfo(code=4), end=9.0, output=None)
         launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
         heard: list[str] = []
