@@ -24,7 +24,7 @@ runs, one at a time, each job the daemon sends it there (`run_member`; the
 daemon's side is tsd.supervisorpool). A fork of even this small process, and
 the pages the forked Python touches before it has started the job, cost several
 times what the job's own posix_spawn does; a supervisor that stays costs them
-once, and the daemon hands it a job with one message, no spawner in between.
+once, and the daemon hands it a job with a plan and a GO, no spawner in between.
 
 The supervisors are the spawner's children (it reaps them), and they outlive it:
 they are setsid'd, the spawner exits once the daemon's end of the socket closes
@@ -47,7 +47,7 @@ import struct
 from dataclasses import fields
 from typing import NoReturn
 
-from tsd import launch, privdrop
+from tsd import exitreport, launch, privdrop
 
 HEADER = struct.Struct("=I")  # length of the marshalled plan that follows
 REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
@@ -109,8 +109,9 @@ class _Gone(Exception):
 
 
 def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One request: its body and its fds. Raises _Gone at end of file."""
-    data, ancdata, _, _ = sock.recvmsg(1 << 16, fds_space(), socket.MSG_CMSG_CLOEXEC)
+    """One request: its body and its fds, and not a byte more (a reused supervisor's go
+    may follow its plan at once). Raises _Gone at end of file."""
+    data, ancdata, _, _ = sock.recvmsg(HEADER.size, fds_space(), socket.MSG_CMSG_CLOEXEC)
     fds = received_fds(ancdata)
     try:
         if not data:
@@ -136,6 +137,7 @@ def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 
 IDLE = b"i"  # reused supervisor -> daemon, on its link: its job's turn is over
+DROP = b"d"  # daemon -> reused supervisor, after a plan: not stored, do not run it
 MEMBER = "member"  # the request body (marshalled) for a reused supervisor, not a plan
 
 
@@ -185,9 +187,15 @@ def _is_member(body: bytes) -> bool:
 
 
 def run_member(link_fd: int) -> NoReturn:
-    """In a freshly forked child: a reused supervisor. It runs each job its daemon sends
-    on `link_fd` (the job runs once it is sent: the daemon sends it once it is stored as
-    running), says IDLE after each, and exits once the daemon is gone (end of file)."""
+    """In a freshly forked child: a reused supervisor. It takes each job's plan its daemon
+    sends on `link_fd`, then runs it at the daemon's GO (sent once the job is stored as
+    running) or drops it at DROP (not stored), says IDLE after each, and exits once the
+    daemon is gone (end of file).
+
+    A plan whose GO never came (the daemon died between the two, its record of the
+    start committed or not) leaves an "aborted" exit report: the next daemon queues the
+    job again, as it does for a job supervisor whose go pipe closed (tsd.launch), rather
+    than take it for one whose supervisor vanished."""
     code = 70
     try:
         launch.reset_process_state([link_fd], False)
@@ -204,6 +212,19 @@ def run_member(link_fd: int) -> NoReturn:
                 break
             rep_w = fds[0]
             plan = decode(body, (fds[1], fds[2]) if len(fds) == 3 else None)
+            try:
+                word = link.recv(1)
+            except OSError:
+                word = b""
+            if word != launch.GO:
+                _close(fds)
+                if word == DROP:
+                    link.sendall(IDLE)
+                    continue
+                # The daemon is gone (or says what it never says) before the go: one try,
+                # as a job supervisor does (tsd.launch.supervise).
+                exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
+                break
             # Signals sent for the previous job (a ts -k that crossed its end) are not
             # for this one; the daemon sends none for this one before its "pid" line.
             launch.forget_signals()

@@ -39,6 +39,7 @@ _T = TypeVar("_T")
 STARTUP_TIMEOUT = 30.0  # seconds for a new spawner to load (python, tsd.launch), on a busy machine
 REPLY_TIMEOUT = 5.0  # seconds for one fork, on a busy machine
 BACKOFF = 60.0  # seconds of forking from the daemon after a spawner failed twice in a row
+MEMBER_TRIES = 3  # reused supervisors tried for one plan (one that died idle is passed over)
 # -I: no environment variables, no user site, no current directory on the path;
 # -S: no site-packages either: the spawner imports tsd (from where this daemon's
 # came) and the standard library, nothing else.
@@ -99,9 +100,14 @@ class SpawnerLauncher:
         else have the spawner fork the supervisor (it waits for go); fork it here
         without a spawner."""
         if plan.reuse:
-            member = self.pool.take() or self._through_spawner(self._new_member)
-            if member is not None:
-                return self.pool.launched(member, plan)
+            for _ in range(MEMBER_TRIES):
+                member = self.pool.take() or self._through_spawner(self._new_member)
+                if member is None:
+                    break
+                try:
+                    return self.pool.launched(member, plan)
+                except OSError:
+                    continue  # it died while idle (and is let go): the next one
         launched = self._through_spawner(lambda sock: self._ask(sock, plan))
         return launched if launched is not None else launch.spawn(plan)
 

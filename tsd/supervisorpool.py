@@ -2,12 +2,14 @@
 
 A reused supervisor (tsd.spawner.run_member) is forked once by the spawner and
 then kept: the daemon holds one end of a socketpair (its link) and hands it
-each job there, with the job's report pipe (and ts -n's output fds) beside it.
-The message is sent only once the job is stored as running, so it is the
-job's "go": the supervisor starts the job as soon as it reads it, with no
-spawner and no round trip in between. After the job the supervisor says IDLE
-on its link and waits for the next one; when the daemon is gone (the link's end
-of file) it exits, once the job it runs, if any, is over.
+each job there: the job's plan when it is launched, with the job's report pipe
+(and ts -n's output fds) beside it, then one byte, GO, once the job is stored
+as running (or DROP when that was rolled back). The supervisor starts the job
+as soon as it reads GO, with no spawner and no round trip in between. A plan
+whose GO never comes (the daemon died between the two) leaves an "aborted"
+exit report, so that the next daemon queues the job again. After the job the
+supervisor says IDLE on its link and waits for the next one; when the daemon is
+gone (the link's end of file) it exits, once the job it runs, if any, is over.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
 the link too (Launched.answer), and says IDLE after it. Only an idle supervisor
@@ -122,21 +124,27 @@ class SupervisorPool:
         self._epoll.close()
 
     def launched(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
-        """The job of `plan` on `member`: go() sends it (and it runs), abort() gives the
-        member back unused."""
+        """The job of `plan` on `member`: its plan is sent now (OSError when the member
+        is gone: it is let go), go() says GO (and it runs), abort() says DROP and gives
+        the member back unused."""
         rep_r, rep_w = os.pipe()
-        # The caller closes its ts -n fds once this returns; the job gets them at go().
-        outs = [os.dup(fd) for fd in plan.out_fds or ()]
-        request = spawner.encode(plan)
+        # The caller closes its ts -n fds once this returns; the member has them now.
+        try:
+            spawner.send_with_fds(member.link, spawner.encode(plan), [rep_w, *(plan.out_fds or ())])
+        except OSError:
+            os.close(rep_r)
+            os.close(rep_w)
+            self.drop(member)
+            raise
+        member.busy += 1  # an IDLE comes after the job, or after a DROP
         acks = launch.acks_end(plan)
 
         def go() -> None:
             member.taken = False
-            member.busy += 1
             try:
                 if member.link.fileno() < 0:
                     raise OSError("the supervisor was let go")
-                spawner.send_with_fds(member.link, request, [rep_w, *outs])
+                member.link.send(launch.GO, socket.MSG_NOSIGNAL)
             except OSError:
                 # It died while idle, or was let go (the daemon stops) since it was
                 # taken: the job never ran. Say so on its report pipe and in its report
@@ -148,13 +156,13 @@ class SupervisorPool:
                 with contextlib.suppress(OSError):
                     exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
             finally:
-                for fd in (rep_w, *outs):
-                    os.close(fd)
+                os.close(rep_w)
 
         def abort() -> None:
-            for fd in (rep_w, *outs):
-                os.close(fd)
+            os.close(rep_w)
             member.taken = False
+            with contextlib.suppress(OSError):  # gone: nothing ran, nothing to drop
+                member.link.send(spawner.DROP, socket.MSG_NOSIGNAL)
 
         def answer(word: bytes | None) -> bool:
             told = True  # None: it waits for nothing, it sent no end to answer

@@ -114,9 +114,10 @@ def test_a_job_runs_only_once_it_is_sent_and_an_abort_gives_the_supervisor_back(
 ) -> None:
     first, mark, started = second_job_taken(tmp_path, spawner)
     time.sleep(0.2)
-    assert not mark.exists()  # not sent (not stored as running yet): nothing runs
+    assert not mark.exists()  # no GO (not stored as running yet): nothing runs
     started.abort()
     os.close(started.report_fd)
+    wait_until(lambda: spawner.pool.idle() == 1)  # it dropped the plan and said IDLE
     again = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
     assert again.supervisor_pid == first
     again.go()
@@ -363,3 +364,27 @@ def test_idle_supervisors_beyond_the_kept_number_go_only_after_a_while_idle(
     kept = run_to_end(spawner, reusable(tmp_path, 4, "exit 4"))[0]
     assert kept == jobs[0].supervisor_pid  # the oldest is kept, the newer ones went
     wait_until(lambda: not any(alive(job.supervisor_pid) for job in jobs[1:]))
+
+
+def test_a_plan_whose_go_never_comes_leaves_an_aborted_report_for_the_next_daemon(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    # The daemon died after sending the plan (its record of the start committed, or
+    # not) and before GO: the job never ran, and the next daemon must queue it again,
+    # not take it for a job whose supervisor vanished.
+    first, mark, started = second_job_taken(tmp_path, spawner)
+    spawner.close()  # the daemon is gone: the link's end of file, no GO
+    wait_until(lambda: not alive(first))
+    report = exitreport.read(tmp_path / "exits", 2)
+    assert report is not None and report.aborted and not mark.exists()
+    os.close(started.report_fd)
+
+
+def test_a_plan_is_sent_before_its_go_and_the_go_alone_starts_it(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, mark, started = second_job_taken(tmp_path, spawner)
+    time.sleep(0.1)
+    assert alive(first) and not mark.exists()  # it holds the plan, waiting
+    started.go()
+    assert report_in(until_end(started)).exit.code == 0 and mark.exists()
