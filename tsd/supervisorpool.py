@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from tsd import exitreport, launch, spawner
 
 MAX_IDLE = 32  # idle supervisors kept for good; more are let go after a burst...
-# ...once idle this long: within a burst the pool is what its ends not yet synced
-# need (each supervisor waits for its ACK), and one let go at a lull would have to
-# be forked again at the next (a fork, with the loop waiting for it, per job then).
+# ...once idle this long: within a burst the pool is what the running jobs and the
+# ends not yet committed need (a supervisor waits for its end's ACK), and one let go
+# at a lull would be forked again at the next (with the loop waiting for the fork).
 IDLE_KEEP = 30.0
 
 
@@ -50,7 +50,7 @@ class Member:
     start: int | None
     link: socket.socket
     busy: int = 0  # jobs sent whose IDLE has not come yet
-    taken: bool = True  # chosen for a job not sent yet (a new one is, at once)
+    taken: bool = True  # chosen for a job not told GO or DROP yet (a new one is, at once)
     idle_since: float = 0.0  # monotonic time its last IDLE was heard
 
     @property
@@ -146,8 +146,8 @@ class SupervisorPool:
                     raise OSError("the supervisor was let go")
                 member.link.send(launch.GO, socket.MSG_NOSIGNAL)
             except OSError:
-                # It died while idle, or was let go (the daemon stops) since it was
-                # taken: the job never ran. Say so on its report pipe and in its report
+                # It died since it was sent the plan, or was let go (the daemon
+                # stops): the job never ran. Say so on its report pipe and in its report
                 # file, as a supervisor never told to go would, so that this daemon, or
                 # the next one, queues it again.
                 self.drop(member)
