@@ -40,10 +40,6 @@ IOCB_FLAG_RESFD = 1  # signal aio_resfd (an eventfd) at completion
 _ZERO, _ONE = ctypes.c_long(0), ctypes.c_long(1)
 
 
-def _ctx(ctx: int) -> ctypes.c_ulong:
-    return ctypes.c_ulong(ctx)
-
-
 class _Iocb(ctypes.Structure):
     # Little-endian order of aio_key and aio_rw_flags (all the architectures above).
     _fields_ = [
@@ -85,8 +81,8 @@ class AioSyncer:
         loop: asyncio.AbstractEventLoop, done: Callable[[BaseException | None], None],
     ) -> None:
         self._libc = libc
-        self._setup, self._destroy, self._getevents, self._submit = numbers
-        self._ctx = ctx
+        _, self._destroy, self._getevents, self._submit = numbers
+        self._ctx = ctypes.c_ulong(ctx)
         self._loop = loop
         self._done = done
         self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -104,7 +100,7 @@ class AioSyncer:
     def submit(self) -> int:
         """Start one fdatasync; 0, or the errno of io_submit."""
         ctypes.set_errno(0)
-        if self._libc.syscall(self._submit, _ctx(self._ctx), _ONE, self._iocbs) == 1:
+        if self._libc.syscall(self._submit, self._ctx, _ONE, self._iocbs) == 1:
             return 0
         return ctypes.get_errno() or errno.EIO
 
@@ -128,7 +124,7 @@ class AioSyncer:
         results: list[BaseException | None] = []
         while True:
             got = self._libc.syscall(
-                self._getevents, _ctx(self._ctx), _ONE if block else _ZERO, _ONE,
+                self._getevents, self._ctx, _ONE if block else _ZERO, _ONE,
                 self._events, None if block else ctypes.byref(self._now),
             )
             if got < 0 and ctypes.get_errno() == errno.EINTR:
@@ -157,7 +153,7 @@ class AioSyncer:
         if self._busy:
             self._reap(block=True)
             self._busy = False
-        self._libc.syscall(self._destroy, _ctx(self._ctx))
+        self._libc.syscall(self._destroy, self._ctx)
         os.close(self._event)
 
 

@@ -12,8 +12,8 @@ for the commit's fsync (clients hearing of the end do): a committed end outlives
 a crash of the daemon (the WAL is in the page cache, tsd.groupcommit), and only
 a crash of the machine can lose it, which takes the supervisor, and the file it
 would have written instead, with it. On a busy machine that fsync is
-milliseconds away, and a supervisor waiting for it cannot take the next job. A supervisor that
-gets NAK or nothing (the daemon died, or gave up on the job) writes the file;
+milliseconds away, and a supervisor waiting for it cannot take the next job.
+A supervisor that gets NAK or nothing (the daemon died, or gave up on the job) writes the file;
 the daemon still there reads the pipe on to its end of file and only then
 removes the file, never while it may still be written.
 """
@@ -207,15 +207,14 @@ class ReportPipes:
             self._acked.add(job_id)
 
     def _discard_report(self, job_id: int) -> None:
-        """The job's end is on disk: tell a supervisor that waits for it, so that it
-        writes no report file; else the report file may go, once it is all written."""
+        """The job's end is on disk: its report file, if any, may go once it is all
+        written. A supervisor that sent its report was answered at the commit
+        (`_end_written`, always before this): ACKed, it wrote no file; not reached (it
+        is gone), its report is dropped here and the file handled as any other."""
         if job_id in self._acked:
-            self._acked.discard(job_id)  # ACKed at its commit: it wrote no file
+            self._acked.discard(job_id)
             return
-        early = self._early.pop(job_id, None)
-        if early is not None and self._answer(job_id, launch.ACK):
-            self._end_tail(job_id)  # nothing more comes on it that matters
-            return
+        self._early.pop(job_id, None)
         self._answer(job_id, None)  # it sent no report to acknowledge (or is gone)
         if job_id in self._tails:
             self._discard_at_eof.add(job_id)

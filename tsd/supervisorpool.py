@@ -146,10 +146,10 @@ class SupervisorPool:
                     raise OSError("the supervisor was let go")
                 member.link.send(launch.GO, socket.MSG_NOSIGNAL)
             except OSError:
-                # It died since it was sent the plan, or was let go (the daemon
-                # stops): the job never ran. Say so on its report pipe and in its report
-                # file, as a supervisor never told to go would, so that this daemon, or
-                # the next one, queues it again.
+                # It died since it was sent the plan, or was let go (the daemon stops):
+                # the job never ran. Say so on its report pipe and in its report file,
+                # as a supervisor never told to go would, so that this daemon, or the
+                # next one, queues it again.
                 self.drop(member)
                 with contextlib.suppress(OSError):
                     os.write(rep_w, f"end {exitreport.encode(exitreport.ABORTED)}\n".encode())
