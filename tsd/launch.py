@@ -89,6 +89,9 @@ class LaunchPlan:
     on_finish: str | None = None  # TS_ONFINISH: run as the user when the job ends
     mail_to: str | None = None  # -m: mail the output to this address
     drop_privileges: bool = True
+    # With drop_privileges: the user's groups (tsd.userdb), set before gid and uid; None
+    # has the process that drops them look them up (through NSS, after fork).
+    groups: tuple[int, ...] | None = None
     # Soft RLIMIT_NOFILE the job starts with; None keeps the daemon's. The system
     # service runs with a raised limit (tsd.service) that jobs must not inherit.
     nofile_soft: int | None = None
@@ -599,7 +602,7 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
     try:
         privdrop.reset_nofile(plan.nofile_soft)
         if plan.drop_privileges:
-            privdrop.drop_privileges(plan.uid, plan.gid, plan.user)
+            privdrop.drop_privileges(plan.uid, plan.gid, plan.user, plan.groups)
         os.umask(plan.umask)
         out_fd, err_fd, path = _open_outputs(plan, status_w)
         _report(status_w, f"out {path}" if path else "out -")
@@ -763,7 +766,7 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> int |
             _child_signals()
             privdrop.reset_nofile(plan.nofile_soft)
             if plan.drop_privileges:
-                privdrop.drop_privileges(plan.uid, plan.gid, plan.user)
+                privdrop.drop_privileges(plan.uid, plan.gid, plan.user, plan.groups)
             os.dup2(r, 0)
             os.chdir(plan.cwd)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -11,14 +11,18 @@ import ctypes
 import errno
 import os
 import resource
+from collections.abc import Sequence
 
 
-def drop_privileges(uid: int, gid: int, user: str) -> None:
-    """Become the user for good: supplementary groups, then gid, then uid (that order)."""
-    if os.getuid() == 0 and uid != 0:
-        os.initgroups(user, gid)
-    elif os.getuid() == 0:
-        os.setgroups(os.getgrouplist(user, gid))
+def drop_privileges(
+    uid: int, gid: int, user: str, groups: Sequence[int] | None = None
+) -> None:
+    """Become the user for good: supplementary groups, then gid, then uid (that order).
+
+    `groups`: the user's groups as the daemon looked them up (tsd.userdb), so that no
+    NSS lookup runs after fork; None looks them up here (initgroups would)."""
+    if os.getuid() == 0:
+        os.setgroups(list(groups) if groups is not None else os.getgrouplist(user, gid))
     os.setgid(gid)
     os.setuid(uid)
     if uid != 0 and (os.geteuid() == 0 or os.getegid() != gid):

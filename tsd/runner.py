@@ -28,9 +28,8 @@ import contextlib
 import functools
 import logging
 import os
-import pwd
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from tsd import exitreport, launch, spawnlink, userdb
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
-from tsd.gpumonitor import GpuReader
+from tsd.jobplan import EnvSource, GpuSource, device_fence, launch_plan, nvidia_nodes_present
 from tsd.model import ExitInfo, Job, JobLimits, JobState
 from tsd.reportpipe import PipeWatch, ReportPipes
 from tsd.runend import STORE_RETRY, EndRecorder
@@ -138,25 +137,6 @@ class JobTableView(Protocol):
         self, job: Job, state: JobState, exit: ExitInfo, wait_reason: str | None = None
     ) -> Job: ...
 
-
-
-class EnvSource(Protocol):
-    """Where a job's environment and its user's settings are kept (tsd.store.Store)."""
-
-    def env_of(self, job_id: int) -> tuple[tuple[str, str], ...]: ...
-
-    def user_settings(self, uid: int) -> dict[str, str]: ...
-
-
-class GpuSource(Protocol):
-    """The GPU monitor as the runner uses it (tsd.gpumonitor.GpuMonitor)."""
-
-    @property
-    def reader(self) -> GpuReader: ...
-
-    def uuids(self, indices: Sequence[int]) -> tuple[str, ...]: ...
-
-    def mark_unavailable(self, problem: str) -> None: ...
 
 
 class ForkLauncher:
@@ -349,7 +329,10 @@ class Runner(ReportPipes, EndRecorder):
             return
         uuids = self._gpus.uuids(gpu_ids) if gpu_ids else ()
         job = self.table.begin_run(job, gpu_ids, uuids)
-        plan = self._plan(job, pw, terminal)
+        plan = launch_plan(
+            job, pw, terminal, self._env, self.settings.system, self.settings.exits_dir,
+            self.settings.on_finish, self._config().kill_grace_seconds, _USERS.groups,
+        )
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
@@ -410,47 +393,13 @@ class Runner(ReportPipes, EndRecorder):
             self._spawn_task(self._quietly(self.scopes.stop, unit))
         self._abandon_launch(job_id, launched, exc)
 
-    def _plan(
-        self, job: Job, pw: pwd.struct_passwd, out_fds: tuple[int, int] | None
-    ) -> launch.LaunchPlan:
-        settings = self._env.user_settings(job.uid)
-        env = job_env(job, self._env.env_of(job.id), settings)
-        on_finish = env.get("TS_ONFINISH") or (
-            None if self.settings.system else self.settings.on_finish
-        )
-        return launch.LaunchPlan(
-            job_id=job.id,
-            uid=job.uid,
-            gid=pw.pw_gid,
-            user=pw.pw_name,
-            command=job.spec.command,
-            cwd=job.spec.cwd,
-            env=env,
-            umask=job.spec.umask,
-            log_dir=settings.get("logdir") or env.get("TMPDIR") or "/tmp",
-            exits_dir=str(self.settings.exits_dir),
-            store_output=job.spec.store_output,
-            output_name=job.spec.output_name,
-            gzip=job.spec.gzip,
-            stderr_apart=job.spec.stderr_apart,
-            timeout=job.spec.timeout,
-            grace=self._config().kill_grace_seconds,
-            on_finish=on_finish,
-            mail_to=(env.get("TS_MAILTO") or pw.pw_name) if job.spec.mail else None,
-            # Root's own personal daemon runs root's jobs: nothing to drop, so they take
-            # the supervisor's cheap spawn path like any user's personal jobs.
-            drop_privileges=os.getuid() == 0 and (self.settings.system or job.uid != 0),
-            nofile_soft=launch.JOB_NOFILE_SOFT if self.settings.system else None,
-            out_fds=out_fds,  # ts -n: the submitter's terminal
-            # A system job's supervisor lives in the job's scope, which goes with the job.
-            reuse=not self.settings.system,
-        )
-
     async def _launch_in_scope(
         self, job: Job, plan: launch.LaunchPlan, gpu_ids: tuple[int, ...]
     ) -> None:
         try:
-            devices = await self._offload(device_fence, self._gpus, gpu_ids)
+            # A CPU job's fence needs only a listing of /dev: no worker, no hop back.
+            devices = await self._offload(device_fence, self._gpus, gpu_ids) if gpu_ids else (
+                [] if nvidia_nodes_present() else None)
         except GpuUnavailable as exc:
             # NVML failed just now: the job waits for it in the queue like any other.
             self._gpus.mark_unavailable(str(exc))
@@ -619,30 +568,6 @@ class Runner(ReportPipes, EndRecorder):
 
 def _nobody(job_id: int) -> bool:
     return False
-
-
-def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:
-    """Runs in a worker: the device nodes the job may open, None for no fence at all."""
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return None  # no NVIDIA device nodes here: nothing to fence
-    # Every job is fenced off the GPUs it was not given, a CPU job off all of
-    # them: CUDA_VISIBLE_DEVICES alone is only a convention.
-    return gpus.reader.device_nodes(gpu_ids) if gpu_ids else []
-
-
-def job_env(
-    job: Job, submitted: Sequence[tuple[str, str]], settings: Mapping[str, str]
-) -> dict[str, str]:
-    """A job's environment: as submitted, the user's --setenv values, and tsd's variables."""
-    env = dict(submitted)
-    env.update((key[4:], value) for key, value in settings.items() if key.startswith("env:"))
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in job.gpu_ids)
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    env["TS_JOBID"] = str(job.id)
-    if job.spec.array_task is not None:  # --array
-        env["TS_ARRAY_TASK_ID"] = str(job.spec.array_task)
-        env["TS_ARRAY_JOB_ID"] = str(job.spec.array_job)
-    return env
 
 
 def _close_all(fds: tuple[int, ...] | None) -> None:

@@ -7,6 +7,7 @@ import errno
 import functools
 import operator
 import os
+import pwd
 import select
 import subprocess
 import sys
@@ -320,6 +321,10 @@ def test_jobs_of_roots_own_personal_daemon_keep_its_identity_and_system_jobs_dro
             await until(functools.partial(operator.contains, rig.launcher.plans, job.id))
             plan = rig.launcher.plans[job.id]
             assert plan.drop_privileges is (system and os.getuid() == 0)
+            # Groups looked up by the daemon (tsd.userdb), none to set when nothing drops.
+            me = pwd.getpwuid(job.uid)
+            expected = tuple(os.getgrouplist(me.pw_name, me.pw_gid))
+            assert plan.groups == (expected if plan.drop_privileges else None)
             rig.launcher.close_all()
 
     run(body)

@@ -78,3 +78,29 @@ def test_an_unknown_uid_is_never_cached_and_a_removed_user_goes_after_the_ttl() 
 
 def test_the_real_database_gives_this_users_entry() -> None:
     assert UserDb().entry(os.getuid()) == pwd.getpwuid(os.getuid())
+
+
+def test_a_group_list_is_asked_once_within_the_ttl_per_user_and_gid() -> None:
+    asked: list[tuple[str, int]] = []
+    lists = {"alice": [100, 27]}
+
+    def grouplist(user: str, gid: int) -> list[int]:
+        asked.append((user, gid))
+        return [gid, *lists[user]]
+
+    clock = Clock()
+    users = UserDb(clock=clock, grouplist=grouplist)
+    assert users.groups("alice", 100) == (100, 100, 27)
+    lists["alice"] = [100]  # gpasswd -d alice 27
+    assert users.groups("alice", 100) == (100, 100, 27)  # within the TTL
+    assert users.groups("alice", 5) == (5, 100)  # another primary group: asked
+    assert asked == [("alice", 100), ("alice", 5)]
+    clock.now += userdb.TTL
+    assert users.groups("alice", 100) == (100, 100)
+    assert len(asked) == 3
+
+
+def test_the_real_group_database_gives_what_getgrouplist_does() -> None:
+    me = pwd.getpwuid(os.getuid())
+    assert UserDb().groups(me.pw_name, me.pw_gid) == tuple(
+        os.getgrouplist(me.pw_name, me.pw_gid))
