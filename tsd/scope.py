@@ -8,6 +8,9 @@ service) is used because the daemon forks the job itself: the job keeps the
 daemon's fork as its parent, and systemd only takes over its cgroup, its
 resource limits and the right to kill everything in it.
 
+The scope of each job is started with one StartTransientUnit, written on the bus
+by tsd.dbuswire (a third of pydbus's CPU per call); the rest, none of it per job
+(signals, stops, a property, a stale scope's removal), goes through pydbus.
 pydbus (and PyGObject under it) is imported on first use so that `import
 tsd.scope` stays cheap for the client and the personal daemon, which never
 talk to systemd.
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
 
-from tsd import cgroupcheck, jobtree
+from tsd import cgroupcheck, dbuswire, jobtree
 from tsd.model import JobLimits
 
 _SYSTEMD = "org.freedesktop.systemd1"
@@ -80,6 +83,7 @@ class SystemdScopes:
     def __init__(self, cgroup_root: str | None = None) -> None:
         self._bus: Any = None
         self._manager: Any = None
+        self._wire: dbuswire.BusConnection | None = None  # for StartTransientUnit
         self._lock = threading.RLock()
         # Where systemd's cgroup tree is seen from here (the daemon runs beside it).
         self.cgroup_root = cgroup_root or jobtree.cgroup2_mount()
@@ -132,47 +136,39 @@ class SystemdScopes:
         /dev/nvidiaN and the shared nodes (/dev/nvidiactl, /dev/nvidia-uvm,
         /dev/nvidia-uvm-tools).
         """
-        try:
-            _, GLib = import_gi()
-        except ImportError as e:
-            raise ScopeError(f"cannot talk to systemd: PyGObject is missing ({e})") from e
-
         if not pids:
             raise ScopeError(f"job {job_id}: no process to put in a scope")
         unit = self.unit_name(job_id)
         description = description or f"tsd job {job_id}"
-        props: list[tuple[str, Any]] = [
-            ("Description", GLib.Variant("s", description)),
-            ("Slice", GLib.Variant("s", self.slice_name(uid))),
-            ("PIDs", GLib.Variant("au", [int(p) for p in pids])),
+        # (name, (D-Bus type, value)): the a(sv) of StartTransientUnit.
+        props: list[tuple[str, tuple[str, Any]]] = [
+            ("Description", ("s", description)),
+            ("Slice", ("s", self.slice_name(uid))),
+            ("PIDs", ("au", [int(p) for p in pids])),
             # A failed scope would otherwise stay loaded and block reusing the name
             # and the unit listing; the daemon records the outcome itself.
-            ("CollectMode", GLib.Variant("s", "inactive-or-failed")),
+            ("CollectMode", ("s", "inactive-or-failed")),
             # Accounting makes systemd read cpu.stat and memory figures for usage().
-            ("CPUAccounting", GLib.Variant("b", True)),
-            ("MemoryAccounting", GLib.Variant("b", True)),
-            ("TasksAccounting", GLib.Variant("b", True)),
+            ("CPUAccounting", ("b", True)),
+            ("MemoryAccounting", ("b", True)),
+            ("TasksAccounting", ("b", True)),
         ]
         if limits.memory_max is not None:
-            props.append(("MemoryMax", GLib.Variant("t", limits.memory_max)))
+            props.append(("MemoryMax", ("t", limits.memory_max)))
         if limits.cpu_quota_percent is not None:
             # systemd counts CPU time per second of wall time, in microseconds.
-            props.append(
-                ("CPUQuotaPerSecUSec", GLib.Variant("t", limits.cpu_quota_percent * 10_000))
-            )
+            props.append(("CPUQuotaPerSecUSec", ("t", limits.cpu_quota_percent * 10_000)))
         if limits.tasks_max is not None:
-            props.append(("TasksMax", GLib.Variant("t", limits.tasks_max)))
+            props.append(("TasksMax", ("t", limits.tasks_max)))
         if devices is not None:
-            props.append(("DevicePolicy", GLib.Variant("s", "closed")))
-            props.append(("DeviceAllow", GLib.Variant("a(ss)", [(d, "rw") for d in devices])))
+            props.append(("DevicePolicy", ("s", "closed")))
+            props.append(("DeviceAllow", ("a(ss)", [(d, "rw") for d in devices])))
         with self._lock:
-            mgr = self._mgr()
             try:
-                # "fail": if a unit of that name is somehow queued, refuse instead of replacing it.
-                mgr.StartTransientUnit(unit, "fail", props, [])
-            except Exception as e:
-                if _dbus_error_name(e) != "org.freedesktop.systemd1.UnitExists":
-                    raise ScopeError(f"cannot start {unit}: {_message(e)}") from e
+                self._start_transient(unit, props)
+            except dbuswire.DBusError as e:
+                if e.name != "org.freedesktop.systemd1.UnitExists":
+                    raise ScopeError(f"cannot start {unit}: {e.message or e.name}") from e
                 # A job being started is not recorded as running, so a scope of this
                 # name with this job's description (id, user, command) is left from a
                 # start that died with its daemon (kill -9 between the scope and the
@@ -180,9 +176,9 @@ class SystemdScopes:
                 # ran the job's command. End it, then make the scope anew.
                 self._remove_stale(unit, description)
                 try:
-                    mgr.StartTransientUnit(unit, "fail", props, [])
-                except Exception as e2:
-                    raise ScopeError(f"cannot start {unit}: {_message(e2)}") from e2
+                    self._start_transient(unit, props)
+                except dbuswire.DBusError as e2:
+                    raise ScopeError(f"cannot start {unit}: {e2.message or e2.name}") from e2
             try:
                 self._wait_for_pids(unit, pids)
             except ScopeError:
@@ -190,6 +186,23 @@ class SystemdScopes:
                 self.stop(unit)
                 raise
         return unit
+
+    def _start_transient(self, unit: str, props: list[tuple[str, tuple[str, Any]]]) -> None:
+        """StartTransientUnit on the wire connection (made on first use, made anew after
+        it failed); DBusError for systemd's refusal, ScopeError for no answer at all."""
+        try:
+            if self._wire is None:
+                self._wire = dbuswire.BusConnection()
+            # "fail": if a unit of that name is somehow queued, refuse instead of replacing it.
+            self._wire.call(
+                _SYSTEMD, _SYSTEMD_PATH, "org.freedesktop.systemd1.Manager",
+                "StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", props, []),
+            )
+        except dbuswire.DBusError:
+            raise
+        except (OSError, EOFError, dbuswire.WireError) as e:
+            self._wire = None  # closed by the failure: the next start connects again
+            raise ScopeError(f"cannot start {unit}: no answer on the system bus ({e})") from e
 
     # How long _remove_stale waits for a stale scope to go after SIGKILL.
     stale_timeout = 10.0
