@@ -81,6 +81,7 @@ def launch_plan(
         out_fds=out_fds,  # ts -n: the submitter's terminal
         # A system job's supervisor lives in the job's scope, which goes with the job.
         reuse=not system,
+        ack_on_go=True,  # the runner answers every report that comes on the pipe
     )
 
 

@@ -21,8 +21,8 @@ for when there is no spawner. On the personal daemon a supervisor is reused:
 once its job's end is settled it takes the next job the daemon sends it on its
 link (tsd.spawner.run_member, tsd.supervisorpool; `run_job` runs one job,
 `become_supervisor` is done once), so a job costs one posix_spawn of its
-command. The daemon learns a job's end from its report pipe: a reused
-supervisor sends the exit report itself there ("end REPORT", unless
+command. The daemon learns a job's end from its report pipe: a supervisor
+sends the exit report itself there ("end REPORT", unless
 TS_ONFINISH or mail may still change it) and waits (on its link, or on the go
 pipe of one forked for a single job) for the daemon's ACK that the end is
 stored, writing the report file only when none comes (`acks_end`); otherwise
@@ -101,6 +101,10 @@ class LaunchPlan:
     # May run in a supervisor that ran another job before and stays for the next one
     # (tsd.supervisorpool): only where no scope holds the supervisor (the personal daemon).
     reuse: bool = False
+    # A supervisor forked for this job alone waits on its go pipe for the ACK of its
+    # report (`acks_end`): the daemon answers it (tsd.runner); a caller that stores no
+    # reports leaves this False and reads the exit report file.
+    ack_on_go: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,11 +131,12 @@ class Launched:
 
 def acks_end(plan: LaunchPlan) -> bool:
     """Whether the supervisor sends the job's exit report on the report pipe and waits
-    on the go pipe for the daemon to say it is stored (ACK), writing the report file
-    only when no ACK comes (the daemon died, or gave up on the job). A reused
-    supervisor does, unless TS_ONFINISH or mail may still change the report after the
-    job: those send "end -", and the daemon reads the file."""
-    return plan.reuse and not (plan.on_finish or plan.mail_to)
+    for the daemon to say it is stored (ACK: on its link when reused, else on its go
+    pipe), writing the report file only when no ACK comes (the daemon died, or gave up
+    on the job). A reused supervisor does, and one forked for its job alone when its
+    plan says the daemon answers (`ack_on_go`), unless TS_ONFINISH or mail may still
+    change the report after the job: those send "end -", and the daemon reads the file."""
+    return (plan.reuse or plan.ack_on_go) and not (plan.on_finish or plan.mail_to)
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -409,7 +414,7 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
         output=None if out == "-" else out,
     )
     # A daemon still reading the report pipe records the end and syncs it itself; with
-    # none there (restart, crash) the report must survive a crash on its own. A reused
+    # none there (restart, crash) the report must survive a crash on its own. A
     # supervisor sends the report itself and waits for the daemon's ACK that it is
     # stored: then no file is needed. Without the ACK (the daemon died first, or gave
     # up on the job) the file is written, durably. TS_ONFINISH or mail may still change

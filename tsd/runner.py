@@ -70,7 +70,7 @@ class ScopeManager(Protocol):
 
     def stop(self, unit: str) -> None: ...
 
-    def occupied(self, unit: str, uid: int) -> bool: ...
+    def occupied(self, unit: str, uid: int, besides: int | None = None) -> bool: ...
 
 
 class Launcher(Protocol):
@@ -489,7 +489,9 @@ class Runner(ReportPipes, EndRecorder):
         timer = self._kill_timers.pop(job_id, None)
         if timer is not None:
             timer.cancel()
-        if job.unit and self.settings.system and self.scopes.occupied(job.unit, job.uid):
+        if job.unit and self.settings.system and self.scopes.occupied(
+            job.unit, job.uid, besides=job.supervisor_pid
+        ):
             # Something outlived the supervisor (killed before it ended them all).
             self._spawn_task(self._quietly(self.scopes.stop, job.unit))
         self._record_end(job_id)

@@ -292,9 +292,11 @@ class SystemdScopes:
                     return
                 raise ScopeError(f"cannot stop {unit}: {_message(e)}") from e
 
-    def occupied(self, unit: str, uid: int) -> bool:
+    def occupied(self, unit: str, uid: int, besides: int | None = None) -> bool:
         """Whether a process is left in job scope `unit` of user `uid`, read from its
-        cgroup (no D-Bus call); True whenever that cannot be told for sure.
+        cgroup (no D-Bus call); True whenever that cannot be told for sure. `besides`:
+        a process that does not count (the job's supervisor, still there when it
+        reported the job's end on its pipe and waits for the ACK, or on its way out).
 
         A scope whose last process is gone stops and unloads itself (CollectMode):
         asking systemd to stop it as well costs it, D-Bus and the daemon a round trip
@@ -306,7 +308,9 @@ class SystemdScopes:
             with open(os.path.join(scope, "cgroup.events")) as f:
                 for line in f:
                     if line.startswith("populated "):
-                        return line.split()[1] != "0"
+                        if line.split()[1] == "0":
+                            return False
+                        return besides is None or not _only(scope, besides)
         except FileNotFoundError:
             # Gone already, if its slice is where we look; else we cannot tell.
             return os.path.isdir(scope) or not os.path.isdir(user_slice)
@@ -350,6 +354,19 @@ class SystemdScopes:
             ):
                 return None
             raise ScopeError(f"cannot read {name} of {unit}: {_message(e)}") from e
+
+
+def _only(scope: str, pid: int) -> bool:
+    """Whether `pid` is all the scope's cgroup holds: no other process, no cgroup
+    below it (a root job may make some; their processes are not in cgroup.procs)."""
+    try:
+        with open(os.path.join(scope, "cgroup.procs")) as f:
+            if set(f.read().split()) - {str(pid)}:
+                return False
+        with os.scandir(scope) as entries:
+            return not any(e.is_dir() for e in entries)
+    except OSError:
+        return False
 
 
 def _cgroup_of(pid: int) -> str | None:

@@ -186,7 +186,7 @@ class FakeScopes:
     def stop(self, unit: str) -> None:
         self.stopped.append(unit)
 
-    def occupied(self, unit: str, uid: int) -> bool:
+    def occupied(self, unit: str, uid: int, besides: int | None = None) -> bool:
         return self.left_over
 
 

@@ -38,3 +38,25 @@ def test_a_scope_that_cannot_be_read_counts_as_occupied(tmp_path: Path) -> None:
     assert scopes.occupied(UNIT, 1000)
     (tmp_path / "tsd.slice" / "tsd-u1000.slice" / UNIT / "cgroup.events").write_text("frozen 0\n")
     assert scopes.occupied(UNIT, 1000)
+
+
+def test_the_supervisor_alone_does_not_occupy_its_scope_but_anything_else_does(
+    tmp_path: Path,
+) -> None:
+    """The supervisor reports the job's end on its pipe and waits in the scope for the
+    ACK: a scope holding only it needs no stop; another process, or a cgroup below
+    (its processes are not in cgroup.procs), does."""
+    scope = scope_dir(tmp_path)
+    (scope / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    scopes = SystemdScopes(cgroup_root=str(tmp_path))
+    (scope / "cgroup.procs").write_text("4242\n")
+    assert scopes.occupied(UNIT, 1000)  # nobody said whose pid that is
+    assert not scopes.occupied(UNIT, 1000, besides=4242)
+    (scope / "cgroup.procs").write_text("4242\n4243\n")
+    assert scopes.occupied(UNIT, 1000, besides=4242)
+    (scope / "cgroup.procs").write_text("4242\n")
+    (scope / "sub").mkdir()
+    assert scopes.occupied(UNIT, 1000, besides=4242)
+    (scope / "sub").rmdir()
+    (scope / "cgroup.procs").unlink()
+    assert scopes.occupied(UNIT, 1000, besides=4242)  # cannot tell: occupied

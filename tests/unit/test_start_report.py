@@ -4,6 +4,7 @@ so that a short job wakes the daemon once, not twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from unit.test_spawner import gated, plan
 
-from tsd import launch
+from tsd import exitreport, launch
 
 
 def said(fd: int, within: float) -> bytes:
@@ -62,3 +63,31 @@ def test_a_job_that_runs_on_past_the_hold_has_its_pid_told_while_it_runs(
     os.waitpid(started.supervisor_pid, 0)
     os.close(started.report_fd)
     assert "end" in then and "pid" not in then  # the pid was told once
+
+
+@pytest.mark.parametrize("answer", [launch.ACK, launch.NAK, None])
+def test_a_supervisor_forked_for_one_job_waits_on_its_go_pipe_for_the_reports_ack(
+    tmp_path: Path, answer: bytes | None
+) -> None:
+    """The system service's supervisors (ack_on_go): the end comes on the pipe whole, and
+    the supervisor, still alive, waits for the answer. ACK: stored, no file is written;
+    NAK or the go pipe closed (the daemon gave up, or died): the file, durably."""
+    job = dataclasses.replace(plan(tmp_path, 3, "exit 5"), ack_on_go=True)
+    started = launch.spawn(job)
+    assert started.answer is not None
+    started.go()
+    message = said(started.report_fd, 20)
+    while b"end " not in message:
+        message += said(started.report_fd, 20)
+    report = exitreport.decode(launch.parse_report(message.decode())["end"])
+    assert report is not None and report.exit.code == 5
+    assert os.waitpid(started.supervisor_pid, os.WNOHANG) == (0, 0)  # waits for the answer
+    assert started.answer(answer)
+    assert rest(started.report_fd) == b""
+    os.waitpid(started.supervisor_pid, 0)
+    os.close(started.report_fd)
+    on_file = exitreport.read(tmp_path / "exits", 3)
+    if answer == launch.ACK:
+        assert on_file is None
+    else:
+        assert on_file is not None and on_file.exit.code == 5
