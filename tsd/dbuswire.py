@@ -41,6 +41,7 @@ _ALIGN = {
     "y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4,
     "s": 4, "o": 4, "g": 1, "a": 4, "(": 8, "{": 8, "v": 1,
 }  # fmt: skip
+_ORDERS = {b"l": "<", b"B": ">"}  # the message's first byte: its byte order
 _FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", "t": "Q",
           "d": "d", "h": "I"}
 
@@ -251,7 +252,7 @@ def message_length(head: bytes) -> int | None:
     """The whole length of the message that starts with `head`; None until 16 bytes."""
     if len(head) < 16:
         return None
-    order = {b"l": "<", b"B": ">"}.get(head[:1])
+    order = _ORDERS.get(head[:1])
     if order is None:
         raise WireError(f"unknown byte order {head[:1]!r}")
     body_len, _, fields_len = struct.unpack_from(order + "III", head, 4)
@@ -263,7 +264,7 @@ def message_length(head: bytes) -> int | None:
 
 def parse(data: bytes) -> Message:
     """One whole message (message_length bytes)."""
-    order = {b"l": "<", b"B": ">"}.get(data[:1])
+    order = _ORDERS.get(data[:1])
     if order is None or len(data) < 16:
         raise WireError("not a D-Bus message")
     kind = data[1]

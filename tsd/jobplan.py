@@ -4,6 +4,7 @@ the job, its owner's passwd entry and groups, and the daemon's settings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from collections.abc import Callable, Mapping, Sequence
@@ -52,10 +53,8 @@ def launch_plan(
     drop = os.getuid() == 0 and (system or job.uid != 0)
     owner_groups = None
     if drop:
-        try:
+        with contextlib.suppress(OSError, KeyError):
             owner_groups = groups(pw.pw_name, pw.pw_gid)
-        except (OSError, KeyError):
-            owner_groups = None
     return launch.LaunchPlan(
         job_id=job.id,
         uid=job.uid,
@@ -92,7 +91,8 @@ def nvidia_nodes_present() -> bool:
 
 
 def device_fence(gpus: GpuSource, gpu_ids: tuple[int, ...]) -> list[str] | None:
-    """May block (NVML): the device nodes the job may open, None for no fence at all."""
+    """The device nodes the job may open, None for no fence at all; with GPUs it asks
+    NVML, which may block (a worker's call), without them it does not."""
     if not nvidia_nodes_present():
         return None  # no NVIDIA device nodes here: nothing to fence
     # Every job is fenced off the GPUs it was not given, a CPU job off all of

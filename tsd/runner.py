@@ -39,7 +39,7 @@ from tsd import exitreport, launch, spawnlink, userdb
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
-from tsd.jobplan import EnvSource, GpuSource, device_fence, launch_plan, nvidia_nodes_present
+from tsd.jobplan import EnvSource, GpuSource, device_fence, launch_plan
 from tsd.model import ExitInfo, Job, JobLimits, JobState
 from tsd.reportpipe import PipeWatch, ReportPipes
 from tsd.runend import STORE_RETRY, EndRecorder
@@ -397,9 +397,10 @@ class Runner(ReportPipes, EndRecorder):
         self, job: Job, plan: launch.LaunchPlan, gpu_ids: tuple[int, ...]
     ) -> None:
         try:
-            # A CPU job's fence needs only a listing of /dev: no worker, no hop back.
+            # Only a GPU job's fence asks NVML (which may block); a CPU job's is a
+            # listing of /dev, made here: no worker, no hop back.
             devices = await self._offload(device_fence, self._gpus, gpu_ids) if gpu_ids else (
-                [] if nvidia_nodes_present() else None)
+                device_fence(self._gpus, ()))
         except GpuUnavailable as exc:
             # NVML failed just now: the job waits for it in the queue like any other.
             self._gpus.mark_unavailable(str(exc))

@@ -15,14 +15,17 @@ from __future__ import annotations
 import os
 import pwd
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+_V = TypeVar("_V")
 
 TTL = 1.0  # seconds an entry is used without asking NSS again
 MAX_ENTRIES = 4096  # more owners than this at once: the cache starts afresh
 
 
 class UserDb:
-    """getpwuid through a short-lived cache (see the module docstring)."""
+    """getpwuid and getgrouplist through a short-lived cache (see the module docstring)."""
 
     def __init__(
         self,
@@ -33,30 +36,30 @@ class UserDb:
         self._lookup = lookup
         self._clock = clock
         self._grouplist = grouplist
-        self._entries: dict[int, tuple[float, pwd.struct_passwd]] = {}
-        self._groups: dict[tuple[str, int], tuple[float, tuple[int, ...]]] = {}
+        self._entries: dict[Hashable, tuple[float, pwd.struct_passwd]] = {}
+        self._groups: dict[Hashable, tuple[float, tuple[int, ...]]] = {}
 
     def entry(self, uid: int) -> pwd.struct_passwd:
         """The passwd entry of `uid`; KeyError when there is none."""
-        now = self._clock()
-        cached = self._entries.get(uid)
-        if cached is not None and now - cached[0] < TTL:
-            return cached[1]
-        entry = self._lookup(uid)  # KeyError: not cached
-        if len(self._entries) >= MAX_ENTRIES:
-            self._entries.clear()
-        self._entries[uid] = (now, entry)
-        return entry
+        return self._cached(self._entries, uid, lambda: self._lookup(uid))
 
     def groups(self, user: str, gid: int) -> tuple[int, ...]:
         """`user`'s groups, primary `gid` included: what initgroups(user, gid) would set
         (os.getgrouplist); OSError when the group database cannot say."""
+        return self._cached(self._groups, (user, gid),
+                            lambda: tuple(self._grouplist(user, gid)))
+
+    def _cached(
+        self, table: dict[Hashable, tuple[float, _V]], key: Hashable, ask: Callable[[], _V]
+    ) -> _V:
+        """`table`'s answer for `key` while under TTL old, else `ask`'s (kept; an
+        exception from it is not)."""
         now = self._clock()
-        cached = self._groups.get((user, gid))
+        cached = table.get(key)
         if cached is not None and now - cached[0] < TTL:
             return cached[1]
-        found = tuple(self._grouplist(user, gid))
-        if len(self._groups) >= MAX_ENTRIES:
-            self._groups.clear()
-        self._groups[(user, gid)] = (now, found)
+        found = ask()
+        if len(table) >= MAX_ENTRIES:
+            table.clear()
+        table[key] = (now, found)
         return found
