@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import select
 import signal
@@ -127,6 +128,9 @@ class Launched:
     # instead, answer(None) when it sent no end to answer; called once (after go()),
     # True when it was told. None: it waits for nothing.
     answer: Callable[[bytes | None], bool] | None = None
+    # Called once the supervisor's end came and it waits for `answer`: a reused one may
+    # be handed its next job ahead of that answer (tsd.supervisorpool). None: no such.
+    ending: Callable[[], None] | None = None
 
 
 def acks_end(plan: LaunchPlan) -> bool:
@@ -334,17 +338,18 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
         exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
         return False
     try:
-        run_job(plan, rep_w, go_r if acks_end(plan) else None)
+        run_job(plan, rep_w, functools.partial(_read_word, go_r) if acks_end(plan) else None)
     finally:
         os.close(go_r)
     return True
 
 
-def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
+def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) -> None:
     """Run the job the daemon just said go for, to its end, and report the end on
-    `rep_w`: sent there, then ACK awaited on `ack_from` when it is given (see
-    `acks_end`), else (or when no ACK comes) written to the exit report file. The
-    caller closes `rep_w` afterwards: the daemon's end of file."""
+    `rep_w`: sent there, then the daemon's answer awaited (`answer()`: ACK, NAK, or
+    b"" when it is gone) when it is given (see `acks_end`), else (or when no ACK
+    comes) written to the exit report file. The caller closes `rep_w` afterwards: the
+    daemon's end of file."""
     # The system daemon moved us into the job's scope before go. A reused supervisor
     # (the personal daemon's) has none: a tsd-job scope it is in belongs to a system
     # job that started this personal daemon, and is not this job's to end or count.
@@ -424,8 +429,8 @@ def run_job(plan: LaunchPlan, rep_w: int, ack_from: int | None) -> None:
     line = f"{untold}end {exitreport.encode(report)}"
     # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
     # waits for an ACK of a report it could not read; a longer one goes in the file.
-    if ack_from is not None and len(line.encode()) < select.PIPE_BUF:
-        if _report(rep_w, line) and _read_word(ack_from) == ACK:
+    if answer is not None and len(line.encode()) < select.PIPE_BUF:
+        if _report(rep_w, line) and answer() == ACK:
             return
         _write_report_until_stored(plan, report, durable=True)
         return

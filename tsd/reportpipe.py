@@ -103,7 +103,7 @@ class ReportPipes:
     _early: dict[int, exitreport.ExitReport]  # reports that came on the pipe
     _tails: dict[int, int]  # job id -> pipe of an ended job, read to its end of file
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
-    _acks: dict[int, Callable[[bytes | None], bool]]  # supervisors that wait for ACK
+    _acks: dict[int, launch.Launched]  # supervisors that wait for ACK (Launched.answer)
     _acked: set[int]  # ACKed at the commit of their end, before its fsync
 
     def _job_ended(self, job_id: int) -> None:
@@ -173,6 +173,9 @@ class ReportPipes:
             )
         if report is not None:
             self._early[job_id] = report
+            waiting = self._acks.get(job_id)
+            if waiting is not None and waiting.ending is not None:
+                waiting.ending()  # it may take the next job ahead of its answer
             return True
         return False
 
@@ -226,8 +229,8 @@ class ReportPipes:
         (write the file, read then at the end of file), or None when it sent no report
         (a link to a reused supervisor carries nothing else then). True when it was
         told; False when it is gone or waits for nothing."""
-        answer = self._acks.pop(job_id, None)
-        return answer is not None and answer(word)
+        waiting = self._acks.pop(job_id, None)
+        return waiting is not None and waiting.answer is not None and waiting.answer(word)
 
     def _stop_reading_all(self) -> None:
         """Read no pipe any more (the daemon stops): a supervisor that writes one now

@@ -124,9 +124,11 @@ class EndRecorder:
         # same commit (one fsync for both; its go still waits for the commit). A waiter
         # hears first, and the next launch follows (see _recorded).
         early = ended is not None and not self._waited(job_id)
+        # The ACK goes out before the go of a next job launched here: a reused
+        # supervisor may take that job ahead of its answer (tsd.supervisorpool).
+        self.table.after_write(functools.partial(self._end_written, job_id))
         if early and ended is not None:
             self._ended(ended)
-        self.table.after_write(functools.partial(self._end_written, job_id))
         self.table.after_commit(
             functools.partial(
                 self._recorded, job_id, _queued_again(report, why, retry), ended, early

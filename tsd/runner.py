@@ -236,7 +236,7 @@ class Runner(ReportPipes, EndRecorder):
         self._early: dict[int, exitreport.ExitReport] = {}  # reports sent on the pipe
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
-        self._acks: dict[int, Callable[[bytes | None], bool]] = {}  # (launch.Launched.answer)
+        self._acks: dict[int, launch.Launched] = {}  # supervisors that wait for an answer
         self._acked: set[int] = set()
         # Personal jobs whose "pid" line has not come, and the signal held for each then.
         self._unstarted: set[int] = set()
@@ -377,7 +377,7 @@ class Runner(ReportPipes, EndRecorder):
         with contextlib.suppress(OSError):  # killed (ts -k) before its go: its end tells
             launched.go()
         if launched.answer is not None:
-            self._acks[job.id] = launched.answer
+            self._acks[job.id] = launched
         self._watch(job, launched.report_fd, launched.pidfd)
         log.debug("job %d started (supervisor %d)", job.id, launched.supervisor_pid)
 

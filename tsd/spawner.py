@@ -36,6 +36,7 @@ daemon's socket.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import marshal
@@ -138,6 +139,7 @@ def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 IDLE = b"i"  # reused supervisor -> daemon, on its link: its job's turn is over
 DROP = b"d"  # daemon -> reused supervisor, after a plan: not stored, do not run it
+NEXT = b"p"  # daemon -> reused supervisor: a plan follows (header, body; fds with this byte)
 MEMBER = "member"  # the request body (marshalled) for a reused supervisor, not a plan
 
 
@@ -186,11 +188,59 @@ def _is_member(body: bytes) -> bool:
         return False
 
 
+class _Link:
+    """A reused supervisor's end of its link: the daemon's messages, in order. What
+    comes while the supervisor waits for the answer to its job's end (the next job's
+    plan, sent ahead of that answer, and its GO or DROP) is kept for after it."""
+
+    def __init__(self, link_fd: int) -> None:
+        self.sock = socket.socket(fileno=link_fd)
+        self.sock.setblocking(True)
+        self._kept: collections.deque[tuple[bytes, bytes, list[int]]] = collections.deque()
+
+    def next(self) -> tuple[bytes, bytes, list[int]]:
+        """The next message: (NEXT, body, fds) for a plan, else (word, b"", []); the
+        word is b"" at the end of file (the daemon is gone) or on an error."""
+        return self._kept.popleft() if self._kept else self._read()
+
+    def answer(self) -> bytes:
+        """The daemon's answer to the job's end (ACK, NAK, or b"" when it is gone)."""
+        while True:
+            message = self._read()
+            if message[0] in (launch.ACK, launch.NAK, b""):
+                return message[0]
+            self._kept.append(message)
+
+    def idle(self) -> None:
+        """Say IDLE. With the daemon gone, a plan kept may still wait for its "aborted"
+        report: no error here, the end of file is read next."""
+        with contextlib.suppress(OSError):
+            self.sock.send(IDLE, socket.MSG_NOSIGNAL)
+
+    def _read(self) -> tuple[bytes, bytes, list[int]]:
+        try:
+            # A plan's fds come with its first byte, NEXT: read it with room for them.
+            word, ancdata, _, _ = self.sock.recvmsg(1, fds_space(), socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return b"", b"", []
+        fds = received_fds(ancdata)
+        if word != NEXT:
+            _close(fds)
+            return word, b"", []
+        try:
+            body, more = _read_request(self.sock)
+        except (_Gone, OSError, ValueError):
+            _close(fds)
+            return b"", b"", []
+        return NEXT, body, fds + more
+
+
 def run_member(link_fd: int) -> NoReturn:
     """In a freshly forked child: a reused supervisor. It takes each job's plan its daemon
     sends on `link_fd`, then runs it at the daemon's GO (sent once the job is stored as
     running) or drops it at DROP (not stored), says IDLE after each, and exits once the
-    daemon is gone (end of file).
+    daemon is gone (end of file). The next plan may come while it waits for the answer
+    to its job's end (tsd.supervisorpool): it is taken up after that answer.
 
     A plan whose GO never came (the daemon died between the two, its record of the
     start committed or not) leaves an "aborted" exit report: the next daemon queues the
@@ -200,26 +250,19 @@ def run_member(link_fd: int) -> NoReturn:
     try:
         launch.reset_process_state([link_fd], False)
         launch.become_supervisor()
-        link = socket.socket(fileno=link_fd)
-        link.setblocking(True)
+        link = _Link(link_fd)
         while True:
-            try:
-                body, fds = _read_request(link)
-            except (_Gone, OSError):
-                break  # the daemon is gone (stopped, died) or let us go
-            if len(fds) not in (1, 3):
+            kind, body, fds = link.next()
+            if kind != NEXT or len(fds) not in (1, 3):
                 _close(fds)
-                break
+                break  # the daemon is gone (stopped, died), let us go, or is not one
             rep_w = fds[0]
             plan = decode(body, (fds[1], fds[2]) if len(fds) == 3 else None)
-            try:
-                word = link.recv(1)
-            except OSError:
-                word = b""
+            word = link.next()[0]
             if word != launch.GO:
                 _close(fds)
                 if word == DROP:
-                    link.sendall(IDLE)
+                    link.idle()
                     continue
                 # The daemon is gone (or says what it never says) before the go: one try,
                 # as a job supervisor does (tsd.launch.supervise).
@@ -229,10 +272,10 @@ def run_member(link_fd: int) -> NoReturn:
             # for this one; the daemon sends none for this one before its "pid" line.
             launch.forget_signals()
             try:
-                launch.run_job(plan, rep_w, link_fd if launch.acks_end(plan) else None)
+                launch.run_job(plan, rep_w, link.answer if launch.acks_end(plan) else None)
             finally:
                 os.close(rep_w)  # the job's end of file, then: idle
-            link.sendall(IDLE)
+            link.idle()
         code = 0
     except BaseException:
         code = 70

@@ -12,12 +12,14 @@ supervisor says IDLE on its link and waits for the next one; when the daemon is
 gone (the link's end of file) it exits, once the job it runs, if any, is over.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
-the link too (Launched.answer), and says IDLE after it. Only an idle supervisor
-is handed a job: the ACK follows the commit of the job's end (tsd.reportpipe),
-and a job's go need not wait for that (tsd.groupcommit's after_write), so the
-next job goes to another supervisor (a new one when none is idle: the pool
-grows to a few more than the jobs that run at once) rather than wait behind
-that ACK.
+the link too (Launched.answer), and says IDLE after it. Once its report is in
+(Launched.ending), it is the first choice for the next job: the next plan is
+sent to it ahead of the ACK (each plan starts with NEXT, so that it is told
+from an answer), it keeps that plan until the ACK, and the ACK and the next
+job's GO follow the same commit, which holds both the end and the start. One
+process wakes for the end and the next start, and no other wakes for the plan
+and again for its GO. Otherwise an idle supervisor is taken (a new one when
+none is: the pool grows to a few more than the jobs that run at once).
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
@@ -52,11 +54,17 @@ class Member:
     busy: int = 0  # jobs sent whose IDLE has not come yet
     taken: bool = True  # chosen for a job not told GO or DROP yet (a new one is, at once)
     idle_since: float = 0.0  # monotonic time its last IDLE was heard
+    ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
 
     @property
     def free(self) -> bool:
-        """It may be handed a job: idle (every job sent to it said IDLE), not taken."""
+        """Idle: every job sent to it said IDLE, and it is not taken."""
         return not self.taken and self.busy == 0
+
+    @property
+    def next_up(self) -> bool:
+        """It may take the next job ahead of the answer to its job's end."""
+        return self.ending and not self.taken and self.busy == 1
 
 
 class SupervisorPool:
@@ -79,13 +87,15 @@ class SupervisorPool:
         return sum(1 for m in self._members.values() if m.free)
 
     def take(self) -> Member | None:
-        """A free supervisor, now taken for a job; None when none is free."""
+        """A supervisor for a job, now taken: one whose job just ended (it wakes for the
+        answer anyway), else an idle one; None when there is neither."""
         self._hear()
-        for member in self._members.values():
-            if member.free:
-                member.taken = True
-                return member
-        return None
+        chosen = next((m for m in self._members.values() if m.next_up), None) or next(
+            (m for m in self._members.values() if m.free), None)
+        if chosen is not None:
+            chosen.taken = True
+            chosen.ending = False
+        return chosen
 
     def _hear(self) -> None:
         """Read what the links said: IDLE, or end of file (that supervisor is gone)."""
@@ -130,7 +140,9 @@ class SupervisorPool:
         rep_r, rep_w = os.pipe()
         # The caller closes its ts -n fds once this returns; the member has them now.
         try:
-            spawner.send_with_fds(member.link, spawner.encode(plan), [rep_w, *(plan.out_fds or ())])
+            spawner.send_with_fds(
+                member.link, spawner.NEXT + spawner.encode(plan), [rep_w, *(plan.out_fds or ())]
+            )
         except OSError:
             os.close(rep_r)
             os.close(rep_w)
@@ -164,7 +176,11 @@ class SupervisorPool:
             with contextlib.suppress(OSError):  # gone: nothing ran, nothing to drop
                 member.link.send(spawner.DROP, socket.MSG_NOSIGNAL)
 
+        def ending() -> None:
+            member.ending = True
+
         def answer(word: bytes | None) -> bool:
+            member.ending = False
             told = True  # None: it waits for nothing, it sent no end to answer
             if word is not None:
                 try:
@@ -176,5 +192,5 @@ class SupervisorPool:
         os.set_blocking(rep_r, False)
         return launch.Launched(
             member.pid, member.start, go, abort, rep_r, pidfd=None,
-            answer=answer if acks else None,
+            answer=answer if acks else None, ending=ending if acks else None,
         )

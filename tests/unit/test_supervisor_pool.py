@@ -259,7 +259,7 @@ def _report_durability(tmp: Path, answer: bytes | None) -> list[bool]:
             exitreport.write = lambda d, j, r, durable=True: (  # type: ignore[assignment]
                 asked.append(durable), real(d, j, r, durable))[-1]
             launch.become_supervisor()
-            launch.run_job(p, rep_w, ack_r)
+            launch.run_job(p, rep_w, lambda: os.read(ack_r, 1))
             os.write(out_w, b"".join(b"1" if d else b"0" for d in asked) or b"-")
         finally:
             os._exit(0)
@@ -308,10 +308,10 @@ def test_with_an_on_finish_command_the_report_waits_for_it_in_the_file(
     assert report is not None and report.exit.code == 2
 
 
-def test_a_supervisor_waiting_for_its_answer_gets_no_job_another_runs_the_next_at_once(
+def test_a_supervisor_whose_end_was_not_read_yet_gets_no_job_another_runs_the_next(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    # Its answer follows the fsync of its job's end; the next job's go need not wait.
+    # Until the daemon has its end (Launched.ending), it may still be running its job.
     first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
     first.go()
     said = read_until(first, said_end)
@@ -388,3 +388,100 @@ def test_a_plan_is_sent_before_its_go_and_the_go_alone_starts_it(
     assert alive(first) and not mark.exists()  # it holds the plan, waiting
     started.go()
     assert report_in(until_end(started)).exit.code == 0 and mark.exists()
+
+
+def handed_on(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> tuple[launch.Launched, launch.Launched, Path]:
+    """Job 1 run to its end, its report read and `ending` told as the runner does, its
+    answer not given yet; job 2 (it touches the returned mark) then launched, not told
+    GO: (job 1, job 2, mark)."""
+    first = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
+    first.go()
+    said = read_until(first, said_end)
+    assert report_in(said).exit.code == 1 and first.ending is not None
+    first.ending()
+    mark = tmp_path / "ran"
+    second = spawner.spawn(reusable(tmp_path, 2, f"touch {mark}; exit 2"))
+    return first, second, mark
+
+
+def test_a_supervisor_whose_end_came_takes_the_next_job_which_runs_after_the_ack_and_go(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, second, mark = handed_on(tmp_path, spawner)
+    assert second.supervisor_pid == first.supervisor_pid  # no other supervisor woken
+    assert spawner.pool.idle() == 0
+    time.sleep(0.2)
+    assert not mark.exists()  # the plan waits behind the answer, and then for its GO
+    assert first.answer is not None and first.answer(launch.ACK)
+    assert read_until(first, lambda _: False) == ""  # job 1's pipe: closed after the ACK
+    os.close(first.report_fd)
+    time.sleep(0.2)
+    assert not mark.exists()  # ACKed, but job 2 is not stored as running yet
+    second.go()
+    assert report_in(until_end(second)).exit.code == 2 and mark.exists()
+    assert not any((tmp_path / "exits").iterdir())  # both ACKed: no report file at all
+    wait_until(lambda: spawner.pool.idle() == 1)  # it said IDLE for each, and serves on
+
+
+def test_the_next_jobs_go_may_come_before_the_answer_to_the_last_end(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, second, mark = handed_on(tmp_path, spawner)
+    second.go()  # both stored in one commit: the order on the link is the daemon's
+    time.sleep(0.2)
+    assert not mark.exists()  # it still waits for its answer before anything else
+    assert first.answer is not None and first.answer(launch.ACK)
+    assert report_in(until_end(second)).exit.code == 2 and mark.exists()
+    os.close(first.report_fd)
+    assert not any((tmp_path / "exits").iterdir())
+
+
+def test_a_nak_and_a_drop_of_the_next_job_leave_the_report_file_and_run_nothing(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    # The commit of both (job 1's end, job 2's start) was rolled back.
+    first, second, mark = handed_on(tmp_path, spawner)
+    assert first.answer is not None and first.answer(launch.NAK)
+    second.abort()
+    os.close(second.report_fd)
+    assert read_until(first, lambda _: False) == ""  # the file first, then the pipe closes
+    os.close(first.report_fd)
+    report = exitreport.read(tmp_path / "exits", 1)
+    assert report is not None and report.exit.code == 1
+    wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1 and for the drop
+    again = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
+    assert again.supervisor_pid == first.supervisor_pid
+    again.go()
+    assert report_in(until_end(again)).exit.code == 3 and not mark.exists()
+
+
+def test_when_the_daemon_dies_with_the_next_plan_sent_ahead_both_jobs_are_left_for_the_next(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    # Job 1's end unanswered and job 2 never told GO: job 1's report goes to its file,
+    # job 2 gets an "aborted" report (queued again, not lost) and nothing runs.
+    first, second, mark = handed_on(tmp_path, spawner)
+    spawner.close()
+    wait_until(lambda: not alive(first.supervisor_pid))
+    done = exitreport.read(tmp_path / "exits", 1)
+    assert done is not None and done.exit.code == 1
+    aborted = exitreport.read(tmp_path / "exits", 2)
+    assert aborted is not None and aborted.aborted and not mark.exists()
+    os.close(first.report_fd)
+    os.close(second.report_fd)
+
+
+def test_a_supervisor_is_handed_one_job_ahead_of_its_answer_at_most(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    first, second, _ = handed_on(tmp_path, spawner)
+    second.go()
+    third = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
+    assert third.supervisor_pid != first.supervisor_pid  # busy with job 2: another one
+    third.go()
+    assert report_in(until_end(third)).exit.code == 3
+    assert first.answer is not None and first.answer(launch.ACK)
+    assert report_in(until_end(second)).exit.code == 2
+    os.close(first.report_fd)
