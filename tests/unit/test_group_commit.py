@@ -593,3 +593,29 @@ def test_only_the_writes_after_a_groups_first_take_a_savepoint_and_undo_only_the
         store.close()
 
     run(body)
+
+
+def test_a_groups_after_write_callbacks_run_before_its_fdatasync_is_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Starting the fdatasync wakes the worker that runs it, which may run first: a
+    # supervisor's go or ACK must not wait behind that.
+    order: list[str] = []
+    # Linux AIO's, or the thread's where AIO cannot be used.
+    for kind in (groupcommit.AioSyncer, groupcommit._Syncer):
+        def ask(self: Any, real: Callable[[Any], None] = kind.ask) -> None:
+            order.append("fdatasync")
+            real(self)
+
+        monkeypatch.setattr(kind, "ask", ask)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        table.add(1000, "alice", spec())
+        table.after_write(lambda: order.append("go"))
+        table.after_commit(lambda: order.append("told"))
+        await table.durable()
+        assert order == ["go", "fdatasync", "told"]
+
+    run(body)
