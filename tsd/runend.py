@@ -124,8 +124,9 @@ class EndRecorder:
         # same commit (one fsync for both; its go still waits for the commit). A waiter
         # hears first, and the next launch follows (see _recorded).
         early = ended is not None and not self._waited(job_id)
-        # The ACK goes out before the go of a next job launched here: a reused
-        # supervisor may take that job ahead of its answer (tsd.supervisorpool).
+        # The ACK is queued before the go of a next job launched here, which may go to
+        # this same supervisor (tsd.supervisorpool): it then reads them in the order it
+        # acts on them (it keeps a go that comes first all the same).
         self.table.after_write(functools.partial(self._end_written, job_id))
         if early and ended is not None:
             self._ended(ended)
