@@ -15,10 +15,11 @@ action prints a job.
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 import time
 
+from tsd import leanos
 from tsd.cli_options import ABSENT, UsageError
 from tsd.cli_output import (
     TAIL_LINES,
@@ -82,7 +83,7 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     info = _ts_env_info(environ)
     if info is not None:
         req["spec"]["env_info"] = info
-    if req["spec"].get("mail") and not os.path.exists(SENDMAIL):
+    if req["spec"].get("mail") and not leanos.exists(SENDMAIL):
         # Queued anyway (the job is what matters); `ts -i` later says the mail failed.
         warn(f"warning: -m: {SENDMAIL} does not exist, so no mail will be sent")
     name = req["spec"].get("output_name")
@@ -136,8 +137,8 @@ def _terminal_fds() -> tuple[int, ...]:
     """ts -n: our stdout and stderr, for the job to write to (task-spooler's -n sends
     the output to the terminal of the ts that queued it); none if either is closed."""
     try:
-        os.fstat(1)
-        os.fstat(2)
+        posix.fstat(1)
+        posix.fstat(2)
     except OSError:
         return ()  # then the job's output goes to /dev/null
     return (1, 2)
@@ -181,15 +182,15 @@ def _check_new_output(
     """
     resp = client.call(wire("logdir", path=None))
     directory = str(resp.get("path")) if resp.get("custom") else environ.get("TMPDIR") or "/tmp"
-    path = os.path.join(directory, name)
+    path = leanos.join(directory, name)
     for taken in (path, path + ".e") if stderr_apart else (path,):
-        if os.path.lexists(taken):
+        if leanos.lexists(taken):
             raise TsdError(
                 f"-O {name}: {taken} already exists; tsd writes output only to a new file"
             )
 
 
-def _stream_final(client: Client, req: Mapping[str, Any]) -> dict[str, Any]:
+def _stream_final(client: Client, req: dict[str, Any]) -> dict[str, Any]:
     final: dict[str, Any] = {}
     for frame in client.stream(req):
         if "event" not in frame:
@@ -199,7 +200,7 @@ def _stream_final(client: Client, req: Mapping[str, Any]) -> dict[str, Any]:
 
 def run(inv: Invocation, environ: Mapping[str, str] | None = None) -> int:
     """Carry out an Invocation against the daemon; returns the exit code."""
-    environ = os.environ if environ is None else environ
+    environ = leanos.environ() if environ is None else environ
     if inv.action == "help":
         from tsd.cli_options import help_text
 
@@ -303,14 +304,14 @@ def _show_job(action: str, job: JobView) -> int:
 
 def _current_umask() -> int:
     # Reading the umask means setting it; put it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
+    mask = posix.umask(0o022)
+    posix.umask(mask)
     return mask
 
 
 def _cwd() -> str | None:
     try:
-        return os.getcwd()
+        return posix.getcwd()
     except OSError:
         return None
 
@@ -332,7 +333,7 @@ def _at_edge(inv: Callable[[], int]) -> int:
     except StdoutGone:
         # Like any filter whose reader went away: stop quietly.
         try:  # noqa: SIM105 (no contextlib on ts's path, see above)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            posix.dup2(posix.open("/dev/null", posix.O_WRONLY), sys.stdout.fileno())
         except OSError:
             pass
         sys.exit(141)
@@ -355,12 +356,12 @@ def _kill_quietly(client: Client, job_id: int) -> None:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `ts`. Without argv it is the program: it ends the process itself."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "_TS_COMPLETE" in os.environ:
+    if "_TS_COMPLETE" in leanos.environ():
         # The shell asks for completions (the scripts `_TS_COMPLETE=<shell>_source ts` prints).
         from tsd.cli_completion import complete
 
         sys.exit(complete())
-    code = _at_edge(lambda: run(invocation(args, os.environ, _cwd(), _current_umask())))
+    code = _at_edge(lambda: run(invocation(args, leanos.environ(), _cwd(), _current_umask())))
     if argv is None:
         # Run as the program and done: all output was flushed as it was written
         # and every connection and file is closed, so skip tearing the
@@ -371,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        os._exit(code)
+        posix._exit(code)
     sys.exit(code)
 
 

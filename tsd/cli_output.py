@@ -9,10 +9,11 @@ something is to be printed.
 from __future__ import annotations
 
 import errno
-import os
+import posix
 import select
 import stat
 import sys
+from io import SEEK_END  # io is loaded at start; os is not (see tsd.leanos)
 
 from tsd.errors import ProtocolError, TsdError, from_wire
 
@@ -53,7 +54,7 @@ def warn(message: str) -> None:
 def terminal_width() -> int | None:
     try:
         if sys.stdout is not None and sys.stdout.isatty():
-            return os.get_terminal_size(sys.stdout.fileno()).columns
+            return posix.get_terminal_size(sys.stdout.fileno()).columns
     except OSError:
         pass
     return None
@@ -171,7 +172,7 @@ class OutputFollower:
             self._write(last_lines(data, lines))
             return
         # Plain file: read backwards from the end only as far as needed.
-        end = self.file.seek(0, os.SEEK_END)
+        end = self.file.seek(0, SEEK_END)
         pos, chunk, buf = end, 1 << 16, b""
         while pos > 0 and buf.count(b"\n") <= lines:
             step = min(chunk, pos)
@@ -232,9 +233,9 @@ def open_output(path: str, owner: int | None) -> IO[bytes] | None:
     never a FIFO or device (O_NONBLOCK keeps a FIFO from blocking the open), and
     only a regular file that belongs to the job's user. Anything else is one error.
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    flags = posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC | posix.O_NOCTTY
     try:
-        fd = os.open(path, flags)
+        fd = posix.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -243,17 +244,17 @@ def open_output(path: str, owner: int | None) -> IO[bytes] | None:
                 f"{path} is a symbolic link, not the job's output: not reading it"
             ) from None
         raise TsdError(f"cannot read {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
+    st = posix.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
         problem = "is not a regular file"
     elif owner is not None and st.st_uid != owner:
         problem = f"belongs to uid {st.st_uid}, not to the job's user (uid {owner})"
     if problem is not None:
-        os.close(fd)
+        posix.close(fd)
         raise TsdError(f"{path} {problem}: not reading it")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    posix.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def last_lines(data: bytes, n: int) -> bytes:

@@ -13,8 +13,7 @@ very function. Only what the command line alone can get wrong (`-D` with
 
 from __future__ import annotations
 
-import os
-
+from tsd import leanos
 from tsd.cli_options import ABSENT, UsageError, parse
 from tsd.errors import BadRequest
 from tsd.framing import PROTOCOL_VERSION
@@ -253,7 +252,7 @@ def _logdir(path: str, cwd: str | None) -> str:
     # The daemon has its own cwd: a relative path means the caller's.
     if cwd is None:
         raise UsageError("--set_logdir: the current directory cannot be read")
-    return os.path.normpath(os.path.join(cwd, path))
+    return leanos.normpath(leanos.join(cwd, path))
 
 
 def _clean_env(environ: Mapping[str, str]) -> list[list[str]]:

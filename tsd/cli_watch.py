@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
 
     from tsd.client import Client
 
-    Request = Mapping[str, Any]  # a request as it travels (tsd.cli_request.wire)
+    Request = dict[str, Any]  # a request as it travels (tsd.cli_request.wire)
 
 ESC = "\x1b["
 ALT_SCREEN_ON, ALT_SCREEN_OFF = f"{ESC}?1049h", f"{ESC}?1049l"

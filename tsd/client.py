@@ -9,35 +9,33 @@ dataclasses) loads only when a caller hands over a typed request.
 from __future__ import annotations
 
 import errno
-import os
+import posix
 import select
 import stat
-import struct
 import sys
 import time
-
-# os has loaded _collections_abc already; collections.abc would load the collections
-# package (and its imports) on every `ts` call for one isinstance check.
-from _collections_abc import Mapping
 
 # The C socket type, not socket.py's subclass of it: that module (with enum and
 # selectors) would be a tenth of a quick `ts` call, for nothing used here.
 from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as Socket
 
-from tsd import framing
+# struct.py only re-exports _struct, which is built in: one file fewer for every `ts` call.
+from _struct import calcsize, pack, unpack
+
+from tsd import framing, leanos
 from tsd.errors import ProtocolError, ServerUnavailable, TsdError, from_wire
 from tsd.paths import SUBMIT_GROUP, SYSTEM_CONFIG, SYSTEM_SOCKET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ts a few ms at start and only mypy needs it here
-    from collections.abc import Collection, Iterator, Sequence
+    from collections.abc import Collection, Iterator, Mapping, Sequence
     from typing import Any
 
     from tsd import protocol
 
     # A typed request, or one as it travels (tsd.cli_request.wire).
-    Req = protocol.Request | Mapping[str, Any]
+    Req = protocol.Request | dict[str, Any]
 
 
 class Untrusted(ServerUnavailable):
@@ -64,12 +62,12 @@ def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
 
     `$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock`.
     """
-    env = os.environ if env is None else env
+    env = leanos.environ() if env is None else env
     runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "tsd", "tsd.sock")
+    if runtime and leanos.isdir(runtime):
+        return leanos.join(runtime, "tsd", "tsd.sock")
     tmp = env.get("TMPDIR") or "/tmp"
-    return os.path.join(tmp, f"tsd-{os.getuid()}", "tsd.sock")
+    return leanos.join(tmp, f"tsd-{posix.getuid()}", "tsd.sock")
 
 
 def choose_socket(env: Mapping[str, str] | None = None) -> tuple[str, bool]:
@@ -80,13 +78,13 @@ def choose_socket(env: Mapping[str, str] | None = None) -> tuple[str, bool]:
     missing socket is then reported, never replaced by a personal daemon that
     nobody asked for); else the personal one.
     """
-    env = os.environ if env is None else env
+    env = leanos.environ() if env is None else env
     explicit = env.get("TS_SOCKET")
     if explicit:
-        return explicit, not os.path.exists(explicit) or _is_own(explicit)
+        return explicit, not leanos.exists(explicit) or _is_own(explicit)
     if env.get("TS_PERSONAL") == "1":
         return personal_socket_path(env), True
-    if os.path.exists(SYSTEM_SOCKET) or system_service_installed():
+    if leanos.exists(SYSTEM_SOCKET) or system_service_installed():
         return SYSTEM_SOCKET, False
     return personal_socket_path(env), True
 
@@ -98,13 +96,13 @@ def system_service_installed(root: str = "/") -> bool:
     Without systemd as init (a container, a chroot) the units cannot run, so the
     personal daemon is the only one there can be.
     """
-    if not os.path.isdir(os.path.join(root, "run/systemd/system")):  # sd_booted()
+    if not leanos.isdir(leanos.join(root, "run/systemd/system")):  # sd_booted()
         return False
-    candidates = [os.path.join(root, SYSTEM_CONFIG.lstrip("/"))]
+    candidates = [leanos.join(root, SYSTEM_CONFIG.lstrip("/"))]
     for unit_dir in UNIT_DIRS:
         for unit in ("tsd.socket", "tsd.service"):
-            candidates.append(os.path.join(root, unit_dir.lstrip("/"), unit))
-    return any(os.path.lexists(path) for path in candidates)
+            candidates.append(leanos.join(root, unit_dir.lstrip("/"), unit))
+    return any(leanos.lexists(path) for path in candidates)
 
 
 def trusted_uids(path: str) -> frozenset[int]:
@@ -114,7 +112,7 @@ def trusted_uids(path: str) -> frozenset[int]:
     other path (TS_SOCKET): no one else can be trusted with our requests, which
     carry our environment and commands.
     """
-    uid = os.getuid()
+    uid = posix.getuid()
     if path == SYSTEM_SOCKET:
         return frozenset({0})
     if path == personal_socket_path():
@@ -124,7 +122,7 @@ def trusted_uids(path: str) -> frozenset[int]:
 
 def _is_own(path: str) -> bool:
     try:
-        return os.stat(path).st_uid == os.getuid()
+        return posix.stat(path).st_uid == posix.getuid()
     except OSError:
         return True
 
@@ -136,9 +134,9 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
     owned by one of `owners` and not writable by group or others. A missing
     directory passes: there is nothing to talk to yet.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = leanos.dirname(leanos.abspath(path))
     try:
-        st = os.lstat(directory)
+        st = posix.lstat(directory)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -154,8 +152,8 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
 
 def peer_uid(sock: Socket) -> tuple[int, int]:
     """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
-    creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
+    creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, calcsize("3i"))
+    pid, uid, _gid = unpack("3i", creds)
     return pid, uid
 
 
@@ -174,7 +172,7 @@ class Connection:
 
     def send(self, req: Req) -> None:
         """Send one request frame: a typed request, or one as it travels."""
-        if isinstance(req, Mapping):
+        if isinstance(req, dict):  # as it travels (tsd.cli_request.wire)
             self.send_wire(req)
             return
         from tsd import protocol
@@ -209,7 +207,7 @@ class Connection:
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if fds:
             # socket.send_fds, spelled out (see the import of _socket above).
-            rights = struct.pack(f"{len(fds)}i", *fds)
+            rights = pack(f"{len(fds)}i", *fds)
             sent = self.sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, rights)])
             data = data[sent:]
         if data:
@@ -273,7 +271,7 @@ def _unread_by_peer(sock: Socket) -> int:
         buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except OSError:
         return 0  # cannot tell: trust the daemon rather than time out a long wait
-    return int(struct.unpack("i", buf)[0])
+    return int(unpack("i", buf)[0])
 
 
 def _check(frame: dict[str, Any]) -> dict[str, Any]:
@@ -303,8 +301,9 @@ def group_advice(member: bool, in_session: bool, group: str = SUBMIT_GROUP) -> s
 
 
 def tsd_group_advice(group: str = SUBMIT_GROUP) -> str:
-    """group_advice() for the calling user, from the group database and os.getgroups()."""
+    """group_advice() for the calling user, from the group database and posix.getgroups()."""
     import grp
+    import os  # an error's path only (see tsd.leanos)
     import pwd
 
     try:
@@ -395,7 +394,7 @@ class Client:
         # the loser exits and everyone connects to the winner.
         import subprocess  # only on the first call: keep it off every other start
 
-        env = dict(os.environ)
+        env = dict(leanos.environ())
         subprocess.Popen(
             [sys.executable, "-m", "tsd.daemon_entry", "--user", "--socket", self.path],
             stdin=subprocess.DEVNULL,

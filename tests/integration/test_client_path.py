@@ -3,7 +3,7 @@
 Every `ts` call pays for what it imports: the quick paths (queue a job, list,
 -i, -s, -w, -c, -S) run on the standard library's light modules and tsd's own
 light ones, never dataclasses, typing, enum, re, json's package, socket.py,
-contextlib, collections, functools, zlib or the typed protocol and job model.
+contextlib, collections, functools, zlib, os or the typed protocol and job model.
 A behaviour test (timing stays in bench/): it runs the real client code
 against a real daemon and looks at sys.modules.
 """
@@ -36,6 +36,8 @@ HEAVY = {
     "tsd.protocol", "tsd.model", "tsd.codec", "tsd.wirefields", "tsd.jobcontrols",
     # Lighter, but still a few ms of a `ts` call that needs none of them.
     "contextlib", "collections", "functools", "zlib",
+    # os builds _collections_abc's classes: 0.9 ms of each call (tsd.leanos instead).
+    "os", "_collections_abc", "struct",
 }  # fmt: skip
 
 

@@ -1,0 +1,109 @@
+"""The few os and os.path calls `ts` makes, on the posix module underneath them.
+
+`import os` costs every `ts` call about 0.9 ms here (a tenth of a quick call):
+os loads _collections_abc, whose two dozen abstract classes are built at import.
+The client needs only the environment, a few path tests and joins, so it asks
+posix (built into the interpreter) directly through this module. Everything
+else in tsd uses os as usual.
+"""
+
+from __future__ import annotations
+
+import posix
+import sys
+
+# stat is frozen into the interpreter and loads only _stat: no cost worth avoiding.
+from stat import S_ISDIR
+
+_environ: dict[str, str] | None = None
+
+
+def environ() -> dict[str, str]:
+    """The process environment as os.environ has it (str, decoded as os decodes it).
+
+    Once os is loaded (a test, the daemon), its environ is the live one, changed
+    by putenv calls that posix's copy at start does not see: that one is used.
+    """
+    global _environ
+    os_module = sys.modules.get("os")
+    if os_module is not None:
+        return os_module.environ  # type: ignore[no-any-return]
+    if _environ is None:
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+        _environ = {
+            key.decode(encoding, errors): value.decode(encoding, errors)
+            for key, value in posix.environ.items()
+        }
+    return _environ
+
+
+def join(first: str, *rest: str) -> str:
+    """os.path.join for str paths: a part that starts with / starts over."""
+    path = first
+    for part in rest:
+        if part.startswith("/") or not path:
+            path = part
+        elif path.endswith("/"):
+            path += part
+        else:
+            path += "/" + part
+    return path
+
+
+def dirname(path: str) -> str:
+    """os.path.dirname: everything before the last /, trailing slashes dropped
+    unless that is all there is."""
+    head = path[: path.rfind("/") + 1]
+    if head and head != "/" * len(head):
+        head = head.rstrip("/")
+    return head
+
+
+def normpath(path: str) -> str:
+    """os.path.normpath: no empty or . parts, each .. takes the part before it away."""
+    if not path:
+        return "."
+    # POSIX leaves a path that starts with exactly two slashes to the implementation.
+    lead = 2 if path.startswith("//") and not path.startswith("///") else int(path[0] == "/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part != ".." or (not lead and not parts) or (parts and parts[-1] == ".."):
+            parts.append(part)
+        elif parts:
+            parts.pop()
+    return "/" * lead + "/".join(parts) or "."
+
+
+def abspath(path: str) -> str:
+    """os.path.abspath: normalized, relative to the working directory."""
+    if not path.startswith("/"):
+        path = join(posix.getcwd(), path)
+    return normpath(path)
+
+
+def exists(path: str) -> bool:
+    """os.path.exists: stat (following links) succeeds."""
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def lexists(path: str) -> bool:
+    """os.path.lexists: there is an entry, even a dangling link."""
+    try:
+        posix.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def isdir(path: str) -> bool:
+    """os.path.isdir: stat (following links) says directory."""
+    try:
+        return S_ISDIR(posix.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
