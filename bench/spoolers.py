@@ -161,10 +161,14 @@ def clear_finished(s: Spooler, tries: int = 20) -> None:
     print(f"bench: {s.name} -C kept failing: {r.stderr.strip()}", file=sys.stderr)
 
 
+# How long end_to_wait_ms's job sleeps: the machine is nearly idle meanwhile.
+END_JOB_SLEEP = 0.3
+
+
 def end_to_wait_ms(s: Spooler) -> float:
     """ms from a job's last instruction to the return of a `-w` already waiting on it."""
     stamp = s.tmp / f"end-{time.monotonic_ns()}"
-    job = s.queue("sh", "-c", f"sleep 0.3; date +%s.%N > {stamp}")
+    job = s.queue("sh", "-c", f"sleep {END_JOB_SLEEP}; date +%s.%N > {stamp}")
     s.run("-w", str(job), check=False)
     returned = time.time()
     return (returned - float(stamp.read_text())) * 1000
