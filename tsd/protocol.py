@@ -305,6 +305,30 @@ def spec_to_wire(spec: JobSpec, include_env: bool = True) -> dict[str, Any]:
 # ------------------------------------------------------------- validation
 
 
+def _env_pairs(raw: Any) -> list[tuple[str, str]]:
+    """spec.env's [name, value] pairs, checked as a whole rather than pair by pair.
+
+    Every submit carries the caller's whole environment (dozens of variables): a
+    check per string made a quarter of parse_spec's time (9 of 36 us for 35
+    variables here). One string of all the text answers check_text's questions
+    (NUL, encodable as UTF-8) for every part at once.
+    """
+    bad = "bad request: spec.env: expected a list of [name, value] pairs"
+    if not isinstance(raw, list) or len(raw) > MAX_ENV:
+        raise BadRequest(bad)
+    if not all(isinstance(pair, list) and len(pair) == 2 for pair in raw):
+        raise BadRequest(bad)
+    names = [pair[0] for pair in raw]
+    values = [pair[1] for pair in raw]
+    if not (all(isinstance(n, str) and n and "=" not in n for n in names)
+            and all(isinstance(v, str) for v in values)):  # fmt: skip
+        raise BadRequest(bad)
+    # MAX_FRAME: nothing longer arrives in a frame, as for each of the strings before.
+    _check_text("".join(names) + "".join(values), MAX_FRAME,
+                lambda what: BadRequest(f"bad request: spec.env: {what}"))  # fmt: skip
+    return list(zip(names, values, strict=True))
+
+
 def parse_spec(obj: Any) -> JobSpec:
     """Validate a job spec from the wire. Nothing from it is trusted beyond its shape."""
     if not isinstance(obj, dict):
@@ -325,22 +349,7 @@ def parse_spec(obj: Any) -> JobSpec:
     cwd = f.text("cwd", 4096)
     if cwd is None or not cwd.startswith("/"):
         raise BadRequest("bad request: spec.cwd: expected an absolute path")
-    env_raw = obj.get("env", [])
-    if not isinstance(env_raw, list) or len(env_raw) > MAX_ENV:
-        raise BadRequest("bad request: spec.env: expected a list of [name, value] pairs")
-    env: list[tuple[str, str]] = []
-    for pair in env_raw:
-        if not (
-            isinstance(pair, list)
-            and len(pair) == 2
-            and all(isinstance(p, str) for p in pair)
-            and pair[0]
-            and "=" not in pair[0]
-        ):
-            raise BadRequest("bad request: spec.env: expected a list of [name, value] pairs")
-        for p in pair:
-            _check_text(p, MAX_FRAME, lambda what: BadRequest(f"bad request: spec.env: {what}"))
-        env.append((pair[0], pair[1]))
+    env = _env_pairs(obj.get("env", []))
     gpu_indices = f.int_list("gpu_indices", 0, MAX_GPUS - 1, MAX_GPUS)
     if gpu_indices is not None:
         if not gpu_indices:

@@ -146,6 +146,33 @@ def test_bad_specs_name_what_is_wrong(spec: dict[str, Any], message: str) -> Non
         protocol.parse_spec(spec)
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ("A=1", "pairs"),
+        (["AB"], "pairs"),  # a string of two characters is no pair
+        ([["A", "1", "2"]], "pairs"),
+        ([["A", 1]], "pairs"),
+        ([[None, "1"]], "pairs"),
+        ([["", "1"]], "pairs"),
+        ([["GOOD", "1"], ["A=B", "1"]], "pairs"),
+        ([["GOOD", "1"], ["BAD", "a\x00b"]], "NUL"),
+        ([["BAD\x00", "1"]], "NUL"),
+        ([["GOOD", "1"], ["BAD", "\ud800"]], "UTF-8"),
+        ([["A", "\ud83d"], ["B", "\ude00"]], "UTF-8"),  # halves of a pair, apart
+    ],
+)
+def test_a_bad_environment_anywhere_in_it_is_refused(env: Any, message: str) -> None:
+    with pytest.raises(BadRequest, match=f"spec.env: .*{message}"):
+        protocol.parse_spec({"command": ["a"], "cwd": "/", "env": env})
+
+
+def test_the_environment_keeps_its_order_and_repeats() -> None:
+    env = [["B", "2"], ["A", "1"], ["B", "3"], ["C", ""]]
+    spec = protocol.parse_spec({"command": ["a"], "cwd": "/", "env": env})
+    assert spec.env == (("B", "2"), ("A", "1"), ("B", "3"), ("C", ""))
+
+
 @given(specs)
 def test_specs_round_trip_through_the_wire(spec: JobSpec) -> None:
     wire = json.loads(json.dumps(protocol.spec_to_wire(spec)))
