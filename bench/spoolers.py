@@ -183,6 +183,15 @@ def submit_to_start_ms(s: Spooler) -> float:
     return (float(stamp.read_text()) - t0) * 1000
 
 
+def fdatasync_ms(fd: int, size: int = 20480) -> float:
+    """ms of one fdatasync after appending `size` bytes to `fd` (a job's end appends
+    about 20 KB to tsd's WAL: five pages and their frame headers)."""
+    os.write(fd, b"\0" * size)
+    t0 = time.perf_counter()
+    os.fdatasync(fd)
+    return (time.perf_counter() - t0) * 1000
+
+
 def wall_ms(argv: list[str], env: dict[str, str]) -> float:
     """Wall ms of one run of a command (output discarded)."""
     t0 = time.perf_counter()
