@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterable
 
 from tsd.errors import NotOwner, PermissionDenied
-from tsd.model import HIDDEN, ExitInfo, Job, JobSpec, Peer
+from tsd.model import HIDDEN, PLAIN, ExitInfo, Job, JobSpec, Peer, SpecOptions
 from tsd.paths import SUBMIT_GROUP
 
 _UCRED = struct.Struct("3i")
@@ -103,6 +103,23 @@ def check_admin(peer: Peer, what: str) -> None:
         raise PermissionDenied(f"{what} is for admins (root or admins: in the config)")
 
 
+def _visible_options(o: SpecOptions) -> SpecOptions:
+    """What another user may see of a job's options (the shared PLAIN as it is)."""
+    if o is PLAIN:
+        return PLAIN
+    return SpecOptions(
+        gpu_indices=o.gpu_indices,
+        depend_mode=o.depend_mode,
+        store_output=o.store_output,
+        begin=o.begin,
+        priority=o.priority,
+        retry=o.retry,
+        array_job=o.array_job,
+        array_task=o.array_task,
+        array_throttle=o.array_throttle,
+    )
+
+
 def visible_to(peer: Peer, job: Job) -> Job:
     """The job as `peer` may see it: whole for its owner and admins; for anyone else
     only what `ts -A -l` shows (id, user, state, slots, GPUs, times, exit code,
@@ -126,16 +143,8 @@ def visible_to(peer: Peer, job: Job) -> Job:
             label=s.label,
             slots=s.slots,
             gpus=s.gpus,
-            gpu_indices=s.gpu_indices,
             depends=s.depends,
-            depend_mode=s.depend_mode,
-            store_output=s.store_output,
-            begin=s.begin,
-            priority=s.priority,
-            retry=s.retry,
-            array_job=s.array_job,
-            array_task=s.array_task,
-            array_throttle=s.array_throttle,
+            options=_visible_options(s.options),
         ),
         state=job.state,
         order=job.order,

@@ -180,7 +180,8 @@ async def submit(
     # Checked already by the protocol (tsd.jobcontrols.check_submit).
     array = None if req.array is None else jobcontrols.parse_array(req.array)
     count = 1 if array is None else len(array[0])
-    spec = replace(req.spec, array_job=None, array_task=None, array_throttle=None)
+    spec = replace(req.spec, options=replace(
+        req.spec.options, array_job=None, array_task=None, array_throttle=None))
     depends = list(spec.depends)
     last = p.table.last_added.get(peer.uid)
     if req.depend_last and last:
@@ -248,7 +249,10 @@ async def submit(
         log.info("submit of %s not queued: the client hung up first", peer.user)
         raise ClientGone("the client hung up before its job was queued: nothing queued")
     if array is not None:
-        specs = [replace(spec, array_task=i, array_throttle=array[1]) for i in array[0]]
+        specs = [
+            replace(spec, options=replace(spec.options, array_task=i, array_throttle=array[1]))
+            for i in array[0]
+        ]
         jobs = p.table.add_many(peer.uid, peer.user, specs, held=req.hold, array=True)
         queued = _log_queued(p, f"jobs {jobs[0].id}-{jobs[-1].id} (array)", peer, spec)
         await _stored(p)

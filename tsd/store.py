@@ -214,7 +214,8 @@ class Store(GroupCommit):
         with self._tx():
             for spec, order in specs:
                 if array:
-                    spec = replace(spec, array_job=jobs[0].id if jobs else None)
+                    spec = replace(spec, options=replace(
+                        spec.options, array_job=jobs[0].id if jobs else None))
                 cur = self.db.execute(
                     "INSERT INTO jobs (uid, user, spec, state, ord, enqueue)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -227,7 +228,7 @@ class Store(GroupCommit):
                     (cur.lastrowid, json.dumps(spec.env)),
                 )
                 if array and not jobs:  # the first element names the array: itself
-                    spec = replace(spec, array_job=cur.lastrowid)
+                    spec = replace(spec, options=replace(spec.options, array_job=cur.lastrowid))
                     self.db.execute(
                         "UPDATE jobs SET spec=? WHERE id=?",
                         (json.dumps(spec_to_dict(spec, include_env=False)), cur.lastrowid),

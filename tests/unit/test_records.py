@@ -173,3 +173,58 @@ def test_each_job_gets_its_own_environment_when_neighbours_share_or_differ(
            for i, env in enumerate((shell, shell, other, shell))]  # fmt: skip
     assert [store.env_of(i) for i in (*ids, ids[2])] == [shell, shell, other, shell, other]
     store.close()
+
+
+# A value other than the default for each of a spec's options.
+OPTION_VALUES = {
+    "gpu_indices": (0, 2), "depend_mode": DependMode.SUCCESS, "store_output": False,
+    "gzip": True, "stderr_apart": True, "output_name": "out", "mail": True,
+    "timeout": 2.5, "env_info": "info", "forget": True, "begin": 5.0, "priority": -3,
+    "retry": 2, "array_job": 7, "array_task": 1, "array_throttle": 4, "gpu_mem": 512,
+}  # fmt: skip
+
+
+def test_each_option_given_to_a_spec_reads_back_and_leaves_the_others_at_their_defaults() -> None:
+    assert set(OPTION_VALUES) == set(model.OPTION_NAMES)
+    plain = JobSpec(command=("a",), cwd="/", env=())
+    for name, value in OPTION_VALUES.items():
+        spec = JobSpec(command=("a",), cwd="/", env=(), **{name: value})  # type: ignore[arg-type]
+        for other in model.OPTION_NAMES:
+            expected = value if other == name else getattr(plain, other)
+            assert getattr(spec, other) == expected, (name, other)
+        assert spec != plain and replace(spec, **{name: getattr(plain, name)}) == plain
+
+
+def test_specs_without_options_share_one_options_record_however_they_were_built() -> None:
+    built = [
+        JobSpec(command=("a",), cwd="/", env=()),
+        JobSpec(command=("b",), cwd="/", env=(), timeout=None, gzip=False),
+        replace(JobSpec(command=("c",), cwd="/", env=(), gzip=True), gzip=False),
+        JobSpec(command=("d",), cwd="/", env=(), options=model.SpecOptions()),
+        codec.spec_from_dict(codec.spec_to_dict(JobSpec(command=("e",), cwd="/", env=()))),
+    ]
+    assert all(s.options is model.PLAIN for s in built)
+
+
+def test_an_option_given_beside_options_overrides_it_and_can_clear_it() -> None:
+    spec = JobSpec(command=("a",), cwd="/", env=(), array_job=3, array_task=1, timeout=9.0)
+    cleared = replace(spec, array_job=None, array_task=None)
+    assert (cleared.array_job, cleared.array_task, cleared.timeout) == (None, None, 9.0)
+    again = JobSpec(command=("a",), cwd="/", env=(), options=spec.options, retry=1)
+    assert (again.array_job, again.timeout, again.retry) == (3, 9.0, 1)
+    same = JobSpec(command=("a",), cwd="/", env=(), options=model.SpecOptions(
+        array_job=3, array_task=1, timeout=9.0))  # fmt: skip
+    assert same == spec and hash(same) == hash(spec)
+
+
+def test_loaded_jobs_submitted_alike_share_their_options(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", durable=False)
+    for i in range(5):
+        store.add_job(1000, "alice", JobSpec(command=("echo", str(i)), cwd="/tmp", env=(),
+                                             timeout=60.0, gzip=True), i, 1.0)  # fmt: skip
+    store.add_job(1000, "alice", JobSpec(command=("echo",), cwd="/tmp", env=()), 9, 1.0)
+    loaded = store.load_all()
+    store.close()
+    assert len({id(j.spec.options) for j in loaded[:5]}) == 1
+    assert loaded[0].spec.timeout == 60.0 and loaded[0].spec.gzip
+    assert loaded[5].spec.options is model.PLAIN

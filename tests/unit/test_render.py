@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from tsd import render
-from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+from tsd.model import OPTION_NAMES, DependMode, ExitInfo, Job, JobSpec, JobState
 
 T0 = 1_700_000_000.0
 HEADER = "ID   State      Output               E-Level  Time   GPUs  Command [run=1/4]"
@@ -22,7 +22,9 @@ def make_job(
     **kw: object,
 ) -> Job:
     """A job record as the daemon would report it, with sensible times for its state."""
-    spec_kw = {k: kw.pop(k) for k in list(kw) if k in JobSpec.__dataclass_fields__}
+    spec_kw = {
+        k: kw.pop(k) for k in list(kw) if k in JobSpec.__dataclass_fields__ or k in OPTION_NAMES
+    }
     spec = JobSpec(command=command, cwd="/home/alice", env=(), **spec_kw)  # type: ignore[arg-type]
     base: dict[str, object] = {"enqueue_time": T0}
     if state in (JobState.RUNNING, JobState.FINISHED):
