@@ -15,6 +15,10 @@ import sys
 # stat is frozen into the interpreter and loads only _stat: no cost worth avoiding.
 from stat import S_ISDIR
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 _environ: dict[str, str] | None = None
 
 
@@ -85,18 +89,18 @@ def abspath(path: str) -> str:
 
 def exists(path: str) -> bool:
     """os.path.exists: stat (following links) succeeds."""
-    try:
-        posix.stat(path)
-    except (OSError, ValueError):
-        return False
-    return True
+    return _succeeds(posix.stat, path)
 
 
 def lexists(path: str) -> bool:
     """os.path.lexists: there is an entry, even a dangling link."""
+    return _succeeds(posix.lstat, path)
+
+
+def _succeeds(call: Callable[[str], object], path: str) -> bool:
     try:
-        posix.lstat(path)
-    except (OSError, ValueError):
+        call(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the path, as genericpath says
         return False
     return True
 
