@@ -301,7 +301,7 @@ def group_advice(member: bool, in_session: bool, group: str = SUBMIT_GROUP) -> s
 
 
 def tsd_group_advice(group: str = SUBMIT_GROUP) -> str:
-    """group_advice() for the calling user, from the group database and posix.getgroups()."""
+    """group_advice() for the calling user, from the group database and os.getgroups()."""
     import grp
     import os  # an error's path only (see tsd.leanos)
     import pwd
