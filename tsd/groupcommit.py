@@ -61,6 +61,7 @@ _Callbacks = tuple[Callable[[], None], Callable[[StorageFull], None] | None]
 
 SQLITE_FULL = 13  # SQLite's primary result code for a full disk (sqlite3.h)
 LAZY_COMMIT = 0.1  # seconds a group nobody waits for stays open, at most
+LAZY_SYNC = 0.01  # seconds a commit only the daemon itself waits on stays unsynced, at most
 
 
 def primary(exc: sqlite3.Error) -> int:
@@ -175,6 +176,9 @@ class GroupCommit:
     _syncer: _Syncer | AioSyncer | None = None
     _syncing = False  # an fdatasync is under way
     _dirty = False  # committed since the fdatasync under way (if any) began
+    _prompt = False  # the open group has an after_commit that is not lazy
+    _prompt_unsynced = False  # ...and so has what was committed since the last fdatasync
+    _lazy_sync: asyncio.TimerHandle | None = None  # the fdatasync of lazy commits, due
 
     def _init_group(self) -> None:
         self._undo: list[Callable[[], None]] = []
@@ -325,15 +329,27 @@ class GroupCommit:
         return self.db.in_transaction or self._syncing or self._dirty
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None:
         """Run `ok` once the writes made so far are durable (now when they are), or
-        `failed` if their group is rolled back instead."""
+        `failed` if their group is rolled back instead.
+
+        `lazy`: nobody outside the daemon waits for `ok` (nobody is told anything by
+        it), so it need not hurry the commit or its fdatasync: the group is committed
+        when something else urges it (within LAZY_COMMIT), and synced with the next
+        fdatasync somebody waits for (within LAZY_SYNC of the COMMIT).
+        """
         if self.db.in_transaction:
             self._after.append((ok, failed))
-            self._urge()
+            if not lazy:
+                self._prompt = True
+                self._urge()
         elif self._dirty:
             self._unsynced.append((ok, failed))
+            if not lazy:
+                self._prompt_unsynced = True
+                self._sync()
         elif self._syncing:
             self._in_flight.append((ok, failed))
         else:
@@ -389,16 +405,36 @@ class GroupCommit:
             return
         self._unsynced += after
         self._dirty = True
+        self._prompt_unsynced |= self._prompt
+        self._prompt = False
         self._run([ok for ok, _ in written], inline)
-        self._sync()  # after them: see the module docstring
+        # After them (see the module docstring); with nobody waiting, later.
+        if self._prompt_unsynced:
+            self._sync()
+        else:
+            self._arm_lazy_sync()
+
+    def _arm_lazy_sync(self) -> None:
+        """Sync what was committed within LAZY_SYNC, unless somebody asks first."""
+        if self._syncing or self._lazy_sync is not None:
+            return  # _synced looks again; or it is due already
+        assert self._loop is not None
+        self._lazy_sync = self._loop.call_later(LAZY_SYNC, self._lazy_sync_due)
+
+    def _lazy_sync_due(self) -> None:
+        self._lazy_sync = None
+        self._sync()
 
     def _sync(self) -> None:
         """Start an fdatasync of the WAL for what was committed, unless one is under way."""
         if self._syncing or not self._dirty:
             return
         assert self._syncer is not None
+        if self._lazy_sync is not None:
+            self._lazy_sync.cancel()
+            self._lazy_sync = None
         self._in_flight, self._unsynced = self._unsynced, []
-        self._syncing, self._dirty = True, False
+        self._syncing, self._dirty, self._prompt_unsynced = True, False, False
         self._syncer.ask()
 
     def _synced(self, exc: BaseException | None) -> None:
@@ -412,7 +448,10 @@ class GroupCommit:
             log.error("cannot fsync %s-wal: %s", self.path, exc)
             err = StorageFull(f"the server cannot save its state: {exc}", str(self.path.parent))
             self._run([functools.partial(f, err) for _, f in done if f is not None], True)
-        self._sync()
+        if self._prompt_unsynced:
+            self._sync()
+        elif self._dirty:
+            self._arm_lazy_sync()
 
     def close_group(self) -> None:
         """Commit and fsync whatever is open (the daemon stops), inline."""
@@ -420,17 +459,21 @@ class GroupCommit:
         if self._lazy is not None:  # its group is committed; it must not fire on a closed db
             self._lazy.cancel()
             self._lazy = None
+        if self._lazy_sync is not None:
+            self._lazy_sync.cancel()
+            self._lazy_sync = None
         if self._syncer is not None:
             self._syncer.stop()
             os.fdatasync(self._wal)
             os.close(self._wal)
             self._syncer, self._wal = None, -1
             done, self._in_flight, self._unsynced = self._in_flight + self._unsynced, [], []
-            self._syncing = self._dirty = False
+            self._syncing = self._dirty = self._prompt_unsynced = False
             self._run([ok for ok, _ in done], inline=True)
 
     def _group_failed(self, exc: StorageFull, inline: bool) -> None:
         undo, after, self._undo, self._after = self._undo, self._after, [], []
+        self._prompt = False
         after, self._written = self._written + after, []
         for fn in reversed(undo):  # memory back to what the disk holds, newest first
             fn()

@@ -374,9 +374,11 @@ class JobTable(QueueOrder, Rollbacks):
             self.events.started(job_id)
 
     def finish(
-        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None,
+        lazy: bool = False,
     ) -> Job | None:
-        """A running job ended this way; None when it was not running."""
+        """A running job ended this way; None when it was not running. `lazy`: no client
+        waits for the end (tsd.groupcommit's lazy after_commit)."""
         ran = self.running.get(job_id)
         if ran is None:
             return None
@@ -390,7 +392,7 @@ class JobTable(QueueOrder, Rollbacks):
             self.jobs[job_id] = job
             self.store.on_rollback(lambda: self._unfinish(ran))
             self._account_done(job)
-        self.store.after_commit(lambda: self.events.ended(job_id, job))
+        self.store.after_commit(lambda: self.events.ended(job_id, job), lazy=lazy)
         return job
 
     # ------------------------------------------------------------ forgetting

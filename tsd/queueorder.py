@@ -52,7 +52,8 @@ class JobStore(Protocol):
     def pending(self) -> bool: ...
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None: ...
 
     def after_write(

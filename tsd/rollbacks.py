@@ -48,11 +48,13 @@ class Rollbacks:
         raise NotImplementedError
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None:
         """Run `ok` once every change made so far is on disk (now, when it is), or
-        `failed` if the group holding them is rolled back (their undos ran first)."""
-        self.store.after_commit(ok, failed)
+        `failed` if the group holding them is rolled back (their undos ran first).
+        `lazy`: nobody outside waits for it (tsd.groupcommit)."""
+        self.store.after_commit(ok, failed, lazy)
 
     def after_write(
         self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None

@@ -36,11 +36,13 @@ class EndTable(Protocol):
     def move_front(self, job: Job) -> Job: ...
 
     def finish(
-        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None,
+        lazy: bool = False,
     ) -> Job | None: ...
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None: ...
 
     def after_write(
@@ -100,6 +102,7 @@ class EndRecorder:
             return
         report = self._early.get(job_id) or exitreport.read(self.settings.exits_dir, job_id)
         job, killed = self.table.running[job_id], job_id in self._killed
+        waited = self._waited(job_id)
         why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
         retry = bool(report and not report.aborted and not why and should_retry(
             job, report.exit, killed))
@@ -113,17 +116,18 @@ class EndRecorder:
                 self.table.requeue(job_id, failed=report.exit)
             elif report is None:
                 note = "its supervisor vanished (killed, or host reboot)"
-                ended = self.table.finish(job_id, ExitInfo(lost=True, note=note), None, None)
+                ended = self.table.finish(
+                    job_id, ExitInfo(lost=True, note=note), None, None, lazy=not waited)
             else:
                 ex = report.exit if why is None else _noted(report.exit, why.note)
-                ended = self.table.finish(job_id, ex, report.end, report.output)
+                ended = self.table.finish(job_id, ex, report.end, report.output, lazy=not waited)
         except StorageFull as exc:
             self._not_recorded(job_id, first_try, exc)
             return
         # Nobody waits for this end: act on it now, so that the next launch joins the
         # same commit (one fsync for both; its go still waits for the commit). A waiter
         # hears first, and the next launch follows (see _recorded).
-        early = ended is not None and not self._waited(job_id)
+        early = ended is not None and not waited
         # The ACK is queued before the go of a next job launched here, which may go to
         # this same supervisor (tsd.supervisorpool): it then reads them in the order it
         # acts on them (it keeps a go that comes first all the same).
@@ -135,6 +139,7 @@ class EndRecorder:
                 self._recorded, job_id, _queued_again(report, why, retry), ended, early
             ),
             functools.partial(self._not_recorded, job_id, first_try),
+            lazy=early,  # only the log line and the report file wait on it then
         )
 
     def _not_recorded(self, job_id: int, first_try: bool, exc: StorageFull) -> None:

@@ -117,7 +117,8 @@ class JobTableView(Protocol):
     def unlaunch(self, job_id: int) -> Job | None: ...
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None: ...
 
     def after_write(
@@ -130,7 +131,8 @@ class JobTableView(Protocol):
     ) -> None: ...
 
     def finish(
-        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None,
+        lazy: bool = False,
     ) -> Job | None: ...
 
     def end_pending(

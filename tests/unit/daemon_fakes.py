@@ -74,11 +74,15 @@ class FakeStore:
         return contextlib.nullcontext()
 
     def after_commit(
-        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None,
+        lazy: bool = False,
     ) -> None:
         ok()
 
-    after_write = after_commit
+    def after_write(
+        self, ok: Callable[[], None], failed: Callable[[StorageFull], None] | None = None
+    ) -> None:
+        ok()
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         pass
