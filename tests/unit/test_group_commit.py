@@ -619,3 +619,137 @@ def test_a_groups_after_write_callbacks_run_before_its_fdatasync_is_started(
         assert order == ["go", "fdatasync", "told"]
 
     run(body)
+
+
+def count_fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that grows by one each time the group commit starts an fdatasync (Linux
+    AIO's, or the thread's where AIO cannot be used)."""
+    asked: list[str] = []
+    for kind in (groupcommit.AioSyncer, groupcommit._Syncer):
+        def ask(self: Any, real: Callable[[Any], None] = kind.ask) -> None:
+            asked.append("fdatasync")
+            real(self)
+
+        monkeypatch.setattr(kind, "ask", ask)
+    return asked
+
+
+def test_a_commit_only_the_daemon_waits_on_is_fdatasynced_within_the_lazy_sync_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's end nobody waits for: its ACK (and the next go) at the COMMIT, as always;
+    the daemon's own after-the-fsync work (the log line) within LAZY_SYNC, with no
+    fdatasync of its own before."""
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.05)
+    asked = count_fdatasyncs(monkeypatch)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        order: list[str] = []
+        job = table.add(1000, "alice", spec())
+        table.after_write(lambda: order.append("go"))
+        table.after_commit(lambda: order.append("logged"), lazy=True)
+        await asyncio.sleep(0.01)
+        assert on_disk(tmp_path) == {job.id: "queued"}  # committed at once (the go)...
+        assert order == ["go"] and asked == [] and store.pending  # ...not synced yet
+        await asyncio.sleep(0.1)
+        assert order == ["go", "logged"] and asked == ["fdatasync"]
+        assert not store.pending
+
+    run(body)
+
+
+def test_somebody_waiting_syncs_the_lazy_commits_before_them_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply (or a -w waiter) after lazy commits: one fdatasync, started at once, covers
+    them all, and no second one follows when the lazy delay is over."""
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.2)
+    asked = count_fdatasyncs(monkeypatch)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        order: list[str] = []
+        for name in ("a", "b"):  # two groups, committed one after the other
+            table.add(1000, "alice", spec(name))
+            table.after_write(lambda: None)
+            table.after_commit(lambda name=name: order.append(name), lazy=True)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        assert not store.db.in_transaction and asked == [] and order == []
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await table.durable()
+        assert loop.time() - t0 < 0.15  # not the lazy delay
+        assert order == ["a", "b"] and asked == ["fdatasync"]
+        await asyncio.sleep(0.3)
+        assert asked == ["fdatasync"]
+
+    run(body)
+
+
+def test_a_lazy_waiter_alone_neither_hurries_the_commit_nor_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groupcommit, "LAZY_COMMIT", 0.05)
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.05)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        heard: list[dict[int, str]] = []
+        job = table.add(1000, "alice", spec())
+        table.after_commit(lambda: heard.append(on_disk(tmp_path)), lazy=True)
+        await asyncio.sleep(0.01)
+        assert on_disk(tmp_path) == {} and heard == []  # still open: nobody urged it
+        await asyncio.sleep(0.25)
+        assert heard == [{job.id: "queued"}] and not store.pending
+
+    run(body)
+
+
+@pytest.mark.parametrize("waited", [False, True])
+def test_a_jobs_end_is_fdatasynced_at_once_only_when_a_client_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waited: bool
+) -> None:
+    """The ACK comes at the COMMIT either way; the end's fdatasync starts at once for a
+    client waiting on the end (ts -w), else within LAZY_SYNC."""
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.3)
+    asked = count_fdatasyncs(monkeypatch)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        launcher = FakeLauncher()
+        launcher.acks = True
+        (tmp_path / "exits").mkdir()
+        runner = Runner(
+            asyncio.get_running_loop(), None, RunnerSettings(False, tmp_path / "exits"),
+            lambda: Config(), table, store, FakeGpuSource(), lambda: FakeScopes(),
+            ended=lambda job: None, requeued=lambda: None, launcher=launcher,
+            procs=FakeProcs(), waited=lambda job_id: waited,
+        )
+        job = table.add(1000, "alice", spec())
+        runner.start(job, ())
+        await table.durable()
+        asked.clear()
+        report = ExitReport(ExitInfo(code=0), end=9.0, output=None)
+        launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
+        os.set_blocking(launcher.ack_r[job.id], False)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            with contextlib.suppress(BlockingIOError):
+                assert os.read(launcher.ack_r[job.id], 8) == launch.ACK
+                break
+        else:
+            raise AssertionError("no ACK at the commit")
+        await asyncio.sleep(0.05)
+        assert on_disk(tmp_path)[job.id] == "finished"
+        assert asked == (["fdatasync"] if waited else [])
+        await asyncio.sleep(0.4)
+        assert asked == ["fdatasync"] and not store.pending
+        launcher.close_all()
+
+    run(body)
