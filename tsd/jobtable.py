@@ -374,11 +374,9 @@ class JobTable(QueueOrder, Rollbacks):
             self.events.started(job_id)
 
     def finish(
-        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None,
-        lazy: bool = False,
+        self, job_id: int, exit: ExitInfo, end: float | None, output: str | None, lazy: bool = False
     ) -> Job | None:
-        """A running job ended this way; None when it was not running. `lazy`: no client
-        waits for the end (tsd.groupcommit's lazy after_commit)."""
+        """A running job ended thus; None when it was not running. lazy: nobody waits."""
         ran = self.running.get(job_id)
         if ran is None:
             return None
