@@ -55,6 +55,7 @@ class Member:
     taken: bool = True  # chosen for a job not told GO or DROP yet (a new one is, at once)
     idle_since: float = 0.0  # monotonic time its last IDLE was heard
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
+    held: bytes = b""  # that answer, kept to go out with its next job's GO or DROP
 
     @property
     def free(self) -> bool:
@@ -156,7 +157,7 @@ class SupervisorPool:
             try:
                 if member.link.fileno() < 0:
                     raise OSError("the supervisor was let go")
-                member.link.send(launch.GO, socket.MSG_NOSIGNAL)
+                member.link.send(member.held + launch.GO, socket.MSG_NOSIGNAL)
             except OSError:
                 # It died since it was sent the plan, or was let go (the daemon stops):
                 # the job never ran. Say so on its report pipe and in its report file,
@@ -168,13 +169,15 @@ class SupervisorPool:
                 with contextlib.suppress(OSError):
                     exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
             finally:
+                member.held = b""
                 os.close(rep_w)
 
         def abort() -> None:
             os.close(rep_w)
             member.taken = False
+            word, member.held = member.held + spawner.DROP, b""
             with contextlib.suppress(OSError):  # gone: nothing ran, nothing to drop
-                member.link.send(spawner.DROP, socket.MSG_NOSIGNAL)
+                member.link.send(word, socket.MSG_NOSIGNAL)
 
         def ending() -> None:
             member.ending = True
@@ -182,7 +185,13 @@ class SupervisorPool:
         def answer(word: bytes | None) -> bool:
             member.ending = False
             told = True  # None: it waits for nothing, it sent no end to answer
-            if word is not None:
+            if word is not None and member.taken and member.link.fileno() >= 0:
+                # Its next job's plan is sent, and that job's go (or drop) follows this
+                # answer in the same commit: one message, and the supervisor wakes once
+                # for both. (Should the link break first, it is gone or the daemon stops:
+                # then its end of file has it write its report file, as without an ACK.)
+                member.held += word
+            elif word is not None:
                 try:
                     member.link.send(word, socket.MSG_NOSIGNAL)
                 except OSError:

@@ -415,14 +415,32 @@ def test_a_supervisor_whose_end_came_takes_the_next_job_which_runs_after_the_ack
     time.sleep(0.2)
     assert not mark.exists()  # the plan waits behind the answer, and then for its GO
     assert first.answer is not None and first.answer(launch.ACK)
+    # The ACK goes with job 2's GO (both follow one commit), in one message: the
+    # supervisor wakes once for both. Until then it still waits for it.
+    assert select.select([first.report_fd], [], [], 0.2)[0] == []  # job 1's pipe: open
+    assert not mark.exists()
+    second.go()
     assert read_until(first, lambda _: False) == ""  # job 1's pipe: closed after the ACK
     os.close(first.report_fd)
-    time.sleep(0.2)
-    assert not mark.exists()  # ACKed, but job 2 is not stored as running yet
-    second.go()
     assert report_in(until_end(second)).exit.code == 2 and mark.exists()
     assert not any((tmp_path / "exits").iterdir())  # both ACKed: no report file at all
     wait_until(lambda: spawner.pool.idle() == 1)  # it said IDLE for each, and serves on
+
+
+def test_an_answer_kept_for_the_next_jobs_go_goes_with_its_drop_instead(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    # Job 2's start was not stored after all (its launch failed after the plan was
+    # sent): job 1's ACK still reaches the supervisor, and job 2 never runs.
+    first, second, mark = handed_on(tmp_path, spawner)
+    assert first.answer is not None and first.answer(launch.ACK)
+    second.abort()
+    os.close(second.report_fd)
+    assert read_until(first, lambda _: False) == ""  # ACKed: the pipe closes
+    os.close(first.report_fd)
+    assert not any((tmp_path / "exits").iterdir())  # ACKed: no report file
+    wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1 and for the drop
+    assert not mark.exists()
 
 
 def test_the_next_jobs_go_may_come_before_the_answer_to_the_last_end(
