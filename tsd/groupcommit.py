@@ -36,6 +36,16 @@ whose start record dies with the machine is queued again after the reboot (as
 it would be had the machine died a moment before its start), and nobody was
 told it ran. It takes the fsync off the path from one job's end to the next
 one's start.
+
+Nor need a commit that only the daemon itself waits on be fdatasynced at once
+(`after_commit(..., lazy=True)`: the end of a job no client waits for, whose
+after-the-fsync work is a log line): its fdatasync is started with the next one
+somebody waits for (a reply, a -w waiter), or LAZY_SYNC after its COMMIT,
+whichever comes first. Starting one per job's end cost the daemon ~0.1 ms a job
+at 2 slots: the kernel's worker preempts it inside io_submit. Nobody is told
+anything sooner (every answer still waits for its fsync), a crash of the daemon
+still loses nothing, and a crash of the machine can lose only what it could
+lose before, over LAZY_SYNC instead of one fdatasync.
 """
 
 from __future__ import annotations
