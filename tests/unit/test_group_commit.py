@@ -256,9 +256,11 @@ def test_a_write_that_must_be_durable_on_return_commits_the_open_group_first(
 
 
 def _runner(
-    tmp_path: Path, events: Events | Waiters | None = None
+    tmp_path: Path, events: Events | Waiters | None = None,
+    waited: Callable[[int], bool] | None = None,
 ) -> tuple[Store, JobTable, Runner, FakeLauncher, Path]:
-    """A runner on a grouped store with fake launcher, scopes, GPUs and process watch."""
+    """A runner on a grouped store with fake launcher, scopes, GPUs and process watch;
+    `waited` says whether a client waits for a job's end."""
     store = grouped(tmp_path)
     table = JobTable(store, events or Events(), lambda: 1000)
     launcher = FakeLauncher()
@@ -267,9 +269,20 @@ def _runner(
     runner = Runner(
         asyncio.get_running_loop(), None, RunnerSettings(False, exits), lambda: Config(),
         table, store, FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
-        requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
+        requeued=lambda: None, launcher=launcher, procs=FakeProcs(), waited=waited,
     )
     return store, table, runner, launcher, exits
+
+
+async def acked(launcher: FakeLauncher, job_id: int) -> None:
+    """Until the job's supervisor is sent its ACK (within half a second)."""
+    os.set_blocking(launcher.ack_r[job_id], False)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        with contextlib.suppress(BlockingIOError):
+            assert os.read(launcher.ack_r[job_id], 8) == launch.ACK
+            return
+    raise AssertionError("no ACK at the commit")
 
 
 def test_a_supervisor_is_told_to_go_only_once_its_job_is_durably_running(
@@ -366,14 +379,7 @@ def test_a_supervisor_gets_its_ack_at_the_commit_of_its_end_and_waiters_after_th
             if on_disk(tmp_path)[job.id] == "finished":
                 break
         table.after_commit(lambda: heard.append("durable"))
-        os.set_blocking(launcher.ack_r[job.id], False)
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            with contextlib.suppress(BlockingIOError):
-                assert os.read(launcher.ack_r[job.id], 8) == launch.ACK
-                break
-        else:
-            raise AssertionError("no ACK at the commit")
+        await acked(launcher, job.id)
         assert on_disk(tmp_path)[job.id] == "finished" and heard == []  # fsync held
         gate.set()
         await table.durable()
@@ -595,32 +601,6 @@ def test_only_the_writes_after_a_groups_first_take_a_savepoint_and_undo_only_the
     run(body)
 
 
-def test_a_groups_after_write_callbacks_run_before_its_fdatasync_is_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Starting the fdatasync wakes the worker that runs it, which may run first: a
-    # supervisor's go or ACK must not wait behind that.
-    order: list[str] = []
-    # Linux AIO's, or the thread's where AIO cannot be used.
-    for kind in (groupcommit.AioSyncer, groupcommit._Syncer):
-        def ask(self: Any, real: Callable[[Any], None] = kind.ask) -> None:
-            order.append("fdatasync")
-            real(self)
-
-        monkeypatch.setattr(kind, "ask", ask)
-
-    async def body() -> None:
-        store = grouped(tmp_path)
-        table = JobTable(store, Events(), lambda: 1000)
-        table.add(1000, "alice", spec())
-        table.after_write(lambda: order.append("go"))
-        table.after_commit(lambda: order.append("told"))
-        await table.durable()
-        assert order == ["go", "fdatasync", "told"]
-
-    run(body)
-
-
 def count_fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """A list that grows by one each time the group commit starts an fdatasync (Linux
     AIO's, or the thread's where AIO cannot be used)."""
@@ -632,6 +612,25 @@ def count_fdatasyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(kind, "ask", ask)
     return asked
+
+
+def test_a_groups_after_write_callbacks_run_before_its_fdatasync_is_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Starting the fdatasync wakes the worker that runs it, which may run first: a
+    # supervisor's go or ACK must not wait behind that.
+    order = count_fdatasyncs(monkeypatch)
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        table.add(1000, "alice", spec())
+        table.after_write(lambda: order.append("go"))
+        table.after_commit(lambda: order.append("told"))
+        await table.durable()
+        assert order == ["go", "fdatasync", "told"]
+
+    run(body)
 
 
 def test_a_commit_only_the_daemon_waits_on_is_fdatasynced_within_the_lazy_sync_delay(
@@ -720,31 +719,15 @@ def test_a_jobs_end_is_fdatasynced_at_once_only_when_a_client_waits_for_it(
     asked = count_fdatasyncs(monkeypatch)
 
     async def body() -> None:
-        store = grouped(tmp_path)
-        table = JobTable(store, Events(), lambda: 1000)
-        launcher = FakeLauncher()
+        store, table, runner, launcher, _ = _runner(tmp_path, waited=lambda job_id: waited)
         launcher.acks = True
-        (tmp_path / "exits").mkdir()
-        runner = Runner(
-            asyncio.get_running_loop(), None, RunnerSettings(False, tmp_path / "exits"),
-            lambda: Config(), table, store, FakeGpuSource(), lambda: FakeScopes(),
-            ended=lambda job: None, requeued=lambda: None, launcher=launcher,
-            procs=FakeProcs(), waited=lambda job_id: waited,
-        )
         job = table.add(1000, "alice", spec())
         runner.start(job, ())
         await table.durable()
         asked.clear()
         report = ExitReport(ExitInfo(code=0), end=9.0, output=None)
         launcher.say(job.id, f"pid 9\nout -\nend {exitreport.encode(report)}\n")
-        os.set_blocking(launcher.ack_r[job.id], False)
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-            with contextlib.suppress(BlockingIOError):
-                assert os.read(launcher.ack_r[job.id], 8) == launch.ACK
-                break
-        else:
-            raise AssertionError("no ACK at the commit")
+        await acked(launcher, job.id)
         await asyncio.sleep(0.05)
         assert on_disk(tmp_path)[job.id] == "finished"
         assert asked == (["fdatasync"] if waited else [])

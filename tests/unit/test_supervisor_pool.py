@@ -427,47 +427,24 @@ def test_a_supervisor_whose_end_came_takes_the_next_job_which_runs_after_the_ack
     wait_until(lambda: spawner.pool.idle() == 1)  # it said IDLE for each, and serves on
 
 
-def test_an_answer_kept_for_the_next_jobs_go_goes_with_its_drop_instead(
-    tmp_path: Path, spawner: SpawnerLauncher
+@pytest.mark.parametrize("word", [launch.ACK, launch.NAK])
+def test_an_answer_and_a_drop_of_the_next_job_run_nothing_and_leave_a_file_only_unacked(
+    tmp_path: Path, spawner: SpawnerLauncher, word: bytes
 ) -> None:
-    # Job 2's start was not stored after all (its launch failed after the plan was
-    # sent): job 1's ACK still reaches the supervisor, and job 2 never runs.
+    # Job 2's start was not stored after all: its launch failed after the plan was
+    # sent (ACK: job 1's end is stored), or the commit of both was rolled back (NAK).
+    # The answer, kept for job 2's GO, goes with its DROP instead.
     first, second, mark = handed_on(tmp_path, spawner)
-    assert first.answer is not None and first.answer(launch.ACK)
+    assert first.answer is not None and first.answer(word)
     second.abort()
     os.close(second.report_fd)
-    assert read_until(first, lambda _: False) == ""  # ACKed: the pipe closes
-    os.close(first.report_fd)
-    assert not any((tmp_path / "exits").iterdir())  # ACKed: no report file
-    wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1 and for the drop
-    assert not mark.exists()
-
-
-def test_the_next_jobs_go_may_come_before_the_answer_to_the_last_end(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    first, second, mark = handed_on(tmp_path, spawner)
-    second.go()  # both stored in one commit: the order on the link is the daemon's
-    time.sleep(0.2)
-    assert not mark.exists()  # it still waits for its answer before anything else
-    assert first.answer is not None and first.answer(launch.ACK)
-    assert report_in(until_end(second)).exit.code == 2 and mark.exists()
-    os.close(first.report_fd)
-    assert not any((tmp_path / "exits").iterdir())
-
-
-def test_a_nak_and_a_drop_of_the_next_job_leave_the_report_file_and_run_nothing(
-    tmp_path: Path, spawner: SpawnerLauncher
-) -> None:
-    # The commit of both (job 1's end, job 2's start) was rolled back.
-    first, second, mark = handed_on(tmp_path, spawner)
-    assert first.answer is not None and first.answer(launch.NAK)
-    second.abort()
-    os.close(second.report_fd)
-    assert read_until(first, lambda _: False) == ""  # the file first, then the pipe closes
+    assert read_until(first, lambda _: False) == ""  # (the file first,) then the pipe closes
     os.close(first.report_fd)
     report = exitreport.read(tmp_path / "exits", 1)
-    assert report is not None and report.exit.code == 1
+    if word == launch.ACK:
+        assert report is None  # ACKed: no report file
+    else:
+        assert report is not None and report.exit.code == 1
     wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1 and for the drop
     again = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
     assert again.supervisor_pid == first.supervisor_pid
