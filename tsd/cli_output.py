@@ -12,7 +12,7 @@ import errno
 import posix
 import select
 import sys
-from _stat import S_ISREG  # not stat.py, which wraps it (0.1 ms a ts call)
+from _stat import S_ISREG  # not stat: see tsd.leanos
 from io import SEEK_END  # io is loaded at start; os is not (see tsd.leanos)
 
 from tsd.errors import ProtocolError, TsdError, from_wire
