@@ -16,10 +16,10 @@ the link too (Launched.answer), and says IDLE after it. Once its report is in
 (Launched.ending), it is the first choice for the next job: the next plan is
 sent to it ahead of the ACK (each plan starts with NEXT, so that it is told
 from an answer), it keeps that plan until the ACK, and the ACK and the next
-job's GO follow the same commit, which holds both the end and the start. One
-process wakes for the end and the next start, and no other wakes for the plan
-and again for its GO. Otherwise an idle supervisor is taken (a new one when
-none is: the pool grows to a few more than the jobs that run at once).
+job's GO follow the same commit, which holds both the end and the start, in one
+message. One process wakes for the end and the next start, and no other wakes
+for the plan and again for its GO. Otherwise an idle supervisor is taken (a new
+one when none is: the pool grows to a few more than the jobs that run at once).
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
@@ -184,19 +184,20 @@ class SupervisorPool:
 
         def answer(word: bytes | None) -> bool:
             member.ending = False
-            told = True  # None: it waits for nothing, it sent no end to answer
-            if word is not None and member.taken and member.link.fileno() >= 0:
+            if word is None:
+                return True  # it waits for nothing: it sent no end to answer
+            if member.taken and member.link.fileno() >= 0:
                 # Its next job's plan is sent, and that job's go (or drop) follows this
                 # answer in the same commit: one message, and the supervisor wakes once
                 # for both. (Should the link break first, it is gone or the daemon stops:
                 # then its end of file has it write its report file, as without an ACK.)
                 member.held += word
-            elif word is not None:
-                try:
-                    member.link.send(word, socket.MSG_NOSIGNAL)
-                except OSError:
-                    told = False
-            return told
+                return True
+            try:
+                member.link.send(word, socket.MSG_NOSIGNAL)
+            except OSError:
+                return False
+            return True
 
         os.set_blocking(rep_r, False)
         return launch.Launched(
