@@ -639,7 +639,7 @@ def test_a_commit_only_the_daemon_waits_on_is_fdatasynced_within_the_lazy_sync_d
     """A job's end nobody waits for: its ACK (and the next go) at the COMMIT, as always;
     the daemon's own after-the-fsync work (the log line) within LAZY_SYNC, with no
     fdatasync of its own before."""
-    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.05)
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.3)  # well past the first look
     asked = count_fdatasyncs(monkeypatch)
 
     async def body() -> None:
@@ -652,7 +652,7 @@ def test_a_commit_only_the_daemon_waits_on_is_fdatasynced_within_the_lazy_sync_d
         await asyncio.sleep(0.01)
         assert on_disk(tmp_path) == {job.id: "queued"}  # committed at once (the go)...
         assert order == ["go"] and asked == [] and store.pending  # ...not synced yet
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
         assert order == ["go", "logged"] and asked == ["fdatasync"]
         assert not store.pending
 
@@ -664,7 +664,7 @@ def test_somebody_waiting_syncs_the_lazy_commits_before_them_at_once(
 ) -> None:
     """A reply (or a -w waiter) after lazy commits: one fdatasync, started at once, covers
     them all, and no second one follows when the lazy delay is over."""
-    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.2)
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 1.0)
     asked = count_fdatasyncs(monkeypatch)
 
     async def body() -> None:
@@ -681,9 +681,9 @@ def test_somebody_waiting_syncs_the_lazy_commits_before_them_at_once(
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await table.durable()
-        assert loop.time() - t0 < 0.15  # not the lazy delay
+        assert loop.time() - t0 < 0.5  # not the lazy delay
         assert order == ["a", "b"] and asked == ["fdatasync"]
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.2)
         assert asked == ["fdatasync"]
 
     run(body)
@@ -692,8 +692,8 @@ def test_somebody_waiting_syncs_the_lazy_commits_before_them_at_once(
 def test_a_lazy_waiter_alone_neither_hurries_the_commit_nor_is_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(groupcommit, "LAZY_COMMIT", 0.05)
-    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.05)
+    monkeypatch.setattr(groupcommit, "LAZY_COMMIT", 0.2)
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.1)
 
     async def body() -> None:
         store = grouped(tmp_path)
@@ -703,7 +703,7 @@ def test_a_lazy_waiter_alone_neither_hurries_the_commit_nor_is_lost(
         table.after_commit(lambda: heard.append(on_disk(tmp_path)), lazy=True)
         await asyncio.sleep(0.01)
         assert on_disk(tmp_path) == {} and heard == []  # still open: nobody urged it
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.6)
         assert heard == [{job.id: "queued"}] and not store.pending
 
     run(body)
@@ -715,7 +715,7 @@ def test_a_jobs_end_is_fdatasynced_at_once_only_when_a_client_waits_for_it(
 ) -> None:
     """The ACK comes at the COMMIT either way; the end's fdatasync starts at once for a
     client waiting on the end (ts -w), else within LAZY_SYNC."""
-    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 0.3)
+    monkeypatch.setattr(groupcommit, "LAZY_SYNC", 1.0)  # past acked()'s longest wait
     asked = count_fdatasyncs(monkeypatch)
 
     async def body() -> None:
@@ -731,7 +731,7 @@ def test_a_jobs_end_is_fdatasynced_at_once_only_when_a_client_waits_for_it(
         await asyncio.sleep(0.05)
         assert on_disk(tmp_path)[job.id] == "finished"
         assert asked == (["fdatasync"] if waited else [])
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.2)
         assert asked == ["fdatasync"] and not store.pending
         launcher.close_all()
 
