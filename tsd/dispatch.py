@@ -4,6 +4,11 @@
 end, a queue edit, a GPU poll). It hands the scheduler the queue, the running
 jobs and the resources in force, then records the verdicts: which jobs wait
 and why, which are skipped, which start (through the runner).
+
+A job's end asks for its pass just before the open group is committed
+(`schedule_before_commit`), not at once: the ends that one turn of the loop
+reads (many, with many slots) are answered by one pass, and the starts it
+makes join the ends' commit, as they would have with a pass per end.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class Table(Protocol):
     def take_dependents(self, job_id: int) -> list[int]: ...
 
     def drop_transparent(self, job: Job) -> None: ...
+
+    def before_commit(self, fn: Callable[[], None]) -> bool: ...
 
 
 class Limits(Protocol):
@@ -135,6 +142,7 @@ class Dispatcher:
         # The job the last decision reserved for: it keeps its reservation (see
         # tsd.scheduler) until it starts, also through decisions that read nothing.
         self.reserved: int | None = None
+        self._pass_due = False  # a pass is asked for before the next commit
 
     def schedule(self) -> None:
         """Start whatever may start now. Cheap when nothing can: decide() stops early.
@@ -143,10 +151,24 @@ class Dispatcher:
         job's end, ts -S, a release), and a pass that fails (a launch that raised) must
         not turn that change's answer into an error. What it did not start waits for
         the next pass: any submit, end or timer."""
+        self._pass_due = False
         try:
             self._pass()
         except Exception:
             log.exception("dispatch pass")
+
+    def schedule_before_commit(self) -> None:
+        """`schedule()` once, just before the open group is committed (now when none
+        is open): the ends of one loop turn are answered by one pass, whose launches
+        join their commit."""
+        if not self._pass_due:
+            self._pass_due = self.table.before_commit(self._due_pass)
+            if not self._pass_due:
+                self.schedule()
+
+    def _due_pass(self) -> None:
+        if self._pass_due:  # else a pass ran since it was asked for
+            self.schedule()
 
     def _pass(self) -> None:
         table = self.table
@@ -245,7 +267,7 @@ class Dispatcher:
         """After any end (finished, skipped, could not start): cascade, then fill the room."""
         self.cascade(job)
         self.table.drop_transparent(job)
-        self.schedule()
+        self.schedule_before_commit()
 
     def explain(self, job: Job) -> Job:
         """The job with the wait reason ts -i and -l show (the scheduler's, or the last pass's)."""

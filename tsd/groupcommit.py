@@ -194,6 +194,7 @@ class GroupCommit:
         self._undo: list[Callable[[], None]] = []
         self._after: list[_Callbacks] = []
         self._written: list[_Callbacks] = []  # of the open group, run at its COMMIT
+        self._before: list[Callable[[], None]] = []  # run just before its COMMIT
         self._unsynced: list[_Callbacks] = []  # committed, for the next fdatasync
         self._in_flight: list[_Callbacks] = []  # committed, for the fdatasync under way
         self._deferred = _Deferred(self)
@@ -377,6 +378,16 @@ class GroupCommit:
         else:
             ok()
 
+    def before_commit(self, fn: Callable[[], None]) -> bool:
+        """Run `fn` just before the open group's COMMIT, on the loop's next turn at the
+        latest, so that the writes it makes join that group; False (`fn` is not kept)
+        when no group is open."""
+        if not self.db.in_transaction or self._loop is None:
+            return False
+        self._before.append(fn)
+        self._urge()
+        return True
+
     def _urge(self) -> None:
         """Commit the open group on the loop's next turn."""
         if not self._urgent and self._loop is not None:
@@ -398,6 +409,13 @@ class GroupCommit:
         self._commit_group(inline=True)
 
     def _commit_group(self, inline: bool) -> None:
+        while self._before:  # what they write joins the group (and may add more of them)
+            before, self._before = self._before, []
+            for fn in before:
+                try:
+                    fn()
+                except Exception:  # the group is committed whatever one of them did
+                    log.exception("before a commit")
         if not self.db.in_transaction:
             return
         try:
@@ -464,7 +482,9 @@ class GroupCommit:
             self._arm_lazy_sync()
 
     def close_group(self) -> None:
-        """Commit and fsync whatever is open (the daemon stops), inline."""
+        """Commit and fsync whatever is open (the daemon stops), inline. What was to run
+        before the commit does not: nothing is started once the daemon stops."""
+        self._before.clear()
         self._commit_group(inline=True)
         if self._lazy is not None:  # its group is committed; it must not fire on a closed db
             self._lazy.cancel()

@@ -62,6 +62,8 @@ class JobStore(Protocol):
 
     def on_rollback(self, undo: Callable[[], None]) -> None: ...
 
+    def before_commit(self, fn: Callable[[], None]) -> bool: ...
+
 
 class QueueOrder:
     """Queue order keys and holds over the table's jobs (see the module docstring)."""

@@ -64,6 +64,11 @@ class Rollbacks:
         if the group holding them is rolled back."""
         self.store.after_write(ok, failed)
 
+    def before_commit(self, fn: Callable[[], None]) -> bool:
+        """Run `fn` just before the open group is committed, so that what it writes
+        joins that group; False (not kept) when no group is open (tsd.groupcommit)."""
+        return self.store.before_commit(fn)
+
     async def durable(self) -> None:
         """Until every change made so far is on disk; StorageFull when it never will be."""
         if not self.store.pending:

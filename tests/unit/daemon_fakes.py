@@ -87,6 +87,9 @@ class FakeStore:
     def on_rollback(self, undo: Callable[[], None]) -> None:
         pass
 
+    def before_commit(self, fn: Callable[[], None]) -> bool:
+        return False  # no group is ever open: the caller runs it now
+
     def save(self, *jobs: Job) -> None:
         for job in jobs:
             assert job.id in self.rows, f"save of unknown job {job.id}"

@@ -27,7 +27,7 @@ from unit.daemon_fakes import (
 )
 from unit.test_handlers import ALICE, FakeRunner
 
-from tsd import exitreport, groupcommit, handlers, launch, protocol, server
+from tsd import dispatch, exitreport, groupcommit, handlers, launch, protocol, server
 from tsd.config import Config
 from tsd.dispatch import Dispatcher
 from tsd.errors import StorageFull
@@ -733,6 +733,108 @@ def test_a_jobs_end_is_fdatasynced_at_once_only_when_a_client_waits_for_it(
         assert asked == (["fdatasync"] if waited else [])
         await asyncio.sleep(1.2)
         assert asked == ["fdatasync"] and not store.pending
+        launcher.close_all()
+
+    run(body)
+
+
+def test_what_runs_before_a_commit_writes_into_that_commit_once_even_when_one_raises(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        commits: list[str] = []
+        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        ran: list[str] = []
+        added: list[int] = []
+
+        def broken() -> None:
+            ran.append("broken")
+            raise RuntimeError("a bug in one of them")
+
+        def adds() -> None:
+            ran.append("adds")
+            assert on_disk(tmp_path) == {}  # before the COMMIT
+            added.append(table.add(1000, "alice", spec("b")).id)
+            # One asked for by one of them runs before the same COMMIT.
+            assert table.before_commit(lambda: ran.append("asked by one"))
+
+        first = table.add(1000, "alice", spec("a"))
+        assert table.before_commit(broken) and table.before_commit(adds)
+        await table.durable()
+        assert ran == ["broken", "adds", "asked by one"]
+        assert commits == ["COMMIT"]
+        assert on_disk(tmp_path) == {first.id: "queued", added[0]: "queued"}
+        # With no group open nothing is kept: the caller runs it itself.
+        assert not table.before_commit(lambda: ran.append("kept"))
+        await asyncio.sleep(0.01)
+        assert ran[-1] == "asked by one" and commits == ["COMMIT"]
+
+    run(body)
+
+
+def test_what_was_to_run_before_a_commit_does_not_when_the_store_closes(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        job = table.add(1000, "alice", spec())
+        ran: list[int] = []
+        assert table.before_commit(lambda: ran.append(table.add(1000, "alice", spec()).id))
+        store.close()
+        assert ran == [] and on_disk(tmp_path) == {job.id: "queued"}
+
+    run(body)
+
+
+def test_the_ends_of_one_loop_turn_get_one_dispatch_pass_whose_starts_join_their_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs end in one turn: one scheduling pass starts the next two, and one COMMIT
+    holds both ends and both starts (a pass per end decided twice)."""
+    passes: list[int] = []
+    real_decide = dispatch.decide
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(1)
+        return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "decide", counted)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        launcher = FakeLauncher()
+        launcher.acks = True
+        exits = tmp_path / "exits"
+        exits.mkdir()
+        policy = Policy(Config(slots=2), store, False, resolve=lambda c, uid: c.defaults)
+        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+        runner = Runner(
+            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
+            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: dispatcher.job_ended(job),
+            requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
+        )
+        dispatcher = Dispatcher(table, policy, gpus, runner.start, lambda: 5.0)
+        jobs = [table.add(1000, "alice", spec()) for _ in range(4)]
+        dispatcher.schedule()
+        await table.durable()
+        assert sorted(launcher.gone) == [jobs[0].id, jobs[1].id]
+        passes.clear()
+        commits: list[str] = []
+        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        report = exitreport.encode(ExitReport(ExitInfo(code=0), end=9.0, output=None))
+        for job in jobs[:2]:
+            launcher.say(job.id, f"pid 9\nout -\nend {report}\n")
+        await acked(launcher, jobs[0].id)
+        await acked(launcher, jobs[1].id)
+        assert passes == [1] and commits == ["COMMIT"]
+        assert on_disk(tmp_path) == {
+            jobs[0].id: "finished", jobs[1].id: "finished",
+            jobs[2].id: "running", jobs[3].id: "running",
+        }
+        assert sorted(launcher.gone) == [job.id for job in jobs]
         launcher.close_all()
 
     run(body)
