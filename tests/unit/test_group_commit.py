@@ -34,7 +34,7 @@ from tsd.errors import StorageFull
 from tsd.exitreport import ExitReport, write
 from tsd.gpumonitor import GpuMonitor
 from tsd.jobtable import JobTable
-from tsd.model import ExitInfo, JobState
+from tsd.model import ExitInfo, Job, JobState
 from tsd.policy import Policy
 from tsd.runner import Runner, RunnerSettings
 from tsd.server import ConnectionLimits, Server
@@ -257,10 +257,10 @@ def test_a_write_that_must_be_durable_on_return_commits_the_open_group_first(
 
 def _runner(
     tmp_path: Path, events: Events | Waiters | None = None,
-    waited: Callable[[int], bool] | None = None,
+    waited: Callable[[int], bool] | None = None, ended: Callable[[Job], None] | None = None,
 ) -> tuple[Store, JobTable, Runner, FakeLauncher, Path]:
     """A runner on a grouped store with fake launcher, scopes, GPUs and process watch;
-    `waited` says whether a client waits for a job's end."""
+    `waited` says whether a client waits for a job's end, `ended` hears of each end."""
     store = grouped(tmp_path)
     table = JobTable(store, events or Events(), lambda: 1000)
     launcher = FakeLauncher()
@@ -268,7 +268,7 @@ def _runner(
     exits.mkdir()
     runner = Runner(
         asyncio.get_running_loop(), None, RunnerSettings(False, exits), lambda: Config(),
-        table, store, FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: None,
+        table, store, FakeGpuSource(), lambda: FakeScopes(), ended=ended or (lambda job: None),
         requeued=lambda: None, launcher=launcher, procs=FakeProcs(), waited=waited,
     )
     return store, table, runner, launcher, exits
@@ -803,19 +803,11 @@ def test_the_ends_of_one_loop_turn_get_one_dispatch_pass_whose_starts_join_their
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        store = grouped(tmp_path)
-        table = JobTable(store, Events(), lambda: 1000)
-        launcher = FakeLauncher()
+        store, table, runner, launcher, _ = _runner(
+            tmp_path, ended=lambda job: dispatcher.job_ended(job))
         launcher.acks = True
-        exits = tmp_path / "exits"
-        exits.mkdir()
         policy = Policy(Config(slots=2), store, False, resolve=lambda c, uid: c.defaults)
         gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
-        runner = Runner(
-            loop, None, RunnerSettings(False, exits), lambda: Config(), table, store,
-            FakeGpuSource(), lambda: FakeScopes(), ended=lambda job: dispatcher.job_ended(job),
-            requeued=lambda: None, launcher=launcher, procs=FakeProcs(),
-        )
         dispatcher = Dispatcher(table, policy, gpus, runner.start, lambda: 5.0)
         jobs = [table.add(1000, "alice", spec()) for _ in range(4)]
         dispatcher.schedule()
