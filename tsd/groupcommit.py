@@ -98,8 +98,9 @@ class _Write:
             return
         if gc.db.in_transaction:
             # A write that must be durable when it returns, while a group is open:
-            # the group goes first (its callbacks run from the loop, not from here).
-            gc._commit_group(inline=False)
+            # the group goes first (its callbacks run from the loop, not from here,
+            # and so does what was to run before its commit: see before_commit).
+            gc._commit_group(inline=False, run_before=False)
         gc._begin_own()
 
     def __exit__(
@@ -381,7 +382,13 @@ class GroupCommit:
     def before_commit(self, fn: Callable[[], None]) -> bool:
         """Run `fn` just before the open group's COMMIT, on the loop's next turn at the
         latest, so that the writes it makes join that group; False (`fn` is not kept)
-        when no group is open."""
+        when no group is open.
+
+        Only from the loop's own call of `commit()`, never inside another write: a
+        write that must be durable on return commits the open group first, and `fn`
+        (a dispatch pass) must not run in the middle of whatever made that write (say,
+        ts -r forgetting a queued job the pass would start). `fn` then runs at the
+        commit already scheduled, and what it writes is committed there."""
         if not self.db.in_transaction or self._loop is None:
             return False
         self._before.append(fn)
@@ -408,8 +415,8 @@ class GroupCommit:
         """
         self._commit_group(inline=True)
 
-    def _commit_group(self, inline: bool) -> None:
-        while self._before:  # what they write joins the group (and may add more of them)
+    def _commit_group(self, inline: bool, run_before: bool = True) -> None:
+        while run_before and self._before:  # what they write joins the group (and more)
             before, self._before = self._before, []
             for fn in before:
                 try:

@@ -830,3 +830,51 @@ def test_the_ends_of_one_loop_turn_get_one_dispatch_pass_whose_starts_join_their
         launcher.close_all()
 
     run(body)
+
+
+def test_a_write_durable_on_return_never_runs_what_waits_for_the_commit_inside_it(
+    tmp_path: Path,
+) -> None:
+    """It commits the open group first; what was to run before that commit runs at the
+    loop's own commit instead, and what it writes is committed there."""
+
+    async def body() -> None:
+        store = grouped(tmp_path)
+        table = JobTable(store, Events(), lambda: 1000)
+        first = table.add(1000, "alice", spec("a"))
+        added: list[int] = []
+        assert table.before_commit(lambda: added.append(table.add(1000, "alice", spec()).id))
+        store.set_setting("slots", "3")  # durable when it returns
+        assert added == [] and on_disk(tmp_path) == {first.id: "queued"}
+        await asyncio.sleep(0)
+        assert len(added) == 1
+        await table.durable()
+        assert on_disk(tmp_path) == {first.id: "queued", added[0]: "queued"}
+
+    run(body)
+
+
+def test_a_queued_job_forgotten_while_a_pass_is_due_is_never_started(
+    tmp_path: Path,
+) -> None:
+    """ts -r of a queued job in the turn a job ended: its delete commits the open group,
+    and the pass the end asked for runs after the job is gone, not inside the delete."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        store, table, runner, launcher, _ = _runner(tmp_path)
+        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
+        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+        dispatcher = Dispatcher(table, policy, gpus, runner.start, lambda: 5.0)
+        gone, kept = table.add(1000, "alice", spec("b")), table.add(1000, "alice", spec("c"))
+        await table.durable()
+        table.add(1000, "alice", spec("d"))  # a group is open, as after an end's record
+        dispatcher.schedule_before_commit()  # what a job's end asks for
+        table.remove(gone)
+        await table.durable()
+        await asyncio.sleep(0)
+        assert table.get(gone.id) is None and list(launcher.plans) == [kept.id]
+        assert on_disk(tmp_path)[kept.id] == "running" and gone.id not in on_disk(tmp_path)
+        launcher.close_all()
+
+    run(body)
