@@ -16,6 +16,10 @@ meanwhile, and one fsync covers every group committed while the previous one
 was under way. A write committed on its own fsyncs inline before it returns,
 as before.
 
+What must run just before a group's COMMIT, so that its writes join the group
+(a job's end's dispatch pass, tsd.dispatch), registers with `before_commit`: it
+runs at the loop's own commit, never inside another write.
+
 A group is committed as soon as something waits for it (`after_commit`: a
 reply, waking the clients waiting on a job's end; `after_write`: a
 supervisor's go), on the next turn of the loop; a group nobody waits for (a
