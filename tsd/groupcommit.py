@@ -104,7 +104,7 @@ class _Write:
             # A write that must be durable when it returns, while a group is open:
             # the group goes first (its callbacks run from the loop, not from here,
             # and so does what was to run before its commit: see before_commit).
-            gc._commit_group(inline=False, run_before=False)
+            gc._commit_group(inline=False)
         gc._begin_own()
 
     def __exit__(
@@ -413,20 +413,21 @@ class GroupCommit:
 
     def commit(self) -> None:
         """Commit the open group (one fsync), then run its `after_commit` callbacks.
+        The loop's own commit: what `before_commit` asked for runs first, here only.
 
         On failure nothing of it is written: the undos run, then the `failed`
         callbacks, with the StorageFull.
         """
-        self._commit_group(inline=True)
-
-    def _commit_group(self, inline: bool, run_before: bool = True) -> None:
-        while run_before and self._before:  # what they write joins the group (and more)
+        while self._before:  # what they write joins the group (and may ask for more)
             before, self._before = self._before, []
             for fn in before:
                 try:
                     fn()
                 except Exception:  # the group is committed whatever one of them did
                     log.exception("before a commit")
+        self._commit_group(inline=True)
+
+    def _commit_group(self, inline: bool) -> None:
         if not self.db.in_transaction:
             return
         try:
@@ -494,7 +495,8 @@ class GroupCommit:
 
     def close_group(self) -> None:
         """Commit and fsync whatever is open (the daemon stops), inline. What was to run
-        before the commit does not: nothing is started once the daemon stops."""
+        before the loop's commit (`before_commit`) does not: nothing is started once the
+        daemon stops."""
         self._before.clear()
         self._commit_group(inline=True)
         if self._lazy is not None:  # its group is committed; it must not fire on a closed db
