@@ -274,6 +274,24 @@ def _runner(
     return store, table, runner, launcher, exits
 
 
+def _dispatching(
+    store: Store, table: JobTable, start: Callable[[Job, tuple[int, ...]], None], slots: int
+) -> tuple[Policy, GpuMonitor, Dispatcher]:
+    """A policy of `slots` slots, a GPU monitor with no GPUs, and a dispatcher starting
+    jobs through `start`, on the running loop."""
+    policy = Policy(Config(slots=slots), store, False, resolve=lambda c, uid: c.defaults)
+    loop = asyncio.get_running_loop()
+    gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+    return policy, gpus, Dispatcher(table, policy, gpus, start, lambda: 5.0)
+
+
+def commits_of(store: Store) -> list[str]:
+    """The COMMITs the store's connection runs from now on, as they come."""
+    commits: list[str] = []
+    store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    return commits
+
+
 async def acked(launcher: FakeLauncher, job_id: int) -> None:
     """Until the job's supervisor is sent its ACK (within half a second)."""
     os.set_blocking(launcher.ack_r[job_id], False)
@@ -510,16 +528,14 @@ def test_a_submit_with_a_free_slot_is_one_commit_holding_the_job_and_its_start(
         store = grouped(tmp_path)
         waiters = Waiters(loop)
         table = JobTable(store, waiters, lambda: 1000)
-        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
-        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
         runner = FakeRunner(table)
+        policy, gpus, dispatcher = _dispatching(store, table, runner.start, 1)
         parts = handlers.Parts(
             system=False, my_uid=1000, table=table, policy=policy, gpus=gpus,
-            dispatcher=Dispatcher(table, policy, gpus, runner.start, lambda: 5.0),
-            runner=runner, waiters=waiters, settings=store, stop=lambda: None,
+            dispatcher=dispatcher, runner=runner, waiters=waiters, settings=store,
+            stop=lambda: None,
         )  # fmt: skip
-        commits: list[str] = []
-        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        commits = commits_of(store)
 
         async def send(event: protocol.Event) -> None:
             raise AssertionError(f"a plain submit sends no event: {event}")
@@ -543,12 +559,11 @@ def test_a_submit_whose_group_cannot_be_committed_queues_nothing_and_runs_nothin
         loop = asyncio.get_running_loop()
         waiters = Waiters(loop)
         store, table, runner, launcher, _ = _runner(tmp_path, waiters)
-        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
-        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
+        policy, gpus, dispatcher = _dispatching(store, table, runner.start, 1)
         parts = handlers.Parts(
             system=False, my_uid=1000, table=table, policy=policy, gpus=gpus,
-            dispatcher=Dispatcher(table, policy, gpus, runner.start, lambda: 5.0),
-            runner=runner, waiters=waiters, settings=store, stop=lambda: None,
+            dispatcher=dispatcher, runner=runner, waiters=waiters, settings=store,
+            stop=lambda: None,
         )  # fmt: skip
         store.db = CommitsFail(store.db)  # type: ignore[assignment]
 
@@ -744,8 +759,7 @@ def test_what_runs_before_a_commit_writes_into_that_commit_once_even_when_one_ra
     async def body() -> None:
         store = grouped(tmp_path)
         table = JobTable(store, Events(), lambda: 1000)
-        commits: list[str] = []
-        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        commits = commits_of(store)
         ran: list[str] = []
         added: list[int] = []
 
@@ -802,20 +816,16 @@ def test_the_ends_of_one_loop_turn_get_one_dispatch_pass_whose_starts_join_their
     monkeypatch.setattr(dispatch, "decide", counted)
 
     async def body() -> None:
-        loop = asyncio.get_running_loop()
         store, table, runner, launcher, _ = _runner(
             tmp_path, ended=lambda job: dispatcher.job_ended(job))
         launcher.acks = True
-        policy = Policy(Config(slots=2), store, False, resolve=lambda c, uid: c.defaults)
-        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
-        dispatcher = Dispatcher(table, policy, gpus, runner.start, lambda: 5.0)
+        _, _, dispatcher = _dispatching(store, table, runner.start, 2)
         jobs = [table.add(1000, "alice", spec()) for _ in range(4)]
         dispatcher.schedule()
         await table.durable()
         assert sorted(launcher.gone) == [jobs[0].id, jobs[1].id]
         passes.clear()
-        commits: list[str] = []
-        store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        commits = commits_of(store)
         report = exitreport.encode(ExitReport(ExitInfo(code=0), end=9.0, output=None))
         for job in jobs[:2]:
             launcher.say(job.id, f"pid 9\nout -\nend {report}\n")
@@ -861,11 +871,8 @@ def test_a_queued_job_forgotten_while_a_pass_is_due_is_never_started(
     and the pass the end asked for runs after the job is gone, not inside the delete."""
 
     async def body() -> None:
-        loop = asyncio.get_running_loop()
         store, table, runner, launcher, _ = _runner(tmp_path)
-        policy = Policy(Config(slots=1), store, False, resolve=lambda c, uid: c.defaults)
-        gpus = GpuMonitor(loop, None, lambda: None, lambda: None, lambda: FakeNvml([]))
-        dispatcher = Dispatcher(table, policy, gpus, runner.start, lambda: 5.0)
+        _, _, dispatcher = _dispatching(store, table, runner.start, 1)
         gone, kept = table.add(1000, "alice", spec("b")), table.add(1000, "alice", spec("c"))
         await table.durable()
         table.add(1000, "alice", spec("d"))  # a group is open, as after an end's record
