@@ -560,16 +560,37 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
         _close_all(set(opened) | set(plan.out_fds or ()))
 
 
+# (PATH, command) -> where execvp would look for the command, in order. A reused
+# supervisor runs job after job with the same PATH and command: the list is built
+# once, not per job (os.get_exec_path alone, with its warnings guard, cost a job more
+# than the search). Every job still searches the directories themselves, in order.
+_CANDIDATES: dict[tuple[str, str], tuple[str, ...]] = {}
+_MAX_CANDIDATES = 64  # distinct (PATH, command) pairs kept; a supervisor rarely sees more
+
+
+def exec_candidates(cmd: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The paths execvp tries for `cmd` with `env`'s PATH (os.defpath when it has none):
+    `cmd` itself when it holds a slash; an empty PATH entry is the working directory."""
+    if "/" in cmd:
+        return (cmd,)
+    path = env.get("PATH")
+    if path is None:
+        path = os.defpath
+    key = (path, cmd)
+    found = _CANDIDATES.get(key)
+    if found is None:
+        # f-strings, not os.path.join: as execvp, "dir/cmd", and "cmd" for an empty entry.
+        found = tuple(f"{d}/{cmd}" if d else cmd for d in path.split(os.pathsep))
+        if len(_CANDIDATES) >= _MAX_CANDIDATES:
+            _CANDIDATES.clear()
+        _CANDIDATES[key] = found
+    return found
+
+
 def _spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
     """posix_spawn argv[0] searched on env's PATH, as os.execvpe searches it."""
-    cmd = argv[0]
-    # f-strings, not os.path.join: this runs for every job, once per directory of PATH
-    # (an empty entry is the working directory, as for execvp).
-    found = [cmd] if "/" in cmd else [
-        f"{d}/{cmd}" if d else cmd for d in os.get_exec_path(env)
-    ]
     tried: list[tuple[str, OSError | None]] = []
-    for exe in found:
+    for exe in exec_candidates(argv[0], env):
         # A missing one costs no clone; access() says so without an exception.
         if not os.access(exe, os.F_OK):
             tried.append((exe, None))  # why, asked only when nothing runs
@@ -674,11 +695,15 @@ def create_new(path: str, flag: str) -> int:
         ) from None
 
 
+_ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# Random byte -> name character (b % 62), for bytes.translate: one call per name.
+_NAME_CHARS = bytes(_ALPHABET[b % len(_ALPHABET)] for b in range(256))
+
+
 def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        suffix = "".join(alphabet[b % len(alphabet)] for b in os.urandom(6))
+        suffix = os.urandom(6).translate(_NAME_CHARS).decode()
         path = os.path.join(directory, prefix + suffix)
         try:
             return os.open(path, flags, 0o600), path

@@ -10,10 +10,13 @@ messages when it cannot start.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tsd import exitreport, launch
 from tsd.exitreport import ExitReport
@@ -135,3 +138,63 @@ def test_path_is_searched_as_execvp_does(tmp_path: Path, how: str) -> None:
         tmp_path, how, "hello", cwd=str(tmp_path / "second"), path=f"{tmp_path / 'none'}::/bin"
     )
     assert (report.exit.code, out) == (0, "second\n")
+
+
+def test_a_reused_supervisor_searches_path_again_for_each_job(tmp_path: Path) -> None:
+    """The same PATH and command in one process (a reused supervisor): a program put
+    in an earlier PATH directory since the last job is the one the next job runs."""
+    early, late = tmp_path / "early", tmp_path / "late"
+    for d in (early, late):
+        d.mkdir()
+    (late / "hello").write_text("#!/bin/sh\necho late\n")
+    (late / "hello").chmod(0o755)
+    plan = launch.LaunchPlan(
+        job_id=5, uid=os.getuid(), gid=os.getgid(), user="me", command=("hello",),
+        cwd=str(tmp_path), env={"PATH": f"{early}:{late}"}, umask=0o022,
+        log_dir=str(tmp_path), exits_dir=str(tmp_path), drop_privileges=False, reuse=True,
+    )
+    rep_r, rep_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            launch.become_supervisor()
+            launch.run_job(plan, rep_w, None)
+            (early / "hello").write_text("#!/bin/sh\necho early\n")
+            (early / "hello").chmod(0o755)
+            launch.run_job(plan, rep_w, None)
+        finally:
+            os._exit(0)
+    os.close(rep_w)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    with os.fdopen(rep_r) as fh:
+        outputs = [line.split()[1] for line in fh.read().splitlines() if line.startswith("out ")]
+    assert [Path(o).read_text() for o in outputs] == ["late\n", "early\n"]
+
+
+@given(
+    st.lists(st.text(st.characters(blacklist_characters=":\0"), max_size=8), max_size=5),
+    st.sampled_from(["hello", "a/b", "/bin/true"]),
+    st.booleans(),
+)
+def test_the_paths_tried_are_the_ones_execvp_tries(
+    dirs: list[str], cmd: str, has_path: bool
+) -> None:
+    env = {"PATH": ":".join(dirs)} if has_path else {}
+    expected = [cmd] if "/" in cmd else [
+        f"{d}/{cmd}" if d else cmd for d in os.get_exec_path(env)
+    ]
+    assert list(launch.exec_candidates(cmd, env)) == expected
+    assert list(launch.exec_candidates(cmd, env)) == expected  # the same from the cache
+
+
+def test_an_output_file_name_is_the_job_id_and_six_random_letters_or_digits(
+    tmp_path: Path,
+) -> None:
+    names = set()
+    for _ in range(50):
+        fd, path = launch._mkstemp(str(tmp_path), "ts-out.7.")
+        os.close(fd)
+        assert re.fullmatch(r"ts-out\.7\.[A-Za-z0-9]{6}", Path(path).name)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        names.add(path)
+    assert len(names) == 50
