@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tsd import exitreport, launch
+from tsd import execpath, exitreport, launch
 from tsd.exitreport import ExitReport
 
 # nofile_soft set: the supervisor forks the job (the other path); the value is harmless.
@@ -183,8 +183,8 @@ def test_the_paths_tried_are_the_ones_execvp_tries(
     expected = [cmd] if "/" in cmd else [
         f"{d}/{cmd}" if d else cmd for d in os.get_exec_path(env)
     ]
-    assert list(launch.exec_candidates(cmd, env)) == expected
-    assert list(launch.exec_candidates(cmd, env)) == expected  # the same from the cache
+    assert list(execpath.exec_candidates(cmd, env)) == expected
+    assert list(execpath.exec_candidates(cmd, env)) == expected  # the same from the cache
 
 
 def test_an_output_file_name_is_the_job_id_and_six_random_letters_or_digits(
