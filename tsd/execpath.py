@@ -54,7 +54,7 @@ def spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[obje
             )
         except OSError as exc:
             tried.append((exe, exc))
-    # Something was tried: PATH splits into one entry at least (get_exec_path).
+    # Something was tried: PATH splits into one entry at least (exec_candidates).
     errors = [exc or _why_missing(exe) for exe, exc in tried]
     # As execvp: the first failure other than "not there" (EACCES...) wins, else the last.
     for error in errors:
