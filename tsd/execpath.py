@@ -8,16 +8,10 @@ raises the error execvp would when nothing runs.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 from collections.abc import Mapping
-
-# (PATH, command) -> where execvp would look for the command, in order. A reused
-# supervisor runs job after job with the same PATH and command: the list is built
-# once, not per job (os.get_exec_path alone, with its warnings guard, cost a job more
-# than the search). Every job still searches the directories themselves, in order.
-_CANDIDATES: dict[tuple[str, str], tuple[str, ...]] = {}
-_MAX_CANDIDATES = 64  # distinct (PATH, command) pairs kept; a supervisor rarely sees more
 
 
 def exec_candidates(cmd: str, env: Mapping[str, str]) -> tuple[str, ...]:
@@ -26,17 +20,16 @@ def exec_candidates(cmd: str, env: Mapping[str, str]) -> tuple[str, ...]:
     if "/" in cmd:
         return (cmd,)
     path = env.get("PATH")
-    if path is None:
-        path = os.defpath
-    key = (path, cmd)
-    found = _CANDIDATES.get(key)
-    if found is None:
-        # f-strings, not os.path.join: as execvp, "dir/cmd", and "cmd" for an empty entry.
-        found = tuple(f"{d}/{cmd}" if d else cmd for d in path.split(os.pathsep))
-        if len(_CANDIDATES) >= _MAX_CANDIDATES:
-            _CANDIDATES.clear()
-        _CANDIDATES[key] = found
-    return found
+    return _candidates(os.defpath if path is None else path, cmd)
+
+
+# A reused supervisor runs job after job with the same PATH and command: their list is
+# built once, not per job (os.get_exec_path alone, with its warnings guard, cost a job
+# more than the search). Only the list is kept: every job still asks each directory.
+@functools.lru_cache(maxsize=64)
+def _candidates(path: str, cmd: str) -> tuple[str, ...]:
+    # f-strings, not os.path.join: as execvp, "dir/cmd", and "cmd" for an empty entry.
+    return tuple(f"{d}/{cmd}" if d else cmd for d in path.split(os.pathsep))
 
 
 def spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
