@@ -99,9 +99,16 @@ def checked_out(spec: str) -> Iterator[Path]:
     if (Path(spec) / "tsd" / "__init__.py").is_file():
         yield Path(spec).resolve()
         return
+    rev = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", "-q", f"{spec}^{{commit}}"],
+        capture_output=True, text=True,
+    )
+    if rev.returncode != 0:
+        raise SystemExit(f"ab_dispatch: {spec!r} is neither a directory holding tsd/ "
+                         "nor a git revision")  # fmt: skip
     where = Path(tempfile.mkdtemp(prefix="tsd-ab-"))
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(where),
-                    spec], check=True)  # fmt: skip
+                    rev.stdout.strip()], check=True)  # fmt: skip
     try:
         yield where
     finally:
