@@ -354,6 +354,7 @@ def test_queue_stays_in_order_through_priorities_moves_swaps_starts_and_requeues
     table.move_front(table.jobs[ids[7]])
     table.swap(table.jobs[ids[1]], table.jobs[ids[4]])
     first = run(table, table.jobs[table.pending[2]])
+    run(table, table.jobs[table.pending[0]])  # the head: most starts take it
     table.set_held(table.jobs[ids[5]], True)
     table.add_many(1001, "u", [spec(priority=2)] * 2)
     table.requeue(first.id)
