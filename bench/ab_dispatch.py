@@ -18,7 +18,7 @@ On these shared 2-core machines a throughput difference under ~5% is noise even
 over 10 rounds; the CPU split and the switches say more.
 
 Usage: .venv/bin/python bench/ab_dispatch.py [--slots S] [--jobs N] [--rounds R]
-           TREE_OR_REV [TREE_OR_REV ...]
+           [--env NAME=VALUE ...] TREE_OR_REV [TREE_OR_REV ...]
 e.g.   .venv/bin/python bench/ab_dispatch.py --slots 16 HEAD~1 .
 """
 
@@ -123,7 +123,10 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="for every daemon, e.g. TS_MAXFINISHED=100 (each end then forgets one)")
     args = ap.parse_args()
+    extra = dict(e.split("=", 1) for e in args.env)
     with contextlib.ExitStack() as stack:
         trees = [stack.enter_context(checked_out(t)) for t in args.trees]
         for tree in trees:
@@ -136,7 +139,7 @@ def main() -> None:
             # PYTHONPATH puts this tree's tsd ahead of the venv's: the daemon, its
             # spawner and the supervisors all load it (the spawner from the daemon's).
             d = PersonalDaemon(outputs="/dev/shm", PYTHONPATH=str(tree), TS_SLOTS="1",
-                               TS_MAXCONN="100000")  # fmt: skip
+                               TS_MAXCONN="100000", **extra)  # fmt: skip
             stack.callback(d.stop)
             d.ts("-l")
             one_round(d, 200, args.slots)  # not counted: the supervisors' pool grows here

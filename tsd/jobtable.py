@@ -16,7 +16,7 @@ Every state change goes through one method here, which keeps the indexes true:
   being made): out of the queue, holding their slots and GPUs, still shown in
   their pending state until they run;
 * `finished_by_user`: finished and skipped ids per user, oldest first, capped
-  at `max_finished` (the oldest beyond the cap are forgotten);
+  at `max_finished` (tsd.finishedcap: the oldest beyond the cap are forgotten);
 * `dependents`: for a job, the pending jobs that depend on it. Only pending
   jobs are listed, and a job's own entry goes when it ends or is forgotten, so
   the index never outgrows the queue;
@@ -40,6 +40,7 @@ from typing import Literal, Protocol
 
 from tsd import auth
 from tsd.errors import NoSuchJob, StorageFull
+from tsd.finishedcap import FinishedCap
 from tsd.model import ExitInfo, Job, JobSpec, JobState, Peer, replace, run_usage
 from tsd.queueorder import JobStore as JobStore
 from tsd.queueorder import QueueOrder
@@ -58,7 +59,7 @@ class JobEvents(Protocol):
     def room(self) -> None: ...
 
 
-class JobTable(QueueOrder, Rollbacks):
+class JobTable(QueueOrder, FinishedCap, Rollbacks):
     """Jobs by id, the queue and its indexes; every transition, made durable first."""
 
     def __init__(
@@ -88,6 +89,7 @@ class JobTable(QueueOrder, Rollbacks):
         self.pending_prios: dict[int, Counter[int]] = defaultdict(Counter)
         self.pending_gpu_jobs = 0
         self.finished_by_user: dict[int, deque[int]] = defaultdict(deque)
+        self._trimmed: list[int] = []  # forgotten beyond the cap, rows not deleted yet
         self.stored = StoredBytes(self.jobs)
         self._orders = (0, -1)  # lowest and highest queue order keys handed out
 
@@ -130,6 +132,7 @@ class JobTable(QueueOrder, Rollbacks):
         done.sort(key=_end_key)
         for job in done:
             self.finished_by_user[job.uid].append(job.id)
+        self._cap_loaded()
         for job in running:
             self.running[job.id] = job
         return running
@@ -436,22 +439,6 @@ class JobTable(QueueOrder, Rollbacks):
         if self._save_end_hook is not None:
             return self._save_end_hook(job, ran)
         self.store.save_run(job, *run_usage(ran or job, job.end_time or time.time()))
-
-    def _account_done(self, job: Job) -> None:
-        """A job just became finished or skipped; forget the oldest beyond the cap."""
-        if job.spec.forget:
-            return  # not kept: `drop_transparent` forgets it once its end is handled
-        done = self.finished_by_user[job.uid]
-        done.append(job.id)
-        drop: list[int] = []
-        while len(done) > self._max_finished():
-            drop.append(done.popleft())
-        drop = [i for i in drop if i in self.jobs]
-        if drop:
-            with suppress(StorageFull):  # stays stored on a full disk: trimmed later
-                self.store.delete(drop)
-            for job_id in drop:
-                self._forget(job_id)
 
     def _forget(self, job_id: int) -> None:
         job = self.jobs.pop(job_id)

@@ -9,6 +9,7 @@ from unit.daemon_fakes import Events, FakeStore, spec
 
 from tsd.eligibility import priority_keys
 from tsd.errors import NoSuchJob, NotOwner
+from tsd.finishedcap import TRIM_BATCH
 from tsd.jobtable import JobTable
 from tsd.model import DependMode, ExitInfo, Job, JobState, Peer
 from tsd.scheduler import DepOutcome
@@ -181,16 +182,47 @@ def test_load_blocks_a_job_whose_dependency_comes_later_in_the_store() -> None:
 
 
 def test_forgetting_a_finished_job_beyond_max_finished_drops_its_dependents_entry() -> None:
-    table, store, _ = make(max_finished=1)
+    table, _, _ = make(max_finished=1)
     old = table.add(1000, "alice", spec())
     table.end_pending(old, JobState.SKIPPED, ExitInfo(note="x"))
     late = table.add(1000, "alice", spec(depends=(old.id,)))
     assert old.id in table.dependents
     newer = table.add(1000, "alice", spec())
     table.end_pending(newer, JobState.SKIPPED, ExitInfo(note="y"))
-    assert old.id not in table.jobs and old.id not in store.rows
+    assert old.id not in table.jobs  # its row goes with a batch (see the tests below)
     assert old.id not in table.dependents
     assert late.id in table.jobs
+
+
+def skipped(table: JobTable, uid: int = 1000) -> Job:
+    ended = table.end_pending(table.add(uid, "alice", spec()), JobState.SKIPPED, ExitInfo())
+    assert ended is not None
+    return ended
+
+
+def test_jobs_beyond_the_cap_are_forgotten_at_once_and_their_rows_deleted_a_batch_at_once() -> None:
+    table, store, _ = make(max_finished=1)
+    first = [skipped(table) for _ in range(TRIM_BATCH)]
+    assert [j.id for j in table.jobs.values()] == [first[-1].id]  # the newest alone, at once
+    assert all(j.id in store.rows for j in first)  # TRIM_BATCH - 1 forgotten: rows kept
+    writes = store.writes
+    last = skipped(table)  # it forgets the TRIM_BATCH-th: all their rows go, in one write
+    assert set(store.rows) == {last.id} and set(table.jobs) == {last.id}
+    assert store.writes == writes + 3  # its submit, its end, and the one delete
+
+
+def test_a_load_applies_the_cap_to_jobs_whose_rows_were_not_deleted_yet_or_to_a_lower_cap() -> None:
+    table, store, _ = make(max_finished=1)
+    ended = [skipped(table), skipped(table), skipped(table, uid=1001), skipped(table)]
+    assert set(store.rows) == {j.id for j in ended}  # two forgotten, rows kept (a stop)
+    again, _, _ = make(max_finished=1, store=store)
+    again.load()
+    kept = {ended[2].id, ended[3].id}  # each user's newest
+    assert set(again.jobs) == kept and set(store.rows) == kept
+    assert again.stored.of(1000) == ended[3].spec.stored_bytes
+    lower, _, _ = make(max_finished=0, store=store)
+    lower.load()
+    assert lower.jobs == {} and store.rows == {}
 
 
 def test_end_pending_keeps_the_wait_reason_unless_given_one() -> None:
