@@ -104,7 +104,9 @@ def test_kill9_at_random_moments_loses_no_acknowledged_job_and_runs_each_once(
     assert sorted(ran) == sorted(acknowledged), "every job ran exactly once"
 
 
-def test_ts_maxfinished_drops_oldest_finished_jobs() -> None:
+def test_ts_maxfinished_drops_oldest_finished_jobs_also_across_a_restart() -> None:
+    # The rows of jobs forgotten beyond the cap are deleted in batches (tsd.finishedcap):
+    # a daemon that stops before a batch leaves them, and the next one's load drops them.
     env = make_env(_short_root(), TS_MAXFINISHED="3")
     try:
         for _ in range(5):
@@ -113,19 +115,6 @@ def test_ts_maxfinished_drops_oldest_finished_jobs() -> None:
         time.sleep(0.2)
         listed = json.loads(run_ts(env, "-M", "json").stdout)
         assert [j["ID"] for j in listed] == [3, 4, 5]
-    finally:
-        stop_daemon(env)
-        shutil.rmtree(env.root, ignore_errors=True)
-
-
-def test_ts_maxfinished_holds_across_a_restart_and_the_forgotten_rows_leave_the_store() -> None:
-    # The rows of jobs forgotten beyond the cap are deleted in batches (tsd.finishedcap):
-    # a daemon that stops before a batch leaves them, and the next one's load drops them.
-    env = make_env(_short_root(), TS_MAXFINISHED="3")
-    try:
-        for _ in range(5):
-            run_ts(env, "true")
-        run_ts(env, "-w", "5")
         stop_daemon(env)
         with sqlite3.connect(env.state / "tsd" / "state.db") as db:
             assert len(db.execute("SELECT id FROM jobs").fetchall()) == 5  # no batch yet
