@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -694,9 +695,9 @@ def test_queueing_a_job_imports_no_protocol_model_click_typing_or_dataclasses() 
 
 
 FAKE_DAEMON = """
-import os, socket, sys, tempfile, threading
+import os, socket, sys, threading
 from tsd import framing
-path = os.path.join(tempfile.mkdtemp(), "tsd.sock")
+path = os.path.join(SOCKDIR, "tsd.sock")
 server = socket.socket(socket.AF_UNIX)
 server.bind(path)
 server.listen()
@@ -725,9 +726,11 @@ print(code, seen[0]["op"], seen[0]["spec"]["command"], [m for m in loaded if m i
 
 
 def _ts_against_a_fake_daemon(argv: list[str], answer: dict[str, object]) -> tuple[str, str]:
-    script = FAKE_DAEMON.replace("ANSWER", repr(answer)).replace("ARGV", repr(argv))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, check=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as sockdir:  # the socket's, gone afterwards
+        script = (FAKE_DAEMON.replace("ANSWER", repr(answer)).replace("ARGV", repr(argv))
+                  .replace("SOCKDIR", repr(sockdir)))  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, check=True)  # fmt: skip
     return proc.stdout, proc.stderr
 
 
