@@ -158,7 +158,8 @@ def _action_of(line: ParsedLine) -> tuple[str, str]:
         raise UsageError("--since goes with --stats")
     listing = {opt.dest for opt, _ in line.given if opt.action == "list"}
     if "gpu_status" in actions and listing == {"serialize"}:
-        del actions["list"]  # ts -g -M json: the GPU view, as JSON
+        # ts -g -M json: the GPU view, as JSON (with --stats, "list" is gone already)
+        actions.pop("list", None)
     if len(actions) > 1:
         spelled = ", ".join(actions.values())
         raise UsageError(f"only one action at a time ({spelled} given)")

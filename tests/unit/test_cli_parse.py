@@ -316,6 +316,9 @@ def test_gpu_listing_is_bare_g_without_a_command() -> None:
     assert inv.action == "gpu_status"
     assert inv.request == protocol.GpuStatus()
     assert parse("--gpu_indices").action == "gpu_status"
+    assert parse("-g", "-M", "json").action == "gpu_status"
+    # --stats took -M for itself: two actions, said in one line (hypothesis found a crash)
+    assert "only one action at a time (--stats, -g given)" in usage_error("--stats", "-g", "-M")
 
 
 def test_help_and_version() -> None:
