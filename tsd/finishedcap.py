@@ -42,23 +42,22 @@ class FinishedCap:
             return  # not kept: `drop_transparent` forgets it once its end is handled
         done = self.finished_by_user[job.uid]
         done.append(job.id)
-        drop = [i for i in self._over_cap(done) if i in self.jobs]
-        for job_id in drop:
-            self._forget(job_id)
-        self._trimmed += drop
-        if len(self._trimmed) >= TRIM_BATCH:
-            rows, self._trimmed = self._trimmed, []
-            with suppress(StorageFull):  # stays stored on a full disk: the next load
-                self.store.delete(rows)
+        self._drop([i for i in self._over_cap(done) if i in self.jobs], TRIM_BATCH)
 
     def _cap_loaded(self) -> None:
         """After a load: forget, and delete, what lies beyond the cap."""
-        beyond = [i for ids in self.finished_by_user.values() for i in self._over_cap(ids)]
-        for job_id in beyond:
+        self._drop([i for ids in self.finished_by_user.values() for i in self._over_cap(ids)], 1)
+
+    def _drop(self, ids: list[int], batch: int) -> None:
+        """Forget these jobs now; delete their rows, with those forgotten before, once
+        `batch` of them are due."""
+        for job_id in ids:
             self._forget(job_id)
-        if beyond:
+        self._trimmed += ids
+        if len(self._trimmed) >= batch:
+            rows, self._trimmed = self._trimmed, []
             with suppress(StorageFull):  # stays stored on a full disk: the next load
-                self.store.delete(beyond)
+                self.store.delete(rows)
 
     def _over_cap(self, done: deque[int]) -> list[int]:
         """Take the oldest ids beyond the cap off a user's finished list."""
