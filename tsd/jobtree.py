@@ -3,7 +3,8 @@
 The supervisor is the child subreaper of its job, so every process the job
 starts stays below it: once the job's main process is reaped, no child left
 means no process left, and the common end of a job (nothing left behind) costs
-one waitid, not a walk over the machine's processes. Only when something is
+one waitid, not a walk over the machine's processes; outside a job scope, not even
+that once the reaping found no child left (`reap_all`). Only when something is
 left are the processes found: in a job scope, its cgroup.procs; and below the
 supervisor, through the kernel's lists of each task's children (all of /proc
 where a kernel has none).
@@ -21,16 +22,24 @@ import time
 
 def reap(main: int) -> tuple[int | None, object | None]:
     """Reap every exited descendant (we are their subreaper); report the main one."""
-    found: tuple[int | None, object | None] = (None, None)
+    status, usage, _ = reap_all(main)
+    return status, usage
+
+
+def reap_all(main: int) -> tuple[int | None, object | None, bool]:
+    """`reap`, and whether no child at all is left: then, with no job scope, nothing
+    of the job is left either (see the module docstring), and no waitid need ask."""
+    status: int | None = None
+    usage: object | None = None
     while True:
         try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
+            pid, code, used = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
-            return found
+            return status, usage, True
         if pid == 0:
-            return found
+            return status, usage, False
         if pid == main:
-            found = (status, usage)
+            status, usage = code, used
 
 
 def _has_children() -> bool:

@@ -313,6 +313,14 @@ def become_supervisor() -> None:
     with contextlib.suppress(OSError, AttributeError):
         privdrop.libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+    global _own_umask
+    _own_umask = os.umask(0o022)
+    os.umask(_own_umask)
+
+
+# A supervisor's own umask (read once, in become_supervisor): a job with the same one
+# (the usual case: both come from the user's shell) is spawned without setting it.
+_own_umask: int | None = None
 
 
 def forget_signals() -> None:
@@ -368,10 +376,11 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
     killing_since: float | None = None
     sent_kill = False
     rusage: object | None = None
+    none_left = False  # no child left at the main one's end: nothing of the job is
     deadline = start + plan.timeout if plan.timeout else None
     while main_status is None:
         assert child is not None
-        main_status, rusage = jobtree.reap(child)
+        main_status, rusage, none_left = jobtree.reap_all(child)
         if main_status is not None:
             break
         now = time.time()
@@ -398,8 +407,10 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
             jobtree.signal_tree(signal.SIGTERM, cg)
 
     end = time.time()
-    # Whatever the job left behind goes too: a finished job holds nothing.
-    jobtree.end_leftovers(min(plan.grace, 5.0), cg)
+    # Whatever the job left behind goes too: a finished job holds nothing. Outside a
+    # scope, no child left means nothing left (tsd.jobtree): nothing to look for.
+    if not (none_left and cg is None):
+        jobtree.end_leftovers(min(plan.grace, 5.0), cg)
     cpu, peak = jobtree.cgroup_usage(cg)
     if cpu is None and rusage is not None:
         cpu = float(rusage.ru_utime + rusage.ru_stime)  # type: ignore[attr-defined]
@@ -530,7 +541,8 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
     files, working directory) or by posix_spawn itself (process group, signals,
     fds 0-2), with the same results and the same messages when the job cannot start.
     """
-    old_umask = os.umask(plan.umask)
+    own_umask = plan.umask == _own_umask
+    old_umask = plan.umask if own_umask else os.umask(plan.umask)
     opened: tuple[int, ...] = ()
     path: str | None = None
     try:
@@ -554,7 +566,8 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
             return None, path or "-", "", (127 if isinstance(exc, FileNotFoundError) else 126) << 8
         return pid, path or "-", "", None
     finally:
-        os.umask(old_umask)
+        if not own_umask:
+            os.umask(old_umask)
         with contextlib.suppress(OSError):
             os.chdir("/")
         _close_all(set(opened) | set(plan.out_fds or ()))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsd import execpath, exitreport, launch
@@ -171,20 +173,66 @@ def test_a_reused_supervisor_searches_path_again_for_each_job(tmp_path: Path) ->
     assert [Path(o).read_text() for o in outputs] == ["late\n", "early\n"]
 
 
-@given(
-    st.lists(st.text(st.characters(blacklist_characters=":\0"), max_size=8), max_size=5),
-    st.sampled_from(["hello", "a/b", "/bin/true"]),
-    st.booleans(),
-)
-def test_the_paths_tried_are_the_ones_execvp_tries(
-    dirs: list[str], cmd: str, has_path: bool
+def _outcome(tmp: Path, start: Callable[[], None]) -> str:
+    """What a child running `start` (which execs or spawns "hello") printed, or the
+    errno it failed with."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(w, 1)
+            os.chdir(tmp)
+            start()
+        except OSError as exc:
+            os.write(w, f"errno {exc.errno}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as fh:
+        return fh.read().strip()
+
+
+KINDS = ("missing", "empty", "not executable", "a directory", "runs")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(KINDS), max_size=4), st.booleans(), st.booleans())
+def test_the_spawned_search_runs_what_execvp_runs_or_fails_as_it_does(
+    kinds: list[str], has_path: bool, empty_entry: bool
 ) -> None:
-    env = {"PATH": ":".join(dirs)} if has_path else {}
-    expected = [cmd] if "/" in cmd else [
-        f"{d}/{cmd}" if d else cmd for d in os.get_exec_path(env)
-    ]
-    assert list(execpath.exec_candidates(cmd, env)) == expected
-    assert list(execpath.exec_candidates(cmd, env)) == expected  # the same from the cache
+    """Whatever PATH holds (directories without the command, with a file or directory
+    of its name that cannot run, with one that runs; an empty entry, the working
+    directory; no PATH at all), a spawned job runs the program os.execvpe runs, or
+    fails with the same error."""
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        entries = []
+        for i, kind in enumerate(kinds):
+            d = tmp / f"d{i}"
+            entries.append(str(d))
+            if kind == "missing":
+                continue
+            d.mkdir()
+            if kind == "a directory":
+                (d / "hello").mkdir()
+            elif kind != "empty":
+                (d / "hello").write_text(f"#!/bin/sh\necho {i}\n")
+                (d / "hello").chmod(0o755 if kind == "runs" else 0o644)
+        if empty_entry:  # the working directory, where a "hello" runs
+            entries.insert(len(entries) // 2, "")
+            (tmp / "hello").write_text("#!/bin/sh\necho cwd\n")
+            (tmp / "hello").chmod(0o755)
+        env = {"PATH": ":".join(entries)} if has_path else {}
+        argv = ["hello"]
+
+        def spawned() -> None:
+            pid = execpath.spawn_on_path(argv, env, [])
+            os.waitpid(pid, 0)
+
+        execvp = _outcome(tmp, lambda: os.execvpe("hello", argv, env))
+        assert _outcome(tmp, spawned) == execvp
+        assert _outcome(tmp, spawned) == execvp  # again, with PATH already in place
 
 
 def test_an_output_file_name_is_the_job_id_and_six_random_letters_or_digits(
