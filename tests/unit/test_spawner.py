@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import marshal
 import os
 import signal
 import time
 from pathlib import Path
 
-from tsd import exitreport, launch
+import pytest
+
+from tsd import exitreport, launch, spawner
 from tsd.spawnlink import SpawnerLauncher
 
 
@@ -50,6 +54,33 @@ def finish(started: launch.Launched) -> None:
     assert started.pidfd is not None
     launch.wait_pidfd(started.pidfd)
     os.close(started.report_fd)
+
+
+def test_a_plan_crosses_to_its_supervisor_whole_and_a_body_not_a_plan_is_refused() -> None:
+    """Every field of a plan, each away from its default, comes out of the body as it
+    went in (a field added to the plan travels without more ado); the output fds are
+    the ones received beside the body, never the sender's."""
+    full = launch.LaunchPlan(
+        job_id=7, uid=1000, gid=1001, user="alice", command=("a", "b c"), cwd="/w",
+        env={"A": "1", "PATH": "/bin"}, umask=0o077, log_dir="/l", exits_dir="/e",
+        store_output=False, output_name="o", gzip=True, stderr_apart=True, timeout=2.5,
+        grace=3.0, on_finish="/f", mail_to="m@x", drop_privileges=False, groups=(5, 6),
+        nofile_soft=512, out_fds=(8, 9), reuse=True, ack_on_go=True,
+    )
+    defaults = launch.LaunchPlan(**{
+        f.name: getattr(full, f.name) for f in dataclasses.fields(full)
+        if f.default is dataclasses.MISSING
+    })
+    assert all(
+        getattr(full, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(full)
+        if f.default is not dataclasses.MISSING
+    )
+    body = spawner.encode(full)[spawner.HEADER.size :]
+    assert spawner.decode(body, (3, 4)) == dataclasses.replace(full, out_fds=(3, 4))
+    assert spawner.decode(body, None) == dataclasses.replace(full, out_fds=None)
+    for bad in (marshal.dumps((1, 2)), marshal.dumps({"job_id": 7}), marshal.dumps("member")):
+        with pytest.raises(ValueError, match="not a launch plan"):
+            spawner.decode(bad, None)
 
 
 def test_the_spawner_forks_a_supervisor_that_records_the_real_exit_code(
