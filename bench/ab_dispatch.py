@@ -4,8 +4,8 @@ Each tree (a directory holding `tsd/`, or a git revision, checked out for the ru
 detached worktree) gets a personal daemon of its own, all running side by side; the
 rounds interleave them (ABBA...), so that the machine's noise falls on all alike.
 One round: N `true` jobs queued with one `ts --array` (the submits take no time)
-behind a job that holds the single slot on a FIFO, then the slots raised to S and the
-FIFO opened; the round ends when `ts -w` on the last job returns. A first round of
+behind S jobs that hold the S slots on a lock, then the lock released; the round
+ends when `ts -w` on the last job returns. A first round of
 200 jobs per tree, not counted, grows its pool of supervisors.
 
 Printed per tree, medians over the rounds: jobs/s; CPU ms per job of the daemon, of
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import statistics
 import subprocess
@@ -73,22 +74,27 @@ def switches(daemon: int) -> int:
 
 def one_round(d: PersonalDaemon, jobs: int, slots: int) -> tuple[float, ...]:
     """(jobs/s, daemon ms/job, supervisors ms/job, jobs ms/job, switches/job)."""
-    d.ts("-S", "1")
-    gate = d.tmp / f"gate-{time.monotonic_ns()}"
-    os.mkfifo(gate)
-    d.ts("sh", "-c", f"read x < {gate}")
-    last = d.ts("--array", f"1-{jobs}", "true").split()[-1]
     d.ts("-S", str(slots))
-    pid = d.pid()
-    cpu0, sw0 = tree_cpu(pid), switches(pid)
-    t0 = time.perf_counter()
-    with open(gate, "w") as fh:
-        fh.write("go\n")
+    # Every slot held by a gate until the count starts: nothing of the round runs before.
+    lock = d.tmp / f"gate-{time.monotonic_ns()}"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(slots):
+            d.ts("flock", "-s", str(lock), "true")
+        last = d.ts("--array", f"1-{jobs}", "true").split()[-1]
+        pid = d.pid()
+        cpu0, sw0 = tree_cpu(pid), switches(pid)
+        t0 = time.perf_counter()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
     d.ts("-w", last)
     elapsed = time.perf_counter() - t0
     time.sleep(0.2)  # the last supervisors have reaped their jobs
     cpu1, sw1 = tree_cpu(pid), switches(pid)
     d.ts("-C")
+    lock.unlink()
     own, live, reaped = ((a - b) / jobs * 1000 for a, b in zip(cpu1, cpu0, strict=True))
     return jobs / elapsed, own, live, reaped, (sw1 - sw0) / jobs
 

@@ -7,7 +7,7 @@ of its counters; a workload's profile is the difference between the snapshots
 around it:
 
   submit    N `ts true` submits into a daemon with 0 slots (nothing runs)
-  dispatch  then `ts -S 2`: those N jobs run, until `ts -w` on the last returns
+  dispatch  then `ts -S 2` (--slots): those N jobs run, until `ts -w` on the last returns
   listing   a daemon started on BIG seeded jobs (big_queue.py's seeding), one `ts -l`;
             its start on that queue is printed too
 
@@ -23,7 +23,7 @@ imports against the command's wall time, by top-level package, and the slowest
 modules. The client runs from a throwaway regular install unless --editable.
 
 Usage: .venv/bin/python bench/where_time_goes.py [--quick] [--jobs N (500)] [--big N (100000)]
-           [--top K (15)] [--only submit,dispatch,listing,client] [--editable]
+           [--top K (15)] [--slots S (2)] [--only submit,dispatch,listing,client] [--editable]
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class Profiled:
             self.proc.wait()
 
 
-def daemon_profiles(jobs: int, top: int, only: list[str]) -> None:
+def daemon_profiles(jobs: int, top: int, only: list[str], slots: int = 2) -> None:
     """submit and dispatch on one daemon, profiled between snapshots."""
     d = PersonalDaemon(TS_SLOTS="0", TS_MAXCONN=str(jobs + 100))
     p = Profiled(d)
@@ -287,11 +287,11 @@ def daemon_profiles(jobs: int, top: int, only: list[str]) -> None:
                    jobs, top)
         if "dispatch" in only:
             with p.measure() as got:
-                s.run("-S", "2")
+                s.run("-S", str(slots))
                 s.run("-w", str(ids[-1]), check=False)
             stats, wall = got
             assert isinstance(stats, dict) and isinstance(wall, float)
-            report(f"dispatch: those {jobs} jobs on 2 slots", stats, wall, jobs, top)
+            report(f"dispatch: those {jobs} jobs on {slots} slots", stats, wall, jobs, top)
     finally:
         p.stop()
 
@@ -388,6 +388,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int)
     p.add_argument("--big", type=int)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--slots", type=int, default=2, help="the dispatch's slots (2)")
     p.add_argument("--only", default="submit,dispatch,listing,client")
     p.add_argument("--editable", action="store_true",
                    help="client from this checkout's .venv, not a fresh regular install")
@@ -398,7 +399,7 @@ def main() -> None:
     print(f"tsd profiles; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} "
           "(a shared machine: read shares, not absolute times)")
     if "submit" in only or "dispatch" in only:
-        daemon_profiles(jobs, args.top, only)
+        daemon_profiles(jobs, args.top, only, args.slots)
     if "listing" in only:
         listing_profile(big, args.top)
     if "client" in only:
