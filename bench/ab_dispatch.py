@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import PersonalDaemon
+from common import PersonalDaemon, slots_held
 from dispatch_cpu import tree_cpu
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,27 +73,16 @@ def switches(daemon: int) -> int:
 
 def one_round(d: PersonalDaemon, jobs: int, slots: int) -> tuple[float, ...]:
     """(jobs/s, daemon ms/job, supervisors ms/job, jobs ms/job, switches/job)."""
-    d.ts("-S", str(slots))
-    # Every slot held by a gate until the count starts: nothing of the round runs before.
-    lock = d.tmp / f"gate-{time.monotonic_ns()}"
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for _ in range(slots):
-            d.ts("flock", "-s", str(lock), "true")
+    with slots_held(d, slots):
         last = d.ts("--array", f"1-{jobs}", "true").split()[-1]
         pid = d.pid()
         cpu0, sw0 = tree_cpu(pid), switches(pid)
         t0 = time.perf_counter()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
     d.ts("-w", last)
     elapsed = time.perf_counter() - t0
     time.sleep(0.2)  # the last supervisors have reaped their jobs
     cpu1, sw1 = tree_cpu(pid), switches(pid)
     d.ts("-C")
-    lock.unlink()
     own, live, reaped = ((a - b) / jobs * 1000 for a, b in zip(cpu1, cpu0, strict=True))
     return jobs / elapsed, own, live, reaped, (sw1 - sw0) / jobs
 

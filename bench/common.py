@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import spoolers
 from spoolers import cgroup_usage_s
 
 BIN = Path(sys.executable).parent
@@ -76,6 +77,11 @@ class PersonalDaemon:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def slots_held(d: PersonalDaemon, slots: int) -> contextlib.AbstractContextManager[None]:
+    """spoolers.slots_held on this daemon: its slots held by gates for the block."""
+    return spoolers.slots_held(slots, d.tmp, lambda k: d.ts("-S", str(k)), d.ts)
 
 
 def time_command(argv: list[str], env: dict[str, str], runs: int) -> list[float]:

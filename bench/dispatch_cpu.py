@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PersonalDaemon
+from common import PersonalDaemon, slots_held
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -58,21 +58,15 @@ def tree_cpu(daemon: int) -> tuple[float, float, float]:
 
 
 def run_once(d: PersonalDaemon, n: int, slots: int) -> tuple[float, float, float, float]:
-    d.ts("-S", "1")
-    # A FIFO gate: the blocker burns no CPU while the jobs are queued (its CPU would
-    # be counted when its supervisor is reaped, inside the measured run).
-    gate = d.tmp / f"gate-{time.monotonic_ns()}"
-    os.mkfifo(gate)
-    d.ts("sh", "-c", f"read x < {gate}")
-    last = "0"
-    for _ in range(n):
-        last = d.ts("true").strip()
-    d.ts("-S", str(slots))
-    pid = d.pid()
-    before = tree_cpu(pid)
-    t0 = time.perf_counter()
-    with open(gate, "w") as fh:
-        fh.write("go\n")
+    # Lock gates: they burn no CPU while the jobs are queued (theirs is counted when
+    # their supervisors reap them, inside the measured run: `slots` jobs more).
+    with slots_held(d, slots):
+        last = "0"
+        for _ in range(n):
+            last = d.ts("true").strip()
+        pid = d.pid()
+        before = tree_cpu(pid)
+        t0 = time.perf_counter()
     d.ts("-w", last)
     elapsed = time.perf_counter() - t0
     time.sleep(0.2)  # the last supervisors are reaped

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +121,28 @@ class DispatchResult:
         return self.cpu_seconds / self.jobs * 1000
 
 
+@contextlib.contextmanager
+def slots_held(
+    slots: int, tmp: Path, set_slots: Callable[[int], object], queue: Callable[..., object]
+) -> Iterator[None]:
+    """`slots` slots (set_slots), every one held by a gate job (queue) that waits on a
+    lock held here: what is queued inside the block starts only once it ends.
+
+    One gate for several slots would let the other slots run the queued jobs before
+    a measurement starts."""
+    set_slots(slots)
+    lock = tmp / f"gate-{time.monotonic_ns()}"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(slots):
+            queue("flock", "-s", str(lock), "true")
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it: the gates end, the jobs start
+        lock.unlink()
+
+
 def dispatch(s: Spooler, n: int, slots: int, cpu: Callable[[], float],
              set_slots: Callable[[int], None] | None = None,
              workers: int = 4) -> DispatchResult:
@@ -128,25 +150,18 @@ def dispatch(s: Spooler, n: int, slots: int, cpu: Callable[[], float],
 
     `cpu` reads the meter (seconds); `set_slots` sets the slot count (default `-S`).
     """
-    (set_slots or (lambda k: s.run("-S", str(k))))(slots)
-    lock = s.tmp / f"gate-{time.monotonic_ns()}"
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        for _ in range(slots):
-            s.queue("flock", "-s", str(lock), "true", timeout=BLOCKED_AFTER_S)
+    with slots_held(
+        slots, s.tmp, set_slots or (lambda k: s.run("-S", str(k))),
+        lambda *argv: s.queue(*argv, timeout=BLOCKED_AFTER_S),
+    ):
         ids, full = submit_many(s, ["true"], n, workers)
         if not ids:
             raise QueueFull(f"{s.name}: no job could be queued behind the gates")
         cpu0 = cpu()
         t0 = time.perf_counter()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
     s.run("-w", str(ids[-1]), check=False)
     elapsed = time.perf_counter() - t0
     used = cpu() - cpu0
-    lock.unlink()
     clear_finished(s)
     return DispatchResult(len(ids), elapsed, used, full)
 
