@@ -376,7 +376,7 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
     killing_since: float | None = None
     sent_kill = False
     rusage: object | None = None
-    none_left = False  # no child left at the main one's end: nothing of the job is
+    none_left = False  # no child left once the main one was reaped: nothing of the job runs
     deadline = start + plan.timeout if plan.timeout else None
     while main_status is None:
         assert child is not None
