@@ -2,9 +2,9 @@
 
 The supervisor is the child subreaper of its job, so every process the job
 starts stays below it: once the job's main process is reaped, no child left
-means no process left, and the common end of a job (nothing left behind) costs
-one waitid, not a walk over the machine's processes; outside a job scope, not even
-that once the reaping found no child left (`reap_all`). Only when something is
+means no process left: the reaping's own wait4 says so (ECHILD), and the common
+end of a job (nothing left behind) costs no walk over the machine's processes
+(outside a job scope, nothing at all beyond the reaping, `reap`). Only when something is
 left are the processes found: in a job scope, its cgroup.procs; and below the
 supervisor, through the kernel's lists of each task's children (all of /proc
 where a kernel has none).
@@ -20,15 +20,10 @@ import signal
 import time
 
 
-def reap(main: int) -> tuple[int | None, object | None]:
-    """Reap every exited descendant (we are their subreaper); report the main one."""
-    status, usage, _ = reap_all(main)
-    return status, usage
-
-
-def reap_all(main: int) -> tuple[int | None, object | None, bool]:
-    """`reap`, and whether no child at all is left: then, with no job scope, nothing
-    of the job is left either (see the module docstring), and no waitid need ask."""
+def reap(main: int) -> tuple[int | None, object | None, bool]:
+    """Reap every exited descendant (we are their subreaper): the main one's wait status
+    and rusage (None, None while it runs), and whether no child at all is left. With
+    none left, nothing of the job is left below us (see the module docstring)."""
     status: int | None = None
     usage: object | None = None
     while True:
@@ -137,8 +132,7 @@ def _scope_procs(cg: str | None) -> set[int]:
 
 def _anything_left(cg: str | None) -> bool:
     """Reap what has exited; then whether any process of the job is left."""
-    reap(-1)
-    return _has_children() or bool(_scope_procs(cg))
+    return not reap(-1)[2] or bool(_scope_procs(cg))
 
 
 def _tree(cg: str | None) -> set[int]:

@@ -380,7 +380,7 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
     deadline = start + plan.timeout if plan.timeout else None
     while main_status is None:
         assert child is not None
-        main_status, rusage, none_left = jobtree.reap_all(child)
+        main_status, rusage, none_left = jobtree.reap(child)
         if main_status is not None:
             break
         now = time.time()
