@@ -5,8 +5,8 @@ detached worktree) gets a personal daemon of its own, all running side by side; 
 rounds interleave them (ABBA...), so that the machine's noise falls on all alike.
 One round: N `true` jobs queued with one `ts --array` (the submits take no time)
 behind S jobs that hold the S slots on a lock, then the lock released; the round
-ends when `ts -w` on the last job returns. A first round of
-200 jobs per tree, not counted, grows its pool of supervisors.
+ends when `ts -w` on the last job returns. A first round of 200 jobs per tree, not
+counted, grows its pool of supervisors.
 
 Printed per tree, medians over the rounds: jobs/s; CPU ms per job of the daemon, of
 its live descendants (the spawner, the reused supervisors) and of what they reaped
@@ -36,34 +36,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common import PersonalDaemon, slots_held
-from dispatch_cpu import tree_cpu
+from dispatch_cpu import descendants, tree_cpu
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return int(data[data.rfind(b")") + 2 :].split()[1])
-
-
 def switches(daemon: int) -> int:
     """Context switches so far of the daemon and its live descendants."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            ppid = _ppid(int(name))
-            if ppid is not None:
-                parents[int(name)] = ppid
     total = 0
-    for pid in parents:
-        up, hops = pid, 0
-        while up not in (daemon, 0, 1) and hops < 8:
-            up, hops = parents.get(up, 0), hops + 1
-        if up != daemon:
-            continue
+    for pid in [daemon, *descendants(daemon)]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if "ctxt_switches:" in line:

@@ -31,11 +31,9 @@ def _stat(pid: int) -> tuple[float, float, int]:
     return (ut + st) / TICK, (cut + cst) / TICK, int(rest[1])
 
 
-def tree_cpu(daemon: int) -> tuple[float, float, float]:
-    """(daemon's own CPU, own CPU of its live descendants (the spawner, the pooled
-    supervisors that stay between jobs), CPU of all they reaped (the jobs))."""
-    own, reaped, _ = _stat(daemon)
-    live = 0.0
+def descendants(daemon: int) -> dict[int, tuple[float, float, int]]:
+    """The daemon's live descendants (the spawner, the pooled supervisors), each with
+    its `_stat`."""
     stats: dict[int, tuple[float, float, int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == daemon:
@@ -47,13 +45,23 @@ def tree_cpu(daemon: int) -> tuple[float, float, float]:
     kids: dict[int, list[int]] = {}
     for pid, (_, _, ppid) in stats.items():
         kids.setdefault(ppid, []).append(pid)
+    found: dict[int, tuple[float, float, int]] = {}
     todo = list(kids.get(daemon, []))
     while todo:
         pid = todo.pop()
-        kid_own, kid_below, _ = stats[pid]
+        found[pid] = stats[pid]
+        todo.extend(kids.get(pid, []))
+    return found
+
+
+def tree_cpu(daemon: int) -> tuple[float, float, float]:
+    """(daemon's own CPU, own CPU of its live descendants (the spawner, the pooled
+    supervisors that stay between jobs), CPU of all they reaped (the jobs))."""
+    own, reaped, _ = _stat(daemon)
+    live = 0.0
+    for kid_own, kid_below, _ in descendants(daemon).values():
         live += kid_own
         reaped += kid_below
-        todo.extend(kids.get(pid, []))
     return own, live, reaped
 
 
