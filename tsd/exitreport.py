@@ -88,13 +88,58 @@ def write(exits_dir: str, job_id: int, report: ExitReport, durable: bool = True)
     finally:
         os.close(fd)
     os.replace(tmp, final)
-    if not durable:
-        return
+    if durable:
+        _sync_dir(exits_dir)
+
+
+def _sync_dir(exits_dir: str) -> None:
     dfd = os.open(exits_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _idle_mark(exits_dir: str | os.PathLike[str], pid: int, start: int | None) -> str:
+    return os.path.join(exits_dir, f"idle.{pid}.{-1 if start is None else start}")
+
+
+def mark_idle(exits_dir: str, pid: int, start: int | None) -> None:
+    """Leave word, durably, that the reused supervisor `pid` (kernel start time `start`)
+    held no job when its daemon went away without letting it go (tsd.spawner.run_member).
+
+    A job goes to a reused supervisor in one message, its plan with its GO, sent once
+    its start is committed: a daemon that dies between that commit and the send leaves
+    the job recorded as running on a supervisor that never heard of it, and that then
+    exits. This mark tells the next daemon so (`idle_marks`, tsd.runner.recover): it
+    queues such a job again, as it does one with an "aborted" report, rather than take
+    it for a job whose supervisor vanished.
+    """
+    fd = os.open(_idle_mark(exits_dir, pid, start), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_dir(exits_dir)
+
+
+def idle_marks(exits_dir: str | os.PathLike[str]) -> set[tuple[int, int | None]]:
+    """The (pid, start time) of every supervisor that left a `mark_idle`."""
+    marks: set[tuple[int, int | None]] = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(exits_dir):
+            kind, _, rest = name.partition(".")
+            pid, _, start = rest.partition(".")
+            if kind == "idle" and pid.isdigit() and start.lstrip("-").isdigit():
+                marks.add((int(pid), None if int(start) < 0 else int(start)))
+    return marks
+
+
+def clear_idle_marks(exits_dir: str | os.PathLike[str], marks: set[tuple[int, int | None]]) -> None:
+    """Remove these marks once the daemon has acted on them."""
+    for pid, start in marks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_idle_mark(exits_dir, pid, start))
 
 
 def read(exits_dir: str | os.PathLike[str], job_id: int) -> ExitReport | None:

@@ -271,13 +271,21 @@ class Runner(ReportPipes, EndRecorder):
     # ------------------------------------------------------------ recovery
 
     def recover(self, running: Sequence[Job]) -> None:
-        """After a restart: re-adopt live supervisors (by pid and start time), settle the rest."""
+        """After a restart: re-adopt live supervisors (by pid and start time), settle the
+        rest. A job on a supervisor that was idle when its daemon died never reached it
+        (tsd.exitreport.mark_idle): it goes back to the queue, as an aborted one does."""
+        exits = self.settings.exits_dir
+        idle = exitreport.idle_marks(exits)
         for job in running:
             if self._supervisor_alive(job):
                 log.info("job %d: re-adopted (supervisor pid %s)", job.id, job.supervisor_pid)
                 self._watch(job, report_fd=None)
-            else:
-                self._job_ended(job.id)
+                continue
+            unsent = (job.supervisor_pid, job.supervisor_start) in idle
+            if unsent and exitreport.read(exits, job.id) is None:
+                exitreport.write(str(exits), job.id, exitreport.ABORTED, durable=False)
+            self._job_ended(job.id)
+        exitreport.clear_idle_marks(exits, idle)
         for leftover in self.settings.exits_dir.glob("*.json"):
             try:
                 job_id = int(leftover.stem)

@@ -18,10 +18,10 @@ before the next is read:
     spawner -> daemon   (pid, start time), and by SCM_RIGHTS a pidfd of the new
                         supervisor; or (-errno, 0) when fork failed
 
-Or the body is marshal("member") with one fd, a socket (the link): the spawner
-forks a reused supervisor (the personal daemon's), which keeps the link and
-runs, one at a time, each job the daemon sends it there (`run_member`; the
-daemon's side is tsd.supervisorpool). A fork of even this small process, and
+Or the body is marshal(("member", exits dir)) with one fd, a socket (the link):
+the spawner forks a reused supervisor (the personal daemon's), which keeps the
+link and runs, one at a time, each job the daemon sends it there (`run_member`;
+the daemon's side is tsd.supervisorpool). A fork of even this small process, and
 the pages the forked Python touches before it has started the job, cost several
 times what the job's own posix_spawn does; a supervisor that stays costs them
 once, and the daemon hands it a job with a plan and a GO, no spawner in between.
@@ -146,9 +146,9 @@ def _read_request(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 
 IDLE = b"i"  # reused supervisor -> daemon, on its link: its job's turn is over
-DROP = b"d"  # daemon -> reused supervisor, after a plan: not stored, do not run it
+BYE = b"q"  # daemon -> reused supervisor: exit (once idle), nothing is left unsent
 NEXT = b"p"  # daemon -> reused supervisor: a plan follows (header, body; fds with this byte)
-MEMBER = "member"  # the request body (marshalled) for a reused supervisor, not a plan
+MEMBER = "member"  # marshal((MEMBER, exits dir)): the request for a reused supervisor
 
 
 def _answer(sock: socket.socket, pid: int, start: int | None, pidfd: int) -> None:
@@ -163,11 +163,13 @@ def _supervisor_for(sock: socket.socket, body: bytes, fds: list[int]) -> None:
     for jobs on its link (the request's one fd), and answer with its pid and a pidfd."""
     pidfd = -1
     try:
-        member = len(fds) == 1 and _is_member(body)
+        # A member's exits dir, else a plan.
+        asked: str | launch.LaunchPlan | None = _member_exits(body) if len(fds) == 1 else None
         try:
-            if not member and len(fds) not in (2, 4):
-                raise ValueError(f"a request brings 1, 2 or 4 fds, not {len(fds)}")
-            plan = None if member else decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
+            if asked is None:
+                if len(fds) not in (2, 4):
+                    raise ValueError(f"a request brings 1, 2 or 4 fds, not {len(fds)}")
+                asked = decode(body, (fds[2], fds[3]) if len(fds) == 4 else None)
         except (ValueError, TypeError, EOFError):
             sock.sendall(REPLY.pack(-errno.EINVAL, -1))
             return
@@ -177,9 +179,9 @@ def _supervisor_for(sock: socket.socket, body: bytes, fds: list[int]) -> None:
             sock.sendall(REPLY.pack(-(exc.errno or 1), -1))
             return
         if pid == 0:
-            if plan is None:
-                run_member(fds[0])
-            launch.run_supervisor(plan, fds[0], fds[1], inherited=False)
+            if isinstance(asked, str):
+                run_member(fds[0], asked)
+            launch.run_supervisor(asked, fds[0], fds[1], inherited=False)
         # Before the loop reaps anything: the pid is still ours, not reused.
         pidfd = os.pidfd_open(pid)
         _answer(sock, pid, launch.proc_start_time(pid), pidfd)
@@ -189,17 +191,27 @@ def _supervisor_for(sock: socket.socket, body: bytes, fds: list[int]) -> None:
             os.close(pidfd)
 
 
-def _is_member(body: bytes) -> bool:
+def member_request(exits_dir: str) -> bytes:
+    """The request (header included) for a reused supervisor that leaves its marks in
+    `exits_dir` (`run_member`)."""
+    body = marshal.dumps((MEMBER, exits_dir))
+    return HEADER.pack(len(body)) + body
+
+
+def _member_exits(body: bytes) -> str | None:
+    """The exits dir of a request for a reused supervisor; None for any other body."""
     try:
-        return bool(marshal.loads(body) == MEMBER)
+        asked = marshal.loads(body)
     except (ValueError, TypeError, EOFError):
-        return False
+        return None
+    ok = isinstance(asked, tuple) and len(asked) == 2 and asked[0] == MEMBER
+    return asked[1] if ok and isinstance(asked[1], str) else None
 
 
 class _Link:
     """A reused supervisor's end of its link: the daemon's messages, in order. What
     comes while the supervisor waits for the answer to its job's end (the next job's
-    plan, sent ahead of that answer, and its GO or DROP) is kept for after it."""
+    plan and GO, sent with that answer) is kept for after it."""
 
     def __init__(self, link_fd: int) -> None:
         self.sock = socket.socket(fileno=link_fd)
@@ -243,17 +255,19 @@ class _Link:
         return NEXT, body, fds + more
 
 
-def run_member(link_fd: int) -> NoReturn:
-    """In a freshly forked child: a reused supervisor. It takes each job's plan its daemon
-    sends on `link_fd`, then runs it at the daemon's GO (sent once the job is stored as
-    running) or drops it at DROP (not stored), says IDLE after each, and exits once the
-    daemon is gone (end of file). The next plan may come while it waits for the answer
-    to its job's end (tsd.supervisorpool): it is taken up after that answer.
+def run_member(link_fd: int, exits_dir: str) -> NoReturn:
+    """In a freshly forked child: a reused supervisor. It runs each job its daemon sends
+    on `link_fd` (the job's plan with its GO, in one message, sent once the job is
+    stored as running), says IDLE after each, and exits once the daemon lets it go
+    (BYE) or is gone (end of file). The next job may come while it waits for the
+    answer to its job's end (tsd.supervisorpool): it is taken up after that answer.
 
-    A plan whose GO never came (the daemon died between the two, its record of the
-    start committed or not) leaves an "aborted" exit report: the next daemon queues the
-    job again, as it does for a job supervisor whose go pipe closed (tsd.launch), rather
-    than take it for one whose supervisor vanished."""
+    A daemon gone without a BYE (it died) may have recorded a job as running on this
+    supervisor and died before sending it: an idle supervisor leaves a mark in
+    `exits_dir` then (tsd.exitreport.mark_idle), so that the next daemon queues that
+    job again rather than take it for a job whose supervisor vanished. A plan cut off
+    before its GO (the daemon died while sending it) leaves an "aborted" exit report,
+    as a job supervisor whose go pipe closed does (tsd.launch)."""
     code = 70
     try:
         launch.reset_process_state([link_fd], False)
@@ -263,17 +277,15 @@ def run_member(link_fd: int) -> NoReturn:
             kind, body, fds = link.next()
             if kind != NEXT or len(fds) not in (1, 3):
                 _close(fds)
-                break  # the daemon is gone (stopped, died), let us go, or is not one
+                if kind == b"":  # the daemon died: see above
+                    me = os.getpid()
+                    exitreport.mark_idle(exits_dir, me, launch.proc_start_time(me))
+                break  # let go, gone, or not a daemon we know
             rep_w = fds[0]
             plan = decode(body, (fds[1], fds[2]) if len(fds) == 3 else None)
-            word = link.next()[0]
-            if word != launch.GO:
+            if link.next()[0] != launch.GO:
                 _close(fds)
-                if word == DROP:
-                    link.idle()
-                    continue
-                # The daemon is gone (or says what it never says) before the go: one try,
-                # as a job supervisor does (tsd.launch.supervise).
+                # One try, as a job supervisor does (tsd.launch.supervise).
                 exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
                 break
             # Signals sent for the previous job (a ts -k that crossed its end) are not

@@ -18,8 +18,8 @@ aborted start and report so, in the job's name, while the job runs elsewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import marshal
 import os
 import socket
 import subprocess
@@ -39,13 +39,10 @@ _T = TypeVar("_T")
 STARTUP_TIMEOUT = 30.0  # seconds for a new spawner to load (python, tsd.launch), on a busy machine
 REPLY_TIMEOUT = 5.0  # seconds for one fork, on a busy machine
 BACKOFF = 60.0  # seconds of forking from the daemon after a spawner failed twice in a row
-MEMBER_TRIES = 3  # reused supervisors tried for one plan (one that died idle is passed over)
 # -I: no environment variables, no user site, no current directory on the path;
 # -S: no site-packages either: the spawner imports tsd (from where this daemon's
 # came) and the standard library, nothing else.
 START = "import sys; sys.path.insert(0, sys.argv[1]); import tsd.spawner as s; s.main(sys.argv)"
-_MEMBER_BODY = marshal.dumps(spawner.MEMBER)
-MEMBER_REQUEST = spawner.HEADER.pack(len(_MEMBER_BODY)) + _MEMBER_BODY
 
 
 class SpawnerGone(Exception):
@@ -100,14 +97,10 @@ class SpawnerLauncher:
         else have the spawner fork the supervisor (it waits for go); fork it here
         without a spawner."""
         if plan.reuse:
-            for _ in range(MEMBER_TRIES):
-                member = self.pool.take() or self._through_spawner(self._new_member)
-                if member is None:
-                    break
-                try:
-                    return self.pool.launched(member, plan)
-                except OSError:
-                    continue  # it died while idle (and is let go): the next one
+            member = self.pool.take() or self._through_spawner(
+                functools.partial(self._new_member, exits_dir=plan.exits_dir))
+            if member is not None:
+                return self.pool.launched(member, plan)
         launched = self._through_spawner(lambda sock: self._ask(sock, plan))
         return launched if launched is not None else launch.spawn(plan)
 
@@ -127,12 +120,14 @@ class SpawnerLauncher:
                 return answer
         return None
 
-    def _new_member(self, sock: socket.socket) -> Member:
-        """A new reused supervisor, forked by the spawner, linked to this daemon."""
+    def _new_member(self, sock: socket.socket, exits_dir: str) -> Member:
+        """A new reused supervisor, forked by the spawner, linked to this daemon; it
+        leaves its mark in `exits_dir` should this daemon die (tsd.spawner.run_member)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._await_ready(sock)
-            pid, start, pidfd = self._request(sock, MEMBER_REQUEST, [theirs.fileno()])
+            pid, start, pidfd = self._request(
+                sock, spawner.member_request(exits_dir), [theirs.fileno()])
         except BaseException:
             ours.close()  # a supervisor forked all the same exits at its end of file
             raise

@@ -2,24 +2,30 @@
 
 A reused supervisor (tsd.spawner.run_member) is forked once by the spawner and
 then kept: the daemon holds one end of a socketpair (its link) and hands it
-each job there: the job's plan when it is launched, with the job's report pipe
-(and ts -n's output fds) beside it, then one byte, GO, once the job is stored
-as running (or DROP when that was rolled back). The supervisor starts the job
-as soon as it reads GO, with no spawner and no round trip in between. A plan
-whose GO never comes (the daemon died between the two) leaves an "aborted"
-exit report, so that the next daemon queues the job again. After the job the
-supervisor says IDLE on its link and waits for the next one; when the daemon is
-gone (the link's end of file) it exits, once the job it runs, if any, is over.
+each job there, once the job is stored as running: the job's plan and GO in
+one message, with the job's report pipe (and ts -n's output fds) beside it. The
+supervisor starts the job as soon as it reads that, with no spawner and no
+round trip in between; a launch not stored (rolled back) sends nothing. After
+the job the supervisor says IDLE on its link and waits for the next one; when
+the daemon lets it go (BYE) or is gone (the link's end of file) it exits, once
+the job it runs, if any, is over.
+
+The plan waits in the daemon for the commit, rather than going ahead of its GO,
+so that a supervisor wakes once for a job, not once for the plan and again for
+its GO. The cost is in a crash between the commit and the send: the job is
+recorded as running on a supervisor that never got it. A supervisor that finds
+its daemon gone without a BYE while idle leaves a mark saying so
+(tsd.exitreport.mark_idle), and the next daemon queues such a job again
+(tsd.runner.recover), as it does a job whose supervisor never heard its GO.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
 the link too (Launched.answer), and says IDLE after it. Once its report is in
-(Launched.ending), it is the first choice for the next job: the next plan is
-sent to it ahead of the ACK (each plan starts with NEXT, so that it is told
-from an answer), it keeps that plan until the ACK, and the ACK and the next
-job's GO follow the same commit, which holds both the end and the start, in one
-message. One process wakes for the end and the next start, and no other wakes
-for the plan and again for its GO. Otherwise an idle supervisor is taken (a new
-one when none is: the pool grows to a few more than the jobs that run at once).
+(Launched.ending), it is the first choice for the next job: the next job is
+given to it ahead of the ACK, and the ACK goes with that job's plan and GO
+(the same commit holds both the end and the start), in one message, read by the
+supervisor in order: one process wakes for the end and the next start.
+Otherwise an idle supervisor is taken (a new one when none is: the pool grows
+to a few more than the jobs that run at once).
 
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
@@ -52,10 +58,10 @@ class Member:
     start: int | None
     link: socket.socket
     busy: int = 0  # jobs sent whose IDLE has not come yet
-    taken: bool = True  # chosen for a job not told GO or DROP yet (a new one is, at once)
+    taken: bool = True  # chosen for a job not sent or aborted yet (a new one is, at once)
     idle_since: float = 0.0  # monotonic time its last IDLE was heard
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
-    held: bytes = b""  # that answer, kept to go out with its next job's GO or DROP
+    held: bytes = b""  # that answer, kept to go out with its next job (or alone at its abort)
 
     @property
     def free(self) -> bool:
@@ -123,9 +129,14 @@ class SupervisorPool:
                     self.drop(extra)
 
     def drop(self, member: Member) -> None:
-        """Let a supervisor go: at the end of file on its link it exits (after its job)."""
+        """Let a supervisor go: told BYE, it exits once its job (if any) is over. One
+        taken for a job not sent yet is told nothing: that job may be recorded as
+        running on it, and the end of file alone has it leave its idle mark."""
         if self._members.pop(member.link.fileno(), None) is not None:
             self._epoll.unregister(member.link.fileno())
+            if not member.taken:
+                with contextlib.suppress(OSError):
+                    member.link.send(spawner.BYE, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
         member.link.close()
 
     def close(self) -> None:
@@ -135,33 +146,41 @@ class SupervisorPool:
         self._epoll.close()
 
     def launched(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
-        """The job of `plan` on `member`: its plan is sent now (OSError when the member
-        is gone: it is let go), go() says GO (and it runs), abort() says DROP and gives
-        the member back unused."""
-        rep_r, rep_w = os.pipe()
-        # The caller closes its ts -n fds once this returns; the member has them now.
+        """The job of `plan` on `member`: go() sends its plan and GO (and it runs; a
+        member gone by then has the job queued again), abort() gives the member back
+        with nothing sent. The caller may close its ts -n fds once this returns."""
+        body = spawner.NEXT + spawner.encode(plan)
+        made: list[int] = []
         try:
-            spawner.send_with_fds(
-                member.link, spawner.NEXT + spawner.encode(plan), [rep_w, *(plan.out_fds or ())]
-            )
-        except OSError:
-            os.close(rep_r)
-            os.close(rep_w)
-            self.drop(member)
+            made.extend(os.pipe())
+            made.extend(os.dup(fd) for fd in plan.out_fds or ())
+        except OSError:  # out of fds: the member stays free, the job queued (tsd.runner)
+            member.taken = False
+            for fd in made:
+                os.close(fd)
             raise
-        member.busy += 1  # an IDLE comes after the job, or after a DROP
+        rep_r, rep_w, *out_fds = made
         acks = launch.acks_end(plan)
 
-        def go() -> None:
+        def let_go() -> None:
             member.taken = False
+            member.held = b""
+            for fd in (rep_w, *out_fds):
+                os.close(fd)
+
+        def go() -> None:
             try:
                 if member.link.fileno() < 0:
                     raise OSError("the supervisor was let go")
-                member.link.send(member.held + launch.GO, socket.MSG_NOSIGNAL)
+                # The answer to its previous job's end after the plan: the supervisor
+                # keeps the plan (and the GO) while it waits for that answer.
+                spawner.send_with_fds(member.link, body + member.held + launch.GO,
+                                      [rep_w, *out_fds])  # fmt: skip
+                member.busy += 1  # an IDLE comes after the job
             except OSError:
-                # It died since it was sent the plan, or was let go (the daemon stops):
-                # the job never ran. Say so on its report pipe and in its report file,
-                # as a supervisor never told to go would, so that this daemon, or the
+                # It died since it was taken, or was let go (the daemon stops): the job
+                # never ran. Say so on its report pipe and in its report file, as a
+                # supervisor cut off before its GO would, so that this daemon, or the
                 # next one, queues it again.
                 self.drop(member)
                 with contextlib.suppress(OSError):
@@ -169,15 +188,14 @@ class SupervisorPool:
                 with contextlib.suppress(OSError):
                     exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
             finally:
-                member.held = b""
-                os.close(rep_w)
+                let_go()
 
         def abort() -> None:
-            os.close(rep_w)
-            member.taken = False
-            word, member.held = member.held + spawner.DROP, b""
-            with contextlib.suppress(OSError):  # gone: nothing ran, nothing to drop
-                member.link.send(word, socket.MSG_NOSIGNAL)
+            word = member.held
+            let_go()
+            if word:
+                with contextlib.suppress(OSError):  # gone: it waits for nothing
+                    member.link.send(word, socket.MSG_NOSIGNAL)
 
         def ending() -> None:
             member.ending = True
@@ -187,10 +205,10 @@ class SupervisorPool:
             if word is None:
                 return True  # it waits for nothing: it sent no end to answer
             if member.taken and member.link.fileno() >= 0:
-                # Its next job's plan is sent, and that job's go (or drop) follows this
-                # answer in the same commit: one message, and the supervisor wakes once
-                # for both. (Should the link break first, it is gone or the daemon stops:
-                # then its end of file has it write its report file, as without an ACK.)
+                # Its next job is chosen, and that job's plan and GO (or its abort) follow
+                # this answer in the same commit: one message, and the supervisor wakes
+                # once for both. (Should the link break first, it is gone or the daemon
+                # stops: then it writes its report file, as without an ACK.)
                 member.held += word
                 return True
             try:

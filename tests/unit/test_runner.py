@@ -448,6 +448,33 @@ def test_recover_readopts_live_supervisors_and_settles_the_rest(tmp_path: Path) 
     run(body)
 
 
+def test_recover_queues_again_a_job_recorded_on_a_supervisor_idle_when_its_daemon_died(
+    tmp_path: Path,
+) -> None:
+    # Its start committed, the daemon died before sending it: its supervisor, idle,
+    # left its mark (tsd.exitreport.mark_idle). Another job, on a supervisor gone
+    # without one, is lost as before; a mark with no job on it goes too.
+    async def body() -> None:
+        rig = Rig(tmp_path, system=False)
+        unsent, vanished = rig.queue(), rig.queue()
+        for job in (unsent, vanished):
+            rig.table.begin_run(job, (), ())
+            rig.table.launched(job.id, rig.launcher.pid_of(job.id), 55, None)
+        exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(unsent.id), 55)
+        exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(vanished.id), 56)  # reused pid
+        exitreport.mark_idle(str(rig.exits), 999_999, None)
+        again = JobTable(rig.store, Events(), lambda: 1000)
+        rig.runner.table = again
+        rig.runner.recover(again.load())
+        assert again.jobs[unsent.id].state is JobState.QUEUED
+        assert again.jobs[unsent.id].exit is None
+        ex = again.jobs[vanished.id].exit
+        assert ex is not None and ex.lost
+        assert exitreport.idle_marks(rig.exits) == set()
+
+    run(body)
+
+
 def test_an_end_that_cannot_be_stored_keeps_its_report_and_is_recorded_once_space_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

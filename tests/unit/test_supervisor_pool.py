@@ -366,26 +366,69 @@ def test_idle_supervisors_beyond_the_kept_number_go_only_after_a_while_idle(
     wait_until(lambda: not any(alive(job.supervisor_pid) for job in jobs[1:]))
 
 
-def test_a_plan_whose_go_never_comes_leaves_an_aborted_report_for_the_next_daemon(
+def test_a_supervisor_taken_for_a_job_not_sent_when_its_daemon_goes_leaves_its_idle_mark(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    # The daemon died after sending the plan (its record of the start committed, or
-    # not) and before GO: the job never ran, and the next daemon must queue it again,
-    # not take it for a job whose supervisor vanished.
+    # The daemon went (died, or stopped) after job 2's start could have been committed
+    # and before its plan and GO went out: the supervisor never heard of job 2, and
+    # says so, so that the next daemon queues it again (tsd.runner.recover) rather
+    # than take it for a job whose supervisor vanished.
     first, mark, started = second_job_taken(tmp_path, spawner)
-    spawner.close()  # the daemon is gone: the link's end of file, no GO
+    start = launch.proc_start_time(first)
+    spawner.close()  # no BYE for a taken supervisor: its link's end of file alone
     wait_until(lambda: not alive(first))
-    report = exitreport.read(tmp_path / "exits", 2)
-    assert report is not None and report.aborted and not mark.exists()
+    assert exitreport.idle_marks(tmp_path / "exits") == {(first, start)}
+    assert exitreport.read(tmp_path / "exits", 2) is None and not mark.exists()
     os.close(started.report_fd)
 
 
-def test_a_plan_is_sent_before_its_go_and_the_go_alone_starts_it(
+def test_supervisors_let_go_leave_no_idle_mark_and_one_whose_daemon_died_does(
+    tmp_path: Path
+) -> None:
+    # A daemon in a child process: one supervisor let go (BYE) by a clean close, then,
+    # in another child, one whose daemon dies (os._exit): only that one leaves a mark.
+    def daemon_child(die: bool) -> int:
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                os.close(r)
+                s = SpawnerLauncher()
+                s.start()
+                started = s.spawn(reusable(tmp_path, 1, "exit 0"))
+                started.go()
+                until_end(started)
+                wait_until(lambda: s.pool.idle() == 1)
+                os.write(w, str(started.supervisor_pid).encode())
+                if not die:
+                    s.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        pid = int(os.read(r, 64) or b"0")
+        os.close(r)
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0 and pid > 0
+        return pid
+
+    let_go = daemon_child(die=False)
+    wait_until(lambda: not alive(let_go))
+    assert exitreport.idle_marks(tmp_path / "exits") == set()
+    orphan = daemon_child(die=True)
+    wait_until(lambda: not alive(orphan))
+    marks = exitreport.idle_marks(tmp_path / "exits")
+    assert [pid for pid, _ in marks] == [orphan]
+    exitreport.clear_idle_marks(tmp_path / "exits", marks)
+    assert exitreport.idle_marks(tmp_path / "exits") == set()
+
+
+def test_nothing_reaches_a_supervisor_before_its_go_and_the_go_alone_starts_the_job(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
     first, mark, started = second_job_taken(tmp_path, spawner)
     time.sleep(0.1)
-    assert alive(first) and not mark.exists()  # it holds the plan, waiting
+    assert alive(first) and not mark.exists()  # taken, idle: the plan waits for the go
     started.go()
     assert report_in(until_end(started)).exit.code == 0 and mark.exists()
 
@@ -428,12 +471,12 @@ def test_a_supervisor_whose_end_came_takes_the_next_job_which_runs_after_the_ack
 
 
 @pytest.mark.parametrize("word", [launch.ACK, launch.NAK])
-def test_an_answer_and_a_drop_of_the_next_job_run_nothing_and_leave_a_file_only_unacked(
+def test_an_answer_and_an_abort_of_the_next_job_run_nothing_and_leave_a_file_only_unacked(
     tmp_path: Path, spawner: SpawnerLauncher, word: bytes
 ) -> None:
-    # Job 2's start was not stored after all: its launch failed after the plan was
-    # sent (ACK: job 1's end is stored), or the commit of both was rolled back (NAK).
-    # The answer, kept for job 2's GO, goes with its DROP instead.
+    # Job 2's start was not stored after all: its launch failed after it was taken
+    # (ACK: job 1's end is stored), or the commit of both was rolled back (NAK). The
+    # answer, kept to go with job 2's plan and GO, goes alone at its abort.
     first, second, mark = handed_on(tmp_path, spawner)
     assert first.answer is not None and first.answer(word)
     second.abort()
@@ -445,25 +488,27 @@ def test_an_answer_and_a_drop_of_the_next_job_run_nothing_and_leave_a_file_only_
         assert report is None  # ACKed: no report file
     else:
         assert report is not None and report.exit.code == 1
-    wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1 and for the drop
+    wait_until(lambda: spawner.pool.idle() == 1)  # IDLE for job 1, nothing for job 2
     again = spawner.spawn(reusable(tmp_path, 3, "exit 3"))
     assert again.supervisor_pid == first.supervisor_pid
     again.go()
     assert report_in(until_end(again)).exit.code == 3 and not mark.exists()
 
 
-def test_when_the_daemon_dies_with_the_next_plan_sent_ahead_both_jobs_are_left_for_the_next(
+def test_when_the_daemon_dies_with_the_next_job_taken_ahead_both_are_left_for_the_next(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    # Job 1's end unanswered and job 2 never told GO: job 1's report goes to its file,
-    # job 2 gets an "aborted" report (queued again, not lost) and nothing runs.
+    # Job 1's end unanswered and job 2 never sent: job 1's report goes to its file, and
+    # the supervisor leaves its idle mark, for job 2 to be queued again (not lost);
+    # nothing of job 2 runs.
     first, second, mark = handed_on(tmp_path, spawner)
+    start = launch.proc_start_time(first.supervisor_pid)
     spawner.close()
     wait_until(lambda: not alive(first.supervisor_pid))
     done = exitreport.read(tmp_path / "exits", 1)
     assert done is not None and done.exit.code == 1
-    aborted = exitreport.read(tmp_path / "exits", 2)
-    assert aborted is not None and aborted.aborted and not mark.exists()
+    assert exitreport.read(tmp_path / "exits", 2) is None and not mark.exists()
+    assert exitreport.idle_marks(tmp_path / "exits") == {(first.supervisor_pid, start)}
     os.close(first.report_fd)
     os.close(second.report_fd)
 
