@@ -378,11 +378,15 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
     rusage: object | None = None
     none_left = False  # no child left once the main one was reaped: nothing of the job runs
     deadline = start + plan.timeout if plan.timeout else None
+    # No reap before the first wait: SIGCHLD is blocked, so a job that ended already
+    # left it pending, and the wait returns at once.
+    waited = False
     while main_status is None:
         assert child is not None
-        main_status, rusage, none_left = jobtree.reap(child)
-        if main_status is not None:
-            break
+        if waited:
+            main_status, rusage, none_left = jobtree.reap(child)
+            if main_status is not None:
+                break
         now = time.time()
         if deadline is not None and now >= deadline and killing_since is None:
             timed_out = True
@@ -399,6 +403,7 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
         if not told:
             wake.append(told_at - time.monotonic())
         info = signal.sigtimedwait(WATCHED, max(0.0, min(wake)))
+        waited = True
         if not told and time.monotonic() >= told_at:
             _report(rep_w, started)
             told = True

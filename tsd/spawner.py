@@ -56,6 +56,7 @@ REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
 READY = b"R"  # sent once, when the spawner has loaded and may be asked
 MAX_FDS = 4  # go, report, and ts -n's stdout and stderr
 MAX_BODY = 64 << 20  # a plan is a command and an environment: far below this
+LINK_READ = 65536  # bytes a reused supervisor reads at once (a plan is a few KiB)
 # The plan's fields, in order, travel in the body as one tuple (no names: cheaper both
 # ways); out_fds travels beside it (SCM_RIGHTS), None in its place in the tuple.
 PLAN_FIELDS = tuple(f.name for f in fields(launch.LaunchPlan))
@@ -211,12 +212,21 @@ def _member_exits(body: bytes) -> str | None:
 class _Link:
     """A reused supervisor's end of its link: the daemon's messages, in order. What
     comes while the supervisor waits for the answer to its job's end (the next job's
-    plan and GO, sent with that answer) is kept for after it."""
+    plan and GO, sent with that answer) is kept for after it.
+
+    It reads what is there at once, not a message at a time: a job's plan, the answer
+    before it and its GO come in one send, and cost one read. The fds of a plan come
+    with the read that brings its first bytes, and one read never brings the fds of
+    two sends (the kernel stops a read after a send that carried fds); every plan
+    carries fds and nothing else does, so the k-th plan's are the k-th fds read."""
 
     def __init__(self, link_fd: int) -> None:
         self.sock = socket.socket(fileno=link_fd)
         self.sock.setblocking(True)
         self._kept: collections.deque[tuple[bytes, bytes, list[int]]] = collections.deque()
+        self._buf = bytearray()
+        self._fds: collections.deque[list[int]] = collections.deque()
+        self.acked = False  # the last answer was an ACK: the daemon counts us idle from it
 
     def next(self) -> tuple[bytes, bytes, list[int]]:
         """The next message: (NEXT, body, fds) for a plan, else (word, b"", []); the
@@ -228,38 +238,61 @@ class _Link:
         while True:
             message = self._read()
             if message[0] in (launch.ACK, launch.NAK, b""):
+                self.acked = message[0] == launch.ACK
                 return message[0]
             self._kept.append(message)
 
     def idle(self) -> None:
-        """Say IDLE. With the daemon gone, a plan kept may still wait for its "aborted"
-        report: no error here, the end of file is read next."""
+        """Say IDLE, unless the job's end was ACKed: the daemon takes the ACK for it
+        (tsd.supervisorpool). With the daemon gone, a plan kept may still wait for
+        its "aborted" report: no error here, the end of file is read next."""
+        if self.acked:
+            self.acked = False
+            return
         with contextlib.suppress(OSError):
             self.sock.send(IDLE, socket.MSG_NOSIGNAL)
 
+    def _fill(self, need: int) -> bool:
+        """Read until the buffer holds `need` bytes; False at the end of file or on an
+        error."""
+        while len(self._buf) < need:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(
+                    LINK_READ, fds_space(), socket.MSG_CMSG_CLOEXEC)
+            except OSError:
+                return False
+            fds = received_fds(ancdata)
+            if fds:
+                self._fds.append(fds)
+            if not data:
+                return False
+            self._buf += data
+        return True
+
     def _read(self) -> tuple[bytes, bytes, list[int]]:
-        try:
-            # A plan's fds come with its first byte, NEXT: read it with room for them.
-            word, ancdata, _, _ = self.sock.recvmsg(1, fds_space(), socket.MSG_CMSG_CLOEXEC)
-        except OSError:
+        if not self._fill(1):
             return b"", b"", []
-        fds = received_fds(ancdata)
+        word = bytes(self._buf[:1])
         if word != NEXT:
-            _close(fds)
+            del self._buf[:1]
             return word, b"", []
-        try:
-            body, more = _read_request(self.sock)
-        except (_Gone, OSError, ValueError):
-            _close(fds)
+        head = 1 + HEADER.size
+        if not self._fill(head):
             return b"", b"", []
-        return NEXT, body, fds + more
+        (length,) = HEADER.unpack_from(self._buf, 1)
+        if length > MAX_BODY or not self._fill(head + length):
+            return b"", b"", []
+        body = bytes(self._buf[head : head + length])
+        del self._buf[: head + length]
+        return NEXT, body, self._fds.popleft() if self._fds else []
 
 
 def run_member(link_fd: int, exits_dir: str) -> NoReturn:
     """In a freshly forked child: a reused supervisor. It runs each job its daemon sends
     on `link_fd` (the job's plan with its GO, in one message, sent once the job is
-    stored as running), says IDLE after each, and exits once the daemon lets it go
-    (BYE) or is gone (end of file). The next job may come while it waits for the
+    stored as running), says IDLE after each whose end the daemon did not ACK (an
+    ACK says it for us), and exits once the daemon lets it go (BYE) or is gone (end
+    of file). The next job may come while it waits for the
     answer to its job's end (tsd.supervisorpool): it is taken up after that answer.
 
     A daemon gone without a BYE (it died) may have recorded a job as running on this

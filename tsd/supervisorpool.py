@@ -6,7 +6,8 @@ each job there, once the job is stored as running: the job's plan and GO in
 one message, with the job's report pipe (and ts -n's output fds) beside it. The
 supervisor starts the job as soon as it reads that, with no spawner and no
 round trip in between; a launch not stored (rolled back) sends nothing. After
-the job the supervisor says IDLE on its link and waits for the next one; when
+the job (at once when its end was ACKed, see below) the supervisor is idle and
+waits for the next one; when
 the daemon lets it go (BYE) or is gone (the link's end of file) it exits, once
 the job it runs, if any, is over.
 
@@ -19,7 +20,8 @@ its daemon gone without a BYE while idle leaves a mark saying so
 (tsd.runner.recover), as it does a job whose supervisor never heard its GO.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
-the link too (Launched.answer), and says IDLE after it. Once its report is in
+the link too (Launched.answer); its turn ends with the ACK, and it says IDLE
+only after a NAK (once its report file is written). Once its report is in
 (Launched.ending), it is the first choice for the next job: the next job is
 given to it ahead of the ACK, and the ACK goes with that job's plan and GO
 (the same commit holds both the end and the start), in one message, read by the
@@ -57,7 +59,7 @@ class Member:
     pid: int
     start: int | None
     link: socket.socket
-    busy: int = 0  # jobs sent whose IDLE has not come yet
+    busy: int = 0  # jobs sent whose turn is not over yet (no IDLE or ACK since)
     taken: bool = True  # chosen for a job not sent or aborted yet (a new one is, at once)
     idle_since: float = 0.0  # monotonic time its last IDLE was heard
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
@@ -65,7 +67,8 @@ class Member:
 
     @property
     def free(self) -> bool:
-        """Idle: every job sent to it said IDLE, and it is not taken."""
+        """Idle: every job sent to it is over (IDLE said, or ACK sent), and it is not
+        taken."""
         return not self.taken and self.busy == 0
 
     @property
@@ -176,7 +179,7 @@ class SupervisorPool:
                 # keeps the plan (and the GO) while it waits for that answer.
                 spawner.send_with_fds(member.link, body + member.held + launch.GO,
                                       [rep_w, *out_fds])  # fmt: skip
-                member.busy += 1  # an IDLE comes after the job
+                member.busy += 1  # over at the ACK of its end, or at its IDLE
             except OSError:
                 # It died since it was taken, or was let go (the daemon stops): the job
                 # never ran. Say so on its report pipe and in its report file, as a
@@ -210,11 +213,15 @@ class SupervisorPool:
                 # once for both. (Should the link break first, it is gone or the daemon
                 # stops: then it writes its report file, as without an ACK.)
                 member.held += word
-                return True
-            try:
-                member.link.send(word, socket.MSG_NOSIGNAL)
-            except OSError:
-                return False
+            else:
+                try:
+                    member.link.send(word, socket.MSG_NOSIGNAL)
+                except OSError:
+                    return False
+            if word == launch.ACK:
+                # Its turn ends with the ACK: it says no IDLE after one (tsd.spawner).
+                member.busy -= 1
+                member.idle_since = time.monotonic()
             return True
 
         os.set_blocking(rep_r, False)

@@ -6,6 +6,7 @@ import dataclasses
 import marshal
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -81,6 +82,58 @@ def test_a_plan_crosses_to_its_supervisor_whole_and_a_body_not_a_plan_is_refused
     for bad in (marshal.dumps((1, 2)), marshal.dumps({"job_id": 7}), marshal.dumps("member")):
         with pytest.raises(ValueError, match="not a launch plan"):
             spawner.decode(bad, None)
+
+
+def test_a_link_reads_each_plan_whole_with_its_own_fds_however_the_bytes_arrive(
+    tmp_path: Path,
+) -> None:
+    """A reused supervisor's link (spawner._Link) reads what is there at once: plans
+    and words from several sends in one read, one plan over several reads, and each
+    plan gets the fds sent with it, never another's."""
+    ours, theirs = socket.socketpair()
+    link = spawner._Link(os.dup(theirs.fileno()))
+    theirs.close()
+    one = plan(tmp_path, 1, "exit 1")
+    two = plan(tmp_path, 2, "exit 2")
+    body_one, body_two = (spawner.NEXT + spawner.encode(p) for p in (one, two))
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        spawner.send_with_fds(ours, body_one, [pipes[0][1]])
+        spawner.send_with_fds(ours, body_two + launch.ACK + launch.GO,
+                              [pipes[1][1], pipes[2][1]])  # fmt: skip
+        assert link.answer() == launch.ACK and link.acked  # both plans kept, in order
+        got = [link.next() for _ in range(3)]
+        assert [kind for kind, _, _ in got] == [spawner.NEXT, spawner.NEXT, launch.GO]
+        assert spawner.decode(got[0][1], None).job_id == 1
+        assert spawner.decode(got[1][1], None).job_id == 2
+        assert [len(fds) for _, _, fds in got] == [1, 2, 0]
+        for (_, _, fds), sent in zip(got, ([pipes[0]], pipes[1:]), strict=False):
+            for fd, (r, _) in zip(fds, sent, strict=True):
+                os.write(fd, b"x")  # each received fd is the write end sent with it
+                assert os.read(r, 1) == b"x"
+                os.close(fd)
+        link.idle()  # after an ACK it says nothing: the ACK is the daemon's word for it
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(1)
+        # A plan in pieces, its fds with the first: read whole.
+        spawner.send_with_fds(ours, body_one[:3], [pipes[0][1]])
+        time.sleep(0.05)
+        ours.sendall(body_one[3:] + launch.NAK)
+        kind, body, fds = link.next()
+        assert kind == spawner.NEXT and spawner.decode(body, None).job_id == 1 and len(fds) == 1
+        os.close(fds[0])
+        assert link.answer() == launch.NAK and not link.acked
+        link.idle()  # after a NAK it says IDLE
+        ours.setblocking(True)
+        assert ours.recv(1) == spawner.IDLE
+        ours.close()
+        assert link.next()[0] == b""  # the daemon is gone
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        link.sock.close()
 
 
 def test_the_spawner_forks_a_supervisor_that_records_the_real_exit_code(

@@ -164,6 +164,24 @@ def test_what_a_job_left_running_is_ended_before_its_supervisor_takes_another(
     assert second == first and report_in(said).exit.code == 4
 
 
+def test_an_acked_end_frees_the_supervisor_at_once_and_a_nak_at_its_idle_after_the_file(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    started = spawner.spawn(reusable(tmp_path, 1, "exit 1"))
+    started.go()
+    assert report_in(until_end(started, answer=launch.ACK)).exit.code == 1
+    assert spawner.pool.idle() == 1  # at the ACK: no IDLE to wait for...
+    member = spawner.pool.take()
+    assert member is not None and member.pid == started.supervisor_pid
+    assert select.select([member.link], [], [], 0.3)[0] == []  # ...and none comes
+    nak = spawner.pool.launched(member, reusable(tmp_path, 2, "exit 2"))
+    nak.go()
+    assert report_in(until_end(nak, answer=launch.NAK)).exit.code == 2
+    report = exitreport.read(tmp_path / "exits", 2)
+    assert report is not None and report.exit.code == 2
+    wait_until(lambda: spawner.pool.idle() == 1)  # its IDLE, once the file is written
+
+
 def test_a_supervisor_that_died_idle_is_replaced_by_a_new_one(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
