@@ -31,11 +31,13 @@ def _use_path(path: str | None) -> None:
     _path_now = path
 
 
-def spawn_on_path(argv: list[str], env: dict[str, str], actions: list[tuple[object, ...]]) -> int:
-    """posix_spawn argv[0] searched on env's PATH, as execvp searches it; the job's pid,
-    or the OSError execvp would have met (FileNotFoundError when nothing was found)."""
+def spawn_on_path(argv: list[str], env: dict[str, str]) -> int:
+    """posix_spawn argv[0] searched on env's PATH, as execvp searches it, with this
+    process's fds 0-2 (the caller puts the job's there); the job's pid, or the OSError
+    execvp would have met (FileNotFoundError when nothing was found)."""
     _use_path(env.get("PATH"))
+    # No file actions: glibc checks each one's fds against RLIMIT_NOFILE, a getrlimit
+    # call per fd, five a job for stdin and two dup2s.
     return os.posix_spawnp(
-        argv[0], argv, env, file_actions=actions, setpgroup=0,
-        setsigmask=(), setsigdef=(signal.SIGPIPE,),
+        argv[0], argv, env, setpgroup=0, setsigmask=(), setsigdef=(signal.SIGPIPE,),
     )

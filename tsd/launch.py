@@ -285,11 +285,12 @@ def reset_process_state(keep: Sequence[int], inherited: bool) -> None:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 65536)
-    null = os.open(os.devnull, os.O_RDWR)
-    for target in (0, 1, 2):
-        os.dup2(null, target)
-    if null > 2:
-        os.close(null)
+    # stdin for reading only: a reused supervisor's jobs inherit it as it is.
+    for target, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        null = os.open(os.devnull, mode)
+        if null != target:
+            os.dup2(null, target)
+            os.close(null)
 
 
 # What a supervisor waits for (sigtimedwait): its job's processes ending, and being told
@@ -313,14 +314,17 @@ def become_supervisor() -> None:
     with contextlib.suppress(OSError, AttributeError):
         privdrop.libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
-    global _own_umask
+    global _own_umask, _null_out
     _own_umask = os.umask(0o022)
     os.umask(_own_umask)
+    _null_out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
 # A supervisor's own umask (read once, in become_supervisor): a job with the same one
 # (the usual case: both come from the user's shell) is spawned without setting it.
 _own_umask: int | None = None
+# /dev/null for writing, kept: what fds 1 and 2 go back to after a spawn (_spawn_job).
+_null_out = -1
 
 
 def forget_signals() -> None:
@@ -543,8 +547,8 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
 
     For a job that keeps the supervisor's user and limits (the personal daemon):
     what _exec_job does in the child is done here around the spawn (umask, output
-    files, working directory) or by posix_spawn itself (process group, signals,
-    fds 0-2), with the same results and the same messages when the job cannot start.
+    files, working directory, fds 0-2) or by posix_spawn itself (process group,
+    signals), with the same results and the same messages when the job cannot start.
     """
     own_umask = plan.umask == _own_umask
     old_umask = plan.umask if own_umask else os.umask(plan.umask)
@@ -559,18 +563,22 @@ def _spawn_job(plan: LaunchPlan) -> tuple[int | None, str, str, int | None]:
             return None, path or "-", f"could not start: {exc}", 127 << 8
         env = dict(plan.env)
         argv = list(plan.command)
+        # The job inherits its outputs as this process's own fds 1 and 2, set for the
+        # spawn and put back to /dev/null after it (stdin is /dev/null for good,
+        # reset_process_state): no file actions (execpath.spawn_on_path).
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
         try:
-            pid = execpath.spawn_on_path(argv, env, [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_fd, 1),
-                (os.POSIX_SPAWN_DUP2, err_fd, 2),
-            ])
+            pid = execpath.spawn_on_path(argv, env)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.write(err_fd, f"tsd: cannot run {argv[0]!r}: {exc.strerror}\n".encode())
             return None, path or "-", "", (127 if isinstance(exc, FileNotFoundError) else 126) << 8
         return pid, path or "-", "", None
     finally:
+        if opened:  # only the job holds its outputs (a terminal's reader sees its end)
+            os.dup2(_null_out, 1)
+            os.dup2(_null_out, 2)
         if not own_umask:
             os.umask(old_umask)
         with contextlib.suppress(OSError):

@@ -227,7 +227,7 @@ def test_the_spawned_search_runs_what_execvp_runs_or_fails_as_it_does(
         argv = ["hello"]
 
         def spawned() -> None:
-            pid = execpath.spawn_on_path(argv, env, [])
+            pid = execpath.spawn_on_path(argv, env)
             os.waitpid(pid, 0)
 
         execvp = _outcome(tmp, lambda: os.execvpe("hello", argv, env))

@@ -182,6 +182,23 @@ def test_an_acked_end_frees_the_supervisor_at_once_and_a_nak_at_its_idle_after_t
     wait_until(lambda: spawner.pool.idle() == 1)  # its IDLE, once the file is written
 
 
+def test_a_job_reads_dev_null_and_its_supervisor_keeps_none_of_its_outputs(
+    tmp_path: Path, spawner: SpawnerLauncher
+) -> None:
+    # The job gets its outputs as the supervisor's own fds 1 and 2 for the spawn: once
+    # it runs, they are /dev/null again (a ts -n reader sees the job's end as its end).
+    script = (
+        "sleep 0.3; echo x >&0 2>/dev/null && echo stdin-writable; "
+        "readlink /proc/$$/fd/0 /proc/$PPID/fd/1 /proc/$PPID/fd/2; echo to-stderr >&2"
+    )
+    started = spawner.spawn(reusable(tmp_path, 1, script))
+    started.go()
+    report = report_in(until_end(started))
+    assert report.exit.code == 0 and report.output is not None
+    lines = Path(report.output).read_text().splitlines()
+    assert lines == ["/dev/null", "/dev/null", "/dev/null", "to-stderr"]
+
+
 def test_a_supervisor_that_died_idle_is_replaced_by_a_new_one(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
