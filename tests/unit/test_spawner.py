@@ -82,6 +82,12 @@ def test_a_plan_crosses_to_its_supervisor_whole_and_a_body_not_a_plan_is_refused
     for bad in (marshal.dumps((1, 2)), marshal.dumps({"job_id": 7}), marshal.dumps("member")):
         with pytest.raises(ValueError, match="not a launch plan"):
             spawner.decode(bad, None)
+    # A reused supervisor's request names its exits dir; nothing else is one.
+    asked = spawner.member_request("/state/exits")[spawner.HEADER.size :]
+    assert spawner._member_exits(asked) == "/state/exits"
+    for bad in (marshal.dumps("member"), marshal.dumps(("member", 5)), b"\xff", body,
+                marshal.dumps(("member", "/e", "more"))):  # fmt: skip
+        assert spawner._member_exits(bad) is None
 
 
 def test_a_link_reads_each_plan_whole_with_its_own_fds_however_the_bytes_arrive(
