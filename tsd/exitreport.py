@@ -111,9 +111,9 @@ def mark_idle(exits_dir: str, pid: int, start: int | None) -> None:
     A job goes to a reused supervisor in one message, its plan with its GO, sent once
     its start is committed: a daemon that dies between that commit and the send leaves
     the job recorded as running on a supervisor that never heard of it, and that then
-    exits. This mark tells the next daemon so (`idle_marks`, tsd.runner.recover): it
-    queues such a job again, as it does one with an "aborted" report, rather than take
-    it for a job whose supervisor vanished.
+    exits. This mark tells the next daemon so (`has_idle_mark`): it queues such a job
+    again (tsd.runend), as it does one with an "aborted" report, rather than take it
+    for a job whose supervisor vanished.
     """
     fd = os.open(_idle_mark(exits_dir, pid, start), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -133,6 +133,11 @@ def idle_marks(exits_dir: str | os.PathLike[str]) -> set[tuple[int, int | None]]
             if kind == "idle" and pid.isdigit() and start.lstrip("-").isdigit():
                 marks.add((int(pid), None if int(start) < 0 else int(start)))
     return marks
+
+
+def has_idle_mark(exits_dir: str | os.PathLike[str], pid: int, start: int | None) -> bool:
+    """Whether the supervisor `pid` (kernel start time `start`) left a `mark_idle`."""
+    return os.path.exists(_idle_mark(exits_dir, pid, start))
 
 
 def clear_idle_marks(exits_dir: str | os.PathLike[str], marks: set[tuple[int, int | None]]) -> None:

@@ -100,8 +100,17 @@ class EndRecorder:
         first_try = self._store_retries.pop(job_id, None) is None
         if job_id not in self.table.running:
             return
-        report = self._early.get(job_id) or exitreport.read(self.settings.exits_dir, job_id)
+        exits = self.settings.exits_dir
+        report = self._early.get(job_id) or exitreport.read(exits, job_id)
         job, killed = self.table.running[job_id], job_id in self._killed
+        pid, start = job.supervisor_pid, job.supervisor_start
+        if report is None and pid is not None and exitreport.has_idle_mark(exits, pid, start):
+            # Its supervisor held no job when the daemon that stored this one as started
+            # died: the job was never sent to it (tsd.supervisorpool). Queued again, as
+            # a job told to run nothing is; the mark goes once that is stored.
+            report = exitreport.ABORTED
+            self.table.after_write(
+                functools.partial(exitreport.clear_idle_marks, exits, {(pid, start)}))
         waited = self._waited(job_id)
         why = self._reasons.get(job_id)  # ended by the daemon (idle GPUs): no --retry
         retry = bool(report and not report.aborted and not why and should_retry(

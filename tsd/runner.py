@@ -272,20 +272,17 @@ class Runner(ReportPipes, EndRecorder):
 
     def recover(self, running: Sequence[Job]) -> None:
         """After a restart: re-adopt live supervisors (by pid and start time), settle the
-        rest. A job on a supervisor that was idle when its daemon died never reached it
-        (tsd.exitreport.mark_idle): it goes back to the queue, as an aborted one does."""
-        exits = self.settings.exits_dir
-        idle = exitreport.idle_marks(exits)
+        rest. Idle marks (tsd.exitreport.mark_idle) of supervisors no running job names
+        are stale; the others are read when their job settles (tsd.runend)."""
         for job in running:
             if self._supervisor_alive(job):
                 log.info("job %d: re-adopted (supervisor pid %s)", job.id, job.supervisor_pid)
                 self._watch(job, report_fd=None)
-                continue
-            unsent = (job.supervisor_pid, job.supervisor_start) in idle
-            if unsent and exitreport.read(exits, job.id) is None:
-                exitreport.write(str(exits), job.id, exitreport.ABORTED, durable=False)
-            self._job_ended(job.id)
-        exitreport.clear_idle_marks(exits, idle)
+            else:
+                self._job_ended(job.id)
+        named = {(job.supervisor_pid, job.supervisor_start) for job in running}
+        exits = self.settings.exits_dir
+        exitreport.clear_idle_marks(exits, exitreport.idle_marks(exits) - named)
         for leftover in self.settings.exits_dir.glob("*.json"):
             try:
                 job_id = int(leftover.stem)

@@ -104,6 +104,53 @@ def test_kill9_at_random_moments_loses_no_acknowledged_job_and_runs_each_once(
     assert sorted(ran) == sorted(acknowledged), "every job ran exactly once"
 
 
+# Loaded by the daemon's Python (site, through PYTHONPATH), not by `ts` (isolated): the
+# daemon dies (exit 9) once job DIE_AT's start is committed, before it is sent to its
+# supervisor: the one moment a reused supervisor holds nothing of a job recorded on it.
+DIE_BEFORE_SEND = """
+import dataclasses, os
+if os.environ.get("DIE_AT"):
+    import tsd.supervisorpool as pool
+    _launched = pool.SupervisorPool.launched
+    def launched(self, member, plan):
+        got = _launched(self, member, plan)
+        if plan.job_id != int(os.environ["DIE_AT"]):
+            return got
+        return dataclasses.replace(got, go=lambda: os._exit(9))
+    pool.SupervisorPool.launched = launched
+"""
+
+
+def test_a_job_stored_as_started_but_never_sent_before_a_crash_runs_after_it(
+    tmp_path: Path,
+) -> None:
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(DIE_BEFORE_SEND)
+    env = make_env(tmp_path / "t", PYTHONPATH=str(inject), DIE_AT="2")
+    mark = env.tmp / "ran"
+    try:
+        run_ts(env, "-S", "1")
+        first = int(run_ts(env, "true").stdout)
+        run_ts(env, "-w", str(first))  # its supervisor is idle now, kept for the next job
+        # Job 2 is stored (queued, then started) before the daemon dies; its submit's
+        # answer waits for the fsync after, so the client hears nothing.
+        run_ts(env, "sh", "-c", f"touch {mark}", check=False)
+        second = 2
+        wait_until(lambda: env.daemon_pid() is None)
+        assert not mark.exists()
+        exits = env.state / "tsd" / "exits"
+        assert list(exits.glob("idle.*")), "the idle supervisor left its mark"
+        del env["DIE_AT"]
+        run_ts(env, "-w", str(second), check=False)  # a new daemon: job 2 queued again
+        listed = {j["ID"]: j for j in json.loads(run_ts(env, "-M", "json").stdout)}
+        assert listed[second]["State"] == "finished" and listed[second]["E-Level"] == 0
+        assert mark.exists()
+        assert not list(exits.glob("idle.*"))  # acted on, gone
+    finally:
+        stop_daemon(env)
+
+
 def test_ts_maxfinished_drops_oldest_finished_jobs_also_across_a_restart() -> None:
     # The rows of jobs forgotten beyond the cap are deleted in batches (tsd.finishedcap):
     # a daemon that stops before a batch leaves them, and the next one's load drops them.

@@ -452,16 +452,20 @@ def test_recover_queues_again_a_job_recorded_on_a_supervisor_idle_when_its_daemo
     tmp_path: Path,
 ) -> None:
     # Its start committed, the daemon died before sending it: its supervisor, idle,
-    # left its mark (tsd.exitreport.mark_idle). Another job, on a supervisor gone
-    # without one, is lost as before; a mark with no job on it goes too.
+    # left its mark (tsd.exitreport.mark_idle), gone by the restart or, still exiting
+    # then, re-adopted and gone after. Another job, on a supervisor gone without a
+    # mark (or one from an earlier life of its pid), is lost as before; a mark that
+    # names no running job's supervisor goes at once.
     async def body() -> None:
         rig = Rig(tmp_path, system=False)
-        unsent, vanished = rig.queue(), rig.queue()
-        for job in (unsent, vanished):
+        unsent, exiting, vanished = rig.queue(), rig.queue(), rig.queue()
+        for job in (unsent, exiting, vanished):
             rig.table.begin_run(job, (), ())
             rig.table.launched(job.id, rig.launcher.pid_of(job.id), 55, None)
         exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(unsent.id), 55)
-        exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(vanished.id), 56)  # reused pid
+        exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(exiting.id), 55)
+        rig.launcher.alive[rig.launcher.pid_of(exiting.id)] = 55
+        exitreport.mark_idle(str(rig.exits), rig.launcher.pid_of(vanished.id), 56)
         exitreport.mark_idle(str(rig.exits), 999_999, None)
         again = JobTable(rig.store, Events(), lambda: 1000)
         rig.runner.table = again
@@ -470,7 +474,10 @@ def test_recover_queues_again_a_job_recorded_on_a_supervisor_idle_when_its_daemo
         assert again.jobs[unsent.id].exit is None
         ex = again.jobs[vanished.id].exit
         assert ex is not None and ex.lost
-        assert exitreport.idle_marks(rig.exits) == set()
+        assert again.jobs[exiting.id].state is JobState.RUNNING  # re-adopted...
+        rig.procs.exit(rig.launcher.pid_of(exiting.id))  # ...and gone, with no report
+        await until(lambda: again.jobs[exiting.id].state is JobState.QUEUED)
+        await until(lambda: not exitreport.idle_marks(rig.exits))  # each acted on, gone
 
     run(body)
 
