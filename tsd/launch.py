@@ -43,17 +43,15 @@ import os
 import select
 import signal
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from tsd import execpath, exitreport, jobtree, privdrop
+from tsd import execpath, exitreport, joboutput, jobtree, privdrop
 from tsd.model import ExitInfo
 from tsd.paths import SENDMAIL
 
 PR_SET_CHILD_SUBREAPER = 36
-OUTPUT_PREFIX = "ts-out."
 JOB_NOFILE_SOFT = 1024  # systemd's default soft RLIMIT_NOFILE, what a login shell gets
 # What the daemon writes to a supervisor's go pipe: run the job; or go away without a
 # trace (a spawner died before telling the daemon this supervisor's pid, and the
@@ -633,84 +631,16 @@ def _open_outputs(plan: LaunchPlan, status_w: int) -> tuple[int, int, str | None
         return null, null, None
     if plan.output_name:
         path = os.path.join(plan.log_dir, plan.output_name)
-        fd = create_new(path, "-O")
+        fd = joboutput.create_new(path, "-O")
     else:
-        fd, path = _mkstemp(plan.log_dir, f"{OUTPUT_PREFIX}{plan.job_id}.")
+        fd, path = joboutput.mkstemp(plan.log_dir, f"{joboutput.OUTPUT_PREFIX}{plan.job_id}.")
     err_fd = fd
     if plan.stderr_apart:
-        err_fd = create_new(path + ".e", "-E")
+        err_fd = joboutput.create_new(path + ".e", "-E")
     if plan.gzip:
-        fd = _gzip_pipe(fd, status_w)
-        err_fd = _gzip_pipe(err_fd, status_w) if plan.stderr_apart else fd
+        fd = joboutput.gzip_pipe(fd, status_w)
+        err_fd = joboutput.gzip_pipe(err_fd, status_w) if plan.stderr_apart else fd
     return fd, err_fd, path
-
-
-def create_new(path: str, flag: str) -> int:
-    """A new output file, created here by the job's own process (as its user), mode 0600.
-
-    Never an existing file: not someone else's, not the user's own, not a FIFO
-    or a device, not through a symlink. Anything already at `path` means the
-    job does not start, with a note saying why.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{flag}: {path} already exists; tsd writes output only to a new file"
-        ) from None
-
-
-_ALPHABET = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-# Random byte -> name character (b % 62), for bytes.translate: one call per name.
-_NAME_CHARS = bytes(_ALPHABET[b % len(_ALPHABET)] for b in range(256))
-
-
-def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(100):
-        suffix = os.urandom(6).translate(_NAME_CHARS).decode()
-        path = os.path.join(directory, prefix + suffix)
-        try:
-            return os.open(path, flags, 0o600), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free output file name in {directory}")
-
-
-def _gzip_pipe(target: int, status_w: int) -> int:
-    """A pipe whose reader, a child of the job (same user), gzips into `target`.
-
-    It ignores SIGTERM so that ending the job's tree lets it flush a complete
-    gzip file once its writers are gone.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
-            os.close(w)
-            os.close(status_w)
-            comp = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: gzip container
-            while True:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                _write_all(target, comp.compress(chunk))
-            _write_all(target, comp.flush())
-        finally:
-            os._exit(0)
-    os.close(r)
-    os.close(target)
-    return w
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 # ------------------------------------------------------------ after the job
@@ -776,7 +706,7 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> int |
             os._exit(127)
     os.close(r)
     with contextlib.suppress(OSError):
-        _write_all(w, stdin)
+        joboutput.write_all(w, stdin)
     os.close(w)
     try:
         return os.waitpid(pid, 0)[1]

@@ -23,8 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 from tsd.config import ClusterConfig
 from tsd.errors import BadRequest, ClusterRefused, NoSuchJob, StorageFull, WrongState
+from tsd.joboutput import OUTPUT_PREFIX
 from tsd.jobtable import JobTable
-from tsd.launch import OUTPUT_PREFIX
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.slurmcmd import Owner
 from tsd.slurmjson import SlurmJob, Snapshot

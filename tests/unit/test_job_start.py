@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsd import execpath, exitreport, launch
+from tsd import execpath, exitreport, joboutput, launch
 from tsd.exitreport import ExitReport
 
 # nofile_soft set: the supervisor forks the job (the other path); the value is harmless.
@@ -240,7 +240,7 @@ def test_an_output_file_name_is_the_job_id_and_six_random_letters_or_digits(
 ) -> None:
     names = set()
     for _ in range(50):
-        fd, path = launch._mkstemp(str(tmp_path), "ts-out.7.")
+        fd, path = joboutput.mkstemp(str(tmp_path), "ts-out.7.")
         os.close(fd)
         assert re.fullmatch(r"ts-out\.7\.[A-Za-z0-9]{6}", Path(path).name)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -9,7 +9,7 @@ import pytest
 
 from tsd.cli_output import open_output
 from tsd.errors import TsdError
-from tsd.launch import create_new
+from tsd.joboutput import create_new
 
 
 def test_create_new_makes_a_private_file_and_refuses_anything_already_there(
