@@ -283,7 +283,7 @@ class Runner(ReportPipes, EndRecorder):
         named = {(job.supervisor_pid, job.supervisor_start) for job in running}
         exits = self.settings.exits_dir
         exitreport.clear_idle_marks(exits, exitreport.idle_marks(exits) - named)
-        for leftover in self.settings.exits_dir.glob("*.json"):
+        for leftover in exits.glob("*.json"):
             try:
                 job_id = int(leftover.stem)
             except ValueError:

@@ -292,8 +292,8 @@ def run_member(link_fd: int, exits_dir: str) -> NoReturn:
     on `link_fd` (the job's plan with its GO, in one message, sent once the job is
     stored as running), says IDLE after each whose end the daemon did not ACK (an
     ACK says it for us), and exits once the daemon lets it go (BYE) or is gone (end
-    of file). The next job may come while it waits for the
-    answer to its job's end (tsd.supervisorpool): it is taken up after that answer.
+    of file). The next job may come while it waits for the answer to its job's end
+    (tsd.supervisorpool): it is taken up after that answer.
 
     A daemon gone without a BYE (it died) may have recorded a job as running on this
     supervisor and died before sending it: an idle supervisor leaves a mark in

@@ -7,9 +7,8 @@ one message, with the job's report pipe (and ts -n's output fds) beside it. The
 supervisor starts the job as soon as it reads that, with no spawner and no
 round trip in between; a launch not stored (rolled back) sends nothing. After
 the job (at once when its end was ACKed, see below) the supervisor is idle and
-waits for the next one; when
-the daemon lets it go (BYE) or is gone (the link's end of file) it exits, once
-the job it runs, if any, is over.
+waits for the next one; when the daemon lets it go (BYE) or is gone (the link's
+end of file) it exits, once the job it runs, if any, is over.
 
 The plan waits in the daemon for the commit, rather than going ahead of its GO,
 so that a supervisor wakes once for a job, not once for the plan and again for
@@ -17,7 +16,7 @@ its GO. The cost is in a crash between the commit and the send: the job is
 recorded as running on a supervisor that never got it. A supervisor that finds
 its daemon gone without a BYE while idle leaves a mark saying so
 (tsd.exitreport.mark_idle), and the next daemon queues such a job again
-(tsd.runner.recover), as it does a job whose supervisor never heard its GO.
+(tsd.runend), as it does a job whose supervisor never heard its GO.
 
 A supervisor that waits for its report's ACK (tsd.launch.acks_end) reads it on
 the link too (Launched.answer); its turn ends with the ACK, and it says IDLE
@@ -61,9 +60,15 @@ class Member:
     link: socket.socket
     busy: int = 0  # jobs sent whose turn is not over yet (no IDLE or ACK since)
     taken: bool = True  # chosen for a job not sent or aborted yet (a new one is, at once)
-    idle_since: float = 0.0  # monotonic time its last IDLE was heard
+    idle_since: float = 0.0  # monotonic time its last turn ended (`turns_over`)
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
     held: bytes = b""  # that answer, kept to go out with its next job (or alone at its abort)
+
+    def turns_over(self, count: int = 1) -> None:
+        """`count` of the jobs sent to it are over: it said IDLE for each, or their end
+        was ACKed (it says no IDLE after an ACK)."""
+        self.busy -= count
+        self.idle_since = time.monotonic()
 
     @property
     def free(self) -> bool:
@@ -122,8 +127,7 @@ class SupervisorPool:
             if not said or said.strip(spawner.IDLE) or len(said) > member.busy:
                 self.drop(member)  # gone, or said what a supervisor never says
                 continue
-            member.busy -= len(said)
-            member.idle_since = time.monotonic()
+            member.turns_over(len(said))
         free = [m for m in self._members.values() if m.free]
         if len(free) > MAX_IDLE:
             now = time.monotonic()
@@ -219,9 +223,7 @@ class SupervisorPool:
                 except OSError:
                     return False
             if word == launch.ACK:
-                # Its turn ends with the ACK: it says no IDLE after one (tsd.spawner).
-                member.busy -= 1
-                member.idle_since = time.monotonic()
+                member.turns_over()
             return True
 
         os.set_blocking(rep_r, False)
