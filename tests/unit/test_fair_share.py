@@ -8,6 +8,7 @@ delayed by a job that started after it, nor passed by a job without --timeout.
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -196,6 +197,53 @@ def test_usage_and_history_survive_reopening_the_store(tmp_path: Path) -> None:
     assert (row.jobs, row.failed, row.slot_seconds, row.mean_wait) == (1, 0, 200.0, 900.0)
     clock[0] = 1000.0 + 400 * 86400.0
     assert again.prune() == 1 and again.stats(0.0, None) == []
+
+
+# The accounting table as older tsd made it: rows in insertion order, an index on the end.
+_OLD_ACCOUNTING = (
+    "CREATE TABLE accounting (job_id INTEGER NOT NULL, uid INTEGER NOT NULL,"
+    " user TEXT NOT NULL, end_ REAL NOT NULL, slots INTEGER NOT NULL, gpus INTEGER NOT NULL,"
+    " run_s REAL NOT NULL, wait_s REAL, failed INTEGER NOT NULL)",
+    "CREATE INDEX accounting_end ON accounting(end_)",
+)
+
+
+def test_an_older_accounting_history_keeps_every_run_in_end_order_without_its_index(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE accounting")
+    for stmt in _OLD_ACCOUNTING:
+        db.execute(stmt)
+    db.executemany(
+        "INSERT INTO accounting VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(3, 1234, "alice", 3000.0, 1, 0, 10.0, 1.0, 0),
+         (1, 1234, "alice", 1000.0, 2, 1, 50.0, 3.0, 1),
+         (2, 4321, "bob", 2000.0, 1, 0, 20.0, None, 0),
+         (2, 4321, "bob", 2000.0, 1, 0, 20.0, None, 0)],  # one run written twice
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    clock = [3000.0]
+    store = Store(path)
+    ledger = Ledger(store, Config, clock=lambda: clock[0])
+    (table,) = store.db.execute("SELECT sql FROM sqlite_master WHERE name='accounting'")
+    assert "WITHOUT ROWID" in table[0]
+    indexes = store.db.execute("SELECT name FROM sqlite_master WHERE type='index'").fetchall()
+    assert ("accounting_end",) not in indexes
+    assert [r[0] for r in store.db.execute("SELECT job_id FROM accounting")] == [1, 2, 3]
+    alice, bob = ledger.stats(0.0, None)
+    assert (alice.user, alice.jobs, alice.failed, alice.slot_seconds) == ("alice", 2, 1, 110.0)
+    assert (bob.user, bob.jobs, bob.slot_seconds, bob.mean_wait) == ("bob", 1, 20.0, None)
+    assert [r.jobs for r in ledger.stats(1500.0, None)] == [1, 1]
+    store.close()
+    again = Store(path)  # moved once: opening again changes nothing
+    assert again.db.execute("SELECT COUNT(*) FROM accounting").fetchone() == (3,)
+    clock[0] = 2500.0 + 365 * 86400.0
+    assert Ledger(again, Config, clock=lambda: clock[0]).prune() == 2  # ended before 2500
+    again.close()
 
 
 def test_waiting_reasons_name_the_reservation_and_the_user_fair_share_puts_first() -> None:
