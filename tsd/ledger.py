@@ -1,9 +1,10 @@
 """The ledger: every user's decayed usage (fair share) and the per-job history (`ts --stats`).
 
 It owns the usage book (tsd.usage) and writes through the store: a job's end,
-its accounting row and its user's new usage go into one transaction
-(`Store.save_ended`), so the history never misses an end nor counts one
-twice, and usage survives restarts (table `usage`, one row per user).
+its accounting row go into one transaction (`Store.save_ended`), so the
+history never misses an end nor counts one twice; its user's new usage is owed
+(tsd.owedusage: written every few seconds, replayed from the history after a
+crash), so usage survives restarts (table `usage`, one row per user).
 
 `charge(uid, slot_seconds, gpu_seconds, at)` charges usage that did not come
 from a tsd job to its owner; `charge_gpu` does so for GPU use outside tsd
@@ -48,6 +49,13 @@ class LedgerStore(Protocol):
 
     def prune_accounting(self, before: float) -> int: ...
 
+    def unpaid_runs(self) -> list[tuple[int, str, int, int, float, float]]: ...
+
+    def owe(
+        self, usage: tuple[int, float, float] | None, user: str | None,
+        slot_seconds: float, gpu_seconds: float,
+    ) -> None: ...
+
 
 def running_of(jobs: Iterable[Job], now: float) -> list[Running]:
     """What the jobs holding slots and GPUs are adding to their users' usage."""
@@ -74,6 +82,12 @@ class Ledger:
         self._clock = clock
         rows = {uid: Usage(v, at) for uid, (v, at) in store.load_usage().items()}
         self.book = UsageBook(config().fair_share, rows)
+        # Runs whose usage the store had not written yet when the daemon stopped (or
+        # crashed): owed again, as their ends owed them (tsd.owedusage).
+        for uid, user, slots, gpus, run_s, end in store.unpaid_runs():
+            usage = self.book.after_run(uid, slots, gpus, end - run_s, end)
+            self.book.set(uid, usage)
+            store.owe((uid, usage.value, usage.at), user, run_s * slots, run_s * gpus)
 
     def _sync(self) -> None:
         # A reload may change half_life or gpu_weight: the stored values stay valid.

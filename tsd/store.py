@@ -33,9 +33,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tsd.codec import exit_to_dict, spec_to_dict
-from tsd.groupcommit import SQLITE_FULL, GroupCommit, primary
+from tsd.groupcommit import SQLITE_FULL, primary
 from tsd.jobrows import RowDecoder
 from tsd.model import Job, JobSpec, JobState
+from tsd.owedusage import OwedUsage
 
 log = logging.getLogger("tsd")
 
@@ -46,7 +47,9 @@ SCHEMA_VERSION = 1
 # b-tree rather than a table and an index on its end (accounting_end, as older tsd
 # had): one page less in the commit of each end. Two rows of one job never share an
 # end (each is a run of its own), so the key is a row's identity: a row written twice
-# is kept once (INSERT OR IGNORE), which is what its history should show.
+# is kept once (INSERT OR IGNORE), which is what its history should show. `seq`
+# numbers the rows in the order they were written, for the usage they add
+# (tsd.owedusage; 0 in rows from before, all paid).
 _ACCOUNTING = """(
     job_id INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -57,6 +60,7 @@ _ACCOUNTING = """(
     run_s REAL NOT NULL,
     wait_s REAL,
     failed INTEGER NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (end_, job_id)
 ) WITHOUT ROWID"""
 
@@ -151,7 +155,7 @@ def unusable(path: str | os.PathLike[str], exc: sqlite3.Error) -> StoreError:
     return StoreError(f"cannot use {path}: {exc}")
 
 
-class Store(GroupCommit):
+class Store(OwedUsage):
     """The daemon's durable state."""
 
     def __init__(self, path: str | os.PathLike[str], durable: bool = True) -> None:
@@ -185,6 +189,7 @@ class Store(GroupCommit):
         _add_missing_columns(self.db)
         _move_envs_out(self.db)
         _order_accounting(self.db)
+        self._init_owed()
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -194,7 +199,8 @@ class Store(GroupCommit):
             )
 
     def close(self) -> None:
-        """Commit what is open and close the database."""
+        """Commit what is open (and what usage is owed) and close the database."""
+        self._pay_at_close()
         self.close_group()
         self.db.close()
 
@@ -257,9 +263,9 @@ class Store(GroupCommit):
     def save_ended(
         self, job: Job, usage: tuple[int, float, float] | None, ran: Job | None = None
     ) -> None:
-        """A job's end, its accounting row, its user's new usage (uid, value, at) and
-        usage totals, in one transaction: the history never misses an end nor counts
-        one twice.
+        """A job's end and its accounting row, in one transaction, and its user's new
+        usage (uid, value, at) and usage totals owed (tsd.owedusage): the history
+        never misses an end nor counts one twice.
 
         `ran` is the run that ended when `job` is that job queued again (a failed
         --retry attempt, an idle-GPU requeue): the attempt is history and usage too.
@@ -273,17 +279,16 @@ class Store(GroupCommit):
         failed = again or not (
             job.state is JobState.FINISHED and job.exit is not None and job.exit.success
         )
+        slots, gpus = (max(1, job.spec.slots), len(run_of.gpu_ids)) if started else (0, 0)
         with self._tx():
             self._update((job,))
             self.db.execute(
-                "INSERT OR IGNORE INTO accounting VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.uid, job.user, end, max(1, job.spec.slots) if started else 0,
-                 len(run_of.gpu_ids) if started else 0, run, wait, int(failed)),
+                "INSERT OR IGNORE INTO accounting VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.uid, job.user, end, slots, gpus, run, wait, int(failed),
+                 self._next_seq()),
             )
-            if usage is not None:
-                self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", usage)
-            if started:  # the Prometheus counters (see save_run)
-                self._add_totals(job.user, run * max(1, job.spec.slots), run * len(run_of.gpu_ids))
+        # The Prometheus counters too (see save_run), as the ledger replays them.
+        self.owe(usage, job.user, run * slots, run * gpus)
 
     def load_usage(self) -> dict[int, tuple[float, float]]:
         """Every user's decayed usage and the time it is valid at."""
@@ -292,11 +297,13 @@ class Store(GroupCommit):
 
     def set_usage(self, uid: int, value: float, at: float) -> None:
         """Record a user's decayed usage (a charge from outside a job's end)."""
+        self.pay()  # first: the row written here is newer than the one owed
         with self._tx():
             self.db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", (uid, value, at))
 
     def set_usages(self, rows: Iterable[tuple[int, float, float]]) -> None:
         """Record several users' usage (uid, value, at) in one transaction."""
+        self.pay()
         with self._tx():
             self.db.executemany("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)", list(rows))
 
@@ -318,6 +325,7 @@ class Store(GroupCommit):
 
     def prune_accounting(self, before: float) -> int:
         """Forget the history of jobs that ended before `before`; how many rows went."""
+        self.pay()  # a row not paid for yet must not go
         with self._tx():
             cur = self.db.execute("DELETE FROM accounting WHERE end_ < ?", (before,))
         return cur.rowcount
@@ -369,9 +377,14 @@ class Store(GroupCommit):
         )
 
     def usage_totals(self) -> dict[str, tuple[float, float]]:
-        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever."""
+        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever (what is owed
+        included)."""
         rows = self.db.execute("SELECT user, slot_seconds, gpu_seconds FROM usage_totals")
-        return {str(u): (float(s), float(g)) for u, s, g in rows}
+        totals = {str(u): (float(s), float(g)) for u, s, g in rows}
+        for user, (slot_s, gpu_s) in self.owed_totals().items():
+            before = totals.get(user, (0.0, 0.0))
+            totals[user] = (before[0] + slot_s, before[1] + gpu_s)
+        return totals
 
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
@@ -542,7 +555,9 @@ def _order_accounting(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(f"CREATE TABLE accounting_in_order {_ACCOUNTING}")
-        db.execute("INSERT OR IGNORE INTO accounting_in_order SELECT * FROM accounting")
+        columns = "job_id, uid, user, end_, slots, gpus, run_s, wait_s, failed"
+        db.execute(f"INSERT OR IGNORE INTO accounting_in_order ({columns})"
+                   f" SELECT {columns} FROM accounting")  # fmt: skip
         db.execute("DROP TABLE accounting")  # and its index with it
         db.execute("ALTER TABLE accounting_in_order RENAME TO accounting")
         db.execute("COMMIT")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pwd
+import signal
 import sqlite3
 import time
 
 from fixtures.nvml.picture import PictureFile, simple_gpus
-from integration.harness import Env, Runner, queue, state, stop_daemon, wait_state
+from integration.harness import Env, Runner, queue, state, stop_daemon, wait_state, wait_until
 
 KEYS = ["User", "Jobs", "Failed", "Slot_Hours", "GPU_Hours", "Mean_Wait_s"]
 
@@ -70,18 +72,35 @@ def test_bad_since_values_are_refused_in_one_line(ts: Runner) -> None:
     assert (proc.returncode, proc.stderr) == (1, "ts: --since goes with --stats\n")
 
 
-def test_usage_is_charged_at_each_end_and_survives_a_restart(ts: Runner, tsd_env: Env) -> None:
+def slot_seconds(ts: Runner) -> float:
+    hours = stats_json(ts)[0]["Slot_Hours"]
+    assert isinstance(hours, float)
+    return hours * 3600
+
+
+def test_usage_is_charged_at_each_end_and_survives_a_restart_and_a_kill_9(
+    ts: Runner, tsd_env: Env
+) -> None:
     job = queue(ts, "sleep", "1")
     ts("-w", str(job))
-    before = usage_rows(tsd_env)
-    value, at = before[os.getuid()]
-    assert 0.9 <= value <= 3.0  # one slot for about a second
-    stop_daemon(tsd_env)
+    first = slot_seconds(ts)
+    stop_daemon(tsd_env)  # a clean stop writes the usage it owes
+    value, at = usage_rows(tsd_env)[os.getuid()]
+    # One slot for about a second; a week's half-life: seconds decay nothing to speak of.
+    assert 0.9 <= value <= 3.0 and math.isclose(value, first, rel_tol=0.01)
     job = queue(ts, "sleep", "1")  # a new daemon: it must add to the stored usage
     ts("-w", str(job))
+    both = slot_seconds(ts)
+    pid = tsd_env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the end is stored; the usage it adds may still be owed
+    wait_until(lambda: tsd_env.daemon_pid() is None)
+    assert ts("-l").returncode == 0  # a new daemon replays what was owed...
+    stop_daemon(tsd_env)
     after, at_after = usage_rows(tsd_env)[os.getuid()]
     assert at_after > at
-    assert after >= value + 0.9  # a week's half-life: seconds decay nothing to speak of
+    assert after >= value + 0.9
+    assert math.isclose(after, both, rel_tol=0.01)  # ...once: each run counts once
     assert stats_json(ts)[0]["Jobs"] == 2
 
 
