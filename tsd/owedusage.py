@@ -89,7 +89,13 @@ class OwedUsage(GroupCommit):
             self._owed.totals[user] = (slot_s + max(0.0, slot_seconds),
                                        gpu_s + max(0.0, gpu_seconds))  # fmt: skip
         if time.monotonic() >= self._pay_at:
-            self.pay()
+            try:
+                self.pay()
+            except (StorageFull, sqlite3.Error) as exc:
+                # The end that owed it is written: it must not fail for this. Still
+                # owed, tried again in a while (and replayed after a crash meanwhile).
+                self._pay_at = time.monotonic() + PAY_EVERY
+                log.warning("usage not written, tried again in %.0fs: %s", PAY_EVERY, exc)
 
     def pay(self) -> None:
         """Write what is owed, and how far it goes, in one transaction. With nothing

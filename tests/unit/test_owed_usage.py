@@ -153,3 +153,21 @@ def test_a_group_rolled_back_takes_back_the_usage_it_owed(tmp_path: Path) -> Non
         assert usage[1000] == pytest.approx(10.0, rel=1e-3)
 
     asyncio.run(body())
+
+
+def test_an_end_whose_payment_fails_is_still_recorded_and_its_usage_paid_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(owedusage, "PAY_EVERY", 0.0)
+    d = Daemon(tmp_path)
+    d.store.db.execute("CREATE TRIGGER nospace BEFORE INSERT ON usage_totals BEGIN "
+                       "SELECT RAISE(ABORT, 'disk full'); END")
+    d.run(1000, "alice", 10.0)  # its payment fails: the end stands, the usage stays owed
+    assert [j.state.value for j in d.store.load_all()] == ["finished"]
+    assert stored(tmp_path) == ({}, {})
+    assert d.store.usage_totals() == {"alice": (pytest.approx(10.0), 0.0)}
+    d.store.db.execute("DROP TRIGGER nospace")
+    d.store.close()
+    usage, totals = stored(tmp_path)
+    assert totals == {"alice": (pytest.approx(10.0), 0.0)}
+    assert usage[1000] == pytest.approx(10.0, rel=1e-3)
