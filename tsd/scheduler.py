@@ -593,7 +593,6 @@ class _Decider:
         return None
 
     def start(self, user: _User) -> None:
-        self.gen += 1
         heapq.heappop(self.heap)
         job = user.cand
         assert job is not None
@@ -617,6 +616,10 @@ class _Decider:
         self.used_slots += slots
         user.slots += slots
         user.gpus += spec.gpus_wanted
+        # A new state, once all of it is changed: the reservation of this generation may
+        # have been read above (rsv.protected, for a GPU job's GPUs) with the slots still
+        # free, and kept, it let a later job past a head that no longer fits.
+        self.gen += 1
         self.starts.append(Start(job.id, gpu_ids))
         self.job_users[job.id] = user.uid
         self.rsv.recheck()

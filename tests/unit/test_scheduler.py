@@ -889,6 +889,20 @@ def naive(sc: Scenario) -> tuple[list[Start], set[int], set[int]]:
         starts.append(Start(pick.id, gpu_ids))
 
 
+def test_a_gpu_jobs_start_leaves_no_reservation_read_before_its_slots_were_taken() -> None:
+    # Found by the property test below: user 1 (least usage) starts x, then the GPU
+    # job g, whose GPUs are picked around the reservation read at that moment, with
+    # g's slot still free, when b (2 slots, first in the queue) still fitted. Kept,
+    # that reading let c take the last slot b waits for.
+    pending = [job(1, 2, order=0, slots=2), job(2, 1, order=1), job(3, 1, order=2, gpus=1),
+               job(4, 3, order=3)]  # fmt: skip
+    sc = Scenario(pending, [], 3, {u: UserLimits() for u in (1, 2, 3)}, (0,), None,
+                  fair={1: 0.0, 2: 2.0, 3: 1.0})  # fmt: skip
+    d = sc.decide()
+    assert list(d.start) == naive(sc)[0] == [Start(2, ()), Start(3, (0,))]
+    assert d.reasons[4] == "behind reservation for job 1"
+
+
 PROPS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
