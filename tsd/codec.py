@@ -9,6 +9,7 @@ tsd.protocol before it becomes a record. Light on purpose: `ts` loads it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from operator import attrgetter
 
@@ -107,6 +108,45 @@ def exit_from_dict(o: Mapping[str, Any]) -> ExitInfo:
         max_rss=o.get("max_rss"),
         note=str(o.get("note") or ""),
     )
+
+
+# The fields a stored row may leave out, each with the value spec_from_dict and
+# exit_from_dict read in its place: a spec or exit that holds that value (of that type)
+# is stored without it. Most of a spec's options are unset, and a short row is what
+# a job's start and end rewrite: more jobs to a page, fewer pages to each commit and
+# fewer splits of a page as its rows grow (a finished job's row was about 700 bytes,
+# half of them options at their default and nulls in its exit). Older tsd reads such
+# a row alike (these keys are read with these values when absent, as for rows from
+# before the options existed).
+_SPEC_ABSENT: dict[str, Any] = {
+    "env": [], "label": None, "gpu_indices": None, "output_name": None, "timeout": None,
+    "env_info": None, "forget": False, "begin": None, "priority": 0, "retry": 0,
+    "array_job": None, "array_task": None, "array_throttle": None, "gpu_mem": None,
+}  # fmt: skip
+_EXIT_ABSENT: dict[str, Any] = {
+    "signal": None, "timed_out": False, "lost": False, "cpu_seconds": None, "max_rss": None,
+    "note": "",
+}  # fmt: skip
+
+
+def _lean(obj: dict[str, Any], absent: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v for k, v in obj.items()
+        if k not in absent or type(v) is not type(absent[k]) or v != absent[k]
+    }  # fmt: skip
+
+
+def spec_to_row(spec: JobSpec) -> str:
+    """A spec as the store keeps it: spec_to_dict's JSON without its environment and
+    without the options at the value an absent one reads as (`command` first, as
+    tsd.jobrows expects)."""
+    return json.dumps(_lean(spec_to_dict(spec, include_env=False), _SPEC_ABSENT))
+
+
+def exit_to_row(ex: ExitInfo) -> str:
+    """An ExitInfo as the store keeps it: exit_to_dict's JSON without the fields at the
+    value an absent one reads as."""
+    return json.dumps(_lean(exit_to_dict(ex), _EXIT_ABSENT))
 
 
 def job_to_dict(job: Job, include_env: bool = False) -> dict[str, Any]:

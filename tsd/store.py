@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tsd.codec import exit_to_dict, spec_to_dict
+from tsd.codec import exit_to_row, spec_to_row
 from tsd.groupcommit import SQLITE_FULL, primary
 from tsd.jobrows import RowDecoder
 from tsd.model import Job, JobSpec, JobState
@@ -234,7 +234,7 @@ class Store(OwedUsage):
                 cur = self.db.execute(
                     "INSERT INTO jobs (uid, user, spec, state, ord, enqueue)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (uid, user, json.dumps(spec_to_dict(spec, include_env=False)),
+                    (uid, user, spec_to_row(spec),
                      state.value, order, enqueue_time),
                 )  # fmt: skip
                 assert cur.lastrowid is not None
@@ -246,7 +246,7 @@ class Store(OwedUsage):
                     spec = replace(spec, options=replace(spec.options, array_job=cur.lastrowid))
                     self.db.execute(
                         "UPDATE jobs SET spec=? WHERE id=?",
-                        (json.dumps(spec_to_dict(spec, include_env=False)), cur.lastrowid),
+                        (spec_to_row(spec), cur.lastrowid),
                     )
                 jobs.append(Job(id=cur.lastrowid, uid=uid, user=user, spec=_without_env(spec),
                                 state=state, order=order, enqueue_time=enqueue_time))  # fmt: skip
@@ -340,7 +340,7 @@ class Store(OwedUsage):
                         j.order,
                         j.start_time,
                         j.end_time,
-                        None if j.exit is None else json.dumps(exit_to_dict(j.exit)),
+                        None if j.exit is None else exit_to_row(j.exit),
                         j.pid,
                         j.supervisor_pid,
                         j.supervisor_start,

@@ -7,7 +7,10 @@ import sqlite3
 from dataclasses import fields, replace
 from pathlib import Path
 
-from tsd import codec, exitreport, model, protocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tsd import codec, exitreport, jobrows, model, protocol
 from tsd.exitreport import ExitReport
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
@@ -228,3 +231,62 @@ def test_loaded_jobs_submitted_alike_share_their_options(tmp_path: Path) -> None
     assert len({id(j.spec.options) for j in loaded[:5]}) == 1
     assert loaded[0].spec.timeout == 60.0 and loaded[0].spec.gzip
     assert loaded[5].spec.options is model.PLAIN
+
+
+_words = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=8)
+_stored_specs = st.builds(
+    JobSpec,
+    command=st.lists(_words, min_size=1, max_size=3).map(tuple),
+    cwd=_words.map(lambda t: "/" + t),
+    env=st.just(()),
+    label=st.none() | _words,
+    slots=st.integers(1, 8),
+    gpus=st.integers(0, 4),
+    gpu_indices=st.none() | st.just((0, 2)),
+    depends=st.lists(st.integers(1, 99), max_size=2).map(tuple),
+    timeout=st.none() | st.floats(0.0, 1e6),
+    env_info=st.none() | _words,
+    forget=st.booleans(),
+    begin=st.none() | st.floats(0.0, 2e9),
+    priority=st.integers(-5, 5),
+    retry=st.integers(0, 3),
+    array_job=st.none() | st.integers(0, 9),
+    array_task=st.none() | st.integers(0, 9),
+    array_throttle=st.none() | st.integers(0, 3),
+    gpu_mem=st.none() | st.integers(0, 4096),
+)
+_exits = st.builds(
+    ExitInfo,
+    code=st.none() | st.integers(0, 255),
+    signal=st.none() | st.integers(0, 64),
+    timed_out=st.booleans(),
+    lost=st.booleans(),
+    cpu_seconds=st.none() | st.floats(0.0, 1e6),
+    max_rss=st.none() | st.integers(0, 1 << 40),
+    note=_words,
+)
+
+
+@settings(max_examples=300)
+@given(_stored_specs, _exits)
+def test_a_stored_row_leaves_out_what_reads_back_by_default_and_reads_back_whole(
+    spec: JobSpec, ex: ExitInfo
+) -> None:
+    row = codec.spec_to_row(spec)
+    assert row.startswith('{"command": ')  # the loader's fast path (tsd.jobrows)
+    assert codec.spec_from_dict(json.loads(row)) == spec
+    assert jobrows.RowDecoder().spec(row) == spec
+    assert codec.exit_from_dict(json.loads(codec.exit_to_row(ex))) == ex
+
+
+def test_a_plain_job_and_a_plain_exit_are_stored_short() -> None:
+    spec = JobSpec(command=("true",), cwd="/tmp", env=(("A", "b"),))
+    assert list(json.loads(codec.spec_to_row(spec))) == [
+        "command", "cwd", "umask", "slots", "gpus", "depends", "depend_mode", "store_output",
+        "gzip", "stderr_apart", "mail",
+    ]  # fmt: skip
+    assert json.loads(codec.exit_to_row(ExitInfo(code=0, cpu_seconds=0.5))) == {
+        "code": 0, "cpu_seconds": 0.5}  # fmt: skip
+    assert json.loads(codec.exit_to_row(ExitInfo(code=None, note=""))) == {"code": None}
+    loud = ExitInfo(code=0, signal=0, timed_out=True, note="n")  # 0 is not None
+    assert json.loads(codec.exit_to_row(loud))["signal"] == 0
