@@ -1,7 +1,7 @@
 """The ledger: every user's decayed usage (fair share) and the per-job history (`ts --stats`).
 
-It owns the usage book (tsd.usage) and writes through the store: a job's end,
-its accounting row go into one transaction (`Store.save_ended`), so the
+It owns the usage book (tsd.usage) and writes through the store: a job's end
+and its accounting row go into one transaction (`Store.save_ended`), so the
 history never misses an end nor counts one twice; its user's new usage is owed
 (tsd.owedusage: written every few seconds, replayed from the history after a
 crash), so usage survives restarts (table `usage`, one row per user).

@@ -80,7 +80,9 @@ class OwedUsage(GroupCommit):
     ) -> None:
         """Owe a user's new usage (uid, value, at) and a run's slot- and GPU-seconds to
         `user`'s totals; right after the write of the accounting row they come from (a
-        rollback of its group puts back what was owed before)."""
+        rollback of its group puts back what was owed before). Paid later: at a job's
+        end once due (`pay_if_due`), never here, so that a replay (tsd.ledger) owes all
+        its rows before any of them counts as paid."""
         self._keep_owed()
         if usage is not None:
             self._owed.usage[usage[0]] = (usage[1], usage[2])
@@ -88,6 +90,9 @@ class OwedUsage(GroupCommit):
             slot_s, gpu_s = self._owed.totals.get(user, (0.0, 0.0))
             self._owed.totals[user] = (slot_s + max(0.0, slot_seconds),
                                        gpu_s + max(0.0, gpu_seconds))  # fmt: skip
+
+    def pay_if_due(self) -> None:
+        """Pay what is owed once PAY_EVERY seconds have passed since the last payment."""
         if time.monotonic() >= self._pay_at:
             try:
                 self.pay()

@@ -289,6 +289,7 @@ class Store(OwedUsage):
             )
         # The Prometheus counters too (see save_run), as the ledger replays them.
         self.owe(usage, job.user, run * slots, run * gpus)
+        self.pay_if_due()
 
     def load_usage(self) -> dict[int, tuple[float, float]]:
         """Every user's decayed usage and the time it is valid at."""
@@ -523,6 +524,9 @@ _ADDED_COLUMNS = (("attempts", "INTEGER NOT NULL DEFAULT 0"),)
 # slurm_jobs.task: the Slurm array task index of an --array element (NULL otherwise).
 _ADDED_SLURM_COLUMNS = (("task", "INTEGER"),)
 
+# accounting.seq (see _ACCOUNTING): 0 in the rows from before, whose usage is written.
+_ADDED_ACCOUNTING_COLUMNS = (("seq", "INTEGER NOT NULL DEFAULT 0"),)
+
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
@@ -567,7 +571,10 @@ def _order_accounting(db: sqlite3.Connection) -> None:
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
-    for table, added in (("jobs", _ADDED_COLUMNS), ("slurm_jobs", _ADDED_SLURM_COLUMNS)):
+    for table, added in (
+        ("jobs", _ADDED_COLUMNS), ("slurm_jobs", _ADDED_SLURM_COLUMNS),
+        ("accounting", _ADDED_ACCOUNTING_COLUMNS),
+    ):
         have = _columns(db, table)
         for name, decl in added:
             if name not in have:

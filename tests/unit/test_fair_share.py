@@ -246,6 +246,21 @@ def test_an_older_accounting_history_keeps_every_run_in_end_order_without_its_in
     again.close()
 
 
+def test_an_accounting_table_in_end_order_without_row_numbers_gets_them(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE accounting")
+    db.execute(_OLD_ACCOUNTING[0].replace(")", ", PRIMARY KEY (end_, job_id)) WITHOUT ROWID"))
+    db.execute("INSERT INTO accounting VALUES (1, 1234, 'alice', 1000.0, 1, 0, 5.0, 0.0, 0)")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.db.execute("SELECT job_id, seq FROM accounting").fetchall() == [(1, 0)]
+    assert store.unpaid_runs() == []  # a row from before: its usage is written
+    store.close()
+
+
 def test_waiting_reasons_name_the_reservation_and_the_user_fair_share_puts_first() -> None:
     keys = {1: 50.0, 2: 10.0, 3: 0.0}
     res = Resources(

@@ -171,3 +171,23 @@ def test_an_end_whose_payment_fails_is_still_recorded_and_its_usage_paid_later(
     usage, totals = stored(tmp_path)
     assert totals == {"alice": (pytest.approx(10.0), 0.0)}
     assert usage[1000] == pytest.approx(10.0, rel=1e-3)
+
+
+def test_a_replay_owes_every_unpaid_run_before_it_pays_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = Daemon(tmp_path)
+    d.run(1000, "alice", 10.0)
+    d.run(2000, "bob", 4.0)
+    d.crash()
+    monkeypatch.setattr(owedusage, "PAY_EVERY", 0.0)  # a payment is due at once
+    again = Daemon(tmp_path)
+    # A payment in the middle would count every run as paid with only the first owed:
+    # the next crash would lose the others.
+    assert stored(tmp_path) == ({}, {})
+    assert len(again.store.unpaid_runs()) == 2
+    again.run(1000, "alice", 1.0)  # the next end pays all of it
+    usage, totals = stored(tmp_path)
+    assert totals == {"alice": (pytest.approx(11.0), 0.0), "bob": (pytest.approx(4.0), 0.0)}
+    assert usage == {1000: pytest.approx(11.0, rel=1e-3), 2000: pytest.approx(4.0, rel=1e-3)}
+    assert again.store.unpaid_runs() == []
