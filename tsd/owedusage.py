@@ -16,6 +16,10 @@ row is never counted twice, as what is owed and that number are written
 together. Nothing reads the two tables but the store: `usage_totals` adds what
 is owed, and the ledger's usage book holds it already.
 
+At open, the last row's number and the unpaid rows are found by reading the
+whole history (`seq` has no index: that would be one more b-tree for each end to
+write): two scans, ~50 ms for 400,000 rows here.
+
 A part of the store (tsd.store.Store builds on `OwedUsage`).
 """
 
@@ -24,7 +28,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from contextlib import suppress
 from dataclasses import dataclass, field
 
 from tsd.errors import StorageFull
@@ -130,12 +133,10 @@ class OwedUsage(GroupCommit):
         """The runs that the stored usage and totals do not include yet (uid, user, slots,
         GPUs, run seconds, end), in the order they were written: for the ledger to owe
         again at its start (a crash came before their payment)."""
-        with suppress(sqlite3.Error):
-            return [
-                (int(u), str(n), int(s), int(g), float(r), float(e))
-                for u, n, s, g, r, e in self.db.execute(_UNPAID, (self._paid,))
-            ]
-        return []
+        return [
+            (int(u), str(n), int(s), int(g), float(r), float(e))
+            for u, n, s, g, r, e in self.db.execute(_UNPAID, (self._paid,))
+        ]
 
     def owed_totals(self) -> dict[str, tuple[float, float]]:
         """The slot- and GPU-seconds owed to each user's totals."""
