@@ -13,6 +13,8 @@ import signal
 import zlib
 
 OUTPUT_PREFIX = "ts-out."
+# A new file only: never one already there, nor through a symlink.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def create_new(path: str, flag: str) -> int:
@@ -22,9 +24,8 @@ def create_new(path: str, flag: str) -> int:
     or a device, not through a symlink. Anything already at `path` means the
     job does not start, with a note saying why.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(path, flags, 0o600)
+        return os.open(path, _NEW_FILE, 0o600)
     except FileExistsError:
         raise FileExistsError(
             f"{flag}: {path} already exists; tsd writes output only to a new file"
@@ -40,12 +41,11 @@ def mkstemp(directory: str, prefix: str) -> tuple[int, str]:
     """A new output file in `directory` named `prefix` and six random letters or
     digits (task-spooler's ts-out.XXXXXX), created as `create_new` creates one: the fd
     and the path."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
         suffix = os.urandom(6).translate(_NAME_CHARS).decode()
         path = os.path.join(directory, prefix + suffix)
         try:
-            return os.open(path, flags, 0o600), path
+            return os.open(path, _NEW_FILE, 0o600), path
         except FileExistsError:
             continue
     raise FileExistsError(f"no free output file name in {directory}")

@@ -13,8 +13,8 @@ they include (meta `derived_seq`).
 A crash loses nothing: the next daemon's ledger replays the accounting rows
 after that number (`unpaid_runs`, tsd.ledger) into what is owed again, and a
 row is never counted twice, as what is owed and that number are written
-together. Nothing reads the two tables but the store: `usage_totals` adds what
-is owed, and the ledger's usage book holds it already.
+together. Nothing reads the two tables but the store: `usage_totals` (here)
+adds what is owed, and the ledger's usage book holds it already.
 
 At open, the last row's number and the unpaid rows are found by reading the
 whole history (`seq` has no index: that would be one more b-tree for each end to
@@ -138,9 +138,15 @@ class OwedUsage(GroupCommit):
             for u, n, s, g, r, e in self.db.execute(_UNPAID, (self._paid,))
         ]
 
-    def owed_totals(self) -> dict[str, tuple[float, float]]:
-        """The slot- and GPU-seconds owed to each user's totals."""
-        return dict(self._owed.totals)
+    def usage_totals(self) -> dict[str, tuple[float, float]]:
+        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever (what is owed
+        included)."""
+        rows = self.db.execute("SELECT user, slot_seconds, gpu_seconds FROM usage_totals")
+        totals = {str(u): (float(s), float(g)) for u, s, g in rows}
+        for user, (slot_s, gpu_s) in self._owed.totals.items():
+            before = totals.get(user, (0.0, 0.0))
+            totals[user] = (before[0] + slot_s, before[1] + gpu_s)
+        return totals
 
     def _keep_owed(self) -> None:
         """Before what is owed changes inside an open group: a copy, put back if that
@@ -156,4 +162,12 @@ class OwedUsage(GroupCommit):
         self.on_rollback(put_back)
 
     def _add_totals(self, user: str, slot_seconds: float, gpu_seconds: float) -> None:
-        raise NotImplementedError  # tsd.store.Store
+        """Add to a user's totals in the open write (`pay`, and tsd.store's save_run)."""
+        if slot_seconds <= 0 and gpu_seconds <= 0:
+            return  # a job that never ran: no row for a user who never used anything
+        self.db.execute(
+            "INSERT INTO usage_totals VALUES (?, ?, ?) ON CONFLICT(user) DO UPDATE SET"
+            " slot_seconds = slot_seconds + excluded.slot_seconds,"
+            " gpu_seconds = gpu_seconds + excluded.gpu_seconds",
+            (user, max(0.0, slot_seconds), max(0.0, gpu_seconds)),
+        )

@@ -367,26 +367,6 @@ class Store(OwedUsage):
             self._update([job])
             self._add_totals(job.user, slot_seconds, gpu_seconds)
 
-    def _add_totals(self, user: str, slot_seconds: float, gpu_seconds: float) -> None:
-        if slot_seconds <= 0 and gpu_seconds <= 0:
-            return  # a job that never ran: no row for a user who never used anything
-        self.db.execute(
-            "INSERT INTO usage_totals VALUES (?, ?, ?) ON CONFLICT(user) DO UPDATE SET"
-            " slot_seconds = slot_seconds + excluded.slot_seconds,"
-            " gpu_seconds = gpu_seconds + excluded.gpu_seconds",
-            (user, max(0.0, slot_seconds), max(0.0, gpu_seconds)),
-        )
-
-    def usage_totals(self) -> dict[str, tuple[float, float]]:
-        """Every user's (slot-seconds, GPU-seconds) of ended runs, ever (what is owed
-        included)."""
-        rows = self.db.execute("SELECT user, slot_seconds, gpu_seconds FROM usage_totals")
-        totals = {str(u): (float(s), float(g)) for u, s, g in rows}
-        for user, (slot_s, gpu_s) in self.owed_totals().items():
-            before = totals.get(user, (0.0, 0.0))
-            totals[user] = (before[0] + slot_s, before[1] + gpu_s)
-        return totals
-
     def delete(self, ids: Iterable[int]) -> None:
         """Forget these jobs (cleared, removed, or dropped beyond TS_MAXFINISHED)."""
         rows = [(i,) for i in ids]
