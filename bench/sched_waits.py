@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import TS
-from spoolers import ensure_tsp, slots_held, submit_many
+from spoolers import dispatch, ensure_tsp, slots_held, submit_many
 from vs_tsp import Side, tsd_side, tsp_side
 
 # "time [cpu] task  wait  sch-delay  run" (ms), as perf sched timehist prints a switch.
@@ -177,12 +177,8 @@ def main(argv: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tsd-bench-sched-"))
     try:
         for side in sides:  # a first dispatch each: the pools and caches warm
-            with side.ctx() as s, slots_held(args.slots, s.tmp,
-                                              lambda k, s=s: s.run("-S", str(k)), s.queue):
-                ids, _ = submit_many(s, ["true"], 200)
             with side.ctx() as s:
-                s.run("-w", str(ids[-1]), check=False)
-                s.run("-C", check=False)
+                dispatch(s, 200, args.slots, side.cpu_s)
         print(f"{args.jobs} true jobs on {args.slots} slots; per job: CPU ms run, ms waited "
               "runnable (of it, ms while another CPU was idle)", flush=True)
         for rep in range(args.reps):

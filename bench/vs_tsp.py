@@ -225,6 +225,15 @@ class Bench:
                 f"dispatch, {slots} slots: context switches per job (the whole machine's, "
                 f"over the same span): tsd {med(switched['tsd']):.1f}, "
                 f"tsp {med(switched['tsp']):.1f}")
+            # Jobs/s is how busy the spooler keeps the CPUs over its CPU per job: this
+            # says which of the two a difference in jobs/s comes from.
+            cores = os.cpu_count() or 1
+            busy = {name: med(r.cpu_seconds / r.seconds for r in got[name]) / cores
+                    for name in got}
+            self.notes.append(
+                f"dispatch, {slots} slots: share of the {cores} CPUs busy with the spooler "
+                f"over the span: tsd {busy['tsd']:.0%}, tsp {busy['tsp']:.0%} "
+                "(bench/sched_waits.py says where the rest waits)")
             for name in ("tsd", "tsp"):
                 sizes = sorted({r.jobs for r in got[name]})
                 if sizes != [n]:
