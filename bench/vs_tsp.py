@@ -231,8 +231,8 @@ class Bench:
             busy = {name: med(r.cpu_seconds / r.seconds for r in got[name]) / cores
                     for name in got}
             self.notes.append(
-                f"dispatch, {slots} slots: share of the {cores} CPUs busy with the spooler "
-                f"over the span: tsd {busy['tsd']:.0%}, tsp {busy['tsp']:.0%} "
+                f"dispatch, {slots} slots: share of the {cores} CPUs busy over the span "
+                f"(as CPU per job is counted): tsd {busy['tsd']:.0%}, tsp {busy['tsp']:.0%} "
                 "(bench/sched_waits.py says where the rest waits)")
             for name in ("tsd", "tsp"):
                 sizes = sorted({r.jobs for r in got[name]})
