@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import TS
-from spoolers import dispatch, ensure_tsp, slots_held, submit_many
+from spoolers import dispatch, ensure_tsp
 from vs_tsp import Side, tsd_side, tsp_side
 
 # "time [cpu] task  wait  sch-delay  run" (ms), as perf sched timehist prints a switch.
@@ -131,26 +131,35 @@ def read(spans: list[Span], spooler: str, jobs: int, seconds: float) -> Reading:
 
 
 def one_run(side: Side, jobs: int, slots: int, workdir: Path) -> Reading:
-    """Queue `jobs` behind the gates, record the scheduler over their dispatch."""
+    """One dispatch (spoolers.dispatch), the scheduler recorded over it: its meter, read
+    once as the jobs are released and once after the last one ended, starts perf at the
+    first reading and stops it at the second."""
     data = workdir / f"{side.name}.data"
-    with side.ctx() as s:
-        with slots_held(slots, s.tmp, lambda k: s.run("-S", str(k)), s.queue):
-            ids, full = submit_many(s, ["true"], jobs)
-            if full:
-                raise RuntimeError(f"{side.name}: its queue got full; ask for fewer --jobs")
-            rec = subprocess.Popen(["perf", "sched", "record", "-o", str(data)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rec: list[subprocess.Popen[bytes]] = []
+
+    def meter() -> float:
+        if not rec:
+            rec.append(subprocess.Popen(["perf", "sched", "record", "-o", str(data)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1.0)  # perf's own start stays out of the span
-            t0 = time.perf_counter()
-        s.run("-w", str(ids[-1]), check=False)
-        seconds = time.perf_counter() - t0
-        rec.send_signal(2)
-        rec.wait()
-        s.run("-C", check=False)
+        else:
+            rec[0].send_signal(2)
+            rec[0].wait()
+        return side.cpu_s()
+
+    try:
+        with side.ctx() as s:
+            r = dispatch(s, jobs, slots, meter)
+    finally:
+        if rec and rec[0].poll() is None:  # the dispatch failed between the readings
+            rec[0].send_signal(2)
+            rec[0].wait()
+    if r.full:
+        raise RuntimeError(f"{side.name}: its queue got full; ask for fewer --jobs")
     hist = subprocess.run(["perf", "sched", "timehist", "-i", str(data)], capture_output=True,
                           text=True, check=True).stdout
     data.unlink()
-    return read(parse(hist), side.name, len(ids), seconds)
+    return read(parse(hist), side.name, r.jobs, r.seconds)
 
 
 def show(name: str, r: Reading) -> str:
