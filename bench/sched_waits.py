@@ -134,10 +134,10 @@ def read(spans: list[Span], spooler: str, jobs: int, seconds: float) -> Reading:
             continue
         k = kind_of(s.task, spooler)
         out.run[k] += clip(s.start, s.end)
-        waited = (s.start - s.delay, s.start)
-        if s.delay and clip(*waited):
-            out.delay[k] += clip(*waited)
-            out.delay_idle[k] += idle_elsewhere(s.cpu, *waited)
+        waited = clip(s.start - s.delay, s.start) if s.delay else 0.0
+        if waited:
+            out.delay[k] += waited
+            out.delay_idle[k] += idle_elsewhere(s.cpu, s.start - s.delay, s.start)
     for d in (out.run, out.delay, out.delay_idle):
         for k in d:
             d[k] *= 1000 / jobs
