@@ -41,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The real slot count, for the bounds that run more jobs than slots (ahead, batch).
+# Only the daemon reads it: the spawner starts with an empty environment, so an edit
+# of the supervisors' code must not depend on a variable (an edit switched on by one
+# would never be on there).
 SLOTS_ENV = "TSD_BOUND_SLOTS"
 
 
