@@ -14,6 +14,9 @@ left out of the run; it is measured against the tree it was written for.
              held to the real count (--slots), each sent a second job while its first
              runs and starting it at the first's end without waiting for the daemon's
              answer (taken as ACK)
+  ahead-told ahead, with a line on the job's report pipe before each start, which
+             the daemon wakes for and reads (the "taking" of the deadline design in
+             bench/README.md)
   batch      ahead, with 4 jobs per supervisor and the report pipes read only once a
              1 ms timer ran out since one came ready: the ends of 1 ms in one turn
   no-log     the log line of a job's end deleted
@@ -95,6 +98,14 @@ def _ahead(per_supervisor: int) -> list[Edit]:
     ]
 
 
+# What the job ahead would add to `ahead`: the supervisor's line on the next job's pipe
+# before it starts it (the daemon wakes for it and reads it), at every start.
+_TAKING_LINE = Edit(
+    "launch.py",
+    "    child, out, failure, main_status = _start_job(plan, rep_w)\n",
+    '    _report(rep_w, f"taking {time.monotonic()}")\n'
+    "    child, out, failure, main_status = _start_job(plan, rep_w)\n",
+)
 _BATCH_READS = Edit(
     "reportpipe.py",
     "    def _ready(self) -> None:\n        if self._epoll is None:\n            return\n",
@@ -163,6 +174,7 @@ _NO_SAVE = Edit(
 
 BOUNDS: dict[str, list[Edit]] = {
     "ahead": _ahead(2),
+    "ahead-told": [*_ahead(2), _TAKING_LINE],
     "batch": [*_ahead(4), _BATCH_READS],
     "no-log": [_NO_LOG],
     "no-acct": [_NO_ACCT],
