@@ -206,6 +206,7 @@ class Daemon:
             lambda: self.policy.config.gpus.poll_seconds,
             fair=self.ledger,
             wake=self._wake_at,
+            ahead=None if settings.system else self.runner.send_ahead,
         )
         self.idle = IdleWatch(
             loop, lambda: self.policy.config, self.table, self.gpus, self.runner,

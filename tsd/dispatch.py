@@ -17,9 +17,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from itertools import islice
 from typing import Protocol
 
-from tsd.eligibility import apart_reason
+from tsd.eligibility import apart_reason, may_go_ahead
 from tsd.errors import StorageFull
 from tsd.gpuusage import hold_reasons, outside_gpus
 from tsd.model import DependMode, ExitInfo, Gpu, Job, JobState, UnmanagedUse, UserLimits
@@ -110,6 +111,7 @@ class Gpus(Protocol):
 
 
 GPU_MAX_AGE = 0.2  # seconds an NVML picture is reused within a burst of decisions
+AHEAD_LOOK = 32  # queued jobs a pass looks at to send ahead: more than supervisors idle
 
 
 class Dispatcher:
@@ -125,8 +127,12 @@ class Dispatcher:
         fair: FairKeys | None = None,
         clock: Callable[[], float] = time.time,
         wake: Callable[[float | None], None] | None = None,
+        ahead: Callable[[Callable[[int], list[Job]], int], None] | None = None,
     ) -> None:
         self.fair = fair
+        # Sends queued jobs ahead, in order, to supervisors whose short jobs run
+        # (tsd.ahead): the personal daemon's, given the slot count.
+        self._ahead = ahead
         self._clock = clock
         self.table = table
         self.policy = policy
@@ -233,10 +239,26 @@ class Dispatcher:
             job = table.get(start.job_id)
             if job is not None and table.is_queued(job):
                 self._start(job, start.gpu_ids)
+        if self._ahead is not None:
+            self._ahead(self._next_ahead, self.policy.total_slots())
         if decision.allocating:
             self.gpus.arm_poll(self._poll_seconds())
         else:
             self.gpus.stop_poll()
+
+    def _next_ahead(self, most: int) -> list[Job]:
+        """The queue's next jobs that may go ahead (tsd.ahead), at most `most`, in queue
+        order, up to the first that may not (no job goes ahead of one before it)."""
+        now, table = self._clock(), self.table
+        jobs: list[Job] = []
+        for job in islice(table.offered_queue(), AHEAD_LOOK):
+            if len(jobs) == most:
+                break
+            if table.is_queued(job):
+                if not may_go_ahead(job, now):
+                    break
+                jobs.append(job)
+        return jobs
 
     def skip(self, job_id: int, reason: str) -> None:
         """A pending job will never run (a -W dependency failed): record it, and cascade."""

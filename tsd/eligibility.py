@@ -105,3 +105,14 @@ def should_retry(job: Job, exit: ExitInfo, killed: bool) -> bool:
     """
     failed = exit.code not in (None, 0) and not exit.timed_out and not exit.lost
     return failed and not killed and job.attempts <= job.spec.retry
+
+
+def may_go_ahead(job: Job, now: float) -> bool:
+    """A queued job that may be sent ahead to a supervisor whose short job runs
+    (tsd.ahead): one slot and no GPU, no dependency, no hold nor --begin to come, not
+    an element of a throttled --array."""
+    spec = job.spec
+    return (
+        spec.gpus_wanted == 0 and not spec.depends and spec.slots <= 1
+        and spec.array_throttle is None and apart_reason(job, now) is None
+    )

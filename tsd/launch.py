@@ -63,6 +63,14 @@ QUIT = b"x"
 # NAK (as end of file does): it will not record that report, write the file.
 ACK = b"a"
 NAK = b"n"
+# run_job's `answer` returns this when the answer to the job's end is not there yet and
+# the supervisor will read it later (it has its next job already: tsd.spawner).
+LATER = b"l"
+# The lines a supervisor writes on the pipe of a job sent ahead: TAKING before it
+# reads the clock against the deadline, then BACK when it gives the job back
+# (tsd.spawner): the daemon, at the deadline, finds TAKING or knows it is back.
+TAKING = "taking"
+BACK = "back"
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,10 @@ class LaunchPlan:
     # report (`acks_end`): the daemon answers it (tsd.runner); a caller that stores no
     # reports leaves this False and reads the exit report file.
     ack_on_go: bool = False
+    # A job sent ahead to a reused supervisor whose job runs (tsd.supervisorpool): it
+    # starts it at that job's end if that comes before this time (CLOCK_MONOTONIC,
+    # the daemon's loop clock too), else gives it back; None: start it at its GO.
+    ahead_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +311,9 @@ WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHU
 # (pid, output and end): the daemon wakes and reads once for it, not twice. A longer
 # job's pid is told then (the daemon holds signals for a job until it knows its pid).
 TELL_AFTER = 0.002
+# How often a supervisor whose previous job's end is not answered yet looks for the
+# answer while the next job runs (it usually comes within a millisecond).
+POLL_EVERY = 0.002
 
 
 def become_supervisor() -> None:
@@ -354,12 +369,19 @@ def supervise(plan: LaunchPlan, go_r: int, rep_w: int) -> bool:
     return True
 
 
-def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) -> None:
+def run_job(
+    plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None,
+    poll: Callable[[], bool] | None = None,
+) -> exitreport.ExitReport | None:
     """Run the job the daemon just said go for, to its end, and report the end on
     `rep_w`: sent there, then the daemon's answer awaited (`answer()`: ACK, NAK, or
     b"" when it is gone) when it is given (see `acks_end`), else (or when no ACK
     comes) written to the exit report file. The caller closes `rep_w` afterwards: the
-    daemon's end of file."""
+    daemon's end of file. When `answer()` says LATER the report is returned instead,
+    for the caller to settle once the answer comes (`settle`); else None.
+
+    `poll`, while it returns True, is called at least every POLL_EVERY seconds as the
+    job runs: a reused supervisor reads the answer to its previous job's end then."""
     # The system daemon moved us into the job's scope before go. A reused supervisor
     # (the personal daemon's) has none: a tsd-job scope it is in belongs to a system
     # job that started this personal daemon, and is not this job's to end or count.
@@ -404,8 +426,12 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
             wake.append(killing_since + plan.grace - now)
         if not told:
             wake.append(told_at - time.monotonic())
+        if poll is not None:
+            wake.append(POLL_EVERY)
         info = signal.sigtimedwait(WATCHED, max(0.0, min(wake)))
         waited = True
+        if poll is not None and not poll():
+            poll = None
         if not told and time.monotonic() >= told_at:
             _report(rep_w, started)
             told = True
@@ -448,13 +474,25 @@ def run_job(plan: LaunchPlan, rep_w: int, answer: Callable[[], bytes] | None) ->
     # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
     # waits for an ACK of a report it could not read; a longer one goes in the file.
     if answer is not None and len(line.encode()) < select.PIPE_BUF:
-        if _report(rep_w, line) and answer() == ACK:
-            return
+        if _report(rep_w, line):
+            word = answer()
+            if word == LATER:
+                return report
+            if word == ACK:
+                return None
         _write_report_until_stored(plan, report, durable=True)
-        return
+        return None
     durable = not _report(rep_w, f"{untold}end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
+    return None
+
+
+def settle(plan: LaunchPlan, report: exitreport.ExitReport, word: bytes) -> None:
+    """The daemon's answer to an end run_job left to settle later: nothing to do once
+    it is stored (ACK); its report file, durably, on a NAK or with the daemon gone."""
+    if word != ACK:
+        _write_report_until_stored(plan, report, durable=True)
 
 
 def _read_word(fd: int) -> bytes:
@@ -490,6 +528,11 @@ def _write_report_until_stored(
 def _child_signals() -> None:
     """In a child about to exec: SIGPIPE back to default (the supervisor ignores it)."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def report_line(fd: int, line: str) -> bool:
+    """Tell the daemon a line on a report pipe; whether anyone was there to read it."""
+    return _report(fd, line)
 
 
 def _report(fd: int, line: str) -> bool:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import os
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -105,6 +105,9 @@ class ReportPipes:
     _discard_at_eof: set[int]  # recorded, but the supervisor may still write the file
     _acks: dict[int, launch.Launched]  # supervisors that wait for ACK (Launched.answer)
     _acked: set[int]  # ACKed at the commit of their end, before its fsync
+    _ahead: dict[int, float]  # jobs sent ahead (tsd.ahead)
+    # A line on a job sent ahead (tsd.ahead.AheadJobs): True when it was given back.
+    _heard_ahead: Callable[[int, Mapping[str, str]], bool]
 
     def _job_ended(self, job_id: int) -> None:
         """The job is over (the runner records its end)."""
@@ -153,6 +156,8 @@ class ReportPipes:
             self._close_report(job_id)
             return True
         fields = launch.parse_report(data.decode(errors="replace"))
+        if job_id in self._ahead and self._heard_ahead(job_id, fields):
+            return False  # given back (tsd.ahead): its pipe is closed
         pid, out, end = fields.get("pid"), fields.get("out"), fields.get("end")
         report = None
         if end and end != "-" and job_id not in self._early:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch, spawnlink, userdb
+from tsd.ahead import AheadJobs
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
@@ -44,6 +46,7 @@ from tsd.model import ExitInfo, Job, JobLimits, JobState
 from tsd.reportpipe import PipeWatch, ReportPipes
 from tsd.runend import STORE_RETRY, EndRecorder
 from tsd.runend import EndReason as EndReason
+from tsd.supervisorpool import Member
 
 log = logging.getLogger("tsd")
 _USERS = userdb.UserDb()  # job owners' passwd entries, each asked once a second at most
@@ -83,6 +86,12 @@ class Launcher(Protocol):
     def start_time(self, pid: int) -> int | None: ...
 
     def close(self) -> None: ...
+
+    def ahead_room(self, window: float) -> int: ...
+
+    def take_ahead(self, window: float) -> tuple[Member, float] | None: ...
+
+    def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched: ...
 
 
 class ProcessWatch(Protocol):
@@ -158,6 +167,18 @@ class ForkLauncher:
         """The pid's kernel start time, None when it is gone."""
         return launch.proc_start_time(pid)
 
+    def ahead_room(self, window: float) -> int:
+        """None here: no supervisor is reused, so none takes a job ahead."""
+        return 0
+
+    def take_ahead(self, window: float) -> tuple[Member, float] | None:
+        """None: no supervisor here is reused, so none takes a job ahead."""
+        return None
+
+    def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
+        """Never called (take_ahead gives no supervisor)."""
+        raise OSError("no reused supervisors")
+
 
 class PidfdWatch:
     """Process exits through pidfds on the event loop."""
@@ -197,7 +218,7 @@ class RunnerSettings:
     on_finish: str | None = None  # TS_ONFINISH of the personal daemon
 
 
-class Runner(ReportPipes, EndRecorder):
+class Runner(ReportPipes, EndRecorder, AheadJobs):
     """Launches jobs, watches their supervisors, records their ends, ends them on request."""
 
     settings: RunnerSettings
@@ -239,6 +260,8 @@ class Runner(ReportPipes, EndRecorder):
         self._tails: dict[int, int] = {}  # job id -> pipe of an ended job, read to its EOF
         self._discard_at_eof: set[int] = set()  # recorded, but its file is still written
         self._acks: dict[int, launch.Launched] = {}  # supervisors that wait for an answer
+        self._ahead: dict[int, float] = {}  # jobs sent ahead (tsd.ahead), their deadlines
+        self._taking: set[int] = set()
         self._acked: set[int] = set()
         # Personal jobs whose "pid" line has not come, and the signal held for each then.
         self._unstarted: set[int] = set()
@@ -319,13 +342,18 @@ class Runner(ReportPipes, EndRecorder):
 
     # ------------------------------------------------------------ starting
 
-    def start(self, job: Job, gpu_ids: tuple[int, ...]) -> None:
-        """Launch a pending job the dispatcher chose, on these GPUs."""
+    def start(
+        self, job: Job, gpu_ids: tuple[int, ...], ahead: tuple[Member, float] | None = None
+    ) -> None:
+        """Launch a pending job the dispatcher chose, on these GPUs; or `ahead` to that
+        supervisor, with that deadline (tsd.ahead)."""
         held = self._terminals.pop(job.id, None)
         terminal = None if held is None else held[1]
         try:
             pw = _USERS.entry(job.uid)
         except KeyError:
+            if ahead is not None:
+                ahead[0].ahead_taken = False
             _close_all(terminal)
             ended = self.table.end_pending(
                 job, JobState.FINISHED,
@@ -343,7 +371,9 @@ class Runner(ReportPipes, EndRecorder):
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
-        launched = self._spawn(job, plan)
+        if ahead is not None:
+            plan = dataclasses.replace(plan, ahead_until=ahead[1])
+        launched = self._spawn(job, plan, None if ahead is None else ahead[0])
         if launched is None:
             return
         self._unstarted.add(job.id)
@@ -355,13 +385,20 @@ class Runner(ReportPipes, EndRecorder):
             self._not_stored(job.id, launched, None, exc)
             return
         self._go_once_stored(job, launched, None)
+        if ahead is not None:
+            self._sent_ahead(job.id, ahead[1])
 
-    def _spawn(self, job: Job, plan: launch.LaunchPlan) -> launch.Launched | None:
+    def _spawn(
+        self, job: Job, plan: launch.LaunchPlan, member: Member | None = None
+    ) -> launch.Launched | None:
         """The job's supervisor, forked (or reused); None when that failed (out of file
         descriptors or processes): the job is back in the queue then, tried again in a
         while, with the terminal of a ts -n job still held for it."""
         try:
-            launched = self.launcher.spawn(plan)
+            launched = (
+                self.launcher.spawn(plan) if member is None
+                else self.launcher.spawn_on(member, plan)
+            )
         except OSError as exc:
             if plan.out_fds is not None:
                 self._terminals[job.id] = (job.uid, plan.out_fds)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import marshal
 import operator
@@ -46,6 +47,7 @@ import select
 import signal
 import socket
 import struct
+import time
 from dataclasses import fields
 from typing import NoReturn
 
@@ -224,23 +226,48 @@ class _Link:
         self.sock = socket.socket(fileno=link_fd)
         self.sock.setblocking(True)
         self._kept: collections.deque[tuple[bytes, bytes, list[int]]] = collections.deque()
+        # ACK and NAK read before they were asked for (a job ahead runs meanwhile): the
+        # daemon answers ends in the order they came, so the first is the oldest's.
+        self._answers: collections.deque[bytes] = collections.deque()
+        self._gone = False  # the end of file was read (the daemon is gone)
         self._buf = bytearray()
         self._fds: collections.deque[list[int]] = collections.deque()
         self.acked = False  # the last answer was an ACK: the daemon counts us idle from it
 
     def next(self) -> tuple[bytes, bytes, list[int]]:
-        """The next message: (NEXT, body, fds) for a plan, else (word, b"", []); the
-        word is b"" at the end of file (the daemon is gone) or on an error."""
-        return self._kept.popleft() if self._kept else self._read()
+        """The next message but answers: (NEXT, body, fds) for a plan, else (word, b"",
+        []); the word is b"" at the end of file (the daemon is gone) or on an error."""
+        while True:
+            if self._kept:
+                return self._kept.popleft()
+            message = self._route(self._read())
+            if message is not None:
+                return message
 
     def answer(self) -> bytes:
         """The daemon's answer to the job's end (ACK, NAK, or b"" when it is gone)."""
-        while True:
-            message = self._read()
-            if message[0] in (launch.ACK, launch.NAK, b""):
-                self.acked = message[0] == launch.ACK
-                return message[0]
-            self._kept.append(message)
+        while not self._answers and not self._gone:
+            message = self._route(self._read())
+            if message is not None:
+                self._kept.append(message)
+        word = self._answers.popleft() if self._answers else b""
+        self.acked = word == launch.ACK
+        return word
+
+    def answer_now(self) -> bytes | None:
+        """answer() if it came (what is there is read, without waiting for more); None
+        when it has not."""
+        while not self._answers and not self._gone and (self._buf or _readable(self.sock)):
+            message = self._route(self._read())
+            if message is not None:
+                self._kept.append(message)
+        if not self._answers and not self._gone:
+            return None
+        return self.answer()
+
+    def has_plan(self) -> bool:
+        """Whether a plan was read and waits: one sent ahead, if no answer came with it."""
+        return any(kind == NEXT for kind, _, _ in self._kept)
 
     def idle(self) -> None:
         """Say IDLE, unless the job's end was ACKed: the daemon takes the ACK for it
@@ -251,6 +278,17 @@ class _Link:
             return
         with contextlib.suppress(OSError):
             self.sock.send(IDLE, socket.MSG_NOSIGNAL)
+
+    def _route(
+        self, message: tuple[bytes, bytes, list[int]]
+    ) -> tuple[bytes, bytes, list[int]] | None:
+        """An answer goes to the answers (None); anything else is the caller's."""
+        if message[0] in (launch.ACK, launch.NAK):
+            self._answers.append(message[0])
+            return None
+        if message[0] == b"":
+            self._gone = True
+        return message
 
     def _fill(self, need: int) -> bool:
         """Read until the buffer holds `need` bytes; False at the end of file or on an
@@ -287,6 +325,39 @@ class _Link:
         return NEXT, body, self._fds.popleft() if self._fds else []
 
 
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+@dataclasses.dataclass
+class _Unanswered:
+    """A job's end sent to the daemon, its answer not read yet: the next job, sent
+    ahead, started at once (its report pipe stays open until then)."""
+
+    plan: launch.LaunchPlan
+    report: exitreport.ExitReport
+    rep_w: int
+
+    def settle(self, link: _Link, word: bytes) -> None:
+        """The answer came (b"": the daemon is gone): the report file unless ACKed,
+        the pipe's end of file, and IDLE for the job unless ACKed."""
+        launch.settle(self.plan, self.report, word)
+        os.close(self.rep_w)
+        link.idle()
+
+
+def _take(plan: launch.LaunchPlan, rep_w: int) -> bool:
+    """Whether to start a job sent ahead, now that the job before it ended: TAKING is
+    written before the clock is read, so that a daemon which finds no TAKING at the
+    deadline knows the job is given back; past the deadline it is, with BACK."""
+    launch.report_line(rep_w, launch.TAKING)
+    assert plan.ahead_until is not None
+    if time.monotonic() < plan.ahead_until:
+        return True
+    launch.report_line(rep_w, launch.BACK)
+    return False
+
+
 def run_member(link_fd: int, exits_dir: str) -> NoReturn:
     """In a freshly forked child: a reused supervisor. It runs each job its daemon sends
     on `link_fd` (the job's plan with its GO, in one message, sent once the job is
@@ -306,11 +377,44 @@ def run_member(link_fd: int, exits_dir: str) -> NoReturn:
         launch.reset_process_state([link_fd], False)
         launch.become_supervisor()
         link = _Link(link_fd)
+        unanswered: _Unanswered | None = None
+
+        def settle_unanswered() -> None:
+            nonlocal unanswered
+            if unanswered is not None:
+                done, unanswered = unanswered, None
+                done.settle(link, link.answer())
+
+        def answer_or_later() -> bytes:
+            settle_unanswered()  # the daemon answers ends in order: that one's first
+            word = link.answer_now()
+            if word is not None:
+                return word
+            return launch.LATER if link.has_plan() else link.answer()
+
+        def poll() -> bool:
+            nonlocal unanswered
+            if unanswered is None:
+                return False
+            word = link.answer_now()
+            if word is None:
+                return True
+            done, unanswered = unanswered, None
+            done.settle(link, word)
+            return False
+
+        gave_back = False  # a job sent ahead was given back (see the mark below)
         while True:
+            if not link.has_plan():
+                settle_unanswered()  # nothing to start meanwhile: wait for the answer
             kind, body, fds = link.next()
             if kind != NEXT or len(fds) not in (1, 3):
                 _close(fds)
-                if kind == b"":  # the daemon died: see above
+                settle_unanswered()
+                # The daemon died (see above), or let us go after we gave a job back
+                # that it may not have heard of (it stopped): the next daemon queues
+                # such a job again from the mark, as one never sent.
+                if kind == b"" or gave_back:
                     me = os.getpid()
                     exitreport.mark_idle(exits_dir, me, launch.proc_start_time(me))
                 break  # let go, gone, or not a daemon we know
@@ -320,15 +424,32 @@ def run_member(link_fd: int, exits_dir: str) -> NoReturn:
                 _close(fds)
                 # One try, as a job supervisor does (tsd.launch.supervise).
                 exitreport.write(plan.exits_dir, plan.job_id, exitreport.ABORTED)
+                settle_unanswered()
                 break
+            if plan.ahead_until is not None and not _take(plan, rep_w):
+                # Given back: the daemon queues it again (or, gone, queues it again
+                # from this supervisor's idle mark). Its turn is over.
+                _close(fds)
+                gave_back = True
+                link.acked = False
+                link.idle()
+                continue
             # Signals sent for the previous job (a ts -k that crossed its end) are not
             # for this one; the daemon sends none for this one before its "pid" line.
             launch.forget_signals()
+            pending: exitreport.ExitReport | None = None
             try:
-                launch.run_job(plan, rep_w, link.answer if launch.acks_end(plan) else None)
+                pending = launch.run_job(
+                    plan, rep_w, answer_or_later if launch.acks_end(plan) else None,
+                    poll if unanswered is not None else None,
+                )
             finally:
-                os.close(rep_w)  # the job's end of file, then: idle
-            link.idle()
+                if pending is None:
+                    os.close(rep_w)  # the job's end of file, then: idle
+            if pending is None:
+                link.idle()
+            else:
+                unanswered = _Unanswered(plan, pending, rep_w)
         code = 0
     except BaseException:
         code = 70

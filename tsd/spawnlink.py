@@ -104,6 +104,18 @@ class SpawnerLauncher:
         launched = self._through_spawner(lambda sock: self._ask(sock, plan))
         return launched if launched is not None else launch.spawn(plan)
 
+    def ahead_room(self, window: float) -> int:
+        """How many reused supervisors would take a job ahead now (tsd.ahead)."""
+        return self.pool.ahead_room(window)
+
+    def take_ahead(self, window: float) -> tuple[Member, float] | None:
+        """A reused supervisor for a job sent ahead, and its deadline (tsd.ahead)."""
+        return self.pool.take_ahead(window)
+
+    def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
+        """The plan on that supervisor (taken by take_ahead)."""
+        return self.pool.launched(member, plan)
+
     def _through_spawner(self, ask: Callable[[socket.socket], _T]) -> _T | None:
         """`ask` the spawner (a new one when it failed once); None without a spawner."""
         with self._lock:

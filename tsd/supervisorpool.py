@@ -63,12 +63,30 @@ class Member:
     idle_since: float = 0.0  # monotonic time its last turn ended (`turns_over`)
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
     held: bytes = b""  # that answer, kept to go out with its next job (or alone at its abort)
+    ahead_taken: bool = False  # chosen for a job sent ahead (tsd.ahead), not sent yet
+    running_since: float = 0.0  # monotonic time the job it runs began (about)
+    last_run: float | None = None  # how long its last job ran, end to end (about)
 
     def turns_over(self, count: int = 1) -> None:
         """`count` of the jobs sent to it are over: it said IDLE for each, or their end
         was ACKed (it says no IDLE after an ACK)."""
         self.busy -= count
         self.idle_since = time.monotonic()
+
+    def ahead_deadline(self, window: float, now: float) -> float | None:
+        """The deadline of a job sent ahead to it now (tsd.ahead), None when it takes
+        none: it takes one when its last job ran less than half `window`, and it runs
+        one job (besides one whose end came: the answer goes with this job) begun less
+        than that ago, or is taken for its next one in this same turn (take()), and
+        has no other job sent or taken ahead. The deadline is that job's start plus
+        `window`."""
+        if self.ahead_taken or self.last_run is None or self.last_run >= window / 2:
+            return None
+        if self.taken:  # its next job goes out in this turn, before this one
+            return now + window
+        if self.busy - self.ending == 1 and now - self.running_since < window / 2:
+            return self.running_since + window
+        return None
 
     @property
     def free(self) -> bool:
@@ -111,6 +129,24 @@ class SupervisorPool:
             chosen.taken = True
             chosen.ending = False
         return chosen
+
+    def ahead_room(self, window: float) -> int:
+        """How many supervisors would take a job ahead now (`take_ahead`); the links
+        are read first, once for the turn's take_ahead calls."""
+        self._hear()
+        now = time.monotonic()
+        return sum(m.ahead_deadline(window, now) is not None for m in self._members.values())
+
+    def take_ahead(self, window: float) -> tuple[Member, float] | None:
+        """A supervisor to send a job ahead to (tsd.ahead), now taken for it, and the
+        deadline (Member.ahead_deadline); None when none takes one."""
+        now = time.monotonic()
+        for member in self._members.values():
+            until = member.ahead_deadline(window, now)
+            if until is not None:
+                member.ahead_taken = True
+                return member, until
+        return None
 
     def _hear(self) -> None:
         """Read what the links said: IDLE, or end of file (that supervisor is gone)."""
@@ -162,7 +198,10 @@ class SupervisorPool:
             made.extend(os.pipe())
             made.extend(os.dup(fd) for fd in plan.out_fds or ())
         except OSError:  # out of fds: the member stays free, the job queued (tsd.runner)
-            member.taken = False
+            if plan.ahead_until is None:
+                member.taken = False
+            else:
+                member.ahead_taken = False
             for fd in made:
                 os.close(fd)
             raise
@@ -170,7 +209,10 @@ class SupervisorPool:
         acks = launch.acks_end(plan)
 
         def let_go() -> None:
-            member.taken = False
+            if plan.ahead_until is None:
+                member.taken = False
+            else:
+                member.ahead_taken = False
             member.held = b""
             for fd in (rep_w, *out_fds):
                 os.close(fd)
@@ -183,6 +225,8 @@ class SupervisorPool:
                 # keeps the plan (and the GO) while it waits for that answer.
                 spawner.send_with_fds(member.link, body + member.held + launch.GO,
                                       [rep_w, *out_fds])  # fmt: skip
+                if member.busy == 0:  # it starts it now (a job sent ahead: at its end)
+                    member.running_since = time.monotonic()
                 member.busy += 1  # over at the ACK of its end, or at its IDLE
             except OSError:
                 # It died since it was taken, or was let go (the daemon stops): the job
@@ -205,13 +249,16 @@ class SupervisorPool:
                     member.link.send(word, socket.MSG_NOSIGNAL)
 
         def ending() -> None:
+            now = time.monotonic()
+            member.last_run = now - member.running_since
+            member.running_since = now  # a job sent ahead starts now
             member.ending = True
 
         def answer(word: bytes | None) -> bool:
             member.ending = False
             if word is None:
                 return True  # it waits for nothing: it sent no end to answer
-            if member.taken and member.link.fileno() >= 0:
+            if (member.taken or member.ahead_taken) and member.link.fileno() >= 0:
                 # Its next job is chosen, and that job's plan and GO (or its abort) follow
                 # this answer in the same commit: one message, and the supervisor wakes
                 # once for both. (Should the link break first, it is gone or the daemon

@@ -66,7 +66,7 @@ def test_a_plan_crosses_to_its_supervisor_whole_and_a_body_not_a_plan_is_refused
         env={"A": "1", "PATH": "/bin"}, umask=0o077, log_dir="/l", exits_dir="/e",
         store_output=False, output_name="o", gzip=True, stderr_apart=True, timeout=2.5,
         grace=3.0, on_finish="/f", mail_to="m@x", drop_privileges=False, groups=(5, 6),
-        nofile_soft=512, out_fds=(8, 9), reuse=True, ack_on_go=True,
+        nofile_soft=512, out_fds=(8, 9), reuse=True, ack_on_go=True, ahead_until=12.5,
     )
     defaults = launch.LaunchPlan(**{
         f.name: getattr(full, f.name) for f in dataclasses.fields(full)

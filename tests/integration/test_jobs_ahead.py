@@ -1,0 +1,113 @@
+"""Jobs sent ahead (tsd.ahead) through a real personal daemon: in a burst of short jobs
+each runs once with its own exit code; one sent behind a job that runs on is given back
+and runs elsewhere; a crash in the middle of a burst loses none and runs none twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from integration.harness import Env, Runner, queue, wait_until
+
+
+def listed(ts: Runner) -> dict[int, dict[str, object]]:
+    return {j["ID"]: j for j in json.loads(ts("-M", "json").stdout)}
+
+
+def array(ts: Runner, size: int, *command: str) -> int:
+    """Queue an --array of `size` elements; the last one's id."""
+    return int(ts("--array", f"1-{size}", *command).stdout.split()[-1])
+
+
+def logged(env: Env) -> str:
+    return (env.state / "tsd" / "tsd.log").read_text()
+
+
+def test_a_burst_of_short_jobs_runs_each_once_with_its_own_exit_code(
+    ts: Runner, tsd_env: Env
+) -> None:
+    ran = tsd_env.tmp / "ran"
+    ts("-S", "2")
+    last = array(ts, 200, "sh", "-c",
+                 f'echo "$TS_JOBID" >> {ran}; exit $((TS_ARRAY_TASK_ID % 3))')  # fmt: skip
+    ts("-w", str(last), check=False)
+    wait_until(lambda: all(j["State"] == "finished" for j in listed(ts).values()))
+    jobs = listed(ts)
+    assert len(jobs) == 200
+    first = min(jobs)
+    assert all(j["E-Level"] == (i - first + 1) % 3 for i, j in jobs.items())
+    assert sorted(int(x) for x in ran.read_text().split()) == sorted(jobs)
+
+
+def test_a_job_sent_behind_one_that_runs_on_is_given_back_and_runs_elsewhere(
+    ts: Runner, tsd_env: Env
+) -> None:
+    ran = tsd_env.tmp / "ran"
+    # All queued first: then one burst, the long jobs in the middle of it. A window of
+    # 0.5 s: the job sent behind a long one surely goes (the burst's passes come often
+    # enough) and comes back, whatever the machine's speed.
+    ts("-S", "0", extra_env={"TSD_AHEAD_WINDOW": "0.5"})
+    short = ["sh", "-c", f'echo "$TS_JOBID" >> {ran}']
+    longs = []
+    for _ in range(3):  # a short job's supervisor starts a long one, then gets the next
+        array(ts, 30, *short)
+        longs.append(queue(ts, "sleep", "5"))
+    last = array(ts, 30, *short)
+    ts("-S", "4")
+    ts("-w", str(last), check=False)
+    wait_until(lambda: all(listed(ts)[i]["State"] == "finished" for i in range(1, last + 1)
+                           if i not in longs), what="the short jobs")  # fmt: skip
+    assert "given back by its supervisor" in logged(tsd_env)
+    # The short jobs did not wait behind the long ones (4 slots, 3 long jobs of 5 s).
+    assert any(listed(ts)[i]["State"] == "running" for i in longs)
+    shorts = [i for i in range(1, last + 1) if i not in longs]
+    assert sorted(int(x) for x in ran.read_text().split()) == shorts, "each ran once"
+
+
+def test_a_crash_in_a_burst_loses_no_job_and_runs_none_twice(ts: Runner, tsd_env: Env) -> None:
+    ran = tsd_env.tmp / "ran"
+    ts("-S", "2")
+    ids: list[int] = []
+    for _round in range(4):
+        last = array(ts, 60, "sh", "-c", f'echo "$TS_JOBID" >> {ran}')
+        ids.extend(range(last - 59, last + 1))
+        wait_until(lambda: ran.exists() and len(ran.read_text().split()) > len(ids) - 50,
+                   interval=0.001)  # fmt: skip
+        pid = tsd_env.daemon_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # in the middle of the burst
+        wait_until(lambda: tsd_env.daemon_pid() is None)
+    for job_id in ids:
+        ts("-w", str(job_id), check=False)
+    jobs = listed(ts)
+    assert all(jobs[i]["State"] == "finished" and jobs[i]["E-Level"] == 0 for i in ids)
+    assert sorted(int(x) for x in ran.read_text().split()) == ids, "every job ran exactly once"
+
+
+def test_a_job_killed_while_it_waits_ahead_ends_killed_and_never_runs(
+    ts: Runner, tsd_env: Env
+) -> None:
+    mark = tsd_env.tmp / "ran"
+    ts("-S", "0", extra_env={"TSD_AHEAD_WINDOW": "3"})
+    array(ts, 5, "true")
+    queue(ts, "sleep", "6")
+    waiting = queue(ts, "touch", str(mark))  # sent ahead behind the sleep (one slot)
+    ts("-S", "1")
+    wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
+    assert not mark.exists()
+    ts("-k", str(waiting))
+    wait_until(lambda: listed(ts)[waiting]["State"] == "finished", what="its end")
+    assert "killed before it started" in ts("-i", str(waiting)).stdout
+    assert not mark.exists()
+
+
+def test_no_job_goes_ahead_with_a_window_of_zero(ts: Runner, tsd_env: Env) -> None:
+    ts("-S", "0", extra_env={"TSD_AHEAD_WINDOW": "0"})
+    array(ts, 5, "true")
+    queue(ts, "sleep", "6")
+    after = queue(ts, "true")
+    ts("-S", "1")
+    wait_until(lambda: listed(ts)[after - 1]["State"] == "running", what="the sleep")
+    assert listed(ts)[after]["State"] == "queued"  # not running ahead behind it
+
