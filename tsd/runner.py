@@ -181,32 +181,45 @@ class ForkLauncher:
 
 
 class PidfdWatch:
-    """Process exits through pidfds on the event loop."""
+    """Process exits through pidfds on the event loop. One supervisor may be watched for
+    two jobs (one it ran, one sent ahead to it: tsd.ahead): both hear of its exit."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._fds: dict[int, int] = {}
+        self._watches: dict[int, tuple[int, list[Callable[[], None]]]] = {}
 
     def watch(self, pid: int, on_exit: Callable[[], None], pidfd: int | None = None) -> bool:
         """Call `on_exit` once `pid` exits; False when it is already gone.
 
         `pidfd`: one already open for `pid` (this watch owns it then)."""
+        watched = self._watches.get(pid)
+        if watched is not None:
+            if pidfd is not None:
+                os.close(pidfd)
+            watched[1].append(on_exit)
+            return True
         fd = pidfd
         if fd is None:
             try:
                 fd = os.pidfd_open(pid)
             except ProcessLookupError:
                 return False
-        self._fds[pid] = fd
-        self.loop.add_reader(fd, on_exit)
+        self._watches[pid] = (fd, [on_exit])
+        self.loop.add_reader(fd, self._exited, pid)
         return True
 
     def forget(self, pid: int) -> None:
         """Stop watching `pid`."""
-        fd = self._fds.pop(pid, None)
-        if fd is not None:
-            self.loop.remove_reader(fd)
-            os.close(fd)
+        watched = self._watches.pop(pid, None)
+        if watched is not None:
+            self.loop.remove_reader(watched[0])
+            os.close(watched[0])
+
+    def _exited(self, pid: int) -> None:
+        calls = self._watches[pid][1]
+        self.forget(pid)  # first: a pidfd left readable would call us forever
+        for call in calls:
+            call()
 
 
 @dataclass(frozen=True)

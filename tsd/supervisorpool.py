@@ -64,6 +64,7 @@ class Member:
     ending: bool = False  # its one job's end came, its answer is due (Launched.ending)
     held: bytes = b""  # that answer, kept to go out with its next job (or alone at its abort)
     ahead_taken: bool = False  # chosen for a job sent ahead (tsd.ahead), not sent yet
+    unanswered: int = 0  # jobs whose end came and was not answered yet
     running_since: float = 0.0  # monotonic time the job it runs began (about)
     last_run: float | None = None  # how long its last job ran, end to end (about)
 
@@ -76,15 +77,15 @@ class Member:
     def ahead_deadline(self, window: float, now: float) -> float | None:
         """The deadline of a job sent ahead to it now (tsd.ahead), None when it takes
         none: it takes one when its last job ran less than half `window`, and it runs
-        one job (besides one whose end came: the answer goes with this job) begun less
-        than that ago, or is taken for its next one in this same turn (take()), and
+        one job (besides those whose end came, not answered yet) begun less than that
+        ago, or is taken for its next one in this same turn (take()), and
         has no other job sent or taken ahead. The deadline is that job's start plus
         `window`."""
         if self.ahead_taken or self.last_run is None or self.last_run >= window / 2:
             return None
         if self.taken:  # its next job goes out in this turn, before this one
             return now + window
-        if self.busy - self.ending == 1 and now - self.running_since < window / 2:
+        if self.busy - self.unanswered == 1 and now - self.running_since < window / 2:
             return self.running_since + window
         return None
 
@@ -253,11 +254,13 @@ class SupervisorPool:
             member.last_run = now - member.running_since
             member.running_since = now  # a job sent ahead starts now
             member.ending = True
+            member.unanswered += 1
 
         def answer(word: bytes | None) -> bool:
             member.ending = False
             if word is None:
                 return True  # it waits for nothing: it sent no end to answer
+            member.unanswered = max(0, member.unanswered - 1)  # (a NAK to no end: none)
             if (member.taken or member.ahead_taken) and member.link.fileno() >= 0:
                 # Its next job is chosen, and that job's plan and GO (or its abort) follow
                 # this answer in the same commit: one message, and the supervisor wakes

@@ -89,11 +89,11 @@ def test_a_job_killed_while_it_waits_ahead_ends_killed_and_never_runs(
     ts: Runner, tsd_env: Env
 ) -> None:
     mark = tsd_env.tmp / "ran"
-    ts("-S", "0", extra_env={"TSD_AHEAD_WINDOW": "3"})
+    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": "3"})
     array(ts, 5, "true")
-    queue(ts, "sleep", "6")
+    long_job = queue(ts, "sleep", "6")
+    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
     waiting = queue(ts, "touch", str(mark))  # sent ahead behind the sleep (one slot)
-    ts("-S", "1")
     wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
     assert not mark.exists()
     ts("-k", str(waiting))
@@ -111,3 +111,45 @@ def test_no_job_goes_ahead_with_a_window_of_zero(ts: Runner, tsd_env: Env) -> No
     wait_until(lambda: listed(ts)[after - 1]["State"] == "running", what="the sleep")
     assert listed(ts)[after]["State"] == "queued"  # not running ahead behind it
 
+
+
+def crash_with_a_job_ahead(ts: Runner, env: Env, window: str, long_s: str) -> tuple[int, int]:
+    """One slot: a sleep of `long_s` runs and a job (it writes its id to tmp/ran) waits
+    ahead behind it on the same supervisor when the daemon is killed: (sleep, job)."""
+    ran = env.tmp / "ran"
+    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": window})
+    array(ts, 5, "true")
+    long_job = queue(ts, "sleep", long_s)
+    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
+    # Its submit's pass sends it ahead: the supervisor's last job was short, and the
+    # sleep began less than half the window ago.
+    waiting = queue(ts, "sh", "-c", f'echo "$TS_JOBID" >> {ran}')
+    wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
+    assert not ran.exists()
+    pid = env.daemon_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: env.daemon_pid() is None)
+    return long_job, waiting
+
+
+def test_a_crash_with_a_job_ahead_that_starts_in_time_ends_both_once(
+    ts: Runner, tsd_env: Env
+) -> None:
+    long_job, waiting = crash_with_a_job_ahead(ts, tsd_env, "5", "1")
+    ts("-w", str(waiting), check=False)  # a new daemon: it re-adopts both
+    jobs = listed(ts)
+    assert (jobs[long_job]["State"], jobs[long_job]["E-Level"]) == ("finished", 0)
+    assert (jobs[waiting]["State"], jobs[waiting]["E-Level"]) == ("finished", 0)
+    assert (tsd_env.tmp / "ran").read_text().split() == [str(waiting)]
+
+
+def test_a_crash_with_a_job_ahead_past_its_deadline_queues_it_again_and_it_runs_once(
+    ts: Runner, tsd_env: Env
+) -> None:
+    long_job, waiting = crash_with_a_job_ahead(ts, tsd_env, "2", "3.5")
+    ts("-l")  # a new daemon, while the sleep still runs: its supervisor gives the job back
+    wait_until(lambda: listed(ts)[long_job]["State"] == "finished", what="the sleep")
+    wait_until(lambda: listed(ts)[waiting]["State"] == "finished", what="the job given back")
+    assert listed(ts)[waiting]["E-Level"] == 0
+    assert (tsd_env.tmp / "ran").read_text().split() == [str(waiting)]

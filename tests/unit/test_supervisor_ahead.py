@@ -4,8 +4,10 @@ the answer to the earlier end is read meanwhile; a job past its deadline is give
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from unit.test_supervisor_pool import read_until, report_in, reusable, said_end,
 
 from tsd import eligibility, exitreport, launch
 from tsd.model import Job, JobSpec, JobState
+from tsd.runner import PidfdWatch
 from tsd.spawnlink import SpawnerLauncher
 from tsd.supervisorpool import Member
 
@@ -133,3 +136,27 @@ def test_only_a_plain_job_may_go_ahead() -> None:
     assert not eligibility.may_go_ahead(job(begin=10.0), 0.0)
     assert eligibility.may_go_ahead(job(begin=10.0), 11.0)
     assert not eligibility.may_go_ahead(dataclasses.replace(job(), state=JobState.HELD), 0.0)
+
+
+def test_one_supervisor_watched_for_two_jobs_tells_both_of_its_exit_once() -> None:
+    """After a restart the daemon watches a supervisor for each job recorded on it (one
+    it ran, one sent ahead to it): its exit reaches both, once each."""
+    loop = asyncio.new_event_loop()
+    try:
+        child = subprocess.Popen(["sleep", "0.2"])
+        heard: list[str] = []
+        watch = PidfdWatch(loop)
+        assert watch.watch(child.pid, lambda: heard.append("ran"))
+        assert watch.watch(child.pid, lambda: heard.append("ahead"))
+
+        async def until_heard() -> None:
+            while len(heard) < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # nothing more comes
+
+        loop.run_until_complete(asyncio.wait_for(until_heard(), 10))
+        child.wait()
+        assert heard == ["ran", "ahead"]
+        watch.forget(child.pid)  # as a job's settling does: nothing left, no error
+    finally:
+        loop.close()
