@@ -28,6 +28,10 @@ supervisor in order: one process wakes for the end and the next start.
 Otherwise an idle supervisor is taken (a new one when none is: the pool grows
 to a few more than the jobs that run at once).
 
+A job may also be sent ahead to a supervisor whose short job runs (tsd.ahead): it
+starts it at that job's end, before a deadline, or gives it back, and reads the
+answer to that end while the job sent ahead runs (tsd.spawner.run_member).
+
 Signals: a supervisor drops the signals still pending from its previous job
 (a ts -k that crossed that job's end) when it reads the next job, so the runner
 sends none for a job before its "pid" line (tsd.runner holds them until then).
