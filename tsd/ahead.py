@@ -21,7 +21,8 @@ No message goes back to the supervisor, and no round trip: a job waits ahead at
 most AHEAD_WINDOW, and a later job may start before it by at most as much.
 
 Until its start is heard of, the job counts as running (ts -l, slots), and its start
-time is when it was sent (at most AHEAD_WINDOW early).
+time is when it was sent (at most AHEAD_WINDOW early); a ts -k that comes for it
+meanwhile, should it be given back, ends it as killed before it started.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from tsd.runend import EndTable
 from tsd.scheduler import job_slots
 from tsd.supervisorpool import Member
 
+log = logging.getLogger("tsd")
+
 
 class AheadLauncher(Protocol):
     """Where a supervisor for a job sent ahead comes from (tsd.spawnlink)."""
@@ -57,8 +60,6 @@ class AheadSettings(Protocol):
     @property
     def system(self) -> bool: ...
 
-log = logging.getLogger("tsd")
-
 
 def _window() -> float:
     """AHEAD_WINDOW: TSD_AHEAD_WINDOW (seconds; 0 sends no job ahead) or 20 ms."""
@@ -70,6 +71,7 @@ def _window() -> float:
 
 AHEAD_WINDOW = _window()  # seconds: how short a burst's jobs are, how long one waits ahead
 AHEAD_RETRY = 1.0  # seconds before a job given back is queued again, on a full disk
+TAKING_CHECK = 1.0  # seconds between looks at a job whose TAKING came, until it resolves
 
 
 class AheadJobs:
@@ -149,13 +151,20 @@ class AheadJobs:
         until = self._ahead.get(job_id)
         if until is None:
             return  # its start or its return was heard of
+        if job_id not in self.table.running:  # it ended (its supervisor died), or its
+            self._ahead.pop(job_id, None)  # launch was not stored: nothing to give back
+            self._taking.discard(job_id)
+            return
         if self.loop.time() < until:  # the loop may call a little early
             self.loop.call_at(until, self._deadline, job_id)
             return
         fd = self._reports.get(job_id)
         if fd is not None and job_id not in self._taking:
             self._report_readable(job_id, fd)  # past the deadline: a TAKING is there now
-        if job_id in self._ahead and job_id not in self._taking:
+        if job_id in self._taking:
+            # Its next line says which way the clock went; looked at again until then.
+            self.loop.call_later(TAKING_CHECK, self._deadline, job_id)
+        elif job_id in self._ahead:
             self._give_back(job_id)
 
     def _give_back(self, job_id: int) -> None:
