@@ -52,14 +52,14 @@ def test_a_job_sent_behind_one_that_runs_on_is_given_back_and_runs_elsewhere(
     longs = []
     for _ in range(3):  # a short job's supervisor starts a long one, then gets the next
         array(ts, 30, *short)
-        longs.append(queue(ts, "sleep", "5"))
+        longs.append(queue(ts, "sleep", "30"))  # ended by the test's end (ts -T)
     last = array(ts, 30, *short)
     ts("-S", "4")
     ts("-w", str(last), check=False)
     wait_until(lambda: all(listed(ts)[i]["State"] == "finished" for i in range(1, last + 1)
                            if i not in longs), what="the short jobs")  # fmt: skip
     assert "given back by its supervisor" in logged(tsd_env)
-    # The short jobs did not wait behind the long ones (4 slots, 3 long jobs of 5 s).
+    # The short jobs did not wait behind the long ones (4 slots, 3 long jobs of 30 s).
     assert any(listed(ts)[i]["State"] == "running" for i in longs)
     shorts = [i for i in range(1, last + 1) if i not in longs]
     assert sorted(int(x) for x in ran.read_text().split()) == shorts, "each ran once"
