@@ -83,13 +83,23 @@ def test_a_nak_to_the_end_before_a_job_sent_ahead_writes_that_report_file_as_it_
     assert report_in(until_end(second)).exit.code == 5
 
 
+def late_second(
+    tmp: Path, spawner: SpawnerLauncher
+) -> tuple[launch.Launched, Path, Member, launch.Launched, Path]:
+    """Job 1 running; job 2 (it touches the returned mark) sent ahead with a deadline
+    0.1 s away: (job 1, its gate, their supervisor, job 2, the mark)."""
+    first, gate, member = running_first(tmp, spawner)
+    mark = tmp / "ran"
+    second = sent_ahead(
+        spawner, member, reusable(tmp, 2, f"touch {mark}"), time.monotonic() + 0.1
+    )
+    return first, gate, member, second, mark
+
+
 def test_a_job_sent_ahead_past_its_deadline_is_given_back_and_never_runs(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, gate, member = running_first(tmp_path, spawner)
-    mark = tmp_path / "ran"
-    second = sent_ahead(spawner, member, reusable(tmp_path, 2, f"touch {mark}"),
-                        time.monotonic() + 0.1)  # fmt: skip
+    first, gate, _, second, mark = late_second(tmp_path, spawner)
     time.sleep(0.3)
     gate.touch()
     assert report_in(until_end(first)).exit.code == 3
@@ -104,10 +114,7 @@ def test_a_job_sent_ahead_past_its_deadline_is_given_back_and_never_runs(
 def test_a_job_given_back_after_its_daemon_died_leaves_the_idle_mark_not_a_report(
     tmp_path: Path, spawner: SpawnerLauncher
 ) -> None:
-    first, gate, member = running_first(tmp_path, spawner)
-    mark = tmp_path / "ran"
-    second = sent_ahead(spawner, member, reusable(tmp_path, 2, f"touch {mark}"),
-                        time.monotonic() + 0.1)  # fmt: skip
+    first, gate, member, second, mark = late_second(tmp_path, spawner)
     pid, start = member.pid, member.start
     member.link.close()  # the daemon dies: no BYE, its end of the link closed
     os.close(first.report_fd)
