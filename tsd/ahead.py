@@ -53,6 +53,10 @@ class AheadLauncher(Protocol):
 
     def take_ahead(self, window: float) -> tuple[Member, float] | None: ...
 
+    def behind(self) -> set[int]: ...
+
+    def forget_behind(self, job_id: int) -> None: ...
+
 
 class AheadSettings(Protocol):
     """Whether this is the system service (tsd.runner.RunnerSettings): no job goes
@@ -119,8 +123,9 @@ class AheadJobs:
         room = self.launcher.ahead_room(AHEAD_WINDOW)
         if not room:
             return
+        behind = self.not_started()
         started = self.table.running.items()
-        if sum(job_slots(j.spec) for i, j in started if i not in self._ahead) > total_slots:
+        if sum(job_slots(j.spec) for i, j in started if i not in behind) > total_slots:
             return
         for job in next_jobs(room):
             if job.id in self._terminals:
@@ -129,6 +134,11 @@ class AheadJobs:
             if taken is None:
                 return
             self.start(job, (), taken)
+
+    def not_started(self) -> set[int]:
+        """The jobs sent ahead whose job before them runs on: recorded as running, they
+        hold no slot (the scheduler does not count them, tsd.dispatch)."""
+        return self.launcher.behind() if self._ahead else set()
 
     def _sent_ahead(self, job_id: int, until: float) -> None:
         """The job went ahead with this deadline: look at it then."""
@@ -177,6 +187,7 @@ class AheadJobs:
         self._ahead.pop(job_id, None)
         self._taking.discard(job_id)
         self._acks.pop(job_id, None)
+        self.launcher.forget_behind(job_id)
         self._close_report(job_id)
         if job_id in self._killed:
             # ts -k came for it (it was listed as running): it ends so, never run.

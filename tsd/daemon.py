@@ -207,6 +207,7 @@ class Daemon:
             fair=self.ledger,
             wake=self._wake_at,
             ahead=None if settings.system else self.runner.send_ahead,
+            not_started=None if settings.system else self.runner.not_started,
         )
         self.idle = IdleWatch(
             loop, lambda: self.policy.config, self.table, self.gpus, self.runner,

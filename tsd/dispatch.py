@@ -128,11 +128,15 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         wake: Callable[[float | None], None] | None = None,
         ahead: Callable[[Callable[[int], list[Job]], int], None] | None = None,
+        not_started: Callable[[], set[int]] | None = None,
     ) -> None:
         self.fair = fair
         # Sends queued jobs ahead, in order, to supervisors whose short jobs run
         # (tsd.ahead): the personal daemon's, given the slot count.
         self._ahead = ahead
+        # Jobs recorded as running that hold no slot yet: sent ahead behind a job that
+        # runs on (tsd.ahead); the decision counts that job's slot, not theirs.
+        self._not_started = not_started
         self._clock = clock
         self.table = table
         self.policy = policy
@@ -195,6 +199,9 @@ class Dispatcher:
         else:
             free, problem, pool, rooms, outside = (), "", None, None, ()
         holding = table.holding()
+        skip = self._not_started() if self._not_started is not None else None
+        if skip:
+            holding = [j for j in holding if j.id not in skip]
         keys: dict[int, float] = {}
         waiting = frozenset(uid for uid, n in table.pending_count.items() if n > 0)
         # Fair share orders users: with one user waiting (always, on a personal daemon)

@@ -312,8 +312,10 @@ WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHU
 # job's pid is told then (the daemon holds signals for a job until it knows its pid).
 TELL_AFTER = 0.002
 # How often a supervisor whose previous job's end is not answered yet looks for the
-# answer while the next job runs (it usually comes within a millisecond).
-POLL_EVERY = 0.002
+# answer while the next job runs (it comes within milliseconds; until then only a NAK
+# or a daemon gone would need that end's report file, which waits at most this long).
+# A short job is over first, and its end reads the answer: no wake-up for it.
+POLL_EVERY = 0.05
 
 
 def become_supervisor() -> None:

@@ -91,6 +91,10 @@ class Launcher(Protocol):
 
     def take_ahead(self, window: float) -> tuple[Member, float] | None: ...
 
+    def behind(self) -> set[int]: ...
+
+    def forget_behind(self, job_id: int) -> None: ...
+
     def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched: ...
 
 
@@ -174,6 +178,13 @@ class ForkLauncher:
     def take_ahead(self, window: float) -> tuple[Member, float] | None:
         """None: no supervisor here is reused, so none takes a job ahead."""
         return None
+
+    def behind(self) -> set[int]:
+        """None: no job goes ahead here."""
+        return set()
+
+    def forget_behind(self, job_id: int) -> None:
+        """Nothing to forget."""
 
     def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched:
         """Never called (take_ahead gives no supervisor)."""

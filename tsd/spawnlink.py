@@ -108,6 +108,14 @@ class SpawnerLauncher:
         """How many reused supervisors would take a job ahead now (tsd.ahead)."""
         return self.pool.ahead_room(window)
 
+    def behind(self) -> set[int]:
+        """Jobs sent ahead that hold no slot yet (tsd.supervisorpool)."""
+        return self.pool.behind()
+
+    def forget_behind(self, job_id: int) -> None:
+        """A job sent ahead was given back."""
+        self.pool.forget_behind(job_id)
+
     def take_ahead(self, window: float) -> tuple[Member, float] | None:
         """A reused supervisor for a job sent ahead, and its deadline (tsd.ahead)."""
         return self.pool.take_ahead(window)

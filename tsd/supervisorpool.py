@@ -69,6 +69,8 @@ class Member:
     held: bytes = b""  # that answer, kept to go out with its next job (or alone at its abort)
     ahead_taken: bool = False  # chosen for a job sent ahead (tsd.ahead), not sent yet
     unanswered: int = 0  # jobs whose end came and was not answered yet
+    behind: int | None = None  # a job sent ahead whose job before it has not ended: no slot
+    acks_last: bool = True  # the last job sent to it reports its end on the pipe (acks_end)
     running_since: float = 0.0  # monotonic time the job it runs began (about)
     last_run: float | None = None  # how long its last job ran, end to end (about)
 
@@ -80,12 +82,14 @@ class Member:
 
     def ahead_deadline(self, window: float, now: float) -> float | None:
         """The deadline of a job sent ahead to it now (tsd.ahead), None when it takes
-        none: it takes one when its last job ran less than half `window`, and it runs
+        none: it takes one when its last job ran less than half `window`, the last job
+        sent to it reports its end on the pipe, and it runs
         one job (besides those whose end came, not answered yet) begun less than that
         ago, or is taken for its next one in this same turn (take()), and
         has no other job sent or taken ahead. The deadline is that job's start plus
         `window`."""
-        if self.ahead_taken or self.last_run is None or self.last_run >= window / 2:
+        if (self.ahead_taken or not self.acks_last or self.last_run is None
+                or self.last_run >= window / 2):  # fmt: skip
             return None
         if self.taken:  # its next job goes out in this turn, before this one
             return now + window
@@ -141,6 +145,17 @@ class SupervisorPool:
         self._hear()
         now = time.monotonic()
         return sum(m.ahead_deadline(window, now) is not None for m in self._members.values())
+
+    def behind(self) -> set[int]:
+        """The jobs sent ahead whose job before them has not ended: recorded as running,
+        they hold no slot yet (that job does)."""
+        return {m.behind for m in self._members.values() if m.behind is not None}
+
+    def forget_behind(self, job_id: int) -> None:
+        """A job sent ahead was given back: it is nobody's."""
+        for member in self._members.values():
+            if member.behind == job_id:
+                member.behind = None
 
     def take_ahead(self, window: float) -> tuple[Member, float] | None:
         """A supervisor to send a job ahead to (tsd.ahead), now taken for it, and the
@@ -212,6 +227,11 @@ class SupervisorPool:
             raise
         rep_r, rep_w, *out_fds = made
         acks = launch.acks_end(plan)
+        # A job sent ahead goes behind one whose end comes on the pipe (`ending` below
+        # says when that job is over); TS_ONFINISH or mail end it through the file.
+        member.acks_last = acks
+        if plan.ahead_until is not None:
+            member.behind = plan.job_id
 
         def let_go() -> None:
             if plan.ahead_until is None:
@@ -247,6 +267,8 @@ class SupervisorPool:
                 let_go()
 
         def abort() -> None:
+            if member.behind == plan.job_id:
+                member.behind = None
             word = member.held
             let_go()
             if word:
@@ -256,7 +278,8 @@ class SupervisorPool:
         def ending() -> None:
             now = time.monotonic()
             member.last_run = now - member.running_since
-            member.running_since = now  # a job sent ahead starts now
+            member.running_since = now  # a job sent ahead starts now (or goes back)
+            member.behind = None
             member.ending = True
             member.unanswered += 1
 
