@@ -20,9 +20,9 @@ it is queued again at its place; with TAKING the next line says which way it wen
 No message goes back to the supervisor, and no round trip: a job waits ahead at
 most AHEAD_WINDOW, and a later job may start before it by at most as much.
 
-Until its start is heard of, the job counts as running (ts -l, slots: a job given
-back held a slot for nothing, AHEAD_WINDOW at most), and its start time is when it
-was sent (at most AHEAD_WINDOW early); a ts -k that comes for it
+Until its start is heard of, the job is listed as running, but holds no slot while
+the job before it runs (the scheduler counts that one's: Member.behind), and its
+start time is when it was sent (at most AHEAD_WINDOW early); a ts -k that comes for it
 meanwhile, should it be given back, ends it as killed before it started.
 """
 

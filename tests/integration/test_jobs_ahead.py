@@ -153,3 +153,23 @@ def test_a_crash_with_a_job_ahead_past_its_deadline_queues_it_again_and_it_runs_
     wait_until(lambda: listed(ts)[waiting]["State"] == "finished", what="the job given back")
     assert listed(ts)[waiting]["E-Level"] == 0
     assert (tsd_env.tmp / "ran").read_text().split() == [str(waiting)]
+
+
+def test_the_jobs_after_one_waiting_ahead_behind_a_long_job_do_not_wait_for_it(
+    ts: Runner, tsd_env: Env
+) -> None:
+    # Two slots, one burst with a long job in it: the job sent behind the long one waits
+    # there (3 s window), and the other slot runs the rest meanwhile.
+    ts("-S", "0", extra_env={"TSD_AHEAD_WINDOW": "3"})
+    array(ts, 10, "true")
+    long_job = queue(ts, "sleep", "10")
+    last = array(ts, 20, "true")
+    ts("-S", "2")
+    trailing = range(last - 19, last + 1)
+
+    def finished() -> int:
+        jobs = listed(ts)
+        return sum(jobs[i]["State"] == "finished" for i in trailing)
+
+    wait_until(lambda: finished() >= 19, timeout=2.5, what="all but one waiting ahead")
+    assert listed(ts)[long_job]["State"] == "running"

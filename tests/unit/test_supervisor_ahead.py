@@ -11,10 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from unit.test_spawner import gated, wait_until
 from unit.test_supervisor_pool import read_until, report_in, reusable, said_end, until_end
 
-from tsd import eligibility, exitreport, launch
+from tsd import ahead, eligibility, exitreport, launch
 from tsd.model import Job, JobSpec, JobState
 from tsd.runner import PidfdWatch
 from tsd.spawnlink import SpawnerLauncher
@@ -167,3 +168,13 @@ def test_one_supervisor_watched_for_two_jobs_tells_both_of_its_exit_once() -> No
         watch.forget(child.pid)  # as a job's settling does: nothing left, no error
     finally:
         loop.close()
+
+
+def test_the_window_comes_from_the_environment_and_a_bad_value_keeps_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for value, window in (("0.5", 0.5), ("0", 0.0), ("-1", 0.0), ("abc", 0.02)):
+        monkeypatch.setenv("TSD_AHEAD_WINDOW", value)
+        assert ahead._window() == window
+    monkeypatch.delenv("TSD_AHEAD_WINDOW")
+    assert ahead._window() == 0.02
