@@ -323,7 +323,7 @@ def become_supervisor() -> None:
     subreaper of every job it runs, with the signals it waits for blocked."""
     # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
     # the read end of the report pipe: a write there must fail with EPIPE, which
-    # _report ignores, not kill the supervisor and orphan the job. Its children
+    # report_line ignores, not kill the supervisor and orphan the job. Its children
     # get SIGPIPE's default back before they exec (_child_signals).
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
@@ -396,7 +396,7 @@ def run_job(
     told_at = time.monotonic() + TELL_AFTER
     told = main_status is not None
     if told:
-        _report(rep_w, started)
+        report_line(rep_w, started)
 
     timed_out = False
     killing_since: float | None = None
@@ -435,7 +435,7 @@ def run_job(
         if poll is not None and not poll():
             poll = None
         if not told and time.monotonic() >= told_at:
-            _report(rep_w, started)
+            report_line(rep_w, started)
             told = True
         if info is not None and info.si_signo != signal.SIGCHLD and killing_since is None:
             killing_since = time.time()
@@ -476,7 +476,7 @@ def run_job(
     # A line of at most PIPE_BUF bytes reaches the daemon whole (POSIX), so it never
     # waits for an ACK of a report it could not read; a longer one goes in the file.
     if answer is not None and len(line.encode()) < select.PIPE_BUF:
-        if _report(rep_w, line):
+        if report_line(rep_w, line):
             word = answer()
             if word == LATER:
                 return report
@@ -484,7 +484,7 @@ def run_job(
                 return None
         _write_report_until_stored(plan, report, durable=True)
         return None
-    durable = not _report(rep_w, f"{untold}end -")
+    durable = not report_line(rep_w, f"{untold}end -")
     _write_report_until_stored(plan, report, durable)
     _after_job(plan, report)
     return None
@@ -533,12 +533,8 @@ def _child_signals() -> None:
 
 
 def report_line(fd: int, line: str) -> bool:
-    """Tell the daemon a line on a report pipe; whether anyone was there to read it."""
-    return _report(fd, line)
-
-
-def _report(fd: int, line: str) -> bool:
-    """Tell the daemon a line; whether anyone was there to read it."""
+    """Write a line on a report pipe (a supervisor's to its daemon, a job's to its
+    supervisor); whether anyone was there to read it."""
     try:
         os.write(fd, (line + "\n").encode())
     except OSError:
@@ -645,10 +641,10 @@ def _exec_job(plan: LaunchPlan, status_w: int) -> None:
             privdrop.drop_privileges(plan.uid, plan.gid, plan.user, plan.groups)
         os.umask(plan.umask)
         out_fd, err_fd, path = _open_outputs(plan, status_w)
-        _report(status_w, f"out {path}" if path else "out -")
+        report_line(status_w, f"out {path}" if path else "out -")
         os.chdir(plan.cwd)
     except Exception as exc:
-        _report(status_w, f"err could not start: {exc}")
+        report_line(status_w, f"err could not start: {exc}")
         os._exit(127)
     os.close(status_w)
     null = os.open(os.devnull, os.O_RDONLY)
