@@ -39,7 +39,7 @@ from typing import Protocol
 from tsd import exitreport, launch
 from tsd.errors import StorageFull
 from tsd.model import ExitInfo, Job
-from tsd.runend import EndTable
+from tsd.runend import STORE_RETRY, EndTable
 from tsd.scheduler import job_slots
 from tsd.supervisorpool import Member
 
@@ -75,7 +75,6 @@ def _window() -> float:
 
 
 AHEAD_WINDOW = _window()  # seconds: how short a burst's jobs are, how long one waits ahead
-AHEAD_RETRY = 1.0  # seconds before a job given back is queued again, on a full disk
 TAKING_CHECK = 1.0  # seconds between looks at a job whose TAKING came, until it resolves
 
 
@@ -207,6 +206,6 @@ class AheadJobs:
             self.table.requeue(job_id)
         except StorageFull as exc:
             log.warning("job %d given back; queued again once space returns: %s", job_id, exc)
-            self.loop.call_later(AHEAD_RETRY, self._requeue_ahead, job_id)
+            self.loop.call_later(STORE_RETRY, self._requeue_ahead, job_id)
             return
         self._requeued()

@@ -83,11 +83,10 @@ class Member:
     def ahead_deadline(self, window: float, now: float) -> float | None:
         """The deadline of a job sent ahead to it now (tsd.ahead), None when it takes
         none: it takes one when its last job ran less than half `window`, the last job
-        sent to it reports its end on the pipe, and it runs
-        one job (besides those whose end came, not answered yet) begun less than that
-        ago, or is taken for its next one in this same turn (take()), and
-        has no other job sent or taken ahead. The deadline is that job's start plus
-        `window`."""
+        sent to it reports its end on the pipe, it runs one job (besides those whose
+        end came, not answered yet) begun less than that ago or is taken for its next
+        one in this same turn (take()), and it has no other job sent or taken ahead.
+        The deadline is that job's start plus `window`."""
         if (self.ahead_taken or not self.acks_last or self.last_run is None
                 or self.last_run >= window / 2):  # fmt: skip
             return None
@@ -213,15 +212,19 @@ class SupervisorPool:
         member gone by then has the job queued again), abort() gives the member back
         with nothing sent. The caller may close its ts -n fds once this returns."""
         body = spawner.NEXT + spawner.encode(plan)
+
+        def release() -> None:  # what take() or take_ahead() took it for is over
+            if plan.ahead_until is None:
+                member.taken = False
+            else:
+                member.ahead_taken = False
+
         made: list[int] = []
         try:
             made.extend(os.pipe())
             made.extend(os.dup(fd) for fd in plan.out_fds or ())
         except OSError:  # out of fds: the member stays free, the job queued (tsd.runner)
-            if plan.ahead_until is None:
-                member.taken = False
-            else:
-                member.ahead_taken = False
+            release()
             for fd in made:
                 os.close(fd)
             raise
@@ -234,10 +237,7 @@ class SupervisorPool:
             member.behind = plan.job_id
 
         def let_go() -> None:
-            if plan.ahead_until is None:
-                member.taken = False
-            else:
-                member.ahead_taken = False
+            release()
             member.held = b""
             for fd in (rep_w, *out_fds):
                 os.close(fd)
