@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tsd import __version__, handlers, heap, protocol
+from tsd import __version__, daemonlog, handlers, heap, protocol
 from tsd.config import Config, GpuConfig, unknown_names
 from tsd.dispatch import Dispatcher
 from tsd.engine import Scheduling
@@ -492,42 +492,6 @@ def personal_state_dir(env: dict[str, str]) -> Path:
     return Path(base) / "tsd"
 
 
-def _setup_logging(system: bool, state_dir: Path) -> None:
-    # The formats below use none of the caller's file and line, thread or process: a
-    # record that skips collecting them costs a third less (a line per job ended). These
-    # are logging's documented switches (the logging HOWTO, "Optimization").
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    if system:
-        # journald adds time and unit; keep lines short.
-        logging.basicConfig(
-            level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr
-        )
-    else:
-        handler = logging.FileHandler(state_dir / "tsd.log")
-        handler.setFormatter(SecondFormatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-
-class SecondFormatter(logging.Formatter):
-    """logging's default time format (`2026-12-03 18:53:32,081`), with the part before
-    the milliseconds made once a second rather than once a line (localtime and
-    strftime are a third of the cost of a busy daemon's line per job)."""
-
-    _second = -1
-    _text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """The record's local time, as logging.Formatter writes it without a datefmt."""
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
-        return f"{self._text},{int(record.msecs):03d}"
-
-
 def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -> int:
     """Start a daemon in the foreground; returns its exit status."""
     env = dict(os.environ)
@@ -568,7 +532,7 @@ def run_daemon(system: bool, config_path: str | None, socket_path: str | None) -
     if lock is None:
         print("tsd: another daemon already runs on this state", file=sys.stderr)
         return 0
-    _setup_logging(system, settings.state_dir)
+    daemonlog.setup(system, settings.state_dir, env)
     if not system and not config_path:
         config = personal_config(env)  # after logging is set up: it may complain
     if system:

@@ -207,7 +207,8 @@ TSD_FILES = (
      "limits; every key is explained in the installed example."),
     ("/var/lib/tsd/state.db", "the jobs (SQLite); readable by root only."),
     (SYSTEM_SOCKET, "the socket, made by tsd.socket: group tsd, mode 0660."),
-    ("$XDG_STATE_HOME/tsd/", "a personal daemon's state and its log, tsd.log."),
+    ("$XDG_STATE_HOME/tsd/", "a personal daemon's state and its log, tsd.log; past 8 MiB "
+     "(TSD_LOG_MAX_BYTES) that file becomes tsd.log.1 (and .1 becomes .2)."),
 )  # fmt: skip
 
 TSD_SIGNALS = (

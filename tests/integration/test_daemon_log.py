@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from integration.harness import Env, Runner, queue
+from integration.harness import Env, Runner, queue, wait_until
 
 
 def test_a_job_is_logged_as_queued_before_it_is_logged_as_finished(
@@ -34,3 +34,20 @@ def test_the_log_says_how_the_state_is_made_durable(ts: Runner, tsd_env: Env) ->
     assert "the state's WAL is fdatasynced by the kernel (AIO)" in log or (
         "the state's WAL is fdatasynced by a thread" in log
     ), log
+
+
+def test_the_log_moves_aside_past_its_cap_and_keeps_the_newest_lines(
+    ts: Runner, tsd_env: Env
+) -> None:
+    ts("-S", "4", extra_env={"TSD_LOG_MAX_BYTES": "2048"})
+    last = 0
+    for _ in range(40):
+        last = queue(ts, "true")
+    assert ts("-w", str(last), check=False).returncode == 0
+    wait_until(lambda: f"job {last} finished" in (tsd_env.state / "tsd" / "tsd.log").read_text(),
+               what="the last job's line")  # fmt: skip
+    files = sorted((tsd_env.state / "tsd").glob("tsd.log*"))
+    assert [f.name for f in files] == ["tsd.log", "tsd.log.1", "tsd.log.2"]  # 40 jobs: ~6 KB
+    for f in files:
+        assert f.stat().st_size <= 2048
+    assert ts("-l").returncode == 0  # it goes on serving

@@ -7,7 +7,7 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tsd.daemon import SecondFormatter
+from tsd.daemonlog import SecondFormatter
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
