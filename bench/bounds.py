@@ -18,6 +18,8 @@ edited the code it replaced: they are in this script as of commit 225721f.
   daemon3    no-log, no-acct and no-env together
   lean-sup   a supervisor's wait and report cut to dispatch_floor.py's helper's:
              waitpid, one fixed line of JSON (no timeout, ts -k, leftovers, records)
+  lean-all   daemon3 and lean-sup together: what deleting the per-job features of
+             both sides could buy at most
   no-save    no savepoint for a grouped write after the group's first
 
 Usage: .venv/bin/python bench/bounds.py [--slots S] [--jobs N] [--rounds R] [BOUND ...]
@@ -77,8 +79,12 @@ _LEAN_SUP = Edit(
     "        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])\n"
     "        line = (f'pid {child}\\nout {out}\\nend {{\"code\": {code}, '\n"
     '                f\'"end": {time.time()}, "output": "{out}"}}\')\n'
-    "        if _report(rep_w, line) and answer is not None and answer() == ACK:\n"
-    "            return\n"
+    "        word = answer() if report_line(rep_w, line) and answer is not None else b''\n"
+    "        if word == ACK:\n"
+    "            return None\n"
+    "        if word == LATER:  # a job sent ahead runs: settled at its end\n"
+    "            return exitreport.ExitReport(exit=ExitInfo(code=code), end=time.time(),\n"
+    "                                         output=out)\n"
     "        raise SystemExit(70)\n",
 )
 _NO_SAVE = Edit(
@@ -94,6 +100,7 @@ BOUNDS: dict[str, list[Edit]] = {
     "no-env": [_NO_ENV],
     "daemon3": [_NO_LOG, _NO_ACCT, _NO_ENV],
     "lean-sup": [_LEAN_SUP],
+    "lean-all": [_NO_LOG, _NO_ACCT, _NO_ENV, _LEAN_SUP],
     "no-save": [_NO_SAVE],
 }
 
