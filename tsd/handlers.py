@@ -8,6 +8,7 @@ send events first. Handlers hold no state of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -46,6 +47,11 @@ SendEvent = Callable[[protocol.Event], Awaitable[None]]
 # ts -n jobs waiting with their submitter's stdout and stderr held open, per user: each
 # holds two of the daemon's descriptors until it starts.
 MAX_TERMINALS_PER_USER = 64
+# A job's supervisor tells its pid and output file a few ms after the start (launch.
+# TELL_AFTER; a job sent ahead, once its turn comes: tsd.ahead). A record asked for
+# meanwhile waits for that, at most this long, so that `ts -p` and `ts -o` right
+# after a start find them.
+START_TOLD_WAIT = 1.0
 R = TypeVar("R", bound=protocol.Response | protocol.Event)
 
 
@@ -133,7 +139,7 @@ async def _serve(
         case protocol.ListJobs():
             return await list_jobs(p, peer, req, send)
         case protocol.GetJob():
-            return get_job(p, peer, req)
+            return await get_job(p, peer, req)
         case protocol.Remove():
             return await remove(p, peer, req)
         case protocol.Urgent():
@@ -447,9 +453,17 @@ async def send_rows(listed: tuple[list[Job], list[str]], send: SendEvent) -> dic
             step *= 2
 
 
-def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
-    """-i -s -p -o -a -F -q: one job's record, with why it waits."""
-    job = p.dispatcher.explain(p.table.pick(peer, req.id, req.default))
+async def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRecord:
+    """-i -s -p -o -a -F -q: one job's record, with why it waits. A job that runs on a
+    supervisor that has not told its pid yet is answered once it has (START_TOLD_WAIT
+    at most)."""
+    job = p.table.pick(peer, req.id, req.default)
+    if job.state is JobState.RUNNING and job.pid is None and job.supervisor_pid is not None:
+        # Still untold past it (a job given back, a slow machine): the record as it is.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(p.waiters.next_start(job.id), START_TOLD_WAIT)
+        job = p.table.get(job.id) or job  # a -nf job that ended meanwhile: its last record
+    job = p.dispatcher.explain(job)
     return protocol.JobRecord(_with_gpu_use(p, job))
 
 

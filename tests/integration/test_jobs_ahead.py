@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 from integration.harness import Env, Runner, queue, wait_until
 
@@ -100,6 +101,21 @@ def test_a_job_killed_while_it_waits_ahead_ends_killed_and_never_runs(
     wait_until(lambda: listed(ts)[waiting]["State"] == "finished", what="its end")
     assert "killed before it started" in ts("-i", str(waiting)).stdout
     assert not mark.exists()
+
+
+def test_ts_p_on_a_job_waiting_ahead_answers_its_pid_once_it_starts(
+    ts: Runner, tsd_env: Env
+) -> None:
+    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": "3"})
+    array(ts, 5, "true")
+    long_job = queue(ts, "sleep", "0.5")
+    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
+    waiting = queue(ts, "sleep", "7")  # sent ahead behind the sleep (one slot)
+    assert listed(ts)[waiting]["State"] == "running"
+    pid = int(ts("-p", str(waiting)).stdout)  # once the first sleep is over
+    assert listed(ts)[long_job]["State"] == "finished"
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"7"]
+    ts("-k", str(waiting))
 
 
 def test_no_job_goes_ahead_with_a_window_of_zero(ts: Runner, tsd_env: Env) -> None:
