@@ -309,8 +309,11 @@ WATCHED = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHU
 
 # A job that ends this soon after its start is told to the daemon in one message
 # (pid, output and end): the daemon wakes and reads once for it, not twice. A longer
-# job's pid is told then (the daemon holds signals for a job until it knows its pid).
-TELL_AFTER = 0.002
+# job's pid is told then (the daemon holds signals for a job until it knows its pid,
+# and `ts -p`/`-o` wait for it: tsd.handlers.get_job). 20 ms rather than 2: with 16
+# slots on 2 CPUs half the `true` jobs of a burst outlast 2 ms, and each paid a
+# wake-up of its supervisor and a line for the daemon (+2-3% jobs/s there).
+TELL_AFTER = 0.02
 # How often a supervisor whose previous job's end is not answered yet looks for the
 # answer while the next job runs (it comes within milliseconds; until then only a NAK
 # or a daemon gone would need that end's report file, which waits at most this long).
