@@ -25,6 +25,19 @@ def logged(env: Env) -> str:
     return (env.state / "tsd" / "tsd.log").read_text()
 
 
+def one_waiting_ahead(ts: Runner, window: str, long_s: str, *command: str) -> tuple[int, int]:
+    """One slot: a sleep of `long_s` runs, and `command` is sent ahead behind it on the
+    same supervisor (its submit's pass sends it: the supervisor's last job was short,
+    and the sleep began less than half the window ago): (sleep, job ahead)."""
+    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": window})
+    array(ts, 5, "true")
+    long_job = queue(ts, "sleep", long_s)
+    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
+    waiting = queue(ts, *command)
+    wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
+    return long_job, waiting
+
+
 def test_a_burst_of_short_jobs_runs_each_once_with_its_own_exit_code(
     ts: Runner, tsd_env: Env
 ) -> None:
@@ -90,12 +103,7 @@ def test_a_job_killed_while_it_waits_ahead_ends_killed_and_never_runs(
     ts: Runner, tsd_env: Env
 ) -> None:
     mark = tsd_env.tmp / "ran"
-    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": "3"})
-    array(ts, 5, "true")
-    long_job = queue(ts, "sleep", "6")
-    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
-    waiting = queue(ts, "touch", str(mark))  # sent ahead behind the sleep (one slot)
-    wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
+    _, waiting = one_waiting_ahead(ts, "3", "6", "touch", str(mark))
     assert not mark.exists()
     ts("-k", str(waiting))
     wait_until(lambda: listed(ts)[waiting]["State"] == "finished", what="its end")
@@ -106,12 +114,7 @@ def test_a_job_killed_while_it_waits_ahead_ends_killed_and_never_runs(
 def test_ts_p_on_a_job_waiting_ahead_answers_its_pid_once_it_starts(
     ts: Runner, tsd_env: Env
 ) -> None:
-    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": "3"})
-    array(ts, 5, "true")
-    long_job = queue(ts, "sleep", "0.5")
-    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
-    waiting = queue(ts, "sleep", "7")  # sent ahead behind the sleep (one slot)
-    assert listed(ts)[waiting]["State"] == "running"
+    long_job, waiting = one_waiting_ahead(ts, "3", "0.5", "sleep", "7")
     pid = int(ts("-p", str(waiting)).stdout)  # once the first sleep is over
     assert listed(ts)[long_job]["State"] == "finished"
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"7"]
@@ -133,14 +136,8 @@ def crash_with_a_job_ahead(ts: Runner, env: Env, window: str, long_s: str) -> tu
     """One slot: a sleep of `long_s` runs and a job (it writes its id to tmp/ran) waits
     ahead behind it on the same supervisor when the daemon is killed: (sleep, job)."""
     ran = env.tmp / "ran"
-    ts("-S", "1", extra_env={"TSD_AHEAD_WINDOW": window})
-    array(ts, 5, "true")
-    long_job = queue(ts, "sleep", long_s)
-    wait_until(lambda: listed(ts)[long_job]["State"] == "running", what="the sleep")
-    # Its submit's pass sends it ahead: the supervisor's last job was short, and the
-    # sleep began less than half the window ago.
-    waiting = queue(ts, "sh", "-c", f'echo "$TS_JOBID" >> {ran}')
-    wait_until(lambda: listed(ts)[waiting]["State"] == "running", what="the job ahead")
+    long_job, waiting = one_waiting_ahead(
+        ts, window, long_s, "sh", "-c", f'echo "$TS_JOBID" >> {ran}')
     assert not ran.exists()
     pid = env.daemon_pid()
     assert pid is not None
