@@ -55,7 +55,16 @@ class Waiters:
         """Until job `job_id` starts or changes what it reports at start."""
         fut: asyncio.Future[None] = self.loop.create_future()
         self._starts[job_id].append(fut)
-        await fut
+        try:
+            await fut
+        finally:
+            # Cancelled (a waiter that gave up: tsd.handlers.get_job's timeout, a client
+            # gone): not left behind for a job that may run for days.
+            waiting = self._starts.get(job_id)
+            if waiting is not None and fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._starts[job_id]
 
     async def next_end(self, job_id: int) -> Job | None:
         """Until job `job_id` ends (its final record) or is removed (None)."""

@@ -549,3 +549,48 @@ def test_job_controls_are_refused_in_one_line_under_a_cluster_engine(
         assert len(rig.table.jobs) == 1
 
     run(body)
+
+
+def test_get_on_a_started_job_waits_for_its_pid_and_answers_with_it() -> None:
+    async def body() -> None:
+        rig = Rig(Config())
+        job = await rig.submit("sleep", "9")  # FakeRunner: running, its pid not told yet
+        asking = asyncio.create_task(rig.call(protocol.GetJob(id=job, default="run")))
+        await asyncio.sleep(0.05)
+        assert not asking.done()
+        rig.table.report(job, 4321, "/tmp/ts-out.x", True)
+        answer = await asyncio.wait_for(asking, 1)
+        assert (answer["job"]["pid"], answer["job"]["output"]) == (4321, "/tmp/ts-out.x")
+        assert not rig.waiters._starts  # nobody left waiting
+
+    run(body)
+
+
+def test_get_answers_an_untold_job_as_it_is_after_the_wait_and_leaves_no_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(handlers, "START_TOLD_WAIT", 0.05)
+
+    async def body() -> None:
+        rig = Rig(Config())
+        job = await rig.submit("sleep", "9")
+        for _ in range(3):
+            answer = await rig.call(protocol.GetJob(id=job, default="run"))
+            assert (answer["job"]["state"], answer["job"]["pid"]) == ("running", None)
+        assert not rig.waiters._starts
+
+    run(body)
+
+
+def test_get_on_a_queued_or_told_job_answers_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "START_TOLD_WAIT", 30.0)
+
+    async def body() -> None:
+        rig = Rig(Config(slots=1))
+        running = await rig.submit("sleep", "9")
+        queued = await rig.submit("sleep", "9")
+        rig.table.report(running, 4321, "/tmp/ts-out.x", True)
+        for job in (running, queued):
+            await asyncio.wait_for(rig.call(protocol.GetJob(id=job, default="run")), 1)
+
+    run(body)
