@@ -462,7 +462,7 @@ async def get_job(p: Parts, peer: Peer, req: protocol.GetJob) -> protocol.JobRec
         # Still untold past it (a job given back, a slow machine): the record as it is.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(p.waiters.next_start(job.id), START_TOLD_WAIT)
-        job = p.table.get(job.id) or job  # a -nf job that ended meanwhile: its last record
+        job = p.table.get(job.id) or job  # forgotten meanwhile (the finished cap): as it was
     job = p.dispatcher.explain(job)
     return protocol.JobRecord(_with_gpu_use(p, job))
 
