@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import Any, TypeVar
 
 from tsd.model import Job
+
+F = TypeVar("F", bound="asyncio.Future[Any]")
 
 
 class Waiters:
@@ -60,11 +63,7 @@ class Waiters:
         finally:
             # Cancelled (a waiter that gave up: tsd.handlers.get_job's timeout, a client
             # gone): not left behind for a job that may run for days.
-            waiting = self._starts.get(job_id)
-            if waiting is not None and fut in waiting:
-                waiting.remove(fut)
-                if not waiting:
-                    del self._starts[job_id]
+            _unlist(self._starts, job_id, fut)
 
     async def next_end(self, job_id: int) -> Job | None:
         """Until job `job_id` ends (its final record) or is removed (None)."""
@@ -80,11 +79,7 @@ class Waiters:
 
     def drop_ticket(self, job_id: int, fut: asyncio.Future[Job | None]) -> None:
         """Forget an `end_ticket` (awaited, or never to be)."""
-        futures = self._ends.get(job_id)
-        if futures is not None and fut in futures:
-            futures.remove(fut)
-            if not futures:
-                del self._ends[job_id]
+        _unlist(self._ends, job_id, fut)
         fut.cancel()
 
     async def room_freed(self) -> None:
@@ -105,6 +100,15 @@ class Waiters:
         return sum(len(v) for v in self._ends.values()) + sum(
             len(v) for v in self._starts.values()
         )
+
+
+def _unlist(waiting: dict[int, list[F]], job_id: int, fut: F) -> None:
+    """Take `fut` off job `job_id`'s futures (if still there), and the list once empty."""
+    futures = waiting.get(job_id)
+    if futures is not None and fut in futures:
+        futures.remove(fut)
+        if not futures:
+            del waiting[job_id]
 
 
 def _wake(futures: list[asyncio.Future[None]]) -> None:
