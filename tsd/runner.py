@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tsd import exitreport, launch, spawnlink, userdb
-from tsd.ahead import AheadJobs
+from tsd.ahead import AheadJobs, AheadLauncher
 from tsd.config import Config
 from tsd.errors import StorageFull, WrongState
 from tsd.gpu import GpuUnavailable
@@ -76,8 +76,9 @@ class ScopeManager(Protocol):
     def occupied(self, unit: str, uid: int, besides: int | None = None) -> bool: ...
 
 
-class Launcher(Protocol):
-    """Forks supervisors (tsd.launch), itself or through the spawner (tsd.spawnlink)."""
+class Launcher(AheadLauncher, Protocol):
+    """Forks supervisors (tsd.launch), itself or through the spawner (tsd.spawnlink);
+    and for jobs sent ahead (tsd.ahead), hands out reused ones."""
 
     def start(self) -> None: ...
 
@@ -86,14 +87,6 @@ class Launcher(Protocol):
     def start_time(self, pid: int) -> int | None: ...
 
     def close(self) -> None: ...
-
-    def ahead_room(self, window: float) -> int: ...
-
-    def take_ahead(self, window: float) -> tuple[Member, float] | None: ...
-
-    def behind(self) -> set[int]: ...
-
-    def forget_behind(self, job_id: int) -> None: ...
 
     def spawn_on(self, member: Member, plan: launch.LaunchPlan) -> launch.Launched: ...
 
