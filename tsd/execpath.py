@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 
+from tsd import cpupolicy
+
 _UNSET = object()
 _path_now: object = _UNSET  # the PATH this process's environment holds, as set here
 
@@ -34,10 +36,17 @@ def _use_path(path: str | None) -> None:
 def spawn_on_path(argv: list[str], env: dict[str, str]) -> int:
     """posix_spawn argv[0] searched on env's PATH, as execvp searches it, with this
     process's fds 0-2 (the caller puts the job's there); the job's pid, or the OSError
-    execvp would have met (FileNotFoundError when nothing was found)."""
+    execvp would have met (FileNotFoundError when nothing was found). The job runs
+    with the CPU policy the supervisor started with (tsd.cpupolicy)."""
     _use_path(env.get("PATH"))
     # No file actions: glibc checks each one's fds against RLIMIT_NOFILE, a getrlimit
     # call per fd, five a job for stdin and two dup2s.
+    policy = cpupolicy.for_jobs()
+    if policy is None:  # posix_spawnp takes no scheduler=None (CPython 3.11)
+        return os.posix_spawnp(
+            argv[0], argv, env, setpgroup=0, setsigmask=(), setsigdef=(signal.SIGPIPE,),
+        )
     return os.posix_spawnp(
         argv[0], argv, env, setpgroup=0, setsigmask=(), setsigdef=(signal.SIGPIPE,),
+        scheduler=policy,
     )

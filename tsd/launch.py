@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from tsd import execpath, exitreport, joboutput, jobtree, privdrop
+from tsd import cpupolicy, execpath, exitreport, joboutput, jobtree, privdrop
 from tsd.model import ExitInfo
 from tsd.paths import SENDMAIL
 
@@ -327,7 +327,7 @@ def become_supervisor() -> None:
     # The daemon may go away at any instant (restart, kill -9, upgrade) and with it
     # the read end of the report pipe: a write there must fail with EPIPE, which
     # report_line ignores, not kill the supervisor and orphan the job. Its children
-    # get SIGPIPE's default back before they exec (_child_signals).
+    # get SIGPIPE's default back before they exec (_child_defaults).
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         privdrop.libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -530,9 +530,11 @@ def _write_report_until_stored(
         time.sleep(REPORT_RETRY)
 
 
-def _child_signals() -> None:
-    """In a child about to exec: SIGPIPE back to default (the supervisor ignores it)."""
+def _child_defaults() -> None:
+    """In a child about to exec: SIGPIPE back to default (the supervisor ignores it),
+    and the CPU policy the supervisor started with (tsd.cpupolicy)."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    cpupolicy.give_back()
 
 
 def report_line(fd: int, line: str) -> bool:
@@ -636,7 +638,7 @@ def _close_all(fds: Iterable[int]) -> None:
 
 def _exec_job(plan: LaunchPlan, status_w: int) -> None:
     """Runs as the job process: never returns."""
-    _child_signals()
+    _child_defaults()
     os.setpgid(0, 0)
     try:
         privdrop.reset_nofile(plan.nofile_soft)
@@ -738,7 +740,7 @@ def _run_as_user(plan: LaunchPlan, argv: list[str], stdin: bytes = b"") -> int |
     if pid == 0:
         try:
             os.close(w)
-            _child_signals()
+            _child_defaults()
             privdrop.reset_nofile(plan.nofile_soft)
             if plan.drop_privileges:
                 privdrop.drop_privileges(plan.uid, plan.gid, plan.user, plan.groups)

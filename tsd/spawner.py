@@ -51,7 +51,7 @@ import time
 from dataclasses import fields
 from typing import NoReturn
 
-from tsd import exitreport, launch, privdrop
+from tsd import cpupolicy, exitreport, launch, privdrop
 
 HEADER = struct.Struct("=I")  # length of the marshalled plan that follows
 REPLY = struct.Struct("=iq")  # pid (or -errno), start time (-1: unknown)
@@ -376,6 +376,7 @@ def run_member(link_fd: int, exits_dir: str) -> NoReturn:
     try:
         launch.reset_process_state([link_fd], False)
         launch.become_supervisor()
+        cpupolicy.yield_to_jobs()
         link = _Link(link_fd)
         unanswered: _Unanswered | None = None
 
