@@ -359,6 +359,7 @@ class Daemon:
         """Serve until -K, SIGTERM or SIGINT. Running jobs are left running."""
         self.runner.launcher.start()  # the spawner loads while the state does
         heap.steady()
+        heap.fewer_collections()
         with gc_paused_then_frozen():
             running = self.table.load()
         if len(self.table.jobs) >= heap.BIG:

@@ -1,9 +1,12 @@
-"""tsd.heap: big blocks stay out of glibc's heap, and freed heap pages go back."""
+"""tsd.heap: big blocks stay out of glibc's heap, freed heap pages go back, and the cyclic
+collector runs less often but still reclaims cycles."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+from tsd import heap
 
 PROBE = r"""
 import ctypes, sys
@@ -56,3 +59,32 @@ def test_steady_keeps_big_blocks_mapped_after_a_bigger_one_was_freed() -> None:
 
 def test_give_back_returns_freed_heap_pages_to_the_system() -> None:
     assert int(probe(TRIM)) >= 32  # MiB of the 64 freed
+
+
+CYCLES = r"""
+import gc, sys, weakref
+from tsd import heap
+if sys.argv[1] == "fewer":
+    heap.fewer_collections()
+older = gc.get_threshold()[1:]
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "stop" and collections.append(info))
+class Node:
+    pass
+freed = []
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # freed only by the cyclic collector
+    weakref.finalize(a, freed.append, 1)
+for _ in range(30_000):
+    cycle()
+print(gc.get_threshold()[0], gc.get_threshold()[1:] == older, len(collections), len(freed))
+"""
+
+
+def test_fewer_collections_collects_young_objects_less_often_and_still_frees_cycles() -> None:
+    threshold, older_kept, runs, freed = probe(CYCLES, "fewer").split()
+    assert (int(threshold), older_kept) == (heap.GC_YOUNG, "True")
+    default_runs = int(probe(CYCLES, "default").split()[2])
+    assert 0 < int(runs) < default_runs / 10  # a few collections rather than hundreds
+    assert int(freed) >= 30_000 - heap.GC_YOUNG  # what they found was freed, unasked
