@@ -16,6 +16,9 @@ first `true` job's start to the last one's end:
   delay       ms per job that processes of that kind waited runnable for a CPU
   delay/idle  the part of that delay during which another CPU was idle: what a
               better placement could have run at once
+  server      the share of the idle time during which another CPU ran the
+              spooler's busiest process (tsd's daemon, tsp's server): a CPU with
+              nothing to run while every slot waits on that one process
 
 Each number is per job of the run; the medians over --reps runs follow.
 perf itself costs both spoolers alike (their rates are lower than in vs_tsp.py).
@@ -38,6 +41,7 @@ import tempfile
 import time
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +71,7 @@ class Reading:
 
     jobs_per_s: float
     idle: float  # share of all CPUs
+    idle_server: float = 0.0  # share of the idle time another CPU ran the busiest spooler task
     run: dict[str, float] = field(default_factory=dict)  # kind -> ms per job
     delay: dict[str, float] = field(default_factory=dict)
     delay_idle: dict[str, float] = field(default_factory=dict)
@@ -141,7 +146,34 @@ def read(spans: list[Span], spooler: str, jobs: int, seconds: float) -> Reading:
     for d in (out.run, out.delay, out.delay_idle):
         for k in d:
             d[k] *= 1000 / jobs
+    out.idle_server = _idle_beside(spans, spooler, clip)
     return out
+
+
+def _idle_beside(spans: list[Span], spooler: str, clip: Callable[[float, float], float]) -> float:
+    """The share of the CPUs' idle time (within `clip`'s span) during which another CPU
+    ran the spooler's busiest task: its server, every slot waiting on it."""
+    busy: dict[str, float] = defaultdict(float)
+    for s in spans:
+        if s.task != "<idle>" and kind_of(s.task, spooler) == "spooler":
+            busy[s.task] += clip(s.start, s.end)
+    if not busy:
+        return 0.0
+    server = max(busy, key=lambda t: busy[t])
+    ran = defaultdict(list)  # cpu -> the server's spans there
+    for s in spans:
+        if s.task == server:
+            ran[s.cpu].append((s.start, s.end))
+    idle = beside = 0.0
+    for s in spans:
+        if s.task != "<idle>":
+            continue
+        idle += clip(s.start, s.end)
+        for cpu, iv in ran.items():
+            if cpu != s.cpu:
+                beside += sum(clip(max(s.start, x), min(s.end, y)) for x, y in iv
+                              if x < s.end and y > s.start)
+    return beside / idle if idle else 0.0
 
 
 def one_run(side: Side, jobs: int, slots: int, workdir: Path) -> Reading:
@@ -178,7 +210,8 @@ def one_run(side: Side, jobs: int, slots: int, workdir: Path) -> Reading:
 
 def show(name: str, r: Reading) -> str:
     """One line for one reading."""
-    parts = [f"{name}: {r.jobs_per_s:6.0f} jobs/s  idle {100 * r.idle:4.1f}%"]
+    parts = [f"{name}: {r.jobs_per_s:6.0f} jobs/s  idle {100 * r.idle:4.1f}% "
+             f"(server {100 * r.idle_server:3.0f}%)"]
     for k in KINDS:
         parts.append(f"{k} run {r.run[k]:.3f} delay {r.delay[k]:.3f} "
                      f"(idle {r.delay_idle[k]:.3f})")
@@ -212,7 +245,8 @@ def main(argv: list[str]) -> None:
         print("medians:")
         for name, rs in got.items():
             med = Reading(statistics.median(r.jobs_per_s for r in rs),
-                          statistics.median(r.idle for r in rs))
+                          statistics.median(r.idle for r in rs),
+                          statistics.median(r.idle_server for r in rs))
             for k in KINDS:
                 med.run[k] = statistics.median(r.run[k] for r in rs)
                 med.delay[k] = statistics.median(r.delay[k] for r in rs)
