@@ -11,6 +11,7 @@ nothing else that reads it).
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -41,12 +42,10 @@ def spawn_on_path(argv: list[str], env: dict[str, str]) -> int:
     _use_path(env.get("PATH"))
     # No file actions: glibc checks each one's fds against RLIMIT_NOFILE, a getrlimit
     # call per fd, five a job for stdin and two dup2s.
+    spawn = functools.partial(
+        os.posix_spawnp, argv[0], argv, env, setpgroup=0, setsigmask=(),
+        setsigdef=(signal.SIGPIPE,),
+    )  # fmt: skip
     policy = cpupolicy.for_jobs()
-    if policy is None:  # posix_spawnp takes no scheduler=None (CPython 3.11)
-        return os.posix_spawnp(
-            argv[0], argv, env, setpgroup=0, setsigmask=(), setsigdef=(signal.SIGPIPE,),
-        )
-    return os.posix_spawnp(
-        argv[0], argv, env, setpgroup=0, setsigmask=(), setsigdef=(signal.SIGPIPE,),
-        scheduler=policy,
-    )
+    # Left out rather than None: CPython 3.11's posix_spawnp refuses scheduler=None.
+    return spawn() if policy is None else spawn(scheduler=policy)
