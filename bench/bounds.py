@@ -21,6 +21,9 @@ edited the code it replaced: they are in this script as of commit 225721f.
   lean-all   daemon3 and lean-sup together: what deleting the per-job features of
              both sides could buy at most
   no-save    no savepoint for a grouped write after the group's first
+  no-end     a finished job's end not written at all (its row, accounting, usage):
+             what recording the ends after the turn's starts, in a second
+             commit, could buy at most (a turn's GOs wait for none of it)
 
 Usage: .venv/bin/python bench/bounds.py [--slots S] [--jobs N] [--rounds R] [BOUND ...]
 e.g.   .venv/bin/python bench/bounds.py --slots 2 --rounds 6 daemon3 lean-sup
@@ -87,6 +90,12 @@ _LEAN_SUP = Edit(
     "                                         output=out)\n"
     "        raise SystemExit(70)\n",
 )
+_NO_END = Edit(
+    "ledger.py",
+    "        self._sync()\n        usage: Usage | None = None\n",
+    "        if ran is None and job.state is JobState.FINISHED:\n            return\n"
+    "        self._sync()\n        usage: Usage | None = None\n",
+)
 _NO_SAVE = Edit(
     "groupcommit.py",
     '        if self.db.in_transaction:\n            self.db.execute("SAVEPOINT w")\n'
@@ -102,6 +111,7 @@ BOUNDS: dict[str, list[Edit]] = {
     "lean-sup": [_LEAN_SUP],
     "lean-all": [_NO_LOG, _NO_ACCT, _NO_ENV, _LEAN_SUP],
     "no-save": [_NO_SAVE],
+    "no-end": [_NO_END],
 }
 
 
