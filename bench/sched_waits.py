@@ -41,7 +41,6 @@ import tempfile
 import time
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,15 +129,19 @@ def read(spans: list[Span], spooler: str, jobs: int, seconds: float) -> Reading:
                 i += 1
         return total
 
-    out = Reading(jobs / seconds, sum(clip(s, e) for iv in idle_on.values() for s, e in iv)
-                  / (len(cpus) * (b - a)))
+    idle = sum(clip(s, e) for iv in idle_on.values() for s, e in iv)
+    out = Reading(jobs / seconds, idle / (len(cpus) * (b - a)))
     for k in KINDS:
         out.run[k] = out.delay[k] = out.delay_idle[k] = 0.0
+    own: dict[str, float] = defaultdict(float)  # the spooler's tasks: CPU time each
     for s in spans:
         if s.task == "<idle>":
             continue
         k = kind_of(s.task, spooler)
-        out.run[k] += clip(s.start, s.end)
+        ran = clip(s.start, s.end)
+        out.run[k] += ran
+        if k == "spooler":
+            own[s.task] += ran
         waited = clip(s.start - s.delay, s.start) if s.delay else 0.0
         if waited:
             out.delay[k] += waited
@@ -146,34 +149,12 @@ def read(spans: list[Span], spooler: str, jobs: int, seconds: float) -> Reading:
     for d in (out.run, out.delay, out.delay_idle):
         for k in d:
             d[k] *= 1000 / jobs
-    out.idle_server = _idle_beside(spans, spooler, clip)
+    if own and idle:
+        # The other CPUs' idle time while the busiest spooler task (its server) ran.
+        server = max(own, key=lambda t: own[t])
+        beside = sum(idle_elsewhere(s.cpu, s.start, s.end) for s in spans if s.task == server)
+        out.idle_server = beside / idle
     return out
-
-
-def _idle_beside(spans: list[Span], spooler: str, clip: Callable[[float, float], float]) -> float:
-    """The share of the CPUs' idle time (within `clip`'s span) during which another CPU
-    ran the spooler's busiest task: its server, every slot waiting on it."""
-    busy: dict[str, float] = defaultdict(float)
-    for s in spans:
-        if s.task != "<idle>" and kind_of(s.task, spooler) == "spooler":
-            busy[s.task] += clip(s.start, s.end)
-    if not busy:
-        return 0.0
-    server = max(busy, key=lambda t: busy[t])
-    ran = defaultdict(list)  # cpu -> the server's spans there
-    for s in spans:
-        if s.task == server:
-            ran[s.cpu].append((s.start, s.end))
-    idle = beside = 0.0
-    for s in spans:
-        if s.task != "<idle>":
-            continue
-        idle += clip(s.start, s.end)
-        for cpu, iv in ran.items():
-            if cpu != s.cpu:
-                beside += sum(clip(max(s.start, x), min(s.end, y)) for x, y in iv
-                              if x < s.end and y > s.start)
-    return beside / idle if idle else 0.0
 
 
 def one_run(side: Side, jobs: int, slots: int, workdir: Path) -> Reading:
