@@ -15,9 +15,12 @@ of the daemon and its live descendants (voluntary and not), which unlike time do
 not move with the noise. Then each round's jobs/s and daemon and supervisor CPU.
 
 On these shared 2-core machines a throughput difference under ~5% is noise even
-over 10 rounds; the CPU split and the switches say more.
+over 10 rounds; the CPU split and the switches say more. Daemons side by side
+sometimes disturb each other (one's CPU per job jumps by half mid-run, never with
+one daemon alone): `--solo` runs one at a time instead, a fresh daemon per tree
+and round (warmed as above, then stopped), alternating the trees (ABBA...).
 
-Usage: .venv/bin/python bench/ab_dispatch.py [--slots S] [--jobs N] [--rounds R]
+Usage: .venv/bin/python bench/ab_dispatch.py [--slots S] [--jobs N] [--rounds R] [--solo]
            [--env NAME=VALUE ...] TREE_OR_REV [TREE_OR_REV ...]
 e.g.   .venv/bin/python bench/ab_dispatch.py --slots 16 HEAD~1 .
 """
@@ -100,6 +103,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="for every daemon, e.g. TS_MAXFINISHED=100 (each end then forgets one)")
+    ap.add_argument("--solo", action="store_true",
+                    help="one daemon at a time, a fresh one per tree and round")
     args = ap.parse_args()
     extra = dict(e.split("=", 1) for e in args.env)
     with contextlib.ExitStack() as stack:
@@ -109,22 +114,35 @@ def main() -> None:
             # PYTHONDONTWRITEBYTECODE set) would compile tsd at every `ts` it serves.
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "tsd")],
                            check=True)  # fmt: skip
-        daemons = []
-        for tree in trees:
+
+        def started(tree: Path) -> PersonalDaemon:
             # PYTHONPATH puts this tree's tsd ahead of the venv's: the daemon, its
             # spawner and the supervisors all load it (the spawner from the daemon's).
             d = PersonalDaemon(outputs="/dev/shm", PYTHONPATH=str(tree), TS_SLOTS="1",
                                TS_MAXCONN="100000", **extra)  # fmt: skip
-            stack.callback(d.stop)
             d.ts("-l")
             one_round(d, 200, args.slots)  # not counted: the supervisors' pool grows here
-            daemons.append(d)
+            return d
+
+        daemons = []
+        if not args.solo:
+            for tree in trees:
+                daemons.append(started(tree))
+                stack.callback(daemons[-1].stop)
         rows: list[list[tuple[float, ...]]] = [[] for _ in trees]
         for r in range(args.rounds):
             order = list(range(len(trees)))
             for i in order if r % 2 == 0 else order[::-1]:
-                rows[i].append(one_round(daemons[i], args.jobs, args.slots))
-    print(f"{args.jobs} true jobs on {args.slots} slots, {args.rounds} interleaved rounds; "
+                if not args.solo:
+                    rows[i].append(one_round(daemons[i], args.jobs, args.slots))
+                    continue
+                d = started(trees[i])
+                try:
+                    rows[i].append(one_round(d, args.jobs, args.slots))
+                finally:
+                    d.stop()
+    how = "rounds, one daemon at a time" if args.solo else "interleaved rounds"
+    print(f"{args.jobs} true jobs on {args.slots} slots, {args.rounds} {how}; "
           f"medians; CPU ms per job; load {os.getloadavg()[0]:.1f}")  # fmt: skip
     for spec, got in zip(args.trees, rows, strict=True):
         rate, own, live, reaped, sw = (statistics.median(x[k] for x in got) for k in range(5))

@@ -25,7 +25,7 @@ edited the code it replaced: they are in this script as of commit 225721f.
              what recording the ends after the turn's starts, in a second
              commit, could buy at most (a turn's GOs wait for none of it)
 
-Usage: .venv/bin/python bench/bounds.py [--slots S] [--jobs N] [--rounds R] [BOUND ...]
+Usage: .venv/bin/python bench/bounds.py [--slots S] [--jobs N] [--rounds R] [--solo] [BOUND ...]
 e.g.   .venv/bin/python bench/bounds.py --slots 2 --rounds 6 daemon3 lean-sup
 (no BOUND: every one; bench/README.md, "bounds.py", has the results)
 """
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--solo", action="store_true", help="ab_dispatch's --solo")
     args = ap.parse_args()
     unknown = [b for b in args.bounds if b not in BOUNDS]
     if unknown:
@@ -150,7 +151,7 @@ def main() -> None:
         subprocess.run(
             [sys.executable, str(REPO / "bench" / "ab_dispatch.py"), "--slots", str(args.slots),
              "--jobs", str(args.jobs), "--rounds", str(args.rounds),
-             str(REPO), *(t.name for t in trees)],
+             *(["--solo"] if args.solo else []), str(REPO), *(t.name for t in trees)],
             cwd=root, check=True,
         )  # fmt: skip
     finally:

@@ -13,9 +13,9 @@ row's JSON on its own, with the same result as `tsd.codec.spec_from_dict`:
 * Values that repeat across rows (user names, uids, working directories,
   program names, enqueue times of jobs submitted together) are one object
   each, not one per job.
-* Records are built by `record_builder`'s functions, which fill a record's
-  slots directly: a frozen dataclass's own `__init__` sets each field through
-  `object.__setattr__` by name, and was a third of the decoding time.
+* Records are built by `tsd.twin.record_builder`'s functions, which fill a
+  record's slots directly: a frozen dataclass's own `__init__` sets each field
+  through `object.__setattr__` by name, and was a third of the decoding time.
 
 Pure: text and tuples in, records out (tsd.store runs the query).
 """
@@ -27,12 +27,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import MISSING, fields, replace
-from types import MemberDescriptorType
-from typing import Any, TypeVar
+from dataclasses import fields, replace
+from typing import Any
 
 from tsd.codec import exit_from_dict, spec_from_dict
 from tsd.model import Job, JobSpec, JobState
+from tsd.twin import record_builder
 
 # How a spec's JSON text starts (json.dumps's default separators, `command` first).
 _HEAD = '{"command": '
@@ -46,56 +46,6 @@ _ROW_FIELDS = (
     "exit", "pid", "supervisor_pid", "supervisor_start", "gpu_ids", "gpu_uuids",
     "output_path", "unit", "attempts",
 )  # fmt: skip
-
-R = TypeVar("R")
-
-
-def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
-    """A function of the fields `names` (positional, in that order) that returns the same
-    record as `cls(**dict(zip(names, values)))`, every other field at its default.
-
-    For a slotted dataclass without `__post_init__` whose only base is `object` (as the
-    model's records are). A frozen record refuses plain attribute stores, so its own
-    `__init__` sets each field by name through `object.__setattr__`, and calling each
-    slot's descriptor is not much cheaper. The builder instead fills a twin: a plain
-    class with the very same slots, hence the same memory layout, whose stores are the
-    interpreter's fast slot stores; the filled object then becomes a `cls` (CPython
-    allows `__class__` to change between classes of one layout). Half the time of the
-    descriptors, which was a third of a 100,000-job load.
-    """
-    fs = fields(cls)  # type: ignore[arg-type]
-    unknown = set(names) - {f.name for f in fs}
-    if unknown or len(set(names)) != len(names):
-        raise ValueError(f"{cls.__name__}: not its fields, or repeated: {sorted(unknown)}")
-    slots = tuple(getattr(cls, "__slots__", ()))
-    if (
-        hasattr(cls, "__post_init__")
-        or cls.__bases__ != (object,)
-        or slots != tuple(f.name for f in fs)
-        or not all(isinstance(cls.__dict__.get(n), MemberDescriptorType) for n in slots)
-    ):
-        raise TypeError(f"{cls.__name__} is not a slotted dataclass without __post_init__")
-    twin = type(f"_{cls.__name__}Twin", (), {"__slots__": slots})
-    ns: dict[str, Any] = {"new": object.__new__, "twin": twin, "cls": cls}
-    params = [f"v{i}" for i in range(len(names))]  # any field name may be a keyword
-    body = []
-    for i, f in enumerate(fs):
-        if f.name in names:
-            value = params[names.index(f.name)]
-        elif f.default is not MISSING:
-            ns[f"default{i}"] = f.default
-            value = f"default{i}"
-        else:
-            raise ValueError(f"{cls.__name__}.{f.name} has no default and is not given")
-        body.append(f"    o.{f.name} = {value}\n")
-    src = (
-        f"def build({', '.join(params)}):\n    o = new(twin)\n{''.join(body)}"
-        "    o.__class__ = cls\n    return o\n"
-    )
-    exec(src, ns)  # as dataclasses builds __init__: one straight-line function per class
-    build: Callable[..., R] = ns["build"]
-    return build
-
 
 _new_spec = record_builder(JobSpec, [f.name for f in fields(JobSpec)])
 _new_job = record_builder(Job, _ROW_FIELDS)

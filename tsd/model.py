@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain
+
+from tsd.twin import record_copier
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -339,21 +340,15 @@ class Job:
 if TYPE_CHECKING:  # mypy checks each call's fields and types as dataclasses.replace's
     from dataclasses import replace as replace
 else:
-    _JOB_FIELDS = tuple(Job.__dataclass_fields__)
-    _job_values = operator.attrgetter(*_JOB_FIELDS)
-    _new, _set = object.__new__, object.__setattr__
+    _copy_job = record_copier(Job)
 
     def replace(obj, /, **changes):
-        """`dataclasses.replace`; for a Job without its per-field Python loop and its
-        __init__ (the daemon copies a job at every state change: about half the cost)."""
-        if type(obj) is not Job:
-            return dataclasses.replace(obj, **changes)
-        new = _new(Job)
-        # Every field copied by C loops: map drives the setattrs, a zero-length deque drains it.
-        deque(map(_set, repeat(new), _JOB_FIELDS, _job_values(obj)), 0)
-        for name, value in changes.items():
-            _set(new, name, value)
-        return new
+        """`dataclasses.replace`; for a Job, a copy through its twin (tsd.twin) without
+        its per-field Python loop and its __init__ (the daemon copies a job at every
+        state change)."""
+        if type(obj) is Job:
+            return _copy_job(obj, changes)
+        return dataclasses.replace(obj, **changes)
 
 
 def run_usage(job: Job, until: float) -> tuple[float, float]:

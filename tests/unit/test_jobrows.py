@@ -1,20 +1,17 @@
 """The daemon's start (tsd.jobrows, JobTable.load): the same records and indexes, faster.
 
-`record_builder`'s functions fill a record's slots directly instead of going
-through a frozen dataclass's `__init__`; what they build must be the record the
-class builds (equal, hashed, shown and frozen alike). The store's `load_all`,
-which decodes with them and shares repeated spec texts, must give back every
+The store's `load_all`, which decodes with tsd.twin's builders
+(tests/unit/test_twin.py) and shares repeated spec texts, must give back every
 job as it was saved, whatever its spec and state; the table's queue indexes,
 built for all loaded jobs at once, must be what their definitions say.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import tempfile
 from collections import Counter
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit.daemon_fakes import Events, FakeStore
 
-from tsd.jobrows import gc_paused_then_frozen, record_builder
+from tsd.jobrows import gc_paused_then_frozen
 from tsd.jobtable import JobTable
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
 from tsd.store import Store
@@ -83,40 +80,6 @@ def saved_jobs(draw: st.DrawFn) -> tuple[JobSpec, Job]:
         attempts=draw(st.integers(0, 9)),
     )  # fmt: skip
     return spec, job
-
-
-@given(specs)
-def test_a_built_spec_is_the_spec_the_class_builds(spec: JobSpec) -> None:
-    build = record_builder(JobSpec, [f.name for f in fields(JobSpec)])
-    built = build(*(getattr(spec, f.name) for f in fields(JobSpec)))
-    assert type(built) is JobSpec
-    assert built == spec and hash(built) == hash(spec) and repr(built) == repr(spec)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        built.cwd = "/"  # type: ignore[misc]
-
-
-@given(saved_jobs())
-def test_a_built_job_takes_the_defaults_of_the_fields_not_given(pair: tuple[JobSpec, Job]) -> None:
-    _, job = pair
-    names = ["spec", "id", "state", "user", "uid", "order", "enqueue_time", "exit"]
-    built = record_builder(Job, names)(*(getattr(job, n) for n in names))
-    assert built == Job(**{n: getattr(job, n) for n in names})
-    assert built.wait_reason == "" and built.gpu_ids == () and built.slurm_id is None
-
-
-def test_a_builder_refuses_what_it_cannot_build_as_the_class_would() -> None:
-    @dataclasses.dataclass(frozen=True)
-    class Unslotted:
-        a: int
-
-    with pytest.raises(TypeError):
-        record_builder(Unslotted, ["a"])
-    with pytest.raises(ValueError):
-        record_builder(Job, ["id", "no_such_field"])
-    with pytest.raises(ValueError):
-        record_builder(Job, ["id", "id"])
-    with pytest.raises(ValueError):  # `user` has no default
-        record_builder(Job, ["id", "uid", "spec", "state", "order", "enqueue_time"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
