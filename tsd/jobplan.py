@@ -38,9 +38,10 @@ class GpuSource(Protocol):
 def launch_plan(
     job: Job, pw: pwd.struct_passwd, out_fds: tuple[int, int] | None, env_source: EnvSource,
     system: bool, exits_dir: Path, daemon_on_finish: str | None, grace: float,
-    groups: Callable[[str, int], tuple[int, ...]],
+    groups: Callable[[str, int], tuple[int, ...]], ahead_until: float | None = None,
 ) -> launch.LaunchPlan:
-    """The plan of `job`, owned by `pw`, on the system service or a personal daemon.
+    """The plan of `job`, owned by `pw`, on the system service or a personal daemon
+    (sent ahead with its deadline `ahead_until`, tsd.ahead).
 
     `groups` looks up the owner's groups (tsd.userdb) where the job drops root's
     privileges; when it cannot, the job's process looks them up itself after fork
@@ -55,7 +56,7 @@ def launch_plan(
     if drop:
         with contextlib.suppress(OSError, KeyError):
             owner_groups = groups(pw.pw_name, pw.pw_gid)
-    return launch.LaunchPlan(
+    return launch.make_plan(
         job_id=job.id,
         uid=job.uid,
         gid=pw.pw_gid,
@@ -81,6 +82,7 @@ def launch_plan(
         # A system job's supervisor lives in the job's scope, which goes with the job.
         reuse=not system,
         ack_on_go=True,  # the runner answers every report that comes on the pipe
+        ahead_until=ahead_until,
     )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -384,12 +383,11 @@ class Runner(ReportPipes, EndRecorder, AheadJobs):
         plan = launch_plan(
             job, pw, terminal, self._env, self.settings.system, self.settings.exits_dir,
             self.settings.on_finish, self._config().kill_grace_seconds, _USERS.groups,
+            None if ahead is None else ahead[1],
         )
         if self.settings.system:
             self._spawn_task(self._launch_in_scope(job, plan, gpu_ids))
             return
-        if ahead is not None:
-            plan = dataclasses.replace(plan, ahead_until=ahead[1])
         launched = self._spawn(job, plan, None if ahead is None else ahead[0])
         if launched is None:
             return

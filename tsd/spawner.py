@@ -83,7 +83,7 @@ def decode(body: bytes, out_fds: tuple[int, int] | None) -> launch.LaunchPlan:
         raise ValueError("not a launch plan")
     fields_ = list(values)
     fields_[_OUT_AT] = out_fds
-    return launch.LaunchPlan(*fields_)
+    return launch.make_plan(*fields_)
 
 
 def fds_space() -> int:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tsd.codec import exit_to_row, spec_to_row
 from tsd.groupcommit import SQLITE_FULL, primary
@@ -117,6 +118,32 @@ class StatsRow:
     slot_seconds: float
     gpu_seconds: float
     mean_wait: float | None  # seconds from queued to started, over the jobs that started
+
+
+_UPDATE = (
+    "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
+    " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=?, attempts=? WHERE id=?"
+)
+
+
+def _update_row(j: Job) -> tuple[Any, ...]:
+    """The values of `_UPDATE` for a job: its mutable fields, then its id."""
+    return (
+        j.state.value,
+        j.order,
+        j.start_time,
+        j.end_time,
+        None if j.exit is None else exit_to_row(j.exit),
+        j.pid,
+        j.supervisor_pid,
+        j.supervisor_start,
+        json.dumps(j.gpu_ids) if j.gpu_ids else "[]",
+        json.dumps(j.gpu_uuids) if j.gpu_uuids else "[]",
+        j.output_path,
+        j.unit,
+        j.attempts,
+        j.id,
+    )
 
 
 class StoreError(Exception):
@@ -332,29 +359,13 @@ class Store(OwedUsage):
         return cur.rowcount
 
     def _update(self, jobs: Iterable[Job]) -> None:
-        self.db.executemany(
-                "UPDATE jobs SET state=?, ord=?, start=?, end_=?, exit=?, pid=?, sup_pid=?,"
-                " sup_start=?, gpu_ids=?, gpu_uuids=?, output=? , unit=?, attempts=? WHERE id=?",
-                [
-                    (
-                        j.state.value,
-                        j.order,
-                        j.start_time,
-                        j.end_time,
-                        None if j.exit is None else exit_to_row(j.exit),
-                        j.pid,
-                        j.supervisor_pid,
-                        j.supervisor_start,
-                        json.dumps(j.gpu_ids) if j.gpu_ids else "[]",
-                        json.dumps(j.gpu_uuids) if j.gpu_uuids else "[]",
-                        j.output_path,
-                        j.unit,
-                        j.attempts,
-                        j.id,
-                    )
-                    for j in jobs
-                ],
-            )
+        # One job (each start and each end writes one): execute, without executemany's
+        # list and iterator.
+        rows = list(map(_update_row, jobs))
+        if len(rows) == 1:
+            self.db.execute(_UPDATE, rows[0])
+        else:
+            self.db.executemany(_UPDATE, rows)
 
     def save_run(self, job: Job, slot_seconds: float, gpu_seconds: float) -> None:
         """Save a job whose run just ended and add the run to its user's usage totals.

@@ -304,7 +304,7 @@ class SupervisorPool:
             return True
 
         os.set_blocking(rep_r, False)
-        return launch.Launched(
+        return launch.make_launched(
             member.pid, member.start, go, abort, rep_r, pidfd=None,
             answer=answer if acks else None, ending=ending if acks else None,
         )

@@ -8,23 +8,30 @@ with the very same slots, hence the same memory layout, whose stores are the
 interpreter's fast slot stores; the filled object then becomes a record of the
 real class (CPython allows `__class__` to change between classes of one layout).
 
-Two uses on the daemon's hot paths: `record_builder` decodes 100,000 rows at a
+Three uses on the daemon's hot paths: `record_builder` decodes 100,000 rows at a
 start (tsd.jobrows: half the time of the descriptors, which were a third of the
-load), and `record_copier` copies a `Job` at each of its state changes
+load); `record_copier` copies a `Job` at each of its state changes
 (tsd.model.replace: four a job, about a tenth of the daemon's CPU at 16 slots
-when they went through the descriptors, a quarter of that now).
+when they went through the descriptors, a quarter of that now); `record_maker`
+makes each job's launch plan (tsd.jobplan), which its supervisor decodes with a
+builder (tsd.spawner).
 
 Pure: records in, records out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, fields
 from types import MemberDescriptorType
-from typing import Any, TypeVar
 
-R = TypeVar("R")
+# typing stays unloaded: tsd.model imports this module, and some `ts` command lines
+# import the model (tests/unit/test_cli_parse.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any, TypeVar
+
+    R = TypeVar("R")
 
 
 def _twin(cls: type[Any]) -> type[Any]:
@@ -67,6 +74,34 @@ def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
     exec(src, ns)  # as dataclasses builds __init__: one straight-line function per class
     build: Callable[..., R] = ns["build"]
     return build
+
+
+def record_maker(cls: type[R]) -> Callable[..., R]:
+    """A function that takes the fields of `cls` as `cls(...)` does (positional, or by
+    name, with the same defaults) and returns the same record. For hot constructions
+    only: the caller keeps `cls` itself for mypy (`maker = cls if TYPE_CHECKING else
+    record_maker(cls)`), as a maker's signature is not checked."""
+    twin = _twin(cls)
+    # The maker's own names start with two underscores: no field can (a class body
+    # mangles such a name), so none shadows them.
+    ns: dict[str, Any] = {"__new": object.__new__, "__twin": twin, "__cls": cls}
+    params, body = [], []
+    for i, f in enumerate(fields(cls)):  # type: ignore[arg-type]
+        if f.default is not MISSING:
+            ns[f"__default{i}"] = f.default
+            params.append(f"{f.name}=__default{i}")
+        elif f.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name} has a default factory")
+        else:
+            params.append(f.name)
+        body.append(f"    __o.{f.name} = {f.name}\n")
+    src = (
+        f"def make({', '.join(params)}):\n    __o = __new(__twin)\n{''.join(body)}"
+        "    __o.__class__ = __cls\n    return __o\n"
+    )
+    exec(src, ns)
+    make: Callable[..., R] = ns["make"]
+    return make
 
 
 def record_copier(cls: type[R]) -> Callable[[R, Mapping[str, Any]], R]:

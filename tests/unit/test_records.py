@@ -290,3 +290,18 @@ def test_a_plain_job_and_a_plain_exit_are_stored_short() -> None:
     assert json.loads(codec.exit_to_row(ExitInfo(code=None, note=""))) == {"code": None}
     loud = ExitInfo(code=0, signal=0, timed_out=True, note="n")  # 0 is not None
     assert json.loads(codec.exit_to_row(loud))["signal"] == 0
+
+
+_usual_exits = st.builds(
+    ExitInfo, code=st.integers(-(1 << 70), 1 << 70),
+    cpu_seconds=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    max_rss=st.none() | st.integers(0, 1 << 70),
+)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(_usual_exits | _exits)
+def test_an_exit_row_is_the_text_json_makes_of_its_lean_dict(ex: ExitInfo) -> None:
+    # The usual end skips the dict and json.dumps (codec.exit_to_row): the same text.
+    assert codec.exit_to_row(ex) == json.dumps(
+        codec._lean(codec.exit_to_dict(ex), codec._EXIT_ABSENT))  # fmt: skip

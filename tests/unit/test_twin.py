@@ -1,10 +1,11 @@
 """Records built and copied through a twin class (tsd.twin).
 
-`record_builder`'s functions fill a record's slots directly instead of going
-through a frozen dataclass's `__init__`, and `record_copier`'s copy a record
-the same way instead of `dataclasses.replace`: what they make must be the record
-the class makes (equal, hashed, shown and frozen alike), and a copy must leave
-its original as it was. tsd.model.replace copies every Job so.
+`record_builder`'s and `record_maker`'s functions fill a record's slots directly
+instead of going through a frozen dataclass's `__init__`, and `record_copier`'s
+copy a record the same way instead of `dataclasses.replace`: what they make must
+be the record the class makes (equal, hashed, shown and frozen alike), and a
+copy must leave its original as it was. tsd.model.replace copies every Job so;
+every launch plan is made so (tsd.launch.make_plan).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from unit.test_jobrows import saved_jobs, specs
 
+from tsd.launch import LaunchPlan
 from tsd.model import ExitInfo, Job, JobSpec, JobState, replace
-from tsd.twin import record_builder, record_copier
+from tsd.twin import record_builder, record_copier, record_maker
 
 JOB_FIELDS = [f.name for f in fields(Job)]
 
@@ -106,3 +108,46 @@ def test_a_copier_refuses_a_class_it_cannot_copy_as_replace_would() -> None:
     for cls in (Unslotted, Checked):
         with pytest.raises(TypeError, match="not a slotted dataclass without __post_init__"):
             record_copier(cls)
+
+
+plans = st.builds(
+    dict, job_id=st.integers(1, 10**6), uid=st.integers(0, 2**31), gid=st.integers(0, 2**31),
+    user=st.text(max_size=8), command=st.lists(st.text(max_size=8), max_size=3).map(tuple),
+    cwd=st.text(max_size=8), env=st.dictionaries(st.text(max_size=4), st.text(max_size=4)),
+    umask=st.integers(0, 0o777), log_dir=st.just("/tmp"), exits_dir=st.just("/x"),
+)
+optional_plan_fields = st.fixed_dictionaries({}, optional={
+    "store_output": st.booleans(), "output_name": st.none() | st.text(max_size=8),
+    "timeout": st.none() | st.floats(0, 1e6), "groups": st.none() | st.just((1, 2)),
+    "reuse": st.booleans(), "ack_on_go": st.booleans(), "ahead_until": st.none() | st.floats(0, 9),
+})  # fmt: skip
+
+
+@given(plans, optional_plan_fields)
+def test_a_made_plan_is_the_plan_the_class_makes_by_name_or_in_order(
+    required: dict[str, Any], optional: dict[str, Any]
+) -> None:
+    make = record_maker(LaunchPlan)
+    expected = LaunchPlan(**required, **optional)
+    made = make(**required, **optional)
+    assert type(made) is LaunchPlan
+    assert made == expected and repr(made) == repr(expected)
+    in_order = make(*(getattr(expected, f.name) for f in fields(LaunchPlan)))
+    assert in_order == expected
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.uid = 0  # type: ignore[misc]
+
+
+def test_a_maker_refuses_what_the_class_refuses() -> None:
+    make = record_maker(LaunchPlan)
+    with pytest.raises(TypeError):
+        make(job_id=1)  # the other fields without a default are missing
+    with pytest.raises(TypeError):
+        make(1, 0, 0, "u", (), "/", {}, 0, "/tmp", "/x", no_such_field=1)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Factory:
+        a: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="default factory"):
+        record_maker(Factory)
