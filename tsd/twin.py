@@ -48,32 +48,48 @@ def _twin(cls: type[Any]) -> type[Any]:
     return type(f"_{cls.__name__}Twin", (), {"__slots__": slots})
 
 
+def _filler(cls: type[R], given: Sequence[str] | None) -> Callable[..., R]:
+    """A straight-line function that fills a twin and returns it as a `cls`: its
+    parameters are the fields `given`, in that order (every other field at its
+    default), or with `given` None every field, in field order, with its default.
+
+    The function's own names start with two underscores: no field's can (a class
+    body mangles such a name), so none shadows them."""
+    twin = _twin(cls)
+    ns: dict[str, Any] = {"__new": object.__new__, "__twin": twin, "__cls": cls}
+    params = [] if given is None else list(given)
+    body = []
+    for i, f in enumerate(fields(cls)):  # type: ignore[arg-type]
+        default = None  # the name its default goes by in the function, if it has one
+        if f.default is not MISSING:
+            default = f"__default{i}"
+            ns[default] = f.default
+        if given is None:
+            if f.default_factory is not MISSING:
+                raise TypeError(f"{cls.__name__}.{f.name} has a default factory")
+            params.append(f.name if default is None else f"{f.name}={default}")
+        elif f.name not in given:
+            if default is None:
+                raise ValueError(f"{cls.__name__}.{f.name} has no default and is not given")
+            body.append(f"    __o.{f.name} = {default}\n")
+            continue
+        body.append(f"    __o.{f.name} = {f.name}\n")
+    src = (
+        f"def fill({', '.join(params)}):\n    __o = __new(__twin)\n{''.join(body)}"
+        "    __o.__class__ = __cls\n    return __o\n"
+    )
+    exec(src, ns)  # as dataclasses builds __init__: one straight-line function per class
+    fill: Callable[..., R] = ns["fill"]
+    return fill
+
+
 def record_builder(cls: type[R], names: Sequence[str]) -> Callable[..., R]:
     """A function of the fields `names` (positional, in that order) that returns the same
     record as `cls(**dict(zip(names, values)))`, every other field at its default."""
-    fs = fields(cls)  # type: ignore[arg-type]
-    unknown = set(names) - {f.name for f in fs}
+    unknown = set(names) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"{cls.__name__}: not its fields, or repeated: {sorted(unknown)}")
-    ns: dict[str, Any] = {"new": object.__new__, "twin": _twin(cls), "cls": cls}
-    params = [f"v{i}" for i in range(len(names))]  # any field name may be a keyword
-    body = []
-    for i, f in enumerate(fs):
-        if f.name in names:
-            value = params[names.index(f.name)]
-        elif f.default is not MISSING:
-            ns[f"default{i}"] = f.default
-            value = f"default{i}"
-        else:
-            raise ValueError(f"{cls.__name__}.{f.name} has no default and is not given")
-        body.append(f"    o.{f.name} = {value}\n")
-    src = (
-        f"def build({', '.join(params)}):\n    o = new(twin)\n{''.join(body)}"
-        "    o.__class__ = cls\n    return o\n"
-    )
-    exec(src, ns)  # as dataclasses builds __init__: one straight-line function per class
-    build: Callable[..., R] = ns["build"]
-    return build
+    return _filler(cls, names)
 
 
 def record_maker(cls: type[R]) -> Callable[..., R]:
@@ -81,27 +97,7 @@ def record_maker(cls: type[R]) -> Callable[..., R]:
     name, with the same defaults) and returns the same record. For hot constructions
     only: the caller keeps `cls` itself for mypy (`maker = cls if TYPE_CHECKING else
     record_maker(cls)`), as a maker's signature is not checked."""
-    twin = _twin(cls)
-    # The maker's own names start with two underscores: no field can (a class body
-    # mangles such a name), so none shadows them.
-    ns: dict[str, Any] = {"__new": object.__new__, "__twin": twin, "__cls": cls}
-    params, body = [], []
-    for i, f in enumerate(fields(cls)):  # type: ignore[arg-type]
-        if f.default is not MISSING:
-            ns[f"__default{i}"] = f.default
-            params.append(f"{f.name}=__default{i}")
-        elif f.default_factory is not MISSING:
-            raise TypeError(f"{cls.__name__}.{f.name} has a default factory")
-        else:
-            params.append(f.name)
-        body.append(f"    __o.{f.name} = {f.name}\n")
-    src = (
-        f"def make({', '.join(params)}):\n    __o = __new(__twin)\n{''.join(body)}"
-        "    __o.__class__ = __cls\n    return __o\n"
-    )
-    exec(src, ns)
-    make: Callable[..., R] = ns["make"]
-    return make
+    return _filler(cls, None)
 
 
 def record_copier(cls: type[R]) -> Callable[[R, Mapping[str, Any]], R]:
