@@ -121,7 +121,10 @@ class GpuWatch:
         """A job ended: its current figures go; its peak stays (saved with the next write)."""
         self.live.pop(job.id, None)
         self._save()
-        self.rearm()
+        if job.gpu_ids:
+            # Only a GPU job's end can end the sampling; the others leave every reason
+            # to sample as it was, and a rearm scans every running job (each job's end).
+            self.rearm()
 
     def annotate(self, job: Job) -> Job:
         """The job with its GPU peak, and while it runs its current GPU memory and use."""

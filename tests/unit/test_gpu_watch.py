@@ -100,3 +100,25 @@ def test_the_system_service_samples_while_nvml_exists(tmp_path: Path) -> None:
     sampler.nvml_missing = "NVML library libnvidia-ml.so.1 not found"
     watch.rearm()
     assert sampler.armed is None
+
+
+def test_a_cpu_jobs_end_leaves_the_sampling_as_it_was_without_scanning_the_running_jobs(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "state.db")
+    job = gpu_job(store)
+    asked: list[int] = []
+
+    def holding() -> list[Job]:
+        asked.append(1)
+        return [job]
+
+    sampler = Sampler()
+    watch = GpuWatch(store, holding, sampler, lambda: 5.0, always=False)
+    watch.rearm()
+    assert sampler.armed == 5.0 and len(asked) == 1
+    cpu_only = replace(job, id=job.id + 1, gpu_ids=())
+    watch.job_ended(cpu_only)
+    assert sampler.armed == 5.0 and len(asked) == 1  # the GPU job still runs: still sampled
+    watch.job_ended(job)
+    assert len(asked) == 2  # a GPU job's end asks again
