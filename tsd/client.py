@@ -187,7 +187,7 @@ class Connection:
         `fds` travel with the frame's first bytes (SCM_RIGHTS): `ts -n`'s stdout and
         stderr, which the daemon hands to the job.
         """
-        data = framing.encode(obj)
+        data = framing.encode(obj, plain=True)  # _json loads after the send (below)
         try:
             if self.answer_timeout is None:
                 self._send(data, fds)
@@ -205,6 +205,9 @@ class Connection:
             # and hung up: its error frame is waiting for recv().
             pass
         self._unanswered = True
+        # The answer's decoder loads while the daemon works on the request, not before
+        # the request leaves (tsd.framing).
+        framing.ready_to_decode()
 
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         if fds:

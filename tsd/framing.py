@@ -4,11 +4,14 @@ A frame is a 4-byte big-endian length and a UTF-8 JSON object. This module
 needs only _struct and the json package's C half (`_json`), so the `ts` client
 can send any request without loading the typed requests (tsd.protocol, which
 re-exports all of this).
+
+`_json` is a shared library (lib-dynload), ~0.3 ms to find and load, and is loaded
+on first use, not at import: the `ts` client writes its request with `plain_dumps`
+(pure Python, the same bytes) and loads `_json` once the request is out
+(`ready_to_decode`), while the daemon works on it, instead of before it leaves.
 """
 
 from __future__ import annotations
-
-import _json
 
 # struct.py only re-exports this built-in module: one file fewer for every `ts` call.
 from _struct import Struct
@@ -48,9 +51,13 @@ class Encoded(dict):  # type: ignore[type-arg]
         self.body = body
 
 
-def encode(obj: Mapping[str, Any]) -> bytes:
-    """One frame: length header plus compact JSON. Refuses to build an oversized frame."""
-    body = obj.body if type(obj) is Encoded else dumps(obj).encode()
+def encode(obj: Mapping[str, Any], plain: bool = False) -> bytes:
+    """One frame: length header plus compact JSON. Refuses to build an oversized frame.
+    `plain`: written by `plain_dumps`, without loading `_json` (the client's requests)."""
+    if type(obj) is Encoded:
+        body = obj.body
+    else:
+        body = (plain_dumps(obj) if plain else dumps(obj)).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(body)) + body
@@ -101,13 +108,32 @@ class _DecodeContext:
     memo: dict[str, str] = {}
 
 
-_scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
+_c: Any = None  # the _json module, once loaded (`_accelerator`)
+_scan: Any = None  # its scanner with json.loads' defaults
+
+
+def _accelerator() -> Any:
+    """The _json module, loaded on the first call (see the module docstring)."""
+    global _c, _scan
+    if _c is None:
+        import _json
+
+        _scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
+        _c = _json
+    return _c
+
+
+def ready_to_decode() -> None:
+    """Load what `loads` needs now (a client whose request is out: the daemon works
+    on it meanwhile)."""
+    _accelerator()
 
 
 def dumps(obj: Any) -> str:
     """json.dumps(obj, separators=(",", ":"), ensure_ascii=False)."""
-    encode = _json.make_encoder(
-        {}, _not_serializable, _json.encode_basestring, None, ":", ",", False, False, True
+    c = _c or _accelerator()
+    encode = c.make_encoder(
+        {}, _not_serializable, c.encode_basestring, None, ":", ",", False, False, True
     )
     return "".join(encode(obj, 0))
 
@@ -116,6 +142,8 @@ def loads(text: str) -> Any:
     """json.loads(text): a ValueError (json.JSONDecodeError) for anything but one value."""
     if text.startswith("\ufeff"):
         raise ValueError("Unexpected UTF-8 BOM")
+    if _scan is None:
+        _accelerator()
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         obj, end = _scan(text, start)
@@ -124,3 +152,57 @@ def loads(text: str) -> Any:
     if end != len(text) and text[end:].strip(_WHITESPACE):
         raise ValueError(f"Extra data at {end}")
     return obj
+
+
+# What encode_basestring escapes (json.encoder's ESCAPE_DCT): every control character,
+# the quote and the backslash; the rest (non-ASCII included) is written as it is.
+_ESCAPES = {i: f"\\u{i:04x}" for i in range(0x20)}
+_ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"', ord("\b"): "\\b", ord("\f"): "\\f",
+                 ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})  # fmt: skip
+_FLOATS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+
+
+def plain_dumps(obj: Any) -> str:
+    """`dumps` in pure Python, without loading _json: the same text for what JSON can
+    hold (dicts with str keys, lists, tuples, str, int, float, bool, None); TypeError
+    for anything else. For small objects (a request): it is several times slower
+    per byte than `dumps`."""
+    out: list[str] = []
+    _plain(obj, out)
+    return "".join(out)
+
+
+def _plain(o: Any, out: list[str]) -> None:
+    if isinstance(o, str):
+        out.append('"' + o.translate(_ESCAPES) + '"')
+    elif o is None:
+        out.append("null")
+    elif o is True:
+        out.append("true")
+    elif o is False:
+        out.append("false")
+    elif isinstance(o, int):
+        out.append(int.__repr__(o))
+    elif isinstance(o, float):
+        out.append("NaN" if o != o else _FLOATS.get(o) or float.__repr__(o))
+    elif isinstance(o, dict):
+        out.append("{")
+        first = True
+        for key, value in o.items():
+            if not isinstance(key, str):
+                raise TypeError(f"keys must be str, not {key.__class__.__name__}")
+            if not first:
+                out.append(",")
+            first = False
+            out.append('"' + key.translate(_ESCAPES) + '":')
+            _plain(value, out)
+        out.append("}")
+    elif isinstance(o, (list, tuple)):
+        out.append("[")
+        for i, value in enumerate(o):
+            if i:
+                out.append(",")
+            _plain(value, out)
+        out.append("]")
+    else:
+        _not_serializable(o)

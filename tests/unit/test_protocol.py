@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tsd import protocol
+from tsd import framing, protocol
 from tsd.errors import BadRequest, ProtocolError, TsdError, VersionMismatch
 from tsd.model import DependMode, ExitInfo, Job, JobSpec, JobState
+
+REPO = Path(__file__).resolve().parents[2]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -73,6 +78,51 @@ def test_frames_over_one_mib_are_refused_both_ways() -> None:
     with pytest.raises(ProtocolError, match="over the"):
         protocol.frame_length(struct.pack(">I", protocol.MAX_FRAME + 1))
     assert protocol.frame_length(struct.pack(">I", protocol.MAX_FRAME)) == protocol.MAX_FRAME
+
+
+# Any text, lone surrogates and control characters included (os.environ holds the
+# former), every float JSON can carry and some it only writes (NaN, infinities).
+wide_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters()),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(st.characters(), max_size=8), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=500)
+@given(wide_json_values)
+def test_the_clients_plain_encoder_writes_what_json_dumps_writes(obj: Any) -> None:
+    expected = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    assert framing.plain_dumps(obj) == expected == framing.dumps(obj)
+
+
+def test_the_plain_encoder_refuses_what_json_cannot_hold() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        framing.plain_dumps({"a": [b"bytes"]})
+    with pytest.raises(TypeError, match="keys must be str"):
+        framing.plain_dumps({1: "x"})
+
+
+def test_a_client_frame_is_the_frame_the_daemon_would_write() -> None:
+    request = {"v": 1, "op": "submit", "spec": {"command": ["echo", "é\n\x01\"q\\"],
+                                                "env": [["A", "ü\t"]]}}
+    assert framing.encode(request, plain=True) == framing.encode(request)
+
+
+def test_framing_loads_no_json_accelerator_until_something_is_decoded() -> None:
+    # The `ts` client sends its request first, then loads _json (a shared library).
+    code = (
+        "import sys; from tsd import framing\n"
+        "framing.encode({'v': 1, 'op': 'list'}, plain=True)\n"
+        "print('_json' in sys.modules, end=' ')\n"
+        "framing.ready_to_decode()\n"
+        "print('_json' in sys.modules, framing.loads('{\"ok\": true}'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": str(REPO)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "{'ok':", "True}"]
 
 
 @given(st.binary(max_size=200))
