@@ -75,10 +75,8 @@ def caller_still_there() -> bool:
     return _caller_there.get()()
 
 
-def _peer_open(reader: asyncio.StreamReader, fd: int) -> bool:
-    """The client has not closed its end: no EOF seen or waiting in the socket."""
-    if reader.at_eof():
-        return False
+def _peer_open(fd: int) -> bool:
+    """The client has not closed its end: no EOF waiting in the socket."""
     try:
         peek = socket.socket(fileno=fd)  # borrows the fd; detach() below, never close
     except OSError:
@@ -326,17 +324,16 @@ class Server:
     async def _connection(
         self, conn: socket.socket, creds: tuple[int, int, int], refused: TsdError | None
     ) -> None:
+        # The bare socket throughout, no asyncio streams: descriptors ride beside the
+        # request's bytes (streams would drop them, and the kernel close them), and a
+        # stream's transport and protocol cost more than the few sends a connection makes.
         task = asyncio.current_task()
-        writer: asyncio.StreamWriter | None = None
         passed = protocol.PassedFds(())
         try:
             frame: bytes | TsdError | None = None
             if refused is None:
-                # Read off the bare socket: descriptors ride beside the bytes, and
-                # asyncio's streams would drop them (the kernel then closes them).
                 frame = await _read_frame(conn, passed)
-            reader, writer = await asyncio.open_unix_connection(sock=conn)
-            await self._serve(reader, writer, creds, refused, frame, passed)
+            await self._serve(conn, creds, refused, frame, passed)
         except (ConnectionError, asyncio.CancelledError):
             pass
         except OSError as exc:
@@ -345,12 +342,7 @@ class Server:
             passed.close()  # whatever the request did not take: none stays in the daemon
             if task is not None:
                 self.tasks.discard(task)
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-            else:
-                conn.close()
+            conn.close()
             self._connection_closed(creds[1], counted=refused is None)
 
     def _over_cap(self, uid: int, waiting: bool) -> TooManyConnections | None:
@@ -374,18 +366,18 @@ class Server:
 
     async def _serve(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: socket.socket,
         creds: tuple[int, int, int],
         refused: TsdError | None,
         frame: bytes | TsdError | None,
         passed: protocol.PassedFds,
     ) -> None:
+        loop = asyncio.get_running_loop()
+
         async def write(frame: dict[str, Any]) -> None:
             if self.durable is not None and frame.get("ok") is not False:  # not errors
                 await self.durable()
-            writer.write(protocol.encode(frame))
-            await writer.drain()
+            await loop.sock_sendall(conn, protocol.encode(frame))
 
         async def send(event: protocol.Event) -> None:
             await write(event.to_wire())
@@ -414,8 +406,7 @@ class Server:
                 return
             self.waiting[creds[1]] += 1
         try:
-            fd = writer.get_extra_info("socket").fileno()
-            await self._answer(reader, write, fd, creds, request, send)
+            await self._answer(loop, conn.fileno(), write, creds, request, send)
         finally:
             if waiting:
                 self.waiting[creds[1]] -= 1
@@ -424,28 +415,36 @@ class Server:
 
     async def _answer(
         self,
-        reader: asyncio.StreamReader,
-        write: _Write,
+        loop: asyncio.AbstractEventLoop,
         fd: int,
+        write: _Write,
         creds: tuple[int, int, int],
         request: protocol.Request,
         send: SendEvent,
     ) -> None:
-        # The caller may hang up while we wait for a job: stop waiting then.
-        _caller_there.set(lambda: _peer_open(reader, fd))
+        # The caller may hang up while we wait for a job: stop waiting then. Anything
+        # readable on the socket once the request is read (its end of file, or bytes
+        # it had no business sending) cancels the handling, in this task.
+        task = asyncio.current_task()
+        gone = False
+
+        def hung_up() -> None:
+            nonlocal gone
+            loop.remove_reader(fd)
+            gone = True
+            if task is not None:
+                task.cancel()
+
+        _caller_there.set(lambda: not gone and _peer_open(fd))
         # The answer is written by the task that computed it, in the same step where
         # nothing had to wait: a waiter woken by a job's end answers before whatever
         # the loop does next (the next job's launch).
-        handling = asyncio.ensure_future(self._handle_and_answer(write, creds, request, send))
-        hangup = asyncio.ensure_future(reader.read(1))
+        loop.add_reader(fd, hung_up)
         try:
-            done, _ = await asyncio.wait({handling, hangup}, return_when=asyncio.FIRST_COMPLETED)
-            if handling not in done:
-                handling.cancel()
+            await self._handle_and_answer(write, creds, request, send)
         finally:
-            hangup.cancel()
-            if not handling.done():
-                handling.cancel()
+            if not gone:
+                loop.remove_reader(fd)
 
     async def _handle_and_answer(
         self,
