@@ -97,3 +97,55 @@ def test_the_total_stays_below_the_file_limit(
 ) -> None:
     monkeypatch.setattr(server.resource, "getrlimit", lambda _: (soft, soft))
     assert server.descriptor_budget() == budget
+
+
+def test_a_caller_that_hangs_up_mid_wait_has_its_handling_cancelled_and_its_counts_freed(
+) -> None:
+    cancelled: list[str] = []
+
+    async def waits(creds: tuple[int, int, int], req: protocol.Request, send: object) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(type(req).__name__)
+            raise
+
+    async def body() -> tuple[int, int, int]:
+        with tempfile.TemporaryDirectory() as d:
+            path = str(Path(d) / "s")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            sock.listen(8)
+            srv = Server(sock, waits, lambda: ConnectionLimits(total=10))  # type: ignore[arg-type]
+            await srv.start()
+            loop = asyncio.get_running_loop()
+            try:
+                caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await loop.sock_connect(caller, path)
+                await loop.sock_sendall(
+                    caller, protocol.encode(protocol.request_to_wire(protocol.Wait(id=1))))
+                for _ in range(200):  # until the daemon side waits on the handler
+                    if srv.waiting[1234]:
+                        break
+                    await asyncio.sleep(0.01)
+                open_then, waiting_then = srv.open, srv.waiting[1234]
+                caller.close()  # ts -w killed: its end of file
+                for _ in range(200):
+                    if not srv.open:
+                        break
+                    await asyncio.sleep(0.01)
+                left = srv.open + sum(srv.waiting.values()) + len(srv.tasks)
+                return open_then, waiting_then, left
+            finally:
+                await srv.close()
+                sock.close()
+
+    original = server.peer_credentials
+    server.peer_credentials = lambda s: (1, 1234, 1234)
+    try:
+        open_then, waiting_then, left = asyncio.run(body())
+    finally:
+        server.peer_credentials = original
+    assert (open_then, waiting_then) == (1, 1)
+    assert cancelled == ["Wait"]
+    assert left == 0  # no connection, waiting call or task left behind
