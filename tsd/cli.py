@@ -3,14 +3,15 @@
 The command line is parsed by the option table in tsd.cli_options and turned
 into a request by tsd.cli_request; this module carries the request out
 against the daemon, prints the answer and chooses the exit code. Every
-failure ends as one `ts: ...` line on stderr (`_at_edge`).
+failure ends as one `ts: ...` line on stderr (`at_edge`).
 
 Kept fast to start: queueing a job (the call `ts` makes most) imports only
 the standard library and tsd's light modules (no click, no dataclasses,
 nothing from `typing` at run time), and so does every other action: requests
 travel as built by tsd.cli_request, answers are read through tsd.jobview's
 views, never the typed protocol or the job model; the renderers load when an
-action prints a job.
+action prints a job. The launcher (tsd.entry) serves `ts COMMAND...` with no
+options without this module (tsd.plainsubmit); its failures still end here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tsd.cli_output import (
     emit,
     follow_output,
     job_of,
+    say_queue_full,
+    submitted_ids,
     wait_code,
     warn,
 )
@@ -96,23 +99,15 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
     try:
         conn.send_wire(req, fds)
         while True:
-            # Ctrl-C here leaves through _at_edge (exit 130); the daemon sees the hang-up
+            # Ctrl-C here leaves through at_edge (exit 130); the daemon sees the hang-up
             # and drops the job it had not queued yet.
             frame = conn.recv()
             if "event" not in frame:
                 break
-            _say_queue_full(frame)
+            say_queue_full(frame)
     finally:
         conn.close()
-    try:
-        answer = check(frame)
-    except BadRequest as exc:
-        # The spec broke one of tsd.protocol.parse_spec's rules: a command-line error.
-        raise UsageError(exc.message.removeprefix("bad request: ")) from None
-    job_id = answer.get("id")
-    ids = answer.get("ids", [job_id])  # --array: every element's id, in order
-    if not isinstance(job_id, int) or not isinstance(ids, list):
-        raise TsdError("malformed response from the daemon: no job id")
+    job_id, ids = submitted_ids(frame)
     if inv.print_id:
         emit("".join(f"{i}\n" for i in ids))
     if not inv.foreground:
@@ -123,14 +118,6 @@ def submit(client: Client, inv: Invocation, environ: Mapping[str, str]) -> int:
         # task-spooler's -f runs the job in the foreground: Ctrl-C ends it.
         _kill_quietly(client, job_id)
         return 130
-
-
-def _say_queue_full(frame: Mapping[str, Any]) -> None:
-    """The daemon waits for room in a full queue: say so, once (it sends it once)."""
-    if frame.get("event") == "queue_full":
-        waiting = frame.get("waiting")
-        count = f" ({waiting} jobs waiting)" if isinstance(waiting, int) else ""
-        warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
 
 
 def _terminal_fds() -> tuple[int, ...]:
@@ -159,7 +146,7 @@ def _submit_and_wait(client: Client, req: dict[str, Any], fds: tuple[int, ...] =
                 if job_id is not None:
                     _kill_quietly(client, job_id)
                 return 130
-            _say_queue_full(frame)
+            say_queue_full(frame)
             if frame.get("event") == "queued" and isinstance(frame.get("id"), int):
                 job_id = frame["id"]
             elif "event" not in frame:
@@ -302,21 +289,7 @@ def _show_job(action: str, job: JobView) -> int:
     return 0
 
 
-def _current_umask() -> int:
-    # Reading the umask means setting it; put it straight back.
-    mask = posix.umask(0o022)
-    posix.umask(mask)
-    return mask
-
-
-def _cwd() -> str | None:
-    try:
-        return posix.getcwd()
-    except OSError:
-        return None
-
-
-def _at_edge(inv: Callable[[], int]) -> int:
+def at_edge(inv: Callable[[], int]) -> int:
     """Run `inv`; where every failure becomes one `ts: ...` line and an exit code.
 
     A plain try rather than a context manager: contextlib (and the collections and
@@ -347,7 +320,7 @@ def _at_edge(inv: Callable[[], int]) -> int:
 def _kill_quietly(client: Client, job_id: int) -> None:
     """Ctrl-C on a job run in the foreground (-f, -nf) ends it, as task-spooler's does;
     a daemon already gone or a job already over is no error then."""
-    try:  # noqa: SIM105 (no contextlib on ts's path, see _at_edge)
+    try:  # noqa: SIM105 (no contextlib on ts's path, see at_edge)
         client.call(wire("kill", id=job_id))
     except (TsdError, OSError):
         pass
@@ -361,12 +334,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         from tsd.cli_completion import complete
 
         sys.exit(complete())
-    code = _at_edge(lambda: run(invocation(args, leanos.environ(), _cwd(), _current_umask())))
+    code = at_edge(lambda: run(
+        invocation(args, leanos.environ(), leanos.getcwd(), leanos.current_umask())))
     if argv is None:
         # Run as the program and done: all output was flushed as it was written
         # and every connection and file is closed, so skip tearing the
         # interpreter down module by module (a tenth of a quick `ts` call).
-        # Failures leave through sys.exit in _at_edge, the usual way.
+        # Failures leave through sys.exit in at_edge, the usual way.
         try:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -21,6 +21,7 @@ no enum, nothing from `typing` at run time.
 from __future__ import annotations
 
 from tsd import __version__
+from tsd.errors import UsageError as UsageError  # its home; imported from here too
 from tsd.framing import MAX_GPU_MEM, MAX_GPUS, MAX_ID, MAX_SLOTS, MAX_TIMEOUT
 
 TYPE_CHECKING = False
@@ -54,20 +55,6 @@ ENV_VARS: tuple[tuple[str, str], ...] = (
 )
 
 ABSENT = -1  # an optional id or number given without one (task-spooler's "-1")
-
-
-class UsageError(Exception):
-    """A bad command line; printed as one `ts: ...` line, exit 1.
-
-    The message names words the user typed, which may hold a newline or other
-    control characters (`ts -$'\\n'`): they are escaped here, for every raiser,
-    so the line stays one line.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(
-            "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
-        )
 
 
 class BadValue(ValueError):

@@ -15,7 +15,7 @@ import sys
 from _stat import S_ISREG  # not stat: see tsd.leanos
 from io import SEEK_END  # io is loaded at start; os is not (see tsd.leanos)
 
-from tsd.errors import ProtocolError, TsdError, from_wire
+from tsd.errors import BadRequest, ProtocolError, TsdError, UsageError, from_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
@@ -74,6 +74,29 @@ def check(frame: Mapping[str, Any]) -> dict[str, Any]:
     if frame.get("ok") is False:
         raise from_wire(str(frame.get("code", "error")), str(frame.get("error", "unknown error")))
     raise TsdError("malformed response from the daemon")
+
+
+def submitted_ids(frame: Mapping[str, Any]) -> tuple[int, list[int]]:
+    """The id a submit's final frame gives, and every id (an --array's elements, in
+    order); its error otherwise, a spec the daemon refused being a command-line error."""
+    try:
+        answer = check(frame)
+    except BadRequest as exc:
+        # The spec broke one of tsd.protocol.parse_spec's rules: a command-line error.
+        raise UsageError(exc.message.removeprefix("bad request: ")) from None
+    job_id = answer.get("id")
+    ids = answer.get("ids", [job_id])
+    if not isinstance(job_id, int) or not isinstance(ids, list):
+        raise TsdError("malformed response from the daemon: no job id")
+    return job_id, ids
+
+
+def say_queue_full(frame: Mapping[str, Any]) -> None:
+    """The daemon waits for room in a full queue: say so, once (it sends it once)."""
+    if frame.get("event") == "queue_full":
+        waiting = frame.get("waiting")
+        count = f" ({waiting} jobs waiting)" if isinstance(waiting, int) else ""
+        warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
 
 
 def job_of(resp: Mapping[str, Any]) -> JobView:

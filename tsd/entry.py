@@ -10,7 +10,9 @@ everyday `ts` call loads the standard library's light modules and tsd's own
 
 Everything else stays as the interpreter would have it: PYTHON* variables
 (PYTHONPATH first on the path, PYTHONIOENCODING, ...) still apply, argv[0] is
-the path `ts` was started by, `tsd.cli.main` chooses the exit code. Should a
+the path `ts` was started by, `tsd.cli.main` chooses the exit code (or, for
+`ts COMMAND...` with no options, tsd.plainsubmit: the same request on a lighter
+path). Should a
 rarely used path import a module outside the standard library (click, yaml,
 a .pth-installed package), `SiteOnDemand` runs site.py's work at that moment
 (site.main: site-packages, user site, .pth files, the venv's prefixes) and
@@ -67,6 +69,12 @@ def main() -> None:
     """Run `ts` as the launcher does: with site.py's paths loaded only when needed."""
     if sys.flags.no_site and SiteOnDemand not in sys.meta_path:
         sys.meta_path.append(SiteOnDemand)
+    args = sys.argv[1:]
+    if args and not args[0].startswith("-"):  # ts COMMAND...: perhaps the plain path
+        from tsd import leanos, plainsubmit
+
+        if plainsubmit.applies(args, leanos.environ()):
+            plainsubmit.main(args)
     from tsd.cli import main as ts_main
 
     ts_main()
@@ -85,6 +93,10 @@ def script(python: str, site_dir: str) -> str:
         "# ts of tsd: a lean launcher written by tsd.entry (see its docstring).\n"
         "# Python starts without site.py; tsd's directory is put on the path here.\n"
         "import sys\n"
+        "# Not the directory this file is in, as -P would have it: nothing of tsd's lives\n"
+        "# there, and the first import would list it (/usr/bin: ~0.7 ms of every call).\n"
+        "if not sys.flags.safe_path:\n"
+        "    del sys.path[0]\n"
         f"sys.path.append('{site_dir}')\n"
         "from tsd.entry import main\n"
         "main()\n"

@@ -22,6 +22,20 @@ class TsdError(Exception):
         return self.message
 
 
+class UsageError(Exception):
+    """A bad command line; printed as one `ts: ...` line, exit 1.
+
+    The message names words the user typed, which may hold a newline or other
+    control characters (`ts -$'\\n'`): they are escaped here, for every raiser,
+    so the line stays one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+        )
+
+
 class ProtocolError(TsdError):
     """A malformed, oversized or otherwise unreadable request or response."""
 

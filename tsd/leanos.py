@@ -112,3 +112,18 @@ def isdir(path: str) -> bool:
         return S_ISDIR(posix.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def getcwd() -> str | None:
+    """The current directory, or None when it cannot be read (removed, no permission)."""
+    try:
+        return posix.getcwd()
+    except OSError:
+        return None
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = posix.umask(0o022)
+    posix.umask(mask)
+    return mask

@@ -70,8 +70,14 @@ def test_everyday_calls_of_the_launcher_load_no_site_and_no_re(
         proc = run(lean_ts, tsd_env, *args, extra={"PYTHONPROFILEIMPORTTIME": "1"})
         assert proc.returncode == 0, proc.stderr
         mods = imported(proc)
-        assert "tsd.cli" in mods, mods
         assert not mods & NOT_LOADED, f"ts {' '.join(args)} loaded {sorted(mods & NOT_LOADED)}"
+        if args == ["true"]:
+            # ts COMMAND... with no options: its light path (tsd.plainsubmit), without
+            # the option table, the CLI's other actions or the listing.
+            assert "tsd.plainsubmit" in mods, mods
+            assert not mods & {"tsd.cli", "tsd.cli_options", "tsd.cli_request"}, mods
+        else:
+            assert "tsd.cli" in mods, mods
     # The same call through pip's console script does load them: the difference is real.
     pip = run(TS, tsd_env, "-l", extra={"PYTHONPROFILEIMPORTTIME": "1"})
     assert {"site", "re"} <= imported(pip)
@@ -92,6 +98,9 @@ def test_the_launcher_answers_as_pips_console_script_does(
         ["-l"], ["-M", "json"], ["-i", str(ok)], ["-c", str(ok)], ["-s", str(bad)],
         ["-w", str(bad)], ["-w", str(ok)], ["-h"], ["--help"], ["-V"], ["-x"],
         ["-i", "9999"], ["-w", "9999"], ["-D", "9999", "true"], ["-G", "-1", "true"],
+        # ts COMMAND... (tsd.plainsubmit) refused: a word that is not UTF-8 (as the shell
+        # passes it: bytes), and a command over the protocol's limit (the daemon says no).
+        ["echo", os.fsdecode(b"\xff")], ["echo", "x" * 70000, "y" * 70000],
     ]  # fmt: skip
     for args in calls:
         want = run(TS, tsd_env, *args)
@@ -109,6 +118,23 @@ def test_the_launcher_answers_as_pips_console_script_does(
     )  # fmt: skip
     assert sub.returncode == 0 and sub.stdout.strip().isdigit(), sub.stderr
     assert run(lean_ts, tsd_env, "-w", sub.stdout.strip()).returncode == 4
+    # The light path's job gets the submitter's directory, environment and umask, as a
+    # job queued through the full command line does.
+    probe = "echo $PWD $TSD_PROBE $(umask)"
+    ids = []
+    for launcher in (TS, lean_ts):
+        got = subprocess.run(
+            ["sh", "-c", 'umask 027; exec "$0" sh -c "$1"', launcher, probe],
+            env={**tsd_env, "TSD_PROBE": "seen"}, capture_output=True, text=True, timeout=60,
+            cwd=str(tsd_env.root),
+        )  # fmt: skip
+        assert got.returncode == 0 and got.stdout.strip().isdigit(), got.stderr
+        ids.append(got.stdout.strip())
+    outputs = []
+    for job in ids:
+        assert run(lean_ts, tsd_env, "-w", job).returncode == 0
+        outputs.append(run(lean_ts, tsd_env, "-c", job).stdout)
+    assert outputs[0] == outputs[1] == f"{tsd_env.root} seen 0027\n"
 
 
 def test_the_launcher_prints_and_answers_the_same_shell_completion(

@@ -89,3 +89,20 @@ def test_python_m_tsd_entry_prints_the_launcher_for_this_interpreter_and_checkou
         text=True, timeout=60, cwd=str(REPO),
     )  # fmt: skip
     assert bad.returncode == 2 and "absolute path" in bad.stderr and not bad.stdout
+
+
+@pytest.mark.parametrize("safe_path", ["", "1"])
+def test_a_tsd_beside_the_launcher_is_never_imported(tmp_path: Path, safe_path: str) -> None:
+    # /usr/bin or a venv's bin is the script's directory: nothing of tsd's lives there, a
+    # package put there must not stand in for the installed one (and it is not listed).
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "tsd").mkdir(parents=True)
+    (bin_dir / "tsd" / "__init__.py").write_text("raise SystemExit('the wrong tsd')\n")
+    launcher = bin_dir / "ts"
+    launcher.write_text(script(sys.executable, str(REPO)))
+    launcher.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONSAFEPATH": safe_path}
+    proc = subprocess.run([str(launcher), "-V"], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrong tsd" not in proc.stderr and proc.stdout.strip()
