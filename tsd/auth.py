@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from tsd.errors import NotOwner, PermissionDenied
 from tsd.model import HIDDEN, PLAIN, ExitInfo, Job, JobSpec, Peer, SpecOptions
 from tsd.paths import SUBMIT_GROUP
+from tsd.userdb import UserDb
 
 _UCRED = struct.Struct("3i")
 
@@ -56,19 +57,43 @@ def group_names(gids: Iterable[int]) -> tuple[str, ...]:
 
 
 def make_peer(
-    pid: int, uid: int, gid: int, is_admin: Callable[[str, tuple[str, ...]], bool]
+    pid: int, uid: int, gid: int, is_admin: Callable[[str, tuple[str, ...]], bool],
+    users: UserDb | None = None,
 ) -> Peer:
-    """Resolve a connection's credentials into a Peer."""
-    user = user_name(uid)
-    groups = group_ids(user, gid)
+    """Resolve a connection's credentials into a Peer: through `users` (the daemon's
+    cache of a second, tsd.userdb) when given, else asking the databases now."""
+    if users is None:
+        user = user_name(uid)
+        groups = group_ids(user, gid)
+        names = group_names(groups)
+    else:
+        try:
+            user = users.entry(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        try:
+            groups = tuple(sorted(set(users.groups(user, gid))))
+        except (KeyError, OSError):
+            groups = (gid,)
+        names = _known_names(users, groups)
     return Peer(
         pid=pid,
         uid=uid,
         gid=gid,
         user=user,
         groups=groups,
-        admin=uid == 0 or is_admin(user, group_names(groups)),
+        admin=uid == 0 or is_admin(user, names),
     )
+
+
+def _known_names(users: UserDb, gids: Iterable[int]) -> tuple[str, ...]:
+    names = []
+    for gid in gids:
+        try:
+            names.append(users.group_name(gid))
+        except KeyError:
+            continue
+    return tuple(names)
 
 
 def check_may_connect(peer: Peer, system: bool, daemon_uid: int) -> None:

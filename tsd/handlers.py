@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, TypeVar
 
-from tsd import auth, framing, jobcontrols, protocol
+from tsd import auth, framing, jobcontrols, protocol, userdb
 from tsd.codec import piece
 from tsd.engine import Cluster, Scheduling
 from tsd.errors import (
@@ -42,6 +42,9 @@ from tsd.server import caller_still_there
 from tsd.waiters import Waiters
 
 log = logging.getLogger("tsd")
+# Callers' names and groups, asked of the databases once a second at most (tsd.userdb):
+# a change (a user added to group tsd, or removed) counts from the next second on.
+_CALLERS = userdb.UserDb()
 
 SendEvent = Callable[[protocol.Event], Awaitable[None]]
 # ts -n jobs waiting with their submitter's stdout and stderr held open, per user: each
@@ -107,7 +110,7 @@ async def handle(
     Every job record in the answer and in its events leaves through
     `auth.visible_to` here, the one place that decides what a caller may see.
     """
-    peer = auth.make_peer(*creds, is_admin=p.policy.config.is_admin)
+    peer = auth.make_peer(*creds, is_admin=p.policy.config.is_admin, users=_CALLERS)
     auth.check_may_connect(peer, p.system, p.my_uid)
 
     async def send_visible(event: protocol.Event) -> None:
@@ -186,8 +189,12 @@ async def submit(
     # Checked already by the protocol (tsd.jobcontrols.check_submit).
     array = None if req.array is None else jobcontrols.parse_array(req.array)
     count = 1 if array is None else len(array[0])
-    spec = replace(req.spec, options=replace(
-        req.spec.options, array_job=None, array_task=None, array_throttle=None))
+    spec = req.spec
+    if (spec.options.array_job, spec.options.array_task, spec.options.array_throttle) != (
+        None, None, None
+    ):
+        spec = replace(spec, options=replace(
+            spec.options, array_job=None, array_task=None, array_throttle=None))
     depends = list(spec.depends)
     last = p.table.last_added.get(peer.uid)
     if req.depend_last and last:
@@ -197,7 +204,9 @@ async def submit(
         if other is None:
             raise NoSuchJob(f"job {dep} does not exist (cannot depend on it)")
         auth.check_owner(peer, other)
-    spec = replace(spec, depends=tuple(dict.fromkeys(depends)))
+    unique = tuple(dict.fromkeys(depends))
+    if unique != spec.depends:
+        spec = replace(spec, depends=unique)
     limits = p.policy.limits(peer.uid)
     pool = None
     if p.cluster is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import posix
 import sys
 
-from tsd import leanos
+from tsd import framing, leanos
 from tsd.client import Client
 from tsd.submitwire import PLAIN_PARAMS, submit_wire
 
@@ -67,9 +67,12 @@ def main(args: Sequence[str]) -> NoReturn:
 
 def _submit(args: Sequence[str]) -> int:
     req = request(args, leanos.environ(), leanos.getcwd(), leanos.current_umask())
+    # Encoded before connecting: the request follows the connect at once, and the
+    # daemon reads it as it accepts the connection, with no wake-up in between.
+    out = framing.Encoded(framing.plain_dumps(req).encode(), req)
     conn = Client().connect()
     try:
-        conn.send_wire(req)
+        conn.send_wire(out)
         from tsd import cli_output  # while the daemon works on the request
 
         while True:

@@ -1,7 +1,9 @@
-"""The passwd entries and group lists of job owners, read through a cache of a second.
+"""The passwd entries and group lists of job owners and callers, read through a cache
+of a second.
 
 Each launch needs its owner's entry (group, name, home for mail) and, where the
-job drops root's privileges, the owner's supplementary groups; a lookup goes
+job drops root's privileges, the owner's supplementary groups; each request its
+caller's name, groups and their names (tsd.auth.make_peer); a lookup goes
 through NSS every time: the files opened and parsed (or a directory service,
 systemd's userdb among them, asked) once per job, a burst of jobs of one user
 asking the same thing hundreds of times a second. An answer is kept for TTL
@@ -12,6 +14,7 @@ never cached (it is asked each time, as that job ends at once).
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import time
@@ -32,16 +35,23 @@ class UserDb:
         lookup: Callable[[int], pwd.struct_passwd] = pwd.getpwuid,
         clock: Callable[[], float] = time.monotonic,
         grouplist: Callable[[str, int], list[int]] = os.getgrouplist,
+        group: Callable[[int], grp.struct_group] = grp.getgrgid,
     ) -> None:
         self._lookup = lookup
         self._clock = clock
         self._grouplist = grouplist
+        self._group = group
         self._entries: dict[Hashable, tuple[float, pwd.struct_passwd]] = {}
         self._groups: dict[Hashable, tuple[float, tuple[int, ...]]] = {}
+        self._group_names: dict[Hashable, tuple[float, str]] = {}
 
     def entry(self, uid: int) -> pwd.struct_passwd:
         """The passwd entry of `uid`; KeyError when there is none."""
         return self._cached(self._entries, uid, lambda: self._lookup(uid))
+
+    def group_name(self, gid: int) -> str:
+        """The name of group `gid`; KeyError when there is none."""
+        return self._cached(self._group_names, gid, lambda: self._group(gid).gr_name)
 
     def groups(self, user: str, gid: int) -> tuple[int, ...]:
         """`user`'s groups, primary `gid` included: what initgroups(user, gid) would set

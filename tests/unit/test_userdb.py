@@ -104,3 +104,41 @@ def test_the_real_group_database_gives_what_getgrouplist_does() -> None:
     me = pwd.getpwuid(os.getuid())
     assert UserDb().groups(me.pw_name, me.pw_gid) == tuple(
         os.getgrouplist(me.pw_name, me.pw_gid))
+
+
+def test_a_callers_peer_through_the_cache_is_the_peer_asked_of_the_databases() -> None:
+    from tsd.auth import make_peer
+
+    def admins(user: str, groups: tuple[str, ...]) -> bool:
+        return "root" in groups
+
+    me = os.getuid()
+    for uid, gid in ((me, os.getgid()), (0, 0), (4_000_123, 4_000_123)):  # the last: nobody
+        direct = make_peer(42, uid, gid, admins)
+        assert make_peer(42, uid, gid, admins, users=UserDb()) == direct
+
+
+def test_a_caller_added_to_a_group_counts_in_it_after_the_ttl() -> None:
+    import grp
+
+    from tsd.auth import make_peer
+
+    base = pwd.getpwuid(os.getuid())
+    members: dict[str, list[int]] = {"alice": [1000]}
+    clock = Clock()
+    users = UserDb(
+        lambda uid: pwd.struct_passwd(("alice", *tuple(base)[1:])), clock,
+        lambda user, gid: [gid, *members[user]],
+        lambda gid: grp.struct_group((f"g{gid}", "x", gid, [])),
+    )  # fmt: skip
+
+    def admins(user: str, groups: tuple[str, ...]) -> bool:
+        return "g27" in groups
+
+    assert make_peer(1, 1000, 1000, admins, users=users).groups == (1000,)
+    members["alice"] = [1000, 27]
+    still = make_peer(1, 1000, 1000, admins, users=users)
+    assert (still.groups, still.admin) == ((1000,), False)
+    clock.now += userdb.TTL
+    now = make_peer(1, 1000, 1000, admins, users=users)
+    assert (now.groups, now.admin) == ((27, 1000), True)
