@@ -341,12 +341,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # and every connection and file is closed, so skip tearing the
         # interpreter down module by module (a tenth of a quick `ts` call).
         # Failures leave through sys.exit in at_edge, the usual way.
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        posix._exit(code)
+        leanos.exit_now(code)
     sys.exit(code)
 
 

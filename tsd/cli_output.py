@@ -6,7 +6,9 @@ light views (never the job model's dataclasses), and the renderers load when
 something is to be printed.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `ts COMMAND` (tsd.plainsubmit) reads
+# its answer with this module, and that import loads __future__ (0.12 ms of each
+# call). Annotations that name what only mypy imports are strings instead.
 
 import errno
 import posix
@@ -60,14 +62,14 @@ def terminal_width() -> int | None:
     return None
 
 
-def wait_code(job: JobView) -> int:
+def wait_code(job: "JobView") -> int:
     """What -w/-t/-c/-f exit with: the job's code; 255 when skipped, killed or lost."""
     if job.state == "finished" and job.exit is not None:
         return job.exit.wait_code
     return 255
 
 
-def check(frame: Mapping[str, Any]) -> dict[str, Any]:
+def check(frame: "Mapping[str, Any]") -> "dict[str, Any]":
     """The daemon's final frame if it says ok; its error (a TsdError) otherwise."""
     if frame.get("ok") is True:
         return dict(frame)
@@ -76,7 +78,7 @@ def check(frame: Mapping[str, Any]) -> dict[str, Any]:
     raise TsdError("malformed response from the daemon")
 
 
-def submitted_ids(frame: Mapping[str, Any]) -> tuple[int, list[int]]:
+def submitted_ids(frame: "Mapping[str, Any]") -> tuple[int, list[int]]:
     """The id a submit's final frame gives, and every id (an --array's elements, in
     order); its error otherwise, a spec the daemon refused being a command-line error."""
     try:
@@ -91,7 +93,7 @@ def submitted_ids(frame: Mapping[str, Any]) -> tuple[int, list[int]]:
     return job_id, ids
 
 
-def say_queue_full(frame: Mapping[str, Any]) -> None:
+def say_queue_full(frame: "Mapping[str, Any]") -> None:
     """The daemon waits for room in a full queue: say so, once (it sends it once)."""
     if frame.get("event") == "queue_full":
         waiting = frame.get("waiting")
@@ -99,7 +101,7 @@ def say_queue_full(frame: Mapping[str, Any]) -> None:
         warn(f"your queue is full{count}; waiting for room (Ctrl-C to give up)")
 
 
-def job_of(resp: Mapping[str, Any]) -> JobView:
+def job_of(resp: "Mapping[str, Any]") -> "JobView":
     """The job record of an answer (get, wait, a `started` event), as a view."""
     rec = resp.get("job")
     if not isinstance(rec, dict):
@@ -109,7 +111,7 @@ def job_of(resp: Mapping[str, Any]) -> JobView:
     return view_of(rec)
 
 
-def listing_views(resp: Mapping[str, Any]) -> list[JobView]:
+def listing_views(resp: "Mapping[str, Any]") -> "list[JobView]":
     """The jobs of a listing: rows (what ts asks for) or records (an older daemon, ts -g)."""
     from tsd.jobview import views_of_pieces, views_of_records
 
@@ -119,7 +121,7 @@ def listing_views(resp: Mapping[str, Any]) -> list[JobView]:
 
 
 def listing_text(
-    resp: Mapping[str, Any], fmt: str, all_users: bool, gpus: bool = False,
+    resp: "Mapping[str, Any]", fmt: str, all_users: bool, gpus: bool = False,
     width: int | None = -1,
 ) -> str:
     """ts -l (-M json|tab), or ts -g with `gpus`: the daemon's answer as text.
@@ -152,7 +154,7 @@ def listing_text(
         raise ProtocolError(f"malformed job list from the daemon: {exc}") from None
 
 
-def _inflater() -> zlib._Decompress:
+def _inflater() -> "zlib._Decompress":
     """A gzip reader; zlib is loaded only for a job whose output is gzipped (-z)."""
     import zlib
 
@@ -166,7 +168,7 @@ class OutputFollower:
         self,
         path: str,
         gzipped: bool,
-        out: IO[bytes],
+        out: "IO[bytes]",
         tail_lines: int | None,
         owner: int | None = None,
     ) -> None:
@@ -248,7 +250,7 @@ class OutputFollower:
             self.file.close()
 
 
-def open_output(path: str, owner: int | None) -> IO[bytes] | None:
+def open_output(path: str, owner: int | None) -> "IO[bytes] | None":
     """Open a job's output file for reading; None while it does not exist.
 
     ts may run as root (an admin reading a user's job), and the path is in a
@@ -287,7 +289,7 @@ def last_lines(data: bytes, n: int) -> bytes:
 
 
 def follow_output(
-    conn: Connection, tail: int | None, out: IO[bytes], poll: float = POLL_SECONDS
+    conn: "Connection", tail: int | None, out: "IO[bytes]", poll: float = POLL_SECONDS
 ) -> int:
     """-t/-c: copy the job's output until the daemon's final frame; the job's wait code.
 
@@ -322,7 +324,7 @@ def follow_output(
             follower.close()
 
 
-def follower_for(job: JobView, out: IO[bytes], tail: int | None) -> OutputFollower | None:
+def follower_for(job: "JobView", out: "IO[bytes]", tail: int | None) -> "OutputFollower | None":
     """A follower of the job's output file; None (with a warning) when it has none."""
     if not job.spec.store_output:
         warn(f"job {job.id} does not store its output (-n)")

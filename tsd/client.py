@@ -6,7 +6,9 @@ travel (plain dicts, tsd.cli_request.wire); the typed protocol (thirty
 dataclasses) loads only when a caller hands over a typed request.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: this module is on the way of
+# `ts COMMAND` (tsd.plainsubmit), and that import loads __future__ (0.12 ms of each
+# call). Annotations that name what only mypy imports are strings instead.
 
 import errno
 import posix
@@ -59,7 +61,7 @@ ANSWER_TIMEOUT = 20.0
 NOT_RUNNING = "the tsd service is not running (systemctl status tsd)"
 
 
-def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
+def personal_socket_path(env: "Mapping[str, str] | None" = None) -> str:
     """Where a personal daemon listens.
 
     `$XDG_RUNTIME_DIR/tsd/tsd.sock`, else `$TMPDIR/tsd-<uid>/tsd.sock`.
@@ -72,7 +74,7 @@ def personal_socket_path(env: Mapping[str, str] | None = None) -> str:
     return leanos.join(tmp, f"tsd-{posix.getuid()}", "tsd.sock")
 
 
-def choose_socket(env: Mapping[str, str] | None = None) -> tuple[str, bool]:
+def choose_socket(env: "Mapping[str, str] | None" = None) -> tuple[str, bool]:
     """Which socket `ts` talks to, and whether it is a personal one we may start.
 
     TS_SOCKET wins, then TS_PERSONAL=1 (the user asks for a personal daemon);
@@ -129,7 +131,7 @@ def _is_own(path: str) -> bool:
         return True
 
 
-def check_socket_dir(path: str, owners: Collection[int]) -> None:
+def check_socket_dir(path: str, owners: "Collection[int]") -> None:
     """Refuse a socket whose directory someone else could have made or written to.
 
     Raises Untrusted unless the directory is a real directory (not a symlink)
@@ -152,7 +154,7 @@ def check_socket_dir(path: str, owners: Collection[int]) -> None:
         )
 
 
-def peer_uid(sock: Socket) -> tuple[int, int]:
+def peer_uid(sock: "Socket") -> tuple[int, int]:
     """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
     creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, calcsize("3i"))
     pid, uid, _gid = unpack("3i", creds)
@@ -167,12 +169,12 @@ class Connection:
     answer is unbounded (ts -w may wait for hours).
     """
 
-    def __init__(self, sock: Socket, answer_timeout: float | None = None) -> None:
+    def __init__(self, sock: "Socket", answer_timeout: float | None = None) -> None:
         self.sock = sock
         self.answer_timeout = answer_timeout
         self._unanswered = False  # a request is out and no frame has come back yet
 
-    def send(self, req: Req) -> None:
+    def send(self, req: "Req") -> None:
         """Send one request frame: a typed request, or one as it travels."""
         if isinstance(req, dict):  # as it travels (tsd.cli_request.wire)
             self.send_wire(req)
@@ -181,7 +183,7 @@ class Connection:
 
         self.send_wire(protocol.request_to_wire(req))
 
-    def send_wire(self, obj: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    def send_wire(self, obj: "Mapping[str, Any]", fds: "Sequence[int]" = ()) -> None:
         """Send a request already in its wire form (ts builds submits as plain dicts).
 
         `fds` travel with the frame's first bytes (SCM_RIGHTS): `ts -n`'s stdout and
@@ -209,7 +211,7 @@ class Connection:
         # the request leaves (tsd.framing).
         framing.ready_to_decode()
 
-    def _send(self, data: bytes, fds: Sequence[int]) -> None:
+    def _send(self, data: bytes, fds: "Sequence[int]") -> None:
         if fds:
             # socket.send_fds, spelled out (see the import of _socket above).
             rights = pack(f"{len(fds)}i", *fds)
@@ -218,7 +220,7 @@ class Connection:
         if data:
             self.sock.sendall(data)
 
-    def recv(self) -> dict[str, Any]:
+    def recv(self) -> "dict[str, Any]":
         """Read one frame; a closed connection is ServerUnavailable."""
         if self._unanswered and self.answer_timeout is not None:
             self._await_reader()
@@ -267,7 +269,7 @@ class Connection:
         self.sock.close()
 
 
-def _unread_by_peer(sock: Socket) -> int:
+def _unread_by_peer(sock: "Socket") -> int:
     """Bytes we sent that the other end has not read yet (SIOCOUTQ); 0 when unknown."""
     import fcntl
     import termios
@@ -279,7 +281,7 @@ def _unread_by_peer(sock: Socket) -> int:
     return int(unpack("i", buf)[0])
 
 
-def _check(frame: dict[str, Any]) -> dict[str, Any]:
+def _check(frame: "dict[str, Any]") -> "dict[str, Any]":
     ok = frame.get("ok")
     if ok is True:
         return frame
@@ -340,7 +342,7 @@ class Client:
         self.may_start = personal if may_start is None else may_start
         self.trusted = trusted_uids(self.path)
 
-    def connect(self) -> Connection:
+    def connect(self) -> "Connection":
         """Open a connection, starting the personal daemon on the first call."""
         check_socket_dir(self.path, self.trusted)
         try:
@@ -364,7 +366,7 @@ class Client:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def _connect_once(self) -> Connection:
+    def _connect_once(self) -> "Connection":
         sock = Socket(AF_UNIX, SOCK_STREAM)
         try:
             # connect() blocks while the listener's backlog is full.
@@ -385,7 +387,7 @@ class Client:
         # daemon that may be failing to start, so bound the wait for it.
         return Connection(sock, ANSWER_TIMEOUT if pid == 1 else None)
 
-    def _unavailable(self, exc: OSError) -> ServerUnavailable:
+    def _unavailable(self, exc: OSError) -> "ServerUnavailable":
         if exc.errno == errno.EACCES and self.path == SYSTEM_SOCKET:
             return ServerUnavailable(f"permission denied on {self.path}: {tsd_group_advice()}")
         if self.path == SYSTEM_SOCKET and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
@@ -411,7 +413,7 @@ class Client:
             cwd="/",
         )
 
-    def call(self, req: Req) -> dict[str, Any]:
+    def call(self, req: "Req") -> "dict[str, Any]":
         """One request, one final response; errors come back as TsdError.
 
         A long job list arrives in pieces (`jobs` or `rows` events, each under
@@ -447,7 +449,7 @@ class Client:
         finally:
             conn.close()
 
-    def stream(self, req: Req) -> Iterator[dict[str, Any]]:
+    def stream(self, req: "Req") -> "Iterator[dict[str, Any]]":
         """Events of a streaming request, then its final response (last item)."""
         conn = self.connect()
         try:

@@ -11,7 +11,9 @@ on first use, not at import: the `ts` client writes its request with `plain_dump
 (`ready_to_decode`), while the daemon works on it, instead of before it leaves.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: this module is on the way of
+# `ts COMMAND` (tsd.plainsubmit), and that import loads __future__ (0.12 ms of each
+# call). Annotations that name what only mypy imports are strings instead.
 
 # struct.py only re-exports this built-in module: one file fewer for every `ts` call.
 from _struct import Struct
@@ -46,12 +48,12 @@ class Encoded(dict):  # type: ignore[type-arg]
 
     __slots__ = ("body",)
 
-    def __init__(self, body: bytes, obj: Mapping[str, Any]) -> None:
+    def __init__(self, body: bytes, obj: "Mapping[str, Any]") -> None:
         super().__init__(obj)
         self.body = body
 
 
-def encode(obj: Mapping[str, Any], plain: bool = False) -> bytes:
+def encode(obj: "Mapping[str, Any]", plain: bool = False) -> bytes:
     """One frame: length header plus compact JSON. Refuses to build an oversized frame.
     `plain`: written by `plain_dumps`, without loading `_json` (the client's requests)."""
     if type(obj) is Encoded:
@@ -71,7 +73,7 @@ def frame_length(header: bytes) -> int:
     return int(length)
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes) -> "dict[str, Any]":
     """Parse a frame body into a JSON object, or raise ProtocolError."""
     try:
         obj = loads(body.decode("utf-8"))
@@ -91,7 +93,7 @@ def decode(body: bytes) -> dict[str, Any]:
 _WHITESPACE = " \t\n\r"
 
 
-def _not_serializable(o: Any) -> Any:
+def _not_serializable(o: "Any") -> "Any":
     raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
 
 
@@ -108,11 +110,11 @@ class _DecodeContext:
     memo: dict[str, str] = {}
 
 
-_c: Any = None  # the _json module, once loaded (`_accelerator`)
-_scan: Any = None  # its scanner with json.loads' defaults
+_c: "Any" = None  # the _json module, once loaded (`_accelerator`)
+_scan: "Any" = None  # its scanner with json.loads' defaults
 
 
-def _accelerator() -> Any:
+def _accelerator() -> "Any":
     """The _json module, loaded on the first call (see the module docstring)."""
     global _c, _scan
     if _c is None:
@@ -129,7 +131,7 @@ def ready_to_decode() -> None:
     _accelerator()
 
 
-def dumps(obj: Any) -> str:
+def dumps(obj: "Any") -> str:
     """json.dumps(obj, separators=(",", ":"), ensure_ascii=False)."""
     c = _c or _accelerator()
     encode = c.make_encoder(
@@ -138,7 +140,7 @@ def dumps(obj: Any) -> str:
     return "".join(encode(obj, 0))
 
 
-def loads(text: str) -> Any:
+def loads(text: str) -> "Any":
     """json.loads(text): a ValueError (json.JSONDecodeError) for anything but one value."""
     if text.startswith("\ufeff"):
         raise ValueError("Unexpected UTF-8 BOM")
@@ -162,7 +164,7 @@ _ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"', ord("\b"): "\\b", ord("\f")
 _FLOATS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
 
 
-def plain_dumps(obj: Any) -> str:
+def plain_dumps(obj: "Any") -> str:
     """`dumps` in pure Python, without loading _json: the same text for what JSON can
     hold (dicts with str keys, lists, tuples, str, int, float, bool, None); TypeError
     for anything else. For small objects (a request): it is several times slower
@@ -172,7 +174,7 @@ def plain_dumps(obj: Any) -> str:
     return "".join(out)
 
 
-def _plain(o: Any, out: list[str]) -> None:
+def _plain(o: "Any", out: list[str]) -> None:
     if isinstance(o, str):
         out.append('"' + o.translate(_ESCAPES) + '"')
     elif o is None:

@@ -13,10 +13,10 @@ output the job gets), shell completion; and so does every failure, which is
 re-raised into tsd.cli's `at_edge` for the same one `ts: ...` line and exit code.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: this module is on the way of
+# `ts COMMAND` (tsd.plainsubmit), and that import loads __future__ (0.12 ms of each
+# call). Annotations that name what only mypy imports are strings instead.
 
-import posix
-import sys
 
 from tsd import framing, leanos
 from tsd.client import Client
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 
-def applies(args: Sequence[str], environ: Mapping[str, str]) -> bool:
+def applies(args: "Sequence[str]", environ: "Mapping[str, str]") -> bool:
     """Whether ARGS is a plain `ts COMMAND...` that this path serves as tsd.cli would."""
     return (
         bool(args) and not args[0].startswith("-")
@@ -37,13 +37,13 @@ def applies(args: Sequence[str], environ: Mapping[str, str]) -> bool:
 
 
 def request(
-    command: Sequence[str], environ: Mapping[str, str], cwd: str | None, umask: int
-) -> dict[str, Any]:
+    command: "Sequence[str]", environ: "Mapping[str, str]", cwd: str | None, umask: int
+) -> "dict[str, Any]":
     """The submit request of `ts COMMAND...` (what tsd.cli_request.invocation's wire is)."""
     return submit_wire(PLAIN_PARAMS, set(), command, environ, cwd, umask)
 
 
-def main(args: Sequence[str]) -> NoReturn:
+def main(args: "Sequence[str]") -> "NoReturn":
     """Queue ARGS as a command and print its id, then end the process (as tsd.cli.main
     does when it is the program)."""
     try:
@@ -57,15 +57,10 @@ def main(args: Sequence[str]) -> NoReturn:
             raise failure
 
         code = at_edge(again)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    posix._exit(code)
+    leanos.exit_now(code)
 
 
-def _submit(args: Sequence[str]) -> int:
+def _submit(args: "Sequence[str]") -> int:
     req = request(args, leanos.environ(), leanos.getcwd(), leanos.current_umask())
     # Encoded before connecting: the request follows the connect at once, and the
     # daemon reads it as it accepts the connection, with no wake-up in between.

@@ -6,7 +6,9 @@ request without loading the option table: PLAIN_PARAMS are the values that table
 gives a line with no options (tests/unit/test_plain_submit.py holds the two equal).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: this module is on the way of
+# `ts COMMAND` (tsd.plainsubmit), and that import loads __future__ (0.12 ms of each
+# call). Annotations that name what only mypy imports are strings instead.
 
 from tsd.errors import UsageError
 from tsd.framing import PROTOCOL_VERSION
@@ -17,7 +19,7 @@ if TYPE_CHECKING:  # typing costs a few ms at import and is needed only by mypy
     from typing import Any
 
 # The values of the options submit_wire reads, on a command line that gives none.
-PLAIN_PARAMS: dict[str, Any] = {
+PLAIN_PARAMS: "dict[str, Any]" = {
     "no_output": False, "gzip": False, "mail": False, "gpu_indices": None, "gpus": None,
     "array": None, "foreground": False, "depend_ok": None, "depend": None, "gpu_mem": None,
     "label": None, "num_slots": None, "stderr_apart": False, "output_name": None,
@@ -26,7 +28,7 @@ PLAIN_PARAMS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def clean_env(environ: Mapping[str, str]) -> list[list[str]]:
+def clean_env(environ: "Mapping[str, str]") -> list[list[str]]:
     # Variables that cannot travel as UTF-8 JSON (undecodable bytes, odd names)
     # are left out rather than refusing the whole job.
     out = []
@@ -43,13 +45,13 @@ def clean_env(environ: Mapping[str, str]) -> list[list[str]]:
 
 
 def submit_wire(
-    params: Mapping[str, Any],
+    params: "Mapping[str, Any]",
     present: set[str],
-    command: Sequence[str],
-    environ: Mapping[str, str],
+    command: "Sequence[str]",
+    environ: "Mapping[str, str]",
     cwd: str | None,
     umask: int,
-) -> dict[str, Any]:
+) -> "dict[str, Any]":
     """The submit request as it travels (tsd.protocol's `submit`, in spec_to_wire's order).
 
     Checks what only the command line can get wrong; the spec's own rules

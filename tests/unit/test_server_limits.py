@@ -100,6 +100,7 @@ def test_the_total_stays_below_the_file_limit(
 
 
 def test_a_caller_that_hangs_up_mid_wait_has_its_handling_cancelled_and_its_counts_freed(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cancelled: list[str] = []
 
@@ -140,12 +141,8 @@ def test_a_caller_that_hangs_up_mid_wait_has_its_handling_cancelled_and_its_coun
                 await srv.close()
                 sock.close()
 
-    original = server.peer_credentials
-    server.peer_credentials = lambda s: (1, 1234, 1234)
-    try:
-        open_then, waiting_then, left = asyncio.run(body())
-    finally:
-        server.peer_credentials = original
+    monkeypatch.setattr(server, "peer_credentials", lambda s: (1, 1234, 1234))
+    open_then, waiting_then, left = asyncio.run(body())
     assert (open_then, waiting_then) == (1, 1)
     assert cancelled == ["Wait"]
     assert left == 0  # no connection, waiting call or task left behind
