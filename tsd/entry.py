@@ -11,8 +11,8 @@ everyday `ts` call loads the standard library's light modules and tsd's own
 Everything else stays as the interpreter would have it: PYTHON* variables
 (PYTHONPATH first on the path, PYTHONIOENCODING, ...) still apply, argv[0] is
 the path `ts` was started by, `tsd.cli.main` chooses the exit code (or, for
-`ts COMMAND...` with no options, tsd.plainsubmit: the same request on a lighter
-path). Should a
+`ts COMMAND...` with no options, tsd.plainsubmit, which the launcher calls before
+it imports this module: the same request on a lighter path). Should a
 rarely used path import a module outside the standard library (click, yaml,
 a .pth-installed package), `SiteOnDemand` runs site.py's work at that moment
 (site.main: site-packages, user site, .pth files, the venv's prefixes) and
@@ -71,12 +71,6 @@ def main() -> None:
     """Run `ts` as the launcher does: with site.py's paths loaded only when needed."""
     if sys.flags.no_site and SiteOnDemand not in sys.meta_path:
         sys.meta_path.append(SiteOnDemand)
-    args = sys.argv[1:]
-    if args and not args[0].startswith("-"):  # ts COMMAND...: perhaps the plain path
-        from tsd import leanos, plainsubmit
-
-        if plainsubmit.applies(args, leanos.environ()):
-            plainsubmit.main(args)
     from tsd.cli import main as ts_main
 
     ts_main()
@@ -100,6 +94,11 @@ def script(python: str, site_dir: str) -> str:
         "if not sys.flags.safe_path:\n"
         "    del sys.path[0]\n"
         f"sys.path.append('{site_dir}')\n"
+        "# ts COMMAND... goes straight to its light path (tsd.plainsubmit), which returns\n"
+        "# where it does not apply (TS_ENV set, say); all else goes through tsd.entry.main.\n"
+        "if len(sys.argv) > 1 and not sys.argv[1].startswith('-'):\n"
+        "    from tsd.plainsubmit import run_if_plain\n"
+        "    run_if_plain(sys.argv[1:])\n"
         "from tsd.entry import main\n"
         "main()\n"
     )

@@ -36,6 +36,13 @@ def applies(args: "Sequence[str]", environ: "Mapping[str, str]") -> bool:
     )  # fmt: skip
 
 
+def run_if_plain(args: "Sequence[str]") -> None:
+    """Serve ARGS here and end the process when they are a plain `ts COMMAND...`
+    (`applies`); return at once otherwise (the launcher goes on to tsd.entry.main)."""
+    if applies(args, leanos.environ()):
+        main(args)
+
+
 def request(
     command: "Sequence[str]", environ: "Mapping[str, str]", cwd: str | None, umask: int
 ) -> "dict[str, Any]":

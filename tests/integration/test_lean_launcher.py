@@ -75,7 +75,7 @@ def test_everyday_calls_of_the_launcher_load_no_site_and_no_re(
             # ts COMMAND... with no options: its light path (tsd.plainsubmit), without
             # the option table, the CLI's other actions or the listing.
             assert "tsd.plainsubmit" in mods, mods
-            assert not mods & {"tsd.cli", "tsd.cli_options", "tsd.cli_request"}, mods
+            assert not mods & {"tsd.cli", "tsd.cli_options", "tsd.cli_request", "tsd.entry"}, mods
             # Nor __future__ (0.12 ms): its modules do without the annotations import.
             assert "__future__" not in mods, mods
         else:
@@ -137,6 +137,13 @@ def test_the_launcher_answers_as_pips_console_script_does(
         assert run(lean_ts, tsd_env, "-w", job).returncode == 0
         outputs.append(run(lean_ts, tsd_env, "-c", job).stdout)
     assert outputs[0] == outputs[1] == f"{tsd_env.root} seen 0027\n"
+    # TS_ENV (a script whose output the job gets) is not the light path's: the command
+    # goes on to tsd.cli, which runs it.
+    got = run(lean_ts, tsd_env, "true", extra={"TS_ENV": "echo host-info",
+                                                "PYTHONPROFILEIMPORTTIME": "1"})
+    assert got.returncode == 0 and got.stdout.strip().isdigit(), got.stderr
+    assert "tsd.cli" in imported(got)
+    assert run(lean_ts, tsd_env, "-i", got.stdout.strip()).stdout.startswith("host-info\n")
 
 
 def test_the_launcher_prints_and_answers_the_same_shell_completion(
