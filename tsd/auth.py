@@ -29,28 +29,32 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def user_name(uid: int) -> str:
+def user_name(uid: int, entry: Callable[[int], pwd.struct_passwd] = pwd.getpwuid) -> str:
     """The user's name, or the uid as text for a uid without a passwd entry."""
     try:
-        return pwd.getpwuid(uid).pw_name
+        return entry(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-def group_ids(user: str, gid: int) -> tuple[int, ...]:
+def group_ids(
+    user: str, gid: int, grouplist: Callable[[str, int], Iterable[int]] = os.getgrouplist
+) -> tuple[int, ...]:
     """The user's primary and supplementary groups from the group database."""
     try:
-        return tuple(sorted(set(os.getgrouplist(user, gid))))
+        return tuple(sorted(set(grouplist(user, gid))))
     except (KeyError, OSError):
         return (gid,)
 
 
-def group_names(gids: Iterable[int]) -> tuple[str, ...]:
+def group_names(
+    gids: Iterable[int], group: Callable[[int], grp.struct_group] = grp.getgrgid
+) -> tuple[str, ...]:
     """Names of these groups (unknown ones are skipped)."""
     names = []
     for gid in gids:
         try:
-            names.append(grp.getgrgid(gid).gr_name)
+            names.append(group(gid).gr_name)
         except KeyError:
             continue
     return tuple(names)
@@ -67,15 +71,9 @@ def make_peer(
         groups = group_ids(user, gid)
         names = group_names(groups)
     else:
-        try:
-            user = users.entry(uid).pw_name
-        except KeyError:
-            user = str(uid)
-        try:
-            groups = tuple(sorted(set(users.groups(user, gid))))
-        except (KeyError, OSError):
-            groups = (gid,)
-        names = _known_names(users, groups)
+        user = user_name(uid, users.entry)
+        groups = group_ids(user, gid, users.groups)
+        names = group_names(groups, users.group)
     return Peer(
         pid=pid,
         uid=uid,
@@ -84,16 +82,6 @@ def make_peer(
         groups=groups,
         admin=uid == 0 or is_admin(user, names),
     )
-
-
-def _known_names(users: UserDb, gids: Iterable[int]) -> tuple[str, ...]:
-    names = []
-    for gid in gids:
-        try:
-            names.append(users.group_name(gid))
-        except KeyError:
-            continue
-    return tuple(names)
 
 
 def check_may_connect(peer: Peer, system: bool, daemon_uid: int) -> None:

@@ -324,7 +324,7 @@ def follow_output(
             follower.close()
 
 
-def follower_for(job: "JobView", out: "IO[bytes]", tail: int | None) -> "OutputFollower | None":
+def follower_for(job: "JobView", out: "IO[bytes]", tail: int | None) -> OutputFollower | None:
     """A follower of the job's output file; None (with a warning) when it has none."""
     if not job.spec.store_output:
         warn(f"job {job.id} does not store its output (-n)")

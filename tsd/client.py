@@ -154,7 +154,7 @@ def check_socket_dir(path: str, owners: "Collection[int]") -> None:
         )
 
 
-def peer_uid(sock: "Socket") -> tuple[int, int]:
+def peer_uid(sock: Socket) -> tuple[int, int]:
     """(pid, uid) of the process that listens on the other end (SO_PEERCRED)."""
     creds = sock.getsockopt(SOL_SOCKET, SO_PEERCRED, calcsize("3i"))
     pid, uid, _gid = unpack("3i", creds)
@@ -169,7 +169,7 @@ class Connection:
     answer is unbounded (ts -w may wait for hours).
     """
 
-    def __init__(self, sock: "Socket", answer_timeout: float | None = None) -> None:
+    def __init__(self, sock: Socket, answer_timeout: float | None = None) -> None:
         self.sock = sock
         self.answer_timeout = answer_timeout
         self._unanswered = False  # a request is out and no frame has come back yet
@@ -269,7 +269,7 @@ class Connection:
         self.sock.close()
 
 
-def _unread_by_peer(sock: "Socket") -> int:
+def _unread_by_peer(sock: Socket) -> int:
     """Bytes we sent that the other end has not read yet (SIOCOUTQ); 0 when unknown."""
     import fcntl
     import termios
@@ -342,7 +342,7 @@ class Client:
         self.may_start = personal if may_start is None else may_start
         self.trusted = trusted_uids(self.path)
 
-    def connect(self) -> "Connection":
+    def connect(self) -> Connection:
         """Open a connection, starting the personal daemon on the first call."""
         check_socket_dir(self.path, self.trusted)
         try:
@@ -366,7 +366,7 @@ class Client:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def _connect_once(self) -> "Connection":
+    def _connect_once(self) -> Connection:
         sock = Socket(AF_UNIX, SOCK_STREAM)
         try:
             # connect() blocks while the listener's backlog is full.
@@ -387,7 +387,7 @@ class Client:
         # daemon that may be failing to start, so bound the wait for it.
         return Connection(sock, ANSWER_TIMEOUT if pid == 1 else None)
 
-    def _unavailable(self, exc: OSError) -> "ServerUnavailable":
+    def _unavailable(self, exc: OSError) -> ServerUnavailable:
         if exc.errno == errno.EACCES and self.path == SYSTEM_SOCKET:
             return ServerUnavailable(f"permission denied on {self.path}: {tsd_group_advice()}")
         if self.path == SYSTEM_SOCKET and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):

@@ -145,10 +145,10 @@ class Internal(TsdError):
     code = "internal"
 
 
-_BY_CODE: "dict[str, type[TsdError]]" = {}
+_BY_CODE: dict[str, type[TsdError]] = {}
 
 
-def _register(cls: "type[TsdError]") -> None:
+def _register(cls: type[TsdError]) -> None:
     _BY_CODE[cls.code] = cls
     for sub in cls.__subclasses__():
         _register(sub)
@@ -157,6 +157,6 @@ def _register(cls: "type[TsdError]") -> None:
 _register(TsdError)
 
 
-def from_wire(code: str, message: str) -> "TsdError":
+def from_wire(code: str, message: str) -> TsdError:
     """Rebuild the error a daemon reported; unknown codes become a plain TsdError."""
     return _BY_CODE.get(code, TsdError)(message)

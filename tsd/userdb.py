@@ -43,15 +43,15 @@ class UserDb:
         self._group = group
         self._entries: dict[Hashable, tuple[float, pwd.struct_passwd]] = {}
         self._groups: dict[Hashable, tuple[float, tuple[int, ...]]] = {}
-        self._group_names: dict[Hashable, tuple[float, str]] = {}
+        self._group_entries: dict[Hashable, tuple[float, grp.struct_group]] = {}
 
     def entry(self, uid: int) -> pwd.struct_passwd:
         """The passwd entry of `uid`; KeyError when there is none."""
         return self._cached(self._entries, uid, lambda: self._lookup(uid))
 
-    def group_name(self, gid: int) -> str:
-        """The name of group `gid`; KeyError when there is none."""
-        return self._cached(self._group_names, gid, lambda: self._group(gid).gr_name)
+    def group(self, gid: int) -> grp.struct_group:
+        """The group entry of `gid`; KeyError when there is none."""
+        return self._cached(self._group_entries, gid, lambda: self._group(gid))
 
     def groups(self, user: str, gid: int) -> tuple[int, ...]:
         """`user`'s groups, primary `gid` included: what initgroups(user, gid) would set
